@@ -1,0 +1,1 @@
+"""Consumers: the agency SDK, the reference agencies, and the receipt tracker."""

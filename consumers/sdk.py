@@ -1,0 +1,168 @@
+"""The agency SDK: everything an agency needs to join the bus.
+
+``AgencyConsumer`` reads the agency's own topic (read_committed), decodes each
+event, de-duplicates by event id in the agency's store, calls the agency's
+handler in the same database transaction as the de-duplication record, emits a
+``DeliveryReceipt`` to ``tuo.receipts.<agency>``, and commits the offset only
+after the receipt is acknowledged by the broker.
+
+A handler rejects an event by raising ``RejectEvent("why")``; the agency then
+sends a ``REJECTED`` receipt carrying that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from runtime import kafka
+from runtime.dead_letters import dead_letter
+from runtime.kafka import Topics
+from runtime.settings import Settings
+from schemas import UndecodableMessage, decode, encode
+from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
+
+log = structlog.get_logger(__name__)
+
+
+class RejectEvent(Exception):
+    """Raised by a handler: the agency will not apply this event, for this reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DeliveredEvent:
+    event_id: str
+    event_type: str
+    record: dict[str, Any]
+
+
+Handler = Callable[[DeliveredEvent, asyncpg.Connection], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    event_id: str
+    outcome: str  # APPLIED or REJECTED
+    reason: str | None
+
+
+async def _handle_once(
+    pool: asyncpg.Pool, agency: str, event: DeliveredEvent, handler: Handler
+) -> Receipt:
+    """Apply the event at most once; a repeat returns the receipt given the first time."""
+    async with pool.acquire() as conn:
+        earlier = await conn.fetchrow(
+            "SELECT outcome, reason FROM agency.inbox WHERE agency = $1 AND event_id = $2",
+            agency, event.event_id,
+        )
+        if earlier is not None:
+            return Receipt(event.event_id, earlier["outcome"], earlier["reason"])
+        outcome, reason = "APPLIED", None
+        try:
+            async with conn.transaction():
+                await handler(event, conn)
+                await _remember(conn, agency, event, outcome, reason)
+        except RejectEvent as rejection:
+            outcome, reason = "REJECTED", rejection.reason
+            await _remember(conn, agency, event, outcome, reason)
+        return Receipt(event.event_id, outcome, reason)
+
+
+async def _remember(
+    conn: asyncpg.Connection, agency: str, event: DeliveredEvent, outcome: str, reason: str | None
+) -> None:
+    await conn.execute(
+        "INSERT INTO agency.inbox (agency, event_id, event_type, outcome, reason)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        agency, event.event_id, event.event_type, outcome, reason,
+    )
+
+
+class AgencyConsumer:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, agency: str, handler: Handler):
+        self.settings = settings
+        self.pool = pool
+        self.agency = agency
+        self.handler = handler
+        self.topics = Topics(settings.topic_prefix)
+
+    def _event(self, record: ConsumerRecord[bytes, bytes]) -> DeliveredEvent:
+        cloud_event = CloudEvent.from_headers(record.headers)
+        subject, body = decode(record.value or b"")
+        if subject != cloud_event.type:
+            raise UndecodableMessage(f"ce_type says {cloud_event.type} but the value is {subject}")
+        return DeliveredEvent(event_id=cloud_event.id, event_type=subject, record=body)
+
+    def _receipt_value(self, receipt: Receipt) -> bytes:
+        return encode(
+            "DeliveryReceipt",
+            {
+                "event_id": receipt.event_id,
+                "agency": self.agency,
+                "outcome": receipt.outcome,
+                "reason": receipt.reason,
+                "issued_at": datetime.now(UTC),
+            },
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        group_id = f"{self.settings.topic_prefix}.agency.{self.agency}"
+        consumer = kafka.consumer(
+            self.settings, self.topics.agency(self.agency),
+            group_id=group_id, client_id=f"tuo-agency-{self.agency}",
+        )
+        producer = kafka.producer(self.settings, client_id=f"tuo-agency-{self.agency}")
+        await producer.start()
+        try:
+            await consumer.start()
+            log.info("agency_consumer_started", agency=self.agency)
+            while not stop.is_set():
+                batches = await consumer.getmany(timeout_ms=500, max_records=200)
+                for tp, records in batches.items():
+                    await self._process(producer, tp, records)
+                    await consumer.commit({tp: records[-1].offset + 1})
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    async def _process(
+        self, producer: kafka.AIOKafkaProducer, tp: TopicPartition,
+        records: list[ConsumerRecord[bytes, bytes]],
+    ) -> None:
+        pending = []
+        for record in records:
+            try:
+                event = self._event(record)
+            except (MissingCloudEventHeader, UndecodableMessage, ValueError) as exc:
+                letter = dead_letter(record, f"agency:{self.agency}", str(exc))
+                pending.append(await producer.send(
+                    self.topics.dead_letters, value=letter.value, key=letter.key, headers=letter.headers
+                ))
+                log.warning("event_dead_lettered", agency=self.agency, partition=tp.partition,
+                            offset=record.offset, reason=str(exc))
+                continue
+            receipt = await _handle_once(self.pool, self.agency, event, self.handler)
+            pending.append(await producer.send(
+                self.topics.receipts(self.agency),
+                value=self._receipt_value(receipt),
+                key=record.key,
+                headers=CloudEvent(
+                    id=f"{event.event_id}/{self.agency}/{receipt.outcome}",
+                    type="DeliveryReceipt", source=f"/agencies/{self.agency}",
+                ).headers(),
+            ))
+            log.info("event_handled", agency=self.agency, event_id=event.event_id,
+                     outcome=receipt.outcome)
+        # Offsets are committed by the caller only after every receipt is durable.
+        await asyncio.gather(*pending)

@@ -1,0 +1,1 @@
+"""Producers: the registrar intake service (HTTP) and the outbox relay to Kafka."""

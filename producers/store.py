@@ -1,0 +1,154 @@
+"""Intake's queries: record an event with its outbox row in one transaction,
+and read an event's status back by reference number."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+OUTBOX_CHANNEL = "tuo_outbox"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    reference: str
+    event_id: UUID
+    event_type: str
+    created: bool  # False when an idempotent retry returned an earlier submission
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before for a different submission."""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    reference: str
+    event_id: UUID
+    event_type: str
+    subject_id: str
+    registration_office: str
+    recorded_by: str
+    recorded_at: datetime
+    idempotency_key: str | None
+    request_fingerprint: str
+    consents: list[tuple[str, str]]  # (agency, choice)
+    topic: str
+    message_key: bytes
+    message_value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+async def _existing(conn: asyncpg.Connection, key: str, fingerprint: str) -> Recorded | None:
+    row = await conn.fetchrow(
+        "SELECT reference, event_id, event_type, request_fingerprint"
+        "  FROM intake_record WHERE idempotency_key = $1",
+        key,
+    )
+    if row is None:
+        return None
+    if row["request_fingerprint"] != fingerprint:
+        raise IdempotencyConflict(key)
+    return Recorded(row["reference"], row["event_id"], row["event_type"], created=False)
+
+
+async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
+    """Store the intake record, the informant's consent choices and the outbox row
+    atomically; a repeated idempotency key returns the first submission instead."""
+    async with pool.acquire() as conn:
+        if event.idempotency_key is not None:
+            earlier = await _existing(conn, event.idempotency_key, event.request_fingerprint)
+            if earlier is not None:
+                return earlier
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
+                    " registration_office, recorded_by, idempotency_key, request_fingerprint,"
+                    " recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    event.reference, event.event_id, event.event_type, event.subject_id,
+                    event.registration_office, event.recorded_by, event.idempotency_key,
+                    event.request_fingerprint, event.recorded_at,
+                )
+                await conn.executemany(
+                    "INSERT INTO consent_record (subject_id, agency, event_type, choice,"
+                    " recorded_by) VALUES ($1, $2, $3, $4, 'informant')",
+                    [(event.subject_id, a, event.event_type, c) for a, c in event.consents],
+                )
+                await conn.execute(
+                    "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
+                    " VALUES ($1, $2, $3, $4, $5)",
+                    event.event_id, event.topic, event.message_key, event.message_value,
+                    json.dumps([[k, v.decode()] for k, v in event.headers]),
+                )
+                await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+        except asyncpg.UniqueViolationError:
+            # A concurrent request with the same idempotency key won the race.
+            if event.idempotency_key is None:
+                raise
+            earlier = await _existing(conn, event.idempotency_key, event.request_fingerprint)
+            if earlier is None:
+                raise
+            return earlier
+    return Recorded(event.reference, event.event_id, event.event_type, created=True)
+
+
+async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> set[str]:
+    """Agencies an informant may give consent to for this event type."""
+    rows = await pool.fetch(
+        "SELECT agency FROM subscription WHERE event_type = $1 AND legal_basis = 'consent'",
+        event_type,
+    )
+    return {r["agency"] for r in rows}
+
+
+async def event_status(pool: asyncpg.Pool, reference: str) -> dict[str, Any] | None:
+    """An event and, per agency, the routing decision and the latest receipt."""
+    record = await pool.fetchrow(
+        "SELECT i.reference, i.event_id, i.event_type, i.recorded_at,"
+        "       (SELECT max(o.published_at) FROM outbox o WHERE o.event_id = i.event_id)"
+        "         AS published_at"
+        "  FROM intake_record i WHERE i.reference = $1",
+        reference,
+    )
+    if record is None:
+        return None
+    rows = await pool.fetch(
+        "SELECT d.agency, d.outcome AS decision, d.legal_basis, d.decided_at,"
+        "       r.outcome AS receipt, r.reason, r.issued_at"
+        "  FROM routing_decision d"
+        "  LEFT JOIN LATERAL ("
+        "    SELECT outcome, reason, issued_at FROM delivery_receipt r"
+        "     WHERE r.event_id = d.event_id AND r.agency = d.agency"
+        "     ORDER BY issued_at DESC, stored_at DESC LIMIT 1) r ON true"
+        " WHERE d.event_id = $1 ORDER BY d.agency",
+        record["event_id"],
+    )
+    return {
+        "reference": record["reference"],
+        "event_id": str(record["event_id"]),
+        "event_type": record["event_type"],
+        "recorded_at": record["recorded_at"].isoformat(),
+        "published_at": record["published_at"].isoformat() if record["published_at"] else None,
+        "agencies": [
+            {
+                "agency": r["agency"],
+                "decision": r["decision"].lower(),
+                "legal_basis": r["legal_basis"],
+                "decided_at": r["decided_at"].isoformat(),
+                "receipt": None
+                if r["receipt"] is None
+                else {
+                    "outcome": r["receipt"].lower(),
+                    "reason": r["reason"],
+                    "issued_at": r["issued_at"].isoformat(),
+                },
+            }
+            for r in rows
+        ],
+    }

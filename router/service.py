@@ -1,0 +1,147 @@
+"""The router service: consume life events, decide, and in one Kafka transaction
+produce the agency messages, the routing decisions and the consumer offsets.
+
+Downstream readers use read_committed, so a crash at any point neither loses
+nor duplicates a delivery. The transactional id is stable per router instance
+(``TUO_ROUTER_INSTANCE_ID``); aiokafka uses the pre-KIP-447 protocol, so run
+one instance per id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import structlog
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from router.rules import RoutableEvent, RoutingDecision, decide
+from router.store import current_consent, load_subscriptions
+from runtime import kafka
+from runtime.dead_letters import dead_letter
+from runtime.kafka import Topics
+from runtime.settings import Settings
+from schemas import UndecodableMessage, decode, encode
+from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
+
+log = structlog.get_logger(__name__)
+COMPONENT = "router"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+class UnroutableEvent(ValueError):
+    """A life-events message that cannot be routed; it goes to dead letters."""
+
+
+def _routable(record: ConsumerRecord[bytes, bytes]) -> RoutableEvent:
+    try:
+        cloud_event = CloudEvent.from_headers(record.headers)
+        subject, body = decode(record.value or b"")
+    except (MissingCloudEventHeader, UndecodableMessage, ValueError) as exc:
+        raise UnroutableEvent(str(exc)) from exc
+    envelope = body.get("envelope")
+    if not isinstance(envelope, dict):
+        raise UnroutableEvent(f"{subject} is not a life event (no envelope)")
+    if subject != cloud_event.type:
+        raise UnroutableEvent(f"ce_type says {cloud_event.type} but the value is {subject}")
+    if str(envelope["event_id"]) != cloud_event.id:
+        raise UnroutableEvent("ce_id does not match the envelope's event_id")
+    subject_id = envelope["subject"]["subject_id"]
+    if record.key is None or record.key.decode(errors="replace") != subject_id:
+        raise UnroutableEvent("message key is not the envelope's subject_id")
+    return RoutableEvent(event_id=cloud_event.id, event_type=subject, subject_id=subject_id)
+
+
+def _decision_message(topics: Topics, decision: RoutingDecision, key: bytes, at: datetime) -> Outgoing:
+    value = encode(
+        "RoutingDecision",
+        {
+            "event_id": decision.event_id,
+            "event_type": decision.event_type,
+            "agency": decision.agency,
+            "outcome": decision.outcome.value,
+            "legal_basis": decision.legal_basis,
+            "decided_at": at,
+        },
+    )
+    headers = CloudEvent(
+        id=f"{decision.event_id}/{decision.agency}", type="RoutingDecision", source="/router", time=at
+    ).headers()
+    return Outgoing(topics.routing_decisions, key, value, headers)
+
+
+async def plan(
+    pool: asyncpg.Pool, topics: Topics, records: list[ConsumerRecord[bytes, bytes]]
+) -> list[Outgoing]:
+    """Everything one batch of life events should produce, decided now."""
+    outgoing: list[Outgoing] = []
+    routable: list[tuple[ConsumerRecord[bytes, bytes], RoutableEvent]] = []
+    for record in records:
+        try:
+            routable.append((record, _routable(record)))
+        except UnroutableEvent as exc:
+            letter = dead_letter(record, COMPONENT, str(exc))
+            outgoing.append(Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers))
+            log.warning("event_dead_lettered", partition=record.partition, offset=record.offset,
+                        reason=str(exc))
+    if not routable:
+        return outgoing
+    # Consent is read at decision time, inside this batch, never cached.
+    async with pool.acquire() as conn:
+        subscriptions = await load_subscriptions(conn)
+        consent = await current_consent(conn, [(e.subject_id, e.event_type) for _, e in routable])
+    now = datetime.now(UTC)
+    for record, event in routable:
+        decisions = decide(event, subscriptions, consent.get((event.subject_id, event.event_type), {}), now)
+        for decision in decisions:
+            if decision.delivers:
+                outgoing.append(
+                    Outgoing(topics.agency(decision.agency), record.key, record.value, list(record.headers))
+                )
+            outgoing.append(_decision_message(topics, decision, record.key or b"", now))
+        log.info("event_routed", event_id=event.event_id, event_type=event.event_type,
+                 delivered=[d.agency for d in decisions if d.delivers])
+    return outgoing
+
+
+async def run_router(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    topics = Topics(settings.topic_prefix)
+    group_id = f"{settings.topic_prefix}.router"
+    consumer = kafka.consumer(
+        settings, topics.life_events, group_id=group_id, client_id="tuo-router"
+    )
+    producer = kafka.producer(
+        settings,
+        client_id="tuo-router",
+        transactional_id=f"{settings.topic_prefix}.router.{settings.router_instance_id}",
+    )
+    await producer.start()
+    try:
+        await consumer.start()
+        log.info("router_started", group_id=group_id)
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=500, max_records=500)
+            if not batches:
+                continue
+            records = [r for part in batches.values() for r in part]
+            outgoing = await plan(pool, topics, records)
+            offsets: dict[TopicPartition, int] = {
+                tp: part[-1].offset + 1 for tp, part in batches.items()
+            }
+            async with producer.transaction():
+                for message in outgoing:
+                    await producer.send(message.topic, value=message.value, key=message.key,
+                                        headers=message.headers)
+                await producer.send_offsets_to_transaction(offsets, group_id)
+    finally:
+        await consumer.stop()
+        await producer.stop()

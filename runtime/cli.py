@@ -1,0 +1,260 @@
+"""The ``tuo`` command line: the local stack, the bus's services, status, and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from producers.store import event_status
+from router.seed import load_seed
+from runtime.database import migrate, open_pool
+from runtime.demo import demo_submissions
+from runtime.logging import configure_logging
+from runtime.services import COMPONENTS, start_bus
+from runtime.settings import MissingSetting, Settings, load_settings
+from runtime.stack import LocalStack, StackError
+
+app = typer.Typer(help="Tell Us Once: tell the state about a life event once.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local stack: Kafka and PostgreSQL on loopback.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    configure_logging(settings)
+    return settings
+
+
+def _stack(settings: Settings) -> LocalStack:
+    return LocalStack(settings.state_dir, settings.cache_dir, settings.kafka_version, settings.kafka_heap)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]Error:[/] {message}")
+    return typer.Exit(code=1)
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start Kafka and PostgreSQL (downloading Kafka's jars once), and prepare the database."""
+    settings = _settings()
+    with console.status("Starting the local stack…"):
+        try:
+            times = _stack(settings).up()
+        except StackError as exc:
+            raise _fail(str(exc)) from exc
+        asyncio.run(_prepare(load_settings()))
+    console.print(
+        f"Stack up: jars {times.jars_seconds:.1f}s, PostgreSQL {times.postgres_seconds:.1f}s, "
+        f"Kafka {times.kafka_seconds:.1f}s"
+    )
+    _print_stack_status(settings)
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop Kafka and PostgreSQL; their data stays on disk."""
+    settings = _settings()
+    _stack(settings).down()
+    console.print("Stack stopped; data kept in " + str(settings.state_dir))
+
+
+@stack_app.command("purge")
+def stack_purge(
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Stop the stack and delete all its data (the downloaded jars are kept)."""
+    settings = _settings()
+    if not yes and not typer.confirm(f"Delete all data in {settings.state_dir}?"):
+        raise typer.Exit(code=1)
+    _stack(settings).purge()
+    console.print("Stack purged.")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show whether Kafka and PostgreSQL are running, and where."""
+    _print_stack_status(_settings())
+
+
+def _print_stack_status(settings: Settings) -> None:
+    status = _stack(settings).status()
+    table = Table("component", "state", "address")
+    table.add_row("Kafka", _running(status.kafka_running), status.bootstrap_servers or "-")
+    table.add_row("PostgreSQL", _running(status.postgres_running), status.database or "-")
+    console.print(table)
+    console.print(f"State directory: {status.state_dir}")
+
+
+def _running(flag: bool) -> str:
+    return "[green]running[/]" if flag else "[yellow]stopped[/]"
+
+
+async def _prepare(settings: Settings) -> None:
+    pool = await open_pool(settings)
+    try:
+        await migrate(pool)
+        await load_seed(pool)
+    finally:
+        await pool.close()
+
+
+@app.command("migrate")
+def migrate_command() -> None:
+    """Apply pending database migrations and load the demo subscriptions."""
+    try:
+        asyncio.run(_prepare(_settings()))
+    except MissingSetting as exc:
+        raise _fail(str(exc)) from exc
+    console.print("Database up to date.")
+
+
+@app.command("run")
+def run_command(
+    components: Annotated[
+        list[str] | None,
+        typer.Argument(help=f"Which components to run (default all): {', '.join(COMPONENTS)}"),
+    ] = None,
+) -> None:
+    """Run the bus's services until Ctrl-C."""
+    chosen = components or list(COMPONENTS)
+    unknown = sorted(set(chosen) - set(COMPONENTS))
+    if unknown:
+        raise _fail(f"unknown component {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
+    try:
+        asyncio.run(_run(_settings(), chosen, demo=False))
+    except MissingSetting as exc:
+        raise _fail(str(exc)) from exc
+
+
+@app.command("status")
+def status_command(reference: str) -> None:
+    """Show, per agency, whether an event was delivered and what the agency's receipt says."""
+
+    async def lookup() -> dict[str, Any] | None:
+        pool = await open_pool(_settings())
+        try:
+            return await event_status(pool, reference.strip().upper())
+        finally:
+            await pool.close()
+
+    try:
+        found = asyncio.run(lookup())
+    except MissingSetting as exc:
+        raise _fail(str(exc)) from exc
+    if found is None:
+        raise _fail(f"no event has reference {reference}")
+    _print_event_status(found)
+
+
+def _print_event_status(found: dict[str, Any]) -> None:
+    table = Table(title=f"{found['reference']} · {found['event_type']} · {found['event_id']}")
+    for column in ("agency", "decision", "legal basis", "receipt", "reason", "receipt at"):
+        table.add_column(column)
+    for row in found["agencies"]:
+        receipt = row["receipt"] or {}
+        table.add_row(
+            row["agency"], row["decision"].replace("_", " "),
+            (row["legal_basis"] or "-").split(":")[0],
+            receipt.get("outcome", "awaiting" if row["decision"] == "delivered" else "-"),
+            receipt.get("reason") or "", receipt.get("issued_at", "")[:19],
+        )
+    console.print(table)
+
+
+@app.command("demo")
+def demo_command(
+    exit_after_demo: Annotated[
+        bool, typer.Option("--exit", help="Stop after printing the receipts instead of serving.")
+    ] = False,
+) -> None:
+    """Start the stack and the bus, submit demo events, print each agency's receipts,
+    and keep serving until Ctrl-C; then stop everything this command started."""
+    settings = _settings()
+    stack = _stack(settings)
+    already_running = stack.status().running
+    started = time.monotonic()
+    try:
+        with console.status("Starting the local stack (first run downloads Kafka)…"):
+            stack.up()
+        console.print(f"Local stack ready in {time.monotonic() - started:.1f}s")
+        settings = load_settings()
+        asyncio.run(_prepare(settings))
+        asyncio.run(_run(settings, list(COMPONENTS), demo=True, exit_after_demo=exit_after_demo))
+    except StackError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        if not already_running:
+            with console.status("Stopping the local stack…"):
+                stack.down()
+            console.print("Local stack stopped; data kept. `tuo stack purge` wipes it.")
+
+
+async def _run(settings: Settings, components: list[str], *, demo: bool,
+               exit_after_demo: bool = False) -> None:
+    pool = await open_pool(settings)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    try:
+        await migrate(pool)
+        bus = await start_bus(settings, pool, components)
+        try:
+            base = f"http://{settings.http_host}:{bus.http_port}"
+            console.print(f"Bus running: {', '.join(components)}; intake at {base}/docs")
+            if demo:
+                await _submit_demo(base)
+            if not (demo and exit_after_demo):
+                console.print("Serving until Ctrl-C.")
+                await stop_requested.wait()
+        finally:
+            with console.status("Stopping the bus…"):
+                await bus.shutdown()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await pool.close()
+
+
+async def _submit_demo(base: str, timeout: float = 60.0) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        references = []
+        for path, body in demo_submissions(datetime.now(UTC).date()):
+            response = await client.post(path, json=body)
+            if response.status_code not in (200, 201):
+                raise RuntimeError(f"intake refused a demo event: {response.text}")
+            references.append(response.json()["reference"])
+        console.print(f"Submitted {len(references)} demo events: {', '.join(references)}")
+        deadline = time.monotonic() + timeout
+        for reference in references:
+            while True:
+                found = (await client.get(f"/v1/events/{reference}")).json()
+                if _settled(found) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            _print_event_status(found)
+            with contextlib.suppress(KeyError):
+                console.print(f"  {base}/v1/events/{reference}")
+
+
+def _settled(found: dict[str, Any]) -> bool:
+    agencies = found.get("agencies") or []
+    return bool(agencies) and all(
+        a["receipt"] is not None for a in agencies if a["decision"] == "delivered"
+    )
+
+
+def main() -> None:
+    app()

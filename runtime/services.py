@@ -1,0 +1,123 @@
+"""Run the bus's long-running components in one process, each supervised.
+
+A component that fails is logged and restarted after a short backoff (a fresh
+Kafka client resumes from its last committed offsets), so one broken message
+or a broker restart does not take the bus down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+import uvicorn
+
+from consumers.reference import apply_life_event
+from consumers.sdk import AgencyConsumer
+from consumers.tracker import run_tracker
+from producers.intake import create_app
+from producers.relay import run_relay
+from router import store as router_store
+from router.service import run_router
+from runtime.kafka import ensure_topics
+from runtime.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+COMPONENTS = ("intake", "relay", "router", "agencies", "tracker")
+RESTART_BACKOFF_SECONDS = (0.5, 1, 2, 5, 10)
+
+Component = Callable[[asyncio.Event], Awaitable[None]]
+
+
+async def supervise(name: str, component: Component, stop: asyncio.Event) -> None:
+    failures = 0
+    while not stop.is_set():
+        try:
+            await component(stop)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the supervisor's job is to survive anything
+            log.exception("component_failed", component=name)
+            delay = RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+            failures += 1
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+
+@dataclass
+class RunningBus:
+    stop: asyncio.Event
+    tasks: list[asyncio.Task[None]]
+    http_port: int | None
+
+    async def shutdown(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def _serve_http(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event,
+                      ready: asyncio.Future[int]) -> None:
+    config = uvicorn.Config(
+        create_app(settings, pool), host=settings.http_host, port=settings.http_port,
+        log_level="warning", access_log=False, lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            await serving
+            raise RuntimeError(f"intake service could not listen on port {settings.http_port}")
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    if not ready.done():
+        ready.set_result(port)
+    log.info("intake_listening", host=settings.http_host, port=port)
+    await stop.wait()
+    server.should_exit = True
+    await serving
+
+
+async def start_bus(
+    settings: Settings, pool: asyncpg.Pool, components: Sequence[str] = COMPONENTS
+) -> RunningBus:
+    """Create topics, then start the chosen components; returns once intake listens."""
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"unknown components: {', '.join(sorted(unknown))}")
+    agencies = await router_store.agencies(pool)
+    await ensure_topics(settings, agencies)
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    def add(name: str, component: Component) -> None:
+        tasks.append(asyncio.create_task(supervise(name, component, stop), name=name))
+
+    if "relay" in components:
+        add("relay", lambda s: run_relay(settings, pool, s))
+    if "router" in components:
+        add("router", lambda s: run_router(settings, pool, s))
+    if "agencies" in components:
+        for agency in agencies:
+            consumer = AgencyConsumer(settings, pool, agency, apply_life_event)
+            add(f"agency:{agency}", consumer.run)
+    if "tracker" in components:
+        add("tracker", lambda s: run_tracker(settings, pool, s))
+    http_port: int | None = None
+    if "intake" in components:
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        tasks.append(asyncio.create_task(_serve_http(settings, pool, stop, ready), name="intake"))
+        done, _ = await asyncio.wait([ready, tasks[-1]], return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            tasks[-1].result()
+        http_port = ready.result()
+    return RunningBus(stop=stop, tasks=tasks, http_port=http_port)

@@ -1,0 +1,104 @@
+"""The one settings object. Nothing else in the project reads the environment.
+
+Every field can be set with an environment variable named ``TUO_<FIELD>``
+(for example ``TUO_KAFKA_BOOTSTRAP_SERVERS``). When the local stack is running,
+it writes the addresses it chose to ``<state_dir>/stack.env``; that file fills in
+whatever the environment leaves unset, so pointing the bus at a real cluster is
+a matter of setting the variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TUO_"
+STACK_ENV_FILE = "stack.env"
+
+
+class MissingSetting(RuntimeError):
+    """A setting the caller needs has no value."""
+
+    def __init__(self, field: str, hint: str) -> None:
+        super().__init__(f"{ENV_PREFIX}{field.upper()} is not set: {hint}")
+        self.field = field
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    state_dir: Path = Field(
+        default=Path(".tuo/state"),
+        description="Where the local stack keeps its data, logs and chosen ports.",
+    )
+    cache_dir: Path = Field(
+        default=Path(".tuo/cache"),
+        description="Downloaded Kafka jars; survives `tuo stack purge`.",
+    )
+
+    # Kafka
+    kafka_bootstrap_servers: str = ""
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    topic_prefix: str = Field(default="tuo", pattern=r"^[a-zA-Z0-9._-]{1,40}$")
+    life_events_partitions: int = Field(default=3, ge=1, le=1000)
+    topic_replication_factor: int = Field(default=1, ge=1, le=10)
+    router_instance_id: str = Field(default="0", pattern=r"^[a-zA-Z0-9._-]{1,40}$")
+
+    # PostgreSQL
+    database_url: SecretStr | None = None
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+
+    # Intake HTTP service
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    # Deriving pseudonymous subject ids from identifiers such as the NINO.
+    pseudonym_key: SecretStr | None = None
+
+    # Local stack
+    kafka_version: str = "4.3.1"
+    kafka_heap: str = "1G"
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    def require_database_url(self) -> str:
+        if self.database_url is None:
+            raise MissingSetting(
+                "database_url", "start the local stack with `tuo stack up` or point it at PostgreSQL"
+            )
+        return self.database_url.get_secret_value()
+
+    def require_bootstrap_servers(self) -> str:
+        if not self.kafka_bootstrap_servers:
+            raise MissingSetting(
+                "kafka_bootstrap_servers",
+                "start the local stack with `tuo stack up` or point it at a Kafka cluster",
+            )
+        return self.kafka_bootstrap_servers
+
+    def require_pseudonym_key(self) -> bytes:
+        if self.pseudonym_key is None:
+            raise MissingSetting(
+                "pseudonym_key", "the local stack generates one; elsewhere set a long random secret"
+            )
+        return self.pseudonym_key.get_secret_value().encode()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, then the running local stack's env file."""
+    base = Settings(**overrides)  # type: ignore[arg-type]
+    stack_env = base.state_dir / STACK_ENV_FILE
+    if not stack_env.exists():
+        return base
+    return Settings(_env_file=stack_env, **overrides)  # type: ignore[arg-type,call-arg]

@@ -1,0 +1,148 @@
+"""A throwaway PostgreSQL cluster (``initdb`` + ``pg_ctl``) from Debian's packages."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.stack.processes import StackError, port_accepts, tail
+
+SUPERUSER = "tuo"
+DATABASE = "tuo"
+# initdb and postgres refuse to run as root; when we are root, run them as this user.
+SERVICE_USER_WHEN_ROOT = "postgres"
+
+
+def find_bin_dir() -> Path:
+    """The newest installed PostgreSQL server's bin directory."""
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parent.parent.name),
+    )
+    if candidates:
+        return Path(candidates[-1]).parent
+    on_path = shutil.which("initdb")
+    if on_path:
+        return Path(on_path).resolve().parent
+    raise StackError(
+        "PostgreSQL server is not installed (no initdb); run scripts/setup.sh, "
+        "which installs Debian's postgresql package"
+    )
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    home: Path  # holds data/ and server.log
+    port: int
+    password: str
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "server.log"
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{DATABASE}"
+
+    def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        user = SERVICE_USER_WHEN_ROOT if os.geteuid() == 0 else None
+        result = subprocess.run(
+            args, capture_output=True, text=True, check=False, user=user,
+            stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise StackError(
+                f"{Path(args[0]).name} failed:\n{result.stdout}{result.stderr}\n"
+                f"server log:\n{tail(self.log_file)}"
+            )
+        return result
+
+    def _own(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam(SERVICE_USER_WHEN_ROOT)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def is_running(self) -> bool:
+        if not (self.data_dir / "postmaster.pid").exists():
+            return False
+        status = self._run([str(find_bin_dir() / "pg_ctl"), "status", "-D", str(self.data_dir)],
+                           check=False)
+        return status.returncode == 0
+
+    def init(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        bin_dir = find_bin_dir()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._own(self.home)
+        pwfile = self.home / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        self._own(pwfile)
+        try:
+            self._run(
+                [
+                    str(bin_dir / "initdb"), "-D", str(self.data_dir),
+                    "-U", SUPERUSER, "--pwfile", str(pwfile),
+                    "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8",
+                ]
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.init()
+        if not self.is_running():
+            if not self.log_file.exists():
+                self.log_file.touch()
+                self._own(self.log_file)
+            options = (
+                f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+                "-c unix_socket_directories='' -c fsync=on"
+            )
+            self._run(
+                [
+                    str(find_bin_dir() / "pg_ctl"), "start", "-w",
+                    "-t", str(int(timeout)), "-D", str(self.data_dir),
+                    "-l", str(self.log_file), "-o", options,
+                ]
+            )
+        deadline = time.monotonic() + timeout
+        while not port_accepts(self.port):
+            if time.monotonic() > deadline:
+                raise StackError(f"PostgreSQL is not accepting connections; see {self.log_file}")
+            time.sleep(0.1)
+        self._ensure_database()
+
+    def _ensure_database(self) -> None:
+        env_password = {"PGPASSWORD": self.password}
+        base = ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "-tAq"]
+        exists = subprocess.run(
+            [*base, "-d", "postgres", "-c", f"SELECT 1 FROM pg_database WHERE datname='{DATABASE}'"],
+            capture_output=True, text=True, env={**os.environ, **env_password}, check=False,
+        )
+        if exists.returncode != 0:
+            raise StackError(f"cannot query PostgreSQL: {exists.stderr}")
+        if exists.stdout.strip() != "1":
+            created = subprocess.run(
+                [*base, "-d", "postgres", "-c", f"CREATE DATABASE {DATABASE}"],
+                capture_output=True, text=True, env={**os.environ, **env_password}, check=False,
+            )
+            if created.returncode != 0:
+                raise StackError(f"cannot create database {DATABASE}: {created.stderr}")
+
+    def stop(self) -> None:
+        if not self.is_running():
+            return
+        self._run(
+            [str(find_bin_dir() / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(self.data_dir)]
+        )

@@ -1,0 +1,54 @@
+"""CloudEvents Kafka binding, binary mode: the envelope travels in ``ce_*`` headers.
+
+``ce_id`` is the event id that every consumer de-duplicates on; ``ce_type``
+names the schema subject under our namespace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+NAMESPACE = "uk.gov.tellusonce"
+CONTENT_TYPE = "application/avro"
+
+KafkaHeaders = list[tuple[str, bytes]]
+
+
+class MissingCloudEventHeader(ValueError):
+    """A message lacks a required ``ce_*`` header."""
+
+
+@dataclass(frozen=True)
+class CloudEvent:
+    id: str
+    type: str  # the schema subject, e.g. "DeathRegistered"
+    source: str
+    time: datetime | None = None
+
+    def headers(self) -> KafkaHeaders:
+        headers: KafkaHeaders = [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", self.id.encode()),
+            ("ce_type", f"{NAMESPACE}.{self.type}".encode()),
+            ("ce_source", self.source.encode()),
+            ("content-type", CONTENT_TYPE.encode()),
+        ]
+        if self.time is not None:
+            headers.append(("ce_time", self.time.isoformat().encode()))
+        return headers
+
+    @classmethod
+    def from_headers(cls, headers: Sequence[tuple[str, bytes]]) -> CloudEvent:
+        found = {key: value.decode("utf-8", errors="replace") for key, value in headers}
+        missing = [k for k in ("ce_id", "ce_type", "ce_source") if k not in found]
+        if missing:
+            raise MissingCloudEventHeader(f"message has no {', '.join(missing)} header")
+        time = found.get("ce_time")
+        return cls(
+            id=found["ce_id"],
+            type=found["ce_type"].removeprefix(f"{NAMESPACE}."),
+            source=found["ce_source"],
+            time=datetime.fromisoformat(time) if time else None,
+        )

@@ -57,14 +57,13 @@ class Receipt:
     reason: str | None
 
 
-async def _handle_once(
-    pool: asyncpg.Pool, agency: str, event: DeliveredEvent, handler: Handler
-) -> Receipt:
+async def _handle_once(pool: asyncpg.Pool, agency: str, event: DeliveredEvent, handler: Handler) -> Receipt:
     """Apply the event at most once; a repeat returns the receipt given the first time."""
     async with pool.acquire() as conn:
         earlier = await conn.fetchrow(
             "SELECT outcome, reason FROM agency.inbox WHERE agency = $1 AND event_id = $2",
-            agency, event.event_id,
+            agency,
+            event.event_id,
         )
         if earlier is not None:
             return Receipt(event.event_id, earlier["outcome"], earlier["reason"])
@@ -85,7 +84,11 @@ async def _remember(
     await conn.execute(
         "INSERT INTO agency.inbox (agency, event_id, event_type, outcome, reason)"
         " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        agency, event.event_id, event.event_type, outcome, reason,
+        agency,
+        event.event_id,
+        event.event_type,
+        outcome,
+        reason,
     )
 
 
@@ -119,8 +122,10 @@ class AgencyConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         group_id = f"{self.settings.topic_prefix}.agency.{self.agency}"
         consumer = kafka.consumer(
-            self.settings, self.topics.agency(self.agency),
-            group_id=group_id, client_id=f"tuo-agency-{self.agency}",
+            self.settings,
+            self.topics.agency(self.agency),
+            group_id=group_id,
+            client_id=f"tuo-agency-{self.agency}",
         )
         producer = kafka.producer(self.settings, client_id=f"tuo-agency-{self.agency}")
         await producer.start()
@@ -137,7 +142,9 @@ class AgencyConsumer:
             await producer.stop()
 
     async def _process(
-        self, producer: kafka.AIOKafkaProducer, tp: TopicPartition,
+        self,
+        producer: kafka.AIOKafkaProducer,
+        tp: TopicPartition,
         records: list[ConsumerRecord[bytes, bytes]],
     ) -> None:
         pending = []
@@ -146,23 +153,32 @@ class AgencyConsumer:
                 event = self._event(record)
             except (MissingCloudEventHeader, UndecodableMessage, ValueError) as exc:
                 letter = dead_letter(record, f"agency:{self.agency}", str(exc))
-                pending.append(await producer.send(
-                    self.topics.dead_letters, value=letter.value, key=letter.key, headers=letter.headers
-                ))
-                log.warning("event_dead_lettered", agency=self.agency, partition=tp.partition,
-                            offset=record.offset, reason=str(exc))
+                pending.append(
+                    await producer.send(
+                        self.topics.dead_letters, value=letter.value, key=letter.key, headers=letter.headers
+                    )
+                )
+                log.warning(
+                    "event_dead_lettered",
+                    agency=self.agency,
+                    partition=tp.partition,
+                    offset=record.offset,
+                    reason=str(exc),
+                )
                 continue
             receipt = await _handle_once(self.pool, self.agency, event, self.handler)
-            pending.append(await producer.send(
-                self.topics.receipts(self.agency),
-                value=self._receipt_value(receipt),
-                key=record.key,
-                headers=CloudEvent(
-                    id=f"{event.event_id}/{self.agency}/{receipt.outcome}",
-                    type="DeliveryReceipt", source=f"/agencies/{self.agency}",
-                ).headers(),
-            ))
-            log.info("event_handled", agency=self.agency, event_id=event.event_id,
-                     outcome=receipt.outcome)
+            pending.append(
+                await producer.send(
+                    self.topics.receipts(self.agency),
+                    value=self._receipt_value(receipt),
+                    key=record.key,
+                    headers=CloudEvent(
+                        id=f"{event.event_id}/{self.agency}/{receipt.outcome}",
+                        type="DeliveryReceipt",
+                        source=f"/agencies/{self.agency}",
+                    ).headers(),
+                )
+            )
+            log.info("event_handled", agency=self.agency, event_id=event.event_id, outcome=receipt.outcome)
         # Offsets are committed by the caller only after every receipt is durable.
         await asyncio.gather(*pending)

@@ -35,8 +35,12 @@ async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecor
         await conn.execute(
             "INSERT INTO routing_decision (event_id, agency, event_type, outcome, legal_basis,"
             " decided_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            body["event_id"], body["agency"], body["event_type"], body["outcome"],
-            body["legal_basis"], body["decided_at"],
+            body["event_id"],
+            body["agency"],
+            body["event_type"],
+            body["outcome"],
+            body["legal_basis"],
+            body["decided_at"],
         )
         return
     agency = topics.agency_from_receipts_topic(record.topic)
@@ -47,7 +51,11 @@ async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecor
     await conn.execute(
         "INSERT INTO delivery_receipt (event_id, agency, outcome, reason, issued_at)"
         " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        body["event_id"], agency, body["outcome"], body["reason"], body["issued_at"],
+        body["event_id"],
+        agency,
+        body["outcome"],
+        body["reason"],
+        body["issued_at"],
     )
 
 
@@ -55,8 +63,9 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
     topics = Topics(settings.topic_prefix)
     group_id = f"{settings.topic_prefix}.receipt-tracker"
     pattern = f"(?:{topics.receipts_pattern()})|^{re.escape(topics.routing_decisions)}$"
-    consumer = kafka.consumer(settings, group_id=group_id, client_id="tuo-receipt-tracker",
-                              metadata_max_age_ms=5000)
+    consumer = kafka.consumer(
+        settings, group_id=group_id, client_id="tuo-receipt-tracker", metadata_max_age_ms=5000
+    )
     consumer.subscribe(pattern=pattern)
     dead_letters = kafka.producer(settings, client_id="tuo-receipt-tracker")
     await dead_letters.start()
@@ -73,11 +82,17 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
                         except (UndecodableMessage, UntrustedReceipt, KeyError) as exc:
                             letter = dead_letter(record, COMPONENT, str(exc))
                             await dead_letters.send_and_wait(
-                                topics.dead_letters, value=letter.value, key=letter.key,
+                                topics.dead_letters,
+                                value=letter.value,
+                                key=letter.key,
                                 headers=letter.headers,
                             )
-                            log.warning("receipt_dead_lettered", topic=record.topic,
-                                        offset=record.offset, reason=str(exc))
+                            log.warning(
+                                "receipt_dead_lettered",
+                                topic=record.topic,
+                                offset=record.offset,
+                                reason=str(exc),
+                            )
                 await consumer.commit({tp: records[-1].offset + 1})
     finally:
         await consumer.stop()

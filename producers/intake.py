@@ -153,20 +153,30 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
 
     async def submit(submission: Submission, idempotency_key: str | None) -> JSONResponse:
         if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
-            return problem(422, "The submission is not valid",
-                           "Idempotency-Key must be 1 to 200 characters",
-                           errors=[{"field": "Idempotency-Key", "message": "must be 1 to 200 characters"}])
+            return problem(
+                422,
+                "The submission is not valid",
+                "Idempotency-Key must be 1 to 200 characters",
+                errors=[{"field": "Idempotency-Key", "message": "must be 1 to 200 characters"}],
+            )
         db = state["pool"]
         allowed = await consent_agencies(db, submission.event_type)
         unknown = [c.agency for c in submission.consents if c.agency not in allowed]
         if unknown:
             errors = [
-                {"field": f"consents.{i}.agency",
-                 "message": f"{c.agency} does not receive {submission.event_type} on consent"}
-                for i, c in enumerate(submission.consents) if c.agency in unknown
+                {
+                    "field": f"consents.{i}.agency",
+                    "message": f"{c.agency} does not receive {submission.event_type} on consent",
+                }
+                for i, c in enumerate(submission.consents)
+                if c.agency in unknown
             ]
-            return problem(422, "The submission is not valid",
-                           "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
+            return problem(
+                422,
+                "The submission is not valid",
+                "; ".join(f"{e['field']}: {e['message']}" for e in errors),
+                errors=errors,
+            )
         now = datetime.now(UTC)
         event_id = uuid.uuid4()
         reference = new_reference(now)
@@ -215,11 +225,18 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
                 ),
             )
         except IdempotencyConflict:
-            return problem(409, "Idempotency-Key already used",
-                           "This Idempotency-Key was used for a different submission; "
-                           "use a new key for a new event.")
-        log.info("event_accepted", event_id=str(recorded.event_id), reference=recorded.reference,
-                 event_type=recorded.event_type, replayed=not recorded.created)
+            return problem(
+                409,
+                "Idempotency-Key already used",
+                "This Idempotency-Key was used for a different submission; use a new key for a new event.",
+            )
+        log.info(
+            "event_accepted",
+            event_id=str(recorded.event_id),
+            reference=recorded.reference,
+            event_type=recorded.event_type,
+            replayed=not recorded.created,
+        )
         return JSONResponse(
             {
                 "reference": recorded.reference,
@@ -262,5 +279,5 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         await state["pool"].fetchval("SELECT 1")
         return {"status": "ok"}
 
-    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     return app

@@ -71,9 +71,15 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                     "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
                     " registration_office, recorded_by, idempotency_key, request_fingerprint,"
                     " recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    event.reference, event.event_id, event.event_type, event.subject_id,
-                    event.registration_office, event.recorded_by, event.idempotency_key,
-                    event.request_fingerprint, event.recorded_at,
+                    event.reference,
+                    event.event_id,
+                    event.event_type,
+                    event.subject_id,
+                    event.registration_office,
+                    event.recorded_by,
+                    event.idempotency_key,
+                    event.request_fingerprint,
+                    event.recorded_at,
                 )
                 await conn.executemany(
                     "INSERT INTO consent_record (subject_id, agency, event_type, choice,"
@@ -83,7 +89,10 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                 await conn.execute(
                     "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
                     " VALUES ($1, $2, $3, $4, $5)",
-                    event.event_id, event.topic, event.message_key, event.message_value,
+                    event.event_id,
+                    event.topic,
+                    event.message_key,
+                    event.message_value,
                     json.dumps([[k, v.decode()] for k, v in event.headers]),
                 )
                 await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)

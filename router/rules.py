@@ -76,11 +76,11 @@ def decide(
         if subscription.event_type == event.event_type and subscription.in_force(at):
             by_agency[subscription.agency] = subscription
     decisions = []
-    for agency, subscription in sorted(by_agency.items()):
-        if subscription is None:
+    for agency, covering in sorted(by_agency.items()):
+        if covering is None:
             outcome, basis = Outcome.WITHHELD_NO_SUBSCRIPTION, None
-        elif subscription.legal_basis == "statutory":
-            outcome, basis = Outcome.DELIVERED, subscription.basis_text()
+        elif covering.legal_basis == "statutory":
+            outcome, basis = Outcome.DELIVERED, covering.basis_text()
         elif consent.get(agency) == "given":
             outcome, basis = Outcome.DELIVERED, "consent"
         else:

@@ -91,8 +91,9 @@ async def plan(
         except UnroutableEvent as exc:
             letter = dead_letter(record, COMPONENT, str(exc))
             outgoing.append(Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers))
-            log.warning("event_dead_lettered", partition=record.partition, offset=record.offset,
-                        reason=str(exc))
+            log.warning(
+                "event_dead_lettered", partition=record.partition, offset=record.offset, reason=str(exc)
+            )
     if not routable:
         return outgoing
     # Consent is read at decision time, inside this batch, never cached.
@@ -108,17 +109,19 @@ async def plan(
                     Outgoing(topics.agency(decision.agency), record.key, record.value, list(record.headers))
                 )
             outgoing.append(_decision_message(topics, decision, record.key or b"", now))
-        log.info("event_routed", event_id=event.event_id, event_type=event.event_type,
-                 delivered=[d.agency for d in decisions if d.delivers])
+        log.info(
+            "event_routed",
+            event_id=event.event_id,
+            event_type=event.event_type,
+            delivered=[d.agency for d in decisions if d.delivers],
+        )
     return outgoing
 
 
 async def run_router(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
     topics = Topics(settings.topic_prefix)
     group_id = f"{settings.topic_prefix}.router"
-    consumer = kafka.consumer(
-        settings, topics.life_events, group_id=group_id, client_id="tuo-router"
-    )
+    consumer = kafka.consumer(settings, topics.life_events, group_id=group_id, client_id="tuo-router")
     producer = kafka.producer(
         settings,
         client_id="tuo-router",
@@ -134,13 +137,12 @@ async def run_router(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event
                 continue
             records = [r for part in batches.values() for r in part]
             outgoing = await plan(pool, topics, records)
-            offsets: dict[TopicPartition, int] = {
-                tp: part[-1].offset + 1 for tp, part in batches.items()
-            }
+            offsets: dict[TopicPartition, int] = {tp: part[-1].offset + 1 for tp, part in batches.items()}
             async with producer.transaction():
                 for message in outgoing:
-                    await producer.send(message.topic, value=message.value, key=message.key,
-                                        headers=message.headers)
+                    await producer.send(
+                        message.topic, value=message.value, key=message.key, headers=message.headers
+                    )
                 await producer.send_offsets_to_transaction(offsets, group_id)
     finally:
         await consumer.stop()

@@ -11,8 +11,7 @@ from router.rules import ConsentState, Subscription
 
 async def load_subscriptions(conn: asyncpg.Pool | asyncpg.Connection) -> list[Subscription]:
     rows = await conn.fetch(
-        "SELECT agency, event_type, legal_basis, statute, valid_from, valid_to, status"
-        "  FROM subscription"
+        "SELECT agency, event_type, legal_basis, statute, valid_from, valid_to, status  FROM subscription"
     )
     return [Subscription(**dict(r)) for r in rows]
 

@@ -165,10 +165,12 @@ def _print_event_status(found: dict[str, Any]) -> None:
     for row in found["agencies"]:
         receipt = row["receipt"] or {}
         table.add_row(
-            row["agency"], row["decision"].replace("_", " "),
+            row["agency"],
+            row["decision"].replace("_", " "),
             (row["legal_basis"] or "-").split(":")[0],
             receipt.get("outcome", "awaiting" if row["decision"] == "delivered" else "-"),
-            receipt.get("reason") or "", receipt.get("issued_at", "")[:19],
+            receipt.get("reason") or "",
+            receipt.get("issued_at", "")[:19],
         )
     console.print(table)
 
@@ -201,8 +203,9 @@ def demo_command(
             console.print("Local stack stopped; data kept. `tuo stack purge` wipes it.")
 
 
-async def _run(settings: Settings, components: list[str], *, demo: bool,
-               exit_after_demo: bool = False) -> None:
+async def _run(
+    settings: Settings, components: list[str], *, demo: bool, exit_after_demo: bool = False
+) -> None:
     pool = await open_pool(settings)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -228,7 +231,7 @@ async def _run(settings: Settings, components: list[str], *, demo: bool,
         await pool.close()
 
 
-async def _submit_demo(base: str, timeout: float = 60.0) -> None:
+async def _submit_demo(base: str, wait_seconds: float = 60.0) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         references = []
         for path, body in demo_submissions(datetime.now(UTC).date()):
@@ -237,7 +240,7 @@ async def _submit_demo(base: str, timeout: float = 60.0) -> None:
                 raise RuntimeError(f"intake refused a demo event: {response.text}")
             references.append(response.json()["reference"])
         console.print(f"Submitted {len(references)} demo events: {', '.join(references)}")
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_seconds
         for reference in references:
             while True:
                 found = (await client.get(f"/v1/events/{reference}")).json()
@@ -251,9 +254,7 @@ async def _submit_demo(base: str, timeout: float = 60.0) -> None:
 
 def _settled(found: dict[str, Any]) -> bool:
     agencies = found.get("agencies") or []
-    return bool(agencies) and all(
-        a["receipt"] is not None for a in agencies if a["decision"] == "delivered"
-    )
+    return bool(agencies) and all(a["receipt"] is not None for a in agencies if a["decision"] == "delivered")
 
 
 def main() -> None:

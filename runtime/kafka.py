@@ -7,8 +7,8 @@ classes themselves.
 
 from __future__ import annotations
 
-import ssl
 import re
+import ssl
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,6 +17,16 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from runtime.settings import Settings
+
+__all__ = [
+    "AIOKafkaConsumer",
+    "AIOKafkaProducer",
+    "Topics",
+    "admin",
+    "consumer",
+    "ensure_topics",
+    "producer",
+]
 
 
 class Topics:
@@ -67,9 +77,7 @@ def _connection(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def producer(
-    settings: Settings, *, client_id: str, transactional_id: str | None = None
-) -> AIOKafkaProducer:
+def producer(settings: Settings, *, client_id: str, transactional_id: str | None = None) -> AIOKafkaProducer:
     """An idempotent producer (acks=all); transactional when given an id."""
     return AIOKafkaProducer(
         **_connection(settings),

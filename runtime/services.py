@@ -8,7 +8,8 @@ or a broker restart does not take the bus down.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -41,7 +42,7 @@ async def supervise(name: str, component: Component, stop: asyncio.Event) -> Non
             return
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - the supervisor's job is to survive anything
+        except Exception:
             log.exception("component_failed", component=name)
             delay = RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS) - 1)]
             failures += 1
@@ -62,14 +63,26 @@ class RunningBus:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def _serve_http(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event,
-                      ready: asyncio.Future[int]) -> None:
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn that leaves signal handling to the process embedding it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def _serve_http(
+    settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event, ready: asyncio.Future[int]
+) -> None:
     config = uvicorn.Config(
-        create_app(settings, pool), host=settings.http_host, port=settings.http_port,
-        log_level="warning", access_log=False, lifespan="on",
+        create_app(settings, pool),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
     )
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server = _EmbeddedServer(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:
         if serving.done():
@@ -113,9 +126,11 @@ async def start_bus(
     http_port: int | None = None
     if "intake" in components:
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        tasks.append(asyncio.create_task(_serve_http(settings, pool, stop, ready), name="intake"))
-        done, _ = await asyncio.wait([ready, tasks[-1]], return_when=asyncio.FIRST_COMPLETED)
-        if ready not in done:
+        serving = asyncio.create_task(_serve_http(settings, pool, stop, ready), name="intake")
+        tasks.append(serving)
+        waiters: list[asyncio.Future[object]] = [ready, serving]  # type: ignore[list-item]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             tasks[-1].result()

@@ -41,9 +41,7 @@ class Settings(BaseSettings):
 
     # Kafka
     kafka_bootstrap_servers: str = ""
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
@@ -101,4 +99,4 @@ def load_settings(**overrides: object) -> Settings:
     stack_env = base.state_dir / STACK_ENV_FILE
     if not stack_env.exists():
         return base
-    return Settings(_env_file=stack_env, **overrides)  # type: ignore[arg-type,call-arg]
+    return Settings(_env_file=stack_env, **overrides)  # type: ignore[arg-type]

@@ -47,7 +47,11 @@ def ensure_jars(cache_dir: Path, version: str) -> Path:
     libs.mkdir(parents=True)
     result = subprocess.run(
         [
-            "mvn", "-q", "-B", "-f", str(POM),
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(POM),
             f"-Dkafka.version={version}",
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
@@ -59,8 +63,7 @@ def ensure_jars(cache_dir: Path, version: str) -> Path:
     )
     if result.returncode != 0:
         raise StackError(
-            f"Maven could not resolve Apache Kafka {version}:\n{result.stdout[-2000:]}"
-            f"{result.stderr[-2000:]}"
+            f"Maven could not resolve Apache Kafka {version}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
         )
     marker.write_text(version)
     return libs
@@ -150,8 +153,13 @@ class KafkaBroker:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             self._java(
-                STORAGE_TOOL, "format", "--standalone",
-                "-t", self.cluster_id, "-c", str(self.properties_file),
+                STORAGE_TOOL,
+                "format",
+                "--standalone",
+                "-t",
+                self.cluster_id,
+                "-c",
+                str(self.properties_file),
             ),
             capture_output=True,
             text=True,
@@ -197,14 +205,12 @@ class KafkaBroker:
         )
 
     async def _answers_metadata(self) -> bool:
-        admin = AIOKafkaAdminClient(
-            bootstrap_servers=self.bootstrap_servers, request_timeout_ms=3000
-        )
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=3000)
         try:
             await admin.start()
             await admin.list_topics()
             return True
-        except (KafkaError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, KafkaError, OSError):
             return False
         finally:
             await admin.close()

@@ -57,7 +57,11 @@ class PostgresServer:
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         user = SERVICE_USER_WHEN_ROOT if os.geteuid() == 0 else None
         result = subprocess.run(
-            args, capture_output=True, text=True, check=False, user=user,
+            args,
+            capture_output=True,
+            text=True,
+            check=False,
+            user=user,
             stdin=subprocess.DEVNULL,
         )
         if check and result.returncode != 0:
@@ -75,8 +79,7 @@ class PostgresServer:
     def is_running(self) -> bool:
         if not (self.data_dir / "postmaster.pid").exists():
             return False
-        status = self._run([str(find_bin_dir() / "pg_ctl"), "status", "-D", str(self.data_dir)],
-                           check=False)
+        status = self._run([str(find_bin_dir() / "pg_ctl"), "status", "-D", str(self.data_dir)], check=False)
         return status.returncode == 0
 
     def init(self) -> None:
@@ -91,9 +94,16 @@ class PostgresServer:
         try:
             self._run(
                 [
-                    str(bin_dir / "initdb"), "-D", str(self.data_dir),
-                    "-U", SUPERUSER, "--pwfile", str(pwfile),
-                    "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8",
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    SUPERUSER,
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
                 ]
             )
         finally:
@@ -106,14 +116,21 @@ class PostgresServer:
                 self.log_file.touch()
                 self._own(self.log_file)
             options = (
-                f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                "-c unix_socket_directories='' -c fsync=on"
+                f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' -c fsync=on"
             )
             self._run(
                 [
-                    str(find_bin_dir() / "pg_ctl"), "start", "-w",
-                    "-t", str(int(timeout)), "-D", str(self.data_dir),
-                    "-l", str(self.log_file), "-o", options,
+                    str(find_bin_dir() / "pg_ctl"),
+                    "start",
+                    "-w",
+                    "-t",
+                    str(int(timeout)),
+                    "-D",
+                    str(self.data_dir),
+                    "-l",
+                    str(self.log_file),
+                    "-o",
+                    options,
                 ]
             )
         deadline = time.monotonic() + timeout
@@ -128,14 +145,20 @@ class PostgresServer:
         base = ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "-tAq"]
         exists = subprocess.run(
             [*base, "-d", "postgres", "-c", f"SELECT 1 FROM pg_database WHERE datname='{DATABASE}'"],
-            capture_output=True, text=True, env={**os.environ, **env_password}, check=False,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env_password},
+            check=False,
         )
         if exists.returncode != 0:
             raise StackError(f"cannot query PostgreSQL: {exists.stderr}")
         if exists.stdout.strip() != "1":
             created = subprocess.run(
                 [*base, "-d", "postgres", "-c", f"CREATE DATABASE {DATABASE}"],
-                capture_output=True, text=True, env={**os.environ, **env_password}, check=False,
+                capture_output=True,
+                text=True,
+                env={**os.environ, **env_password},
+                check=False,
             )
             if created.returncode != 0:
                 raise StackError(f"cannot create database {DATABASE}: {created.stderr}")
@@ -143,6 +166,4 @@ class PostgresServer:
     def stop(self) -> None:
         if not self.is_running():
             return
-        self._run(
-            [str(find_bin_dir() / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(self.data_dir)]
-        )
+        self._run([str(find_bin_dir() / "pg_ctl"), "stop", "-w", "-m", "fast", "-D", str(self.data_dir)])

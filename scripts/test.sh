@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a fresh machine, then run the whole test suite: lint, types, and pytest
+# (unit tests and integration tests against a real Kafka broker and PostgreSQL
+# server that the suite starts on free loopback ports and stops afterwards).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+started=$(date +%s)
+echo "test: ruff"
+.venv/bin/ruff check . && .venv/bin/ruff format --check .
+echo "test: mypy"
+.venv/bin/mypy
+echo "test: pytest"
+.venv/bin/pytest "$@"
+echo "test: whole suite took $(( $(date +%s) - started ))s"

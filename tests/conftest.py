@@ -1,0 +1,109 @@
+"""Fixtures: a real Kafka broker and a real PostgreSQL server for the session,
+and the whole bus running against them.
+
+The local stack (Kafka from Maven Central, PostgreSQL from Debian) is started in
+a fresh state directory and purged afterwards. When a Docker engine answers
+and TUO_TEST_BACKEND is not "local", testcontainers' Kafka and PostgreSQL serve
+instead. If neither can be had, the integration tests fail; they never skip.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from router.seed import load_seed
+from runtime.database import migrate, open_pool
+from runtime.services import RunningBus, start_bus
+from runtime.settings import Settings
+from runtime.stack import LocalStack
+from tests.support import docker_engine_reachable, test_backend
+
+PROJECT = Path(__file__).resolve().parent.parent
+CACHE_DIR = PROJECT / ".tuo" / "cache"
+KAFKA_VERSION = Settings().kafka_version
+
+
+def new_state_dir(prefix: str) -> Path:
+    """A fresh stack state directory under the project (the postgres service user
+    must be able to reach it, which rules out root's private /tmp/pytest-of-root)."""
+    (PROJECT / ".tuo").mkdir(exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=PROJECT / ".tuo"))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Settings]:
+    """Connection settings for a real broker and database, up for the whole session."""
+    if test_backend() == "docker" or (test_backend() == "auto" and docker_engine_reachable()):
+        yield from _containers()
+        return
+    state_dir = new_state_dir("test-stack-")
+    stack = LocalStack(state_dir, CACHE_DIR, KAFKA_VERSION)
+    try:
+        stack.up()  # raises StackError with the broker's log when it cannot start
+        env = dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
+        yield Settings(
+            state_dir=state_dir,
+            cache_dir=CACHE_DIR,
+            kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"],
+            database_url=env["TUO_DATABASE_URL"],
+            pseudonym_key="test-pseudonym-key-" + uuid.uuid4().hex,
+            http_port=0,
+        )
+    finally:
+        stack.purge()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _containers() -> Iterator[Settings]:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.postgres import PostgresContainer
+
+    with (
+        KafkaContainer("apache/kafka:" + KAFKA_VERSION) as kafka,
+        PostgresContainer("postgres:15", driver=None) as postgres,
+    ):
+        yield Settings(
+            kafka_bootstrap_servers=kafka.get_bootstrap_server(),
+            database_url=postgres.get_connection_url(),
+            pseudonym_key="test-pseudonym-key-" + uuid.uuid4().hex,
+            http_port=0,
+        )
+
+
+@pytest.fixture(scope="session")
+async def pool(services: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await open_pool(services)
+    await migrate(pool)
+    await load_seed(pool)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def bus(services: Settings, pool: asyncpg.Pool) -> AsyncIterator[RunningBus]:
+    running = await start_bus(services, pool)
+    yield running
+    await running.shutdown()
+
+
+@pytest.fixture
+async def intake(bus: RunningBus) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}", timeout=10) as client:
+        yield client
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that mention ``text`` (for leak checks)."""
+    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True)
+    return [line for line in listing.stdout.splitlines() if text in line and "ps -eo" not in line]

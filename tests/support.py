@@ -1,0 +1,118 @@
+"""Helpers shared by the tests: waiting for an outcome, reading a topic, sample events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from runtime.settings import Settings
+
+T = TypeVar("T")
+
+
+def test_backend() -> str:
+    """Which services the integration tests use: auto (default), local or docker."""
+    return os.environ.get("TUO_TEST_BACKEND", "auto")
+
+
+def docker_engine_reachable() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    probe = subprocess.run(["docker", "info"], capture_output=True, check=False, timeout=20)
+    return probe.returncode == 0
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T | None]], timeout: float = 30.0, what: str = "condition"
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def read_topic(settings: Settings, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every committed message on ``topic`` right now (read_committed, from the start)."""
+    consumer = AIOKafkaConsumer(
+        topic,  # no group: every partition is assigned to us
+        bootstrap_servers=settings.require_bootstrap_servers(),
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        assert topic in await consumer.topics(), f"topic {topic} does not exist"
+        partitions: list[TopicPartition] = await eventually(
+            _assigned(consumer), timeout=10, what=f"partitions of {topic}"
+        )
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            batch = await consumer.getmany(timeout_ms=1000)
+            for part in batch.values():
+                records.extend(part)
+        return records
+    finally:
+        await consumer.stop()
+
+
+def _assigned(consumer: AIOKafkaConsumer) -> Callable[[], Awaitable[list[TopicPartition]]]:
+    async def check() -> list[TopicPartition]:
+        return sorted(consumer.assignment())
+
+    return check
+
+
+def header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
+    for key, value in record.headers:
+        if key == name:
+            return value.decode()
+    return None
+
+
+def today() -> date:
+    return datetime.now(UTC).date()
+
+
+def death_registration(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "informant": {"name": "Alex Example", "relationship": "daughter"},
+        "channel": "desk",
+        "registration_office": "Leeds Register Office",
+        "deceased": {
+            "given_names": "Pat",
+            "family_name": "Example",
+            "date_of_birth": "1941-03-02",
+            "nino": "AB123456C",
+        },
+        "date_of_death": (today() - timedelta(days=2)).isoformat(),
+        "place_of_death": "Leeds General Infirmary",
+        "last_address": {"lines": ["1 Example Street"], "town": "Leeds", "postcode": "LS1 1AA"},
+        "consents": [{"agency": "dvla", "choice": "given"}, {"agency": "hmpo", "choice": "refused"}],
+    }
+    body.update(overrides)
+    return body
+
+
+def random_nino() -> str:
+    """A well-formed, made-up National Insurance number, so each test has its own subject."""
+    import random
+
+    digits = "".join(random.choice("0123456789") for _ in range(6))
+    return f"CE{digits}{random.choice('ABCD')}"

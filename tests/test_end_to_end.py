@@ -1,0 +1,134 @@
+"""The whole path, against the real broker and database: HTTP intake → outbox →
+relay → tuo.life-events → router → agency topics → agency consumers → receipts
+→ status lookup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from runtime.kafka import Topics
+from runtime.settings import Settings
+from schemas import decode
+from tests.support import death_registration, eventually, header, random_nino, read_topic
+
+pytestmark = pytest.mark.integration
+
+ENTITLED_TO_DEATH = {"hmrc", "dwp", "dvla"}  # two statutory, dvla by the informant's consent
+
+
+async def _status_when_settled(intake: httpx.AsyncClient, reference: str) -> dict[str, Any]:
+    async def settled() -> dict[str, Any] | None:
+        response = await intake.get(f"/v1/events/{reference}")
+        body: dict[str, Any] = response.json()
+        delivered = [a for a in body.get("agencies", []) if a["decision"] == "delivered"]
+        if body.get("agencies") and all(a["receipt"] for a in delivered):
+            return body
+        return None
+
+    return await eventually(settled, timeout=60, what=f"receipts for {reference}")
+
+
+async def test_death_registration_reaches_each_entitled_agency_with_a_receipt(
+    intake: httpx.AsyncClient, services: Settings
+) -> None:
+    response = await intake.post("/v1/death-registrations", json=death_registration())
+    assert response.status_code == 201, response.text
+    accepted = response.json()
+    assert accepted["reference"].startswith("TUO-")
+
+    status = await _status_when_settled(intake, accepted["reference"])
+    by_agency = {a["agency"]: a for a in status["agencies"]}
+    delivered = {name for name, a in by_agency.items() if a["decision"] == "delivered"}
+    assert delivered == ENTITLED_TO_DEATH
+    for agency in ENTITLED_TO_DEATH:
+        assert by_agency[agency]["receipt"]["outcome"] == "applied", by_agency[agency]
+    assert by_agency["hmrc"]["legal_basis"].startswith("statutory: ")
+    assert by_agency["dvla"]["legal_basis"] == "consent"
+    assert by_agency["hmpo"]["decision"] == "withheld_no_consent"
+    assert by_agency["hmpo"]["receipt"] is None
+    assert by_agency["council-leeds"]["decision"] == "withheld_no_subscription"
+
+    topics = Topics(services.topic_prefix)
+    event_id = accepted["event_id"]
+    for agency in ENTITLED_TO_DEATH:
+        on_topic = [
+            r for r in await read_topic(services, topics.agency(agency)) if header(r, "ce_id") == event_id
+        ]
+        assert len(on_topic) == 1, f"{agency} got {len(on_topic)} copies"
+        subject, record = decode(on_topic[0].value or b"")
+        assert subject == "DeathRegistered"
+        assert record["envelope"]["reference"] == accepted["reference"]
+        receipts = [decode(r.value or b"")[1] for r in await read_topic(services, topics.receipts(agency))]
+        assert any(str(r["event_id"]) == event_id and r["outcome"] == "APPLIED" for r in receipts)
+    for agency in ("hmpo", "council-leeds"):
+        leaked = [
+            r for r in await read_topic(services, topics.agency(agency)) if header(r, "ce_id") == event_id
+        ]
+        assert leaked == [], f"{agency} must not receive this death registration"
+
+
+async def test_messages_use_the_confluent_wire_format_and_cloudevents_headers(
+    intake: httpx.AsyncClient, services: Settings
+) -> None:
+    response = await intake.post(
+        "/v1/death-registrations",
+        json=death_registration(
+            deceased={"given_names": "Lee", "family_name": "Wire", "nino": random_nino()}
+        ),
+    )
+    accepted = response.json()
+    await _status_when_settled(intake, accepted["reference"])
+    [message] = [
+        r
+        for r in await read_topic(services, Topics(services.topic_prefix).agency("dwp"))
+        if header(r, "ce_id") == accepted["event_id"]
+    ]
+    assert message.value is not None
+    assert message.value[0] == 0, "magic byte"
+    assert int.from_bytes(message.value[1:5], "big") == 2, "DeathRegistered's schema id"
+    assert header(message, "ce_specversion") == "1.0"
+    assert header(message, "ce_type") == "uk.gov.tellusonce.DeathRegistered"
+    assert header(message, "content-type") == "application/avro"
+    # The key is the pseudonymous subject id, never the NINO itself.
+    assert message.key is not None and b"CE" not in message.key
+    assert decode(message.value)[1]["envelope"]["subject"]["subject_id"] == message.key.decode()
+
+
+async def test_withdrawn_consent_stops_delivery_to_that_agency(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
+) -> None:
+    nino = random_nino()
+    first = await intake.post(
+        "/v1/death-registrations",
+        json=death_registration(deceased={"given_names": "Kim", "family_name": "Consent", "nino": nino}),
+    )
+    first_status = await _status_when_settled(intake, first.json()["reference"])
+    assert {a["agency"]: a["decision"] for a in first_status["agencies"]}["dvla"] == "delivered"
+
+    subject_id = await pool.fetchval(
+        "SELECT subject_id FROM intake_record WHERE reference = $1", first.json()["reference"]
+    )
+    await pool.execute(
+        "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
+        " VALUES ($1, 'dvla', 'DeathRegistered', 'withdrawn', 'citizen')",
+        subject_id,
+    )
+    # A correction-like resubmission for the same person, with no new consent given.
+    second = await intake.post(
+        "/v1/death-registrations",
+        json=death_registration(
+            deceased={"given_names": "Kim", "family_name": "Consent", "nino": nino}, consents=[]
+        ),
+    )
+    second_status = await _status_when_settled(intake, second.json()["reference"])
+    decisions = {a["agency"]: a["decision"] for a in second_status["agencies"]}
+    assert decisions["dvla"] == "withheld_no_consent"
+    assert decisions["dwp"] == "delivered"
+    dvla_ids = {
+        header(r, "ce_id") for r in await read_topic(services, Topics(services.topic_prefix).agency("dvla"))
+    }
+    assert second.json()["event_id"] not in dvla_ids

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -42,6 +43,9 @@ log = structlog.get_logger(__name__)
 PROBLEM = "application/problem+json"
 # Crockford base32 without I, L, O, U: unambiguous when read out over the phone.
 _REFERENCE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+REFERENCE_PATTERN = re.compile(rf"^TUO-[0-9]{{4}}-[{_REFERENCE_ALPHABET}]{{4}}-[{_REFERENCE_ALPHABET}]{{4}}$")
 
 
 def new_reference(now: datetime) -> str:
@@ -99,30 +103,39 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(scope, receive, send)
             return
-        seen = 0
-
-        async def limited_receive() -> MutableMapping[str, Any]:
-            nonlocal seen
+        # Read the whole (bounded) body first, so a chunked upload cannot slip past the limit.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":
+                await self.app(scope, receive, send)  # a disconnect: let the app see it
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Any, receive: Any, send: Any) -> None:
         response = problem(
             413, "The submission is too large", f"Request bodies are limited to {self.limit} bytes."
         )
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
@@ -267,9 +280,10 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
 
     @app.get("/v1/events/{reference}")
     async def status(reference: str) -> JSONResponse:
-        if len(reference) > 40:
+        reference = reference.strip().upper()
+        if not REFERENCE_PATTERN.match(reference):
             return problem(404, "No such event", "No event has that reference number.")
-        found = await event_status(state["pool"], reference.upper())
+        found = await event_status(state["pool"], reference)
         if found is None:
             return problem(404, "No such event", "No event has that reference number.")
         return JSONResponse(found)

@@ -10,7 +10,7 @@ import re
 from datetime import UTC, date, datetime, time
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 # Printable text without control characters; generous but bounded.
 Text = Annotated[
@@ -96,12 +96,13 @@ class Submission(Strict):
     registration_office: Text
     consents: list[ConsentChoice] = Field(default_factory=list, max_length=50)
 
-    @model_validator(mode="after")
-    def one_choice_per_agency(self) -> Submission:
-        agencies = [c.agency for c in self.consents]
+    @field_validator("consents")
+    @classmethod
+    def one_choice_per_agency(cls, value: list[ConsentChoice]) -> list[ConsentChoice]:
+        agencies = [c.agency for c in value]
         if len(agencies) != len(set(agencies)):
-            raise ValueError("consents lists an agency more than once")
-        return self
+            raise ValueError("lists an agency more than once")
+        return value
 
     event_type: ClassVar[str]
 
@@ -128,15 +129,11 @@ class DeathRegistration(Submission):
 
     @field_validator("date_of_death")
     @classmethod
-    def death_not_in_future(cls, value: date) -> date:
+    def death_not_in_future_nor_before_birth(cls, value: date, info: ValidationInfo) -> date:
+        deceased = info.data.get("deceased")  # validated first: it is declared first
+        if deceased is not None and deceased.date_of_birth is not None and value < deceased.date_of_birth:
+            raise ValueError("must not be before the deceased's date of birth")
         return _not_in_future(value)
-
-    @model_validator(mode="after")
-    def death_after_birth(self) -> DeathRegistration:
-        born = self.deceased.date_of_birth
-        if born is not None and self.date_of_death < born:
-            raise ValueError("date_of_death must not be before deceased.date_of_birth")
-        return self
 
     def subject(self) -> Person:
         return self.deceased

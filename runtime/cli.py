@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import asyncpg
 import httpx
 import typer
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.table import Table
 
@@ -47,7 +50,8 @@ def _fail(message: str) -> typer.Exit:
 
 @stack_app.command("up")
 def stack_up() -> None:
-    """Start Kafka and PostgreSQL (downloading Kafka's jars once), and prepare the database."""
+    """Start Kafka and PostgreSQL (downloading Kafka's jars once), migrate the database
+    and load the demo subscriptions."""
     settings = _settings()
     with console.status("Starting the local stack…"):
         try:
@@ -101,23 +105,43 @@ def _running(flag: bool) -> str:
     return "[green]running[/]" if flag else "[yellow]stopped[/]"
 
 
-async def _prepare(settings: Settings) -> None:
+async def _prepare(settings: Settings, seed: bool = True) -> None:
     pool = await open_pool(settings)
     try:
         await migrate(pool)
-        await load_seed(pool)
+        if seed:
+            await load_seed(pool)
     finally:
         await pool.close()
 
 
-@app.command("migrate")
-def migrate_command() -> None:
-    """Apply pending database migrations and load the demo subscriptions."""
+@contextlib.contextmanager
+def _clear_errors() -> Iterator[None]:
+    """Turn configuration and connection failures into one-line messages."""
     try:
-        asyncio.run(_prepare(_settings()))
+        yield
     except MissingSetting as exc:
         raise _fail(str(exc)) from exc
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise _fail(f"cannot use PostgreSQL: {exc}") from exc
+    except KafkaError as exc:
+        raise _fail(f"cannot use Kafka: {exc}") from exc
+
+
+@app.command("migrate")
+def migrate_command() -> None:
+    """Apply pending database migrations."""
+    with _clear_errors():
+        asyncio.run(_prepare(_settings(), seed=False))
     console.print("Database up to date.")
+
+
+@app.command("seed")
+def seed_command() -> None:
+    """Load the demo agencies' subscriptions (for the local stack, not production)."""
+    with _clear_errors():
+        asyncio.run(_prepare(_settings(), seed=True))
+    console.print("Demo subscriptions loaded.")
 
 
 @app.command("run")
@@ -132,10 +156,8 @@ def run_command(
     unknown = sorted(set(chosen) - set(COMPONENTS))
     if unknown:
         raise _fail(f"unknown component {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
-    try:
+    with _clear_errors():
         asyncio.run(_run(_settings(), chosen, demo=False))
-    except MissingSetting as exc:
-        raise _fail(str(exc)) from exc
 
 
 @app.command("status")
@@ -149,10 +171,8 @@ def status_command(reference: str) -> None:
         finally:
             await pool.close()
 
-    try:
+    with _clear_errors():
         found = asyncio.run(lookup())
-    except MissingSetting as exc:
-        raise _fail(str(exc)) from exc
     if found is None:
         raise _fail(f"no event has reference {reference}")
     _print_event_status(found)

@@ -82,7 +82,7 @@ def _assigned(consumer: AIOKafkaConsumer) -> Callable[[], Awaitable[list[TopicPa
 def header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
     for key, value in record.headers:
         if key == name:
-            return value.decode()
+            return bytes(value).decode()
     return None
 
 

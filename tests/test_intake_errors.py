@@ -1,0 +1,212 @@
+"""Bad input at the intake endpoint gets a clear error naming the field, and
+nothing is written: no intake record, no outbox row, no Kafka message."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from runtime.kafka import Topics
+from runtime.settings import Settings
+from tests.support import death_registration, eventually, random_nino, today
+
+pytestmark = pytest.mark.integration
+
+
+def _without(body: dict[str, Any], field: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k != field}
+
+
+BAD_BODIES: list[tuple[str, Any, str, str]] = [
+    # (case, body, field named in the error, words in the message)
+    ("missing date of death", _without(death_registration(), "date_of_death"), "date_of_death", "required"),
+    ("missing informant", _without(death_registration(), "informant"), "informant", "required"),
+    ("date of death is a number", death_registration(date_of_death=12345), "date_of_death", "date"),
+    ("date of death is words", death_registration(date_of_death="last Tuesday"), "date_of_death", "date"),
+    (
+        "address lines is a string",
+        death_registration(last_address={"lines": "1 Street", "town": "Leeds", "postcode": "LS1 1AA"}),
+        "last_address.lines",
+        "list",
+    ),
+    (
+        "date of death in the future",
+        death_registration(date_of_death=(today() + timedelta(days=1)).isoformat()),
+        "date_of_death",
+        "future",
+    ),
+    (
+        "death before birth",
+        death_registration(date_of_death="1930-01-01"),
+        "date_of_death",
+        "before the deceased's date of birth",
+    ),
+    (
+        "bad NINO",
+        death_registration(deceased={"given_names": "A", "family_name": "B", "nino": "123"}),
+        "deceased.nino",
+        "National Insurance number",
+    ),
+    (
+        "bad postcode",
+        death_registration(last_address={"lines": ["1 Street"], "town": "Leeds", "postcode": "NOT A CODE"}),
+        "last_address.postcode",
+        "UK postcode",
+    ),
+    ("unknown field", death_registration(favourite_colour="blue"), "favourite_colour", "not permitted"),
+    (
+        "control characters in a name",
+        death_registration(deceased={"given_names": "Pat\x00\x1b[31m", "family_name": "Example"}),
+        "deceased.given_names",
+        "pattern",
+    ),
+    (
+        "very long name",
+        death_registration(deceased={"given_names": "A" * 5000, "family_name": "Example"}),
+        "deceased.given_names",
+        "at most 200",
+    ),
+    ("channel outside the list", death_registration(channel="carrier pigeon"), "channel", "desk"),
+    (
+        "consent to an agency that does not take it",
+        death_registration(consents=[{"agency": "hmrc", "choice": "given"}]),
+        "consents.0.agency",
+        "does not receive DeathRegistered on consent",
+    ),
+    (
+        "the same agency twice in consents",
+        death_registration(consents=[{"agency": "dvla", "choice": "given"}] * 2),
+        "consents",
+        "more than once",
+    ),
+    ("a JSON array", [death_registration()], "(request body)", "dictionary"),
+    ("JSON null", None, "(request body)", ""),
+]
+
+
+async def _written(pool: asyncpg.Pool) -> tuple[int, int, int]:
+    row = await pool.fetchrow(
+        "SELECT (SELECT count(*) FROM intake_record) AS records,"
+        " (SELECT count(*) FROM outbox) AS outbox,"
+        " (SELECT count(*) FROM consent_record) AS consents"
+    )
+    assert row is not None
+    return row["records"], row["outbox"], row["consents"]
+
+
+async def _life_events_end(settings: Settings) -> int:
+    topic = Topics(settings.topic_prefix).life_events
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_bootstrap_servers())
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.life_events_partitions)]
+        return sum((await consumer.end_offsets(partitions)).values())
+    finally:
+        await consumer.stop()
+
+
+def _problem(response: httpx.Response) -> dict[str, Any]:
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+@pytest.mark.parametrize(("case", "body", "field", "words"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+async def test_invalid_submission_is_refused_naming_the_field_and_nothing_is_written(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, case: str, body: Any, field: str, words: str
+) -> None:
+    before = await _written(pool)
+    response = await intake.post("/v1/death-registrations", json=body)
+    assert response.status_code == 422, response.text
+    problem = _problem(response)
+    assert problem["status"] == 422
+    named = {e["field"]: e["message"] for e in problem["errors"]}
+    assert field in named, f"{case}: expected an error for {field}, got {named}"
+    assert words in named[field], f"{case}: {named[field]!r} should mention {words!r}"
+    assert await _written(pool) == before
+
+
+async def test_malformed_json_is_refused_and_nothing_reaches_postgres_or_kafka(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
+) -> None:
+    before_db, before_kafka = await _written(pool), await _life_events_end(services)
+    for raw in (b'{"informant": ', b"\xff\xfe not utf-8", b"", b"{" * 10_000):
+        response = await intake.post(
+            "/v1/death-registrations", content=raw, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 422, raw[:20]
+        assert _problem(response)["errors"][0]["field"] == "(request body)"
+    assert await _written(pool) == before_db
+    assert await _life_events_end(services) == before_kafka
+
+
+async def test_oversized_submission_is_refused_with_413(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
+) -> None:
+    before = await _written(pool)
+    huge = json.dumps(death_registration(place_of_death="x" * (services.max_request_bytes + 1)))
+    declared = await intake.post(
+        "/v1/death-registrations", content=huge, headers={"content-type": "application/json"}
+    )
+    assert declared.status_code == 413
+    assert "limited to" in _problem(declared)["detail"]
+
+    async def chunks() -> Any:  # no Content-Length: the limit must hold on the stream too
+        for start in range(0, len(huge), 4096):
+            yield huge[start : start + 4096].encode()
+
+    streamed = await intake.post(
+        "/v1/death-registrations", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert streamed.status_code == 413
+    assert await _written(pool) == before
+
+
+async def test_same_idempotency_key_twice_gives_one_event_and_the_same_reference(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    body = death_registration(deceased={"given_names": "Ida", "family_name": "Twice", "nino": random_nino()})
+    key = {"Idempotency-Key": "desk-7-" + random_nino()}
+    first = await intake.post("/v1/death-registrations", json=body, headers=key)
+    second = await intake.post("/v1/death-registrations", json=body, headers=key)
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["reference"] == second.json()["reference"]
+    count = await pool.fetchval(
+        "SELECT count(*) FROM outbox o JOIN intake_record i USING (event_id) WHERE i.reference = $1",
+        first.json()["reference"],
+    )
+    assert count == 1
+
+    changed = await intake.post(
+        "/v1/death-registrations", json={**body, "place_of_death": "Elsewhere"}, headers=key
+    )
+    assert changed.status_code == 409
+    assert "different submission" in _problem(changed)["detail"]
+
+
+async def test_status_of_an_unknown_or_hostile_reference_is_a_plain_404(intake: httpx.AsyncClient) -> None:
+    for reference in ("TUO-2026-0000-0000", "' OR 1=1 --", "x" * 500, "%00"):
+        response = await intake.get(f"/v1/events/{reference}")
+        assert response.status_code == 404, reference
+        assert _problem(response)["title"] == "No such event"
+
+
+async def test_accepted_event_is_published_to_life_events(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
+) -> None:
+    """The counterpart of the refusals above: a valid event does reach Kafka."""
+    before = await _life_events_end(services)
+    response = await intake.post("/v1/death-registrations", json=death_registration())
+    assert response.status_code == 201
+
+    async def published() -> bool:
+        return await _life_events_end(services) == before + 1
+
+    await eventually(published, what="the event on tuo.life-events")

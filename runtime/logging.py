@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
 from runtime.settings import Settings
+
+
+def _stderr_logger(*_: Any) -> structlog.PrintLogger:
+    # Look sys.stderr up per logger, not once: test runners and CLI harnesses swap
+    # and close it, and a logger holding a closed stream would crash its component.
+    return structlog.PrintLogger(sys.stderr)
 
 
 def configure_logging(settings: Settings) -> None:
@@ -30,7 +37,7 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     # aiokafka logs through the standard library; keep its noise at WARNING.

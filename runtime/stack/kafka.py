@@ -156,8 +156,8 @@ class KafkaBroker:
                 STORAGE_TOOL,
                 "format",
                 "--standalone",
-                "-t",
-                self.cluster_id,
+                # "=" form: a generated id may begin with "-", which argparse takes for a flag.
+                f"--cluster-id={self.cluster_id}",
                 "-c",
                 str(self.properties_file),
             ),

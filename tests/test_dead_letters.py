@@ -1,0 +1,129 @@
+"""Kafka messages that cannot be processed are kept, with the reason, on the
+dead-letter topic, and the component keeps going. Nothing is silently dropped."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+from runtime.kafka import Topics
+from runtime.settings import Settings
+from schemas import encode
+from schemas.cloudevents import CloudEvent
+from tests.support import death_registration, eventually, header, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+async def _produce(settings: Settings, topic: str, value: bytes, headers: list[tuple[str, bytes]]) -> str:
+    marker = uuid.uuid4().hex
+    producer = AIOKafkaProducer(bootstrap_servers=settings.require_bootstrap_servers())
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value=value, key=marker.encode(), headers=headers)
+    finally:
+        await producer.stop()
+    return marker
+
+
+async def _dead_letter(settings: Settings, marker: str) -> ConsumerRecord[bytes, bytes]:
+    topic = Topics(settings.topic_prefix).dead_letters
+
+    async def found() -> ConsumerRecord[bytes, bytes] | None:
+        for record in await read_topic(settings, topic):
+            if record.key == marker.encode():
+                return record
+        return None
+
+    return await eventually(found, timeout=30, what=f"dead letter {marker}")
+
+
+@pytest.mark.parametrize(
+    ("case", "value", "headers", "reason"),
+    [
+        ("no CloudEvents headers", b"\x00\x00\x00\x00\x02garbage", [], "no ce_id, ce_type, ce_source"),
+        (
+            "JSON instead of Avro",
+            b'{"deceased": "x"}',
+            CloudEvent(id="x", type="DeathRegistered", source="/evil").headers(),
+            "magic byte is 123",
+        ),
+        (
+            "a receipt posing as a life event",
+            encode(
+                "DeliveryReceipt",
+                {
+                    "event_id": str(uuid.uuid4()),
+                    "agency": "dwp",
+                    "outcome": "APPLIED",
+                    "issued_at": datetime.now(UTC),
+                },
+            ),
+            CloudEvent(id="y", type="DeliveryReceipt", source="/evil").headers(),
+            "not a life event",
+        ),
+    ],
+)
+async def test_router_dead_letters_what_it_cannot_route_and_keeps_routing(
+    services: Settings,
+    intake: httpx.AsyncClient,
+    case: str,
+    value: bytes,
+    headers: list[tuple[str, bytes]],
+    reason: str,
+) -> None:
+    topics = Topics(services.topic_prefix)
+    marker = await _produce(services, topics.life_events, value, headers)
+    letter = await _dead_letter(services, marker)
+    assert letter.value == value, "the original bytes are kept"
+    assert reason in (header(letter, "tuo_dlq_reason") or ""), case
+    assert header(letter, "tuo_dlq_component") == "router"
+    assert header(letter, "tuo_dlq_topic") == topics.life_events
+
+    accepted = (await intake.post("/v1/death-registrations", json=death_registration())).json()
+
+    async def routed() -> bool:
+        status = (await intake.get(f"/v1/events/{accepted['reference']}")).json()
+        return bool(status["agencies"])
+
+    await eventually(routed, what="the next valid event to be routed")
+
+
+async def test_agency_consumer_dead_letters_a_message_it_cannot_decode(services: Settings) -> None:
+    topics = Topics(services.topic_prefix)
+    marker = await _produce(
+        services,
+        topics.agency("hmpo"),
+        b"\x00\x00\x00\x00\x02\xff\xff\xff",
+        CloudEvent(id=str(uuid.uuid4()), type="DeathRegistered", source="/evil").headers(),
+    )
+    letter = await _dead_letter(services, marker)
+    assert header(letter, "tuo_dlq_component") == "agency:hmpo"
+    assert "does not decode" in (header(letter, "tuo_dlq_reason") or "")
+
+
+async def test_receipt_naming_another_agency_is_not_trusted(services: Settings, pool: asyncpg.Pool) -> None:
+    topics = Topics(services.topic_prefix)
+    event_id = str(uuid.uuid4())
+    forged = encode(
+        "DeliveryReceipt",
+        {"event_id": event_id, "agency": "hmrc", "outcome": "APPLIED", "issued_at": datetime.now(UTC)},
+    )
+    marker = await _produce(
+        services,
+        topics.receipts("dvla"),
+        forged,
+        CloudEvent(id=event_id, type="DeliveryReceipt", source="/agencies/dvla").headers(),
+    )
+    letter = await _dead_letter(services, marker)
+    assert "names agency 'hmrc' but came from 'dvla'" in (header(letter, "tuo_dlq_reason") or "")
+    assert (
+        await pool.fetchval("SELECT count(*) FROM delivery_receipt WHERE event_id = $1", uuid.UUID(event_id))
+        == 0
+    )

@@ -1,0 +1,142 @@
+"""The local stack: real servers that keep their data across restarts, purge
+cleanly, and leave no process behind; and the README's demo command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from runtime.stack import LocalStack
+from runtime.stack.kafka import KafkaBroker, ensure_jars
+from runtime.stack.processes import free_port
+from tests.conftest import CACHE_DIR, KAFKA_VERSION, PROJECT, new_state_dir, processes_mentioning
+from tests.support import read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def _env(stack: LocalStack) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
+
+
+async def test_stopping_and_starting_keeps_data_and_purging_wipes_it() -> None:
+    from runtime.settings import Settings
+
+    state_dir = new_state_dir("persist-")
+    stack = LocalStack(state_dir, CACHE_DIR, KAFKA_VERSION)
+    try:
+        await asyncio.to_thread(stack.up)
+        env = _env(stack)
+        settings = Settings(
+            kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"], database_url=env["TUO_DATABASE_URL"]
+        )
+        conn = await asyncpg.connect(env["TUO_DATABASE_URL"])
+        await conn.execute("CREATE TABLE kept (note text); INSERT INTO kept VALUES ('still here')")
+        await conn.close()
+        admin = AIOKafkaAdminClient(bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"])
+        await admin.start()
+        await admin.create_topics([NewTopic("kept", 1, 1)])
+        await admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"])
+        await producer.start()
+        await producer.send_and_wait("kept", b"still here")
+        await producer.stop()
+
+        await asyncio.to_thread(stack.down)
+        assert not stack.status().kafka_running and not stack.status().postgres_running
+        assert processes_mentioning(str(state_dir)) == []
+
+        await asyncio.to_thread(stack.up)
+        assert _env(stack) == env, "the same ports and credentials after a restart"
+        conn = await asyncpg.connect(env["TUO_DATABASE_URL"])
+        assert await conn.fetchval("SELECT note FROM kept") == "still here"
+        await conn.close()
+        assert [r.value for r in await read_topic(settings, "kept")] == [b"still here"]
+
+        await asyncio.to_thread(stack.purge)
+        assert not state_dir.exists()
+        assert processes_mentioning(str(state_dir)) == []
+
+        await asyncio.to_thread(stack.up)
+        conn = await asyncpg.connect(_env(stack)["TUO_DATABASE_URL"])
+        assert await conn.fetchval("SELECT to_regclass('kept')") is None, "purged data is gone"
+        await conn.close()
+    finally:
+        await asyncio.to_thread(stack.purge)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_storage_format_accepts_a_cluster_id_that_starts_with_a_dash() -> None:
+    home = new_state_dir("format-")
+    try:
+        broker = KafkaBroker(
+            libs=ensure_jars(CACHE_DIR, KAFKA_VERSION),
+            home=home,
+            broker_port=free_port(),
+            controller_port=free_port(),
+            cluster_id="-" + "A" * 21,
+        )
+        broker.write_properties()
+        broker.format_storage()
+        assert "cluster.id=-AAAAAAAAAAAAAAAAAAAAA" in (broker.data_dir / "meta.properties").read_text()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_demo_serves_until_ctrl_c_and_then_leaves_nothing_running() -> None:
+    state_dir = new_state_dir("demo-")
+    env = {
+        **os.environ,
+        "TUO_STATE_DIR": str(state_dir),
+        "TUO_CACHE_DIR": str(CACHE_DIR),
+        "TUO_HTTP_PORT": "0",
+        "TUO_LOG_LEVEL": "WARNING",
+        "COLUMNS": "160",
+    }
+    tuo = str(Path(sys.executable).parent / "tuo")
+    demo = subprocess.Popen(
+        [tuo, "demo"],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    try:
+        assert demo.stdout is not None
+        deadline = time.monotonic() + 180
+        for line in demo.stdout:
+            output.append(line)
+            if "Serving until Ctrl-C" in line or time.monotonic() > deadline:
+                break
+        text = "".join(output)
+        assert "Serving until Ctrl-C" in text, text
+        assert "Submitted 3 demo events" in text, text
+        for agency in ("hmrc", "dwp", "dvla", "council-leeds"):
+            assert agency in text
+        assert text.count("applied") >= 5, "receipts for death (3), birth (1), address change (2)"
+        assert "awaiting" not in text
+        assert processes_mentioning(str(state_dir)), "the stack runs while the demo serves"
+
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=90)
+        assert demo.returncode == 0, rest
+        assert "Local stack stopped" in rest
+        assert processes_mentioning(str(state_dir)) == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        LocalStack(state_dir, CACHE_DIR, KAFKA_VERSION).purge()
+        shutil.rmtree(state_dir, ignore_errors=True)

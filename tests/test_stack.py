@@ -4,6 +4,7 @@ cleanly, and leave no process behind; and the README's demo command."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -140,3 +141,27 @@ def test_demo_serves_until_ctrl_c_and_then_leaves_nothing_running() -> None:
             demo.kill()
         LocalStack(state_dir, CACHE_DIR, KAFKA_VERSION).purge()
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+async def test_stack_works_from_a_directory_the_postgres_user_cannot_enter() -> None:
+    """CI may clone under /root (mode 0700); PostgreSQL, run as 'postgres', must still start."""
+    private = new_state_dir("private-")
+    private.chmod(0o700)
+    state_dir = private / "state"
+    stack = LocalStack(state_dir, CACHE_DIR, KAFKA_VERSION)
+    try:
+        await asyncio.to_thread(stack.up)
+        assert stack.status().postgres_running
+        conn = await asyncpg.connect(_env(stack)["TUO_DATABASE_URL"])
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        postgres_home = Path(json.loads(stack.layout_file.read_text())["postgres_home"])
+        if os.geteuid() == 0:
+            assert not postgres_home.is_relative_to(private), "moved where 'postgres' can reach it"
+        else:
+            assert postgres_home == state_dir.resolve() / "postgres"
+        await asyncio.to_thread(stack.purge)
+        assert not postgres_home.exists(), "purge removes the cluster wherever it lives"
+    finally:
+        await asyncio.to_thread(stack.purge)
+        shutil.rmtree(private, ignore_errors=True)

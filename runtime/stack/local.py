@@ -7,6 +7,11 @@ Layout under the state directory::
     kafka/            server.properties, data/ (KRaft log), logs/, kafka.pid
     postgres/         data/ (the cluster), server.log
 
+When we run as root, PostgreSQL runs as the ``postgres`` user, which must be
+able to reach its directory; if the state directory lies under one it cannot
+enter (``/root`` is 0700), the cluster goes to a fresh ``/var/tmp/tuo-postgres-*``
+instead, recorded in stack.json and removed by purge.
+
 The Maven-resolved jars live in a separate cache directory so purging the
 state does not download Kafka again.
 """
@@ -16,16 +21,19 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from runtime.settings import STACK_ENV_FILE
 from runtime.stack.kafka import KafkaBroker, ensure_jars, new_cluster_id
-from runtime.stack.postgres import PostgresServer
+from runtime.stack.postgres import PostgresServer, reachable_by_service_user
 from runtime.stack.processes import StackError, free_port, port_is_free
 
 __all__ = ["LocalStack", "StackError", "StackStatus"]
+
+SHARED_TMP = "/var/tmp"  # noqa: S108 - survives reboots' /tmp cleaning; paths are random
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,16 @@ class StackLayout:
     cluster_id: str
     postgres_password: str
     pseudonym_key: str
+    postgres_home: str
 
     @classmethod
-    def fresh(cls) -> StackLayout:
+    def fresh(cls, state_dir: Path) -> StackLayout:
+        postgres_home = state_dir / "postgres"
+        if not reachable_by_service_user(state_dir):
+            # A fresh, unpredictable directory (mode 0700), so nobody can plant a link there.
+            postgres_home = Path(tempfile.mkdtemp(prefix="tuo-postgres-", dir=SHARED_TMP))
         return cls(
+            postgres_home=str(postgres_home),
             broker_port=free_port(),
             controller_port=free_port(),
             postgres_port=free_port(),
@@ -90,7 +104,7 @@ class LocalStack:
             return StackLayout(**json.loads(self.layout_file.read_text()))
         if not create:
             return None
-        layout = StackLayout.fresh()
+        layout = StackLayout.fresh(self.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(0o755)  # the postgres service user must reach postgres/
         self.layout_file.write_text(json.dumps(asdict(layout), indent=2))
@@ -109,7 +123,7 @@ class LocalStack:
 
     def _postgres(self, layout: StackLayout) -> PostgresServer:
         return PostgresServer(
-            home=self.state_dir / "postgres",
+            home=Path(layout.postgres_home),
             port=layout.postgres_port,
             password=layout.postgres_password,
         )
@@ -170,7 +184,10 @@ class LocalStack:
 
     def purge(self) -> None:
         """Stop everything and delete all data; the jar cache is kept."""
+        layout = self._layout(create=False)
         self.down()
+        if layout is not None:
+            shutil.rmtree(layout.postgres_home, ignore_errors=True)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def status(self) -> StackStatus:

@@ -36,6 +36,23 @@ def find_bin_dir() -> Path:
     )
 
 
+def service_user() -> str | None:
+    """The user PostgreSQL runs as: ourselves, or ``postgres`` when we are root."""
+    return SERVICE_USER_WHEN_ROOT if os.geteuid() == 0 else None
+
+
+def reachable_by_service_user(directory: Path) -> bool:
+    """Can the service user create files in ``directory`` (or its nearest existing parent)?"""
+    user = service_user()
+    if user is None:
+        return True
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    probe = subprocess.run(["test", "-x", str(existing)], user=user, capture_output=True, check=False)
+    return probe.returncode == 0
+
+
 @dataclass(frozen=True)
 class PostgresServer:
     home: Path  # holds data/ and server.log
@@ -55,7 +72,7 @@ class PostgresServer:
         return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{DATABASE}"
 
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
-        user = SERVICE_USER_WHEN_ROOT if os.geteuid() == 0 else None
+        user = service_user()
         result = subprocess.run(
             args,
             capture_output=True,
@@ -72,7 +89,7 @@ class PostgresServer:
         return result
 
     def _own(self, path: Path) -> None:
-        if os.geteuid() == 0:
+        if service_user() is not None:
             entry = pwd.getpwnam(SERVICE_USER_WHEN_ROOT)
             os.chown(path, entry.pw_uid, entry.pw_gid)
 
@@ -87,6 +104,7 @@ class PostgresServer:
             return
         bin_dir = find_bin_dir()
         self.home.mkdir(parents=True, exist_ok=True)
+        self.home.chmod(0o700)
         self._own(self.home)
         pwfile = self.home / "pwfile"
         pwfile.write_text(self.password + "\n")

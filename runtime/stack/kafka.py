@@ -37,7 +37,8 @@ def new_cluster_id() -> str:
 
 def ensure_jars(cache_dir: Path, version: str) -> Path:
     """Resolve the broker's jars with Maven once per version; later calls are free."""
-    libs = cache_dir / f"kafka-{version}" / "libs"
+    # Absolute: Maven resolves a relative output directory against the POM's folder.
+    libs = cache_dir.resolve() / f"kafka-{version}" / "libs"
     marker = libs.parent / "complete"
     if marker.exists():
         return libs
@@ -65,6 +66,8 @@ def ensure_jars(cache_dir: Path, version: str) -> Path:
         raise StackError(
             f"Maven could not resolve Apache Kafka {version}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
         )
+    if not list(libs.glob(f"kafka_2.13-{version}.jar")):
+        raise StackError(f"Maven finished but put no Kafka {version} broker jar in {libs}")
     marker.write_text(version)
     return libs
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import pwd
@@ -10,6 +11,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import asyncpg
 
 from runtime.stack.processes import StackError, port_accepts, tail
 
@@ -159,27 +162,17 @@ class PostgresServer:
         self._ensure_database()
 
     def _ensure_database(self) -> None:
-        env_password = {"PGPASSWORD": self.password}
-        base = ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "-tAq"]
-        exists = subprocess.run(
-            [*base, "-d", "postgres", "-c", f"SELECT 1 FROM pg_database WHERE datname='{DATABASE}'"],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **env_password},
-            check=False,
+        asyncio.run(self._create_database_once())
+
+    async def _create_database_once(self) -> None:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=self.port, user=SUPERUSER, password=self.password, database="postgres"
         )
-        if exists.returncode != 0:
-            raise StackError(f"cannot query PostgreSQL: {exists.stderr}")
-        if exists.stdout.strip() != "1":
-            created = subprocess.run(
-                [*base, "-d", "postgres", "-c", f"CREATE DATABASE {DATABASE}"],
-                capture_output=True,
-                text=True,
-                env={**os.environ, **env_password},
-                check=False,
-            )
-            if created.returncode != 0:
-                raise StackError(f"cannot create database {DATABASE}: {created.stderr}")
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+                await conn.execute(f"CREATE DATABASE {DATABASE}")
+        finally:
+            await conn.close()
 
     def stop(self) -> None:
         if not self.is_running():

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import structlog
@@ -66,6 +67,12 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
+def invalid(errors: list[dict[str, str]]) -> JSONResponse:
+    """422 naming every bad field, with a one-line summary for people reading logs."""
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return problem(422, "The submission is not valid", summary, errors=errors)
+
+
 def _field_path(location: tuple[Any, ...]) -> str:
     parts = [str(p) for p in location if p != "body"]
     return ".".join(parts) if parts else "(request body)"
@@ -79,8 +86,7 @@ def _validation_problem(exc: RequestValidationError) -> JSONResponse:
             continue
         message = str(error["msg"]).removeprefix("Value error, ")
         errors.append({"field": _field_path(tuple(error["loc"])), "message": message})
-    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return problem(422, "The submission is not valid", summary, errors=errors)
+    return invalid(errors)
 
 
 class BodySizeLimit:
@@ -166,12 +172,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
 
     async def submit(submission: Submission, idempotency_key: str | None) -> JSONResponse:
         if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
-            return problem(
-                422,
-                "The submission is not valid",
-                "Idempotency-Key must be 1 to 200 characters",
-                errors=[{"field": "Idempotency-Key", "message": "must be 1 to 200 characters"}],
-            )
+            return invalid([{"field": "Idempotency-Key", "message": "must be 1 to 200 characters"}])
         db = state["pool"]
         allowed = await consent_agencies(db, submission.event_type)
         unknown = [c.agency for c in submission.consents if c.agency not in allowed]
@@ -184,12 +185,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
                 for i, c in enumerate(submission.consents)
                 if c.agency in unknown
             ]
-            return problem(
-                422,
-                "The submission is not valid",
-                "; ".join(f"{e['field']}: {e['message']}" for e in errors),
-                errors=errors,
-            )
+            return invalid(errors)
         now = datetime.now(UTC)
         event_id = uuid.uuid4()
         reference = new_reference(now)
@@ -232,7 +228,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
                     headers=CloudEvent(
                         id=str(event_id),
                         type=submission.event_type,
-                        source=f"/offices/{submission.registration_office}",
+                        source="/offices/" + quote(submission.registration_office, safe=""),
                         time=now,
                     ).headers(),
                 ),

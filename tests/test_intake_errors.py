@@ -210,3 +210,17 @@ async def test_accepted_event_is_published_to_life_events(
         return await _life_events_end(services) == before + 1
 
     await eventually(published, what="the event on tuo.life-events")
+
+
+async def test_overlong_idempotency_key_is_refused_naming_the_header(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    before = await _written(pool)
+    response = await intake.post(
+        "/v1/death-registrations", json=death_registration(), headers={"Idempotency-Key": "k" * 500}
+    )
+    assert response.status_code == 422
+    assert _problem(response)["errors"] == [
+        {"field": "Idempotency-Key", "message": "must be 1 to 200 characters"}
+    ]
+    assert await _written(pool) == before

@@ -178,19 +178,31 @@ def status_command(reference: str) -> None:
     _print_event_status(found)
 
 
+DECISION_LABELS = {
+    "delivered": "delivered",
+    "withheld_no_consent": "withheld: no consent",
+    "withheld_no_subscription": "not subscribed",
+    "blocked": "blocked by policy",
+}
+
+
 def _print_event_status(found: dict[str, Any]) -> None:
-    table = Table(title=f"{found['reference']} · {found['event_type']} · {found['event_id']}")
-    for column in ("agency", "decision", "legal basis", "receipt", "reason", "receipt at"):
-        table.add_column(column)
+    table = Table(title=f"{found['reference']} · {found['event_type']}", title_justify="left")
+    table.add_column("agency", no_wrap=True)
+    table.add_column("decision", no_wrap=True)
+    table.add_column("basis", no_wrap=True)
+    table.add_column("receipt", no_wrap=True)
+    table.add_column("at (UTC)", no_wrap=True)
+    table.add_column("reason")
     for row in found["agencies"]:
         receipt = row["receipt"] or {}
         table.add_row(
             row["agency"],
-            row["decision"].replace("_", " "),
+            DECISION_LABELS.get(row["decision"], row["decision"]),
             (row["legal_basis"] or "-").split(":")[0],
             receipt.get("outcome", "awaiting" if row["decision"] == "delivered" else "-"),
+            receipt.get("issued_at", "")[11:19],
             receipt.get("reason") or "",
-            receipt.get("issued_at", "")[:19],
         )
     console.print(table)
 
@@ -203,14 +215,16 @@ def demo_command(
 ) -> None:
     """Start the stack and the bus, submit demo events, print each agency's receipts,
     and keep serving until Ctrl-C; then stop everything this command started."""
-    settings = _settings()
+    settings = load_settings()
+    log_file = settings.state_dir / "bus.log"
+    configure_logging(settings, log_file)
     stack = _stack(settings)
     already_running = stack.status().running
     started = time.monotonic()
     try:
         with console.status("Starting the local stack (first run downloads Kafka)…"):
             stack.up()
-        console.print(f"Local stack ready in {time.monotonic() - started:.1f}s")
+        console.print(f"Local stack ready in {time.monotonic() - started:.1f}s; bus logs in {log_file}")
         settings = load_settings()
         asyncio.run(_prepare(settings))
         asyncio.run(_run(settings, list(COMPONENTS), demo=True, exit_after_demo=exit_after_demo))
@@ -268,8 +282,7 @@ async def _submit_demo(base: str, wait_seconds: float = 60.0) -> None:
                     break
                 await asyncio.sleep(0.2)
             _print_event_status(found)
-            with contextlib.suppress(KeyError):
-                console.print(f"  {base}/v1/events/{reference}")
+            console.print(f"  {base}/v1/events/{reference}")
 
 
 def _settled(found: dict[str, Any]) -> bool:

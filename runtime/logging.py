@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -21,7 +23,9 @@ def _stderr_logger(*_: Any) -> structlog.PrintLogger:
     return structlog.PrintLogger(sys.stderr)
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings, log_file: Path | None = None) -> None:
+    """JSON (or console) lines to stderr, or appended to ``log_file`` when given
+    (the demo keeps the terminal for its tables and the logs in the state dir)."""
     level = logging.getLevelName(settings.log_level)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
@@ -37,8 +41,21 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=_stderr_logger,
+        logger_factory=_stderr_logger if log_file is None else _file_logger(log_file),
         cache_logger_on_first_use=False,
     )
     # aiokafka logs through the standard library; keep its noise at WARNING.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr) if log_file is None else logging.FileHandler(log_file)
+    )
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+
+
+def _file_logger(path: Path) -> Callable[..., structlog.PrintLogger]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stream = path.open("a", buffering=1, encoding="utf-8")  # line-buffered; closed at exit
+
+    def factory(*_: Any) -> structlog.PrintLogger:
+        return structlog.PrintLogger(stream)
+
+    return factory

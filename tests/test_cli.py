@@ -37,7 +37,7 @@ async def test_status_prints_each_agencys_decision_and_receipt(
     rows = {line.split("│")[1].strip(): line for line in output.splitlines() if line.count("│") > 3}
     for agency in ("hmrc", "dwp", "dvla"):
         assert "delivered" in rows[agency] and "applied" in rows[agency], rows.get(agency)
-    assert "withheld no consent" in rows["hmpo"]
+    assert "withheld: no consent" in rows["hmpo"]
 
 
 async def test_status_of_unknown_reference_fails_with_a_message(services: Settings) -> None:

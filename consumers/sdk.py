@@ -13,6 +13,7 @@ sends a ``REJECTED`` receipt carrying that reason.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,39 +58,83 @@ class Receipt:
     reason: str | None
 
 
-async def _handle_once(pool: asyncpg.Pool, agency: str, event: DeliveredEvent, handler: Handler) -> Receipt:
-    """Apply the event at most once; a repeat returns the receipt given the first time."""
-    async with pool.acquire() as conn:
-        earlier = await conn.fetchrow(
-            "SELECT outcome, reason FROM agency.inbox WHERE agency = $1 AND event_id = $2",
+class HandlerFailed(Exception):
+    """The agency's handler kept failing; the event is rejected and dead-lettered."""
+
+
+HANDLER_ATTEMPTS = 3
+HANDLER_BACKOFF_SECONDS = 0.5
+
+
+async def handle_once(pool: asyncpg.Pool, agency: str, event: DeliveredEvent, handler: Handler) -> Receipt:
+    """Apply the event at most once, even with two consumers racing during a
+    rebalance: the inbox row is claimed first, in the handler's own transaction,
+    so a second claimant waits on it and then finds the first receipt."""
+    async with pool.acquire() as conn, conn.transaction():
+        claimed = await conn.fetchval(
+            "INSERT INTO agency.inbox (agency, event_id, event_type, outcome)"
+            " VALUES ($1, $2, $3, 'APPLIED') ON CONFLICT DO NOTHING RETURNING true",
             agency,
             event.event_id,
+            event.event_type,
         )
-        if earlier is not None:
+        if not claimed:
+            earlier = await conn.fetchrow(
+                "SELECT outcome, reason FROM agency.inbox WHERE agency = $1 AND event_id = $2",
+                agency,
+                event.event_id,
+            )
             return Receipt(event.event_id, earlier["outcome"], earlier["reason"])
-        outcome, reason = "APPLIED", None
         try:
-            async with conn.transaction():
+            async with conn.transaction():  # a savepoint: a rejection undoes only the handler's work
                 await handler(event, conn)
-                await _remember(conn, agency, event, outcome, reason)
         except RejectEvent as rejection:
-            outcome, reason = "REJECTED", rejection.reason
-            await _remember(conn, agency, event, outcome, reason)
-        return Receipt(event.event_id, outcome, reason)
+            await _record_rejection(conn, agency, event, rejection.reason)
+            return Receipt(event.event_id, "REJECTED", rejection.reason)
+        return Receipt(event.event_id, "APPLIED", None)
 
 
-async def _remember(
-    conn: asyncpg.Connection, agency: str, event: DeliveredEvent, outcome: str, reason: str | None
+async def _record_rejection(
+    conn: asyncpg.Connection, agency: str, event: DeliveredEvent, reason: str
 ) -> None:
     await conn.execute(
-        "INSERT INTO agency.inbox (agency, event_id, event_type, outcome, reason)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        "UPDATE agency.inbox SET outcome = 'REJECTED', reason = $3 WHERE agency = $1 AND event_id = $2",
         agency,
         event.event_id,
-        event.event_type,
-        outcome,
         reason,
     )
+
+
+async def handle_with_retries(
+    pool: asyncpg.Pool, agency: str, event: DeliveredEvent, handler: Handler
+) -> Receipt:
+    """Retry a failing handler with backoff; after the last attempt, reject the event
+    with a reason naming the failure's type (its message may hold personal data)."""
+    for attempt in range(1, HANDLER_ATTEMPTS + 1):
+        try:
+            return await handle_once(pool, agency, event, handler)
+        except Exception as exc:
+            log.warning(
+                "handler_failed",
+                agency=agency,
+                event_id=event.event_id,
+                attempt=attempt,
+                error=type(exc).__name__,
+            )
+            if attempt == HANDLER_ATTEMPTS:
+                reason = f"handler failed {attempt} times: {type(exc).__name__}"
+                async with pool.acquire() as conn:
+                    await conn.execute(
+                        "INSERT INTO agency.inbox (agency, event_id, event_type, outcome, reason)"
+                        " VALUES ($1, $2, $3, 'REJECTED', $4) ON CONFLICT DO NOTHING",
+                        agency,
+                        event.event_id,
+                        event.event_type,
+                        reason,
+                    )
+                raise HandlerFailed(reason) from exc
+            await asyncio.sleep(HANDLER_BACKOFF_SECONDS * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
 
 
 class AgencyConsumer:
@@ -105,7 +150,14 @@ class AgencyConsumer:
         subject, body = decode(record.value or b"")
         if subject != cloud_event.type:
             raise UndecodableMessage(f"ce_type says {cloud_event.type} but the value is {subject}")
-        return DeliveredEvent(event_id=cloud_event.id, event_type=subject, record=body)
+        envelope = body.get("envelope")
+        if not isinstance(envelope, dict) or str(envelope.get("event_id")) != cloud_event.id:
+            raise UndecodableMessage("ce_id does not match the envelope's event_id")
+        try:
+            event_id = str(uuid.UUID(cloud_event.id))
+        except ValueError:
+            raise UndecodableMessage("ce_id is not a UUID") from None
+        return DeliveredEvent(event_id=event_id, event_type=subject, record=body)
 
     def _receipt_value(self, receipt: Receipt) -> bytes:
         return encode(
@@ -128,8 +180,8 @@ class AgencyConsumer:
             client_id=f"tuo-agency-{self.agency}",
         )
         producer = kafka.producer(self.settings, client_id=f"tuo-agency-{self.agency}")
-        await producer.start()
         try:
+            await producer.start()
             await consumer.start()
             log.info("agency_consumer_started", agency=self.agency)
             while not stop.is_set():
@@ -147,26 +199,34 @@ class AgencyConsumer:
         tp: TopicPartition,
         records: list[ConsumerRecord[bytes, bytes]],
     ) -> None:
-        pending = []
+        pending: list[asyncio.Future[object]] = []
+
+        async def to_dead_letters(record: ConsumerRecord[bytes, bytes], reason: str) -> None:
+            letter = dead_letter(record, f"agency:{self.agency}", reason)
+            pending.append(
+                await producer.send(
+                    self.topics.dead_letters, value=letter.value, key=letter.key, headers=letter.headers
+                )
+            )
+            log.warning(
+                "event_dead_lettered",
+                agency=self.agency,
+                partition=tp.partition,
+                offset=record.offset,
+                reason=reason,
+            )
+
         for record in records:
             try:
                 event = self._event(record)
             except (MissingCloudEventHeader, UndecodableMessage, ValueError) as exc:
-                letter = dead_letter(record, f"agency:{self.agency}", str(exc))
-                pending.append(
-                    await producer.send(
-                        self.topics.dead_letters, value=letter.value, key=letter.key, headers=letter.headers
-                    )
-                )
-                log.warning(
-                    "event_dead_lettered",
-                    agency=self.agency,
-                    partition=tp.partition,
-                    offset=record.offset,
-                    reason=str(exc),
-                )
+                await to_dead_letters(record, str(exc))
                 continue
-            receipt = await _handle_once(self.pool, self.agency, event, self.handler)
+            try:
+                receipt = await handle_with_retries(self.pool, self.agency, event, self.handler)
+            except HandlerFailed as failure:
+                await to_dead_letters(record, str(failure))
+                receipt = Receipt(event.event_id, "REJECTED", str(failure))
             pending.append(
                 await producer.send(
                     self.topics.receipts(self.agency),

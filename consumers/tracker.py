@@ -68,8 +68,8 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
     )
     consumer.subscribe(pattern=pattern)
     dead_letters = kafka.producer(settings, client_id="tuo-receipt-tracker")
-    await dead_letters.start()
     try:
+        await dead_letters.start()
         await consumer.start()
         log.info("receipt_tracker_started", group_id=group_id)
         while not stop.is_set():

@@ -58,21 +58,24 @@ async def run_relay(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event)
     def on_notify(*_: object) -> None:
         wake.set()
 
-    listener = await pool.acquire()
-    await listener.add_listener(OUTBOX_CHANNEL, on_notify)
     producer = kafka.producer(settings, client_id="tuo-relay")
-    await producer.start()
-    log.info("relay_started")
     try:
-        while not stop.is_set():
-            wake.clear()  # before reading, so a notify during the read is not lost
-            if await publish_pending(pool, producer):
-                continue
-            waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
-            await asyncio.wait(waiters, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
+        await producer.start()
+        async with pool.acquire() as listener:
+            await listener.add_listener(OUTBOX_CHANNEL, on_notify)
+            try:
+                log.info("relay_started")
+                while not stop.is_set():
+                    wake.clear()  # before reading, so a notify during the read is not lost
+                    if await publish_pending(pool, producer):
+                        continue
+                    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+                    await asyncio.wait(
+                        waiters, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for waiter in waiters:
+                        waiter.cancel()
+            finally:
+                await listener.remove_listener(OUTBOX_CHANNEL, on_notify)
     finally:
         await producer.stop()
-        await listener.remove_listener(OUTBOX_CHANNEL, on_notify)
-        await pool.release(listener)

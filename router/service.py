@@ -3,25 +3,27 @@ produce the agency messages, the routing decisions and the consumer offsets.
 
 Downstream readers use read_committed, so a crash at any point neither loses
 nor duplicates a delivery. The transactional id is stable per router instance
-(``TUO_ROUTER_INSTANCE_ID``); aiokafka uses the pre-KIP-447 protocol, so run
-one instance per id.
+(``TUO_ROUTER_INSTANCE_ID``). aiokafka uses the pre-KIP-447 protocol (offset
+commits are not fenced by consumer-group generation), so run exactly one router
+per consumer group: two instances with different ids could both deliver a batch
+while partitions move between them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import asyncpg
 import structlog
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from router.rules import RoutableEvent, RoutingDecision, decide
-from router.store import current_consent, load_subscriptions
+from router.store import agencies, current_consent, load_subscriptions
 from runtime import kafka
 from runtime.dead_letters import dead_letter
-from runtime.kafka import Topics
+from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
@@ -96,11 +98,13 @@ async def plan(
             )
     if not routable:
         return outgoing
-    # Consent is read at decision time, inside this batch, never cached.
+    # Consent is read at decision time, inside this batch, never cached. The decision
+    # time is the database's clock, taken before the read, so any consent change the
+    # read did not see is stamped later than the decision that did not see it.
     async with pool.acquire() as conn:
+        now: datetime = await conn.fetchval("SELECT clock_timestamp()")
         subscriptions = await load_subscriptions(conn)
         consent = await current_consent(conn, [(e.subject_id, e.event_type) for _, e in routable])
-    now = datetime.now(UTC)
     for record, event in routable:
         decisions = decide(event, subscriptions, consent.get((event.subject_id, event.event_type), {}), now)
         for decision in decisions:
@@ -127,8 +131,10 @@ async def run_router(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event
         client_id="tuo-router",
         transactional_id=f"{settings.topic_prefix}.router.{settings.router_instance_id}",
     )
-    await producer.start()
     try:
+        # Agencies subscribed since the bus started need their topics before we send to them.
+        await ensure_topics(settings, await agencies(pool))
+        await producer.start()
         await consumer.start()
         log.info("router_started", group_id=group_id)
         while not stop.is_set():

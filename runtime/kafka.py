@@ -60,6 +60,16 @@ class Topics:
         return topic.removeprefix(f"{self.prefix}.receipts.")
 
 
+class TopicCreationFailed(RuntimeError):
+    """The broker refused to create some of the bus's topics."""
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__(
+            "Kafka refused to create topics (check replication factor against the number of brokers, "
+            "and the ACLs): " + "; ".join(failures)
+        )
+
+
 def _connection(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {
         "bootstrap_servers": settings.require_bootstrap_servers(),
@@ -129,10 +139,14 @@ async def ensure_topics(settings: Settings, agencies: Iterable[str]) -> list[str
             if name not in existing
         ]
         if missing:
-            try:
-                await client.create_topics(missing)
-            except TopicAlreadyExistsError:
-                pass  # another process created them between our list and create
+            response = await client.create_topics(missing)
+            failures = [
+                f"{entry[0]}: error {entry[1]} {entry[2] if len(entry) > 2 else ''}".strip()
+                for entry in response.topic_errors
+                if entry[1] not in (0, TopicAlreadyExistsError.errno)
+            ]
+            if failures:
+                raise TopicCreationFailed(failures)
         return [t.name for t in missing]
     finally:
         await client.close()

@@ -54,6 +54,7 @@ def configure_logging(settings: Settings, log_file: Path | None = None) -> None:
 def _file_logger(path: Path) -> Callable[..., structlog.PrintLogger]:
     path.parent.mkdir(parents=True, exist_ok=True)
     stream = path.open("a", buffering=1, encoding="utf-8")  # line-buffered; closed at exit
+    path.chmod(0o600)
 
     def factory(*_: Any) -> structlog.PrintLogger:
         return structlog.PrintLogger(stream)

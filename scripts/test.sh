@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 started=$(date +%s)
 echo "test: ruff"
-.venv/bin/ruff check . && .venv/bin/ruff format --check .
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "test: mypy"
 .venv/bin/mypy
 echo "test: pytest"

@@ -10,6 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
+from producers.intake import subject_id_for
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode
@@ -74,11 +75,10 @@ async def test_death_registration_reaches_each_entitled_agency_with_a_receipt(
 async def test_messages_use_the_confluent_wire_format_and_cloudevents_headers(
     intake: httpx.AsyncClient, services: Settings
 ) -> None:
+    nino = random_nino()
     response = await intake.post(
         "/v1/death-registrations",
-        json=death_registration(
-            deceased={"given_names": "Lee", "family_name": "Wire", "nino": random_nino()}
-        ),
+        json=death_registration(deceased={"given_names": "Lee", "family_name": "Wire", "nino": nino}),
     )
     accepted = response.json()
     await _status_when_settled(intake, accepted["reference"])
@@ -93,8 +93,9 @@ async def test_messages_use_the_confluent_wire_format_and_cloudevents_headers(
     assert header(message, "ce_specversion") == "1.0"
     assert header(message, "ce_type") == "uk.gov.tellusonce.DeathRegistered"
     assert header(message, "content-type") == "application/avro"
-    # The key is the pseudonymous subject id, never the NINO itself.
-    assert message.key is not None and b"CE" not in message.key
+    # The key is the pseudonymous subject id (keyed hash of the NINO), never the NINO itself.
+    assert message.key is not None and nino.encode() not in message.key
+    assert message.key.decode() == subject_id_for(nino, services.require_pseudonym_key())
     assert decode(message.value)[1]["envelope"]["subject"]["subject_id"] == message.key.decode()
 
 

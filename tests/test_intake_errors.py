@@ -87,7 +87,7 @@ BAD_BODIES: list[tuple[str, Any, str, str]] = [
         "more than once",
     ),
     ("a JSON array", [death_registration()], "(request body)", "dictionary"),
-    ("JSON null", None, "(request body)", ""),
+    ("no body at all", None, "(request body)", "required"),
 ]
 
 
@@ -137,7 +137,7 @@ async def test_malformed_json_is_refused_and_nothing_reaches_postgres_or_kafka(
     intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
 ) -> None:
     before_db, before_kafka = await _written(pool), await _life_events_end(services)
-    for raw in (b'{"informant": ', b"\xff\xfe not utf-8", b"", b"{" * 10_000):
+    for raw in (b'{"informant": ', b"\xff\xfe not utf-8", b"", b"{" * 10_000, b"null", b'"text"'):
         response = await intake.post(
             "/v1/death-registrations", content=raw, headers={"content-type": "application/json"}
         )

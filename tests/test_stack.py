@@ -165,3 +165,17 @@ async def test_stack_works_from_a_directory_the_postgres_user_cannot_enter() -> 
     finally:
         await asyncio.to_thread(stack.purge)
         shutil.rmtree(private, ignore_errors=True)
+
+
+def test_a_stale_pid_file_naming_another_process_is_not_taken_for_the_broker() -> None:
+    home = new_state_dir("stale-")
+    try:
+        broker = KafkaBroker(
+            libs=CACHE_DIR, home=home, broker_port=free_port(), controller_port=free_port(), cluster_id="x"
+        )
+        broker.pid_file.write_text(str(os.getpid()))  # alive, but this test, not a broker
+        assert broker.pid() is None
+        broker.stop()  # must not signal this process
+        assert not broker.pid_file.exists()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

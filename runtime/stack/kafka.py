@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaError
 
 from runtime.stack.processes import (
     StackError,
+    command_line,
     pid_alive,
     port_accepts,
     read_pid,
@@ -102,10 +103,16 @@ class KafkaBroker:
         return f"127.0.0.1:{self.broker_port}"
 
     def pid(self) -> int | None:
-        return read_pid(self.pid_file)
+        """The running broker's pid; a stale file whose pid now belongs to
+        another process (after a crash or reboot) does not count."""
+        pid = read_pid(self.pid_file)
+        if pid is None or str(self.properties_file) not in command_line(pid):
+            return None
+        return pid
 
     def write_properties(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        self.home.chmod(0o700)  # the log segments hold personal data
         self.properties_file.write_text(
             "\n".join(
                 [

@@ -106,7 +106,8 @@ class LocalStack:
             return None
         layout = StackLayout.fresh(self.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.state_dir.chmod(0o755)  # the postgres service user must reach postgres/
+        # Traversable but not listable: the postgres service user must reach postgres/.
+        self.state_dir.chmod(0o711)
         self.layout_file.write_text(json.dumps(asdict(layout), indent=2))
         self.layout_file.chmod(0o600)
         return layout

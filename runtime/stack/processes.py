@@ -59,6 +59,13 @@ def read_pid(pid_file: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def terminate(pid: int, grace_seconds: float) -> None:
     """SIGTERM the process group, then SIGKILL it if it has not gone in time."""
     try:

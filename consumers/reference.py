@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncpg
 
 from consumers.sdk import DeliveredEvent, RejectEvent
-
-LIFE_EVENTS = {"BirthRegistered", "DeathRegistered", "AddressChanged"}
+from schemas.catalogue import LIFE_EVENTS
 
 
 async def apply_life_event(event: DeliveredEvent, conn: asyncpg.Connection) -> None:

@@ -27,7 +27,7 @@ from runtime import kafka
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.settings import Settings
-from schemas import UndecodableMessage, decode, encode
+from schemas import UndecodableMessage, decode, encode, models
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
 
 log = structlog.get_logger(__name__)
@@ -162,13 +162,13 @@ class AgencyConsumer:
     def _receipt_value(self, receipt: Receipt) -> bytes:
         return encode(
             "DeliveryReceipt",
-            {
-                "event_id": receipt.event_id,
-                "agency": self.agency,
-                "outcome": receipt.outcome,
-                "reason": receipt.reason,
-                "issued_at": datetime.now(UTC),
-            },
+            models.DeliveryReceipt(
+                event_id=receipt.event_id,
+                agency=self.agency,
+                outcome=receipt.outcome,
+                reason=receipt.reason,
+                issued_at=datetime.now(UTC),
+            ).avro(),
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -36,8 +36,9 @@ from producers.store import (
 from runtime.database import open_pool
 from runtime.kafka import Topics
 from runtime.settings import Settings
-from schemas import encode
+from schemas import encode, models
 from schemas.cloudevents import CloudEvent
+from schemas.codec import schema_id_of
 
 log = structlog.get_logger(__name__)
 
@@ -190,20 +191,18 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         event_id = uuid.uuid4()
         reference = new_reference(now)
         subject = subject_id_for(submission.subject().nino, pseudonym_key)
-        record = {
-            "envelope": {
-                "event_id": str(event_id),
-                "reference": reference,
-                "occurred_at": submission.occurred_at(),
-                "recorded_at": now,
-                "subject": {"subject_id": subject, "nino": submission.subject().nino},
-                "informant": submission.informant.model_dump(),
-                "channel": submission.channel.upper(),
-                "registration_office": submission.registration_office,
-                "provenance": {"source_system": "tuo-intake-api", "recorded_by": "api"},
-            },
-            **submission.body(),
-        }
+        envelope = models.Envelope(
+            event_id=event_id,
+            reference=reference,
+            occurred_at=submission.occurred_at(),
+            recorded_at=now,
+            subject=models.SubjectIdentifiers(subject_id=subject, nino=submission.subject().nino),
+            informant=models.Informant(**submission.informant.model_dump()),
+            channel=submission.channel.upper(),
+            registration_office=submission.registration_office,
+            provenance=models.Provenance(source_system="tuo-intake-api", recorded_by="api"),
+        )
+        value = encode(submission.event_type, submission.contract(envelope).avro())
         fingerprint = hashlib.sha256(
             json.dumps(submission.model_dump(mode="json"), sort_keys=True).encode()
             + submission.event_type.encode()
@@ -224,12 +223,14 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
                     consents=[(c.agency, c.choice) for c in submission.consents],
                     topic=topics.life_events,
                     message_key=subject.encode(),
-                    message_value=encode(submission.event_type, record),
+                    message_value=value,
                     headers=CloudEvent(
                         id=str(event_id),
                         type=submission.event_type,
                         source="/offices/" + quote(submission.registration_office, safe=""),
                         time=now,
+                        subject=subject,
+                        dataschema=f"{settings.schema_base_url()}/schemas/ids/{schema_id_of(value)}",
                     ).headers(),
                 ),
             )

@@ -1,81 +1,62 @@
 """What a registrar or another system submits, validated before anything is stored.
 
-Each model turns itself into the Avro record of its event type. The envelope
-(event id, reference, times, subject id, provenance) is filled in by intake.
+Each submission turns itself into the contract model of its event type
+(``schemas.models``); intake adds the envelope (event id, reference, times,
+pseudonymous subject id, provenance). Every rule names the field it concerns.
 """
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, date, datetime, time
-from typing import Annotated, Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-# Printable text without control characters; generous but bounded.
-Text = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$"),
-]
-AgencyCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{1,39}$")]
-
-_NINO = re.compile(r"^(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z][0-9]{6}[A-D]$")
-_POSTCODE = re.compile(r"^[A-Z]{1,2}[0-9][A-Z0-9]? ?[0-9][A-Z]{2}$")
+from schemas import models
+from schemas.validation import AgencyCode, Nino, PastDate, Postcode, Text, Uprn
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
-def _not_in_future(value: date) -> date:
-    if value > datetime.now(UTC).date():
-        raise ValueError("must not be in the future")
-    return value
-
-
 class Address(Strict):
     lines: list[Text] = Field(min_length=1, max_length=5)
     town: Text
-    postcode: Annotated[str, StringConstraints(max_length=10)]
-    uprn: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,12}$")] | None = None
+    postcode: Postcode
+    uprn: Uprn | None = Field(default=None, description="Unique Property Reference Number, where known.")
 
-    @field_validator("postcode")
-    @classmethod
-    def uk_postcode(cls, value: str) -> str:
-        normalised = value.upper().replace(" ", "")
-        if not _POSTCODE.match(normalised):
-            raise ValueError("must be a UK postcode, like SW1A 1AA")
-        return f"{normalised[:-3]} {normalised[-3:]}"
-
-    def avro(self) -> dict[str, Any]:
-        return self.model_dump()
+    def contract(self) -> models.Address:
+        return models.Address(**self.model_dump())
 
 
 class Person(Strict):
     given_names: Text
     family_name: Text
-    date_of_birth: date | None = None
-    nino: Annotated[str, StringConstraints(max_length=13)] | None = Field(
-        default=None, description="National Insurance number, where known."
-    )
+    date_of_birth: PastDate | None = None
+    nino: Nino | None = Field(default=None, description="National Insurance number, where known.")
 
-    @field_validator("date_of_birth")
-    @classmethod
-    def birth_not_in_future(cls, value: date | None) -> date | None:
-        return None if value is None else _not_in_future(value)
+    def contract(self) -> models.Person:
+        return models.Person(**self.model_dump(exclude={"nino"}))
 
-    @field_validator("nino")
-    @classmethod
-    def valid_nino(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        normalised = value.upper().replace(" ", "")
-        if not _NINO.match(normalised):
-            raise ValueError("must be a National Insurance number, like AB 12 34 56 C")
-        return normalised
 
-    def avro(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"nino"})
+class RelatedPerson(Strict):
+    given_names: Text
+    family_name: Text
+    relationship: Text
+    date_of_birth: PastDate | None = None
+    nino: Nino | None = None
+    address: Address | None = None
+
+    def contract(self) -> models.RelatedPerson:
+        return models.RelatedPerson(
+            person=models.Person(
+                given_names=self.given_names, family_name=self.family_name, date_of_birth=self.date_of_birth
+            ),
+            relationship=self.relationship,
+            nino=self.nino,
+            address=self.address.contract() if self.address else None,
+        )
 
 
 class Informant(Strict):
@@ -96,6 +77,8 @@ class Submission(Strict):
     registration_office: Text
     consents: list[ConsentChoice] = Field(default_factory=list, max_length=50)
 
+    event_type: ClassVar[str]
+
     @field_validator("consents")
     @classmethod
     def one_choice_per_agency(cls, value: list[ConsentChoice]) -> list[ConsentChoice]:
@@ -104,15 +87,13 @@ class Submission(Strict):
             raise ValueError("lists an agency more than once")
         return value
 
-    event_type: ClassVar[str]
-
     def subject(self) -> Person:
         raise NotImplementedError
 
     def occurred_at(self) -> datetime:
         raise NotImplementedError
 
-    def body(self) -> dict[str, Any]:
+    def contract(self, envelope: models.Envelope) -> models.Record:
         raise NotImplementedError
 
 
@@ -123,17 +104,20 @@ def _midnight(day: date) -> datetime:
 class DeathRegistration(Submission):
     event_type: ClassVar[str] = "DeathRegistered"
     deceased: Person
-    date_of_death: date
+    date_of_death: PastDate
     place_of_death: Text
     last_address: Address
+    surviving_partner: RelatedPerson | None = Field(default=None, description="Spouse or civil partner.")
+    next_of_kin: list[RelatedPerson] = Field(default_factory=list, max_length=10)
+    executor: RelatedPerson | None = None
 
     @field_validator("date_of_death")
     @classmethod
-    def death_not_in_future_nor_before_birth(cls, value: date, info: ValidationInfo) -> date:
+    def death_not_before_birth(cls, value: date, info: ValidationInfo) -> date:
         deceased = info.data.get("deceased")  # validated first: it is declared first
         if deceased is not None and deceased.date_of_birth is not None and value < deceased.date_of_birth:
             raise ValueError("must not be before the deceased's date of birth")
-        return _not_in_future(value)
+        return value
 
     def subject(self) -> Person:
         return self.deceased
@@ -141,27 +125,44 @@ class DeathRegistration(Submission):
     def occurred_at(self) -> datetime:
         return _midnight(self.date_of_death)
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "deceased": self.deceased.avro(),
-            "date_of_death": self.date_of_death,
-            "place_of_death": self.place_of_death,
-            "last_address": self.last_address.avro(),
-        }
+    def contract(self, envelope: models.Envelope) -> models.DeathRegistered:
+        return models.DeathRegistered(
+            envelope=envelope,
+            deceased=self.deceased.contract(),
+            date_of_death=self.date_of_death,
+            place_of_death=self.place_of_death,
+            last_address=self.last_address.contract(),
+            surviving_partner=self.surviving_partner.contract() if self.surviving_partner else None,
+            next_of_kin=[p.contract() for p in self.next_of_kin],
+            executor=self.executor.contract() if self.executor else None,
+        )
 
 
 class BirthRegistration(Submission):
     event_type: ClassVar[str] = "BirthRegistered"
     child: Person
     place_of_birth: Text
-    parents: list[Person] = Field(min_length=1, max_length=2)
+    registration_district: Text
+    parents: list[RelatedPerson] = Field(min_length=1, max_length=2)
     home_address: Address
 
     @field_validator("child")
     @classmethod
     def child_has_birth_date(cls, value: Person) -> Person:
         if value.date_of_birth is None:
-            raise ValueError("child.date_of_birth is required")
+            raise ValueError("date_of_birth is required for the child")
+        return value
+
+    @field_validator("parents")
+    @classmethod
+    def parents_born_before_child(
+        cls, value: list[RelatedPerson], info: ValidationInfo
+    ) -> list[RelatedPerson]:
+        child = info.data.get("child")
+        born = child.date_of_birth if child is not None else None
+        for parent in value:
+            if born is not None and parent.date_of_birth is not None and parent.date_of_birth >= born:
+                raise ValueError("a parent's date_of_birth must be before the child's")
         return value
 
     def subject(self) -> Person:
@@ -171,13 +172,15 @@ class BirthRegistration(Submission):
         assert self.child.date_of_birth is not None
         return _midnight(self.child.date_of_birth)
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "child": self.child.avro(),
-            "place_of_birth": self.place_of_birth,
-            "parents": [p.avro() for p in self.parents],
-            "home_address": self.home_address.avro(),
-        }
+    def contract(self, envelope: models.Envelope) -> models.BirthRegistered:
+        return models.BirthRegistered(
+            envelope=envelope,
+            child=self.child.contract(),
+            place_of_birth=self.place_of_birth,
+            registration_district=self.registration_district,
+            parents=[p.contract() for p in self.parents],
+            home_address=self.home_address.contract(),
+        )
 
 
 class AddressChange(Submission):
@@ -185,7 +188,16 @@ class AddressChange(Submission):
     person: Person
     old_address: Address
     new_address: Address
-    effective_date: date
+    effective_date: PastDate
+    moving_with: list[RelatedPerson] = Field(default_factory=list, max_length=20)
+
+    @field_validator("new_address")
+    @classmethod
+    def actually_moves(cls, value: Address, info: ValidationInfo) -> Address:
+        old = info.data.get("old_address")
+        if old is not None and old.model_dump() == value.model_dump():
+            raise ValueError("is the same as old_address")
+        return value
 
     def subject(self) -> Person:
         return self.person
@@ -193,10 +205,12 @@ class AddressChange(Submission):
     def occurred_at(self) -> datetime:
         return _midnight(self.effective_date)
 
-    def body(self) -> dict[str, Any]:
-        return {
-            "person": self.person.avro(),
-            "old_address": self.old_address.avro(),
-            "new_address": self.new_address.avro(),
-            "effective_date": self.effective_date,
-        }
+    def contract(self, envelope: models.Envelope) -> models.AddressChanged:
+        return models.AddressChanged(
+            envelope=envelope,
+            person=self.person.contract(),
+            old_address=self.old_address.contract(),
+            new_address=self.new_address.contract(),
+            effective_date=self.effective_date,
+            moving_with=[p.contract() for p in self.moving_with],
+        )

@@ -25,7 +25,7 @@ from runtime import kafka
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
-from schemas import UndecodableMessage, decode, encode
+from schemas import UndecodableMessage, decode, encode, models
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
 
 log = structlog.get_logger(__name__)
@@ -66,14 +66,14 @@ def _routable(record: ConsumerRecord[bytes, bytes]) -> RoutableEvent:
 def _decision_message(topics: Topics, decision: RoutingDecision, key: bytes, at: datetime) -> Outgoing:
     value = encode(
         "RoutingDecision",
-        {
-            "event_id": decision.event_id,
-            "event_type": decision.event_type,
-            "agency": decision.agency,
-            "outcome": decision.outcome.value,
-            "legal_basis": decision.legal_basis,
-            "decided_at": at,
-        },
+        models.RoutingDecision(
+            event_id=decision.event_id,
+            event_type=decision.event_type,
+            agency=decision.agency,
+            outcome=decision.outcome.value,
+            legal_basis=decision.legal_basis,
+            decided_at=at,
+        ).avro(),
     )
     headers = CloudEvent(
         id=f"{decision.event_id}/{decision.agency}", type="RoutingDecision", source="/router", time=at

@@ -43,6 +43,10 @@ def _stack(settings: Settings) -> LocalStack:
     return LocalStack(settings.state_dir, settings.cache_dir, settings.kafka_version, settings.kafka_heap)
 
 
+class DemoRefused(RuntimeError):
+    """The intake service refused one of the demo's own events."""
+
+
 def _fail(message: str) -> typer.Exit:
     err.print(f"[bold red]Error:[/] {message}")
     return typer.Exit(code=1)
@@ -228,7 +232,7 @@ def demo_command(
         settings = load_settings()
         asyncio.run(_prepare(settings))
         asyncio.run(_run(settings, list(COMPONENTS), demo=True, exit_after_demo=exit_after_demo))
-    except StackError as exc:
+    except (StackError, DemoRefused) as exc:
         raise _fail(str(exc)) from exc
     finally:
         if not already_running:
@@ -271,7 +275,7 @@ async def _submit_demo(base: str, wait_seconds: float = 60.0) -> None:
         for path, body in demo_submissions(datetime.now(UTC).date()):
             response = await client.post(path, json=body)
             if response.status_code not in (200, 201):
-                raise RuntimeError(f"intake refused a demo event: {response.text}")
+                raise DemoRefused(f"intake refused a demo event: {response.text}")
             references.append(response.json()["reference"])
         console.print(f"Submitted {len(references)} demo events: {', '.join(references)}")
         deadline = time.monotonic() + wait_seconds

@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     http_port: int = Field(default=8080, ge=0, le=65535)
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
 
+    # Schemas: ids come from the committed catalogue, or from an existing
+    # Confluent-compatible registry when one is named here.
+    schema_registry_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    public_url: str = Field(
+        default="http://127.0.0.1:8080",
+        pattern=r"^https?://[^\s]+$",
+        description="Where clients reach the intake service; ce_dataschema links point here.",
+    )
+
     # Deriving pseudonymous subject ids from identifiers such as the NINO.
     pseudonym_key: SecretStr | None = None
 
@@ -84,6 +93,9 @@ class Settings(BaseSettings):
                 "start the local stack with `tuo stack up` or point it at a Kafka cluster",
             )
         return self.kafka_bootstrap_servers
+
+    def schema_base_url(self) -> str:
+        return (self.schema_registry_url or self.public_url).rstrip("/")
 
     def require_pseudonym_key(self) -> bytes:
         if self.pseudonym_key is None:

@@ -1,6 +1,7 @@
 """The event contract: Avro schemas (``avro/*.avsc``, the single source of truth),
-the schema catalogue that gives each schema its wire id, and the codec that
-frames Avro in the Confluent wire format."""
+their released versions and wire ids (``versions/``), the codec that frames Avro
+in the Confluent wire format, CloudEvents headers, and the pydantic models that
+mirror the schemas."""
 
 from schemas.catalogue import CATALOGUE, SchemaCatalogue, UnknownSchema
 from schemas.codec import UndecodableMessage, decode, encode

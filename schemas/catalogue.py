@@ -1,47 +1,87 @@
-"""The schema catalogue: subject, version and wire id of every ``.avsc`` file."""
+"""The schema catalogue: every released version of every schema, with its wire id.
+
+``schemas/avro/`` holds the schemas as people edit them (named types in their
+own files, the single source of truth). ``schemas/versions/`` holds each
+released version frozen as one self-contained schema, and ``catalogue.json``
+there gives each (name, version) its schema id. Ids are committed, so they are
+the same on every machine and after every restart; an id, once given, is never
+changed or reused. ``tuo schemas freeze`` adds a version when a source changed;
+``tuo schemas check`` proves the versions compatible (see ``schemas.evolution``).
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from fastavro import parse_schema
 from fastavro.schema import load_schema
 
-AVRO_DIR = Path(__file__).parent / "avro"
+NAMESPACE = "uk.gov.tellusonce"
+SOURCE_DIR = Path(__file__).parent / "avro"
+VERSIONS_DIR = Path(__file__).parent / "versions"
+CATALOGUE_FILE = "catalogue.json"
+
+# The top-level schemas: one per event type, plus the bus's own messages.
+LIFE_EVENTS = ("BirthRegistered", "DeathRegistered", "AddressChanged", "EventCorrected", "EventVoided")
+BUS_MESSAGES = ("DeliveryReceipt", "RoutingDecision", "ConsentChanged")
+TOP_LEVEL = LIFE_EVENTS + BUS_MESSAGES
 
 
 class UnknownSchema(LookupError):
-    """No schema with this id or subject is in the catalogue."""
+    """No schema with this id, name or version is in the catalogue."""
+
+
+def expand_source(name: str, source_dir: Path = SOURCE_DIR) -> dict[str, Any]:
+    """The named schema from the source files, with every named type it uses inlined."""
+    expanded = load_schema(str(source_dir / f"{NAMESPACE}.{name}.avsc"), _write_hint=False)
+    assert isinstance(expanded, dict)
+    return expanded
 
 
 @dataclass(frozen=True)
 class CatalogueEntry:
     schema_id: int
-    subject: str
+    name: str  # the record's short name, which is also the event type
     version: int
-    parsed: Any  # fastavro's parsed schema, named types expanded
+    schema: dict[str, Any]
+
+    @property
+    def subject(self) -> str:
+        """The registry subject: the record's full name (RecordNameStrategy)."""
+        return f"{NAMESPACE}.{self.name}"
+
+    @cached_property
+    def schema_json(self) -> str:
+        return json.dumps(self.schema, separators=(",", ":"))
+
+    @cached_property
+    def parsed(self) -> Any:
+        return parse_schema(self.schema, _write_hint=False)
 
 
 class SchemaCatalogue:
-    def __init__(self, directory: Path = AVRO_DIR) -> None:
-        manifest = json.loads((directory / "catalogue.json").read_text())
+    def __init__(self, versions_dir: Path = VERSIONS_DIR) -> None:
+        self.versions_dir = versions_dir
+        manifest = json.loads((versions_dir / CATALOGUE_FILE).read_text())
         self._by_id: dict[int, CatalogueEntry] = {}
-        self._latest: dict[str, CatalogueEntry] = {}
+        self._versions: dict[str, list[CatalogueEntry]] = {}
         for item in manifest["schemas"]:
             entry = CatalogueEntry(
                 schema_id=item["id"],
-                subject=item["subject"],
+                name=item["name"],
                 version=item["version"],
-                parsed=load_schema(str(directory / item["file"])),
+                schema=json.loads((versions_dir / item["file"]).read_text()),
             )
             if entry.schema_id in self._by_id:
-                raise ValueError(f"schema id {entry.schema_id} is used twice in the catalogue")
+                raise ValueError(f"schema id {entry.schema_id} is used twice in {CATALOGUE_FILE}")
             self._by_id[entry.schema_id] = entry
-            current = self._latest.get(entry.subject)
-            if current is None or current.version < entry.version:
-                self._latest[entry.subject] = entry
+            self._versions.setdefault(entry.name, []).append(entry)
+        for versions in self._versions.values():
+            versions.sort(key=lambda e: e.version)
 
     def by_id(self, schema_id: int) -> CatalogueEntry:
         try:
@@ -49,14 +89,58 @@ class SchemaCatalogue:
         except KeyError:
             raise UnknownSchema(f"no schema with id {schema_id} in the catalogue") from None
 
-    def latest(self, subject: str) -> CatalogueEntry:
-        try:
-            return self._latest[subject]
-        except KeyError:
-            raise UnknownSchema(f"no schema for subject {subject!r} in the catalogue") from None
+    def latest(self, name: str) -> CatalogueEntry:
+        return self.versions(name)[-1]
 
-    def subjects(self) -> list[str]:
-        return sorted(self._latest)
+    def versions(self, name: str) -> list[CatalogueEntry]:
+        found = self._versions.get(name.removeprefix(f"{NAMESPACE}."))
+        if not found:
+            raise UnknownSchema(f"no schema named {name!r} in the catalogue")
+        return found
+
+    def version(self, name: str, version: int) -> CatalogueEntry:
+        for entry in self.versions(name):
+            if entry.version == version:
+                return entry
+        raise UnknownSchema(f"{name} has no version {version}")
+
+    def names(self) -> list[str]:
+        return sorted(self._versions)
+
+    def entries(self) -> list[CatalogueEntry]:
+        return sorted(self._by_id.values(), key=lambda e: e.schema_id)
+
+
+def freeze(source_dir: Path = SOURCE_DIR, versions_dir: Path = VERSIONS_DIR) -> list[str]:
+    """Release a new version of every top-level schema whose source changed.
+
+    Returns "Name vN (id I)" for each version written. Run ``tuo schemas check``
+    afterwards: freezing does not judge compatibility.
+    """
+    manifest_path = versions_dir / CATALOGUE_FILE
+    manifest: dict[str, Any] = (
+        json.loads(manifest_path.read_text()) if manifest_path.exists() else {"schemas": []}
+    )
+    manifest.setdefault(
+        "doc", "Schema ids for the Confluent wire format. An id, once given, is never changed or reused."
+    )
+    written = []
+    next_id = max((item["id"] for item in manifest["schemas"]), default=0) + 1
+    for name in TOP_LEVEL:
+        current = expand_source(name, source_dir)
+        released = sorted(
+            (item for item in manifest["schemas"] if item["name"] == name), key=lambda i: i["version"]
+        )
+        if released and json.loads((versions_dir / released[-1]["file"]).read_text()) == current:
+            continue
+        version = released[-1]["version"] + 1 if released else 1
+        file = f"{NAMESPACE}.{name}.v{version}.avsc"
+        (versions_dir / file).write_text(json.dumps(current, indent=2) + "\n")
+        manifest["schemas"].append({"id": next_id, "name": name, "version": version, "file": file})
+        written.append(f"{name} v{version} (id {next_id})")
+        next_id += 1
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return written
 
 
 CATALOGUE = SchemaCatalogue()

@@ -1,7 +1,9 @@
 """CloudEvents Kafka binding, binary mode: the envelope travels in ``ce_*`` headers.
 
-``ce_id`` is the event id that every consumer de-duplicates on; ``ce_type``
-names the schema subject under our namespace.
+``ce_id`` is the event id that every consumer de-duplicates on; ``ce_type`` is
+the schema's full name (also its registry subject); ``ce_subject`` is the
+pseudonymous subject id (the message key); ``ce_dataschema`` points at the
+writer schema in the registry.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ class MissingCloudEventHeader(ValueError):
 @dataclass(frozen=True)
 class CloudEvent:
     id: str
-    type: str  # the schema subject, e.g. "DeathRegistered"
-    source: str
+    type: str  # the schema name, e.g. "DeathRegistered"
+    source: str  # a URI reference, e.g. "/offices/leeds-register-office"
     time: datetime | None = None
+    subject: str | None = None  # the pseudonymous subject id, never a name or NINO
+    dataschema: str | None = None  # URL of the writer schema in the registry
 
     def headers(self) -> KafkaHeaders:
         headers: KafkaHeaders = [
@@ -36,7 +40,11 @@ class CloudEvent:
             ("content-type", CONTENT_TYPE.encode()),
         ]
         if self.time is not None:
-            headers.append(("ce_time", self.time.isoformat().encode()))
+            headers.append(("ce_time", self.time.isoformat().replace("+00:00", "Z").encode()))
+        if self.subject is not None:
+            headers.append(("ce_subject", self.subject.encode()))
+        if self.dataschema is not None:
+            headers.append(("ce_dataschema", self.dataschema.encode()))
         return headers
 
     @classmethod
@@ -51,4 +59,6 @@ class CloudEvent:
             type=found["ce_type"].removeprefix(f"{NAMESPACE}."),
             source=found["ce_source"],
             time=datetime.fromisoformat(time) if time else None,
+            subject=found.get("ce_subject"),
+            dataschema=found.get("ce_dataschema"),
         )

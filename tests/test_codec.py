@@ -31,9 +31,9 @@ def _death() -> dict[str, object]:
 
 
 def test_every_catalogued_subject_has_a_distinct_wire_id() -> None:
-    ids = [CATALOGUE.latest(s).schema_id for s in CATALOGUE.subjects()]
+    ids = [CATALOGUE.latest(s).schema_id for s in CATALOGUE.names()]
     assert len(ids) == len(set(ids))
-    assert {"BirthRegistered", "DeathRegistered", "AddressChanged"} <= set(CATALOGUE.subjects())
+    assert {"BirthRegistered", "DeathRegistered", "AddressChanged"} <= set(CATALOGUE.names())
 
 
 def test_encoded_death_starts_with_magic_byte_and_schema_id_and_round_trips() -> None:

@@ -1,0 +1,172 @@
+"""Pydantic models that mirror the Avro schemas field by field.
+
+The ``.avsc`` files are the source of truth; ``tests/test_contract_drift.py``
+proves these models agree with the latest released version of each schema
+(names, order, types, optionality, enum symbols). Building a record through
+these models validates it before it is encoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.validation import AgencyCode, AwareDatetime, Nino, PastDate, Postcode, Uprn
+
+CaptureChannel = Literal["DESK", "PHONE", "ONLINE", "SYSTEM", "UNKNOWN"]
+ReceiptOutcome = Literal["RECEIVED", "APPLIED", "REJECTED", "UNKNOWN"]
+DecisionOutcome = Literal[
+    "DELIVERED", "WITHHELD_NO_CONSENT", "WITHHELD_NO_SUBSCRIPTION", "BLOCKED", "UNKNOWN"
+]
+ConsentChoice = Literal["GIVEN", "REFUSED", "WITHDRAWN", "UNKNOWN"]
+ConsentRecorder = Literal["INFORMANT", "CITIZEN", "PROXY", "UNKNOWN"]
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def avro(self) -> dict[str, Any]:
+        """The record as fastavro writes it."""
+        return self.model_dump(mode="python")
+
+
+class Address(Record):
+    lines: list[str] = Field(min_length=1, max_length=5)
+    town: str
+    postcode: Postcode
+    uprn: Uprn | None = None
+
+
+class Person(Record):
+    given_names: str
+    family_name: str
+    date_of_birth: PastDate | None = None
+
+
+class RelatedPerson(Record):
+    person: Person
+    relationship: str
+    nino: Nino | None = None
+    address: Address | None = None
+
+
+class SubjectIdentifiers(Record):
+    subject_id: str
+    nino: Nino | None = None
+
+
+class Informant(Record):
+    name: str
+    relationship: str
+
+
+class Provenance(Record):
+    source_system: str
+    recorded_by: str
+
+
+class Envelope(Record):
+    event_id: UUID
+    reference: str
+    occurred_at: AwareDatetime
+    recorded_at: AwareDatetime
+    subject: SubjectIdentifiers
+    informant: Informant
+    channel: CaptureChannel
+    registration_office: str
+    provenance: Provenance
+
+
+class BirthRegistered(Record):
+    envelope: Envelope
+    child: Person
+    place_of_birth: str
+    registration_district: str
+    parents: list[RelatedPerson]
+    home_address: Address
+
+
+class DeathRegistered(Record):
+    envelope: Envelope
+    deceased: Person
+    date_of_death: PastDate
+    place_of_death: str
+    last_address: Address
+    surviving_partner: RelatedPerson | None = None
+    next_of_kin: list[RelatedPerson] = Field(default_factory=list)
+    executor: RelatedPerson | None = None
+
+
+class AddressChanged(Record):
+    envelope: Envelope
+    person: Person
+    old_address: Address
+    new_address: Address
+    effective_date: PastDate
+    moving_with: list[RelatedPerson] = Field(default_factory=list)
+
+
+class FieldChange(Record):
+    field: str
+    new_value_json: str | None = None
+
+
+class EventCorrected(Record):
+    envelope: Envelope
+    corrects_event_id: UUID
+    corrects_reference: str
+    corrected_event_type: str
+    changes: list[FieldChange] = Field(min_length=1)
+    reason: str
+
+
+class EventVoided(Record):
+    envelope: Envelope
+    voids_event_id: UUID
+    voids_reference: str
+    voided_event_type: str
+    reason: str
+
+
+class DeliveryReceipt(Record):
+    event_id: UUID
+    agency: AgencyCode
+    outcome: ReceiptOutcome
+    reason: str | None = None
+    issued_at: AwareDatetime
+
+
+class RoutingDecision(Record):
+    event_id: UUID
+    event_type: str
+    agency: AgencyCode
+    outcome: DecisionOutcome
+    legal_basis: str | None = None
+    decided_at: AwareDatetime
+
+
+class ConsentChanged(Record):
+    change_id: UUID
+    subject_id: str
+    agency: AgencyCode
+    event_type: str
+    choice: ConsentChoice
+    recorded_by: ConsentRecorder
+    recorded_at: AwareDatetime
+
+
+TOP_LEVEL_MODELS: dict[str, type[Record]] = {
+    model.__name__: model
+    for model in (
+        BirthRegistered,
+        DeathRegistered,
+        AddressChanged,
+        EventCorrected,
+        EventVoided,
+        DeliveryReceipt,
+        RoutingDecision,
+        ConsentChanged,
+    )
+}

@@ -1,0 +1,59 @@
+"""Field types with their validation rules, shared by the contract models and intake.
+
+Each rule fails with a message that says what is wrong and shows a valid example;
+pydantic adds which field.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, StringConstraints
+
+# The NINO rules published by HMRC: no D, F, I, Q, U or V in either prefix letter,
+# no O as the second letter, and prefixes BG, GB, KN, NK, NT, TN and ZZ never issued.
+_NINO = re.compile(r"^(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z][0-9]{6}[A-D]$")
+# UK postcode shape (outward code, space, inward code); BFPO and overseas codes are out of scope.
+_POSTCODE = re.compile(r"^[A-Z]{1,2}[0-9][A-Z0-9]? [0-9][ABD-HJLNP-UW-Z]{2}$")
+
+
+def normalise_nino(value: str) -> str:
+    normalised = value.upper().replace(" ", "")
+    if not _NINO.match(normalised):
+        raise ValueError("must be a National Insurance number, like AB 12 34 56 C")
+    return normalised
+
+
+def normalise_postcode(value: str) -> str:
+    compact = value.upper().replace(" ", "")
+    normalised = f"{compact[:-3]} {compact[-3:]}"
+    if len(compact) < 5 or not _POSTCODE.match(normalised):
+        raise ValueError("must be a UK postcode, like SW1A 1AA")
+    return normalised
+
+
+def not_in_future(value: date) -> date:
+    if value > datetime.now(UTC).date():
+        raise ValueError("must not be in the future")
+    return value
+
+
+def timezone_aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("must include a time zone, like 2026-11-21T09:30:00Z")
+    return value
+
+
+# Printable text without control characters; generous but bounded.
+Text = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$"),
+]
+Nino = Annotated[str, StringConstraints(max_length=13), AfterValidator(normalise_nino)]
+Postcode = Annotated[str, StringConstraints(max_length=10), AfterValidator(normalise_postcode)]
+Uprn = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,12}$")]
+PastDate = Annotated[date, AfterValidator(not_in_future)]
+AwareDatetime = Annotated[datetime, AfterValidator(timezone_aware)]
+AgencyCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{1,39}$")]

@@ -39,6 +39,7 @@ from runtime.settings import Settings
 from schemas import encode, models
 from schemas.cloudevents import CloudEvent
 from schemas.codec import schema_id_of
+from schemas.registry_api import registry_router
 
 log = structlog.get_logger(__name__)
 
@@ -290,5 +291,6 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         await state["pool"].fetchval("SELECT 1")
         return {"status": "ok"}
 
+    app.include_router(registry_router())
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     return app

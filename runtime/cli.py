@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import asyncpg
@@ -25,10 +26,14 @@ from runtime.logging import configure_logging
 from runtime.services import COMPONENTS, start_bus
 from runtime.settings import MissingSetting, Settings, load_settings
 from runtime.stack import LocalStack, StackError
+from schemas import evolution
+from schemas.catalogue import SOURCE_DIR, VERSIONS_DIR, SchemaCatalogue, freeze
 
 app = typer.Typer(help="Tell Us Once: tell the state about a life event once.", no_args_is_help=True)
 stack_app = typer.Typer(help="The local stack: Kafka and PostgreSQL on loopback.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+schemas_app = typer.Typer(help="The event contract: Avro schemas, versions and ids.", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
 console = Console()
 err = Console(stderr=True)
 
@@ -130,6 +135,51 @@ def _clear_errors() -> Iterator[None]:
         raise _fail(f"cannot use PostgreSQL: {exc}") from exc
     except KafkaError as exc:
         raise _fail(f"cannot use Kafka: {exc}") from exc
+
+
+SourceDir = Annotated[Path, typer.Option(help="Schema sources (named types).", hidden=True)]
+VersionsDir = Annotated[Path, typer.Option(help="Released versions and catalogue.json.", hidden=True)]
+
+
+@schemas_app.command("check")
+def schemas_check(source_dir: SourceDir = SOURCE_DIR, versions_dir: VersionsDir = VERSIONS_DIR) -> None:
+    """Prove every version of every schema FULL_TRANSITIVE compatible with all earlier
+    versions, every enum has a default, and no source changed without a release."""
+    problems = evolution.check(source_dir, versions_dir)
+    if problems:
+        for problem in problems:
+            err.print(f"[red]✗[/] {problem}")
+        raise typer.Exit(code=1)
+    catalogue = SchemaCatalogue(versions_dir)
+    total = sum(len(catalogue.versions(n)) for n in catalogue.names())
+    console.print(
+        f"[green]✓[/] {len(catalogue.names())} schemas, {total} versions: FULL_TRANSITIVE compatible, "
+        "enums have defaults, sources match their latest release."
+    )
+
+
+@schemas_app.command("freeze")
+def schemas_freeze(source_dir: SourceDir = SOURCE_DIR, versions_dir: VersionsDir = VERSIONS_DIR) -> None:
+    """Release a new version (with a new, permanent id) of each schema whose source changed."""
+    written = freeze(source_dir, versions_dir)
+    for line in written:
+        console.print(f"released {line}")
+    if not written:
+        console.print("Nothing changed; no new versions.")
+    problems = evolution.check(source_dir, versions_dir)
+    for problem in problems:
+        err.print(f"[red]✗[/] {problem}")
+    if problems:
+        raise typer.Exit(code=1)
+
+
+@schemas_app.command("list")
+def schemas_list(versions_dir: VersionsDir = VERSIONS_DIR) -> None:
+    """Every released schema version with its wire id."""
+    table = Table("id", "subject", "version")
+    for entry in SchemaCatalogue(versions_dir).entries():
+        table.add_row(str(entry.schema_id), entry.subject, str(entry.version))
+    console.print(table)
 
 
 @app.command("migrate")

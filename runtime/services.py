@@ -25,6 +25,8 @@ from router import store as router_store
 from router.service import run_router
 from runtime.kafka import ensure_topics
 from runtime.settings import Settings
+from schemas.catalogue import CATALOGUE, activate
+from schemas.registry_client import bind_to_registry
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +107,8 @@ async def start_bus(
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components: {', '.join(sorted(unknown))}")
+    if settings.schema_registry_url:
+        activate(await bind_to_registry(settings.schema_registry_url, CATALOGUE))
     agencies = await router_store.agencies(pool)
     await ensure_topics(settings, agencies)
     stop = asyncio.Event()

@@ -104,6 +104,20 @@ class SchemaCatalogue:
                 return entry
         raise UnknownSchema(f"{name} has no version {version}")
 
+    def with_ids(self, ids: dict[tuple[str, int], int]) -> SchemaCatalogue:
+        """The same schemas under other ids (those an external registry gave them)."""
+        copy = SchemaCatalogue.__new__(SchemaCatalogue)
+        copy.versions_dir = self.versions_dir
+        copy._by_id = {}
+        copy._versions = {}
+        for entry in self.entries():
+            moved = CatalogueEntry(ids[(entry.name, entry.version)], entry.name, entry.version, entry.schema)
+            if moved.schema_id in copy._by_id:
+                raise ValueError(f"the registry gave id {moved.schema_id} to two schemas")
+            copy._by_id[moved.schema_id] = moved
+            copy._versions.setdefault(moved.name, []).append(moved)
+        return copy
+
     def names(self) -> list[str]:
         return sorted(self._versions)
 
@@ -144,3 +158,15 @@ def freeze(source_dir: Path = SOURCE_DIR, versions_dir: Path = VERSIONS_DIR) -> 
 
 
 CATALOGUE = SchemaCatalogue()
+_active = CATALOGUE
+
+
+def active() -> SchemaCatalogue:
+    """The catalogue this process encodes and decodes with: the committed one, or
+    the same schemas under an external registry's ids (see ``schemas.registry_client``)."""
+    return _active
+
+
+def activate(catalogue: SchemaCatalogue) -> None:
+    global _active
+    _active = catalogue

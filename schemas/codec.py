@@ -13,7 +13,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from schemas.catalogue import CATALOGUE, SchemaCatalogue, UnknownSchema
+from schemas.catalogue import SchemaCatalogue, UnknownSchema, active
 
 MAGIC_BYTE = 0
 HEADER = struct.Struct(">bI")
@@ -23,8 +23,8 @@ class UndecodableMessage(ValueError):
     """A message value is not a Confluent-framed Avro record this catalogue knows."""
 
 
-def encode(name: str, record: dict[str, Any], catalogue: SchemaCatalogue = CATALOGUE) -> bytes:
-    entry = catalogue.latest(name)
+def encode(name: str, record: dict[str, Any], catalogue: SchemaCatalogue | None = None) -> bytes:
+    entry = (catalogue or active()).latest(name)
     buffer = io.BytesIO()
     buffer.write(HEADER.pack(MAGIC_BYTE, entry.schema_id))
     schemaless_writer(buffer, entry.parsed, record)
@@ -40,8 +40,9 @@ def schema_id_of(value: bytes) -> int:
     return int(schema_id)
 
 
-def decode(value: bytes, catalogue: SchemaCatalogue = CATALOGUE) -> tuple[str, dict[str, Any]]:
+def decode(value: bytes, catalogue: SchemaCatalogue | None = None) -> tuple[str, dict[str, Any]]:
     """Return (schema name, record). Raises UndecodableMessage with the reason."""
+    catalogue = catalogue or active()
     schema_id = schema_id_of(value)
     try:
         writer = catalogue.by_id(schema_id)

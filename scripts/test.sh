@@ -11,6 +11,8 @@ echo "test: ruff"
 .venv/bin/ruff format --check .
 echo "test: mypy"
 .venv/bin/mypy
+echo "test: schema evolution"
+.venv/bin/tuo schemas check
 echo "test: pytest"
 .venv/bin/pytest "$@"
 echo "test: whole suite took $(( $(date +%s) - started ))s"

@@ -1,0 +1,137 @@
+"""Write golden vectors for schema versions that have none yet.
+
+    .venv/bin/python -m tests.golden.make_vectors
+
+Each vector is a Confluent-framed message (``<Name>.v<N>.bin``) and the record
+it must decode to (``<Name>.v<N>.json``). Vectors are written once, committed,
+and never regenerated: ``tests/test_golden_vectors.py`` decodes them forever.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+from fastavro import schemaless_writer
+
+from schemas.catalogue import CATALOGUE, CatalogueEntry
+from tests.golden.jsonable import jsonable
+
+HERE = Path(__file__).parent
+WHEN = datetime(2026, 11, 21, 9, 30, 15, 123456, tzinfo=UTC)
+ADDRESS = {
+    "lines": ["1 Example Street", "Chapel Allerton"],
+    "town": "Leeds",
+    "postcode": "LS7 3AB",
+    "uprn": "72000001",
+}
+PERSON = {"given_names": "Pat Jo", "family_name": "Example-Smith", "date_of_birth": date(1941, 3, 2)}
+RELATED = {
+    "person": {"given_names": "Chris", "family_name": "Example", "date_of_birth": None},
+    "relationship": "wife",
+    "nino": "CE112233D",
+    "address": ADDRESS,
+}
+SUBJECT_ID = "n-6f1d0b9e7c1e3c1a4d6e9a573f1f6d0c"
+ENVELOPE: dict[str, Any] = {
+    "event_id": "0b9e7c1e-3c1a-4d6e-9a57-3f1f6d0c2a11",
+    "reference": "TUO-2026-7F3K-9QXD",
+    "occurred_at": datetime(2026, 11, 18, tzinfo=UTC),
+    "recorded_at": WHEN,
+    "subject": {"subject_id": SUBJECT_ID, "nino": "AB123456C"},
+    "informant": {"name": "Alex Example", "relationship": "son"},
+    "channel": "DESK",
+    "registration_office": "Leeds Register Office",
+    "provenance": {"source_system": "tuo-intake-api", "recorded_by": "registrar-17"},
+}
+EXAMPLES: dict[str, dict[str, Any]] = {
+    "BirthRegistered": {
+        "envelope": ENVELOPE,
+        "child": {**PERSON, "date_of_birth": date(2026, 11, 11)},
+        "place_of_birth": "St James's University Hospital",
+        "registration_district": "Leeds",
+        "parents": [RELATED],
+        "home_address": ADDRESS,
+    },
+    "DeathRegistered": {
+        "envelope": ENVELOPE,
+        "deceased": PERSON,
+        "date_of_death": date(2026, 11, 18),
+        "place_of_death": "Leeds General Infirmary",
+        "last_address": ADDRESS,
+        "surviving_partner": RELATED,
+        "next_of_kin": [RELATED],
+        "executor": None,
+    },
+    "AddressChanged": {
+        "envelope": {**ENVELOPE, "channel": "ONLINE"},
+        "person": PERSON,
+        "old_address": ADDRESS,
+        "new_address": {**ADDRESS, "postcode": "LS6 2AB", "uprn": None},
+        "effective_date": date(2026, 11, 1),
+        "moving_with": [RELATED],
+    },
+    "EventCorrected": {
+        "envelope": ENVELOPE,
+        "corrects_event_id": "5a3e8f2c-1111-4c2b-8d2e-0c5a3e8f2c11",
+        "corrects_reference": "TUO-2026-AAAA-BBBB",
+        "corrected_event_type": "DeathRegistered",
+        "changes": [{"field": "deceased.date_of_birth", "new_value_json": '"1941-03-12"'}],
+        "reason": "Date of birth misread from the medical certificate",
+    },
+    "EventVoided": {
+        "envelope": ENVELOPE,
+        "voids_event_id": "5a3e8f2c-1111-4c2b-8d2e-0c5a3e8f2c11",
+        "voids_reference": "TUO-2026-AAAA-BBBB",
+        "voided_event_type": "BirthRegistered",
+        "reason": "Registered twice in error",
+    },
+    "DeliveryReceipt": {
+        "event_id": ENVELOPE["event_id"],
+        "agency": "dwp",
+        "outcome": "REJECTED",
+        "reason": "no matching claimant",
+        "issued_at": WHEN,
+    },
+    "RoutingDecision": {
+        "event_id": ENVELOPE["event_id"],
+        "event_type": "DeathRegistered",
+        "agency": "hmrc",
+        "outcome": "DELIVERED",
+        "legal_basis": "statutory: Registration Service Act 1953 s.19AA",
+        "decided_at": WHEN,
+    },
+    "ConsentChanged": {
+        "change_id": "9d2c4f7a-2222-4b1e-9c3d-7a9d2c4f7a22",
+        "subject_id": SUBJECT_ID,
+        "agency": "dvla",
+        "event_type": "DeathRegistered",
+        "choice": "WITHDRAWN",
+        "recorded_by": "CITIZEN",
+        "recorded_at": WHEN,
+    },
+}
+
+
+def write_missing(entries: list[CatalogueEntry]) -> list[str]:
+    written = []
+    for entry in entries:
+        stem = f"{entry.name}.v{entry.version}"
+        if (HERE / f"{stem}.bin").exists():
+            continue
+        record = EXAMPLES[entry.name]
+        buffer = io.BytesIO()
+        buffer.write(struct.pack(">bI", 0, entry.schema_id))
+        schemaless_writer(buffer, entry.parsed, record)
+        (HERE / f"{stem}.bin").write_bytes(buffer.getvalue())
+        (HERE / f"{stem}.json").write_text(json.dumps(jsonable(record), indent=2, sort_keys=True) + "\n")
+        written.append(stem)
+    return written
+
+
+if __name__ == "__main__":
+    print(write_missing(CATALOGUE.entries()))

@@ -1,0 +1,115 @@
+"""`tuo schemas check|freeze`: versions stay FULL_TRANSITIVE compatible, and an
+incompatible change fails naming the schema and the field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from runtime.cli import app
+from schemas.catalogue import NAMESPACE, SOURCE_DIR, VERSIONS_DIR, SchemaCatalogue
+from schemas.codec import decode, encode
+from tests.test_codec import _death
+
+
+@pytest.fixture
+def contract(tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the schema sources and released versions to change."""
+    source, versions = tmp_path / "avro", tmp_path / "versions"
+    shutil.copytree(SOURCE_DIR, source)
+    shutil.copytree(VERSIONS_DIR, versions)
+    return source, versions
+
+
+def _tuo(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "300"})
+    return result.exit_code, result.output
+
+
+def _edit_source(source: Path, name: str, change: Any) -> None:
+    path = source / f"{NAMESPACE}.{name}.avsc"
+    schema = json.loads(path.read_text())
+    change(schema)
+    path.write_text(json.dumps(schema, indent=2))
+
+
+def test_committed_contract_passes_the_check() -> None:
+    code, output = _tuo("schemas", "check")
+    assert code == 0, output
+    assert "8 schemas" in output and "FULL_TRANSITIVE compatible" in output
+
+
+def test_field_added_without_a_default_fails_naming_schema_and_field(contract: tuple[Path, Path]) -> None:
+    source, versions = contract
+    _edit_source(source, "DeathRegistered", lambda s: s["fields"].append({"name": "cause", "type": "string"}))
+    code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
+    assert code == 1
+    assert "released DeathRegistered v2 (id 9)" in output
+    assert "DeathRegistered v2 cannot read data written with v1: field 'cause'" in output
+    code, output = _tuo("schemas", "check", "--source-dir", str(source), "--versions-dir", str(versions))
+    assert code == 1 and "field 'cause'" in output
+
+
+def test_field_removed_without_a_default_fails_for_old_readers(contract: tuple[Path, Path]) -> None:
+    source, versions = contract
+    _edit_source(source, "DeliveryReceipt", lambda s: s["fields"].pop(1))  # drops "agency"
+    code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
+    assert code == 1
+    assert "DeliveryReceipt v1 cannot read data written with v2: field 'agency'" in output
+
+
+def test_field_added_with_a_default_is_released_and_old_data_still_decodes(
+    contract: tuple[Path, Path],
+) -> None:
+    source, versions = contract
+    old_bytes = encode("DeathRegistered", _death(), SchemaCatalogue(versions))
+    _edit_source(
+        source,
+        "DeathRegistered",
+        lambda s: s["fields"].append({"name": "coroner_case", "type": ["null", "string"], "default": None}),
+    )
+    code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
+    assert code == 0, output
+    evolved = SchemaCatalogue(versions)
+    assert [e.version for e in evolved.versions("DeathRegistered")] == [1, 2]
+    assert evolved.version("DeathRegistered", 1).schema_id == 2, "released ids never change"
+    name, record = decode(old_bytes, evolved)
+    assert name == "DeathRegistered"
+    assert record["coroner_case"] is None, "v1 data read with the v2 schema gets the default"
+    new_bytes = encode("DeathRegistered", {**_death(), "coroner_case": "LS-2026-1"}, evolved)
+    assert int.from_bytes(new_bytes[1:5], "big") == evolved.latest("DeathRegistered").schema_id == 9
+
+
+def test_enum_without_a_default_symbol_is_refused(contract: tuple[Path, Path]) -> None:
+    source, versions = contract
+
+    def drop_default(schema: dict[str, Any]) -> None:
+        schema["fields"][2]["type"].pop("default")
+
+    _edit_source(source, "DeliveryReceipt", drop_default)
+    code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
+    assert code == 1
+    assert "enum uk.gov.tellusonce.ReceiptOutcome at .outcome has no default symbol" in output
+
+
+def test_source_changed_without_a_release_is_caught(contract: tuple[Path, Path]) -> None:
+    source, versions = contract
+    _edit_source(source, "EventVoided", lambda s: s.update(doc="reworded"))
+    code, output = _tuo("schemas", "check", "--source-dir", str(source), "--versions-dir", str(versions))
+    assert code == 1
+    assert "EventVoided in" in output and "run `tuo schemas freeze`" in output
+
+
+def test_schema_ids_are_the_committed_ones() -> None:
+    """Ids come from the catalogue file, not from start-up order: the same everywhere, for ever."""
+    manifest = json.loads((VERSIONS_DIR / "catalogue.json").read_text())
+    ids = {(i["name"], i["version"]): i["id"] for i in manifest["schemas"]}
+    assert ids[("BirthRegistered", 1)] == 1
+    assert ids[("DeathRegistered", 1)] == 2
+    assert ids[("AddressChanged", 1)] == 3
+    assert len(set(ids.values())) == len(ids)

@@ -60,7 +60,7 @@ class CatalogueEntry:
 
     @cached_property
     def parsed(self) -> Any:
-        return parse_schema(self.schema, _write_hint=False)
+        return parse_schema(self.schema)  # with the hint, fastavro does not re-parse per call
 
 
 class SchemaCatalogue:

@@ -15,6 +15,9 @@ from pydantic import AfterValidator, StringConstraints
 # The NINO rules published by HMRC: no D, F, I, Q, U or V in either prefix letter,
 # no O as the second letter, and prefixes BG, GB, KN, NK, NT, TN and ZZ never issued.
 _NINO = re.compile(r"^(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z][0-9]{6}[A-D]$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UPRN = re.compile(r"^[0-9]{1,12}$")
+_AGENCY = re.compile(r"^[a-z][a-z0-9-]{1,39}$")
 # UK postcode shape (outward code, space, inward code); BFPO and overseas codes are out of scope.
 _POSTCODE = re.compile(r"^[A-Z]{1,2}[0-9][A-Z0-9]? [0-9][ABD-HJLNP-UW-Z]{2}$")
 
@@ -34,6 +37,24 @@ def normalise_postcode(value: str) -> str:
     return normalised
 
 
+def no_control_characters(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (such as tabs, new lines or escapes)")
+    return value
+
+
+def valid_uprn(value: str) -> str:
+    if not _UPRN.match(value):
+        raise ValueError("must be a UPRN: 1 to 12 digits, like 100023336956")
+    return value
+
+
+def valid_agency_code(value: str) -> str:
+    if not _AGENCY.match(value):
+        raise ValueError("must be an agency code: lower-case letters, digits and hyphens, like council-leeds")
+    return value
+
+
 def not_in_future(value: date) -> date:
     if value > datetime.now(UTC).date():
         raise ValueError("must not be in the future")
@@ -49,11 +70,12 @@ def timezone_aware(value: datetime) -> datetime:
 # Printable text without control characters; generous but bounded.
 Text = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    AfterValidator(no_control_characters),
 ]
 Nino = Annotated[str, StringConstraints(max_length=13), AfterValidator(normalise_nino)]
 Postcode = Annotated[str, StringConstraints(max_length=10), AfterValidator(normalise_postcode)]
-Uprn = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,12}$")]
+Uprn = Annotated[str, AfterValidator(valid_uprn)]
 PastDate = Annotated[date, AfterValidator(not_in_future)]
 AwareDatetime = Annotated[datetime, AfterValidator(timezone_aware)]
-AgencyCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{1,39}$")]
+AgencyCode = Annotated[str, StringConstraints(max_length=40), AfterValidator(valid_agency_code)]

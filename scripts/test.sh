@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/python -m tests.tools.avro_tools  # Apache Avro's Java tools for the interop tests (cached)
 started=$(date +%s)
 echo "test: ruff"
 .venv/bin/ruff check .

@@ -65,7 +65,7 @@ BAD_BODIES: list[tuple[str, Any, str, str]] = [
         "control characters in a name",
         death_registration(deceased={"given_names": "Pat\x00\x1b[31m", "family_name": "Example"}),
         "deceased.given_names",
-        "pattern",
+        "control characters",
     ),
     (
         "very long name",

@@ -1,0 +1,1 @@
+"""Benchmark scripts: they print figures and a ratio against a baseline measured in the same run."""

@@ -1,0 +1,1 @@
+"""Helpers that fetch third-party tools for the interoperability tests."""

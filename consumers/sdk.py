@@ -28,7 +28,7 @@ from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
-from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
+from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
 
 log = structlog.get_logger(__name__)
 
@@ -227,16 +227,20 @@ class AgencyConsumer:
             except HandlerFailed as failure:
                 await to_dead_letters(record, str(failure))
                 receipt = Receipt(event.event_id, "REJECTED", str(failure))
+            value = self._receipt_value(receipt)
             pending.append(
                 await producer.send(
                     self.topics.receipts(self.agency),
-                    value=self._receipt_value(receipt),
+                    value=value,
                     key=record.key,
-                    headers=CloudEvent(
+                    headers=headers_for(
+                        value,
                         id=f"{event.event_id}/{self.agency}/{receipt.outcome}",
-                        type="DeliveryReceipt",
                         source=f"/agencies/{self.agency}",
-                    ).headers(),
+                        subject=record.key.decode(errors="replace") if record.key else None,
+                        time=datetime.now(UTC),
+                        schema_base_url=self.settings.schema_base_url(),
+                    ),
                 )
             )
             log.info("event_handled", agency=self.agency, event_id=event.event_id, outcome=receipt.outcome)

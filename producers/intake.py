@@ -37,8 +37,7 @@ from runtime.database import open_pool
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import encode, models
-from schemas.cloudevents import CloudEvent
-from schemas.codec import schema_id_of
+from schemas.cloudevents import headers_for
 from schemas.registry_api import registry_router
 
 log = structlog.get_logger(__name__)
@@ -225,14 +224,14 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
                     topic=topics.life_events,
                     message_key=subject.encode(),
                     message_value=value,
-                    headers=CloudEvent(
+                    headers=headers_for(
+                        value,
                         id=str(event_id),
-                        type=submission.event_type,
                         source="/offices/" + quote(submission.registration_office, safe=""),
-                        time=now,
                         subject=subject,
-                        dataschema=f"{settings.schema_base_url()}/schemas/ids/{schema_id_of(value)}",
-                    ).headers(),
+                        time=now,
+                        schema_base_url=settings.schema_base_url(),
+                    ),
                 ),
             )
         except IdempotencyConflict:

@@ -26,7 +26,7 @@ from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
-from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
+from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"
@@ -63,7 +63,9 @@ def _routable(record: ConsumerRecord[bytes, bytes]) -> RoutableEvent:
     return RoutableEvent(event_id=cloud_event.id, event_type=subject, subject_id=subject_id)
 
 
-def _decision_message(topics: Topics, decision: RoutingDecision, key: bytes, at: datetime) -> Outgoing:
+def _decision_message(
+    topics: Topics, decision: RoutingDecision, key: bytes, at: datetime, schema_base_url: str
+) -> Outgoing:
     value = encode(
         "RoutingDecision",
         models.RoutingDecision(
@@ -75,14 +77,19 @@ def _decision_message(topics: Topics, decision: RoutingDecision, key: bytes, at:
             decided_at=at,
         ).avro(),
     )
-    headers = CloudEvent(
-        id=f"{decision.event_id}/{decision.agency}", type="RoutingDecision", source="/router", time=at
-    ).headers()
+    headers = headers_for(
+        value,
+        id=f"{decision.event_id}/{decision.agency}",
+        source="/router",
+        subject=key.decode(errors="replace"),
+        time=at,
+        schema_base_url=schema_base_url,
+    )
     return Outgoing(topics.routing_decisions, key, value, headers)
 
 
 async def plan(
-    pool: asyncpg.Pool, topics: Topics, records: list[ConsumerRecord[bytes, bytes]]
+    pool: asyncpg.Pool, topics: Topics, records: list[ConsumerRecord[bytes, bytes]], schema_base_url: str
 ) -> list[Outgoing]:
     """Everything one batch of life events should produce, decided now."""
     outgoing: list[Outgoing] = []
@@ -112,7 +119,7 @@ async def plan(
                 outgoing.append(
                     Outgoing(topics.agency(decision.agency), record.key, record.value, list(record.headers))
                 )
-            outgoing.append(_decision_message(topics, decision, record.key or b"", now))
+            outgoing.append(_decision_message(topics, decision, record.key or b"", now, schema_base_url))
         log.info(
             "event_routed",
             event_id=event.event_id,
@@ -142,7 +149,7 @@ async def run_router(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event
             if not batches:
                 continue
             records = [r for part in batches.values() for r in part]
-            outgoing = await plan(pool, topics, records)
+            outgoing = await plan(pool, topics, records, settings.schema_base_url())
             offsets: dict[TopicPartition, int] = {tp: part[-1].offset + 1 for tp, part in batches.items()}
             async with producer.transaction():
                 for message in outgoing:

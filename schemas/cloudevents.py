@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from schemas.catalogue import active
+from schemas.codec import schema_id_of
+
 NAMESPACE = "uk.gov.tellusonce"
 CONTENT_TYPE = "application/avro"
 
@@ -62,3 +65,20 @@ class CloudEvent:
             subject=found.get("ce_subject"),
             dataschema=found.get("ce_dataschema"),
         )
+
+
+def headers_for(
+    value: bytes, *, id: str, source: str, subject: str | None, time: datetime, schema_base_url: str
+) -> KafkaHeaders:
+    """The full set of ``ce_*`` headers for an encoded value: its type and
+    ``ce_dataschema`` come from the schema id in the value's own framing."""
+    schema_id = schema_id_of(value)
+    entry = active().by_id(schema_id)
+    return CloudEvent(
+        id=id,
+        type=entry.name,
+        source=source,
+        time=time,
+        subject=subject,
+        dataschema=f"{schema_base_url.rstrip('/')}/schemas/ids/{schema_id}",
+    ).headers()

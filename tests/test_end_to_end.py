@@ -133,3 +133,50 @@ async def test_withdrawn_consent_stops_delivery_to_that_agency(
         header(r, "ce_id") for r in await read_topic(services, Topics(services.topic_prefix).agency("dvla"))
     }
     assert second.json()["event_id"] not in dvla_ids
+
+
+CE_HEADERS = {
+    "ce_specversion",
+    "ce_id",
+    "ce_source",
+    "ce_type",
+    "ce_time",
+    "ce_subject",
+    "content-type",
+    "ce_dataschema",
+}
+
+
+async def test_every_message_the_bus_writes_carries_full_cloudevents_headers(
+    intake: httpx.AsyncClient, services: Settings
+) -> None:
+    accepted = (await intake.post("/v1/death-registrations", json=death_registration())).json()
+    await _status_when_settled(intake, accepted["reference"])
+    topics = Topics(services.topic_prefix)
+    event_id = accepted["event_id"]
+    written = {
+        "life event": [
+            r for r in await read_topic(services, topics.life_events) if header(r, "ce_id") == event_id
+        ],
+        "agency copy": [
+            r for r in await read_topic(services, topics.agency("dwp")) if header(r, "ce_id") == event_id
+        ],
+        "decision": [
+            r
+            for r in await read_topic(services, topics.routing_decisions)
+            if header(r, "ce_id") == f"{event_id}/dwp"
+        ],
+        "receipt": [
+            r
+            for r in await read_topic(services, topics.receipts("dwp"))
+            if (header(r, "ce_id") or "").startswith(f"{event_id}/dwp/")
+        ],
+    }
+    for kind, records in written.items():
+        assert records, f"no {kind} message for {event_id}"
+        for record in records:
+            names = {key for key, _ in record.headers}
+            assert CE_HEADERS <= names, f"{kind} lacks {CE_HEADERS - names}"
+            schema_id = int.from_bytes((record.value or b"")[1:5], "big")
+            assert (header(record, "ce_dataschema") or "").endswith(f"/schemas/ids/{schema_id}")
+            assert header(record, "ce_subject") == (record.key or b"").decode()

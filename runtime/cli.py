@@ -7,7 +7,6 @@ import contextlib
 import signal
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +26,8 @@ from runtime.services import COMPONENTS, start_bus
 from runtime.settings import MissingSetting, Settings, load_settings
 from runtime.stack import LocalStack, StackError
 from schemas import evolution
-from schemas.catalogue import SOURCE_DIR, VERSIONS_DIR, SchemaCatalogue, freeze
+from schemas.catalogue import SOURCE_DIR, VERSIONS_DIR, SchemaCatalogue
+from schemas.validation import today_in_the_uk
 
 app = typer.Typer(help="Tell Us Once: tell the state about a life event once.", no_args_is_help=True)
 stack_app = typer.Typer(help="The local stack: Kafka and PostgreSQL on loopback.", no_args_is_help=True)
@@ -160,17 +160,18 @@ def schemas_check(source_dir: SourceDir = SOURCE_DIR, versions_dir: VersionsDir 
 
 @schemas_app.command("freeze")
 def schemas_freeze(source_dir: SourceDir = SOURCE_DIR, versions_dir: VersionsDir = VERSIONS_DIR) -> None:
-    """Release a new version (with a new, permanent id) of each schema whose source changed."""
-    written = freeze(source_dir, versions_dir)
-    for line in written:
-        console.print(f"released {line}")
-    if not written:
-        console.print("Nothing changed; no new versions.")
-    problems = evolution.check(source_dir, versions_dir)
-    for problem in problems:
-        err.print(f"[red]✗[/] {problem}")
-    if problems:
+    """Release a new version (with a new, permanent id) of each schema whose source
+    changed, if every version stays compatible; otherwise release nothing."""
+    outcome = evolution.release(source_dir, versions_dir)
+    if outcome.problems:
+        for problem in outcome.problems:
+            err.print(f"[red]✗[/] {problem}")
+        err.print("Nothing released: fix the schemas above (add defaults, keep types) and try again.")
         raise typer.Exit(code=1)
+    for line in outcome.released:
+        console.print(f"released {line}")
+    if not outcome.released:
+        console.print("Nothing changed; no new versions.")
 
 
 @schemas_app.command("list")
@@ -322,7 +323,7 @@ async def _run(
 async def _submit_demo(base: str, wait_seconds: float = 60.0) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=10) as client:
         references = []
-        for path, body in demo_submissions(datetime.now(UTC).date()):
+        for path, body in demo_submissions(today_in_the_uk()):
             response = await client.post(path, json=body)
             if response.status_code not in (200, 201):
                 raise DemoRefused(f"intake refused a demo event: {response.text}")

@@ -108,7 +108,11 @@ async def start_bus(
     if unknown:
         raise ValueError(f"unknown components: {', '.join(sorted(unknown))}")
     if settings.schema_registry_url:
-        activate(await bind_to_registry(settings.schema_registry_url, CATALOGUE))
+        activate(
+            await bind_to_registry(
+                settings.schema_registry_url, CATALOGUE, auth=settings.schema_registry_auth()
+            )
+        )
     agencies = await router_store.agencies(pool)
     await ensure_topics(settings, agencies)
     stop = asyncio.Event()

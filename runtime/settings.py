@@ -62,7 +62,13 @@ class Settings(BaseSettings):
 
     # Schemas: ids come from the committed catalogue, or from an existing
     # Confluent-compatible registry when one is named here.
-    schema_registry_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    schema_registry_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s@]+$",
+        description="Credentials go in the two settings below, never in the URL (it is logged).",
+    )
+    schema_registry_username: str | None = None
+    schema_registry_password: SecretStr | None = None
     public_url: str = Field(
         default="http://127.0.0.1:8080",
         pattern=r"^https?://[^\s]+$",
@@ -93,6 +99,11 @@ class Settings(BaseSettings):
                 "start the local stack with `tuo stack up` or point it at a Kafka cluster",
             )
         return self.kafka_bootstrap_servers
+
+    def schema_registry_auth(self) -> tuple[str, str] | None:
+        if self.schema_registry_username is None or self.schema_registry_password is None:
+            return None
+        return self.schema_registry_username, self.schema_registry_password.get_secret_value()
 
     def schema_base_url(self) -> str:
         return (self.schema_registry_url or self.public_url).rstrip("/")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastavro import parse_schema
-from fastavro.schema import load_schema
+from fastavro.schema import load_schema, to_parsing_canonical_form
 
 NAMESPACE = "uk.gov.tellusonce"
 SOURCE_DIR = Path(__file__).parent / "avro"
@@ -42,6 +42,12 @@ def expand_source(name: str, source_dir: Path = SOURCE_DIR) -> dict[str, Any]:
     return expanded
 
 
+def canonical_form(schema: Any) -> str:
+    """Avro's Parsing Canonical Form: equal for schemas that read and write alike,
+    whatever their documentation, key order or namespace spelling."""
+    return str(to_parsing_canonical_form(parse_schema(schema, _write_hint=False)))
+
+
 @dataclass(frozen=True)
 class CatalogueEntry:
     schema_id: int
@@ -57,6 +63,10 @@ class CatalogueEntry:
     @cached_property
     def schema_json(self) -> str:
         return json.dumps(self.schema, separators=(",", ":"))
+
+    @cached_property
+    def canonical_form(self) -> str:
+        return canonical_form(self.schema)
 
     @cached_property
     def parsed(self) -> Any:
@@ -105,7 +115,12 @@ class SchemaCatalogue:
         raise UnknownSchema(f"{name} has no version {version}")
 
     def with_ids(self, ids: dict[tuple[str, int], int]) -> SchemaCatalogue:
-        """The same schemas under other ids (those an external registry gave them)."""
+        """The same schemas under other ids (those an external registry gave them).
+
+        Encoding uses the new ids. The committed ids stay readable as aliases where
+        the registry did not hand the same number to another schema, so messages
+        already on the topics still decode after a switch to an external registry.
+        """
         copy = SchemaCatalogue.__new__(SchemaCatalogue)
         copy.versions_dir = self.versions_dir
         copy._by_id = {}
@@ -116,21 +131,23 @@ class SchemaCatalogue:
                 raise ValueError(f"the registry gave id {moved.schema_id} to two schemas")
             copy._by_id[moved.schema_id] = moved
             copy._versions.setdefault(moved.name, []).append(moved)
+        for entry in self.entries():
+            if entry.schema_id not in copy._by_id:
+                copy._by_id[entry.schema_id] = copy.version(entry.name, entry.version)
         return copy
 
     def names(self) -> list[str]:
         return sorted(self._versions)
 
     def entries(self) -> list[CatalogueEntry]:
-        return sorted(self._by_id.values(), key=lambda e: e.schema_id)
+        """Every version once, by id (aliases left out)."""
+        unique = {(e.name, e.version): e for e in self._by_id.values() if self._by_id.get(e.schema_id) is e}
+        return sorted(unique.values(), key=lambda e: e.schema_id)
 
 
-def freeze(source_dir: Path = SOURCE_DIR, versions_dir: Path = VERSIONS_DIR) -> list[str]:
-    """Release a new version of every top-level schema whose source changed.
-
-    Returns "Name vN (id I)" for each version written. Run ``tuo schemas check``
-    afterwards: freezing does not judge compatibility.
-    """
+def write_new_versions(source_dir: Path, versions_dir: Path) -> list[str]:
+    """Write a new version of every top-level schema whose source changed, judging
+    nothing (``schemas.evolution.release`` checks first). Returns "Name vN (id I)"."""
     manifest_path = versions_dir / CATALOGUE_FILE
     manifest: dict[str, Any] = (
         json.loads(manifest_path.read_text()) if manifest_path.exists() else {"schemas": []}

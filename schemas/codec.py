@@ -53,8 +53,8 @@ def decode(value: bytes, catalogue: SchemaCatalogue | None = None) -> tuple[str,
     body.seek(HEADER.size)
     try:
         record = schemaless_reader(body, writer.parsed, None if reader is writer else reader.parsed)
-    except (EOFError, ValueError, IndexError, UnicodeDecodeError, TypeError, KeyError) as exc:
-        raise UndecodableMessage(f"{writer.name} body does not decode: {exc}") from exc
+    except Exception as exc:
+        raise UndecodableMessage(f"{writer.name} body does not decode: {type(exc).__name__}: {exc}") from exc
     if body.read(1):
         raise UndecodableMessage(f"{writer.name} body has trailing bytes")
     if not isinstance(record, dict):

@@ -10,12 +10,15 @@ reads data written with any other.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
-from avro.schema import parse
+from avro.schema import ArraySchema, MapSchema, RecordSchema, Schema, UnionSchema, parse
 
 from schemas.catalogue import (
     SOURCE_DIR,
@@ -25,46 +28,67 @@ from schemas.catalogue import (
     SchemaCatalogue,
     UnknownSchema,
     expand_source,
+    write_new_versions,
 )
 
+_CHECKER = ReaderWriterCompatibilityChecker()  # type: ignore[no-untyped-call]
+_CONTAINERS = ("record", "array", "map", "union")  # walked even when compatible: logical types
 
-def _field_names(schema: dict[str, Any], location: str) -> str:
-    """Turn an avro location like /fields/3/type/fields/1 into field names."""
-    names: list[str] = []
-    node: Any = schema
-    parts = [p for p in location.split("/") if p]
-    i = 0
-    while i < len(parts) and isinstance(node, (dict, list)):
-        part = parts[i]
-        if isinstance(node, dict) and part == "fields" and i + 1 < len(parts) and parts[i + 1].isdigit():
-            fields = node.get("fields", [])
-            index = int(parts[i + 1])
-            if index >= len(fields):
-                break
-            node = fields[index]
-            names.append(node["name"])
-            i += 2
-            continue
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        i += 1
-    return ".".join(names) or "(whole record)"
+
+def _type_key(schema: Schema) -> str:
+    """What identifies a union branch: a named type's full name, else its type."""
+    return str(getattr(schema, "fullname", None) or schema.type)
+
+
+def _explain(reader: Schema, writer: Schema, path: str) -> list[str]:
+    """Why ``reader`` cannot read ``writer``, as the deepest fields that break it.
+
+    avro's checker says whether a pair is compatible; its own locations restart at
+    every union, so we walk records, arrays, maps and unions ourselves to name the
+    field, asking the checker again at each level.
+    """
+    problems: list[str] = []
+    reader_logical, writer_logical = reader.get_prop("logicalType"), writer.get_prop("logicalType")
+    if reader_logical != writer_logical:
+        return [f"{path or '(record)'}: logical type {writer_logical} became {reader_logical}"]
+    result = _CHECKER.get_compatibility(reader, writer)
+    if result.compatibility is SchemaCompatibilityType.compatible and reader.type not in _CONTAINERS:
+        return []
+    if isinstance(reader, RecordSchema) and isinstance(writer, RecordSchema):
+        written = {f.name: f for f in writer.fields}
+        for field in reader.fields:
+            where = f"{path}.{field.name}" if path else field.name
+            if field.name not in written:
+                if not field.has_default:
+                    problems.append(f"{where}: not in the data written and has no default")
+                continue
+            problems += _explain(field.type, written[field.name].type, where)
+    elif isinstance(reader, ArraySchema) and isinstance(writer, ArraySchema):
+        problems += _explain(reader.items, writer.items, f"{path}[]")
+    elif isinstance(reader, MapSchema) and isinstance(writer, MapSchema):
+        problems += _explain(reader.values, writer.values, f"{path}{{}}")
+    elif isinstance(writer, UnionSchema) or isinstance(reader, UnionSchema):
+        readers = reader.schemas if isinstance(reader, UnionSchema) else [reader]
+        writers = writer.schemas if isinstance(writer, UnionSchema) else [writer]
+        by_key = {_type_key(r): r for r in readers}
+        for branch in writers:
+            match = by_key.get(_type_key(branch))
+            if match is None:
+                problems.append(f"{path}: a {_type_key(branch)} value can no longer be read")
+            else:
+                problems += _explain(match, branch, path)
+    if not problems and result.compatibility is not SchemaCompatibilityType.compatible:
+        kinds = ", ".join(sorted(k.value for k in result.incompatibilities))
+        problems.append(f"{path or '(record)'}: {kinds}")
+    return problems
 
 
 def _incompatibilities(reader: CatalogueEntry, writer: CatalogueEntry) -> Iterator[str]:
-    result = ReaderWriterCompatibilityChecker().get_compatibility(  # type: ignore[no-untyped-call]
-        parse(reader.schema_json), parse(writer.schema_json)
-    )
-    if result.compatibility is SchemaCompatibilityType.compatible:
-        return
-    kinds = ", ".join(sorted(k.value for k in result.incompatibilities))
-    for location in sorted(result.locations) or ["/"]:
-        field = _field_names(reader.schema, location)
+    for problem in _explain(parse(reader.schema_json), parse(writer.schema_json), ""):
+        field, _, why = problem.partition(": ")
         yield (
             f"{reader.name} v{reader.version} cannot read data written with v{writer.version}: "
-            f"field {field!r} ({kinds}; at {location})"
+            f"field {field!r}: {why}"
         )
 
 
@@ -108,3 +132,27 @@ def check(source_dir: Path = SOURCE_DIR, versions_dir: Path = VERSIONS_DIR) -> l
                 problems += _incompatibilities(newer, older)  # new readers, old data
                 problems += _incompatibilities(older, newer)  # old readers, new data
     return problems
+
+
+@dataclass(frozen=True)
+class Release:
+    released: list[str]  # "Name vN (id I)" for each new version
+    problems: list[str]  # why nothing was released
+
+
+def release(source_dir: Path = SOURCE_DIR, versions_dir: Path = VERSIONS_DIR) -> Release:
+    """Release changed schemas as new versions, only if the result passes ``check``.
+
+    The new versions are tried in a scratch copy first, so an incompatible change
+    writes nothing and burns no schema id.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        trial = Path(scratch) / "versions"
+        shutil.copytree(versions_dir, trial)
+        released = write_new_versions(source_dir, trial)
+        problems = check(source_dir, trial)
+        if problems:
+            return Release([], problems)
+        if released:
+            shutil.copytree(trial, versions_dir, dirs_exist_ok=True)
+    return Release(released, [])

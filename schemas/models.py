@@ -3,7 +3,8 @@
 The ``.avsc`` files are the source of truth; ``tests/test_contract_drift.py``
 proves these models agree with the latest released version of each schema
 (names, order, types, optionality, enum symbols). Building a record through
-these models validates it before it is encoded.
+these models checks formats (NINO, postcode, UPRN), dates not in the future,
+time zones, a birth's date and death not before birth, before it is encoded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.validation import AgencyCode, AwareDatetime, Nino, PastDate, Postcode, Uprn
 
@@ -87,6 +88,12 @@ class BirthRegistered(Record):
     parents: list[RelatedPerson]
     home_address: Address
 
+    @model_validator(mode="after")
+    def child_has_a_birth_date(self) -> BirthRegistered:
+        if self.child.date_of_birth is None:
+            raise ValueError("child.date_of_birth is required in a birth registration")
+        return self
+
 
 class DeathRegistered(Record):
     envelope: Envelope
@@ -97,6 +104,13 @@ class DeathRegistered(Record):
     surviving_partner: RelatedPerson | None = None
     next_of_kin: list[RelatedPerson] = Field(default_factory=list)
     executor: RelatedPerson | None = None
+
+    @model_validator(mode="after")
+    def death_not_before_birth(self) -> DeathRegistered:
+        born = self.deceased.date_of_birth
+        if born is not None and self.date_of_death < born:
+            raise ValueError("date_of_death must not be before deceased.date_of_birth")
+        return self
 
 
 class AddressChanged(Record):

@@ -16,10 +16,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from fastavro import parse_schema
-from fastavro.schema import SchemaParseException, to_parsing_canonical_form
+from fastavro.schema import SchemaParseException
 
-from schemas.catalogue import CatalogueEntry, SchemaCatalogue, UnknownSchema, active
+from schemas.catalogue import CatalogueEntry, SchemaCatalogue, UnknownSchema, active, canonical_form
 
 MEDIA_TYPE = "application/vnd.schemaregistry.v1+json"
 
@@ -30,6 +29,8 @@ SCHEMA_NOT_FOUND = 40403
 INVALID_SCHEMA = 42201
 INVALID_VERSION = 42202
 READ_ONLY = 40301
+
+MAX_SCHEMA_CHARS = 1_000_000  # far above any real schema; bounds the work a request can cause
 
 
 def _error(status: int, code: int, message: str) -> JSONResponse:
@@ -65,29 +66,35 @@ def registry_router(fixed: SchemaCatalogue | None = None) -> APIRouter:
             return None
 
     def same_schema(candidate: str) -> CatalogueEntry | None:
-        try:
-            wanted = _canonical(json.loads(candidate))
-        except (json.JSONDecodeError, SchemaParseException, ValueError, TypeError, KeyError):
+        if len(candidate) > MAX_SCHEMA_CHARS:
             return None
+        try:
+            wanted = canonical_form(json.loads(candidate))
+        except (RecursionError, SchemaParseException, ValueError, TypeError, KeyError, AttributeError):
+            return None  # not an Avro schema we could hold
         for entry in current().entries():
-            if _canonical(entry.schema) == wanted:
+            if entry.canonical_form == wanted:
                 return entry
         return None
 
-    @router.get("/schemas/ids/{schema_id}")
-    async def schema_by_id(schema_id: int) -> JSONResponse:
+    def by_id(schema_id: str) -> CatalogueEntry | JSONResponse:
+        if not (schema_id.isascii() and schema_id.isdigit() and len(schema_id) <= 10):
+            return _error(404, SCHEMA_NOT_FOUND, f"Schema {schema_id[:20]} not found")
         try:
-            entry = current().by_id(schema_id)
+            return current().by_id(int(schema_id))
         except UnknownSchema:
             return _error(404, SCHEMA_NOT_FOUND, f"Schema {schema_id} not found")
-        return _ok({"schema": entry.schema_json})
+
+    @router.get("/schemas/ids/{schema_id}")
+    async def schema_by_id(schema_id: str) -> JSONResponse:
+        entry = by_id(schema_id)
+        return entry if isinstance(entry, JSONResponse) else _ok({"schema": entry.schema_json})
 
     @router.get("/schemas/ids/{schema_id}/versions")
-    async def subject_versions_of_id(schema_id: int) -> JSONResponse:
-        try:
-            entry = current().by_id(schema_id)
-        except UnknownSchema:
-            return _error(404, SCHEMA_NOT_FOUND, f"Schema {schema_id} not found")
+    async def subject_versions_of_id(schema_id: str) -> JSONResponse:
+        entry = by_id(schema_id)
+        if isinstance(entry, JSONResponse):
+            return entry
         return _ok([{"subject": entry.subject, "version": entry.version}])
 
     @router.get("/subjects")
@@ -107,7 +114,7 @@ def registry_router(fixed: SchemaCatalogue | None = None) -> APIRouter:
             return _error(404, SUBJECT_NOT_FOUND, f"Subject '{subject}' not found.")
         if version in ("latest", "-1"):
             return found[-1]
-        if not version.isdigit() or int(version) < 1:
+        if not (version.isascii() and version.isdigit() and len(version) <= 9) or int(version) < 1:
             return _error(
                 422, INVALID_VERSION, f"The specified version '{version}' is not a valid version id."
             )
@@ -129,7 +136,7 @@ def registry_router(fixed: SchemaCatalogue | None = None) -> APIRouter:
     async def _posted_schema(request: Request) -> str | None:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
             return None
         schema = body.get("schema") if isinstance(body, dict) else None
         return schema if isinstance(schema, str) else None
@@ -168,9 +175,3 @@ def registry_router(fixed: SchemaCatalogue | None = None) -> APIRouter:
         return _ok({"id": entry.schema_id})
 
     return router
-
-
-def _canonical(schema: Any) -> str:
-    """Avro's Parsing Canonical Form: equal for schemas that read and write alike,
-    whatever their documentation, key order or namespace spelling."""
-    return str(to_parsing_canonical_form(parse_schema(schema, _write_hint=False)))

@@ -24,10 +24,13 @@ class RegistryRefused(RuntimeError):
 
 
 async def bind_to_registry(
-    url: str, catalogue: SchemaCatalogue, client: httpx.AsyncClient | None = None
+    url: str,
+    catalogue: SchemaCatalogue,
+    client: httpx.AsyncClient | None = None,
+    auth: tuple[str, str] | None = None,
 ) -> SchemaCatalogue:
     owned = client is None
-    http = client or httpx.AsyncClient(timeout=10)
+    http = client or httpx.AsyncClient(timeout=10, auth=auth)
     ids: dict[tuple[str, int], int] = {}
     try:
         for entry in catalogue.entries():

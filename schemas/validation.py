@@ -7,8 +7,9 @@ pydantic adds which field.
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Annotated
+from zoneinfo import ZoneInfo
 
 from pydantic import AfterValidator, StringConstraints
 
@@ -55,8 +56,16 @@ def valid_agency_code(value: str) -> str:
     return value
 
 
+UK = ZoneInfo("Europe/London")
+
+
+def today_in_the_uk() -> date:
+    # Not the UTC date: from midnight to 01:00 in British Summer Time it is still yesterday.
+    return datetime.now(UK).date()
+
+
 def not_in_future(value: date) -> date:
-    if value > datetime.now(UTC).date():
+    if value > today_in_the_uk():
         raise ValueError("must not be in the future")
     return value
 

@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from runtime.settings import Settings
+from schemas.validation import today_in_the_uk
 
 T = TypeVar("T")
 
@@ -87,7 +88,7 @@ def header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
 
 
 def today() -> date:
-    return datetime.now(UTC).date()
+    return today_in_the_uk()
 
 
 def death_registration(**overrides: Any) -> dict[str, Any]:

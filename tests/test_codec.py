@@ -80,3 +80,22 @@ def test_truncated_and_padded_bodies_are_refused() -> None:
         decode(value[:-10])
     with pytest.raises(UndecodableMessage, match="trailing bytes"):
         decode(value + b"\x00\x01")
+
+
+def test_out_of_range_logical_values_are_undecodable_not_a_crash() -> None:
+    """A date beyond the calendar (fastavro raises OverflowError) must become a dead letter."""
+    import io
+    import json
+
+    from fastavro import parse_schema, schemaless_writer
+
+    entry = CATALOGUE.latest("DeathRegistered")
+    plain = json.loads(entry.schema_json)
+    plain["fields"][2]["type"] = "int"  # date_of_death without its logical type
+    record = _death()
+    record["date_of_death"] = 2**31 - 1
+    buffer = io.BytesIO()
+    buffer.write(b"\x00" + entry.schema_id.to_bytes(4, "big"))
+    schemaless_writer(buffer, parse_schema(plain), record)
+    with pytest.raises(UndecodableMessage, match="does not decode"):
+        decode(buffer.getvalue())

@@ -44,3 +44,18 @@ def test_every_error_of_a_submission_is_reported_at_once() -> None:
     body = death_registration(channel="fax", place_of_death="")
     body.pop("informant")
     assert {"channel", "place_of_death", "informant"} <= set(_errors(body))
+
+
+def test_contract_models_refuse_a_birth_without_a_date_and_a_death_before_birth() -> None:
+    from datetime import date
+
+    from schemas import models
+    from tests.golden.make_vectors import EXAMPLES
+
+    birth = {**EXAMPLES["BirthRegistered"], "child": {"given_names": "A", "family_name": "B"}}
+    with pytest.raises(ValidationError, match=r"child\.date_of_birth is required"):
+        models.BirthRegistered.model_validate(birth)
+    death = {**EXAMPLES["DeathRegistered"], "date_of_death": date(1900, 1, 1)}
+    with pytest.raises(ValidationError, match=r"must not be before deceased\.date_of_birth"):
+        models.DeathRegistered.model_validate(death)
+    assert models.DeathRegistered.model_validate(EXAMPLES["DeathRegistered"]).deceased.family_name

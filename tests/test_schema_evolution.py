@@ -46,13 +46,40 @@ def test_committed_contract_passes_the_check() -> None:
 
 def test_field_added_without_a_default_fails_naming_schema_and_field(contract: tuple[Path, Path]) -> None:
     source, versions = contract
+    before = (versions / "catalogue.json").read_text()
     _edit_source(source, "DeathRegistered", lambda s: s["fields"].append({"name": "cause", "type": "string"}))
     code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
     assert code == 1
-    assert "released DeathRegistered v2 (id 9)" in output
-    assert "DeathRegistered v2 cannot read data written with v1: field 'cause'" in output
+    assert (
+        "DeathRegistered v2 cannot read data written with v1: field 'cause': not in the data written "
+        "and has no default" in output
+    )
+    assert "Nothing released" in output
+    assert (versions / "catalogue.json").read_text() == before, "a refused release burns no id"
     code, output = _tuo("schemas", "check", "--source-dir", str(source), "--versions-dir", str(versions))
-    assert code == 1 and "field 'cause'" in output
+    assert code == 1 and "differs from its latest release" in output
+
+
+def test_nested_field_change_names_the_path_to_the_field(contract: tuple[Path, Path]) -> None:
+    source, versions = contract
+    _edit_source(source, "Address", lambda s: s["fields"].append({"name": "county", "type": "string"}))
+    code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
+    assert code == 1
+    assert "DeathRegistered v2 cannot read data written with v1: field 'last_address.county'" in output
+    assert "field 'surviving_partner.address.county'" in output, "through a nullable union"
+    assert "BirthRegistered v2 cannot read data written with v1: field 'parents[].address.county'" in output
+
+
+def test_changed_logical_type_is_refused(contract: tuple[Path, Path]) -> None:
+    source, versions = contract
+
+    def to_millis(schema: dict[str, Any]) -> None:
+        schema["fields"][3]["type"] = {"type": "long", "logicalType": "timestamp-millis"}
+
+    _edit_source(source, "Envelope", to_millis)
+    code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
+    assert code == 1
+    assert "field 'envelope.recorded_at': logical type timestamp-micros became timestamp-millis" in output
 
 
 def test_field_removed_without_a_default_fails_for_old_readers(contract: tuple[Path, Path]) -> None:
@@ -61,6 +88,7 @@ def test_field_removed_without_a_default_fails_for_old_readers(contract: tuple[P
     code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
     assert code == 1
     assert "DeliveryReceipt v1 cannot read data written with v2: field 'agency'" in output
+    assert "DeliveryReceipt v2" not in output, "new readers ignore the removed field"
 
 
 def test_field_added_with_a_default_is_released_and_old_data_still_decodes(
@@ -75,6 +103,7 @@ def test_field_added_with_a_default_is_released_and_old_data_still_decodes(
     )
     code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
     assert code == 0, output
+    assert "released DeathRegistered v2 (id 9)" in output
     evolved = SchemaCatalogue(versions)
     assert [e.version for e in evolved.versions("DeathRegistered")] == [1, 2]
     assert evolved.version("DeathRegistered", 1).schema_id == 2, "released ids never change"

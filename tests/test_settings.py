@@ -50,3 +50,16 @@ def test_secrets_do_not_appear_in_the_settings_repr() -> None:
     settings = Settings(database_url="postgresql://tuo:hunter2@db/tuo", pseudonym_key="k3y-s3cret")
     assert "hunter2" not in repr(settings)
     assert "k3y-s3cret" not in repr(settings)
+
+
+def test_registry_credentials_are_refused_in_the_url_and_kept_secret() -> None:
+    with pytest.raises(ValueError, match="schema_registry_url"):
+        Settings(schema_registry_url="https://key:secret@registry.example")
+    settings = Settings(
+        schema_registry_url="https://registry.example",
+        schema_registry_username="key",
+        schema_registry_password="s3cret-value",
+    )
+    assert settings.schema_registry_auth() == ("key", "s3cret-value")
+    assert "s3cret-value" not in repr(settings)
+    assert settings.schema_base_url() == "https://registry.example"

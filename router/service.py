@@ -2,11 +2,9 @@
 produce the agency messages, the routing decisions and the consumer offsets.
 
 Downstream readers use read_committed, so a crash at any point neither loses
-nor duplicates a delivery. The transactional id is stable per router instance
-(``TUO_ROUTER_INSTANCE_ID``). aiokafka uses the pre-KIP-447 protocol (offset
-commits are not fenced by consumer-group generation), so run exactly one router
-per consumer group: two instances with different ids could both deliver a batch
-while partitions move between them.
+nor duplicates a delivery. There is one transactional id per input partition
+(see ``Router``), the pre-KIP-447 way to keep exactly-once across rebalances
+with aiokafka: several routers may share the consumer group.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from datetime import datetime
 
 import asyncpg
 import structlog
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from router.rules import RoutableEvent, RoutingDecision, decide
@@ -129,34 +128,99 @@ async def plan(
     return outgoing
 
 
+class Router:
+    """One router instance. Any number may run in one consumer group: each input
+    partition has its own transactional producer (``<prefix>.router.<topic>.<n>``),
+    created when the partition is assigned. Creating it fences the partition's
+    previous owner — a crashed or paused instance can no longer commit — and only
+    then are the committed offsets read, so no batch is delivered twice."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.topics = Topics(settings.topic_prefix)
+        self.group_id = f"{settings.topic_prefix}.router"
+        self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self.lock = asyncio.Lock()  # a rebalance waits for the batch in hand
+        self.assignments = 0  # bumps on every assignment: batches fetched before it are stale
+        self.consumer = kafka.consumer(
+            settings,
+            group_id=self.group_id,
+            client_id="tuo-router",
+            session_timeout_ms=6000,  # the broker's minimum: a crashed router is replaced fast
+            heartbeat_interval_ms=2000,
+        )
+
+    def transactional_id(self, tp: TopicPartition) -> str:
+        return f"{self.settings.topic_prefix}.router.{tp.topic}.{tp.partition}"
+
+    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.lock:
+            for tp in revoked:
+                producer = self.producers.pop(tp, None)
+                if producer is not None:
+                    await producer.stop()
+            log.info("router_partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+
+    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self.lock:
+            self.assignments += 1
+            for tp in assigned - set(self.producers):
+                producer = kafka.producer(
+                    self.settings, client_id="tuo-router", transactional_id=self.transactional_id(tp)
+                )
+                await producer.start()  # InitProducerId: fences and settles the old owner
+                self.producers[tp] = producer
+            if assigned:
+                # Offsets read before the fence could predate the old owner's last commit.
+                await self.consumer.seek_to_committed(*assigned)
+            log.info("router_partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.consumer.subscribe([self.topics.life_events], listener=_Rebalance(self))
+        try:
+            # Agencies subscribed since the bus started need their topics before we send to them.
+            await ensure_topics(self.settings, await agencies(self.pool))
+            await self.consumer.start()
+            log.info("router_started", group_id=self.group_id)
+            while not stop.is_set():
+                epoch = self.assignments
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=500)
+                if not batches:
+                    continue
+                async with self.lock:
+                    if epoch != self.assignments:
+                        continue  # positions were reset to the committed offsets; fetch again
+                    await asyncio.gather(*(self._route(tp, records) for tp, records in batches.items()))
+        finally:
+            await self.consumer.stop()
+            for producer in self.producers.values():
+                await producer.stop()
+            self.producers.clear()
+
+    async def _route(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        producer = self.producers.get(tp)
+        if producer is None:
+            return  # no longer ours; the new owner reads from the committed offset
+        outgoing = await plan(self.pool, self.topics, records, self.settings.schema_base_url())
+        async with producer.transaction():
+            for message in outgoing:
+                await producer.send(
+                    message.topic, value=message.value, key=message.key, headers=message.headers
+                )
+            await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.group_id)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.router.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.router.partitions_assigned(assigned)
+
+
 async def run_router(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-    topics = Topics(settings.topic_prefix)
-    group_id = f"{settings.topic_prefix}.router"
-    consumer = kafka.consumer(settings, topics.life_events, group_id=group_id, client_id="tuo-router")
-    producer = kafka.producer(
-        settings,
-        client_id="tuo-router",
-        transactional_id=f"{settings.topic_prefix}.router.{settings.router_instance_id}",
-    )
-    try:
-        # Agencies subscribed since the bus started need their topics before we send to them.
-        await ensure_topics(settings, await agencies(pool))
-        await producer.start()
-        await consumer.start()
-        log.info("router_started", group_id=group_id)
-        while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=500, max_records=500)
-            if not batches:
-                continue
-            records = [r for part in batches.values() for r in part]
-            outgoing = await plan(pool, topics, records, settings.schema_base_url())
-            offsets: dict[TopicPartition, int] = {tp: part[-1].offset + 1 for tp, part in batches.items()}
-            async with producer.transaction():
-                for message in outgoing:
-                    await producer.send(
-                        message.topic, value=message.value, key=message.key, headers=message.headers
-                    )
-                await producer.send_offsets_to_transaction(offsets, group_id)
-    finally:
-        await consumer.stop()
-        await producer.stop()
+    await Router(settings, pool).run(stop)

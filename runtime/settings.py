@@ -49,7 +49,6 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="tuo", pattern=r"^[a-zA-Z0-9._-]{1,40}$")
     life_events_partitions: int = Field(default=3, ge=1, le=1000)
     topic_replication_factor: int = Field(default=1, ge=1, le=10)
-    router_instance_id: str = Field(default="0", pattern=r"^[a-zA-Z0-9._-]{1,40}$")
 
     # PostgreSQL
     database_url: SecretStr | None = None

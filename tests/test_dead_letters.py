@@ -21,6 +21,12 @@ from tests.support import death_registration, eventually, header, read_topic
 pytestmark = pytest.mark.integration
 
 
+def encode_death() -> bytes:
+    from tests.golden.make_vectors import EXAMPLES
+
+    return encode("DeathRegistered", EXAMPLES["DeathRegistered"])
+
+
 async def _produce(settings: Settings, topic: str, value: bytes, headers: list[tuple[str, bytes]]) -> str:
     marker = uuid.uuid4().hex
     producer = AIOKafkaProducer(bootstrap_servers=settings.require_bootstrap_servers())
@@ -53,6 +59,30 @@ async def _dead_letter(settings: Settings, marker: str) -> ConsumerRecord[bytes,
             b'{"deceased": "x"}',
             CloudEvent(id="x", type="DeathRegistered", source="/evil").headers(),
             "magic byte is 123",
+        ),
+        (
+            "garbage bytes",
+            bytes(range(256)) * 4,
+            CloudEvent(id="g", type="DeathRegistered", source="/evil").headers(),
+            "no schema with id 16909060",
+        ),
+        (
+            "wrong magic byte",
+            b"\x07" + encode_death()[1:],
+            CloudEvent(id="m", type="DeathRegistered", source="/evil").headers(),
+            "magic byte is 7, expected 0",
+        ),
+        (
+            "unknown schema id",
+            b"\x00\x00\x00\x30\x39" + encode_death()[5:],
+            CloudEvent(id="u", type="DeathRegistered", source="/evil").headers(),
+            "no schema with id 12345",
+        ),
+        (
+            "truncated payload",
+            encode_death()[:60],
+            CloudEvent(id="t", type="DeathRegistered", source="/evil").headers(),
+            "DeathRegistered body does not decode",
         ),
         (
             "a receipt posing as a life event",

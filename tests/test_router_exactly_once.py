@@ -1,0 +1,173 @@
+"""Exactly-once fan-out under faults, against the real broker: router processes
+killed with SIGKILL at random moments, and a second router taking over
+partitions mid-stream. Every agency topic must hold each event it is entitled
+to exactly once (counted by ce_id, read_committed) and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from runtime.kafka import Topics, ensure_topics
+from runtime.settings import Settings
+from schemas import encode
+from schemas.cloudevents import headers_for
+from tests.conftest import PROJECT
+from tests.golden.make_vectors import EXAMPLES
+from tests.support import eventually, header, read_topic
+
+pytestmark = pytest.mark.integration
+
+ENTITLED = ("hmrc", "dwp")  # statutory for DeathRegistered in the seed
+NOT_ENTITLED = ("dvla", "hmpo", "council-leeds")  # consent never given / not subscribed
+
+
+def _isolated(services: Settings) -> Settings:
+    """Same broker and database, own topics: this test's routers share nothing with the bus's."""
+    return services.model_copy(update={"topic_prefix": "eo" + uuid.uuid4().hex[:8]})
+
+
+def _life_event() -> tuple[str, bytes, bytes, list[tuple[str, bytes]]]:
+    event_id = str(uuid.uuid4())
+    subject_id = f"s-{uuid.uuid4().hex}"
+    record: dict[str, Any] = dict(EXAMPLES["DeathRegistered"])
+    record["envelope"] = {
+        **record["envelope"],
+        "event_id": event_id,
+        "subject": {"subject_id": subject_id, "nino": None},
+        "recorded_at": datetime.now(UTC),
+    }
+    value = encode("DeathRegistered", record)
+    headers = headers_for(
+        value,
+        id=event_id,
+        source="/offices/test",
+        subject=subject_id,
+        time=datetime.now(UTC),
+        schema_base_url="http://127.0.0.1:8080",
+    )
+    return event_id, subject_id.encode(), value, headers
+
+
+async def _stream(settings: Settings, count: int, per_second: float) -> list[str]:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.require_bootstrap_servers(), enable_idempotence=True
+    )
+    await producer.start()
+    sent = []
+    try:
+        for _ in range(count):
+            event_id, key, value, headers = _life_event()
+            await producer.send_and_wait(
+                Topics(settings.topic_prefix).life_events, value, key=key, headers=headers
+            )
+            sent.append(event_id)
+            await asyncio.sleep(1 / per_second)
+    finally:
+        await producer.stop()
+    return sent
+
+
+def _start_router(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    assert settings.database_url is not None and settings.pseudonym_key is not None
+    env = {
+        **os.environ,
+        "TUO_KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap_servers(),
+        "TUO_DATABASE_URL": settings.database_url.get_secret_value(),
+        "TUO_PSEUDONYM_KEY": settings.pseudonym_key.get_secret_value(),
+        "TUO_TOPIC_PREFIX": settings.topic_prefix,
+        "TUO_STATE_DIR": str(log.parent / "no-stack"),
+        "TUO_LOG_LEVEL": "WARNING",
+    }
+    tuo = str(Path(sys.executable).parent / "tuo")
+    return subprocess.Popen(
+        [tuo, "run", "router"], cwd=PROJECT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+
+
+async def _assert_exactly_once(settings: Settings, sent: list[str]) -> dict[str, int]:
+    topics = Topics(settings.topic_prefix)
+
+    async def all_delivered() -> bool:
+        for agency in ENTITLED:
+            seen = {header(r, "ce_id") for r in await read_topic(settings, topics.agency(agency))}
+            if not set(sent) <= seen:
+                return False
+        return True
+
+    await eventually(all_delivered, timeout=120, what=f"{len(sent)} events at {ENTITLED}")
+    counts = {}
+    for agency in ENTITLED:
+        ids = Counter(header(r, "ce_id") for r in await read_topic(settings, topics.agency(agency)))
+        duplicates = {event_id: n for event_id, n in ids.items() if n > 1}
+        assert not duplicates, f"{agency} received {len(duplicates)} events more than once"
+        assert set(ids) == set(sent), f"{agency} received events nobody sent"
+        counts[agency] = sum(ids.values())
+    for agency in NOT_ENTITLED:
+        assert await read_topic(settings, topics.agency(agency)) == [], f"{agency} is not entitled"
+    decisions = Counter(header(r, "ce_id") for r in await read_topic(settings, topics.routing_decisions))
+    assert all(n == 1 for n in decisions.values()), "each decision recorded once"
+    return counts
+
+
+async def test_router_killed_at_random_moments_delivers_each_event_exactly_once(
+    services: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    settings = _isolated(services)
+    await ensure_topics(settings, ["hmrc", "dwp", "dvla", "hmpo", "council-leeds"])
+    log = tmp_path / "router.log"
+    router = _start_router(settings, log)
+    kills = 0
+    streaming = asyncio.create_task(_stream(settings, count=300, per_second=60))
+    try:
+        while not streaming.done() and kills < 3:
+            await asyncio.sleep(random.uniform(0.8, 2.0))
+            router.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(router.wait)
+            kills += 1
+            router = _start_router(settings, log)
+        sent = await streaming
+        counts = await _assert_exactly_once(settings, sent)
+    finally:
+        router.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(router.wait, 30)
+    assert kills == 3, "the router was killed three times mid-stream"
+    assert counts == {agency: 300 for agency in ENTITLED}
+    print(
+        f"\nSIGKILLed the router {kills} times during 300 events; each entitled agency got each exactly once"
+    )
+
+
+async def test_second_router_takes_over_mid_stream_without_loss_or_duplicates(
+    services: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    settings = _isolated(services)
+    await ensure_topics(settings, ["hmrc", "dwp", "dvla", "hmpo", "council-leeds"])
+    first = _start_router(settings, tmp_path / "first.log")
+    second = _start_router(settings, tmp_path / "second.log")
+    streaming = asyncio.create_task(_stream(settings, count=300, per_second=60))
+    try:
+        await asyncio.sleep(2.5)
+        first.send_signal(signal.SIGTERM)  # a graceful stop: its partitions move to the second
+        assert await asyncio.to_thread(first.wait, 60) == 0
+        sent = await streaming
+        counts = await _assert_exactly_once(settings, sent)
+    finally:
+        for router in (first, second):
+            if router.poll() is None:
+                router.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(router.wait, 30)
+    assert counts == {agency: 300 for agency in ENTITLED}

@@ -28,6 +28,7 @@ from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
+from schemas.catalogue import DELIVERY_SUFFIX
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
 
 log = structlog.get_logger(__name__)
@@ -148,7 +149,7 @@ class AgencyConsumer:
     def _event(self, record: ConsumerRecord[bytes, bytes]) -> DeliveredEvent:
         cloud_event = CloudEvent.from_headers(record.headers)
         subject, body = decode(record.value or b"")
-        if subject != cloud_event.type:
+        if subject not in (cloud_event.type, f"{cloud_event.type}{DELIVERY_SUFFIX}"):
             raise UndecodableMessage(f"ce_type says {cloud_event.type} but the value is {subject}")
         envelope = body.get("envelope")
         if not isinstance(envelope, dict) or str(envelope.get("event_id")) != cloud_event.id:
@@ -157,7 +158,7 @@ class AgencyConsumer:
             event_id = str(uuid.UUID(cloud_event.id))
         except ValueError:
             raise UndecodableMessage("ce_id is not a UUID") from None
-        return DeliveredEvent(event_id=event_id, event_type=subject, record=body)
+        return DeliveredEvent(event_id=event_id, event_type=cloud_event.type, record=body)
 
     def _receipt_value(self, receipt: Receipt) -> bytes:
         return encode(

@@ -10,14 +10,18 @@ with aiokafka: several routers may share the consumer group.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from router.minimise import event_fields, minimise
+from router.policy import POLICY
 from router.rules import RoutableEvent, RoutingDecision, decide
 from router.store import agencies, current_consent, load_subscriptions
 from runtime import kafka
@@ -25,6 +29,7 @@ from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
+from schemas.catalogue import DELIVERY_SUFFIX, LIFE_EVENTS, MINIMISED
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
 
 log = structlog.get_logger(__name__)
@@ -43,7 +48,26 @@ class UnroutableEvent(ValueError):
     """A life-events message that cannot be routed; it goes to dead letters."""
 
 
-def _routable(record: ConsumerRecord[bytes, bytes]) -> RoutableEvent:
+@dataclass(frozen=True)
+class Incoming:
+    record: ConsumerRecord[bytes, bytes]
+    event: RoutableEvent
+    body: dict[str, Any]
+
+
+def _postcodes(value: Any) -> Iterator[str]:
+    """Every postcode anywhere in a decoded record (addresses, people's addresses)."""
+    if isinstance(value, dict):
+        if isinstance(value.get("postcode"), str):
+            yield value["postcode"]
+        for item in value.values():
+            yield from _postcodes(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _postcodes(item)
+
+
+def _routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
     try:
         cloud_event = CloudEvent.from_headers(record.headers)
         subject, body = decode(record.value or b"")
@@ -59,7 +83,42 @@ def _routable(record: ConsumerRecord[bytes, bytes]) -> RoutableEvent:
     subject_id = envelope["subject"]["subject_id"]
     if record.key is None or record.key.decode(errors="replace") != subject_id:
         raise UnroutableEvent("message key is not the envelope's subject_id")
-    return RoutableEvent(event_id=cloud_event.id, event_type=subject, subject_id=subject_id)
+    if subject not in LIFE_EVENTS:
+        raise UnroutableEvent(f"{subject} is not a life event")
+    own = {k: v for k, v in body.items() if k != "envelope"}
+    event = RoutableEvent(
+        event_id=cloud_event.id,
+        event_type=subject,
+        subject_id=subject_id,
+        fields=event_fields(body),
+        postcodes=frozenset(_postcodes(own)),
+    )
+    return Incoming(record, event, body)
+
+
+def _agency_copy(
+    topics: Topics, incoming: Incoming, decision: RoutingDecision, schema_base_url: str
+) -> Outgoing:
+    """The agency's message: minimised where the event type has a delivery schema."""
+    event = incoming.event
+    if event.event_type not in MINIMISED:
+        return Outgoing(
+            topics.agency(decision.agency),
+            incoming.record.key,
+            incoming.record.value,
+            list(incoming.record.headers),
+        )
+    value = encode(f"{event.event_type}{DELIVERY_SUFFIX}", minimise(incoming.body, decision.fields_delivered))
+    headers = headers_for(
+        value,
+        id=event.event_id,
+        type=event.event_type,
+        source=CloudEvent.from_headers(incoming.record.headers).source,
+        subject=event.subject_id,
+        time=CloudEvent.from_headers(incoming.record.headers).time or datetime.now(UTC),
+        schema_base_url=schema_base_url,
+    )
+    return Outgoing(topics.agency(decision.agency), incoming.record.key, value, headers)
 
 
 def _decision_message(
@@ -92,10 +151,10 @@ async def plan(
 ) -> list[Outgoing]:
     """Everything one batch of life events should produce, decided now."""
     outgoing: list[Outgoing] = []
-    routable: list[tuple[ConsumerRecord[bytes, bytes], RoutableEvent]] = []
+    routable: list[Incoming] = []
     for record in records:
         try:
-            routable.append((record, _routable(record)))
+            routable.append(_routable(record))
         except UnroutableEvent as exc:
             letter = dead_letter(record, COMPONENT, str(exc))
             outgoing.append(Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers))
@@ -110,15 +169,18 @@ async def plan(
     async with pool.acquire() as conn:
         now: datetime = await conn.fetchval("SELECT clock_timestamp()")
         subscriptions = await load_subscriptions(conn)
-        consent = await current_consent(conn, [(e.subject_id, e.event_type) for _, e in routable])
-    for record, event in routable:
-        decisions = decide(event, subscriptions, consent.get((event.subject_id, event.event_type), {}), now)
+        consent = await current_consent(conn, [(i.event.subject_id, i.event.event_type) for i in routable])
+    for incoming in routable:
+        event = incoming.event
+        decisions = decide(
+            event, subscriptions, consent.get((event.subject_id, event.event_type), {}), now, POLICY
+        )
         for decision in decisions:
             if decision.delivers:
-                outgoing.append(
-                    Outgoing(topics.agency(decision.agency), record.key, record.value, list(record.headers))
-                )
-            outgoing.append(_decision_message(topics, decision, record.key or b"", now, schema_base_url))
+                outgoing.append(_agency_copy(topics, incoming, decision, schema_base_url))
+            outgoing.append(
+                _decision_message(topics, decision, incoming.record.key or b"", now, schema_base_url)
+            )
         log.info(
             "event_routed",
             event_id=event.event_id,
@@ -141,6 +203,9 @@ class Router:
         self.topics = Topics(settings.topic_prefix)
         self.group_id = f"{settings.topic_prefix}.router"
         self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        # The next input offset each partition must route. Only records at or past it
+        # are routed, whatever position the consumer's own offset machinery restores.
+        self.next_offset: dict[TopicPartition, int] = {}
         self.lock = asyncio.Lock()  # a rebalance waits for the batch in hand
         self.assignments = 0  # bumps on every assignment: batches fetched before it are stale
         self.consumer = kafka.consumer(
@@ -157,6 +222,7 @@ class Router:
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:
             for tp in revoked:
+                self.next_offset.pop(tp, None)
                 producer = self.producers.pop(tp, None)
                 if producer is not None:
                     await producer.stop()
@@ -171,9 +237,14 @@ class Router:
                 )
                 await producer.start()  # InitProducerId: fences and settles the old owner
                 self.producers[tp] = producer
-            if assigned:
-                # Offsets read before the fence could predate the old owner's last commit.
-                await self.consumer.seek_to_committed(*assigned)
+            for tp in assigned:
+                # Read after the fence: the old owner's last transaction has settled, so this
+                # includes its offsets (an offset fetched earlier could predate them).
+                committed = await self.consumer.committed(tp)
+                if committed is None:
+                    committed = (await self.consumer.beginning_offsets([tp]))[tp]
+                self.next_offset[tp] = committed
+                self.consumer.seek(tp, committed)
             log.info("router_partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -200,8 +271,11 @@ class Router:
 
     async def _route(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         producer = self.producers.get(tp)
-        if producer is None:
+        if producer is None or tp not in self.next_offset:
             return  # no longer ours; the new owner reads from the committed offset
+        records = [r for r in records if r.offset >= self.next_offset[tp]]  # never route twice
+        if not records:
+            return
         outgoing = await plan(self.pool, self.topics, records, self.settings.schema_base_url())
         async with producer.transaction():
             for message in outgoing:
@@ -209,6 +283,7 @@ class Router:
                     message.topic, value=message.value, key=message.key, headers=message.headers
                 )
             await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.group_id)
+        self.next_offset[tp] = records[-1].offset + 1
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import asyncpg
 
-from router.rules import ConsentState, Subscription
+from router.rules import Condition, ConsentState, Subscription
 
 
 async def load_subscriptions(conn: asyncpg.Pool | asyncpg.Connection) -> list[Subscription]:
     rows = await conn.fetch(
-        "SELECT agency, event_type, legal_basis, statute, valid_from, valid_to, status  FROM subscription"
+        "SELECT agency, event_type, legal_basis, statute, valid_from, valid_to, status, fields,"
+        "       condition::text AS condition FROM subscription"
     )
-    return [Subscription(**dict(r)) for r in rows]
+    return [
+        Subscription(
+            agency=r["agency"],
+            event_type=r["event_type"],
+            legal_basis=r["legal_basis"],
+            statute=r["statute"],
+            valid_from=r["valid_from"],
+            valid_to=r["valid_to"],
+            status=r["status"],
+            fields=None if r["fields"] is None else frozenset(r["fields"]),
+            condition=Condition.from_json(json.loads(r["condition"]) if r["condition"] else None),
+        )
+        for r in rows
+    ]
 
 
 async def current_consent(
@@ -39,3 +54,50 @@ async def current_consent(
 async def agencies(conn: asyncpg.Pool | asyncpg.Connection) -> list[str]:
     rows = await conn.fetch("SELECT DISTINCT agency FROM subscription ORDER BY agency")
     return [r["agency"] for r in rows]
+
+
+async def upsert_subscription(
+    conn: asyncpg.Pool | asyncpg.Connection,
+    *,
+    agency: str,
+    event_type: str,
+    legal_basis: str,
+    statute: str | None,
+    fields: list[str] | None,
+    condition: dict[str, object] | None,
+    status: str = "active",
+) -> None:
+    await conn.execute(
+        "INSERT INTO subscription (agency, event_type, legal_basis, statute, fields, condition, status)"
+        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)"
+        " ON CONFLICT (agency, event_type) DO UPDATE SET legal_basis = EXCLUDED.legal_basis,"
+        "   statute = EXCLUDED.statute, fields = EXCLUDED.fields, condition = EXCLUDED.condition,"
+        "   status = EXCLUDED.status",
+        agency,
+        event_type,
+        legal_basis,
+        statute,
+        fields,
+        json.dumps(condition) if condition else None,
+        status,
+    )
+
+
+async def set_subscription_status(
+    conn: asyncpg.Pool | asyncpg.Connection, agency: str, event_type: str | None, status: str
+) -> int:
+    result: str = await conn.execute(
+        "UPDATE subscription SET status = $3 WHERE agency = $1 AND ($2::text IS NULL OR event_type = $2)",
+        agency,
+        event_type,
+        status,
+    )
+    return int(result.rsplit(" ", 1)[-1])
+
+
+async def list_subscriptions(conn: asyncpg.Pool | asyncpg.Connection) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT agency, event_type, legal_basis, statute, fields, condition::text AS condition,"
+        "       valid_from, valid_to, status FROM subscription ORDER BY agency, event_type"
+    )
+    return rows

@@ -6,21 +6,25 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import httpx
 import typer
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from producers.store import event_status
 from router.seed import load_seed
+from router.store import list_subscriptions, set_subscription_status, upsert_subscription
+from router.subscription_request import SubscriptionRequest
 from runtime.database import migrate, open_pool
 from runtime.demo import demo_submissions
+from runtime.kafka import ensure_topics
 from runtime.logging import configure_logging
 from runtime.services import COMPONENTS, start_bus
 from runtime.settings import MissingSetting, Settings, load_settings
@@ -29,9 +33,12 @@ from schemas import evolution
 from schemas.catalogue import SOURCE_DIR, VERSIONS_DIR, SchemaCatalogue
 from schemas.validation import today_in_the_uk
 
+T = TypeVar("T")
 app = typer.Typer(help="Tell Us Once: tell the state about a life event once.", no_args_is_help=True)
 stack_app = typer.Typer(help="The local stack: Kafka and PostgreSQL on loopback.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+subscriptions_app = typer.Typer(help="Which agencies receive which events and fields.", no_args_is_help=True)
+app.add_typer(subscriptions_app, name="subscriptions")
 schemas_app = typer.Typer(help="The event contract: Avro schemas, versions and ids.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
 console = Console()
@@ -181,6 +188,86 @@ def schemas_list(versions_dir: VersionsDir = VERSIONS_DIR) -> None:
     for entry in SchemaCatalogue(versions_dir).entries():
         table.add_row(str(entry.schema_id), entry.subject, str(entry.version))
     console.print(table)
+
+
+def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    async def run() -> T:
+        pool = await open_pool(_settings())
+        try:
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    with _clear_errors():
+        return asyncio.run(run())
+
+
+@subscriptions_app.command("list")
+def subscriptions_list() -> None:
+    """Every subscription: agency, event type, legal basis, fields, condition, status."""
+    rows = _with_pool(list_subscriptions)
+    table = Table("agency", "event type", "basis", "fields", "condition", "status")
+    for row in rows:
+        basis = row["legal_basis"] + (f": {row['statute']}" if row["statute"] else "")
+        fields = ", ".join(row["fields"]) if row["fields"] is not None else "(all)"
+        table.add_row(row["agency"], row["event_type"], basis, fields, row["condition"] or "-", row["status"])
+    console.print(table)
+
+
+@subscriptions_app.command("add")
+def subscriptions_add(
+    agency: Annotated[str, typer.Argument(help="Agency code, e.g. council-york")],
+    event_type: Annotated[str, typer.Argument(help="e.g. DeathRegistered")],
+    basis: Annotated[str, typer.Option(help="statutory or consent")],
+    field: Annotated[
+        list[str], typer.Option(help="A field the agency receives (repeat); 'nino' for the NINO")
+    ],
+    statute: Annotated[str | None, typer.Option(help="The statute, for a statutory basis")] = None,
+    postcode_area: Annotated[
+        list[str] | None, typer.Option(help="Only events with an address in this area (repeat), e.g. YO")
+    ] = None,
+) -> None:
+    """Add or replace an agency's subscription to an event type (active at once)."""
+    try:
+        subscription = SubscriptionRequest(
+            agency=agency,
+            event_type=event_type,
+            basis=basis,
+            statute=statute,
+            fields=field,
+            postcode_areas=postcode_area or [],
+        )
+    except ValidationError as exc:
+        raise _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
+
+    async def add(pool: asyncpg.Pool) -> None:
+        await upsert_subscription(pool, **subscription.as_row())
+        await ensure_topics(load_settings(), [subscription.agency])
+
+    _with_pool(add)
+    console.print(f"{agency} now receives {event_type} ({', '.join(subscription.fields)}) on {basis} basis.")
+
+
+@subscriptions_app.command("suspend")
+def subscriptions_suspend(
+    agency: str, event_type: Annotated[str | None, typer.Argument(help="Default: all of the agency's")] = None
+) -> None:
+    """Stop routing to an agency from the next routing decision on."""
+    changed = _with_pool(lambda pool: set_subscription_status(pool, agency, event_type, "suspended"))
+    if not changed:
+        raise _fail(f"{agency} has no subscription{' to ' + event_type if event_type else ''}")
+    console.print(f"Suspended {changed} subscription(s) of {agency}.")
+
+
+@subscriptions_app.command("activate")
+def subscriptions_activate(
+    agency: str, event_type: Annotated[str | None, typer.Argument(help="Default: all of the agency's")] = None
+) -> None:
+    """Resume routing to a suspended agency."""
+    changed = _with_pool(lambda pool: set_subscription_status(pool, agency, event_type, "active"))
+    if not changed:
+        raise _fail(f"{agency} has no subscription{' to ' + event_type if event_type else ''}")
+    console.print(f"Activated {changed} subscription(s) of {agency}.")
 
 
 @app.command("migrate")

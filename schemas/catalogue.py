@@ -11,6 +11,7 @@ changed or reused. ``tuo schemas freeze`` adds a version when a source changed;
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,15 +29,51 @@ CATALOGUE_FILE = "catalogue.json"
 # The top-level schemas: one per event type, plus the bus's own messages.
 LIFE_EVENTS = ("BirthRegistered", "DeathRegistered", "AddressChanged", "EventCorrected", "EventVoided")
 BUS_MESSAGES = ("DeliveryReceipt", "RoutingDecision", "ConsentChanged")
-TOP_LEVEL = LIFE_EVENTS + BUS_MESSAGES
+# What an agency receives of an event: derived mechanically from the event's schema
+# (see ``delivery_schema``), so it cannot drift from it.
+MINIMISED = ("BirthRegistered", "DeathRegistered", "AddressChanged")
+DELIVERY_SUFFIX = "Delivery"
+DELIVERIES = tuple(f"{name}{DELIVERY_SUFFIX}" for name in MINIMISED)
+TOP_LEVEL = LIFE_EVENTS + BUS_MESSAGES + DELIVERIES
 
 
 class UnknownSchema(LookupError):
     """No schema with this id, name or version is in the catalogue."""
 
 
+def delivery_schema(event_schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema of what one agency receives of an event: the envelope, then every
+    other field made optional (null when the agency's subscription does not cover
+    it), then ``withheld_fields`` naming what was left out."""
+    derived = copy.deepcopy(event_schema)
+    base_name = derived["name"].rsplit(".", 1)[-1]
+    derived["name"] = f"{derived['name']}{DELIVERY_SUFFIX}"
+    derived["doc"] = (
+        f"What one agency receives of a {base_name}: only the fields its subscription covers; "
+        "the others are null and named in withheld_fields."
+    )
+    for field in derived["fields"]:
+        if field["name"] == "envelope":
+            continue
+        kind = field["type"]
+        if not (isinstance(kind, list) and kind and kind[0] == "null"):
+            field["type"] = ["null", kind]
+        field["default"] = None
+    derived["fields"].append(
+        {
+            "name": "withheld_fields",
+            "type": {"type": "array", "items": "string"},
+            "default": [],
+            "doc": "Fields of the event this agency is not entitled to; 'nino' means the envelope's NINO.",
+        }
+    )
+    return derived
+
+
 def expand_source(name: str, source_dir: Path = SOURCE_DIR) -> dict[str, Any]:
     """The named schema from the source files, with every named type it uses inlined."""
+    if name in DELIVERIES:
+        return delivery_schema(expand_source(name.removesuffix(DELIVERY_SUFFIX), source_dir))
     expanded = load_schema(str(source_dir / f"{NAMESPACE}.{name}.avsc"), _write_hint=False)
     assert isinstance(expanded, dict)
     return expanded

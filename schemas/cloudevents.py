@@ -68,15 +68,23 @@ class CloudEvent:
 
 
 def headers_for(
-    value: bytes, *, id: str, source: str, subject: str | None, time: datetime, schema_base_url: str
+    value: bytes,
+    *,
+    id: str,
+    source: str,
+    subject: str | None,
+    time: datetime,
+    schema_base_url: str,
+    type: str | None = None,
 ) -> KafkaHeaders:
-    """The full set of ``ce_*`` headers for an encoded value: its type and
-    ``ce_dataschema`` come from the schema id in the value's own framing."""
+    """The full set of ``ce_*`` headers for an encoded value: ``ce_dataschema``
+    (and, unless ``type`` is given, ``ce_type``) come from the schema id in the
+    value's own framing. An agency's minimised copy keeps the event's type."""
     schema_id = schema_id_of(value)
     entry = active().by_id(schema_id)
     return CloudEvent(
         id=id,
-        type=entry.name,
+        type=type or entry.name,
         source=source,
         time=time,
         subject=subject,

@@ -28,16 +28,17 @@ async def test_status_prints_each_agencys_decision_and_receipt(
 
     async def receipts_in() -> bool:
         status = (await intake.get(f"/v1/events/{accepted['reference']}")).json()
-        return sum(1 for a in status["agencies"] if a["receipt"]) == 3
+        return sum(1 for a in status["agencies"] if a["receipt"]) == 4
 
-    await eventually(receipts_in, what="three receipts")
+    await eventually(receipts_in, what="four receipts")
     code, output = await asyncio.to_thread(_invoke, services, "status", accepted["reference"].lower())
     assert code == 0, output
     assert accepted["reference"] in output
     rows = {line.split("│")[1].strip(): line for line in output.splitlines() if line.count("│") > 3}
-    for agency in ("hmrc", "dwp", "dvla"):
+    for agency in ("hmrc", "dwp", "dvla", "council-leeds"):
         assert "delivered" in rows[agency] and "applied" in rows[agency], rows.get(agency)
     assert "withheld: no consent" in rows["hmpo"]
+    assert "not subscribed" in rows["council-bradford"], "a Leeds address is outside Bradford's area"
 
 
 async def test_status_of_unknown_reference_fails_with_a_message(services: Settings) -> None:

@@ -11,7 +11,7 @@ from uuid import UUID
 import pytest
 from pydantic import BaseModel
 
-from schemas.catalogue import CATALOGUE, TOP_LEVEL
+from schemas.catalogue import CATALOGUE, DELIVERIES, DELIVERY_SUFFIX, TOP_LEVEL, delivery_schema
 from schemas.models import TOP_LEVEL_MODELS
 
 PRIMITIVES: dict[str, type] = {"string": str, "int": int, "long": int, "boolean": bool, "double": float}
@@ -86,9 +86,16 @@ def _compare_record(avro: dict[str, Any], model: Any, path: str, named: dict[str
     return problems
 
 
-@pytest.mark.parametrize("name", TOP_LEVEL)
+@pytest.mark.parametrize("name", sorted(TOP_LEVEL_MODELS))
 def test_model_agrees_with_the_latest_schema_field_by_field(name: str) -> None:
     assert _compare_record(CATALOGUE.latest(name).schema, TOP_LEVEL_MODELS[name], "", {}) == []
+
+
+def test_every_hand_written_schema_has_a_model_and_deliveries_are_derived() -> None:
+    assert set(TOP_LEVEL) - set(TOP_LEVEL_MODELS) == set(DELIVERIES)
+    for name in DELIVERIES:
+        base = CATALOGUE.latest(name.removesuffix(DELIVERY_SUFFIX)).schema
+        assert CATALOGUE.latest(name).schema == delivery_schema(base), f"{name} drifted from its event"
 
 
 def test_drift_is_detected() -> None:

@@ -18,7 +18,8 @@ from tests.support import death_registration, eventually, header, random_nino, r
 
 pytestmark = pytest.mark.integration
 
-ENTITLED_TO_DEATH = {"hmrc", "dwp", "dvla"}  # two statutory, dvla by the informant's consent
+# hmrc, dwp statutory; dvla by the informant's consent; council-leeds statutory for a Leeds address
+ENTITLED_TO_DEATH = {"hmrc", "dwp", "dvla", "council-leeds"}
 
 
 async def _status_when_settled(intake: httpx.AsyncClient, reference: str) -> dict[str, Any]:
@@ -51,7 +52,7 @@ async def test_death_registration_reaches_each_entitled_agency_with_a_receipt(
     assert by_agency["dvla"]["legal_basis"] == "consent"
     assert by_agency["hmpo"]["decision"] == "withheld_no_consent"
     assert by_agency["hmpo"]["receipt"] is None
-    assert by_agency["council-leeds"]["decision"] == "withheld_no_subscription"
+    assert by_agency["council-bradford"]["decision"] == "withheld_no_subscription", "outside its area"
 
     topics = Topics(services.topic_prefix)
     event_id = accepted["event_id"]
@@ -61,11 +62,12 @@ async def test_death_registration_reaches_each_entitled_agency_with_a_receipt(
         ]
         assert len(on_topic) == 1, f"{agency} got {len(on_topic)} copies"
         subject, record = decode(on_topic[0].value or b"")
-        assert subject == "DeathRegistered"
+        assert subject == "DeathRegisteredDelivery", "agencies get the minimised form"
+        assert header(on_topic[0], "ce_type") == "uk.gov.tellusonce.DeathRegistered"
         assert record["envelope"]["reference"] == accepted["reference"]
         receipts = [decode(r.value or b"")[1] for r in await read_topic(services, topics.receipts(agency))]
         assert any(str(r["event_id"]) == event_id and r["outcome"] == "APPLIED" for r in receipts)
-    for agency in ("hmpo", "council-leeds"):
+    for agency in ("hmpo", "council-bradford"):
         leaked = [
             r for r in await read_topic(services, topics.agency(agency)) if header(r, "ce_id") == event_id
         ]
@@ -89,7 +91,7 @@ async def test_messages_use_the_confluent_wire_format_and_cloudevents_headers(
     ]
     assert message.value is not None
     assert message.value[0] == 0, "magic byte"
-    assert int.from_bytes(message.value[1:5], "big") == 2, "DeathRegistered's schema id"
+    assert int.from_bytes(message.value[1:5], "big") == 10, "DeathRegisteredDelivery's schema id"
     assert header(message, "ce_specversion") == "1.0"
     assert header(message, "ce_type") == "uk.gov.tellusonce.DeathRegistered"
     assert header(message, "content-type") == "application/avro"
@@ -97,6 +99,46 @@ async def test_messages_use_the_confluent_wire_format_and_cloudevents_headers(
     assert message.key is not None and nino.encode() not in message.key
     assert message.key.decode() == subject_id_for(nino, services.require_pseudonym_key())
     assert decode(message.value)[1]["envelope"]["subject"]["subject_id"] == message.key.decode()
+
+
+async def test_each_agency_receives_only_its_subscribed_fields_and_is_told_what_was_withheld(
+    intake: httpx.AsyncClient, services: Settings
+) -> None:
+    nino = random_nino()
+    body = death_registration(
+        deceased={"given_names": "Min", "family_name": "Imised", "nino": nino, "date_of_birth": "1950-01-01"},
+        surviving_partner={"given_names": "Part", "family_name": "Ner", "relationship": "husband"},
+        executor={"given_names": "Ex", "family_name": "Ecutor", "relationship": "solicitor"},
+    )
+    accepted = (await intake.post("/v1/death-registrations", json=body)).json()
+    await _status_when_settled(intake, accepted["reference"])
+    topics = Topics(services.topic_prefix)
+
+    async def copy_for(agency: str) -> dict[str, Any]:
+        [message] = [
+            r
+            for r in await read_topic(services, topics.agency(agency))
+            if header(r, "ce_id") == accepted["event_id"]
+        ]
+        return decode(message.value or b"")[1]
+
+    dvla = await copy_for("dvla")  # deceased, date_of_death, last_address
+    assert dvla["deceased"]["family_name"] == "Imised" and dvla["last_address"]["postcode"] == "LS1 1AA"
+    assert dvla["surviving_partner"] is None and dvla["executor"] is None and dvla["place_of_death"] is None
+    assert dvla["envelope"]["subject"]["nino"] is None, "no NINO for an agency not granted it"
+    assert dvla["withheld_fields"] == [
+        "executor",
+        "next_of_kin",
+        "nino",
+        "place_of_death",
+        "surviving_partner",
+    ]
+    dwp = await copy_for("dwp")
+    assert dwp["envelope"]["subject"]["nino"] == nino
+    assert dwp["surviving_partner"]["person"]["family_name"] == "Ner"
+    assert dwp["withheld_fields"] == ["next_of_kin"]
+    council = await copy_for("council-leeds")
+    assert council["executor"] is None and "executor" in council["withheld_fields"]
 
 
 async def test_withdrawn_consent_stops_delivery_to_that_agency(

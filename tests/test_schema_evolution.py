@@ -41,7 +41,7 @@ def _edit_source(source: Path, name: str, change: Any) -> None:
 def test_committed_contract_passes_the_check() -> None:
     code, output = _tuo("schemas", "check")
     assert code == 0, output
-    assert "8 schemas" in output and "FULL_TRANSITIVE compatible" in output
+    assert "11 schemas" in output and "FULL_TRANSITIVE compatible" in output
 
 
 def test_field_added_without_a_default_fails_naming_schema_and_field(contract: tuple[Path, Path]) -> None:
@@ -103,7 +103,8 @@ def test_field_added_with_a_default_is_released_and_old_data_still_decodes(
     )
     code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
     assert code == 0, output
-    assert "released DeathRegistered v2 (id 9)" in output
+    assert "released DeathRegistered v2 (id 12)" in output
+    assert "released DeathRegisteredDelivery v2 (id 13)" in output, "the agency form follows its event"
     evolved = SchemaCatalogue(versions)
     assert [e.version for e in evolved.versions("DeathRegistered")] == [1, 2]
     assert evolved.version("DeathRegistered", 1).schema_id == 2, "released ids never change"
@@ -111,7 +112,7 @@ def test_field_added_with_a_default_is_released_and_old_data_still_decodes(
     assert name == "DeathRegistered"
     assert record["coroner_case"] is None, "v1 data read with the v2 schema gets the default"
     new_bytes = encode("DeathRegistered", {**_death(), "coroner_case": "LS-2026-1"}, evolved)
-    assert int.from_bytes(new_bytes[1:5], "big") == evolved.latest("DeathRegistered").schema_id == 9
+    assert int.from_bytes(new_bytes[1:5], "big") == evolved.latest("DeathRegistered").schema_id == 12
 
 
 def test_enum_without_a_default_symbol_is_refused(contract: tuple[Path, Path]) -> None:

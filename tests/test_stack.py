@@ -127,7 +127,7 @@ def test_demo_serves_until_ctrl_c_and_then_leaves_nothing_running() -> None:
         assert "Submitted 3 demo events" in text, text
         for agency in ("hmrc", "dwp", "dvla", "council-leeds"):
             assert agency in text
-        assert text.count("applied") >= 5, "receipts for death (3), birth (1), address change (2)"
+        assert text.count("applied") >= 7, "receipts for death (4), birth (1), address change (2)"
         assert "awaiting" not in text
         assert processes_mentioning(str(state_dir)), "the stack runs while the demo serves"
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from fastavro import schemaless_writer
 
+from router.minimise import minimise
 from schemas.catalogue import CATALOGUE, CatalogueEntry
 from tests.golden.jsonable import jsonable
 
@@ -115,6 +116,18 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "recorded_at": WHEN,
     },
 }
+
+
+# What an agency with a narrow subscription receives (dvla's fields for a death).
+EXAMPLES["DeathRegisteredDelivery"] = minimise(
+    EXAMPLES["DeathRegistered"], frozenset({"deceased", "date_of_death", "last_address"})
+)
+EXAMPLES["BirthRegisteredDelivery"] = minimise(
+    EXAMPLES["BirthRegistered"], frozenset({"child", "home_address"})
+)
+EXAMPLES["AddressChangedDelivery"] = minimise(
+    EXAMPLES["AddressChanged"], frozenset({"person", "new_address", "effective_date", "nino"})
+)
 
 
 def write_missing(entries: list[CatalogueEntry]) -> list[str]:

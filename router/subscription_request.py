@@ -1,0 +1,62 @@
+"""A new subscription as an operator states it, checked against the contract
+before it reaches the database."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from router.minimise import NINO
+from schemas.catalogue import CATALOGUE, MINIMISED
+from schemas.validation import AgencyCode
+
+
+class SubscriptionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    agency: AgencyCode
+    event_type: str
+    basis: Literal["statutory", "consent"]
+    statute: str | None = Field(default=None, max_length=300)
+    fields: list[str] = Field(min_length=1)
+    postcode_areas: list[str] = Field(default_factory=list)
+
+    @field_validator("event_type")
+    @classmethod
+    def known_life_event(cls, value: str) -> str:
+        if value not in MINIMISED:
+            raise ValueError(f"must be one of {', '.join(MINIMISED)}")
+        return value
+
+    @field_validator("postcode_areas")
+    @classmethod
+    def postcode_area_shape(cls, value: list[str]) -> list[str]:
+        normalised = [area.upper().replace(" ", "") for area in value]
+        for area in normalised:
+            if not (1 <= len(area) <= 4 and area[0].isalpha() and area.isalnum()):
+                raise ValueError(f"{area!r} is not a postcode area or district, like LS or BD1")
+        return normalised
+
+    @model_validator(mode="after")
+    def fields_exist_and_basis_is_cited(self) -> SubscriptionRequest:
+        schema = CATALOGUE.latest(self.event_type).schema
+        known = {f["name"] for f in schema["fields"] if f["name"] != "envelope"} | {NINO}
+        unknown = sorted(set(self.fields) - known)
+        if unknown:
+            raise ValueError(
+                f"{self.event_type} has no field {', '.join(unknown)}; it has {', '.join(sorted(known))}"
+            )
+        if self.basis == "statutory" and not self.statute:
+            raise ValueError("a statutory subscription must cite its statute (--statute)")
+        return self
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "agency": self.agency,
+            "event_type": self.event_type,
+            "legal_basis": self.basis,
+            "statute": self.statute,
+            "fields": sorted(set(self.fields)),
+            "condition": {"postcode_areas": self.postcode_areas} if self.postcode_areas else None,
+        }

@@ -13,6 +13,7 @@ import asyncpg
 import structlog
 from aiokafka.structs import ConsumerRecord
 
+from router import audit
 from runtime import kafka
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
@@ -32,15 +33,18 @@ async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecor
     if record.topic == topics.routing_decisions:
         if subject != "RoutingDecision":
             raise UntrustedReceipt(f"{subject} on the routing decisions topic")
-        await conn.execute(
-            "INSERT INTO routing_decision (event_id, agency, event_type, outcome, legal_basis,"
-            " decided_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            body["event_id"],
-            body["agency"],
-            body["event_type"],
-            body["outcome"],
-            body["legal_basis"],
-            body["decided_at"],
+        await audit.append(
+            conn,
+            audit.Decision(
+                event_id=str(body["event_id"]),
+                agency=body["agency"],
+                event_type=body["event_type"],
+                outcome=body["outcome"],
+                legal_basis=body["legal_basis"],
+                decided_at=body["decided_at"],
+                fields_delivered=body["fields_delivered"],
+                fields_withheld=body["fields_withheld"],
+            ),
         )
         return
     agency = topics.agency_from_receipts_topic(record.topic)

@@ -129,6 +129,7 @@ async def event_status(pool: asyncpg.Pool, reference: str) -> dict[str, Any] | N
         return None
     rows = await pool.fetch(
         "SELECT d.agency, d.outcome AS decision, d.legal_basis, d.decided_at,"
+        "       d.fields_delivered, d.fields_withheld,"
         "       r.outcome AS receipt, r.reason, r.issued_at"
         "  FROM routing_decision d"
         "  LEFT JOIN LATERAL ("
@@ -150,6 +151,8 @@ async def event_status(pool: asyncpg.Pool, reference: str) -> dict[str, Any] | N
                 "decision": r["decision"].lower(),
                 "legal_basis": r["legal_basis"],
                 "decided_at": r["decided_at"].isoformat(),
+                "fields_delivered": list(r["fields_delivered"]),
+                "fields_withheld": list(r["fields_withheld"]),
                 "receipt": None
                 if r["receipt"] is None
                 else {

@@ -133,6 +133,8 @@ def _decision_message(
             outcome=decision.outcome.value,
             legal_basis=decision.legal_basis,
             decided_at=at,
+            fields_delivered=sorted(decision.fields_delivered),
+            fields_withheld=sorted(decision.fields_withheld),
         ).avro(),
     )
     headers = headers_for(

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producers.store import event_status
+from router import audit
 from router.seed import load_seed
 from router.store import list_subscriptions, set_subscription_status, upsert_subscription
 from router.subscription_request import SubscriptionRequest
@@ -39,6 +40,8 @@ stack_app = typer.Typer(help="The local stack: Kafka and PostgreSQL on loopback.
 app.add_typer(stack_app, name="stack")
 subscriptions_app = typer.Typer(help="Which agencies receive which events and fields.", no_args_is_help=True)
 app.add_typer(subscriptions_app, name="subscriptions")
+audit_app = typer.Typer(help="The tamper-evident record of routing decisions.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 schemas_app = typer.Typer(help="The event contract: Avro schemas, versions and ids.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
 console = Console()
@@ -268,6 +271,32 @@ def subscriptions_activate(
     if not changed:
         raise _fail(f"{agency} has no subscription{' to ' + event_type if event_type else ''}")
     console.print(f"Activated {changed} subscription(s) of {agency}.")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    schema: Annotated[str, typer.Option(help="PostgreSQL schema holding the chain.", hidden=True)] = "public",
+) -> None:
+    """Recompute the hash chain of routing decisions; name every row altered, removed or inserted."""
+
+    async def run(pool: asyncpg.Pool) -> tuple[int, list[audit.Finding]]:
+        async with pool.acquire() as conn:
+            await conn.execute(f"SET search_path TO {_identifier(schema)}")
+            return await audit.verify(conn)
+
+    checked, findings = _with_pool(run)
+    if findings:
+        for finding in findings:
+            err.print(f"[red]✗[/] {finding}")
+        err.print(f"{len(findings)} problem(s) in {checked} decisions.")
+        raise typer.Exit(code=1)
+    console.print(f"[green]✓[/] {checked} routing decisions; the chain is intact.")
+
+
+def _identifier(name: str) -> str:
+    if not name.isidentifier():
+        raise _fail(f"{name!r} is not a schema name")
+    return name
 
 
 @app.command("migrate")

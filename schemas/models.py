@@ -159,6 +159,8 @@ class RoutingDecision(Record):
     outcome: DecisionOutcome
     legal_basis: str | None = None
     decided_at: AwareDatetime
+    fields_delivered: list[str] = Field(default_factory=list)
+    fields_withheld: list[str] = Field(default_factory=list)
 
 
 class ConsentChanged(Record):

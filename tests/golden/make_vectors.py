@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from fastavro import schemaless_writer
+from fastavro import schemaless_reader, schemaless_writer
 
 from router.minimise import minimise
 from schemas.catalogue import CATALOGUE, CatalogueEntry
@@ -105,6 +105,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "outcome": "DELIVERED",
         "legal_basis": "statutory: Registration Service Act 1953 s.19AA",
         "decided_at": WHEN,
+        "fields_delivered": ["date_of_death", "deceased", "executor", "last_address", "nino"],
+        "fields_withheld": ["next_of_kin", "place_of_death", "surviving_partner"],
     },
     "ConsentChanged": {
         "change_id": "9d2c4f7a-2222-4b1e-9c3d-7a9d2c4f7a22",
@@ -141,7 +143,10 @@ def write_missing(entries: list[CatalogueEntry]) -> list[str]:
         buffer.write(struct.pack(">bI", 0, entry.schema_id))
         schemaless_writer(buffer, entry.parsed, record)
         (HERE / f"{stem}.bin").write_bytes(buffer.getvalue())
-        (HERE / f"{stem}.json").write_text(json.dumps(jsonable(record), indent=2, sort_keys=True) + "\n")
+        written_back = schemaless_reader(io.BytesIO(buffer.getvalue()[5:]), entry.parsed, None)
+        (HERE / f"{stem}.json").write_text(
+            json.dumps(jsonable(written_back), indent=2, sort_keys=True) + "\n"
+        )
         written.append(stem)
     return written
 

@@ -1,0 +1,141 @@
+"""The tamper-evident record of routing decisions.
+
+Decisions are appended to ``routing_decision`` in one order (``seq``); each row
+stores the hash of the previous row and a SHA-256 over its own content and that
+previous hash. ``verify`` recomputes the chain and names the first row that was
+altered, removed or inserted. (Someone who can rewrite the whole table and knows
+the scheme can forge a new chain; anchoring the head outside the database is
+the next step, and the decisions topic in Kafka is an independent copy.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+GENESIS = "0" * 64
+# Any fixed number shared by every writer of the chain.
+_CHAIN_LOCK = 0x7475_6F01
+
+
+@dataclass(frozen=True)
+class Decision:
+    event_id: str
+    agency: str
+    event_type: str
+    outcome: str
+    legal_basis: str | None
+    decided_at: datetime
+    fields_delivered: Sequence[str]
+    fields_withheld: Sequence[str]
+
+
+def row_hash(seq: int, decision: Decision, prev_hash: str) -> str:
+    content = "\x1f".join(
+        [
+            str(seq),
+            str(decision.event_id),
+            decision.agency,
+            decision.event_type,
+            decision.outcome,
+            decision.legal_basis or "",
+            decision.decided_at.isoformat(),
+            ",".join(sorted(decision.fields_delivered)),
+            ",".join(sorted(decision.fields_withheld)),
+            prev_hash,
+        ]
+    )
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+async def append(conn: asyncpg.Connection, decision: Decision) -> bool:
+    """Append one decision to the chain unless it is there already (idempotent).
+    Call inside a transaction; returns whether a row was added."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _CHAIN_LOCK)
+    exists = await conn.fetchval(
+        "SELECT 1 FROM routing_decision WHERE event_id = $1 AND agency = $2",
+        decision.event_id,
+        decision.agency,
+    )
+    if exists:
+        return False
+    head = await conn.fetchrow("SELECT seq, hash FROM routing_decision ORDER BY seq DESC LIMIT 1")
+    seq = 1 if head is None else head["seq"] + 1
+    prev_hash = GENESIS if head is None else (head["hash"] or GENESIS)
+    await conn.execute(
+        "INSERT INTO routing_decision (event_id, agency, event_type, outcome, legal_basis, decided_at,"
+        " fields_delivered, fields_withheld, seq, prev_hash, hash)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        uuid.UUID(decision.event_id),
+        decision.agency,
+        decision.event_type,
+        decision.outcome,
+        decision.legal_basis,
+        decision.decided_at,
+        list(decision.fields_delivered),
+        list(decision.fields_withheld),
+        seq,
+        prev_hash,
+        row_hash(seq, decision, prev_hash),
+    )
+    return True
+
+
+@dataclass(frozen=True)
+class Finding:
+    seq: int
+    kind: str  # altered, removed, inserted
+    detail: str
+
+    def __str__(self) -> str:
+        return f"row {self.seq} {self.kind}: {self.detail}"
+
+
+async def verify(conn: asyncpg.Connection, batch: int = 10_000) -> tuple[int, list[Finding]]:
+    """Recompute the chain. Returns (rows checked, findings in chain order)."""
+    findings: list[Finding] = []
+    expected_seq, previous_hash, checked = 1, GENESIS, 0
+    last_seq = 0
+    while True:
+        rows = await conn.fetch(
+            "SELECT * FROM routing_decision WHERE seq > $1 ORDER BY seq LIMIT $2", last_seq, batch
+        )
+        if not rows:
+            break
+        for row in rows:
+            findings += _check(row, expected_seq, previous_hash)
+            checked += 1
+            expected_seq, previous_hash, last_seq = row["seq"] + 1, row["hash"] or "", row["seq"]
+    return checked, findings
+
+
+def _check(row: Any, expected_seq: int, previous_hash: str) -> list[Finding]:
+    found = []
+    seq = row["seq"]
+    where = f"event {row['event_id']}, agency {row['agency']}"
+    if seq > expected_seq:
+        missing = (
+            f"row {expected_seq} is" if seq == expected_seq + 1 else f"rows {expected_seq}-{seq - 1} are"
+        )
+        found.append(Finding(expected_seq, "removed", f"{missing} missing before row {seq}"))
+    elif row["prev_hash"] != previous_hash:
+        found.append(Finding(seq, "inserted", f"{where}: does not follow the row before it"))
+    decision = Decision(
+        event_id=str(row["event_id"]),
+        agency=row["agency"],
+        event_type=row["event_type"],
+        outcome=row["outcome"],
+        legal_basis=row["legal_basis"],
+        decided_at=row["decided_at"],
+        fields_delivered=row["fields_delivered"],
+        fields_withheld=row["fields_withheld"],
+    )
+    if row["hash"] != row_hash(seq, decision, row["prev_hash"] or ""):
+        found.append(Finding(seq, "altered", f"{where}: its content no longer matches its hash"))
+    return found

@@ -1,0 +1,81 @@
+"""`tuo audit verify`: the routing decisions' hash chain shows every altered,
+removed or inserted row."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from runtime.cli import app
+from runtime.settings import Settings
+from tests.support import death_registration, eventually
+
+pytestmark = pytest.mark.integration
+
+
+def _verify(settings: Settings, schema: str = "public") -> tuple[int, str]:
+    env = {"TUO_STATE_DIR": str(settings.state_dir), "COLUMNS": "250", "TUO_LOG_LEVEL": "WARNING"}
+    result = CliRunner().invoke(app, ["audit", "verify", "--schema", schema], env=env)
+    return result.exit_code, result.output
+
+
+async def _some_decisions(intake: httpx.AsyncClient, pool: asyncpg.Pool, at_least: int) -> None:
+    for _ in range(2):
+        await intake.post("/v1/death-registrations", json=death_registration())
+
+    async def enough() -> bool:
+        count: int = await pool.fetchval("SELECT count(*) FROM routing_decision")
+        return count >= at_least
+
+    await eventually(enough, what=f"{at_least} decisions in PostgreSQL")
+
+
+async def test_decisions_are_chained_and_verify(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
+) -> None:
+    await _some_decisions(intake, pool, at_least=12)
+    code, output = await asyncio.to_thread(_verify, services)
+    assert code == 0, output
+    assert "the chain is intact" in output
+    seqs = [r["seq"] for r in await pool.fetch("SELECT seq FROM routing_decision ORDER BY seq")]
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_altered_removed_and_inserted_rows_are_each_named(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
+) -> None:
+    await _some_decisions(intake, pool, at_least=12)
+    copy = "tamper_" + uuid.uuid4().hex[:8]  # tamper with a copy, not the suite's real chain
+    await pool.execute(
+        f"CREATE SCHEMA {copy}; CREATE TABLE {copy}.routing_decision AS SELECT * FROM routing_decision"
+    )
+    try:
+        last = await pool.fetchval(f"SELECT max(seq) FROM {copy}.routing_decision")
+        code, output = await asyncio.to_thread(_verify, services, copy)
+        assert code == 0, output
+
+        await pool.execute(
+            f"UPDATE {copy}.routing_decision SET legal_basis = 'statutory: made up' WHERE seq = 3"
+        )
+        await pool.execute(f"DELETE FROM {copy}.routing_decision WHERE seq = 6")
+        await pool.execute(
+            f"INSERT INTO {copy}.routing_decision SELECT * FROM {copy}.routing_decision WHERE seq = 8"
+        )
+        await pool.execute(
+            f"UPDATE {copy}.routing_decision SET seq = {last + 1}, agency = 'hmpo'"
+            f" WHERE ctid = (SELECT max(ctid) FROM {copy}.routing_decision WHERE seq = 8)"
+        )
+        code, output = await asyncio.to_thread(_verify, services, copy)
+        assert code == 1
+        lines = output.replace("\n", " ")
+        assert "row 3 altered" in lines
+        assert "row 6 removed: row 6 is missing before row 7" in lines
+        assert f"row {last + 1} inserted" in lines
+        assert "4 problem(s) in" in lines, "inserted row: wrong predecessor and wrong hash"
+    finally:
+        await pool.execute(f"DROP SCHEMA {copy} CASCADE")

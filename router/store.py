@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from datetime import datetime
 
 import asyncpg
 
@@ -101,3 +102,29 @@ async def list_subscriptions(conn: asyncpg.Pool | asyncpg.Connection) -> list[as
         "       valid_from, valid_to, status FROM subscription ORDER BY agency, event_type"
     )
     return rows
+
+
+async def record_consent(
+    pool: asyncpg.Pool,
+    *,
+    subject_id: str,
+    agency: str,
+    event_type: str,
+    choice: ConsentState,
+    recorded_by: str,
+) -> datetime:
+    """Append a consent choice and return the moment it is confirmed: after the
+    commit, so every routing decision that starts later sees it."""
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                subject_id,
+                agency,
+                event_type,
+                choice,
+                recorded_by,
+            )
+        confirmed: datetime = await conn.fetchval("SELECT clock_timestamp()")
+    return confirmed

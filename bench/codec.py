@@ -1,6 +1,6 @@
 """Codec throughput against bare fastavro, measured in the same run.
 
-    .venv/bin/python -m benchmarks.codec [--records 50000] [--rounds 5]
+    .venv/bin/python -m bench.codec [--records 50000] [--rounds 5]
 
 Encodes and decodes a realistic DeathRegistered record (the golden vector's) with
 our codec (Confluent framing, catalogue lookup) and with fastavro's

@@ -168,3 +168,48 @@ def _withheld(event: RoutableEvent, agency: str, outcome: Outcome, basis: str | 
     return RoutingDecision(
         event.event_id, event.event_type, agency, outcome, basis, fields_withheld=event.fields
     )
+
+
+@dataclass(frozen=True)
+class OriginalDelivery:
+    """How an earlier event reached one agency: what a correction or void follows."""
+
+    agency: str
+    legal_basis: str | None
+    fields_delivered: frozenset[str]
+
+
+def decide_follow_up(
+    event: RoutableEvent,
+    original_type: str,
+    deliveries: Iterable[OriginalDelivery],
+    agencies: Iterable[str],
+    consent: Mapping[str, ConsentState],
+    policy: Iterable[PolicyBlock] = (),
+) -> list[RoutingDecision]:
+    """A correction or void goes to exactly the agencies that received the original
+    (no one else), on the original's basis, within the original's fields — and,
+    where that basis was consent, only while consent is still given."""
+    blocks = list(policy)
+    received = {d.agency: d for d in deliveries}
+    decisions = []
+    for agency in sorted(set(agencies) | set(received)):
+        original = received.get(agency)
+        if any(b.blocks(original_type, agency) or b.blocks(event.event_type, agency) for b in blocks):
+            decisions.append(_withheld(event, agency, Outcome.BLOCKED, "policy"))
+        elif original is None:
+            decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_SUBSCRIPTION, None))
+        elif original.legal_basis == "consent" and consent.get(agency) != "given":
+            decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_CONSENT, "consent"))
+        else:
+            decisions.append(
+                RoutingDecision(
+                    event.event_id,
+                    event.event_type,
+                    agency,
+                    Outcome.DELIVERED,
+                    original.legal_basis,
+                    fields_delivered=original.fields_delivered,
+                )
+            )
+    return decisions

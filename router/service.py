@@ -22,8 +22,16 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from router.minimise import event_fields, minimise
 from router.policy import POLICY
-from router.rules import RoutableEvent, RoutingDecision, decide
-from router.store import agencies, current_consent, load_subscriptions
+from router.rules import (
+    ConsentState,
+    OriginalDelivery,
+    RoutableEvent,
+    RoutingDecision,
+    Subscription,
+    decide,
+    decide_follow_up,
+)
+from router.store import agencies, current_consent, load_subscriptions, original_deliveries
 from runtime import kafka
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics, ensure_topics
@@ -53,6 +61,13 @@ class Incoming:
     record: ConsumerRecord[bytes, bytes]
     event: RoutableEvent
     body: dict[str, Any]
+    follows: tuple[str, str] | None = None  # (original event id, its type) for corrections and voids
+
+
+FOLLOW_UPS = {
+    "EventCorrected": ("corrects_event_id", "corrected_event_type"),
+    "EventVoided": ("voids_event_id", "voided_event_type"),
+}
 
 
 def _postcodes(value: Any) -> Iterator[str]:
@@ -85,6 +100,10 @@ def _routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
         raise UnroutableEvent("message key is not the envelope's subject_id")
     if subject not in LIFE_EVENTS:
         raise UnroutableEvent(f"{subject} is not a life event")
+    if subject in FOLLOW_UPS:
+        id_field, type_field = FOLLOW_UPS[subject]
+        event = RoutableEvent(event_id=cloud_event.id, event_type=subject, subject_id=subject_id)
+        return Incoming(record, event, body, follows=(str(body[id_field]), body[type_field]))
     own = {k: v for k, v in body.items() if k != "envelope"}
     event = RoutableEvent(
         event_id=cloud_event.id,
@@ -109,13 +128,14 @@ def _agency_copy(
             list(incoming.record.headers),
         )
     value = encode(f"{event.event_type}{DELIVERY_SUFFIX}", minimise(incoming.body, decision.fields_delivered))
+    original = CloudEvent.from_headers(incoming.record.headers)
     headers = headers_for(
         value,
         id=event.event_id,
         type=event.event_type,
-        source=CloudEvent.from_headers(incoming.record.headers).source,
+        source=original.source,
         subject=event.subject_id,
-        time=CloudEvent.from_headers(incoming.record.headers).time or datetime.now(UTC),
+        time=original.time or datetime.now(UTC),
         schema_base_url=schema_base_url,
     )
     return Outgoing(topics.agency(decision.agency), incoming.record.key, value, headers)
@@ -171,25 +191,83 @@ async def plan(
     async with pool.acquire() as conn:
         now: datetime = await conn.fetchval("SELECT clock_timestamp()")
         subscriptions = await load_subscriptions(conn)
-        consent = await current_consent(conn, [(i.event.subject_id, i.event.event_type) for i in routable])
+        consent = await current_consent(
+            conn,
+            [(i.event.subject_id, i.follows[1] if i.follows else i.event.event_type) for i in routable],
+        )
+        originals = await original_deliveries(conn, [i.follows[0] for i in routable if i.follows])
     for incoming in routable:
         event = incoming.event
+        if incoming.follows is not None:
+            outgoing += _follow_up(topics, incoming, subscriptions, consent, originals, now, schema_base_url)
+            continue
+        copies: dict[frozenset[str], Outgoing] = {}  # agencies granted the same fields share one encoding
         decisions = decide(
             event, subscriptions, consent.get((event.subject_id, event.event_type), {}), now, POLICY
         )
         for decision in decisions:
             if decision.delivers:
-                outgoing.append(_agency_copy(topics, incoming, decision, schema_base_url))
+                if decision.fields_delivered not in copies:
+                    copies[decision.fields_delivered] = _agency_copy(
+                        topics, incoming, decision, schema_base_url
+                    )
+                shared = copies[decision.fields_delivered]
+                outgoing.append(
+                    Outgoing(topics.agency(decision.agency), shared.key, shared.value, shared.headers)
+                )
             outgoing.append(
                 _decision_message(topics, decision, incoming.record.key or b"", now, schema_base_url)
             )
-        log.info(
+        log.debug(
             "event_routed",
             event_id=event.event_id,
             event_type=event.event_type,
             delivered=[d.agency for d in decisions if d.delivers],
         )
     return outgoing
+
+
+def _follow_up(
+    topics: Topics,
+    incoming: Incoming,
+    subscriptions: list[Subscription],
+    consent: dict[tuple[str, str], dict[str, ConsentState]],
+    originals: dict[str, list[OriginalDelivery]] | None,
+    now: datetime,
+    schema_base_url: str,
+) -> list[Outgoing]:
+    """A correction or void: to the original's recipients only (dead-lettered if the
+    original has no recorded decisions, so nothing guesses who received it)."""
+    assert incoming.follows is not None and originals is not None
+    original_id, original_type = incoming.follows
+    event, record = incoming.event, incoming.record
+    if original_id not in originals:
+        letter = dead_letter(
+            record, COMPONENT, f"original event {original_id} has no recorded routing decisions"
+        )
+        return [Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers)]
+    decisions = decide_follow_up(
+        event,
+        original_type,
+        originals[original_id],
+        {s.agency for s in subscriptions},
+        consent.get((event.subject_id, original_type), {}),
+        POLICY,
+    )
+    out: list[Outgoing] = []
+    for decision in decisions:
+        if decision.delivers:
+            value = record.value
+            if event.event_type == "EventCorrected":  # only changes to fields the agency received
+                changes = [
+                    c
+                    for c in incoming.body["changes"]
+                    if c["field"].split(".")[0] in decision.fields_delivered
+                ]
+                value = encode("EventCorrected", {**incoming.body, "changes": changes})
+            out.append(Outgoing(topics.agency(decision.agency), record.key, value, list(record.headers)))
+        out.append(_decision_message(topics, decision, record.key or b"", now, schema_base_url))
+    return out
 
 
 class Router:

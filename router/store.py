@@ -8,7 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
-from router.rules import Condition, ConsentState, Subscription
+from router.rules import Condition, ConsentState, OriginalDelivery, Subscription
 
 
 async def load_subscriptions(conn: asyncpg.Pool | asyncpg.Connection) -> list[Subscription]:
@@ -128,3 +128,25 @@ async def record_consent(
             )
         confirmed: datetime = await conn.fetchval("SELECT clock_timestamp()")
     return confirmed
+
+
+async def original_deliveries(
+    conn: asyncpg.Pool | asyncpg.Connection, event_ids: list[str]
+) -> dict[str, list[OriginalDelivery]] | None:
+    """For each event id with recorded decisions, the agencies it was delivered to
+    (an empty list when it reached nobody). Ids with no decisions are absent."""
+    if not event_ids:
+        return None
+    rows = await conn.fetch(
+        "SELECT event_id::text AS event_id, agency, outcome, legal_basis, fields_delivered"
+        "  FROM routing_decision WHERE event_id = ANY($1::uuid[])",
+        event_ids,
+    )
+    found: dict[str, list[OriginalDelivery]] = {}
+    for r in rows:
+        deliveries = found.setdefault(r["event_id"], [])
+        if r["outcome"] == "DELIVERED":
+            deliveries.append(
+                OriginalDelivery(r["agency"], r["legal_basis"], frozenset(r["fields_delivered"]))
+            )
+    return found

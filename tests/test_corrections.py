@@ -1,0 +1,136 @@
+"""Corrections and voids go to exactly the agencies that received the original
+event, within the fields each received, and to no one else."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from runtime.kafka import Topics
+from runtime.settings import Settings
+from schemas import decode, encode
+from schemas.cloudevents import headers_for
+from tests.golden.make_vectors import ENVELOPE
+from tests.support import death_registration, eventually, header, random_nino, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+async def _settled(intake: httpx.AsyncClient, reference: str) -> dict[str, str]:
+    async def decided() -> dict[str, str] | None:
+        status = (await intake.get(f"/v1/events/{reference}")).json()
+        delivered = [a for a in status["agencies"] if a["decision"] == "delivered"]
+        if status["agencies"] and all(a["receipt"] for a in delivered):
+            return {a["agency"]: a["decision"] for a in status["agencies"]}
+        return None
+
+    return await eventually(decided, timeout=60, what=f"decisions for {reference}")
+
+
+async def _publish(settings: Settings, name: str, body: dict[str, Any], subject_id: str) -> str:
+    event_id = str(uuid.uuid4())
+    record = {
+        "envelope": {**ENVELOPE, "event_id": event_id, "subject": {"subject_id": subject_id, "nino": None}},
+        **body,
+    }
+    value = encode(name, record)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.require_bootstrap_servers())
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            Topics(settings.topic_prefix).life_events,
+            value,
+            key=subject_id.encode(),
+            headers=headers_for(
+                value,
+                id=event_id,
+                source="/offices/test",
+                subject=subject_id,
+                time=datetime.now(UTC),
+                schema_base_url=settings.schema_base_url(),
+            ),
+        )
+    finally:
+        await producer.stop()
+    return event_id
+
+
+async def _received_by(settings: Settings, event_id: str) -> dict[str, dict[str, Any]]:
+    topics = Topics(settings.topic_prefix)
+    found = {}
+    for agency in ("hmrc", "dwp", "dvla", "hmpo", "council-leeds", "council-bradford"):
+        for record in await read_topic(settings, topics.agency(agency)):
+            if header(record, "ce_id") == event_id:
+                found[agency] = decode(record.value or b"")[1]
+    return found
+
+
+async def test_correction_and_void_reach_exactly_the_original_recipients(
+    intake: httpx.AsyncClient, services: Settings
+) -> None:
+    body = death_registration(deceased={"given_names": "Cor", "family_name": "Rected", "nino": random_nino()})
+    original = (await intake.post("/v1/death-registrations", json=body)).json()
+    decisions = await _settled(intake, original["reference"])
+    recipients = {agency for agency, decision in decisions.items() if decision == "delivered"}
+    assert recipients == {"hmrc", "dwp", "dvla", "council-leeds"}
+    [subject_id] = {
+        header(r, "ce_subject")
+        for r in await read_topic(services, Topics(services.topic_prefix).agency("dwp"))
+        if header(r, "ce_id") == original["event_id"]
+    }
+    assert subject_id is not None
+
+    correction_id = await _publish(
+        services,
+        "EventCorrected",
+        {
+            "corrects_event_id": original["event_id"],
+            "corrects_reference": original["reference"],
+            "corrected_event_type": "DeathRegistered",
+            "changes": [
+                {"field": "deceased.date_of_birth", "new_value_json": '"1941-03-12"'},
+                {"field": "executor.person.family_name", "new_value_json": '"Smith"'},
+            ],
+            "reason": "misread certificate",
+        },
+        subject_id,
+    )
+
+    async def corrected() -> dict[str, dict[str, Any]] | None:
+        found = await _received_by(services, correction_id)
+        return found if set(found) >= recipients else None
+
+    copies = await eventually(corrected, timeout=60, what="the correction at every original recipient")
+    assert set(copies) == recipients, "a correction goes to the original's recipients and no one else"
+    assert [c["field"] for c in copies["hmrc"]["changes"]] == [
+        "deceased.date_of_birth",
+        "executor.person.family_name",
+    ]
+    assert [c["field"] for c in copies["dvla"]["changes"]] == ["deceased.date_of_birth"], (
+        "dvla never had the executor"
+    )
+
+    void_id = await _publish(
+        services,
+        "EventVoided",
+        {
+            "voids_event_id": original["event_id"],
+            "voids_reference": original["reference"],
+            "voided_event_type": "DeathRegistered",
+            "reason": "registered in error",
+        },
+        subject_id,
+    )
+
+    async def voided() -> dict[str, dict[str, Any]] | None:
+        found = await _received_by(services, void_id)
+        return found if set(found) >= recipients else None
+
+    assert (
+        set(await eventually(voided, timeout=60, what="the void at every original recipient")) == recipients
+    )

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from router.minimise import event_fields, minimise
@@ -286,6 +287,7 @@ class Router:
         # The next input offset each partition must route. Only records at or past it
         # are routed, whatever position the consumer's own offset machinery restores.
         self.next_offset: dict[TopicPartition, int] = {}
+        self.partition_counts: dict[str, int] = {}
         self.lock = asyncio.Lock()  # a rebalance waits for the batch in hand
         self.assignments = 0  # bumps on every assignment: batches fetched before it are stale
         self.consumer = kafka.consumer(
@@ -295,6 +297,13 @@ class Router:
             session_timeout_ms=6000,  # the broker's minimum: a crashed router is replaced fast
             heartbeat_interval_ms=2000,
         )
+
+    async def _partition_count(self, producer: AIOKafkaProducer, topic: str) -> int:
+        # Cached for the instance's life: partitions added later are used after a restart.
+        # Same formula as aiokafka's default partitioner, so keys land where they always did.
+        if topic not in self.partition_counts:
+            self.partition_counts[topic] = len(await producer.partitions_for(topic))
+        return self.partition_counts[topic]
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return f"{self.settings.topic_prefix}.router.{tp.topic}.{tp.partition}"
@@ -357,10 +366,22 @@ class Router:
         if not records:
             return
         outgoing = await plan(self.pool, self.topics, records, self.settings.schema_base_url())
+        hashed: dict[tuple[int, bytes | None], int] = {}  # one key is hashed once, not once per copy
         async with producer.transaction():
             for message in outgoing:
+                count = await self._partition_count(producer, message.topic)
+                if (count, message.key) not in hashed:
+                    hashed[(count, message.key)] = (
+                        0
+                        if count == 1 or message.key is None
+                        else (murmur2(message.key) & 0x7FFFFFFF) % count
+                    )
                 await producer.send(
-                    message.topic, value=message.value, key=message.key, headers=message.headers
+                    message.topic,
+                    value=message.value,
+                    key=message.key,
+                    headers=message.headers,
+                    partition=hashed[(count, message.key)],
                 )
             await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.group_id)
         self.next_offset[tp] = records[-1].offset + 1

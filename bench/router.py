@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +40,7 @@ from runtime.kafka import Topics, admin, ensure_topics
 from runtime.logging import configure_logging
 from runtime.settings import Settings
 from runtime.stack import LocalStack
-from schemas import encode
-from schemas.cloudevents import headers_for
-from tests.golden.make_vectors import EXAMPLES
+from tests.support import death_message
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -58,22 +55,8 @@ async def _fill(settings: Settings, events: int, pool: Any) -> None:
     try:
         pending = []
         for _ in range(events):
-            event_id, subject_id = str(uuid.uuid4()), f"s-{uuid.uuid4().hex}"
-            record: dict[str, Any] = dict(EXAMPLES["DeathRegistered"])
-            record["envelope"] = {
-                **record["envelope"],
-                "event_id": event_id,
-                "subject": {"subject_id": subject_id, "nino": "AB123456C"},
-            }
-            value = encode("DeathRegistered", record)
-            headers = headers_for(
-                value,
-                id=event_id,
-                source="/offices/bench",
-                subject=subject_id,
-                time=datetime.now(UTC),
-                schema_base_url="http://127.0.0.1:8080",
-            )
+            subject_id = f"s-{uuid.uuid4().hex}"
+            _, value, headers = death_message(subject_id, nino="AB123456C")
             pending.append(await producer.send(topic, value, key=subject_id.encode(), headers=headers))
             consents += [(subject_id, agency) for agency in ("dvla", "hmpo")]
         await asyncio.gather(*pending)

@@ -256,10 +256,7 @@ def subscriptions_suspend(
     agency: str, event_type: Annotated[str | None, typer.Argument(help="Default: all of the agency's")] = None
 ) -> None:
     """Stop routing to an agency from the next routing decision on."""
-    changed = _with_pool(lambda pool: set_subscription_status(pool, agency, event_type, "suspended"))
-    if not changed:
-        raise _fail(f"{agency} has no subscription{' to ' + event_type if event_type else ''}")
-    console.print(f"Suspended {changed} subscription(s) of {agency}.")
+    _set_status(agency, event_type, "suspended")
 
 
 @subscriptions_app.command("activate")
@@ -267,10 +264,15 @@ def subscriptions_activate(
     agency: str, event_type: Annotated[str | None, typer.Argument(help="Default: all of the agency's")] = None
 ) -> None:
     """Resume routing to a suspended agency."""
-    changed = _with_pool(lambda pool: set_subscription_status(pool, agency, event_type, "active"))
+    _set_status(agency, event_type, "active")
+
+
+def _set_status(agency: str, event_type: str | None, status: str) -> None:
+    changed = _with_pool(lambda pool: set_subscription_status(pool, agency, event_type, status))
     if not changed:
         raise _fail(f"{agency} has no subscription{' to ' + event_type if event_type else ''}")
-    console.print(f"Activated {changed} subscription(s) of {agency}.")
+    verb = "Suspended" if status == "suspended" else "Activated"
+    console.print(f"{verb} {changed} subscription(s) of {agency}.")
 
 
 @audit_app.command("verify")

@@ -7,8 +7,9 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer
@@ -117,3 +118,31 @@ def random_nino() -> str:
 
     digits = "".join(random.choice("0123456789") for _ in range(6))
     return f"CE{digits}{random.choice('ABCD')}"
+
+
+def death_message(subject_id: str, nino: str | None = None) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    """A valid life-events message (event id, value, headers) for ``subject_id``,
+    built like intake builds one, for tests and benchmarks that feed the router directly."""
+    from schemas import encode
+    from schemas.cloudevents import headers_for
+    from tests.golden.make_vectors import EXAMPLES
+
+    event_id = str(uuid.uuid4())
+    now = datetime.now(UTC)
+    record: dict[str, Any] = dict(EXAMPLES["DeathRegistered"])
+    record["envelope"] = {
+        **record["envelope"],
+        "event_id": event_id,
+        "subject": {"subject_id": subject_id, "nino": nino},
+        "recorded_at": now,
+    }
+    value = encode("DeathRegistered", record)
+    headers = headers_for(
+        value,
+        id=event_id,
+        source="/offices/test",
+        subject=subject_id,
+        time=now,
+        schema_base_url="http://127.0.0.1:8080",
+    )
+    return event_id, value, headers

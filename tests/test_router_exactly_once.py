@@ -13,9 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -23,11 +21,8 @@ from aiokafka import AIOKafkaProducer
 
 from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
-from schemas import encode
-from schemas.cloudevents import headers_for
 from tests.conftest import PROJECT
-from tests.golden.make_vectors import EXAMPLES
-from tests.support import eventually, header, read_topic
+from tests.support import death_message, eventually, header, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -40,28 +35,6 @@ def _isolated(services: Settings) -> Settings:
     return services.model_copy(update={"topic_prefix": "eo" + uuid.uuid4().hex[:8]})
 
 
-def _life_event() -> tuple[str, bytes, bytes, list[tuple[str, bytes]]]:
-    event_id = str(uuid.uuid4())
-    subject_id = f"s-{uuid.uuid4().hex}"
-    record: dict[str, Any] = dict(EXAMPLES["DeathRegistered"])
-    record["envelope"] = {
-        **record["envelope"],
-        "event_id": event_id,
-        "subject": {"subject_id": subject_id, "nino": None},
-        "recorded_at": datetime.now(UTC),
-    }
-    value = encode("DeathRegistered", record)
-    headers = headers_for(
-        value,
-        id=event_id,
-        source="/offices/test",
-        subject=subject_id,
-        time=datetime.now(UTC),
-        schema_base_url="http://127.0.0.1:8080",
-    )
-    return event_id, subject_id.encode(), value, headers
-
-
 async def _stream(settings: Settings, count: int, per_second: float) -> list[str]:
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.require_bootstrap_servers(), enable_idempotence=True
@@ -70,9 +43,10 @@ async def _stream(settings: Settings, count: int, per_second: float) -> list[str
     sent = []
     try:
         for _ in range(count):
-            event_id, key, value, headers = _life_event()
+            subject_id = f"s-{uuid.uuid4().hex}"
+            event_id, value, headers = death_message(subject_id)
             await producer.send_and_wait(
-                Topics(settings.topic_prefix).life_events, value, key=key, headers=headers
+                Topics(settings.topic_prefix).life_events, value, key=subject_id.encode(), headers=headers
             )
             sent.append(event_id)
             await asyncio.sleep(1 / per_second)

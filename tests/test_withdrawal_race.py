@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 import asyncpg
 import pytest
@@ -17,33 +16,9 @@ from router.store import record_consent
 from runtime.kafka import Topics
 from runtime.services import RunningBus
 from runtime.settings import Settings
-from schemas import encode
-from schemas.cloudevents import headers_for
-from tests.golden.make_vectors import EXAMPLES
-from tests.support import eventually, header, read_topic
+from tests.support import death_message, eventually, header, read_topic
 
 pytestmark = pytest.mark.integration
-
-
-def _event_for(subject_id: str) -> tuple[str, bytes, list[tuple[str, bytes]]]:
-    event_id = str(uuid.uuid4())
-    record: dict[str, Any] = dict(EXAMPLES["DeathRegistered"])
-    record["envelope"] = {
-        **record["envelope"],
-        "event_id": event_id,
-        "subject": {"subject_id": subject_id, "nino": None},
-        "recorded_at": datetime.now(UTC),
-    }
-    value = encode("DeathRegistered", record)
-    headers = headers_for(
-        value,
-        id=event_id,
-        source="/offices/test",
-        subject=subject_id,
-        time=datetime.now(UTC),
-        schema_base_url="http://127.0.0.1:8080",
-    )
-    return event_id, value, headers
 
 
 async def test_nothing_decided_after_a_confirmed_withdrawal_reaches_the_agency(
@@ -74,7 +49,7 @@ async def test_nothing_decided_after_a_confirmed_withdrawal_reaches_the_agency(
 
     try:
         for i in range(120):
-            event_id, value, headers = _event_for(subject_id)
+            event_id, value, headers = death_message(subject_id)
             await producer.send_and_wait(topics.life_events, value, key=subject_id.encode(), headers=headers)
             sent.append(event_id)
             if i == 20:  # the router is live and delivering before the race starts

@@ -74,6 +74,10 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
     dead_letters = kafka.producer(settings, client_id="tuo-receipt-tracker")
     try:
         await dead_letters.start()
+        async with pool.acquire() as conn:
+            sealed = await audit.seal_unsealed(conn)
+        if sealed:
+            log.info("decision_chain_sealed", rows=sealed)
         await consumer.start()
         log.info("receipt_tracker_started", group_id=group_id)
         while not stop.is_set():

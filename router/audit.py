@@ -2,10 +2,10 @@
 
 Decisions are appended to ``routing_decision`` in one order (``seq``); each row
 stores the hash of the previous row and a SHA-256 over its own content and that
-previous hash. ``verify`` recomputes the chain and names the first row that was
-altered, removed or inserted. (Someone who can rewrite the whole table and knows
-the scheme can forge a new chain; anchoring the head outside the database is
-the next step, and the decisions topic in Kafka is an independent copy.)
+previous hash. ``verify`` recomputes the chain and names every row that was altered,
+removed or inserted. Not caught yet: removing the newest rows, or rewriting the
+whole table by someone who knows the scheme; anchoring the head outside the
+database is the next step (the decisions topic in Kafka is an independent copy).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ async def append(conn: asyncpg.Connection, decision: Decision) -> bool:
         return False
     head = await conn.fetchrow("SELECT seq, hash FROM routing_decision ORDER BY seq DESC LIMIT 1")
     seq = 1 if head is None else head["seq"] + 1
-    prev_hash = GENESIS if head is None else (head["hash"] or GENESIS)
+    prev_hash = GENESIS if head is None else head["hash"]
     await conn.execute(
         "INSERT INTO routing_decision (event_id, agency, event_type, outcome, legal_basis, decided_at,"
         " fields_delivered, fields_withheld, seq, prev_hash, hash)"
@@ -85,6 +85,37 @@ async def append(conn: asyncpg.Connection, decision: Decision) -> bool:
         row_hash(seq, decision, prev_hash),
     )
     return True
+
+
+async def seal_unsealed(conn: asyncpg.Connection) -> int:
+    """Chain rows that predate the chain (migration 0002 numbered them but could not
+    hash them in SQL). Runs before the tracker appends; returns how many were sealed."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _CHAIN_LOCK)
+        rows = await conn.fetch("SELECT * FROM routing_decision WHERE hash IS NULL ORDER BY seq")
+        for row in rows:
+            before = await conn.fetchval("SELECT hash FROM routing_decision WHERE seq = $1", row["seq"] - 1)
+            prev_hash = GENESIS if row["seq"] == 1 else before
+            await conn.execute(
+                "UPDATE routing_decision SET prev_hash = $2, hash = $3 WHERE seq = $1",
+                row["seq"],
+                prev_hash,
+                row_hash(row["seq"], _decision(row), prev_hash),
+            )
+    return len(rows)
+
+
+def _decision(row: Any) -> Decision:
+    return Decision(
+        event_id=str(row["event_id"]),
+        agency=row["agency"],
+        event_type=row["event_type"],
+        outcome=row["outcome"],
+        legal_basis=row["legal_basis"],
+        decided_at=row["decided_at"],
+        fields_delivered=row["fields_delivered"],
+        fields_withheld=row["fields_withheld"],
+    )
 
 
 @dataclass(frozen=True)
@@ -111,7 +142,7 @@ async def verify(conn: asyncpg.Connection, batch: int = 10_000) -> tuple[int, li
         for row in rows:
             findings += _check(row, expected_seq, previous_hash)
             checked += 1
-            expected_seq, previous_hash, last_seq = row["seq"] + 1, row["hash"] or "", row["seq"]
+            expected_seq, previous_hash, last_seq = row["seq"] + 1, row["hash"], row["seq"]
     return checked, findings
 
 
@@ -126,16 +157,6 @@ def _check(row: Any, expected_seq: int, previous_hash: str) -> list[Finding]:
         found.append(Finding(expected_seq, "removed", f"{missing} missing before row {seq}"))
     elif row["prev_hash"] != previous_hash:
         found.append(Finding(seq, "inserted", f"{where}: does not follow the row before it"))
-    decision = Decision(
-        event_id=str(row["event_id"]),
-        agency=row["agency"],
-        event_type=row["event_type"],
-        outcome=row["outcome"],
-        legal_basis=row["legal_basis"],
-        decided_at=row["decided_at"],
-        fields_delivered=row["fields_delivered"],
-        fields_withheld=row["fields_withheld"],
-    )
-    if row["hash"] != row_hash(seq, decision, row["prev_hash"] or ""):
+    if row["hash"] != row_hash(seq, _decision(row), row["prev_hash"] or ""):
         found.append(Finding(seq, "altered", f"{where}: its content no longer matches its hash"))
     return found

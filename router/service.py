@@ -10,6 +10,7 @@ with aiokafka: several routers may share the consumer group.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,18 +22,17 @@ from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from router.minimise import event_fields, minimise
+from router.minimise import NINO, event_fields, minimise
 from router.policy import POLICY
 from router.rules import (
     ConsentState,
-    OriginalDelivery,
     RoutableEvent,
     RoutingDecision,
     Subscription,
     decide,
     decide_follow_up,
 )
-from router.store import agencies, current_consent, load_subscriptions, original_deliveries
+from router.store import OriginalEvent, agencies, current_consent, load_subscriptions, original_deliveries
 from runtime import kafka
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics, ensure_topics
@@ -43,6 +43,7 @@ from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"
+ORIGINAL_WAIT_SECONDS = 60.0  # then a correction whose original is unknown is dead-lettered
 
 
 @dataclass(frozen=True)
@@ -71,16 +72,20 @@ FOLLOW_UPS = {
 }
 
 
-def _postcodes(value: Any) -> Iterator[str]:
-    """Every postcode anywhere in a decoded record (addresses, people's addresses)."""
-    if isinstance(value, dict):
-        if isinstance(value.get("postcode"), str):
-            yield value["postcode"]
-        for item in value.values():
-            yield from _postcodes(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _postcodes(item)
+# The addresses an area condition looks at: where the subject lives or lived, never
+# where an executor, next of kin or partner lives.
+SUBJECT_ADDRESSES = {
+    "BirthRegistered": ("home_address",),
+    "DeathRegistered": ("last_address",),
+    "AddressChanged": ("old_address", "new_address"),
+}
+
+
+def _postcodes(event_type: str, body: dict[str, Any]) -> Iterator[str]:
+    for field in SUBJECT_ADDRESSES.get(event_type, ()):
+        address = body.get(field)
+        if isinstance(address, dict) and isinstance(address.get("postcode"), str):
+            yield address["postcode"]
 
 
 def _routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
@@ -105,13 +110,12 @@ def _routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
         id_field, type_field = FOLLOW_UPS[subject]
         event = RoutableEvent(event_id=cloud_event.id, event_type=subject, subject_id=subject_id)
         return Incoming(record, event, body, follows=(str(body[id_field]), body[type_field]))
-    own = {k: v for k, v in body.items() if k != "envelope"}
     event = RoutableEvent(
         event_id=cloud_event.id,
         event_type=subject,
         subject_id=subject_id,
         fields=event_fields(body),
-        postcodes=frozenset(_postcodes(own)),
+        postcodes=frozenset(_postcodes(subject, body)),
     )
     return Incoming(record, event, body)
 
@@ -170,7 +174,11 @@ def _decision_message(
 
 
 async def plan(
-    pool: asyncpg.Pool, topics: Topics, records: list[ConsumerRecord[bytes, bytes]], schema_base_url: str
+    pool: asyncpg.Pool,
+    topics: Topics,
+    records: list[ConsumerRecord[bytes, bytes]],
+    schema_base_url: str,
+    give_up_on: frozenset[int] = frozenset(),
 ) -> list[Outgoing]:
     """Everything one batch of life events should produce, decided now."""
     outgoing: list[Outgoing] = []
@@ -197,10 +205,26 @@ async def plan(
             [(i.event.subject_id, i.follows[1] if i.follows else i.event.event_type) for i in routable],
         )
         originals = await original_deliveries(conn, [i.follows[0] for i in routable if i.follows])
+        # Consent for a correction is the consent for its original's recorded type.
+        recorded_types = [
+            (i.event.subject_id, originals[i.follows[0]].event_type)
+            for i in routable
+            if i.follows and originals and i.follows[0] in originals
+        ]
+        consent.update(await current_consent(conn, recorded_types))
     for incoming in routable:
         event = incoming.event
         if incoming.follows is not None:
-            outgoing += _follow_up(topics, incoming, subscriptions, consent, originals, now, schema_base_url)
+            outgoing += _follow_up(
+                topics,
+                incoming,
+                subscriptions,
+                consent,
+                originals,
+                now,
+                schema_base_url,
+                give_up=incoming.record.offset in give_up_on,
+            )
             continue
         copies: dict[frozenset[str], Outgoing] = {}  # agencies granted the same fields share one encoding
         decisions = decide(
@@ -228,44 +252,60 @@ async def plan(
     return outgoing
 
 
+class OriginalNotYetDecided(Exception):
+    """A correction or void arrived before its original's decisions were recorded."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
+
+
 def _follow_up(
     topics: Topics,
     incoming: Incoming,
     subscriptions: list[Subscription],
     consent: dict[tuple[str, str], dict[str, ConsentState]],
-    originals: dict[str, list[OriginalDelivery]] | None,
+    originals: dict[str, OriginalEvent] | None,
     now: datetime,
     schema_base_url: str,
+    give_up: bool,
 ) -> list[Outgoing]:
-    """A correction or void: to the original's recipients only (dead-lettered if the
-    original has no recorded decisions, so nothing guesses who received it)."""
+    """A correction or void: to the original's recipients only, judged on the
+    original's recorded type, within the fields (and NINO) each received."""
     assert incoming.follows is not None and originals is not None
-    original_id, original_type = incoming.follows
+    original_id, claimed_type = incoming.follows
     event, record = incoming.event, incoming.record
-    if original_id not in originals:
-        letter = dead_letter(
-            record, COMPONENT, f"original event {original_id} has no recorded routing decisions"
-        )
+    original = originals.get(original_id)
+    if original is None and not give_up:
+        raise OriginalNotYetDecided(record.offset)
+    reason = None
+    if original is None:
+        reason = f"original event {original_id} has no recorded routing decisions"
+    elif original.event_type != claimed_type:
+        reason = f"it names the original as {claimed_type} but {original_id} was {original.event_type}"
+    if reason is not None or original is None:
+        letter = dead_letter(record, COMPONENT, reason or "unknown original")
         return [Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers)]
     decisions = decide_follow_up(
         event,
-        original_type,
-        originals[original_id],
+        original.event_type,
+        original.deliveries,
         {s.agency for s in subscriptions},
-        consent.get((event.subject_id, original_type), {}),
+        consent.get((event.subject_id, original.event_type), {}),
         POLICY,
     )
     out: list[Outgoing] = []
     for decision in decisions:
         if decision.delivers:
-            value = record.value
+            body = dict(incoming.body)
+            if NINO not in decision.fields_delivered:
+                envelope = body["envelope"]
+                body["envelope"] = {**envelope, "subject": {**envelope["subject"], "nino": None}}
             if event.event_type == "EventCorrected":  # only changes to fields the agency received
-                changes = [
-                    c
-                    for c in incoming.body["changes"]
-                    if c["field"].split(".")[0] in decision.fields_delivered
+                body["changes"] = [
+                    c for c in body["changes"] if c["field"].split(".")[0] in decision.fields_delivered
                 ]
-                value = encode("EventCorrected", {**incoming.body, "changes": changes})
+            value = encode(event.event_type, body)
             out.append(Outgoing(topics.agency(decision.agency), record.key, value, list(record.headers)))
         out.append(_decision_message(topics, decision, record.key or b"", now, schema_base_url))
     return out
@@ -288,6 +328,8 @@ class Router:
         # are routed, whatever position the consumer's own offset machinery restores.
         self.next_offset: dict[TopicPartition, int] = {}
         self.partition_counts: dict[str, int] = {}
+        self.assignment_failed: Exception | None = None
+        self.waiting_since: dict[tuple[TopicPartition, int], float] = {}
         self.lock = asyncio.Lock()  # a rebalance waits for the batch in hand
         self.assignments = 0  # bumps on every assignment: batches fetched before it are stale
         self.consumer = kafka.consumer(
@@ -296,6 +338,15 @@ class Router:
             client_id="tuo-router",
             session_timeout_ms=6000,  # the broker's minimum: a crashed router is replaced fast
             heartbeat_interval_ms=2000,
+        )
+
+    def _overdue(self, tp: TopicPartition) -> frozenset[int]:
+        """Offsets of corrections that have waited too long for their original."""
+        now = time.monotonic()
+        return frozenset(
+            offset
+            for (partition, offset), since in self.waiting_since.items()
+            if partition == tp and now - since > ORIGINAL_WAIT_SECONDS
         )
 
     async def _partition_count(self, producer: AIOKafkaProducer, topic: str) -> int:
@@ -318,6 +369,12 @@ class Router:
             log.info("router_partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        try:
+            await self._take_over(assigned)
+        except Exception as exc:  # noqa: BLE001 - aiokafka would only log it; make the router restart
+            self.assignment_failed = exc
+
+    async def _take_over(self, assigned: set[TopicPartition]) -> None:
         async with self.lock:
             self.assignments += 1
             for tp in assigned - set(self.producers):
@@ -349,8 +406,15 @@ class Router:
                 if not batches:
                     continue
                 async with self.lock:
+                    if self.assignment_failed is not None:
+                        raise self.assignment_failed
                     if epoch != self.assignments:
-                        continue  # positions were reset to the committed offsets; fetch again
+                        # Fetched across a rebalance: drop it and rewind, since getmany has
+                        # already moved the position past these records.
+                        for tp in batches:
+                            if tp in self.next_offset:
+                                self.consumer.seek(tp, self.next_offset[tp])
+                        continue
                     await asyncio.gather(*(self._route(tp, records) for tp, records in batches.items()))
         finally:
             await self.consumer.stop()
@@ -365,7 +429,21 @@ class Router:
         records = [r for r in records if r.offset >= self.next_offset[tp]]  # never route twice
         if not records:
             return
-        outgoing = await plan(self.pool, self.topics, records, self.settings.schema_base_url())
+        try:
+            outgoing = await plan(
+                self.pool, self.topics, records, self.settings.schema_base_url(), self._overdue(tp)
+            )
+        except OriginalNotYetDecided as waiting:
+            # Its original's decisions are not recorded yet (the tracker lags, or the
+            # original is earlier in this very batch): route what comes before it,
+            # then rewind to it and try again shortly.
+            self.waiting_since.setdefault((tp, waiting.offset), time.monotonic())
+            before = [r for r in records if r.offset < waiting.offset]
+            if before:
+                await self._route(tp, before)
+            self.consumer.seek(tp, waiting.offset)
+            await asyncio.sleep(0.5)
+            return
         hashed: dict[tuple[int, bytes | None], int] = {}  # one key is hashed once, not once per copy
         async with producer.transaction():
             for message in outgoing:

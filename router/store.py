@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -130,23 +131,29 @@ async def record_consent(
     return confirmed
 
 
+@dataclass(frozen=True)
+class OriginalEvent:
+    event_type: str  # as recorded when it was routed, not as a correction claims
+    deliveries: list[OriginalDelivery]
+
+
 async def original_deliveries(
     conn: asyncpg.Pool | asyncpg.Connection, event_ids: list[str]
-) -> dict[str, list[OriginalDelivery]] | None:
-    """For each event id with recorded decisions, the agencies it was delivered to
-    (an empty list when it reached nobody). Ids with no decisions are absent."""
+) -> dict[str, OriginalEvent] | None:
+    """For each event id with recorded decisions: its type and the agencies it was
+    delivered to (none when it reached nobody). Ids with no decisions are absent."""
     if not event_ids:
         return None
     rows = await conn.fetch(
-        "SELECT event_id::text AS event_id, agency, outcome, legal_basis, fields_delivered"
+        "SELECT event_id::text AS event_id, event_type, agency, outcome, legal_basis, fields_delivered"
         "  FROM routing_decision WHERE event_id = ANY($1::uuid[])",
         event_ids,
     )
-    found: dict[str, list[OriginalDelivery]] = {}
+    found: dict[str, OriginalEvent] = {}
     for r in rows:
-        deliveries = found.setdefault(r["event_id"], [])
+        original = found.setdefault(r["event_id"], OriginalEvent(r["event_type"], []))
         if r["outcome"] == "DELIVERED":
-            deliveries.append(
+            original.deliveries.append(
                 OriginalDelivery(r["agency"], r["legal_basis"], frozenset(r["fields_delivered"]))
             )
     return found

@@ -79,3 +79,28 @@ async def test_altered_removed_and_inserted_rows_are_each_named(
         assert "4 problem(s) in" in lines, "inserted row: wrong predecessor and wrong hash"
     finally:
         await pool.execute(f"DROP SCHEMA {copy} CASCADE")
+
+
+async def test_rows_from_before_the_chain_are_sealed_and_then_verify(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
+) -> None:
+    from router.audit import seal_unsealed
+
+    await _some_decisions(intake, pool, at_least=12)
+    copy = "legacy_" + uuid.uuid4().hex[:8]
+    await pool.execute(
+        f"CREATE SCHEMA {copy}; CREATE TABLE {copy}.routing_decision AS SELECT * FROM routing_decision"
+    )
+    try:
+        await pool.execute(f"UPDATE {copy}.routing_decision SET hash = NULL, prev_hash = NULL")  # as migrated
+        code, output = await asyncio.to_thread(_verify, services, copy)
+        assert code == 1 and "altered" in output
+        async with pool.acquire() as conn:
+            await conn.execute(f"SET search_path TO {copy}")
+            sealed = await seal_unsealed(conn)
+            await conn.execute("SET search_path TO public")
+        assert sealed == await pool.fetchval(f"SELECT count(*) FROM {copy}.routing_decision")
+        code, output = await asyncio.to_thread(_verify, services, copy)
+        assert code == 0, output
+    finally:
+        await pool.execute(f"DROP SCHEMA {copy} CASCADE")

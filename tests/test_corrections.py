@@ -11,6 +11,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from producers.intake import subject_id_for
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode, encode
@@ -35,7 +36,11 @@ async def _settled(intake: httpx.AsyncClient, reference: str) -> dict[str, str]:
 async def _publish(settings: Settings, name: str, body: dict[str, Any], subject_id: str) -> str:
     event_id = str(uuid.uuid4())
     record = {
-        "envelope": {**ENVELOPE, "event_id": event_id, "subject": {"subject_id": subject_id, "nino": None}},
+        "envelope": {
+            **ENVELOPE,
+            "event_id": event_id,
+            "subject": {"subject_id": subject_id, "nino": "AB123456C"},
+        },
         **body,
     }
     value = encode(name, record)
@@ -73,17 +78,16 @@ async def _received_by(settings: Settings, event_id: str) -> dict[str, dict[str,
 async def test_correction_and_void_reach_exactly_the_original_recipients(
     intake: httpx.AsyncClient, services: Settings
 ) -> None:
-    body = death_registration(deceased={"given_names": "Cor", "family_name": "Rected", "nino": random_nino()})
+    nino = random_nino()
+    body = death_registration(deceased={"given_names": "Cor", "family_name": "Rected", "nino": nino})
     original = (await intake.post("/v1/death-registrations", json=body)).json()
-    decisions = await _settled(intake, original["reference"])
-    recipients = {agency for agency, decision in decisions.items() if decision == "delivered"}
-    assert recipients == {"hmrc", "dwp", "dvla", "council-leeds"}
-    [subject_id] = {
-        header(r, "ce_subject")
-        for r in await read_topic(services, Topics(services.topic_prefix).agency("dwp"))
-        if header(r, "ce_id") == original["event_id"]
-    }
-    assert subject_id is not None
+    subject_id = subject_id_for(nino, services.require_pseudonym_key())
+
+    async def published() -> bool:  # on the topic, but not necessarily decided yet
+        records = await read_topic(services, Topics(services.topic_prefix).life_events)
+        return any(header(r, "ce_id") == original["event_id"] for r in records)
+
+    await eventually(published, what="the original on tuo.life-events")
 
     correction_id = await _publish(
         services,
@@ -103,9 +107,15 @@ async def test_correction_and_void_reach_exactly_the_original_recipients(
 
     async def corrected() -> dict[str, dict[str, Any]] | None:
         found = await _received_by(services, correction_id)
-        return found if set(found) >= recipients else None
+        return found if len(found) >= 4 else None
 
+    # Sent before the original's decisions were (necessarily) recorded: the router waits for them.
+    decisions = await _settled(intake, original["reference"])
+    recipients = {agency for agency, decision in decisions.items() if decision == "delivered"}
+    assert recipients == {"hmrc", "dwp", "dvla", "council-leeds"}
     copies = await eventually(corrected, timeout=60, what="the correction at every original recipient")
+    assert copies["hmrc"]["envelope"]["subject"]["nino"] == "AB123456C", "hmrc is granted the NINO"
+    assert copies["dvla"]["envelope"]["subject"]["nino"] is None, "dvla is not"
     assert set(copies) == recipients, "a correction goes to the original's recipients and no one else"
     assert [c["field"] for c in copies["hmrc"]["changes"]] == [
         "deceased.date_of_birth",
@@ -131,6 +141,37 @@ async def test_correction_and_void_reach_exactly_the_original_recipients(
         found = await _received_by(services, void_id)
         return found if set(found) >= recipients else None
 
-    assert (
-        set(await eventually(voided, timeout=60, what="the void at every original recipient")) == recipients
+    voids = await eventually(voided, timeout=60, what="the void at every original recipient")
+    assert set(voids) == recipients
+    assert voids["council-leeds"]["envelope"]["subject"]["nino"] is None
+
+
+async def test_a_correction_that_misnames_its_original_is_dead_lettered(
+    intake: httpx.AsyncClient, services: Settings
+) -> None:
+    nino = random_nino()
+    body = death_registration(deceased={"given_names": "Mis", "family_name": "Named", "nino": nino})
+    original = (await intake.post("/v1/death-registrations", json=body)).json()
+    await _settled(intake, original["reference"])
+    correction_id = await _publish(
+        services,
+        "EventCorrected",
+        {
+            "corrects_event_id": original["event_id"],
+            "corrects_reference": original["reference"],
+            "corrected_event_type": "BirthRegistered",  # it was a death
+            "changes": [{"field": "child.date_of_birth", "new_value_json": '"2026-01-01"'}],
+            "reason": "wrong",
+        },
+        subject_id_for(nino, services.require_pseudonym_key()),
     )
+
+    async def dead_lettered() -> str | None:
+        for record in await read_topic(services, Topics(services.topic_prefix).dead_letters):
+            if header(record, "ce_id") == correction_id:
+                return header(record, "tuo_dlq_reason")
+        return None
+
+    reason = await eventually(dead_lettered, timeout=60, what="the misnamed correction in dead letters")
+    assert "names the original as BirthRegistered" in reason
+    assert await _received_by(services, correction_id) == {}

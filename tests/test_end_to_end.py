@@ -222,3 +222,24 @@ async def test_every_message_the_bus_writes_carries_full_cloudevents_headers(
             schema_id = int.from_bytes((record.value or b"")[1:5], "big")
             assert (header(record, "ce_dataschema") or "").endswith(f"/schemas/ids/{schema_id}")
             assert header(record, "ce_subject") == (record.key or b"").decode()
+
+
+async def test_an_area_condition_looks_at_the_subjects_address_not_the_executors(
+    intake: httpx.AsyncClient,
+) -> None:
+    body = death_registration(
+        last_address={"lines": ["9 Bradford Road"], "town": "Bradford", "postcode": "BD1 1AB"},
+        executor={
+            "given_names": "Ex",
+            "family_name": "Ecutor",
+            "relationship": "solicitor",
+            "address": {"lines": ["1 Leeds Street"], "town": "Leeds", "postcode": "LS1 1AA"},
+        },
+    )
+    accepted = (await intake.post("/v1/death-registrations", json=body)).json()
+    status = await _status_when_settled(intake, accepted["reference"])
+    decisions = {a["agency"]: a["decision"] for a in status["agencies"]}
+    assert decisions["council-bradford"] == "delivered"
+    assert decisions["council-leeds"] == "withheld_no_subscription", (
+        "the executor's Leeds address does not count"
+    )

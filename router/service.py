@@ -403,11 +403,11 @@ class Router:
             while not stop.is_set():
                 epoch = self.assignments
                 batches = await self.consumer.getmany(timeout_ms=500, max_records=500)
+                if self.assignment_failed is not None:
+                    raise self.assignment_failed
                 if not batches:
                     continue
                 async with self.lock:
-                    if self.assignment_failed is not None:
-                        raise self.assignment_failed
                     if epoch != self.assignments:
                         # Fetched across a rebalance: drop it and rewind, since getmany has
                         # already moved the position past these records.
@@ -463,6 +463,8 @@ class Router:
                 )
             await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.group_id)
         self.next_offset[tp] = records[-1].offset + 1
+        for key in [k for k in self.waiting_since if k[0] == tp and k[1] < self.next_offset[tp]]:
+            del self.waiting_since[key]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

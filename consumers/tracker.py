@@ -33,19 +33,7 @@ async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecor
     if record.topic == topics.routing_decisions:
         if subject != "RoutingDecision":
             raise UntrustedReceipt(f"{subject} on the routing decisions topic")
-        await audit.append(
-            conn,
-            audit.Decision(
-                event_id=str(body["event_id"]),
-                agency=body["agency"],
-                event_type=body["event_type"],
-                outcome=body["outcome"],
-                legal_basis=body["legal_basis"],
-                decided_at=body["decided_at"],
-                fields_delivered=body["fields_delivered"],
-                fields_withheld=body["fields_withheld"],
-            ),
-        )
+        await audit.append(conn, audit.Decision.of(body))
         return
     agency = topics.agency_from_receipts_topic(record.topic)
     if subject != "DeliveryReceipt":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,6 +34,20 @@ class Decision:
     decided_at: datetime
     fields_delivered: Sequence[str]
     fields_withheld: Sequence[str]
+
+    @classmethod
+    def of(cls, source: Mapping[str, Any]) -> Decision:
+        """From a decoded RoutingDecision message or a stored row (same field names)."""
+        return cls(
+            event_id=str(source["event_id"]),
+            agency=source["agency"],
+            event_type=source["event_type"],
+            outcome=source["outcome"],
+            legal_basis=source["legal_basis"],
+            decided_at=source["decided_at"],
+            fields_delivered=source["fields_delivered"],
+            fields_withheld=source["fields_withheld"],
+        )
 
 
 def row_hash(seq: int, decision: Decision, prev_hash: str) -> str:
@@ -100,22 +114,9 @@ async def seal_unsealed(conn: asyncpg.Connection) -> int:
                 "UPDATE routing_decision SET prev_hash = $2, hash = $3 WHERE seq = $1",
                 row["seq"],
                 prev_hash,
-                row_hash(row["seq"], _decision(row), prev_hash),
+                row_hash(row["seq"], Decision.of(row), prev_hash),
             )
     return len(rows)
-
-
-def _decision(row: Any) -> Decision:
-    return Decision(
-        event_id=str(row["event_id"]),
-        agency=row["agency"],
-        event_type=row["event_type"],
-        outcome=row["outcome"],
-        legal_basis=row["legal_basis"],
-        decided_at=row["decided_at"],
-        fields_delivered=row["fields_delivered"],
-        fields_withheld=row["fields_withheld"],
-    )
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,6 @@ def _check(row: Any, expected_seq: int, previous_hash: str) -> list[Finding]:
         found.append(Finding(expected_seq, "removed", f"{missing} missing before row {seq}"))
     elif row["prev_hash"] != previous_hash:
         found.append(Finding(seq, "inserted", f"{where}: does not follow the row before it"))
-    if row["hash"] != row_hash(seq, _decision(row), row["prev_hash"] or ""):
+    if row["hash"] != row_hash(seq, Decision.of(row), row["prev_hash"] or ""):
         found.append(Finding(seq, "altered", f"{where}: its content no longer matches its hash"))
     return found

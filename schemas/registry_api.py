@@ -133,13 +133,16 @@ def registry_router(fixed: SchemaCatalogue | None = None) -> APIRouter:
         entry = find(subject, version)
         return entry if isinstance(entry, JSONResponse) else _ok(entry.schema)
 
-    async def _posted_schema(request: Request) -> str | None:
+    async def _posted_schema(request: Request) -> str | JSONResponse:
+        """The body's schema text, or the registry's 422 for a body that has none."""
         try:
             body = await request.json()
         except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
-            return None
+            body = None
         schema = body.get("schema") if isinstance(body, dict) else None
-        return schema if isinstance(schema, str) else None
+        if isinstance(schema, str):
+            return schema
+        return _error(422, INVALID_SCHEMA, 'Request body must be {"schema": "<Avro schema as JSON text>"}')
 
     @router.post("/subjects/{subject}")
     async def look_up(subject: str, request: Request) -> JSONResponse:
@@ -147,10 +150,8 @@ def registry_router(fixed: SchemaCatalogue | None = None) -> APIRouter:
         if versions_of(subject) is None:
             return _error(404, SUBJECT_NOT_FOUND, f"Subject '{subject}' not found.")
         schema = await _posted_schema(request)
-        if schema is None:
-            return _error(
-                422, INVALID_SCHEMA, 'Request body must be {"schema": "<Avro schema as JSON text>"}'
-            )
+        if isinstance(schema, JSONResponse):
+            return schema
         entry = same_schema(schema)
         if entry is None or entry.subject != subject:
             return _error(404, SCHEMA_NOT_FOUND, "Schema not found")
@@ -160,10 +161,8 @@ def registry_router(fixed: SchemaCatalogue | None = None) -> APIRouter:
     async def register(subject: str, request: Request) -> JSONResponse:
         """Idempotent registration of a schema the catalogue already has; others are refused."""
         schema = await _posted_schema(request)
-        if schema is None:
-            return _error(
-                422, INVALID_SCHEMA, 'Request body must be {"schema": "<Avro schema as JSON text>"}'
-            )
+        if isinstance(schema, JSONResponse):
+            return schema
         entry = same_schema(schema)
         if entry is None or entry.subject != subject:
             return _error(

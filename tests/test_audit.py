@@ -9,19 +9,15 @@ import uuid
 import asyncpg
 import httpx
 import pytest
-from typer.testing import CliRunner
 
-from runtime.cli import app
 from runtime.settings import Settings
-from tests.support import death_registration, eventually
+from tests.support import death_registration, eventually, tuo_cli
 
 pytestmark = pytest.mark.integration
 
 
 def _verify(settings: Settings, schema: str = "public") -> tuple[int, str]:
-    env = {"TUO_STATE_DIR": str(settings.state_dir), "COLUMNS": "250", "TUO_LOG_LEVEL": "WARNING"}
-    result = CliRunner().invoke(app, ["audit", "verify", "--schema", schema], env=env)
-    return result.exit_code, result.output
+    return tuo_cli(settings, "audit", "verify", "--schema", schema)
 
 
 async def _some_decisions(intake: httpx.AsyncClient, pool: asyncpg.Pool, at_least: int) -> None:

@@ -10,15 +10,9 @@ from typer.testing import CliRunner
 
 from runtime.cli import app
 from runtime.settings import Settings
-from tests.support import death_registration, eventually
+from tests.support import death_registration, eventually, tuo_cli
 
 pytestmark = pytest.mark.integration
-
-
-def _invoke(settings: Settings, *args: str) -> tuple[int, str]:
-    env = {"TUO_STATE_DIR": str(settings.state_dir), "COLUMNS": "200", "TUO_LOG_LEVEL": "WARNING"}
-    result = CliRunner().invoke(app, list(args), env=env)
-    return result.exit_code, result.output
 
 
 async def test_status_prints_each_agencys_decision_and_receipt(
@@ -31,7 +25,7 @@ async def test_status_prints_each_agencys_decision_and_receipt(
         return sum(1 for a in status["agencies"] if a["receipt"]) == 4
 
     await eventually(receipts_in, what="four receipts")
-    code, output = await asyncio.to_thread(_invoke, services, "status", accepted["reference"].lower())
+    code, output = await asyncio.to_thread(tuo_cli, services, "status", accepted["reference"].lower())
     assert code == 0, output
     assert accepted["reference"] in output
     rows = {line.split("│")[1].strip(): line for line in output.splitlines() if line.count("│") > 3}
@@ -42,13 +36,13 @@ async def test_status_prints_each_agencys_decision_and_receipt(
 
 
 async def test_status_of_unknown_reference_fails_with_a_message(services: Settings) -> None:
-    code, output = await asyncio.to_thread(_invoke, services, "status", "TUO-2026-0000-0000")
+    code, output = await asyncio.to_thread(tuo_cli, services, "status", "TUO-2026-0000-0000")
     assert code == 1
     assert "no event has reference TUO-2026-0000-0000" in output
 
 
 async def test_stack_status_reports_both_servers_running(services: Settings) -> None:
-    code, output = await asyncio.to_thread(_invoke, services, "stack", "status")
+    code, output = await asyncio.to_thread(tuo_cli, services, "stack", "status")
     assert code == 0
     kafka_line = next(line for line in output.splitlines() if "Kafka" in line)
     postgres_line = next(line for line in output.splitlines() if "PostgreSQL" in line)

@@ -7,27 +7,19 @@ import asyncio
 import asyncpg
 import httpx
 import pytest
-from typer.testing import CliRunner
 
-from runtime.cli import app
 from runtime.kafka import Topics
 from runtime.settings import Settings
-from tests.support import death_registration, eventually, read_topic
+from tests.support import death_registration, eventually, read_topic, tuo_cli
 
 pytestmark = pytest.mark.integration
-
-
-def _tuo(settings: Settings, *args: str) -> tuple[int, str]:
-    env = {"TUO_STATE_DIR": str(settings.state_dir), "COLUMNS": "250", "TUO_LOG_LEVEL": "WARNING"}
-    result = CliRunner().invoke(app, list(args), env=env)
-    return result.exit_code, result.output
 
 
 async def test_add_and_list_a_subscription_with_fields_and_an_area(
     services: Settings, pool: asyncpg.Pool
 ) -> None:
     code, output = await asyncio.to_thread(
-        _tuo,
+        tuo_cli,
         services,
         "subscriptions",
         "add",
@@ -45,7 +37,7 @@ async def test_add_and_list_a_subscription_with_fields_and_an_area(
         "yo",
     )
     assert code == 0, output
-    code, output = await asyncio.to_thread(_tuo, services, "subscriptions", "list")
+    code, output = await asyncio.to_thread(tuo_cli, services, "subscriptions", "list")
     [row] = [line for line in output.splitlines() if "council-york" in line]
     assert "deceased, last_address" in row and '"YO"' in row and "active" in row
     # read_topic fails if the topic is missing: `add` created the agency's topic
@@ -65,11 +57,11 @@ async def test_invalid_subscriptions_are_refused_with_the_reason(
     services: Settings, args: list[str], message: str
 ) -> None:
     code, output = await asyncio.to_thread(
-        _tuo, services, "subscriptions", "add", "council-hull", "DeathRegistered", *args
+        tuo_cli, services, "subscriptions", "add", "council-hull", "DeathRegistered", *args
     )
     assert code == 1
     assert message in output.replace("\n", " ")
-    _, listing = await asyncio.to_thread(_tuo, services, "subscriptions", "list")
+    _, listing = await asyncio.to_thread(tuo_cli, services, "subscriptions", "list")
     assert "council-hull" not in listing
 
 
@@ -77,7 +69,7 @@ async def test_suspended_subscription_stops_delivery_from_the_next_decision(
     services: Settings, intake: httpx.AsyncClient
 ) -> None:
     code, output = await asyncio.to_thread(
-        _tuo, services, "subscriptions", "suspend", "hmrc", "DeathRegistered"
+        tuo_cli, services, "subscriptions", "suspend", "hmrc", "DeathRegistered"
     )
     assert code == 0 and "Suspended 1" in output
     try:
@@ -91,10 +83,10 @@ async def test_suspended_subscription_stops_delivery_from_the_next_decision(
         assert decisions["hmrc"] == "withheld_no_subscription"
         assert decisions["dwp"] == "delivered"
     finally:
-        code, output = await asyncio.to_thread(_tuo, services, "subscriptions", "activate", "hmrc")
+        code, output = await asyncio.to_thread(tuo_cli, services, "subscriptions", "activate", "hmrc")
         assert code == 0, output
 
 
 async def test_suspending_an_unknown_agency_is_an_error(services: Settings) -> None:
-    code, output = await asyncio.to_thread(_tuo, services, "subscriptions", "suspend", "nobody")
+    code, output = await asyncio.to_thread(tuo_cli, services, "subscriptions", "suspend", "nobody")
     assert code == 1 and "nobody has no subscription" in output

@@ -1,0 +1,191 @@
+"""Who may submit events: registration offices, registrars who sign in with a
+password (argon2id), and API clients holding a bearer token bound to an office.
+
+Every submission is made by a ``Submitter``: the office it is recorded for, the
+role that decides what it may do, and the name written into the event's
+provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import asyncpg
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from producers.office_keys import create_key
+
+Role = Literal["registrar", "supervisor"]
+ROLES: tuple[Role, ...] = ("registrar", "supervisor")
+TOKEN_PREFIX = "tuo_"
+MIN_PASSWORD_LENGTH = 12
+
+_hasher = PasswordHasher()
+# Verified against when the username is unknown, so a wrong username takes as long as a wrong password.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@dataclass(frozen=True)
+class Submitter:
+    office: str
+    office_name: str
+    role: Role
+    recorded_by: str  # "registrar:<username>" or "api:<token label>"
+    display_name: str
+
+    @property
+    def may_void(self) -> bool:
+        return self.role == "supervisor"
+
+
+class AccountError(ValueError):
+    """A user, office or token could not be created; the message says why."""
+
+
+async def add_office(pool: asyncpg.Pool, code: str, name: str) -> str:
+    """Create an office with its first signing key; return the key id."""
+    async with pool.acquire() as conn, conn.transaction():
+        try:
+            await conn.execute("INSERT INTO registration_office (code, name) VALUES ($1, $2)", code, name)
+        except asyncpg.UniqueViolationError:
+            raise AccountError(f"office {code!r} already exists") from None
+        except asyncpg.CheckViolationError:
+            raise AccountError(
+                "an office code is 2-40 lower-case letters, digits or hyphens, starting with a letter"
+            ) from None
+        return await create_key(conn, code)
+
+
+async def ensure_office(pool: asyncpg.Pool, code: str, name: str) -> None:
+    """Create the office (with a key) unless it exists; used by seeding."""
+    exists = await pool.fetchval("SELECT 1 FROM registration_office WHERE code = $1", code)
+    if not exists:
+        await add_office(pool, code, name)
+
+
+def check_password_strength(password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise AccountError(f"a password needs at least {MIN_PASSWORD_LENGTH} characters")
+
+
+async def add_registrar(
+    pool: asyncpg.Pool, username: str, display_name: str, office: str, role: Role, password: str
+) -> None:
+    check_password_strength(password)
+    try:
+        await pool.execute(
+            "INSERT INTO registrar (username, display_name, office, role, password_hash)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            username,
+            display_name,
+            office,
+            role,
+            _hasher.hash(password),
+        )
+    except asyncpg.UniqueViolationError:
+        raise AccountError(f"user {username!r} already exists") from None
+    except asyncpg.ForeignKeyViolationError:
+        raise AccountError(f"there is no office {office!r}; add it with `tuo offices add`") from None
+    except asyncpg.CheckViolationError:
+        raise AccountError(
+            "a username is 2-60 lower-case letters, digits, dots, hyphens or underscores, starting with a letter"
+        ) from None
+
+
+async def authenticate(pool: asyncpg.Pool, username: str, password: str) -> Submitter | None:
+    """The registrar, if the password is right and the account enabled."""
+    row = await pool.fetchrow(
+        "SELECT r.username, r.display_name, r.office, o.name AS office_name, r.role, r.password_hash"
+        "  FROM registrar r JOIN registration_office o ON o.code = r.office"
+        " WHERE r.username = $1 AND r.disabled_at IS NULL",
+        username.strip().lower(),
+    )
+    try:
+        _hasher.verify(row["password_hash"] if row else _DUMMY_HASH, password)
+    except (VerificationError, InvalidHashError):
+        return None
+    if row is None:
+        return None
+    if _hasher.check_needs_rehash(row["password_hash"]):
+        await pool.execute(
+            "UPDATE registrar SET password_hash = $2 WHERE username = $1",
+            row["username"],
+            _hasher.hash(password),
+        )
+    return Submitter(
+        office=row["office"],
+        office_name=row["office_name"],
+        role=row["role"],
+        recorded_by=f"registrar:{row['username']}",
+        display_name=row["display_name"],
+    )
+
+
+async def registrar(pool: asyncpg.Pool, username: str) -> Submitter | None:
+    """An enabled registrar by username (for a signed-in session)."""
+    row = await pool.fetchrow(
+        "SELECT r.username, r.display_name, r.office, o.name AS office_name, r.role"
+        "  FROM registrar r JOIN registration_office o ON o.code = r.office"
+        " WHERE r.username = $1 AND r.disabled_at IS NULL",
+        username,
+    )
+    if row is None:
+        return None
+    return Submitter(
+        row["office"], row["office_name"], row["role"], f"registrar:{row['username']}", row["display_name"]
+    )
+
+
+def _token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def issue_token(
+    pool: asyncpg.Pool, office: str, role: Role, label: str, valid_for: timedelta = timedelta(days=90)
+) -> str:
+    """A new bearer token; only its hash is stored, so this is the one time it is seen."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    try:
+        await pool.execute(
+            "INSERT INTO api_token (id, token_hash, office, role, label, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            uuid.uuid4(),
+            _token_hash(token),
+            office,
+            role,
+            label,
+            datetime.now(UTC) + valid_for,
+        )
+    except asyncpg.ForeignKeyViolationError:
+        raise AccountError(f"there is no office {office!r}; add it with `tuo offices add`") from None
+    except asyncpg.CheckViolationError:
+        raise AccountError("a token label is 1-200 characters") from None
+    return token
+
+
+async def token_submitter(pool: asyncpg.Pool, token: str) -> Submitter | None:
+    """The API client holding this token, if it is current."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    row = await pool.fetchrow(
+        "SELECT t.label, t.office, o.name AS office_name, t.role"
+        "  FROM api_token t JOIN registration_office o ON o.code = t.office"
+        " WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now()",
+        _token_hash(token),
+    )
+    if row is None:
+        return None
+    return Submitter(row["office"], row["office_name"], row["role"], f"api:{row['label']}", row["label"])
+
+
+async def revoke_tokens(pool: asyncpg.Pool, label: str) -> int:
+    result: str = await pool.execute(
+        "UPDATE api_token SET revoked_at = now() WHERE label = $1 AND revoked_at IS NULL", label
+    )
+    return int(result.split()[-1])

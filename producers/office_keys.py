@@ -1,0 +1,75 @@
+"""Each registration office's Ed25519 signing key: created with the office,
+rotated on demand, the active one used to sign every event the office records.
+
+Private keys live in PostgreSQL next to the intake records they sign; public
+keys (active and retired) are published by the key registry.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    key_id: str
+    office: str
+    private_key: Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class PublishedKey:
+    key_id: str
+    office: str
+    public_key: bytes  # raw 32 bytes
+    created_at: datetime
+    retired_at: datetime | None
+
+
+class NoSigningKey(LookupError):
+    """The office has no active signing key (add it with `tuo offices add`)."""
+
+
+async def create_key(conn: asyncpg.Connection, office: str) -> str:
+    """Make a new active key for the office, retiring the one it had; return its id."""
+    private = Ed25519PrivateKey.generate()
+    key_id = f"{office}.{secrets.token_hex(4)}"
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE office_signing_key SET retired_at = now() WHERE office = $1 AND retired_at IS NULL",
+            office,
+        )
+        await conn.execute(
+            "INSERT INTO office_signing_key (key_id, office, public_key, private_key) VALUES ($1, $2, $3, $4)",
+            key_id,
+            office,
+            private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+            private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+        )
+    return key_id
+
+
+async def active_key(pool: asyncpg.Pool | asyncpg.Connection, office: str) -> SigningKey:
+    row = await pool.fetchrow(
+        "SELECT key_id, private_key FROM office_signing_key WHERE office = $1 AND retired_at IS NULL",
+        office,
+    )
+    if row is None:
+        raise NoSigningKey(office)
+    return SigningKey(row["key_id"], office, Ed25519PrivateKey.from_private_bytes(bytes(row["private_key"])))
+
+
+async def published_keys(pool: asyncpg.Pool) -> list[PublishedKey]:
+    rows = await pool.fetch(
+        "SELECT key_id, office, public_key, created_at, retired_at FROM office_signing_key ORDER BY key_id"
+    )
+    return [
+        PublishedKey(r["key_id"], r["office"], bytes(r["public_key"]), r["created_at"], r["retired_at"])
+        for r in rows
+    ]

@@ -23,7 +23,7 @@ from producers.office_keys import create_key
 
 Role = Literal["registrar", "supervisor"]
 ROLES: tuple[Role, ...] = ("registrar", "supervisor")
-TOKEN_PREFIX = "tuo_"
+TOKEN_PREFIX = "tuo_"  # noqa: S105 (a marker, not a secret)
 MIN_PASSWORD_LENGTH = 12
 
 _hasher = PasswordHasher()
@@ -94,7 +94,8 @@ async def add_registrar(
         raise AccountError(f"there is no office {office!r}; add it with `tuo offices add`") from None
     except asyncpg.CheckViolationError:
         raise AccountError(
-            "a username is 2-60 lower-case letters, digits, dots, hyphens or underscores, starting with a letter"
+            "a username is 2-60 lower-case letters, digits, dots, hyphens or underscores,"
+            " starting with a letter"
         ) from None
 
 

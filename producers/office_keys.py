@@ -46,7 +46,8 @@ async def create_key(conn: asyncpg.Connection, office: str) -> str:
             office,
         )
         await conn.execute(
-            "INSERT INTO office_signing_key (key_id, office, public_key, private_key) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO office_signing_key (key_id, office, public_key, private_key)"
+            " VALUES ($1, $2, $3, $4)",
             key_id,
             office,
             private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),

@@ -1,66 +1,45 @@
-"""The intake service's JSON API: validate, give a reference number, store the
-event with its outbox row in one transaction, and report status per agency.
+"""The intake service: the JSON API for other systems, the registrars' HTML
+forms, the schema registry and the office key registry, in one FastAPI app.
 
+API clients authenticate with a bearer token bound to a registration office.
 Errors are RFC 9457 problem details. Nothing is written unless the whole
-submission is valid.
+request is valid (see ``producers.accept``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import re
-import secrets
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import quote
+from typing import Annotated, Any
 
 import asyncpg
 import structlog
-from fastapi import FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
-from producers.store import (
-    IdempotencyConflict,
-    NewEvent,
-    consent_agencies,
-    event_status,
-    record_event,
+from producers.accept import (
+    REFERENCE_ALPHABET,
+    CorrectionRequest,
+    Intake,
+    NoSuchEvent,
+    NotPermitted,
+    SubmissionRejected,
+    VoidRequest,
 )
+from producers.accounts import Submitter, token_submitter
+from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
+from producers.store import IdempotencyConflict, Recorded, event_status
 from runtime.database import open_pool
-from runtime.kafka import Topics
 from runtime.settings import Settings
-from schemas import encode, models
-from schemas.cloudevents import headers_for
 from schemas.registry_api import registry_router
 
 log = structlog.get_logger(__name__)
 
 PROBLEM = "application/problem+json"
-# Crockford base32 without I, L, O, U: unambiguous when read out over the phone.
-_REFERENCE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-REFERENCE_PATTERN = re.compile(rf"^TUO-[0-9]{{4}}-[{_REFERENCE_ALPHABET}]{{4}}-[{_REFERENCE_ALPHABET}]{{4}}$")
-
-
-def new_reference(now: datetime) -> str:
-    chars = "".join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(8))
-    return f"TUO-{now:%Y}-{chars[:4]}-{chars[4:]}"
-
-
-def subject_id_for(person_nino: str | None, key: bytes) -> str:
-    """Pseudonymous subject id: keyed hash of the NINO, or random when unknown."""
-    if person_nino is None:
-        return f"s-{uuid.uuid4().hex}"
-    digest = hmac.new(key, person_nino.encode(), hashlib.sha256).hexdigest()
-    return f"n-{digest[:32]}"
+REFERENCE_PATTERN = re.compile(rf"^TUO-[0-9]{{4}}-[{REFERENCE_ALPHABET}]{{4}}-[{REFERENCE_ALPHABET}]{{4}}$")
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -75,6 +54,8 @@ def invalid(errors: list[dict[str, str]]) -> JSONResponse:
 
 
 def _field_path(location: tuple[Any, ...]) -> str:
+    if location[:1] == ("header",):
+        return "-".join(word.capitalize() for word in str(location[-1]).split("-"))
     parts = [str(p) for p in location if p != "body"]
     return ".".join(parts) if parts else "(request body)"
 
@@ -145,151 +126,204 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+class JsonOnly:
+    """Refuse API writes whose body is not JSON with 415, before anything reads them."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], prefix: str = "/v1/") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            if scope["path"].startswith(self.prefix):
+                headers = dict(scope["headers"])
+                content_type = headers.get(b"content-type", b"").decode("latin-1")
+                media_type = content_type.split(";")[0].strip().lower()
+                empty = not content_type and headers.get(b"content-length", b"0") == b"0"
+                # An empty body is left to the app: it answers 422 "body required".
+                if not empty and media_type != "application/json" and not media_type.endswith("+json"):
+                    response = problem(
+                        415,
+                        "Unsupported content type",
+                        "Send the request body as JSON with Content-Type: application/json.",
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+class Unauthenticated(Exception):
+    pass
+
+
+_bearer = HTTPBearer(auto_error=False, description="A token from `tuo tokens issue`, bound to one office.")
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=200,
+        description="Repeat a request with the same key to get the same event and reference number.",
+    ),
+]
+
+
+async def api_client(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Submitter:
+    """The API client presenting a current bearer token."""
+    if credentials is None:
+        raise Unauthenticated
+    intake: Intake = request.app.state.intake
+    submitter = await token_submitter(intake.pool, credentials.credentials)
+    if submitter is None:
+        raise Unauthenticated
+    return submitter
+
+
+Client = Annotated[Submitter, Depends(api_client)]
+
+
 def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
-    topics = Topics(settings.topic_prefix)
-    pseudonym_key = settings.require_pseudonym_key()
-    state: dict[str, asyncpg.Pool] = {}
+    settings.require_pseudonym_key()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = pool is None
-        state["pool"] = pool if pool is not None else await open_pool(settings)
+        app.state.intake = Intake(settings, pool if pool is not None else await open_pool(settings))
         try:
             yield
         finally:
             if owned:
-                await state["pool"].close()
+                await app.state.intake.pool.close()
 
     app = FastAPI(
         title="Tell Us Once intake",
-        version="0.1.0",
+        version="0.2.0",
         description="Record a life event once; every entitled agency is told.",
         lifespan=lifespan,
     )
+
+    def intake() -> Intake:
+        current: Intake = app.state.intake
+        return current
+
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_problem(exc)
 
-    async def submit(submission: Submission, idempotency_key: str | None) -> JSONResponse:
-        if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
-            return invalid([{"field": "Idempotency-Key", "message": "must be 1 to 200 characters"}])
-        db = state["pool"]
-        allowed = await consent_agencies(db, submission.event_type)
-        unknown = [c.agency for c in submission.consents if c.agency not in allowed]
-        if unknown:
-            errors = [
-                {
-                    "field": f"consents.{i}.agency",
-                    "message": f"{c.agency} does not receive {submission.event_type} on consent",
-                }
-                for i, c in enumerate(submission.consents)
-                if c.agency in unknown
-            ]
-            return invalid(errors)
-        now = datetime.now(UTC)
-        event_id = uuid.uuid4()
-        reference = new_reference(now)
-        subject = subject_id_for(submission.subject().nino, pseudonym_key)
-        envelope = models.Envelope(
-            event_id=event_id,
-            reference=reference,
-            occurred_at=submission.occurred_at(),
-            recorded_at=now,
-            subject=models.SubjectIdentifiers(subject_id=subject, nino=submission.subject().nino),
-            informant=models.Informant(**submission.informant.model_dump()),
-            channel=submission.channel.upper(),
-            registration_office=submission.registration_office,
-            provenance=models.Provenance(source_system="tuo-intake-api", recorded_by="api"),
+    @app.exception_handler(Unauthenticated)
+    async def on_unauthenticated(_: Request, __: Unauthenticated) -> JSONResponse:
+        response = problem(
+            401, "Sign-in required", "Send a current API token: Authorization: Bearer <token>."
         )
-        value = encode(submission.event_type, submission.contract(envelope).avro())
-        fingerprint = hashlib.sha256(
-            json.dumps(submission.model_dump(mode="json"), sort_keys=True).encode()
-            + submission.event_type.encode()
-        ).hexdigest()
-        try:
-            recorded = await record_event(
-                db,
-                NewEvent(
-                    reference=reference,
-                    event_id=event_id,
-                    event_type=submission.event_type,
-                    subject_id=subject,
-                    registration_office=submission.registration_office,
-                    recorded_by="api",
-                    recorded_at=now,
-                    idempotency_key=idempotency_key,
-                    request_fingerprint=fingerprint,
-                    consents=[(c.agency, c.choice) for c in submission.consents],
-                    topic=topics.life_events,
-                    message_key=subject.encode(),
-                    message_value=value,
-                    headers=headers_for(
-                        value,
-                        id=str(event_id),
-                        source="/offices/" + quote(submission.registration_office, safe=""),
-                        subject=subject,
-                        time=now,
-                        schema_base_url=settings.schema_base_url(),
-                    ),
-                ),
-            )
-        except IdempotencyConflict:
-            return problem(
-                409,
-                "Idempotency-Key already used",
-                "This Idempotency-Key was used for a different submission; use a new key for a new event.",
-            )
-        log.info(
-            "event_accepted",
-            event_id=str(recorded.event_id),
-            reference=recorded.reference,
-            event_type=recorded.event_type,
-            replayed=not recorded.created,
-        )
-        return JSONResponse(
-            {
-                "reference": recorded.reference,
-                "event_id": str(recorded.event_id),
-                "event_type": recorded.event_type,
-                "status_url": f"/v1/events/{recorded.reference}",
-            },
-            status_code=201 if recorded.created else 200,
+        response.headers["WWW-Authenticate"] = 'Bearer realm="tuo-intake"'
+        return response
+
+    @app.exception_handler(SubmissionRejected)
+    async def on_rejected(_: Request, exc: SubmissionRejected) -> JSONResponse:
+        return invalid(exc.errors)
+
+    @app.exception_handler(NotPermitted)
+    async def on_not_permitted(_: Request, exc: NotPermitted) -> JSONResponse:
+        return problem(403, "Not permitted", str(exc))
+
+    @app.exception_handler(NoSuchEvent)
+    async def on_no_such_event(_: Request, __: NoSuchEvent) -> JSONResponse:
+        return _no_such_event()
+
+    @app.exception_handler(IdempotencyConflict)
+    async def on_conflict(_: Request, __: IdempotencyConflict) -> JSONResponse:
+        return problem(
+            409,
+            "Idempotency-Key already used",
+            "This Idempotency-Key was used for a different request; use a new key for a new event.",
         )
 
-    @app.post("/v1/death-registrations", status_code=201)
+    async def submit(submission: Submission, client: Submitter, key: str | None) -> JSONResponse:
+        return _accepted(await intake().accept(submission, client, key))
+
+    @app.post("/v1/death-registrations", status_code=201, responses=_RESPONSES)
     async def register_death(
-        body: DeathRegistration, idempotency_key: str | None = Header(default=None)
+        body: DeathRegistration, client: Client, idempotency_key: IdempotencyKey = None
     ) -> JSONResponse:
-        return await submit(body, idempotency_key)
+        return await submit(body, client, idempotency_key)
 
-    @app.post("/v1/birth-registrations", status_code=201)
+    @app.post("/v1/birth-registrations", status_code=201, responses=_RESPONSES)
     async def register_birth(
-        body: BirthRegistration, idempotency_key: str | None = Header(default=None)
+        body: BirthRegistration, client: Client, idempotency_key: IdempotencyKey = None
     ) -> JSONResponse:
-        return await submit(body, idempotency_key)
+        return await submit(body, client, idempotency_key)
 
-    @app.post("/v1/address-changes", status_code=201)
+    @app.post("/v1/address-changes", status_code=201, responses=_RESPONSES)
     async def change_address(
-        body: AddressChange, idempotency_key: str | None = Header(default=None)
+        body: AddressChange, client: Client, idempotency_key: IdempotencyKey = None
     ) -> JSONResponse:
-        return await submit(body, idempotency_key)
+        return await submit(body, client, idempotency_key)
 
-    @app.get("/v1/events/{reference}")
-    async def status(reference: str) -> JSONResponse:
-        reference = reference.strip().upper()
-        if not REFERENCE_PATTERN.match(reference):
-            return problem(404, "No such event", "No event has that reference number.")
-        found = await event_status(state["pool"], reference)
+    @app.post("/v1/events/{reference}/corrections", status_code=201, responses=_RESPONSES)
+    async def correct(
+        reference: str, body: CorrectionRequest, client: Client, idempotency_key: IdempotencyKey = None
+    ) -> JSONResponse:
+        """Correct fields of an event your office recorded; each recipient gets the changes it may see."""
+        return _accepted(await intake().correct(_reference(reference), body, client, idempotency_key))
+
+    @app.post("/v1/events/{reference}/void", status_code=201, responses=_RESPONSES)
+    async def void(
+        reference: str, body: VoidRequest, client: Client, idempotency_key: IdempotencyKey = None
+    ) -> JSONResponse:
+        """Void an event registered in error (supervisors only); every recipient is told."""
+        return _accepted(await intake().void(_reference(reference), body, client, idempotency_key))
+
+    @app.get("/v1/events/{reference}", responses=_RESPONSES)
+    async def status(reference: str, client: Client) -> JSONResponse:
+        """Where an event your office recorded has got to, agency by agency."""
+        found = await event_status(intake().pool, _reference(reference), office=client.office)
         if found is None:
-            return problem(404, "No such event", "No event has that reference number.")
+            return _no_such_event()
         return JSONResponse(found)
 
     @app.get("/healthz")
     async def health() -> dict[str, str]:
-        await state["pool"].fetchval("SELECT 1")
+        await intake().pool.fetchval("SELECT 1")
         return {"status": "ok"}
 
     app.include_router(registry_router())
+    app.add_middleware(JsonOnly)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     return app
+
+
+_PROBLEM_SCHEMA = {"content": {PROBLEM: {"schema": {"type": "object"}}}}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No or bad token", **_PROBLEM_SCHEMA},
+    403: {"description": "Not permitted for this role", **_PROBLEM_SCHEMA},
+    404: {"description": "No such event for this office", **_PROBLEM_SCHEMA},
+    409: {"description": "Idempotency-Key reused for a different request", **_PROBLEM_SCHEMA},
+    413: {"description": "Body too large", **_PROBLEM_SCHEMA},
+    415: {"description": "Body is not JSON", **_PROBLEM_SCHEMA},
+    422: {"description": "Invalid request, each bad field named", **_PROBLEM_SCHEMA},
+}
+
+
+def _reference(reference: str) -> str:
+    reference = reference.strip().upper()
+    if not REFERENCE_PATTERN.match(reference):
+        raise NoSuchEvent(reference)
+    return reference
+
+
+def _no_such_event() -> JSONResponse:
+    return problem(404, "No such event", "Your office has recorded no event with that reference number.")
+
+
+def _accepted(recorded: Recorded) -> JSONResponse:
+    return JSONResponse(
+        {
+            "reference": recorded.reference,
+            "event_id": str(recorded.event_id),
+            "event_type": recorded.event_type,
+            "status_url": f"/v1/events/{recorded.reference}",
+        },
+        status_code=201 if recorded.created else 200,
+    )

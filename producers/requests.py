@@ -74,7 +74,9 @@ class Submission(Strict):
 
     informant: Informant
     channel: Literal["desk", "phone", "online", "system"]
-    registration_office: Text
+    registration_office: Text | None = Field(
+        default=None, description="Optional: the office is the one the credentials are for."
+    )
     consents: list[ConsentChoice] = Field(default_factory=list, max_length=50)
 
     event_type: ClassVar[str]

@@ -42,6 +42,42 @@ class NewEvent:
     message_key: bytes
     message_value: bytes
     headers: list[tuple[str, bytes]]
+    follows_event_id: UUID | None = None  # the event a correction or void is about
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    reference: str
+    event_id: UUID
+    event_type: str
+    subject_id: str
+    office: str
+    value: bytes  # the Avro message as published
+    voided: bool
+
+
+async def original_event(pool: asyncpg.Pool, reference: str) -> StoredEvent | None:
+    """An event as recorded, for a correction or void to refer to."""
+    row = await pool.fetchrow(
+        "SELECT i.reference, i.event_id, i.event_type, i.subject_id, i.registration_office,"
+        "       o.message_value,"
+        "       EXISTS (SELECT 1 FROM intake_record v WHERE v.follows_event_id = i.event_id"
+        "                  AND v.event_type = 'EventVoided') AS voided"
+        "  FROM intake_record i JOIN outbox o ON o.event_id = i.event_id"
+        " WHERE i.reference = $1",
+        reference,
+    )
+    if row is None:
+        return None
+    return StoredEvent(
+        row["reference"],
+        row["event_id"],
+        row["event_type"],
+        row["subject_id"],
+        row["registration_office"],
+        bytes(row["message_value"]),
+        row["voided"],
+    )
 
 
 async def _existing(conn: asyncpg.Connection, key: str, fingerprint: str) -> Recorded | None:
@@ -70,7 +106,7 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                 await conn.execute(
                     "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
                     " registration_office, recorded_by, idempotency_key, request_fingerprint,"
-                    " recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    " recorded_at, follows_event_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                     event.reference,
                     event.event_id,
                     event.event_type,
@@ -80,6 +116,7 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                     event.idempotency_key,
                     event.request_fingerprint,
                     event.recorded_at,
+                    event.follows_event_id,
                 )
                 await conn.executemany(
                     "INSERT INTO consent_record (subject_id, agency, event_type, choice,"
@@ -116,14 +153,18 @@ async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> set[str]:
     return {r["agency"] for r in rows}
 
 
-async def event_status(pool: asyncpg.Pool, reference: str) -> dict[str, Any] | None:
-    """An event and, per agency, the routing decision and the latest receipt."""
+async def event_status(
+    pool: asyncpg.Pool, reference: str, office: str | None = None
+) -> dict[str, Any] | None:
+    """An event and, per agency, the routing decision and the latest receipt;
+    with ``office``, only if that office recorded it."""
     record = await pool.fetchrow(
         "SELECT i.reference, i.event_id, i.event_type, i.recorded_at,"
         "       (SELECT max(o.published_at) FROM outbox o WHERE o.event_id = i.event_id)"
         "         AS published_at"
-        "  FROM intake_record i WHERE i.reference = $1",
+        "  FROM intake_record i WHERE i.reference = $1 AND ($2::text IS NULL OR i.registration_office = $2)",
         reference,
+        office,
     )
     if record is None:
         return None

@@ -7,6 +7,7 @@ import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,13 +19,15 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from producers import accounts
+from producers.office_keys import create_key, published_keys
 from producers.store import event_status
 from router import audit
 from router.seed import load_seed
 from router.store import list_subscriptions, set_subscription_status, upsert_subscription
 from router.subscription_request import SubscriptionRequest
 from runtime.database import migrate, open_pool
-from runtime.demo import demo_submissions
+from runtime.demo import demo_submissions, seed_demo_registrar, seed_offices
 from runtime.kafka import ensure_topics
 from runtime.logging import configure_logging
 from runtime.services import COMPONENTS, start_bus
@@ -44,6 +47,12 @@ audit_app = typer.Typer(help="The tamper-evident record of routing decisions.", 
 app.add_typer(audit_app, name="audit")
 schemas_app = typer.Typer(help="The event contract: Avro schemas, versions and ids.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
+offices_app = typer.Typer(help="Registration offices and their signing keys.", no_args_is_help=True)
+app.add_typer(offices_app, name="offices")
+users_app = typer.Typer(help="Registrars who sign in to the intake forms.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+tokens_app = typer.Typer(help="Bearer tokens for systems that use the intake API.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
 console = Console()
 err = Console(stderr=True)
 
@@ -130,6 +139,7 @@ async def _prepare(settings: Settings, seed: bool = True) -> None:
         await migrate(pool)
         if seed:
             await load_seed(pool)
+            await seed_offices(pool)
     finally:
         await pool.close()
 
@@ -273,6 +283,120 @@ def _set_status(agency: str, event_type: str | None, status: str) -> None:
         raise _fail(f"{agency} has no subscription{' to ' + event_type if event_type else ''}")
     verb = "Suspended" if status == "suspended" else "Activated"
     console.print(f"{verb} {changed} subscription(s) of {agency}.")
+
+
+RoleOption = Annotated[str, typer.Option(help="registrar, or supervisor (may also void events)")]
+
+
+def _role(role: str) -> accounts.Role:
+    if role not in accounts.ROLES:
+        raise _fail(f"role must be one of: {', '.join(accounts.ROLES)}")
+    return role
+
+
+def _account_call(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    try:
+        return _with_pool(work)
+    except accounts.AccountError as exc:
+        raise _fail(str(exc)) from exc
+
+
+@offices_app.command("add")
+def offices_add(
+    code: Annotated[str, typer.Argument(help="Short code, e.g. leeds")],
+    name: Annotated[str, typer.Option(help="Full name, e.g. 'Leeds Register Office'")],
+) -> None:
+    """Add a registration office, with its first Ed25519 signing key."""
+    key_id = _account_call(lambda pool: accounts.add_office(pool, code, name))
+    console.print(f"Added office {code}; it signs events with key {key_id}.")
+
+
+@offices_app.command("rotate-key")
+def offices_rotate_key(code: str) -> None:
+    """Give an office a new signing key; the old one stays published for events it signed."""
+
+    async def rotate(pool: asyncpg.Pool) -> str:
+        if not await pool.fetchval("SELECT 1 FROM registration_office WHERE code = $1", code):
+            raise accounts.AccountError(f"there is no office {code!r}")
+        async with pool.acquire() as conn:
+            return await create_key(conn, code)
+
+    console.print(f"Office {code} now signs with key {_account_call(rotate)}.")
+
+
+@offices_app.command("list")
+def offices_list() -> None:
+    """Offices and their signing keys (active and retired)."""
+    keys = _with_pool(published_keys)
+    table = Table("office", "key id", "created", "retired")
+    for key in keys:
+        retired = key.retired_at.isoformat(timespec="seconds") if key.retired_at else "-"
+        table.add_row(key.office, key.key_id, key.created_at.isoformat(timespec="seconds"), retired)
+    console.print(table)
+
+
+@users_app.command("add")
+def users_add(
+    username: Annotated[str, typer.Argument(help="Sign-in name, e.g. jo.bloggs")],
+    office: Annotated[str, typer.Option(help="The office they register for")],
+    name: Annotated[str, typer.Option(help="Their name as shown on pages")],
+    role: RoleOption = "registrar",
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input")
+    ] = False,
+) -> None:
+    """Add a registrar; the password is asked for (never an argument: it would be in shell history)."""
+    checked_role = _role(role)
+    if password_stdin:
+        password = typer.get_text_stream("stdin").readline().rstrip("\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        accounts.check_password_strength(password)
+    except accounts.AccountError as exc:
+        raise _fail(str(exc)) from exc
+    _account_call(lambda pool: accounts.add_registrar(pool, username, name, office, checked_role, password))
+    console.print(f"Added {checked_role} {username} at {office}.")
+
+
+@users_app.command("disable")
+def users_disable(username: str) -> None:
+    """Stop a registrar signing in (their records stay)."""
+    result = _with_pool(
+        lambda pool: pool.execute(
+            "UPDATE registrar SET disabled_at = now() WHERE username = $1 AND disabled_at IS NULL", username
+        )
+    )
+    if result.endswith(" 0"):
+        raise _fail(f"no enabled user {username!r}")
+    console.print(f"Disabled {username}.")
+
+
+@tokens_app.command("issue")
+def tokens_issue(
+    office: Annotated[str, typer.Option(help="The office the token submits for")],
+    label: Annotated[str, typer.Option(help="Who holds it, e.g. 'St James hospital system'")],
+    role: RoleOption = "registrar",
+    days: Annotated[int, typer.Option(min=1, max=366, help="Days until it expires")] = 90,
+) -> None:
+    """Issue an API bearer token; it is printed once and only its hash is kept."""
+    checked_role = _role(role)
+    token = _account_call(
+        lambda pool: accounts.issue_token(pool, office, checked_role, label, timedelta(days=days))
+    )
+    err.print(
+        f"Token for {label} ({checked_role} at {office}), valid {days} days. It will not be shown again:"
+    )
+    print(token)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(label: str) -> None:
+    """Revoke every current token with this label, at once."""
+    count = _with_pool(lambda pool: accounts.revoke_tokens(pool, label))
+    if not count:
+        raise _fail(f"no current token labelled {label!r}")
+    console.print(f"Revoked {count} token(s) labelled {label}.")
 
 
 @audit_app.command("verify")
@@ -425,7 +549,13 @@ async def _run(
             base = f"http://{settings.http_host}:{bus.http_port}"
             console.print(f"Bus running: {', '.join(components)}; intake at {base}/docs")
             if demo:
-                await _submit_demo(base)
+                sign_in = await seed_demo_registrar(pool, settings.state_dir)
+                token = await accounts.issue_token(pool, "leeds", "registrar", "demo", timedelta(hours=1))
+                await _submit_demo(base, token)
+                console.print(
+                    f"Registrars' forms: {base}/sign-in — user [bold]{sign_in.username}[/],"
+                    f" password in {sign_in.credentials_file}"
+                )
             if not (demo and exit_after_demo):
                 console.print("Serving until Ctrl-C.")
                 await stop_requested.wait()
@@ -438,8 +568,9 @@ async def _run(
         await pool.close()
 
 
-async def _submit_demo(base: str, wait_seconds: float = 60.0) -> None:
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+async def _submit_demo(base: str, token: str, wait_seconds: float = 60.0) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, timeout=10, headers=headers) as client:
         references = []
         for path, body in demo_submissions(today_in_the_uk()):
             response = await client.post(path, json=body)

@@ -1,14 +1,60 @@
-"""Demo events for the local stack: one of each life event, as a registrar would
-submit them over the intake API. The people are fictional."""
+"""Demo data for the local stack: registration offices, a registrar who can sign
+in to the forms, and one of each life event as a registrar would submit them
+over the intake API. The people are fictional."""
 
 from __future__ import annotations
 
+import secrets
+from dataclasses import dataclass
 from datetime import date, timedelta
+from pathlib import Path
 from typing import Any
+
+import asyncpg
+
+from producers.accounts import add_registrar, ensure_office
+
+DEMO_OFFICES = {
+    "leeds": "Leeds Register Office",
+    "bradford": "Bradford Register Office",
+    "online": "Tell Us Once online service",
+}
+DEMO_REGISTRAR = "demo.registrar"
+CREDENTIALS_FILE = "demo-credentials.txt"
+
+
+@dataclass(frozen=True)
+class DemoSignIn:
+    username: str
+    password: str
+    credentials_file: Path
+
+
+async def seed_offices(pool: asyncpg.Pool) -> None:
+    for code, name in DEMO_OFFICES.items():
+        await ensure_office(pool, code, name)
+
+
+async def seed_demo_registrar(pool: asyncpg.Pool, state_dir: Path) -> DemoSignIn:
+    """A registrar at the Leeds office with a random password, kept (0600) in the
+    state directory so every demo run can show it."""
+    # The blocking file calls below touch one small local file, once, before the bus starts.
+    path = state_dir / CREDENTIALS_FILE
+    exists = await pool.fetchval("SELECT 1 FROM registrar WHERE username = $1", DEMO_REGISTRAR)
+    if exists and path.exists():
+        username, password = path.read_text().splitlines()[:2]
+        return DemoSignIn(username, password, path)
+    password = secrets.token_urlsafe(12)
+    if exists:
+        await pool.execute("DELETE FROM registrar WHERE username = $1", DEMO_REGISTRAR)
+    await add_registrar(pool, DEMO_REGISTRAR, "Demo Registrar", "leeds", "supervisor", password)
+    state_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+    path.touch(mode=0o600)
+    path.write_text(f"{DEMO_REGISTRAR}\n{password}\n")
+    return DemoSignIn(DEMO_REGISTRAR, password, path)
 
 
 def demo_submissions(today: date) -> list[tuple[str, dict[str, Any]]]:
-    office = "Leeds Register Office"
     informant = {"name": "Alex Example", "relationship": "son"}
     address = {"lines": ["1 Example Street"], "town": "Leeds", "postcode": "LS1 1AA", "uprn": "72000001"}
     return [
@@ -17,7 +63,6 @@ def demo_submissions(today: date) -> list[tuple[str, dict[str, Any]]]:
             {
                 "informant": informant,
                 "channel": "desk",
-                "registration_office": office,
                 "deceased": {
                     "given_names": "Pat",
                     "family_name": "Example",
@@ -42,7 +87,6 @@ def demo_submissions(today: date) -> list[tuple[str, dict[str, Any]]]:
             {
                 "informant": {"name": "Sam Sample", "relationship": "mother"},
                 "channel": "desk",
-                "registration_office": office,
                 "child": {
                     "given_names": "Robin",
                     "family_name": "Sample",
@@ -59,7 +103,6 @@ def demo_submissions(today: date) -> list[tuple[str, dict[str, Any]]]:
             {
                 "informant": {"name": "Jo Citizen", "relationship": "self"},
                 "channel": "online",
-                "registration_office": "Online service",
                 "person": {"given_names": "Jo", "family_name": "Citizen", "nino": "CE654321A"},
                 "old_address": {"lines": ["3 Old Lane"], "town": "York", "postcode": "YO1 7HH"},
                 "new_address": {"lines": ["4 New Street"], "town": "Leeds", "postcode": "LS3 3BB"},

@@ -20,8 +20,10 @@ import asyncpg
 import httpx
 import pytest
 
+from producers.accounts import issue_token
 from router.seed import load_seed
 from runtime.database import migrate, open_pool
+from runtime.demo import seed_offices
 from runtime.services import RunningBus, start_bus
 from runtime.settings import Settings
 from runtime.stack import LocalStack
@@ -86,6 +88,7 @@ async def pool(services: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await open_pool(services)
     await migrate(pool)
     await load_seed(pool)
+    await seed_offices(pool)  # leeds, bradford, online
     yield pool
     await pool.close()
 
@@ -97,9 +100,20 @@ async def bus(services: Settings, pool: asyncpg.Pool) -> AsyncIterator[RunningBu
     await running.shutdown()
 
 
+@pytest.fixture(scope="session")
+async def registrar_token(pool: asyncpg.Pool) -> str:
+    """An API token for the Leeds office, registrar role."""
+    return await issue_token(pool, "leeds", "registrar", "test client")
+
+
 @pytest.fixture
-async def intake(bus: RunningBus) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}", timeout=10) as client:
+async def intake(bus: RunningBus, registrar_token: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The intake API, signed in as a Leeds registrar system."""
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{bus.http_port}",
+        timeout=10,
+        headers={"Authorization": f"Bearer {registrar_token}"},
+    ) as client:
         yield client
 
 

@@ -96,7 +96,6 @@ def death_registration(**overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "informant": {"name": "Alex Example", "relationship": "daughter"},
         "channel": "desk",
-        "registration_office": "Leeds Register Office",
         "deceased": {
             "given_names": "Pat",
             "family_name": "Example",

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from producers.intake import subject_id_for
+from producers.accept import subject_id_for
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode, encode

@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
-from producers.intake import subject_id_for
+from producers.accept import subject_id_for
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode

@@ -188,7 +188,7 @@ async def test_same_idempotency_key_twice_gives_one_event_and_the_same_reference
         "/v1/death-registrations", json={**body, "place_of_death": "Elsewhere"}, headers=key
     )
     assert changed.status_code == 409
-    assert "different submission" in _problem(changed)["detail"]
+    assert "different request" in _problem(changed)["detail"]
 
 
 async def test_status_of_an_unknown_or_hostile_reference_is_a_plain_404(intake: httpx.AsyncClient) -> None:
@@ -221,6 +221,6 @@ async def test_overlong_idempotency_key_is_refused_naming_the_header(
     )
     assert response.status_code == 422
     assert _problem(response)["errors"] == [
-        {"field": "Idempotency-Key", "message": "must be 1 to 200 characters"}
+        {"field": "Idempotency-Key", "message": "String should have at most 200 characters"}
     ]
     assert await _written(pool) == before

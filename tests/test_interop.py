@@ -30,7 +30,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient, record_subject
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from producers.intake import subject_id_for
+from producers.accept import subject_id_for
 from runtime.kafka import Topics
 from runtime.services import RunningBus
 from runtime.settings import Settings

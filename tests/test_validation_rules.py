@@ -22,7 +22,6 @@ def birth(**overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "informant": {"name": "Sam Sample", "relationship": "mother"},
         "channel": "desk",
-        "registration_office": "Leeds Register Office",
         "child": {
             "given_names": "Robin",
             "family_name": "Sample",
@@ -48,7 +47,6 @@ def move(**overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "informant": {"name": "Jo Citizen", "relationship": "self"},
         "channel": "online",
-        "registration_office": "Online service",
         "person": {"given_names": "Jo", "family_name": "Citizen", "nino": "CE654321A"},
         "old_address": {"lines": ["3 Old Lane"], "town": "York", "postcode": "YO1 7HH"},
         "new_address": ADDRESS,

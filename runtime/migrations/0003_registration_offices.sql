@@ -41,3 +41,7 @@ CREATE TABLE office_signing_key (
     retired_at  timestamptz
 );
 CREATE UNIQUE INDEX office_signing_key_active ON office_signing_key (office) WHERE retired_at IS NULL;
+
+-- A correction or void names the event it follows; a voided event takes no more.
+ALTER TABLE intake_record ADD COLUMN follows_event_id uuid REFERENCES intake_record (event_id);
+CREATE INDEX intake_record_follows ON intake_record (follows_event_id) WHERE follows_event_id IS NOT NULL;

@@ -86,7 +86,9 @@ async def test_event_is_recorded_for_the_tokens_office_and_signed_by_it(
     assert dict(row) == {"registration_office": "leeds", "recorded_by": "api:test client"}
 
 
-async def test_submitting_for_another_office_is_refused(intake: httpx.AsyncClient, pool: asyncpg.Pool) -> None:
+async def test_submitting_for_another_office_is_refused(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
     before = await _written(pool)
     response = await intake.post(
         "/v1/death-registrations", json=death_registration(registration_office="bradford")

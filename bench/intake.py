@@ -1,0 +1,190 @@
+"""Intake API throughput and latency, outbox included, against a floor measured
+in the same run.
+
+    .venv/bin/python -m bench.intake [--events 5000] [--concurrency 32]
+
+Starts its own local stack (Kafka + PostgreSQL in a scratch state directory)
+and runs `tuo run intake relay` as a separate process, as in production. A
+load generator in this process then:
+
+  (a) floor: GET /healthz — the same server, HTTP parsing and one PostgreSQL
+      round trip, nothing else;
+  (b) intake: POST /v1/death-registrations with a bearer token, each a new
+      person — token check, validation, Avro encoding, the office's Ed25519
+      signature, and intake record + consent + outbox row in one transaction.
+
+Prints requests/s and latency p50/p99 for both, the ratio, and how long the
+relay took to publish every accepted event to Kafka.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from producers.accounts import issue_token
+from router.seed import load_seed
+from runtime.database import migrate, open_pool
+from runtime.demo import seed_offices
+from runtime.settings import Settings
+from runtime.stack import LocalStack
+from tests.support import death_registration, random_nino
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _load(
+    client: httpx.AsyncClient, count: int, concurrency: int, request: Callable[[], Any]
+) -> tuple[float, list[float]]:
+    """Send ``count`` requests from ``concurrency`` workers; (wall seconds, latencies)."""
+    latencies: list[float] = []
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            response = await request()
+            latencies.append(time.perf_counter() - started)
+            if response.status_code not in (200, 201):
+                raise RuntimeError(f"refused: {response.status_code} {response.text[:300]}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started, latencies
+
+
+def _report(name: str, wall: float, latencies: list[float]) -> float:
+    rate = len(latencies) / wall
+    cuts = statistics.quantiles(latencies, n=100)
+    print(f"  {name:<42} {rate:>8,.0f} req/s   p50 {cuts[49] * 1000:6.1f} ms   p99 {cuts[98] * 1000:6.1f} ms")
+    return rate
+
+
+async def measure(settings: Settings, env: dict[str, str], events: int, concurrency: int) -> None:
+    pool = await open_pool(settings)
+    server: asyncio.subprocess.Process | None = None
+    try:
+        await migrate(pool)
+        await load_seed(pool)
+        await seed_offices(pool)
+        token = await issue_token(pool, "leeds", "registrar", "benchmark")
+        server = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "tuo"), "run", "intake", "relay", env=env
+        )
+        base = f"http://127.0.0.1:{env['TUO_HTTP_PORT']}"
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(
+            base_url=base, timeout=30, limits=limits, headers={"Authorization": f"Bearer {token}"}
+        ) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if (await client.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the intake service did not start")
+                await asyncio.sleep(0.2)
+            bodies = [
+                death_registration(deceased={**_person(), "nino": random_nino()}) for _ in range(events)
+            ]
+            warm = min(500, events // 5)
+            await _load(client, warm, concurrency, lambda: client.get("/healthz"))
+            await _load(
+                client, warm, concurrency, lambda: client.post("/v1/death-registrations", json=bodies.pop())
+            )
+            print(f"{events} requests each, {concurrency} concurrent clients, one 2-core machine")
+            floor = _report(
+                "floor: GET /healthz (HTTP + 1 DB round trip)",
+                *await _load(client, events, concurrency, lambda: client.get("/healthz")),
+            )
+            accepted_before = await pool.fetchval("SELECT count(*) FROM intake_record")
+            bodies = [
+                death_registration(deceased={**_person(), "nino": random_nino()}) for _ in range(events)
+            ]
+            wall, latencies = await _load(
+                client, events, concurrency, lambda: client.post("/v1/death-registrations", json=bodies.pop())
+            )
+            intake = _report("intake: POST /v1/death-registrations", wall, latencies)
+            print(f"  ratio intake / floor: {intake / floor:.2f}")
+            accepted = await pool.fetchval("SELECT count(*) FROM intake_record") - accepted_before
+            started = time.perf_counter()
+            while await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
+                if time.perf_counter() - started > 120:
+                    raise RuntimeError("the relay did not publish every accepted event within 120 s")
+                await asyncio.sleep(0.05)
+            print(
+                f"  {accepted} events accepted and stored with their outbox rows; the relay had published"
+                f" all of them {time.perf_counter() - started:.2f} s after the last was accepted"
+            )
+    finally:
+        if server is not None and server.returncode is None:
+            server.terminate()
+            await server.wait()
+        await pool.close()
+
+
+def _person() -> dict[str, str]:
+    return {"given_names": "Pat", "family_name": "Example", "date_of_birth": "1941-03-02"}
+
+
+def main(events: int, concurrency: int) -> None:
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the stack below is always purged.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    state = Path(tempfile.mkdtemp(prefix="bench-", dir=PROJECT / ".tuo"))
+    state.chmod(0o755)
+    stack = LocalStack(state, PROJECT / ".tuo" / "cache", Settings().kafka_version)
+    try:
+        stack.up()
+        env = dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
+        env |= {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "TUO_STATE_DIR": str(state),
+            "TUO_HTTP_PORT": str(_free_port()),
+            "TUO_LOG_LEVEL": "WARNING",
+            "TUO_TOPIC_PREFIX": "bench",
+        }
+        settings = Settings(
+            kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"],
+            database_url=env["TUO_DATABASE_URL"],
+            pseudonym_key=env["TUO_PSEUDONYM_KEY"],
+            topic_prefix="bench",
+            log_level="WARNING",
+        )
+        asyncio.run(measure(settings, env, events, concurrency))
+    finally:
+        stack.purge()
+        shutil.rmtree(state, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=5_000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    main(args.events, args.concurrency)

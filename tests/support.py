@@ -147,12 +147,12 @@ def death_message(subject_id: str, nino: str | None = None) -> tuple[str, bytes,
     return event_id, value, headers
 
 
-def tuo_cli(settings: Settings, *args: str) -> tuple[int, str]:
+def tuo_cli(settings: Settings, *args: str, input: str | None = None) -> tuple[int, str]:
     """Run the `tuo` command line against the test stack; (exit code, output)."""
     from typer.testing import CliRunner
 
     from runtime.cli import app
 
     env = {"TUO_STATE_DIR": str(settings.state_dir), "COLUMNS": "250", "TUO_LOG_LEVEL": "WARNING"}
-    result = CliRunner().invoke(app, list(args), env=env)
+    result = CliRunner().invoke(app, list(args), env=env, input=input)
     return result.exit_code, result.output

@@ -57,6 +57,7 @@ async def test_no_generated_request_makes_the_intake_api_fail_with_a_5xx(
         str(tmp_path),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,  # schemathesis keeps a cache in its working directory
         env={"PATH": "/usr/bin:/bin", "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"},
     )
     output, _ = await asyncio.wait_for(process.communicate(), timeout=600)

@@ -32,6 +32,7 @@ from producers.accept import (
 from producers.accounts import Submitter, token_submitter
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
 from producers.store import IdempotencyConflict, Recorded, event_status
+from producers.web import install_web
 from runtime.database import open_pool
 from runtime.settings import Settings
 from schemas.registry_api import registry_router
@@ -207,7 +208,6 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         current: Intake = app.state.intake
         return current
 
-
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_problem(exc)
@@ -289,6 +289,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(registry_router())
+    install_web(app, intake, settings)
     app.add_middleware(JsonOnly)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     return app

@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Registrars' web forms: server-side sessions. Cookies are Secure (HTTPS only) unless
+    # this is turned off for plain-http development and tests on localhost.
+    session_cookie_secure: bool = True
+    session_idle_minutes: int = Field(default=30, ge=1, le=24 * 60)
+    session_max_hours: int = Field(default=10, ge=1, le=24)
+    govuk_frontend_dir: Path | None = Field(
+        default=None,
+        description="GOV.UK Frontend's dist/govuk folder; unset: node_modules/ in the project (npm ci).",
+    )
 
     # Schemas: ids come from the committed catalogue, or from an existing
     # Confluent-compatible registry when one is named here.

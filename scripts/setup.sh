@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything Tell Us Once needs on a fresh Debian machine, idempotently:
-# OS packages (PostgreSQL server, a JDK, Maven, kcat) with apt-get, Python packages into
-# .venv with pip, and Apache Kafka's jars from Maven Central into .tuo/cache.
+# OS packages (PostgreSQL server, a JDK, Maven, kcat, Chromium, npm) with apt-get, Python packages
+# into .venv with pip, GOV.UK Frontend and axe-core into node_modules with npm, and Apache Kafka's
+# jars from Maven Central into .tuo/cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ command -v java > /dev/null || need_apt+=(openjdk-17-jre-headless)
 command -v mvn > /dev/null || need_apt+=(maven)
 command -v kcat > /dev/null || need_apt+=(kcat)
 python3 -c 'import venv, ensurepip' 2> /dev/null || need_apt+=(python3-venv)
+command -v chromium > /dev/null || need_apt+=(chromium)  # the browser tests drive it
+command -v npm > /dev/null || need_apt+=(nodejs npm)
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
@@ -35,6 +38,12 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     echo "setup: installing Python packages"
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"
+fi
+
+if [[ ! -d node_modules || package-lock.json -nt node_modules ]]; then
+    echo "setup: installing GOV.UK Frontend and axe-core with npm"
+    npm ci --no-audit --no-fund
+    touch node_modules
 fi
 
 echo "setup: resolving Apache Kafka jars (cached after the first run)"

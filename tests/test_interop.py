@@ -75,14 +75,18 @@ class Routed:
 
 
 @pytest.fixture(scope="module")
-async def routed(bus: RunningBus, services: Settings) -> AsyncIterator[Routed]:
+async def routed(bus: RunningBus, services: Settings, registrar_token: str) -> AsyncIterator[Routed]:
     nino = random_nino()
     died = today() - timedelta(days=3)
     body = death_registration(
         deceased={"given_names": GIVEN_NAMES, "family_name": FAMILY_NAME, "nino": nino},
         date_of_death=died.isoformat(),
     )
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}", timeout=10) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{bus.http_port}",
+        timeout=10,
+        headers={"Authorization": f"Bearer {registrar_token}"},
+    ) as client:
         response = await client.post("/v1/death-registrations", json=body)
     assert response.status_code == 201, response.text
     accepted = response.json()

@@ -1,0 +1,132 @@
+"""The registrars' HTML forms, in the GOV.UK Design System style.
+
+``install_web`` adds the pages (``routes``) and their static assets to the
+intake app: GOV.UK Frontend's stylesheet, script, fonts and images from its npm
+package (``npm ci`` puts it in node_modules/; scripts/setup.sh runs it), and
+this service's own small script and stylesheet. The pages live outside ``/v1/``,
+which is the JSON API's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlencode
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from producers.accept import Intake
+from producers.web.pages import redirect, render
+from producers.web.routes import CookiePolicy, FormNotTrusted, SignInRequired, web_routes
+from runtime.settings import Settings
+
+__all__ = ["GOVUK_FRONTEND", "install_web"]
+
+log = structlog.get_logger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+GOVUK_FRONTEND = PROJECT_ROOT / "node_modules" / "govuk-frontend" / "dist" / "govuk"
+STATIC = Path(__file__).parent / "static"
+WEB_PATHS = ("/sign-in", "/sign-out", "/start", "/register", "/registrations", "/assets")
+
+
+def install_web(app: FastAPI, intake_getter: Callable[[], Intake], settings: Settings) -> None:
+    """Mount the registrars' pages and assets on the intake app (once; a second call does nothing)."""
+    if getattr(app.state, "web_installed", False):
+        return
+    app.state.web_installed = True
+    router, cookies = web_routes(intake_getter, settings)
+    app.include_router(router)
+    _install_assets(app, settings.govuk_frontend_dir or GOVUK_FRONTEND)
+    _install_error_pages(app, cookies)
+
+
+def _install_assets(app: FastAPI, govuk_frontend: Path) -> None:
+    if not (govuk_frontend / "govuk-frontend.min.css").is_file():
+        # The pages still work without styles or scripts; say loudly how to get them.
+        log.error("govuk_frontend_missing", path=str(govuk_frontend), fix="run `npm ci` in the project")
+        return
+    for name in ("govuk-frontend.min.css", "govuk-frontend.min.js"):
+        app.add_api_route(f"/assets/{name}", _file(govuk_frontend / name), include_in_schema=False)
+    app.mount("/assets/app", StaticFiles(directory=STATIC), name="web-assets")
+    # Fonts and images, where GOV.UK Frontend's stylesheet expects them: /assets/fonts, /assets/images.
+    app.mount("/assets", StaticFiles(directory=govuk_frontend / "assets"), name="govuk-frontend-assets")
+
+
+def _file(path: Path) -> Callable[[], FileResponse]:
+    def serve() -> FileResponse:
+        return FileResponse(path)
+
+    return serve
+
+
+def _wants_html(request: Request) -> bool:
+    if request.url.path.startswith(WEB_PATHS) or request.url.path == "/":
+        return True
+    return "text/html" in request.headers.get("accept", "") and not request.url.path.startswith("/v1/")
+
+
+def _install_error_pages(app: FastAPI, cookies: CookiePolicy) -> None:
+    async def sign_in_required(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, SignInRequired)
+        query = {}
+        if exc.return_to:
+            query["next"] = exc.return_to
+        if exc.expired:
+            query["reason"] = "expired"
+        response = redirect("/sign-in" + (f"?{urlencode(query)}" if query else ""))
+        cookies.clear(response, cookies.session)
+        return response
+
+    async def form_not_trusted(_: Request, __: Exception) -> Response:
+        log.warning("web_form_refused", reason="missing or wrong CSRF token")
+        return render(
+            "message.html",
+            403,
+            title="Sorry, this form could not be accepted",
+            lines=[
+                "It was out of date, or it was not sent from this service. Nothing has been recorded.",
+                "Go back to the start, then try again.",
+            ],
+            link=("/start", "Go to the start"),
+        )
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        if not _wants_html(request):
+            assert isinstance(exc, HTTPException)
+            return await http_exception_handler(request, exc)
+        return render(
+            "message.html",
+            404,
+            title="Page not found",
+            lines=[
+                "If you typed the web address, check it is correct.",
+                "If you are looking for a registration, check the reference number: "
+                "you can only see registrations your own office recorded.",
+            ],
+            link=("/start", "Go to the start"),
+        )
+
+    async def server_error(request: Request, _: Exception) -> Response:
+        if not _wants_html(request):
+            return PlainTextResponse("Internal Server Error", status_code=500)  # as without this handler
+        return render(
+            "message.html",
+            500,
+            title="Sorry, there is a problem with the service",
+            lines=[
+                "Try again in a few minutes. If you were sending a registration, sending it again "
+                "will not record it twice.",
+            ],
+            link=("/start", "Go to the start"),
+        )
+
+    app.add_exception_handler(SignInRequired, sign_in_required)
+    app.add_exception_handler(FormNotTrusted, form_not_trusted)
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(Exception, server_error)

@@ -1,0 +1,77 @@
+"""Rendering pages: the Jinja environment with the GOV.UK Frontend macros, and the
+headers every page gets (no caching of pages that show personal data, and a
+content security policy the pages satisfy: scripts from this service only, plus
+the GOV.UK template's one inline line, allowed by a per-response nonce)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from jinja2 import (
+    ChainableUndefined,
+    ChoiceLoader,
+    Environment,
+    PackageLoader,
+    PrefixLoader,
+    select_autoescape,
+)
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+SERVICE_NAME = "Tell Us Once"
+
+environment = Environment(
+    loader=ChoiceLoader(
+        [
+            PackageLoader("producers.web", "templates"),
+            PrefixLoader({"govuk_frontend_jinja": PackageLoader("govuk_frontend_jinja")}),
+        ]
+    ),
+    autoescape=select_autoescape(["html"], default=True),
+    # The GOV.UK macros read options that may be absent (params.hint.text): absent is empty.
+    undefined=ChainableUndefined,
+)
+
+
+def content_security_policy(nonce: str) -> str:
+    return "; ".join(
+        [
+            "default-src 'self'",
+            f"script-src 'self' 'nonce-{nonce}'",
+            "style-src 'self'",
+            "img-src 'self'",
+            "font-src 'self'",
+            "connect-src 'self'",
+            "manifest-src 'self'",
+            "form-action 'self'",
+            "frame-ancestors 'none'",
+            "base-uri 'none'",
+            "object-src 'none'",
+        ]
+    )
+
+
+def protect(response: Response, nonce: str | None = None) -> Response:
+    """Headers for any response that may carry personal data."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Content-Security-Policy"] = content_security_policy(nonce or secrets.token_urlsafe(16))
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["X-Frame-Options"] = "DENY"
+    # Page addresses carry reference numbers; do not hand them to other sites.
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+def render(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    nonce = secrets.token_urlsafe(16)
+    html = environment.get_template(template).render(cspNonce=nonce, serviceName=SERVICE_NAME, **context)
+    response = HTMLResponse(html, status_code=status_code)
+    protect(response, nonce)
+    return response
+
+
+def redirect(location: str) -> RedirectResponse:
+    """303 See Other: after a POST, the browser fetches the next page with GET."""
+    response = RedirectResponse(location, status_code=303)
+    protect(response)
+    return response

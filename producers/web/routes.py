@@ -1,0 +1,505 @@
+"""The registrars' pages: sign in, choose what to record, answer the questions,
+choose which organisations to tell, check the answers, send, and see the
+reference number and where each organisation has got to.
+
+Every page needs a signed-in registrar; every form carries the session's CSRF
+token. Draft answers live in the server-side session between steps. The
+check-your-answers form carries a one-time submission id that is used as the
+Idempotency-Key, so a double click or a resubmitted form gives one event and
+the same reference number.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+from fastapi import APIRouter, Request
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from producers.accept import REFERENCE_ALPHABET, Intake, SubmissionRejected
+from producers.accounts import Submitter, authenticate, registrar
+from producers.store import IdempotencyConflict, event_status
+from producers.web import sessions
+from producers.web.forms import FORMS, FieldError, RegistrationForm
+from producers.web.organisations import Organisation, agency_statuses, organisations_to_tell
+from producers.web.pages import redirect, render
+from producers.web.sessions import Expired, Session
+from router.store import agencies as subscribing_agencies
+from runtime.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+REFERENCE = re.compile(rf"^TUO-[0-9]{{4}}-[{REFERENCE_ALPHABET}]{{4}}-[{REFERENCE_ALPHABET}]{{4}}$")
+# Where sign-in may send the registrar back to: this service's own pages only.
+_RETURN_PATHS = re.compile(r"^/(start|register/[a-z]+(/[a-z]+)?|registrations/TUO-[0-9A-Z-]{14})$")
+_SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
+MAX_FORM_FIELDS = 300
+MAX_USERNAME = 100
+MAX_PASSWORD = 1024
+
+EVENT_HEADINGS = {
+    "DeathRegistered": "Death registration recorded",
+    "BirthRegistered": "Birth registration recorded",
+    "AddressChanged": "Change of address recorded",
+}
+SIGN_IN_NOTICES = {
+    "expired": "You were signed out because you had not used the service for a while. Sign in again.",
+    "signed-out": "You have signed out.",
+}
+
+
+class SignInRequired(Exception):
+    """No current session: send the browser to the sign-in page."""
+
+    def __init__(self, return_to: str | None, expired: bool) -> None:
+        super().__init__("sign-in required")
+        self.return_to = return_to
+        self.expired = expired
+
+
+class FormNotTrusted(Exception):
+    """A POST without this session's CSRF token: it may have been sent from another site."""
+
+
+@dataclass(frozen=True)
+class CookiePolicy:
+    secure: bool
+
+    @property
+    def session(self) -> str:
+        # __Host-: the browser only accepts it over HTTPS, for this host and path "/".
+        return "__Host-tuo-session" if self.secure else "tuo-session"
+
+    @property
+    def sign_in(self) -> str:
+        return "__Host-tuo-sign-in" if self.secure else "tuo-sign-in"
+
+    def set(self, response: Response, name: str, value: str) -> None:
+        # No Max-Age: the cookie goes when the browser closes; the server ends the session sooner.
+        response.set_cookie(name, value, path="/", secure=self.secure, httponly=True, samesite="lax")
+
+    def clear(self, response: Response, name: str) -> None:
+        response.delete_cookie(name, path="/", secure=self.secure, httponly=True, samesite="lax")
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    session: Session
+    submitter: Submitter
+
+    @property
+    def csrf_token(self) -> str:
+        return self.session.csrf_token
+
+
+def _draft_key(form: RegistrationForm) -> str:
+    return f"draft:{form.slug}"
+
+
+def _sent_key(submission_id: str) -> str:
+    return f"sent:{submission_id}"
+
+
+def _form(slug: str) -> RegistrationForm:
+    form = FORMS.get(slug)
+    if form is None:
+        raise HTTPException(404)
+    return form
+
+
+def return_path(value: str | None) -> str | None:
+    return value if value and _RETURN_PATHS.match(value) else None
+
+
+def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRouter, CookiePolicy]:
+    router = APIRouter(include_in_schema=False)
+    cookies = CookiePolicy(settings.session_cookie_secure)
+
+    def pool() -> asyncpg.Pool:
+        return intake().pool
+
+    async def signed_in(request: Request) -> SignedIn:
+        token = request.cookies.get(cookies.session)
+        found = await sessions.find_session(pool(), token, settings) if token else None
+        return_to = return_path(request.url.path) if request.method == "GET" else None
+        if found is None or isinstance(found, Expired):
+            raise SignInRequired(return_to, expired=isinstance(found, Expired))
+        submitter = await registrar(pool(), found.username)
+        if submitter is None:  # disabled since signing in
+            await sessions.end_session(pool(), found.token_hash)
+            raise SignInRequired(return_to, expired=False)
+        return SignedIn(found, submitter)
+
+    async def posted(request: Request, csrf_token: str) -> dict[str, str]:
+        form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
+        values = {k: v for k, v in form.items() if isinstance(v, str)}
+        if not sessions.same_secret(csrf_token, values.get("csrf_token")):
+            raise FormNotTrusted
+        return values
+
+    def page(template: str, who: SignedIn | None, status_code: int = 200, **context: Any) -> Response:
+        context.setdefault("csrf_token", who.csrf_token if who else None)
+        return render(template, status_code, user=who.submitter if who else None, **context)
+
+    def details_page(
+        who: SignedIn, form: RegistrationForm, answers: dict[str, str], errors: list[FieldError]
+    ) -> Response:
+        return page(
+            "details.html",
+            who,
+            422 if errors else 200,
+            form=form,
+            answers=answers,
+            errors=errors,
+            error_for={e.name: e.message for e in errors if e.name},
+            title=form.title,
+            back="/start",
+        )
+
+    # Signing in and out
+
+    @router.get("/")
+    async def home() -> Response:
+        return redirect("/start")
+
+    @router.get("/sign-in")
+    async def sign_in_page(request: Request, next: str | None = None, reason: str | None = None) -> Response:
+        token = request.cookies.get(cookies.sign_in) or sessions.new_secret()
+        response = page(
+            "sign_in.html",
+            None,
+            title="Sign in",
+            csrf_token=token,
+            next=return_path(next),
+            notice=SIGN_IN_NOTICES.get(reason or ""),
+            errors=[],
+            username="",
+        )
+        cookies.set(response, cookies.sign_in, token)
+        return response
+
+    @router.post("/sign-in")
+    async def sign_in(request: Request) -> Response:
+        form = await request.form(max_files=0, max_fields=10)
+        values = {k: v for k, v in form.items() if isinstance(v, str)}
+        token = request.cookies.get(cookies.sign_in)
+        if token is None or not sessions.same_secret(token, values.get("csrf_token")):
+            raise FormNotTrusted
+        username = values.get("username", "").strip()
+        password = values.get("password", "")
+        next_path = return_path(values.get("next"))
+        errors = []
+        if not username:
+            errors.append(FieldError("Enter your username", None, "#username"))
+        if not password:
+            errors.append(FieldError("Enter your password", None, "#password"))
+        status_code = 422
+        if not errors and await sessions.sign_in_locked(pool(), username):
+            log.warning("web_sign_in_refused", reason="too many failures")
+            errors.append(
+                FieldError(
+                    "You have tried to sign in too many times. Wait 15 minutes, then try again.",
+                    None,
+                    "#username",
+                )
+            )
+            status_code = 429
+        submitter = None
+        if not errors:
+            if len(username) <= MAX_USERNAME and len(password) <= MAX_PASSWORD:
+                submitter = await authenticate(pool(), username, password)
+            if submitter is None:
+                await sessions.record_sign_in_failure(pool(), username)
+                log.info("web_sign_in_failed")  # not the username: people type passwords there
+                # The same message whichever was wrong, so it does not tell anyone which usernames exist.
+                errors.append(FieldError("Enter a correct username and password", None, "#username"))
+        if submitter is None:
+            response = page(
+                "sign_in.html",
+                None,
+                status_code,
+                title="Sign in",
+                csrf_token=token,
+                next=next_path,
+                notice=None,
+                errors=errors,
+                username=username[:MAX_USERNAME],
+                username_error=next((e.message for e in errors if e.href == "#username"), None),
+                password_error=next((e.message for e in errors if e.href == "#password"), None),
+            )
+            return response
+        await sessions.clear_sign_in_failures(pool(), username)
+        await sessions.forget_expired_sessions(pool(), settings)
+        earlier = request.cookies.get(cookies.session)
+        if earlier:
+            await sessions.end_session_for_token(pool(), earlier)
+        new_token, _ = await sessions.start_session(pool(), submitter.recorded_by.removeprefix("registrar:"))
+        log.info("web_signed_in", recorded_by=submitter.recorded_by, office=submitter.office)
+        response = redirect(next_path or "/start")
+        cookies.set(response, cookies.session, new_token)
+        cookies.clear(response, cookies.sign_in)
+        return response
+
+    @router.post("/sign-out")
+    async def sign_out(request: Request) -> Response:
+        token = request.cookies.get(cookies.session)
+        found = await sessions.find_session(pool(), token, settings) if token else None
+        if isinstance(found, Session):
+            await posted(request, found.csrf_token)
+            await sessions.end_session(pool(), found.token_hash)
+        response = redirect("/sign-in?reason=signed-out")
+        cookies.clear(response, cookies.session)
+        return response
+
+    # Choosing what to record
+
+    @router.get("/start")
+    async def start_page(request: Request) -> Response:
+        who = await signed_in(request)
+        return page("start.html", who, title="What do you want to record?", forms=FORMS.values(), errors=[])
+
+    @router.post("/start")
+    async def start(request: Request) -> Response:
+        who = await signed_in(request)
+        values = await posted(request, who.csrf_token)
+        form = FORMS.get(values.get("event", ""))
+        if form is None:
+            errors = [FieldError("Select what you want to record", None, "#event")]
+            return page(
+                "start.html",
+                who,
+                422,
+                title="What do you want to record?",
+                forms=FORMS.values(),
+                errors=errors,
+            )
+        return redirect(form.href())
+
+    # The questions
+
+    @router.get("/register/{slug}")
+    async def details(request: Request, slug: str) -> Response:
+        form = _form(slug)
+        who = await signed_in(request)
+        draft = who.session.data.get(_draft_key(form)) or {}
+        return details_page(who, form, draft.get("answers") or form.defaults(who.submitter), [])
+
+    @router.post("/register/{slug}")
+    async def save_details(request: Request, slug: str) -> Response:
+        form = _form(slug)
+        who = await signed_in(request)
+        answers = form.answers_from(await posted(request, who.csrf_token))
+        submission, errors = form.check(answers)
+        if submission is None:
+            return details_page(who, form, answers, errors)
+        answers = form.as_recorded(answers, submission)
+        earlier = who.session.data.get(_draft_key(form)) or {}
+        consents = earlier.get("consents")
+        # A changed draft is a new submission: it gets a new id (and so a new Idempotency-Key).
+        draft = {"answers": answers, "consents": consents, "submission_id": sessions.new_secret()}
+        await sessions.remember(pool(), who.session, _draft_key(form), draft)
+        return redirect(f"{form.href()}/check" if consents is not None else f"{form.href()}/organisations")
+
+    # Which organisations to tell
+
+    async def draft_and_choices(
+        who: SignedIn, form: RegistrationForm
+    ) -> tuple[dict[str, Any] | None, list[Organisation]]:
+        draft = who.session.data.get(_draft_key(form))
+        if not draft or not draft.get("answers"):
+            return None, []
+        postcodes = form.postcodes(draft["answers"])
+        return draft, await organisations_to_tell(pool(), form.event_type, postcodes)
+
+    def organisations_page(
+        who: SignedIn,
+        form: RegistrationForm,
+        organisations: list[Organisation],
+        choices: dict[str, str],
+        errors: list[FieldError],
+    ) -> Response:
+        return page(
+            "organisations.html",
+            who,
+            422 if errors else 200,
+            form=form,
+            title="Which organisations should we tell?",
+            told=[o for o in organisations if o.statutory],
+            asked=[o for o in organisations if not o.statutory],
+            choices=choices,
+            errors=errors,
+            error_for={e.href.removeprefix("#consent-"): e.message for e in errors},
+            back=form.href(),
+        )
+
+    @router.get("/register/{slug}/organisations")
+    async def organisations(request: Request, slug: str) -> Response:
+        form = _form(slug)
+        who = await signed_in(request)
+        draft, choices = await draft_and_choices(who, form)
+        if draft is None:
+            return redirect(form.href())
+        return organisations_page(who, form, choices, draft.get("consents") or {}, [])
+
+    @router.post("/register/{slug}/organisations")
+    async def choose_organisations(request: Request, slug: str) -> Response:
+        form = _form(slug)
+        who = await signed_in(request)
+        values = await posted(request, who.csrf_token)
+        draft, choices = await draft_and_choices(who, form)
+        if draft is None:
+            return redirect(form.href())
+        consents: dict[str, str] = {}
+        errors = []
+        for organisation in choices:
+            if organisation.statutory:
+                continue
+            choice = values.get(f"consent.{organisation.agency}")
+            if choice in ("given", "refused"):
+                consents[organisation.agency] = choice
+            else:
+                errors.append(
+                    FieldError(
+                        f"Select yes if the informant agrees that we tell {organisation.name}",
+                        None,
+                        f"#consent-{organisation.agency}",
+                    )
+                )
+        if errors:
+            return organisations_page(who, form, choices, consents, errors)
+        draft = {**draft, "consents": consents, "submission_id": sessions.new_secret()}
+        await sessions.remember(pool(), who.session, _draft_key(form), draft)
+        return redirect(f"{form.href()}/check")
+
+    # Check your answers, and send
+
+    async def ready_to_send(
+        who: SignedIn, form: RegistrationForm
+    ) -> tuple[dict[str, Any], list[Organisation], dict[str, str]] | Response:
+        draft, choices = await draft_and_choices(who, form)
+        if draft is None:
+            return redirect(form.href())
+        given = draft.get("consents")
+        asked = [o.agency for o in choices if not o.statutory]
+        if given is None or any(agency not in given for agency in asked):
+            return redirect(f"{form.href()}/organisations")  # a choice is missing, or a new agency appeared
+        return draft, choices, {a: c for a, c in given.items() if a in asked}
+
+    @router.get("/register/{slug}/check")
+    async def check_answers(request: Request, slug: str) -> Response:
+        form = _form(slug)
+        who = await signed_in(request)
+        ready = await ready_to_send(who, form)
+        if isinstance(ready, Response):
+            return ready
+        draft, choices, consents = ready
+        _, errors = form.check(draft["answers"], consents)
+        if errors:
+            return details_page(who, form, draft["answers"], errors)
+        return page(
+            "check.html",
+            who,
+            form=form,
+            title="Check your answers before sending",
+            summary=form.summary(draft["answers"]),
+            organisations=choices,
+            consents=consents,
+            submission_id=draft["submission_id"],
+            errors=[],
+            back=f"{form.href()}/organisations",
+        )
+
+    @router.post("/register/{slug}/check")
+    async def send(request: Request, slug: str) -> Response:
+        form = _form(slug)
+        who = await signed_in(request)
+        values = await posted(request, who.csrf_token)
+        submission_id = values.get("submission_id", "")
+        if not _SUBMISSION_ID.match(submission_id):
+            raise FormNotTrusted
+        sent = who.session.data.get(_sent_key(submission_id))
+        if sent is not None:  # a second click, or the browser sending the form again
+            return redirect(f"/registrations/{sent}")
+        ready = await ready_to_send(who, form)
+        if isinstance(ready, Response):
+            return ready
+        draft, _, consents = ready
+        if draft["submission_id"] != submission_id:
+            return page(
+                "message.html",
+                who,
+                409,
+                title="These answers have changed",
+                lines=[
+                    "The answers were changed after this page was shown. Check them again before sending."
+                ],
+                link=(f"{form.href()}/check", "Check the answers"),
+            )
+        submission, errors = form.check(draft["answers"], consents)
+        if submission is None:
+            return details_page(who, form, draft["answers"], errors)
+        try:
+            recorded = await intake().accept(submission, who.submitter, f"web-{submission_id}")
+        except SubmissionRejected as exc:
+            return details_page(who, form, draft["answers"], form.errors_at(exc.errors))
+        except IdempotencyConflict:
+            return page(
+                "message.html",
+                who,
+                409,
+                title="This form was already used",
+                lines=[
+                    "These answers were sent before with different details. Start the registration again."
+                ],
+                link=(form.href(), "Start again"),
+            )
+        await sessions.replace(
+            pool(), who.session, _draft_key(form), _sent_key(submission_id), recorded.reference
+        )
+        return redirect(f"/registrations/{recorded.reference}")
+
+    # The reference number, and where each organisation has got to
+
+    async def statuses(who: SignedIn, reference: str) -> dict[str, Any] | None:
+        reference = reference.strip().upper()
+        if not REFERENCE.match(reference):
+            return None
+        status = await event_status(pool(), reference, office=who.submitter.office)
+        if status is None:
+            return None
+        agencies = agency_statuses(status)
+        # The router decides for every agency with any subscription; until all those
+        # decisions are in, more rows may yet appear.
+        decided = {row["agency"] for row in status["agencies"]}
+        expected = set(await subscribing_agencies(pool()))
+        return {
+            "reference": status["reference"],
+            "heading": EVENT_HEADINGS.get(status["event_type"], "Event recorded"),
+            "agencies": agencies,
+            "settled": bool(decided) and expected <= decided and all(a.settled for a in agencies),
+        }
+
+    @router.get("/registrations/{reference}")
+    async def confirmation(request: Request, reference: str) -> Response:
+        who = await signed_in(request)
+        found = await statuses(who, reference)
+        if found is None:
+            raise HTTPException(404)
+        return page("confirmation.html", who, title=found["heading"], **found)
+
+    @router.get("/registrations/{reference}/agencies")
+    async def agencies(request: Request, reference: str) -> Response:
+        """The status table alone, for the confirmation page's script to refresh."""
+        who = await signed_in(request)
+        found = await statuses(who, reference)
+        if found is None:
+            raise HTTPException(404)
+        return render("_agencies.html", **found)
+
+    return router, cookies

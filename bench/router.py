@@ -40,7 +40,7 @@ from runtime.kafka import Topics, admin, ensure_topics
 from runtime.logging import configure_logging
 from runtime.settings import Settings
 from runtime.stack import LocalStack
-from tests.support import death_message
+from tests.support import death_message, office_key
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -52,11 +52,12 @@ async def _fill(settings: Settings, events: int, pool: Any) -> None:
     )
     await producer.start()
     consents = []
+    key = await office_key(pool)
     try:
         pending = []
         for _ in range(events):
             subject_id = f"s-{uuid.uuid4().hex}"
-            _, value, headers = death_message(subject_id, nino="AB123456C")
+            _, value, headers = death_message(subject_id, nino="AB123456C", key=key)
             pending.append(await producer.send(topic, value, key=subject_id.encode(), headers=headers))
             consents += [(subject_id, agency) for agency in ("dvla", "hmpo")]
         await asyncio.gather(*pending)

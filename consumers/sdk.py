@@ -1,10 +1,14 @@
 """The agency SDK: everything an agency needs to join the bus.
 
 ``AgencyConsumer`` reads the agency's own topic (read_committed), decodes each
-event, de-duplicates by event id in the agency's store, calls the agency's
-handler in the same database transaction as the de-duplication record, emits a
-``DeliveryReceipt`` to ``tuo.receipts.<agency>``, and commits the offset only
-after the receipt is acknowledged by the broker.
+event, checks the registration office's signature over the fields delivered
+(with the office's key from the key registry, so the broker need not be
+trusted; see ``schemas.signatures``), de-duplicates by event id in the
+agency's store, calls the agency's handler in the same database transaction as
+the de-duplication record, emits a ``DeliveryReceipt`` to
+``tuo.receipts.<agency>``, and commits the offset only after the receipt is
+acknowledged by the broker. A message that does not decode or whose signature
+does not hold goes to dead letters and is never handed to the handler.
 
 A handler rejects an event by raising ``RejectEvent("why")``; the agency then
 sends a ``REJECTED`` receipt carrying that reason.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +27,7 @@ import asyncpg
 import structlog
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from consumers.keys import KeyRing
 from runtime import kafka
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
@@ -30,6 +35,7 @@ from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
 from schemas.catalogue import DELIVERY_SUFFIX
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
+from schemas.signatures import OfficeKey, SignatureRejected, key_id_of, read_signature, verify
 
 log = structlog.get_logger(__name__)
 
@@ -139,14 +145,26 @@ async def handle_with_retries(
 
 
 class AgencyConsumer:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, agency: str, handler: Handler):
+    """``keys`` gives the offices' public keys: by default read from ``pool``'s database
+    (an agency running beside the bus); an agency elsewhere passes
+    ``KeyRing.over_http(<intake public URL>)``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        agency: str,
+        handler: Handler,
+        keys: KeyRing | None = None,
+    ):
         self.settings = settings
         self.pool = pool
         self.agency = agency
         self.handler = handler
         self.topics = Topics(settings.topic_prefix)
+        self.keys = keys or KeyRing.from_database(pool)
 
-    def _event(self, record: ConsumerRecord[bytes, bytes]) -> DeliveredEvent:
+    def _event(self, record: ConsumerRecord[bytes, bytes], keys: Mapping[str, OfficeKey]) -> DeliveredEvent:
         cloud_event = CloudEvent.from_headers(record.headers)
         subject, body = decode(record.value or b"")
         if subject not in (cloud_event.type, f"{cloud_event.type}{DELIVERY_SUFFIX}"):
@@ -158,6 +176,15 @@ class AgencyConsumer:
             event_id = str(uuid.UUID(cloud_event.id))
         except ValueError:
             raise UndecodableMessage("ce_id is not a UUID") from None
+        signed = read_signature(record.headers)
+        verify(
+            signed,
+            keys.get(signed.manifest.key_id),
+            event_type=cloud_event.type,
+            event_id=cloud_event.id,
+            source=cloud_event.source,
+            body=body,
+        )
         return DeliveredEvent(event_id=event_id, event_type=cloud_event.type, record=body)
 
     def _receipt_value(self, receipt: Receipt) -> bytes:
@@ -217,10 +244,12 @@ class AgencyConsumer:
                 reason=reason,
             )
 
+        # One key registry read at most per batch, and only for a key not seen before.
+        keys = await self.keys.resolve(k for k in map(key_id_of, (r.headers for r in records)) if k)
         for record in records:
             try:
-                event = self._event(record)
-            except (MissingCloudEventHeader, UndecodableMessage, ValueError) as exc:
+                event = self._event(record, keys)
+            except (MissingCloudEventHeader, UndecodableMessage, SignatureRejected, ValueError) as exc:
                 await to_dead_letters(record, str(exc))
                 continue
             try:

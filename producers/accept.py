@@ -30,6 +30,7 @@ from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode, encode, models
 from schemas.cloudevents import headers_for
+from schemas.signatures import signature_headers
 from schemas.validation import Nino, PastDate, Postcode, Text, Uprn
 
 log = structlog.get_logger(__name__)
@@ -319,12 +320,6 @@ class Intake:
             replayed=not recorded.created,
         )
         return recorded
-
-
-def signature_headers(
-    key: Any, event_type: str, record: dict[str, Any], event_id: str
-) -> list[tuple[str, bytes]]:
-    return []  # wired to schemas.signatures once it lands
 
 
 @dataclass(frozen=True)

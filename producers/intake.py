@@ -30,6 +30,7 @@ from producers.accept import (
     VoidRequest,
 )
 from producers.accounts import Submitter, token_submitter
+from producers.key_registry import key_registry_router
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
 from producers.store import IdempotencyConflict, Recorded, event_status
 from producers.web import install_web
@@ -289,6 +290,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(registry_router())
+    app.include_router(key_registry_router(lambda: intake().pool))
     install_web(app, intake, settings)
     app.add_middleware(JsonOnly)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)

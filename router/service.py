@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from consumers.keys import KeyRing
 from router.minimise import NINO, event_fields, minimise
 from router.policy import POLICY
 from router.rules import (
@@ -40,6 +41,16 @@ from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
 from schemas.catalogue import DELIVERY_SUFFIX, LIFE_EVENTS, MINIMISED
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
+from schemas.signatures import (
+    ENVELOPE,
+    SIGNATURE_HEADERS,
+    OfficeKey,
+    SignatureRejected,
+    SignedEvent,
+    element_item,
+    read_signature,
+    verify,
+)
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"
@@ -63,6 +74,8 @@ class Incoming:
     record: ConsumerRecord[bytes, bytes]
     event: RoutableEvent
     body: dict[str, Any]
+    source: str  # ce_source: the office the event claims to come from
+    signed: SignedEvent  # the office's signature, verified before the event is routed
     follows: tuple[str, str] | None = None  # (original event id, its type) for corrections and voids
 
 
@@ -106,10 +119,16 @@ def _routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
         raise UnroutableEvent("message key is not the envelope's subject_id")
     if subject not in LIFE_EVENTS:
         raise UnroutableEvent(f"{subject} is not a life event")
+    try:
+        signed = read_signature(record.headers)
+    except SignatureRejected as exc:
+        raise UnroutableEvent(str(exc)) from exc
     if subject in FOLLOW_UPS:
         id_field, type_field = FOLLOW_UPS[subject]
         event = RoutableEvent(event_id=cloud_event.id, event_type=subject, subject_id=subject_id)
-        return Incoming(record, event, body, follows=(str(body[id_field]), body[type_field]))
+        return Incoming(
+            record, event, body, cloud_event.source, signed, follows=(str(body[id_field]), body[type_field])
+        )
     event = RoutableEvent(
         event_id=cloud_event.id,
         event_type=subject,
@@ -117,7 +136,23 @@ def _routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
         fields=event_fields(body),
         postcodes=frozenset(_postcodes(subject, body)),
     )
-    return Incoming(record, event, body)
+    return Incoming(record, event, body, cloud_event.source, signed)
+
+
+def _verify(incoming: Incoming, keys: Mapping[str, OfficeKey]) -> None:
+    """The whole event, exactly as the office signed it: every signed item present and intact."""
+    try:
+        verify(
+            incoming.signed,
+            keys.get(incoming.signed.manifest.key_id),
+            event_type=incoming.event.event_type,
+            event_id=incoming.event.event_id,
+            source=incoming.source,
+            body=incoming.body,
+            complete=True,
+        )
+    except SignatureRejected as exc:
+        raise UnroutableEvent(str(exc)) from exc
 
 
 def _agency_copy(
@@ -143,6 +178,9 @@ def _agency_copy(
         time=original.time or datetime.now(UTC),
         schema_base_url=schema_base_url,
     )
+    # The office's signature travels on, with the salts of the delivered items only:
+    # the agency can check what it got and learns nothing about what it did not.
+    headers += incoming.signed.headers(disclose={ENVELOPE} | decision.fields_delivered)
     return Outgoing(topics.agency(decision.agency), incoming.record.key, value, headers)
 
 
@@ -179,19 +217,33 @@ async def plan(
     records: list[ConsumerRecord[bytes, bytes]],
     schema_base_url: str,
     give_up_on: frozenset[int] = frozenset(),
+    *,
+    keys: KeyRing,
 ) -> list[Outgoing]:
     """Everything one batch of life events should produce, decided now."""
     outgoing: list[Outgoing] = []
-    routable: list[Incoming] = []
+    decoded: list[Incoming] = []
+
+    def reject(record: ConsumerRecord[bytes, bytes], exc: UnroutableEvent) -> None:
+        letter = dead_letter(record, COMPONENT, str(exc))
+        outgoing.append(Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers))
+        log.warning("event_dead_lettered", partition=record.partition, offset=record.offset, reason=str(exc))
+
     for record in records:
         try:
-            routable.append(_routable(record))
+            decoded.append(_routable(record))
         except UnroutableEvent as exc:
-            letter = dead_letter(record, COMPONENT, str(exc))
-            outgoing.append(Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers))
-            log.warning(
-                "event_dead_lettered", partition=record.partition, offset=record.offset, reason=str(exc)
-            )
+            reject(record, exc)
+    # One key registry read at most per batch, and only for a key not seen before.
+    known = await keys.resolve({i.signed.manifest.key_id for i in decoded})
+    routable: list[Incoming] = []
+    for incoming in decoded:
+        try:
+            _verify(incoming, known)
+        except UnroutableEvent as exc:
+            reject(incoming.record, exc)
+            continue
+        routable.append(incoming)
     if not routable:
         return outgoing
     # Consent is read at decision time, inside this batch, never cached. The decision
@@ -298,15 +350,24 @@ def _follow_up(
     for decision in decisions:
         if decision.delivers:
             body = dict(incoming.body)
-            if NINO not in decision.fields_delivered:
+            disclosed = set(body) - {"changes"}  # the envelope and the correction's own fields
+            if NINO in decision.fields_delivered:
+                disclosed.add(NINO)
+            else:
                 envelope = body["envelope"]
                 body["envelope"] = {**envelope, "subject": {**envelope["subject"], "nino": None}}
             if event.event_type == "EventCorrected":  # only changes to fields the agency received
-                body["changes"] = [
-                    c for c in body["changes"] if c["field"].split(".")[0] in decision.fields_delivered
+                kept = [
+                    i
+                    for i, c in enumerate(body["changes"])
+                    if c["field"].split(".")[0] in decision.fields_delivered
                 ]
+                body["changes"] = [body["changes"][i] for i in kept]
+                disclosed |= {element_item("changes", i) for i in kept}
             value = encode(event.event_type, body)
-            out.append(Outgoing(topics.agency(decision.agency), record.key, value, list(record.headers)))
+            headers = [(k, v) for k, v in record.headers if k not in SIGNATURE_HEADERS]
+            headers += incoming.signed.headers(disclose=disclosed)
+            out.append(Outgoing(topics.agency(decision.agency), record.key, value, headers))
         out.append(_decision_message(topics, decision, record.key or b"", now, schema_base_url))
     return out
 
@@ -330,6 +391,7 @@ class Router:
         self.partition_counts: dict[str, int] = {}
         self.assignment_failed: Exception | None = None
         self.waiting_since: dict[tuple[TopicPartition, int], float] = {}
+        self.keys = KeyRing.from_database(pool)  # the offices' public keys, to verify every event
         self.lock = asyncio.Lock()  # a rebalance waits for the batch in hand
         self.assignments = 0  # bumps on every assignment: batches fetched before it are stale
         self.consumer = kafka.consumer(
@@ -431,7 +493,12 @@ class Router:
             return
         try:
             outgoing = await plan(
-                self.pool, self.topics, records, self.settings.schema_base_url(), self._overdue(tp)
+                self.pool,
+                self.topics,
+                records,
+                self.settings.schema_base_url(),
+                self._overdue(tp),
+                keys=self.keys,
             )
         except OriginalNotYetDecided as waiting:
             # Its original's decisions are not recorded yet (the tracker lags, or the

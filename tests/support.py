@@ -12,9 +12,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from producers.office_keys import SigningKey
 from runtime.settings import Settings
 from schemas.validation import today_in_the_uk
 
@@ -119,11 +121,27 @@ def random_nino() -> str:
     return f"CE{digits}{random.choice('ABCD')}"
 
 
-def death_message(subject_id: str, nino: str | None = None) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+TEST_OFFICE = "test-office"
+
+
+async def office_key(pool: asyncpg.Pool, office: str = TEST_OFFICE) -> SigningKey:
+    """The active signing key of a test registration office, created on first use."""
+    from producers.accounts import ensure_office
+    from producers.office_keys import active_key
+
+    await ensure_office(pool, office, f"Test register office {office}")
+    return await active_key(pool, office)
+
+
+def death_message(
+    subject_id: str, nino: str | None = None, *, key: SigningKey
+) -> tuple[str, bytes, list[tuple[str, bytes]]]:
     """A valid life-events message (event id, value, headers) for ``subject_id``,
-    built like intake builds one, for tests and benchmarks that feed the router directly."""
+    built and signed like intake builds one (by ``key``'s office, see ``office_key``),
+    for tests and benchmarks that feed the router directly."""
     from schemas import encode
     from schemas.cloudevents import headers_for
+    from schemas.signatures import office_source, signature_headers
     from tests.golden.make_vectors import EXAMPLES
 
     event_id = str(uuid.uuid4())
@@ -134,16 +152,18 @@ def death_message(subject_id: str, nino: str | None = None) -> tuple[str, bytes,
         "event_id": event_id,
         "subject": {"subject_id": subject_id, "nino": nino},
         "recorded_at": now,
+        "registration_office": key.office,
     }
     value = encode("DeathRegistered", record)
     headers = headers_for(
         value,
         id=event_id,
-        source="/offices/test",
+        source=office_source(key.office),
         subject=subject_id,
         time=now,
         schema_base_url="http://127.0.0.1:8080",
     )
+    headers += signature_headers(key, "DeathRegistered", record, event_id)
     return event_id, value, headers
 
 

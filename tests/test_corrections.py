@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -16,8 +17,9 @@ from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode, encode
 from schemas.cloudevents import headers_for
+from schemas.signatures import office_source, signature_headers
 from tests.golden.make_vectors import ENVELOPE
-from tests.support import death_registration, eventually, header, random_nino, read_topic
+from tests.support import death_registration, eventually, header, office_key, random_nino, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +35,18 @@ async def _settled(intake: httpx.AsyncClient, reference: str) -> dict[str, str]:
     return await eventually(decided, timeout=60, what=f"decisions for {reference}")
 
 
-async def _publish(settings: Settings, name: str, body: dict[str, Any], subject_id: str) -> str:
+async def _publish(
+    settings: Settings, pool: asyncpg.Pool, name: str, body: dict[str, Any], subject_id: str
+) -> str:
+    """Publish a correction or void straight to the bus, signed by the Leeds office."""
+    key = await office_key(pool, "leeds")
     event_id = str(uuid.uuid4())
     record = {
         "envelope": {
             **ENVELOPE,
             "event_id": event_id,
             "subject": {"subject_id": subject_id, "nino": "AB123456C"},
+            "registration_office": key.office,
         },
         **body,
     }
@@ -54,11 +61,12 @@ async def _publish(settings: Settings, name: str, body: dict[str, Any], subject_
             headers=headers_for(
                 value,
                 id=event_id,
-                source="/offices/test",
+                source=office_source(key.office),
                 subject=subject_id,
                 time=datetime.now(UTC),
                 schema_base_url=settings.schema_base_url(),
-            ),
+            )
+            + signature_headers(key, name, record, event_id),
         )
     finally:
         await producer.stop()
@@ -76,7 +84,7 @@ async def _received_by(settings: Settings, event_id: str) -> dict[str, dict[str,
 
 
 async def test_correction_and_void_reach_exactly_the_original_recipients(
-    intake: httpx.AsyncClient, services: Settings
+    intake: httpx.AsyncClient, services: Settings, pool: asyncpg.Pool
 ) -> None:
     nino = random_nino()
     body = death_registration(deceased={"given_names": "Cor", "family_name": "Rected", "nino": nino})
@@ -91,6 +99,7 @@ async def test_correction_and_void_reach_exactly_the_original_recipients(
 
     correction_id = await _publish(
         services,
+        pool,
         "EventCorrected",
         {
             "corrects_event_id": original["event_id"],
@@ -127,6 +136,7 @@ async def test_correction_and_void_reach_exactly_the_original_recipients(
 
     void_id = await _publish(
         services,
+        pool,
         "EventVoided",
         {
             "voids_event_id": original["event_id"],
@@ -147,7 +157,7 @@ async def test_correction_and_void_reach_exactly_the_original_recipients(
 
 
 async def test_a_correction_that_misnames_its_original_is_dead_lettered(
-    intake: httpx.AsyncClient, services: Settings
+    intake: httpx.AsyncClient, services: Settings, pool: asyncpg.Pool
 ) -> None:
     nino = random_nino()
     body = death_registration(deceased={"given_names": "Mis", "family_name": "Named", "nino": nino})
@@ -155,6 +165,7 @@ async def test_a_correction_that_misnames_its_original_is_dead_lettered(
     await _settled(intake, original["reference"])
     correction_id = await _publish(
         services,
+        pool,
         "EventCorrected",
         {
             "corrects_event_id": original["event_id"],

@@ -19,10 +19,11 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from producers.office_keys import SigningKey
 from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
 from tests.conftest import PROJECT
-from tests.support import death_message, eventually, header, read_topic
+from tests.support import death_message, eventually, header, office_key, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ def _isolated(services: Settings) -> Settings:
     return services.model_copy(update={"topic_prefix": "eo" + uuid.uuid4().hex[:8]})
 
 
-async def _stream(settings: Settings, count: int, per_second: float) -> list[str]:
+async def _stream(settings: Settings, count: int, per_second: float, key: SigningKey) -> list[str]:
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.require_bootstrap_servers(), enable_idempotence=True
     )
@@ -44,7 +45,7 @@ async def _stream(settings: Settings, count: int, per_second: float) -> list[str
     try:
         for _ in range(count):
             subject_id = f"s-{uuid.uuid4().hex}"
-            event_id, value, headers = death_message(subject_id)
+            event_id, value, headers = death_message(subject_id, key=key)
             await producer.send_and_wait(
                 Topics(settings.topic_prefix).life_events, value, key=subject_id.encode(), headers=headers
             )
@@ -109,7 +110,7 @@ async def test_router_killed_at_random_moments_delivers_each_event_exactly_once(
     log = tmp_path / "router.log"
     router = _start_router(settings, log)
     kills = 0
-    streaming = asyncio.create_task(_stream(settings, count=300, per_second=60))
+    streaming = asyncio.create_task(_stream(settings, count=300, per_second=60, key=await office_key(pool)))
     try:
         while not streaming.done() and kills < 3:
             await asyncio.sleep(random.uniform(0.8, 2.0))
@@ -136,7 +137,7 @@ async def test_second_router_takes_over_mid_stream_without_loss_or_duplicates(
     await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED])
     first = _start_router(settings, tmp_path / "first.log")
     second = _start_router(settings, tmp_path / "second.log")
-    streaming = asyncio.create_task(_stream(settings, count=300, per_second=60))
+    streaming = asyncio.create_task(_stream(settings, count=300, per_second=60, key=await office_key(pool)))
     try:
         await asyncio.sleep(2.5)
         first.send_signal(signal.SIGTERM)  # a graceful stop: its partitions move to the second

@@ -16,7 +16,7 @@ from router.store import record_consent
 from runtime.kafka import Topics
 from runtime.services import RunningBus
 from runtime.settings import Settings
-from tests.support import death_message, eventually, header, read_topic
+from tests.support import death_message, eventually, header, office_key, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +34,7 @@ async def test_nothing_decided_after_a_confirmed_withdrawal_reaches_the_agency(
         recorded_by="informant",
     )
     topics = Topics(services.topic_prefix)
+    key = await office_key(pool)
     producer = AIOKafkaProducer(bootstrap_servers=services.require_bootstrap_servers(), linger_ms=0)
     await producer.start()
     sent: list[str] = []
@@ -49,7 +50,7 @@ async def test_nothing_decided_after_a_confirmed_withdrawal_reaches_the_agency(
 
     try:
         for i in range(120):
-            event_id, value, headers = death_message(subject_id)
+            event_id, value, headers = death_message(subject_id, key=key)
             await producer.send_and_wait(topics.life_events, value, key=subject_id.encode(), headers=headers)
             sent.append(event_id)
             if i == 20:  # the router is live and delivering before the race starts

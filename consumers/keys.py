@@ -1,0 +1,116 @@
+"""The registration offices' public keys, as the router and agencies need them to
+verify signed events (see ``schemas.signatures``).
+
+A ``KeyRing`` keeps the keys it has read. It reads them again when asked for a
+key id it does not know (at most once per call, so a batch costs one read) or
+when its copy is older than ``max_age_seconds`` (so a retirement is noticed).
+An id still unknown after that read is not in the registry: the caller rejects
+the event. The keys come from the intake service's key registry over HTTP (any
+agency) or straight from PostgreSQL (components that share the bus's database).
+A registry that cannot be reached is an error, never a rejection: events are
+not dead-lettered because the registry was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import asyncpg
+import httpx
+import structlog
+
+from producers.key_registry import office_keys
+from schemas.signatures import OfficeKey
+
+log = structlog.get_logger(__name__)
+
+SIGNING_KEYS_PATH = "/v1/signing-keys"
+DEFAULT_MAX_AGE_SECONDS = 60.0
+
+
+class KeyRegistryUnavailable(RuntimeError):
+    """The key registry could not be read, or answered with something that is not a key list."""
+
+
+class KeySource(Protocol):
+    async def fetch(self) -> list[OfficeKey]: ...
+
+
+class DatabaseKeySource:
+    """Keys read from the bus's database (the router, the reference agencies)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def fetch(self) -> list[OfficeKey]:
+        return await office_keys(self.pool)
+
+
+class HttpKeySource:
+    """Keys read from the key registry, ``GET <intake public URL>/v1/signing-keys``."""
+
+    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None, timeout: float = 10.0) -> None:
+        self.url = base_url.rstrip("/") + SIGNING_KEYS_PATH
+        self.client = client
+        self.timeout = timeout
+
+    async def fetch(self) -> list[OfficeKey]:
+        try:
+            if self.client is not None:
+                response = await self.client.get(self.url, timeout=self.timeout)
+            else:
+                async with httpx.AsyncClient(timeout=self.timeout) as client:
+                    response = await client.get(self.url)
+            response.raise_for_status()
+            document = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise KeyRegistryUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(document, list):
+            raise KeyRegistryUnavailable(f"{self.url} did not answer with a list of keys")
+        try:
+            return [OfficeKey.from_json(entry) for entry in document]
+        except ValueError as exc:
+            raise KeyRegistryUnavailable(f"{self.url}: {exc}") from exc
+
+
+class KeyRing:
+    def __init__(
+        self,
+        source: KeySource,
+        max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.max_age_seconds = max_age_seconds
+        self.clock = clock
+        self.reads = 0
+        self._keys: dict[str, OfficeKey] = {}
+        self._read_at: float | None = None
+        self._lock = asyncio.Lock()  # concurrent callers share one read
+
+    @classmethod
+    def from_database(cls, pool: asyncpg.Pool) -> KeyRing:
+        return cls(DatabaseKeySource(pool))
+
+    @classmethod
+    def over_http(cls, base_url: str) -> KeyRing:
+        return cls(HttpKeySource(base_url))
+
+    async def resolve(self, key_ids: Iterable[str]) -> dict[str, OfficeKey]:
+        """The known keys among ``key_ids``; an id missing from the answer is unknown."""
+        wanted = set(key_ids)
+        async with self._lock:
+            stale = self._read_at is None or self.clock() - self._read_at > self.max_age_seconds
+            if stale or not wanted <= self._keys.keys():
+                await self._read()
+        return {key_id: self._keys[key_id] for key_id in wanted if key_id in self._keys}
+
+    async def _read(self) -> None:
+        keys = await self.source.fetch()
+        self._keys = {key.key_id: key for key in keys}
+        self._read_at = self.clock()
+        self.reads += 1
+        log.debug("signing_keys_read", keys=len(keys))

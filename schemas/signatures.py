@@ -1,0 +1,533 @@
+"""Office signatures on life events, verifiable by an agency that receives only
+some of an event's fields (selective disclosure, in the style of SD-JWT).
+
+At intake the event is split into *items*: the envelope without the NINO
+(``envelope``), the envelope's NINO (``nino``), each other top-level field by
+its name, and — for fields the router filters element by element (a
+correction's ``changes``) — each element as ``<field>/<index>``. Each item gets
+a random 128-bit salt and a digest::
+
+    digest = base64url(SHA-256(JSON([base64url(salt), name, canonical(value)])))
+
+The office signs, with its Ed25519 key, a manifest naming the key and the event
+and listing the sorted digests. Three Kafka headers carry it:
+
+``tuo_sig``           base64url of the 64-byte Ed25519 signature over the manifest bytes
+``tuo_sig_manifest``  the manifest, JSON: ``{"alg": "Ed25519", "digests": [...],
+                      "event_id": ..., "event_type": ..., "hash": "sha-256", "kid": ..., "v": 1}``
+``tuo_sig_salts``     JSON object, item name → base64url salt
+
+The router passes the manifest and signature on untouched, with the salts of
+only the items it delivers, so an agency can check each field it received
+against the manifest and learns nothing about the others (a digest without its
+salt reveals nothing). The signature format is part of the wire contract.
+
+Verifying a message: the key named by ``kid`` comes from the key registry; the
+signature must hold over the manifest bytes; the manifest's event id and type
+must be the message's ``ce_id`` and ``ce_type``; every field present must have a
+salt whose digest is in the manifest, except a null (or empty list) field
+without one (withheld, or added to the schema after signing); the signed envelope's
+``registration_office`` must be the key's office, ``ce_source`` must be
+``/offices/<office>``, and the envelope's ``recorded_at`` must be before the
+key's ``retired_at``. The router, which sees the whole event, also requires every
+signed digest to be matched.
+
+Canonical values (so that what fastavro decodes on the agency side, from a
+``*Delivery`` schema, hashes exactly as what intake signed): JSON, UTF-8, keys
+sorted, no whitespace, non-ASCII characters as themselves; records (and maps)
+as objects *without their null members*; arrays in order; strings, booleans and
+integers as themselves; ``date`` as ``YYYY-MM-DD``; ``timestamp-micros`` as UTC
+``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (always six digits); ``uuid`` as lower-case
+hyphenated text; enum symbols as strings. Floats, bytes and other types have no
+canonical form yet and cannot be signed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, Protocol
+from urllib.parse import quote
+from uuid import UUID
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from schemas.codec import decode, encode
+
+VERSION = 1
+ALGORITHM = "Ed25519"
+HASH = "sha-256"
+SALT_BYTES = 16
+SIGNATURE_BYTES = 64
+PUBLIC_KEY_BYTES = 32
+
+SIG_HEADER = "tuo_sig"
+MANIFEST_HEADER = "tuo_sig_manifest"
+SALTS_HEADER = "tuo_sig_salts"
+SIGNATURE_HEADERS = (SIG_HEADER, MANIFEST_HEADER, SALTS_HEADER)
+
+ENVELOPE = "envelope"
+NINO = "nino"  # the envelope's NINO, its own item (the same pseudo-field name subscriptions use)
+WITHHELD = "withheld_fields"  # the router's list in a *Delivery copy: not signed by the office
+# Fields whose elements are items of their own, because the router delivers a subset of them.
+ELEMENT_ITEMS: dict[str, frozenset[str]] = {"EventCorrected": frozenset({"changes"})}
+
+MAX_HEADER_BYTES = 256 * 1024  # far above any real manifest; bounds the work a message can cause
+MAX_ITEMS = 1000
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+# Canonical base64url (no padding, unused bits zero) of a 16-byte salt and a 32-byte digest:
+# checked as text, since salts and digests are only ever hashed and compared as text.
+SALT_PATTERN = re.compile(r"[A-Za-z0-9_-]{21}[AQgw]")
+DIGEST_PATTERN = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
+_INDEX = re.compile(r"0|[1-9][0-9]{0,5}")
+
+KafkaHeaders = list[tuple[str, bytes]]
+
+
+class SignatureRejected(ValueError):
+    """A message's office signature is missing, malformed or does not hold; the
+    message goes to dead letters and is not handled."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"signature rejected: {reason}")
+        self.reason = reason
+
+
+class UnsignableValue(TypeError):
+    """A value has no canonical form; extend ``canonical`` (and the manifest version) first."""
+
+
+class Signer(Protocol):
+    """An office's signing key (``producers.office_keys.SigningKey``)."""
+
+    @property
+    def key_id(self) -> str: ...
+
+    @property
+    def office(self) -> str: ...
+
+    @property
+    def private_key(self) -> Ed25519PrivateKey: ...
+
+
+@dataclass(frozen=True)
+class OfficeKey:
+    """A published public key: which office it belongs to and when it was in use."""
+
+    key_id: str
+    office: str
+    public_key: Ed25519PublicKey
+    created_at: datetime
+    retired_at: datetime | None = None
+
+    @classmethod
+    def from_raw(
+        cls, key_id: str, office: str, public_key: bytes, created_at: datetime, retired_at: datetime | None
+    ) -> OfficeKey:
+        return cls(key_id, office, Ed25519PublicKey.from_public_bytes(public_key), created_at, retired_at)
+
+    def raw(self) -> bytes:
+        return self.public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def to_json(self) -> dict[str, Any]:
+        """The key as the key registry publishes it (``GET /v1/signing-keys``)."""
+        return {
+            "key_id": self.key_id,
+            "office": self.office,
+            "algorithm": ALGORITHM,
+            "public_key": b64encode(self.raw()),
+            "created_at": _timestamp(self.created_at),
+            "retired_at": None if self.retired_at is None else _timestamp(self.retired_at),
+        }
+
+    @classmethod
+    def from_json(cls, entry: Any) -> OfficeKey:
+        """Raises ValueError naming what is wrong with a registry entry."""
+        if not isinstance(entry, dict):
+            raise ValueError("a key registry entry is not an object")
+        if entry.get("algorithm") != ALGORITHM:
+            raise ValueError(f"key {entry.get('key_id')!r} is not an {ALGORITHM} key")
+        key_id, office = entry.get("key_id"), entry.get("office")
+        if not isinstance(key_id, str) or not isinstance(office, str):
+            raise ValueError("a key registry entry lacks key_id or office")
+        retired = entry.get("retired_at")
+        try:
+            return cls.from_raw(
+                key_id,
+                office,
+                b64decode(entry.get("public_key"), PUBLIC_KEY_BYTES, f"key {key_id}'s public_key"),
+                _aware(datetime.fromisoformat(entry["created_at"])),
+                None if retired is None else _aware(datetime.fromisoformat(retired)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"key {key_id}: {exc}") from None
+
+    def signed_before_retirement(self, recorded_at: datetime) -> bool:
+        return self.retired_at is None or recorded_at < self.retired_at
+
+
+# --- canonical form and digests ---------------------------------------------------------------
+
+
+def canonical(value: Any) -> Any:
+    """The JSON-ready canonical form of a value as fastavro reads or writes it."""
+    kind = type(value)
+    if kind is str or value is None:  # the common cases first: this runs for every field
+        return value
+    if kind is dict:
+        return _canonical_members(value)
+    if kind is list:
+        return [canonical(element) for element in value]
+    if isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, datetime):  # before date: a datetime is a date
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)  # fastavro: naive is UTC
+        return aware.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, Mapping):
+        return _canonical_members(value)
+    if isinstance(value, list | tuple):
+        return [canonical(element) for element in value]
+    raise UnsignableValue(f"{type(value).__name__} values have no canonical form for signing")
+
+
+def _canonical_members(record: Mapping[Any, Any]) -> dict[str, Any]:
+    members = {}
+    for key, member in record.items():
+        if type(key) is not str:
+            raise UnsignableValue(f"a record key is {type(key).__name__}, not a string")
+        if member is not None:
+            members[key] = canonical(member)
+    return members
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def canonical_json(value: Any) -> bytes:
+    """JSON with sorted keys and no whitespace, UTF-8 (for these values, RFC 8785's form)."""
+    return _JSON.encode(value).encode()
+
+
+def digest(salt: str, name: str, value: Any) -> str:
+    """``salt`` as it travels: base64url of 16 random bytes."""
+    disclosure = canonical_json([salt, name, canonical(value)])
+    return b64encode(hashlib.sha256(disclosure).digest())
+
+
+def element_item(field: str, index: int) -> str:
+    return f"{field}/{index}"
+
+
+def _without_nino(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    return {**envelope, "subject": {**envelope["subject"], NINO: None}}
+
+
+def items(event_type: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Every item the office signs for a whole event: item name → value."""
+    envelope = record[ENVELOPE]
+    found: dict[str, Any] = {ENVELOPE: _without_nino(envelope), NINO: envelope["subject"].get(NINO)}
+    per_element = ELEMENT_ITEMS.get(event_type, frozenset())
+    for name, value in record.items():
+        if name in (ENVELOPE, WITHHELD):
+            continue
+        if name in per_element:
+            for index, element in enumerate(value):
+                found[element_item(name, index)] = element
+        else:
+            found[name] = value
+    return found
+
+
+# --- the signed headers -----------------------------------------------------------------------
+
+
+def b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def b64decode(text: Any, length: int, what: str) -> bytes:
+    if not isinstance(text, str) or not _BASE64URL.fullmatch(text):
+        raise ValueError(f"{what} is not base64url")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{what} is not base64url") from None
+    if len(raw) != length:
+        raise ValueError(f"{what} is {len(raw)} bytes, expected {length}")
+    if b64encode(raw) != text:  # one spelling per value: no padding, unused bits zero
+        raise ValueError(f"{what} is not canonical base64url")
+    return raw
+
+
+def _aware(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError(f"{moment.isoformat()} has no time zone")
+    return moment
+
+
+def _timestamp(moment: datetime) -> str:
+    return str(canonical(moment))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the office signs: which key, which event, and the digest of every item."""
+
+    key_id: str
+    event_id: str
+    event_type: str
+    digests: frozenset[str]
+
+    def to_json(self) -> bytes:
+        return canonical_json(
+            {
+                "v": VERSION,
+                "alg": ALGORITHM,
+                "hash": HASH,
+                "kid": self.key_id,
+                "event_id": self.event_id,
+                "event_type": self.event_type,
+                "digests": sorted(self.digests),
+            }
+        )
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Manifest:
+        try:
+            found = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SignatureRejected(f"the manifest is not JSON ({exc})") from None
+        if not isinstance(found, dict):
+            raise SignatureRejected("the manifest is not a JSON object")
+        if found.get("v") != VERSION:
+            raise SignatureRejected(f"manifest version {found.get('v')!r} is not {VERSION}")
+        if found.get("alg") != ALGORITHM or found.get("hash") != HASH:
+            raise SignatureRejected(f"the manifest is not {ALGORITHM} over {HASH}")
+        texts = {name: found.get(name) for name in ("kid", "event_id", "event_type")}
+        for name, text in texts.items():
+            if not isinstance(text, str) or not 1 <= len(text) <= 200:
+                raise SignatureRejected(f"the manifest's {name} is not a string of 1-200 characters")
+        digests = found.get("digests")
+        if not isinstance(digests, list) or not 1 <= len(digests) <= MAX_ITEMS:
+            raise SignatureRejected(f"the manifest's digests are not a list of 1-{MAX_ITEMS}")
+        for entry in digests:
+            if not isinstance(entry, str) or not DIGEST_PATTERN.fullmatch(entry):
+                raise SignatureRejected(f"the manifest's digest {entry!r} is not a base64url SHA-256")
+        if digests != sorted(set(digests)):
+            raise SignatureRejected("the manifest's digests are not sorted and distinct")
+        return cls(str(texts["kid"]), str(texts["event_id"]), str(texts["event_type"]), frozenset(digests))
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise ValueError("a key appears twice")
+    return found
+
+
+@dataclass(frozen=True)
+class SignedEvent:
+    """The signature headers of one message, parsed but not yet verified."""
+
+    manifest: Manifest
+    manifest_bytes: bytes  # exactly as signed
+    signature: bytes
+    salts: Mapping[str, str]  # item name → base64url salt
+
+    def headers(self, disclose: Iterable[str] | None = None) -> KafkaHeaders:
+        """The three headers, with the salts of ``disclose`` only (default: all)."""
+        names = sorted(self.salts) if disclose is None else sorted(set(disclose) & set(self.salts))
+        return [
+            (SIG_HEADER, b64encode(self.signature).encode()),
+            (MANIFEST_HEADER, self.manifest_bytes),
+            (SALTS_HEADER, canonical_json({name: self.salts[name] for name in names})),
+        ]
+
+
+def sign(key: Signer, event_type: str, record: Mapping[str, Any]) -> SignedEvent:
+    """Sign a whole event, given as fastavro decodes it (see ``signature_headers``)."""
+    envelope = record[ENVELOPE]
+    if envelope["registration_office"] != key.office:
+        office = envelope["registration_office"]
+        raise ValueError(f"key {key.key_id} belongs to {key.office}, but the event is for {office}")
+    values = items(event_type, record)
+    salts = {name: b64encode(secrets.token_bytes(SALT_BYTES)) for name in values}
+    manifest = Manifest(
+        key_id=key.key_id,
+        event_id=str(envelope["event_id"]),
+        event_type=event_type,
+        digests=frozenset(digest(salts[name], name, value) for name, value in values.items()),
+    )
+    manifest_bytes = manifest.to_json()
+    return SignedEvent(manifest, manifest_bytes, key.private_key.sign(manifest_bytes), salts)
+
+
+def signature_headers(key: Signer, event_type: str, record: dict[str, Any], event_id: str) -> KafkaHeaders:
+    """The signature headers for an event about to be published. ``record`` is the
+    Avro-ready dict that is encoded; it is signed as fastavro reads it back, so a
+    UUID given as text or a datetime in another zone signs as the agency will see it."""
+    _, decoded = decode(encode(event_type, record))
+    if str(decoded[ENVELOPE]["event_id"]) != event_id:
+        raise ValueError(f"event id {event_id} is not the envelope's {decoded[ENVELOPE]['event_id']}")
+    return sign(key, event_type, decoded).headers()
+
+
+def read_signature(headers: Sequence[tuple[str, bytes]]) -> SignedEvent:
+    """Parse a message's signature headers (nothing is trusted yet)."""
+    found: dict[str, bytes] = {}
+    for name, value in headers:
+        if name in SIGNATURE_HEADERS:
+            if name in found:
+                raise SignatureRejected(f"the {name} header appears twice")
+            if len(value) > MAX_HEADER_BYTES:
+                raise SignatureRejected(f"the {name} header is over {MAX_HEADER_BYTES} bytes")
+            found[name] = bytes(value)
+    if not found:
+        raise SignatureRejected("the event is unsigned (no tuo_sig headers)")
+    missing = [name for name in SIGNATURE_HEADERS if name not in found]
+    if missing:
+        raise SignatureRejected(f"the {', '.join(missing)} header is missing")
+    manifest = Manifest.parse(found[MANIFEST_HEADER])
+    try:
+        signature = b64decode(found[SIG_HEADER].decode("ascii"), SIGNATURE_BYTES, "the signature")
+        salts_json = json.loads(found[SALTS_HEADER], object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SignatureRejected(str(exc)) from None
+    if not isinstance(salts_json, dict) or len(salts_json) > MAX_ITEMS:
+        raise SignatureRejected(f"the salts are not a JSON object of at most {MAX_ITEMS} items")
+    for name, salt in salts_json.items():
+        if not isinstance(salt, str) or not SALT_PATTERN.fullmatch(salt):
+            raise SignatureRejected(f"the salt of {name} is not base64url of {SALT_BYTES} bytes")
+    return SignedEvent(manifest, found[MANIFEST_HEADER], signature, salts_json)
+
+
+def key_id_of(headers: Sequence[tuple[str, bytes]]) -> str | None:
+    """The key a message claims to be signed with, if its headers parse (to fetch keys ahead)."""
+    try:
+        return read_signature(headers).manifest.key_id
+    except SignatureRejected:
+        return None
+
+
+def office_source(office: str) -> str:
+    """The CloudEvents source of an office's events."""
+    return "/offices/" + quote(office, safe="")
+
+
+# --- verification -----------------------------------------------------------------------------
+
+
+def verify(
+    signed: SignedEvent,
+    key: OfficeKey | None,
+    *,
+    event_type: str,
+    event_id: str,
+    source: str,
+    body: Mapping[str, Any],
+    complete: bool = False,
+) -> None:
+    """Check that ``body`` (a whole event, or the copy one agency received) came from
+    the office that holds ``key``. Every field present must be covered by a disclosed
+    salt whose digest the office signed, except fields that are null (withheld).
+    With ``complete``, every signed item must be present too (the router's check on
+    the whole event). Raises SignatureRejected with the reason."""
+    manifest = signed.manifest
+    if key is None or key.key_id != manifest.key_id:
+        raise SignatureRejected(f"signing key {manifest.key_id!r} is not in the key registry")
+    try:
+        key.public_key.verify(signed.signature, signed.manifest_bytes)
+    except InvalidSignature:
+        raise SignatureRejected(f"the signature does not verify with key {key.key_id}") from None
+    if manifest.event_type != event_type:
+        raise SignatureRejected(f"the office signed a {manifest.event_type}, not a {event_type}")
+    if manifest.event_id != event_id:
+        raise SignatureRejected(f"the office signed event {manifest.event_id}, not {event_id}")
+    envelope = body.get(ENVELOPE)
+    if not isinstance(envelope, Mapping) or not isinstance(envelope.get("subject"), Mapping):
+        raise SignatureRejected("the event has no envelope")
+    _check_items(signed, event_type, body, complete)
+    # The envelope is now known to be the office's own.
+    if str(envelope.get("event_id")) != event_id:
+        raise SignatureRejected("the signed envelope is for another event")
+    office = envelope.get("registration_office")
+    if office != key.office:
+        raise SignatureRejected(f"key {key.key_id} belongs to {key.office}, not to {office}")
+    if source != office_source(key.office):
+        raise SignatureRejected(f"ce_source is {source}, not {office_source(key.office)}")
+    recorded_at = envelope.get("recorded_at")
+    if not isinstance(recorded_at, datetime):
+        raise SignatureRejected("the envelope has no recorded_at time")
+    if not key.signed_before_retirement(recorded_at):
+        raise SignatureRejected(
+            f"key {key.key_id} was retired at {key.retired_at}, before the event was recorded"
+        )
+
+
+def _check_items(signed: SignedEvent, event_type: str, body: Mapping[str, Any], complete: bool) -> None:
+    salts, signed_digests = signed.salts, signed.manifest.digests
+    matched: set[str] = set()
+
+    def check(name: str, value: Any) -> None:
+        salt = salts.get(name)
+        if salt is None:
+            raise SignatureRejected(f"{name} is not covered by the signature (no salt)")
+        try:
+            found = digest(salt, name, value)
+        except UnsignableValue as exc:
+            raise SignatureRejected(f"{name}: {exc}") from None
+        if found not in signed_digests:
+            raise SignatureRejected(f"{name} is not what the office signed (digest mismatch)")
+        matched.add(found)
+
+    envelope = body[ENVELOPE]
+    check(ENVELOPE, _without_nino(envelope))
+    nino = envelope["subject"].get(NINO)
+    if NINO in salts:
+        check(NINO, nino)
+    elif nino is not None:
+        raise SignatureRejected("the NINO is not covered by the signature (no salt)")
+    per_element = ELEMENT_ITEMS.get(event_type, frozenset())
+    for name, value in body.items():
+        if name in (ENVELOPE, WITHHELD):
+            continue
+        if name in per_element:
+            if not isinstance(value, list):
+                raise SignatureRejected(f"{name} is not a list")
+            indices = sorted(_element_indices(salts, name))
+            if len(indices) != len(value):
+                raise SignatureRejected(
+                    f"{name} has {len(value)} elements but salts for {len(indices)} were disclosed"
+                )
+            for index, element in zip(indices, value, strict=True):
+                check(element_item(name, index), element)
+        elif name in salts:
+            check(name, value)
+        elif not (value is None or value == []):  # withheld, or a field added since it was signed
+            raise SignatureRejected(f"{name} is not covered by the signature (no salt)")
+    if complete and matched != signed_digests:
+        missing = len(signed_digests - matched)
+        raise SignatureRejected(f"{missing} signed item(s) are missing from the event")
+
+
+def _element_indices(salts: Mapping[str, str], field: str) -> Iterable[int]:
+    prefix = f"{field}/"
+    for name in salts:
+        if name.startswith(prefix):
+            index = name[len(prefix) :]
+            if not _INDEX.fullmatch(index):
+                raise SignatureRejected(f"{name} is not a salt name")
+            yield int(index)

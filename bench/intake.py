@@ -22,12 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import signal
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,15 +32,13 @@ from typing import Any
 
 import httpx
 
+from bench.scratch import scratch_stack
 from producers.accounts import issue_token
 from router.seed import load_seed
 from runtime.database import migrate, open_pool
 from runtime.demo import seed_offices
 from runtime.settings import Settings
-from runtime.stack import LocalStack
 from tests.support import death_registration, random_nino
-
-PROJECT = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -152,14 +147,7 @@ def _person() -> dict[str, str]:
 
 
 def main(events: int, concurrency: int) -> None:
-    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the stack below is always purged.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    state = Path(tempfile.mkdtemp(prefix="bench-", dir=PROJECT / ".tuo"))
-    state.chmod(0o755)
-    stack = LocalStack(state, PROJECT / ".tuo" / "cache", Settings().kafka_version)
-    try:
-        stack.up()
-        env = dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
+    with scratch_stack() as (state, env):
         env |= {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "TUO_STATE_DIR": str(state),
@@ -175,9 +163,6 @@ def main(events: int, concurrency: int) -> None:
             log_level="WARNING",
         )
         asyncio.run(measure(settings, env, events, concurrency))
-    finally:
-        stack.purge()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import NewTopic
 from aiokafka.structs import TopicPartition
 
+from bench.scratch import scratch_stack
 from router.seed import load_seed
 from router.service import Router
 from router.store import agencies
@@ -39,10 +37,7 @@ from runtime.database import migrate, open_pool
 from runtime.kafka import Topics, admin, ensure_topics
 from runtime.logging import configure_logging
 from runtime.settings import Settings
-from runtime.stack import LocalStack
 from tests.support import death_message, office_key
-
-PROJECT = Path(__file__).resolve().parent.parent
 
 
 async def _fill(settings: Settings, events: int, pool: Any) -> None:
@@ -168,12 +163,7 @@ async def measure(settings: Settings, events: int) -> None:
 
 
 def main(events: int) -> None:
-    state = Path(tempfile.mkdtemp(prefix="bench-", dir=PROJECT / ".tuo"))
-    state.chmod(0o755)
-    stack = LocalStack(state, PROJECT / ".tuo" / "cache", Settings().kafka_version)
-    try:
-        stack.up()
-        env = dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
+    with scratch_stack() as (_, env):
         settings = Settings(
             kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"],
             database_url=env["TUO_DATABASE_URL"],
@@ -182,9 +172,6 @@ def main(events: int) -> None:
         )
         configure_logging(settings)
         asyncio.run(measure(settings, events))
-    finally:
-        stack.purge()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":

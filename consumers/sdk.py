@@ -11,7 +11,14 @@ acknowledged by the broker. A message that does not decode or whose signature
 does not hold goes to dead letters and is never handed to the handler.
 
 A handler rejects an event by raising ``RejectEvent("why")``; the agency then
-sends a ``REJECTED`` receipt carrying that reason.
+sends a ``REJECTED`` receipt carrying that reason. A handler that is still
+working after ``received_after`` seconds gets a ``RECEIVED`` receipt sent for it
+meanwhile, and the consumer keeps polling (with its partitions paused) so a
+slow handler never costs it its place in the consumer group.
+
+Every receipt says when the event was received; one for a delivery the agency
+had already handled (a redelivery or replay) repeats the first outcome and is
+marked ``duplicate``: nothing is applied twice.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+from aiokafka.errors import CommitFailedError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumers.keys import KeyRing
@@ -61,8 +69,9 @@ Handler = Callable[[DeliveredEvent, asyncpg.Connection], Awaitable[None]]
 @dataclass(frozen=True)
 class Receipt:
     event_id: str
-    outcome: str  # APPLIED or REJECTED
+    outcome: str  # RECEIVED, APPLIED or REJECTED
     reason: str | None
+    duplicate: bool = False  # the agency had handled and receipted this event before
 
 
 class HandlerFailed(Exception):
@@ -87,11 +96,14 @@ async def handle_once(pool: asyncpg.Pool, agency: str, event: DeliveredEvent, ha
         )
         if not claimed:
             earlier = await conn.fetchrow(
-                "SELECT outcome, reason FROM agency.inbox WHERE agency = $1 AND event_id = $2",
+                "SELECT outcome, reason, receipted_at FROM agency.inbox WHERE agency = $1 AND event_id = $2",
                 agency,
                 event.event_id,
             )
-            return Receipt(event.event_id, earlier["outcome"], earlier["reason"])
+            # Never receipted (the consumer stopped between applying and receipting):
+            # this is the first receipt, not a duplicate.
+            duplicate = earlier["receipted_at"] is not None
+            return Receipt(event.event_id, earlier["outcome"], earlier["reason"], duplicate)
         try:
             async with conn.transaction():  # a savepoint: a rejection undoes only the handler's work
                 await handler(event, conn)
@@ -144,6 +156,20 @@ async def handle_with_retries(
     raise AssertionError("unreachable")
 
 
+RECEIVED_AFTER_SECONDS = 2.0  # a handler still busy then gets a RECEIVED receipt meanwhile
+KEEPALIVE_POLL_MS = 500  # how often a consumer waiting on a slow batch polls its group
+
+
+async def mark_receipted(pool: asyncpg.Pool, agency: str, event_ids: list[str]) -> None:
+    """Remember that these events' receipts reached the broker (see ``handle_once``)."""
+    await pool.execute(
+        "UPDATE agency.inbox SET receipted_at = now()"
+        " WHERE agency = $1 AND event_id = ANY($2::uuid[]) AND receipted_at IS NULL",
+        agency,
+        event_ids,
+    )
+
+
 class AgencyConsumer:
     """``keys`` gives the offices' public keys: by default read from ``pool``'s database
     (an agency running beside the bus); an agency elsewhere passes
@@ -156,6 +182,9 @@ class AgencyConsumer:
         agency: str,
         handler: Handler,
         keys: KeyRing | None = None,
+        *,
+        received_after: float = RECEIVED_AFTER_SECONDS,
+        **consumer_options: Any,
     ):
         self.settings = settings
         self.pool = pool
@@ -163,6 +192,8 @@ class AgencyConsumer:
         self.handler = handler
         self.topics = Topics(settings.topic_prefix)
         self.keys = keys or KeyRing.from_database(pool)
+        self.received_after = received_after
+        self.consumer_options = consumer_options
 
     def _event(self, record: ConsumerRecord[bytes, bytes], keys: Mapping[str, OfficeKey]) -> DeliveredEvent:
         cloud_event = CloudEvent.from_headers(record.headers)
@@ -187,18 +218,6 @@ class AgencyConsumer:
         )
         return DeliveredEvent(event_id=event_id, event_type=cloud_event.type, record=body)
 
-    def _receipt_value(self, receipt: Receipt) -> bytes:
-        return encode(
-            "DeliveryReceipt",
-            models.DeliveryReceipt(
-                event_id=receipt.event_id,
-                agency=self.agency,
-                outcome=receipt.outcome,
-                reason=receipt.reason,
-                issued_at=datetime.now(UTC),
-            ).avro(),
-        )
-
     async def run(self, stop: asyncio.Event) -> None:
         group_id = f"{self.settings.topic_prefix}.agency.{self.agency}"
         consumer = kafka.consumer(
@@ -206,6 +225,7 @@ class AgencyConsumer:
             self.topics.agency(self.agency),
             group_id=group_id,
             client_id=f"tuo-agency-{self.agency}",
+            **self.consumer_options,
         )
         producer = kafka.producer(self.settings, client_id=f"tuo-agency-{self.agency}")
         try:
@@ -215,11 +235,90 @@ class AgencyConsumer:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=500, max_records=200)
                 for tp, records in batches.items():
-                    await self._process(producer, tp, records)
-                    await consumer.commit({tp: records[-1].offset + 1})
+                    await self._while_polling(consumer, self._process(producer, tp, records))
+                    try:
+                        await consumer.commit({tp: records[-1].offset + 1})
+                    except CommitFailedError:
+                        # The partition moved to another consumer meanwhile; it re-reads these
+                        # records and the inbox answers them with the receipts already sent.
+                        log.warning("agency_commit_failed", agency=self.agency, partition=tp.partition)
         finally:
             await consumer.stop()
             await producer.stop()
+
+    async def _while_polling(self, consumer: kafka.AIOKafkaConsumer, work: Awaitable[None]) -> None:
+        """Run ``work``; if it takes a while, keep polling the group with every partition
+        paused, so the broker does not count the consumer as stuck (max_poll_interval_ms)."""
+        task = asyncio.ensure_future(work)
+        done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_POLL_MS / 1000)
+        if done:
+            return task.result()
+        try:
+            while not task.done():
+                consumer.pause(*consumer.assignment())
+                stray = await consumer.getmany(timeout_ms=KEEPALIVE_POLL_MS)
+                for tp, records in stray.items():  # a partition assigned meanwhile: read it later
+                    consumer.seek(tp, records[0].offset)
+        finally:
+            consumer.resume(*consumer.assignment())
+        return task.result()
+
+    def _receipt(
+        self, record: ConsumerRecord[bytes, bytes], receipt: Receipt, received_at: datetime
+    ) -> tuple[bytes, list[tuple[str, bytes]]]:
+        issued_at = datetime.now(UTC)
+        value = encode(
+            "DeliveryReceipt",
+            models.DeliveryReceipt(
+                event_id=receipt.event_id,
+                agency=self.agency,
+                outcome=receipt.outcome,
+                reason=receipt.reason,
+                issued_at=issued_at,
+                received_at=received_at,
+                duplicate=receipt.duplicate,
+            ).avro(),
+        )
+        receipt_id = f"{receipt.event_id}/{self.agency}/{receipt.outcome}"
+        if receipt.duplicate:  # one per repeated delivery, named by where it was read
+            receipt_id += f"/repeat/{record.partition}-{record.offset}"
+        headers = headers_for(
+            value,
+            id=receipt_id,
+            source=f"/agencies/{self.agency}",
+            subject=record.key.decode(errors="replace") if record.key else None,
+            time=issued_at,
+            schema_base_url=self.settings.schema_base_url(),
+        )
+        return value, headers
+
+    async def _send_receipt(
+        self,
+        producer: kafka.AIOKafkaProducer,
+        record: ConsumerRecord[bytes, bytes],
+        receipt: Receipt,
+        received_at: datetime,
+    ) -> asyncio.Future[object]:
+        value, headers = self._receipt(record, receipt, received_at)
+        sent: asyncio.Future[object] = await producer.send(
+            self.topics.receipts(self.agency), value=value, key=record.key, headers=headers
+        )
+        return sent
+
+    async def _handle(
+        self,
+        producer: kafka.AIOKafkaProducer,
+        record: ConsumerRecord[bytes, bytes],
+        event: DeliveredEvent,
+        received_at: datetime,
+        pending: list[asyncio.Future[object]],
+    ) -> Receipt:
+        handling = asyncio.ensure_future(handle_with_retries(self.pool, self.agency, event, self.handler))
+        done, _ = await asyncio.wait({handling}, timeout=self.received_after)
+        if not done:  # tell the registrar the agency has it while the handler works on
+            interim = Receipt(event.event_id, "RECEIVED", None)
+            pending.append(await self._send_receipt(producer, record, interim, received_at))
+        return await handling
 
     async def _process(
         self,
@@ -228,6 +327,7 @@ class AgencyConsumer:
         records: list[ConsumerRecord[bytes, bytes]],
     ) -> None:
         pending: list[asyncio.Future[object]] = []
+        receipted: list[str] = []
 
         async def to_dead_letters(record: ConsumerRecord[bytes, bytes], reason: str) -> None:
             letter = dead_letter(record, f"agency:{self.agency}", reason)
@@ -247,32 +347,27 @@ class AgencyConsumer:
         # One key registry read at most per batch, and only for a key not seen before.
         keys = await self.keys.resolve(k for k in map(key_id_of, (r.headers for r in records)) if k)
         for record in records:
+            received_at = datetime.now(UTC)
             try:
                 event = self._event(record, keys)
             except (MissingCloudEventHeader, UndecodableMessage, SignatureRejected, ValueError) as exc:
                 await to_dead_letters(record, str(exc))
                 continue
             try:
-                receipt = await handle_with_retries(self.pool, self.agency, event, self.handler)
+                receipt = await self._handle(producer, record, event, received_at, pending)
             except HandlerFailed as failure:
                 await to_dead_letters(record, str(failure))
                 receipt = Receipt(event.event_id, "REJECTED", str(failure))
-            value = self._receipt_value(receipt)
-            pending.append(
-                await producer.send(
-                    self.topics.receipts(self.agency),
-                    value=value,
-                    key=record.key,
-                    headers=headers_for(
-                        value,
-                        id=f"{event.event_id}/{self.agency}/{receipt.outcome}",
-                        source=f"/agencies/{self.agency}",
-                        subject=record.key.decode(errors="replace") if record.key else None,
-                        time=datetime.now(UTC),
-                        schema_base_url=self.settings.schema_base_url(),
-                    ),
-                )
+            pending.append(await self._send_receipt(producer, record, receipt, received_at))
+            receipted.append(event.event_id)
+            log.info(
+                "event_handled",
+                agency=self.agency,
+                event_id=event.event_id,
+                outcome=receipt.outcome,
+                duplicate=receipt.duplicate,
             )
-            log.info("event_handled", agency=self.agency, event_id=event.event_id, outcome=receipt.outcome)
         # Offsets are committed by the caller only after every receipt is durable.
         await asyncio.gather(*pending)
+        if receipted:
+            await mark_receipted(self.pool, self.agency, receipted)

@@ -1,13 +1,20 @@
 """The receipt tracker: store every routing decision and delivery receipt in
-PostgreSQL, where the status lookup reads them.
+PostgreSQL, where the status lookup reads them, and flag deliveries whose final
+receipt is overdue.
 
 A receipt is accepted only from the agency whose receipt topic it arrived on.
+Each agency has a receipt deadline (``agency_receipt_deadline``, else
+``TUO_RECEIPT_DEADLINE_MINUTES``): a delivery without an ``APPLIED`` or
+``REJECTED`` receipt by then is flagged in ``receipt_overdue`` (once), logged,
+and counted by the ``/metrics`` endpoint; ``tuo receipts redeliver`` sends it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from datetime import timedelta
 
 import asyncpg
 import structlog
@@ -19,6 +26,7 @@ from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode
+from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
 
 log = structlog.get_logger(__name__)
 COMPONENT = "receipt-tracker"
@@ -40,15 +48,74 @@ async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecor
         raise UntrustedReceipt(f"{subject} on {record.topic}")
     if body["agency"] != agency:
         raise UntrustedReceipt(f"receipt names agency {body['agency']!r} but came from {agency!r}")
+    if body.get("duplicate"):
+        await conn.execute(
+            "INSERT INTO receipt_duplicate (receipt_id, event_id, agency, outcome, issued_at)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            CloudEvent.from_headers(record.headers).id,
+            body["event_id"],
+            agency,
+            body["outcome"],
+            body["issued_at"],
+        )
+        return
     await conn.execute(
-        "INSERT INTO delivery_receipt (event_id, agency, outcome, reason, issued_at)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        "INSERT INTO delivery_receipt (event_id, agency, outcome, reason, issued_at, received_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         body["event_id"],
         agency,
         body["outcome"],
         body["reason"],
         body["issued_at"],
+        body.get("received_at"),
     )
+    if body["outcome"] in FINAL_OUTCOMES:
+        await conn.execute(
+            "UPDATE receipt_overdue SET receipted_at = $3"
+            " WHERE event_id = $1 AND agency = $2 AND receipted_at IS NULL",
+            body["event_id"],
+            agency,
+            body["issued_at"],
+        )
+
+
+FINAL_OUTCOMES = ("APPLIED", "REJECTED")
+# Deliveries older than their deadline plus this are not looked at again: anything
+# that old was flagged by an earlier sweep (or the tracker was down for a month).
+OVERDUE_LOOKBACK = timedelta(days=30)
+
+
+async def flag_overdue(conn: asyncpg.Connection, default_deadline: timedelta) -> list[tuple[str, str]]:
+    """Flag every delivery past its agency's deadline without a final receipt;
+    return the (event id, agency) pairs flagged now."""
+    rows = await conn.fetch(
+        "INSERT INTO receipt_overdue (event_id, agency, delivered_at, due_at)"
+        " SELECT d.event_id, d.agency, d.decided_at, d.decided_at + coalesce(dl.deadline, $1)"
+        "   FROM routing_decision d"
+        "   LEFT JOIN agency_receipt_deadline dl ON dl.agency = d.agency"
+        "  WHERE d.outcome = 'DELIVERED'"
+        "    AND d.decided_at > now() - coalesce(dl.deadline, $1) - $2::interval"
+        "    AND d.decided_at + coalesce(dl.deadline, $1) < now()"
+        "    AND NOT EXISTS (SELECT 1 FROM delivery_receipt r WHERE r.event_id = d.event_id"
+        "                    AND r.agency = d.agency AND r.outcome = ANY($3::text[]))"
+        " ON CONFLICT DO NOTHING RETURNING event_id, agency",
+        default_deadline,
+        OVERDUE_LOOKBACK,
+        list(FINAL_OUTCOMES),
+    )
+    return [(str(r["event_id"]), r["agency"]) for r in rows]
+
+
+async def watch_deadlines(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    default_deadline = timedelta(minutes=settings.receipt_deadline_minutes)
+    while not stop.is_set():
+        async with pool.acquire() as conn:
+            for event_id, agency in await flag_overdue(conn, default_deadline):
+                log.warning("receipt_overdue", event_id=event_id, agency=agency)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=settings.overdue_check_seconds)
+        except TimeoutError:
+            pass
 
 
 async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
@@ -60,6 +127,7 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
     )
     consumer.subscribe(pattern=pattern)
     dead_letters = kafka.producer(settings, client_id="tuo-receipt-tracker")
+    deadlines: asyncio.Task[None] | None = None
     try:
         await dead_letters.start()
         async with pool.acquire() as conn:
@@ -68,14 +136,22 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
             log.info("decision_chain_sealed", rows=sealed)
         await consumer.start()
         log.info("receipt_tracker_started", group_id=group_id)
+        deadlines = asyncio.create_task(watch_deadlines(settings, pool, stop))
         while not stop.is_set():
+            if deadlines.done():
+                deadlines.result()  # a failed sweep restarts the tracker (see runtime.services)
             batches = await consumer.getmany(timeout_ms=500, max_records=500)
             for tp, records in batches.items():
                 async with pool.acquire() as conn, conn.transaction():
                     for record in records:
                         try:
                             await _store(conn, topics, record)
-                        except (UndecodableMessage, UntrustedReceipt, KeyError) as exc:
+                        except (
+                            UndecodableMessage,
+                            UntrustedReceipt,
+                            MissingCloudEventHeader,
+                            KeyError,
+                        ) as exc:
                             letter = dead_letter(record, COMPONENT, str(exc))
                             await dead_letters.send_and_wait(
                                 topics.dead_letters,
@@ -91,5 +167,9 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
                             )
                 await consumer.commit({tp: records[-1].offset + 1})
     finally:
+        if deadlines is not None:
+            deadlines.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await deadlines
         await consumer.stop()
         await dead_letters.stop()

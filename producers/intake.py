@@ -17,7 +17,7 @@ import asyncpg
 import structlog
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from producers.accept import (
@@ -35,6 +35,8 @@ from producers.requests import AddressChange, BirthRegistration, DeathRegistrati
 from producers.store import IdempotencyConflict, Recorded, event_status
 from producers.web import install_web
 from runtime.database import open_pool
+from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from runtime.metrics import receipt_metrics
 from runtime.settings import Settings
 from schemas.registry_api import registry_router
 
@@ -283,6 +285,10 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         if found is None:
             return _no_such_event()
         return JSONResponse(found)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(await receipt_metrics(intake().pool), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/healthz")
     async def health() -> dict[str, str]:

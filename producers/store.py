@@ -156,12 +156,13 @@ async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> set[str]:
 async def event_status(
     pool: asyncpg.Pool, reference: str, office: str | None = None
 ) -> dict[str, Any] | None:
-    """An event and, per agency, the routing decision and the latest receipt;
-    with ``office``, only if that office recorded it."""
+    """An event and, per agency, the routing decision, when the agency received it,
+    its final (or latest) receipt, whether that is overdue, and how many times the
+    event was redelivered or repeated; with ``office``, only if that office recorded it."""
     record = await pool.fetchrow(
         "SELECT i.reference, i.event_id, i.event_type, i.recorded_at,"
-        "       (SELECT max(o.published_at) FROM outbox o WHERE o.event_id = i.event_id)"
-        "         AS published_at"
+        "       (SELECT max(o.published_at) FROM outbox o"
+        "         WHERE o.event_id = i.event_id AND o.topic NOT LIKE '%.redeliveries') AS published_at"
         "  FROM intake_record i WHERE i.reference = $1 AND ($2::text IS NULL OR i.registration_office = $2)",
         reference,
         office,
@@ -171,12 +172,21 @@ async def event_status(
     rows = await pool.fetch(
         "SELECT d.agency, d.outcome AS decision, d.legal_basis, d.decided_at,"
         "       d.fields_delivered, d.fields_withheld,"
-        "       r.outcome AS receipt, r.reason, r.issued_at"
+        "       r.outcome AS receipt, r.reason, r.issued_at,"
+        "       (SELECT min(x.received_at) FROM delivery_receipt x"
+        "         WHERE x.event_id = d.event_id AND x.agency = d.agency) AS received_at,"
+        "       o.due_at, o.flagged_at, (o.flagged_at IS NOT NULL AND o.receipted_at IS NULL) AS overdue,"
+        "       (SELECT count(*) FROM receipt_duplicate u"
+        "         WHERE u.event_id = d.event_id AND u.agency = d.agency) AS duplicates,"
+        "       (SELECT count(*) FROM redelivery v"
+        "         WHERE v.event_id = d.event_id AND v.agency = d.agency) AS redeliveries"
         "  FROM routing_decision d"
         "  LEFT JOIN LATERAL ("
         "    SELECT outcome, reason, issued_at FROM delivery_receipt r"
         "     WHERE r.event_id = d.event_id AND r.agency = d.agency"
-        "     ORDER BY issued_at DESC, stored_at DESC LIMIT 1) r ON true"
+        "     ORDER BY (r.outcome IN ('APPLIED', 'REJECTED')) DESC, issued_at DESC, stored_at DESC"
+        "     LIMIT 1) r ON true"
+        "  LEFT JOIN receipt_overdue o ON o.event_id = d.event_id AND o.agency = d.agency"
         " WHERE d.event_id = $1 ORDER BY d.agency",
         record["event_id"],
     )
@@ -185,13 +195,15 @@ async def event_status(
         "event_id": str(record["event_id"]),
         "event_type": record["event_type"],
         "recorded_at": record["recorded_at"].isoformat(),
-        "published_at": record["published_at"].isoformat() if record["published_at"] else None,
+        "published_at": _iso(record["published_at"]),
         "agencies": [
             {
                 "agency": r["agency"],
                 "decision": r["decision"].lower(),
                 "legal_basis": r["legal_basis"],
                 "decided_at": r["decided_at"].isoformat(),
+                "delivered_at": r["decided_at"].isoformat() if r["decision"] == "DELIVERED" else None,
+                "received_at": _iso(r["received_at"]),
                 "fields_delivered": list(r["fields_delivered"]),
                 "fields_withheld": list(r["fields_withheld"]),
                 "receipt": None
@@ -201,7 +213,15 @@ async def event_status(
                     "reason": r["reason"],
                     "issued_at": r["issued_at"].isoformat(),
                 },
+                "overdue": bool(r["overdue"]),
+                "receipt_due_at": _iso(r["due_at"]),
+                "duplicates": r["duplicates"],
+                "redeliveries": r["redeliveries"],
             }
             for r in rows
         ],
     }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None

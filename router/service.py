@@ -23,6 +23,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumers.keys import KeyRing
+from consumers.redelivery import REDELIVER_TO, REDELIVERY_ID
 from router.minimise import NINO, event_fields, minimise
 from router.policy import POLICY
 from router.rules import (
@@ -54,6 +55,7 @@ from schemas.signatures import (
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"
+OPERATOR_HEADERS = (REDELIVER_TO, REDELIVERY_ID)  # meant for the router, never passed on
 ORIGINAL_WAIT_SECONDS = 60.0  # then a correction whose original is unknown is dead-lettered
 
 
@@ -265,42 +267,76 @@ async def plan(
         ]
         consent.update(await current_consent(conn, recorded_types))
     for incoming in routable:
-        event = incoming.event
-        if incoming.follows is not None:
-            outgoing += _follow_up(
-                topics,
-                incoming,
-                subscriptions,
-                consent,
-                originals,
-                now,
-                schema_base_url,
-                give_up=incoming.record.offset in give_up_on,
-            )
-            continue
-        copies: dict[frozenset[str], Outgoing] = {}  # agencies granted the same fields share one encoding
-        decisions = decide(
-            event, subscriptions, consent.get((event.subject_id, event.event_type), {}), now, POLICY
+        produced = _route_one(
+            incoming, topics, subscriptions, consent, originals, now, schema_base_url, give_up_on
         )
-        for decision in decisions:
-            if decision.delivers:
-                if decision.fields_delivered not in copies:
-                    copies[decision.fields_delivered] = _agency_copy(
-                        topics, incoming, decision, schema_base_url
-                    )
-                shared = copies[decision.fields_delivered]
-                outgoing.append(
-                    Outgoing(topics.agency(decision.agency), shared.key, shared.value, shared.headers)
-                )
+        only = _header(incoming.record, REDELIVER_TO)
+        if only is not None:
+            produced = _redelivery(incoming, produced, topics.agency(only), only)
+        outgoing += produced
+    return outgoing
+
+
+def _header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
+    return next((v.decode(errors="replace") for k, v in record.headers if k == name), None)
+
+
+def _redelivery(incoming: Incoming, produced: list[Outgoing], topic: str, agency: str) -> list[Outgoing]:
+    """An operator's redelivery: only the named agency's copy, and only if today's
+    subscriptions and consent still allow it. The first delivery's routing decision
+    stands in the audit chain; the request itself is recorded in ``redelivery``."""
+    copies = [o for o in produced if o.topic == topic]
+    log.info(
+        "event_redelivered" if copies else "redelivery_withheld",
+        event_id=incoming.event.event_id,
+        agency=agency,
+        redelivery=_header(incoming.record, REDELIVERY_ID),
+    )
+    return copies
+
+
+def _route_one(
+    incoming: Incoming,
+    topics: Topics,
+    subscriptions: list[Subscription],
+    consent: dict[tuple[str, str], dict[str, ConsentState]],
+    originals: dict[str, OriginalEvent] | None,
+    now: datetime,
+    schema_base_url: str,
+    give_up_on: frozenset[int],
+) -> list[Outgoing]:
+    event = incoming.event
+    if incoming.follows is not None:
+        return _follow_up(
+            topics,
+            incoming,
+            subscriptions,
+            consent,
+            originals,
+            now,
+            schema_base_url,
+            give_up=incoming.record.offset in give_up_on,
+        )
+    outgoing: list[Outgoing] = []
+    copies: dict[frozenset[str], Outgoing] = {}  # agencies granted the same fields share one encoding
+    decisions = decide(
+        event, subscriptions, consent.get((event.subject_id, event.event_type), {}), now, POLICY
+    )
+    for decision in decisions:
+        if decision.delivers:
+            if decision.fields_delivered not in copies:
+                copies[decision.fields_delivered] = _agency_copy(topics, incoming, decision, schema_base_url)
+            shared = copies[decision.fields_delivered]
             outgoing.append(
-                _decision_message(topics, decision, incoming.record.key or b"", now, schema_base_url)
+                Outgoing(topics.agency(decision.agency), shared.key, shared.value, shared.headers)
             )
-        log.debug(
-            "event_routed",
-            event_id=event.event_id,
-            event_type=event.event_type,
-            delivered=[d.agency for d in decisions if d.delivers],
-        )
+        outgoing.append(_decision_message(topics, decision, incoming.record.key or b"", now, schema_base_url))
+    log.debug(
+        "event_routed",
+        event_id=event.event_id,
+        event_type=event.event_type,
+        delivered=[d.agency for d in decisions if d.delivers],
+    )
     return outgoing
 
 
@@ -365,7 +401,7 @@ def _follow_up(
                 body["changes"] = [body["changes"][i] for i in kept]
                 disclosed |= {element_item("changes", i) for i in kept}
             value = encode(event.event_type, body)
-            headers = [(k, v) for k, v in record.headers if k not in SIGNATURE_HEADERS]
+            headers = [(k, v) for k, v in record.headers if k not in SIGNATURE_HEADERS + OPERATOR_HEADERS]
             headers += incoming.signed.headers(disclose=disclosed)
             out.append(Outgoing(topics.agency(decision.agency), record.key, value, headers))
         out.append(_decision_message(topics, decision, record.key or b"", now, schema_base_url))
@@ -456,7 +492,9 @@ class Router:
             log.info("router_partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.consumer.subscribe([self.topics.life_events], listener=_Rebalance(self))
+        self.consumer.subscribe(
+            [self.topics.life_events, self.topics.redeliveries], listener=_Rebalance(self)
+        )
         try:
             # Agencies subscribed since the bus started need their topics before we send to them.
             await ensure_topics(self.settings, await agencies(self.pool))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,6 +20,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from consumers import redelivery
 from producers import accounts
 from producers.office_keys import create_key, published_keys
 from producers.store import event_status
@@ -27,8 +29,8 @@ from router.seed import load_seed
 from router.store import list_subscriptions, set_subscription_status, upsert_subscription
 from router.subscription_request import SubscriptionRequest
 from runtime.database import migrate, open_pool
-from runtime.demo import demo_submissions, seed_demo_registrar, seed_offices
-from runtime.kafka import ensure_topics
+from runtime.demo import demo_submissions, seed_agency_records, seed_demo_registrar, seed_offices
+from runtime.kafka import Topics, ensure_topics
 from runtime.logging import configure_logging
 from runtime.services import COMPONENTS, start_bus
 from runtime.settings import MissingSetting, Settings, load_settings
@@ -53,6 +55,10 @@ users_app = typer.Typer(help="Registrars who sign in to the intake forms.", no_a
 app.add_typer(users_app, name="users")
 tokens_app = typer.Typer(help="Bearer tokens for systems that use the intake API.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
+receipts_app = typer.Typer(
+    help="Agencies' receipts: deadlines, overdue deliveries, redelivery.", no_args_is_help=True
+)
+app.add_typer(receipts_app, name="receipts")
 console = Console()
 err = Console(stderr=True)
 
@@ -484,24 +490,149 @@ DECISION_LABELS = {
 
 
 def _print_event_status(found: dict[str, Any]) -> None:
-    table = Table(title=f"{found['reference']} · {found['event_type']}", title_justify="left")
-    table.add_column("agency", no_wrap=True)
-    table.add_column("decision", no_wrap=True)
-    table.add_column("basis", no_wrap=True)
-    table.add_column("receipt", no_wrap=True)
-    table.add_column("at (UTC)", no_wrap=True)
+    table = Table(
+        title=f"{found['reference']} · {found['event_type']} · event {found['event_id']}",
+        title_justify="left",
+        caption="Times are UTC.",
+        caption_justify="left",
+    )
+    for column in ("agency", "decision", "basis", "delivered at", "received at", "receipt"):
+        table.add_column(column, no_wrap=True)
     table.add_column("reason")
     for row in found["agencies"]:
-        receipt = row["receipt"] or {}
         table.add_row(
             row["agency"],
             DECISION_LABELS.get(row["decision"], row["decision"]),
             (row["legal_basis"] or "-").split(":")[0],
-            receipt.get("outcome", "awaiting" if row["decision"] == "delivered" else "-"),
-            receipt.get("issued_at", "")[11:19],
-            receipt.get("reason") or "",
+            _when(row["delivered_at"]),
+            _when(row["received_at"]),
+            _receipt_label(row),
+            (row["receipt"] or {}).get("reason") or "",
         )
     console.print(table)
+
+
+def _when(moment: str | None) -> str:
+    return moment[:19].replace("T", " ") if moment else "-"
+
+
+def _receipt_label(row: dict[str, Any]) -> str:
+    """applied/rejected (at when), received, awaiting or overdue, with any repeats."""
+    if row["decision"] != "delivered":
+        return "-"
+    receipt = row["receipt"]
+    label = "awaiting" if receipt is None else receipt["outcome"]
+    if receipt is not None and receipt["outcome"] in ("applied", "rejected"):
+        label += f" {_when(receipt['issued_at'])}"
+    if row["overdue"]:
+        label = f"OVERDUE (due {_when(row['receipt_due_at'])}), {label}"
+    extras = [
+        f"{count} {what}"
+        for count, what in ((row["redeliveries"], "redelivered"), (row["duplicates"], "duplicate"))
+        if count
+    ]
+    return label + (f" [{', '.join(extras)}]" if extras else "")
+
+
+AgencyArg = Annotated[str, typer.Argument(help="Agency code, e.g. hmrc.")]
+
+
+@receipts_app.command("overdue")
+def receipts_overdue(
+    agency: Annotated[str | None, typer.Option(help="Only this agency.")] = None,
+) -> None:
+    """Deliveries still without a final receipt after their agency's deadline."""
+
+    async def fetch(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await pool.fetch(
+            "SELECT o.agency, i.reference, o.event_id, o.delivered_at, o.due_at,"
+            "       (SELECT max(r.outcome) FROM delivery_receipt r"
+            "         WHERE r.event_id = o.event_id AND r.agency = o.agency) AS receipt"
+            "  FROM receipt_overdue o JOIN intake_record i ON i.event_id = o.event_id"
+            " WHERE o.receipted_at IS NULL AND ($1::text IS NULL OR o.agency = $1)"
+            " ORDER BY o.agency, o.due_at",
+            agency,
+        )
+        return rows
+
+    rows = _with_pool(fetch)
+    if not rows:
+        console.print("No overdue receipts.")
+        return
+    table = Table("agency", "reference", "event", "delivered at", "due at", "latest receipt", caption="UTC")
+    for r in rows:
+        table.add_row(
+            r["agency"],
+            r["reference"],
+            str(r["event_id"]),
+            _when(r["delivered_at"].isoformat()),
+            _when(r["due_at"].isoformat()),
+            (r["receipt"] or "none").lower(),
+        )
+    console.print(table)
+    console.print(f"{len(rows)} overdue. Send them again with `tuo receipts redeliver --overdue AGENCY`.")
+
+
+@receipts_app.command("deadline")
+def receipts_deadline(
+    agency: AgencyArg,
+    minutes: Annotated[float, typer.Argument(min=0.01, help="Minutes the agency has to answer.")],
+) -> None:
+    """Set how long an agency has to send a final receipt for each delivery."""
+
+    async def save(pool: asyncpg.Pool) -> None:
+        await pool.execute(
+            "INSERT INTO agency_receipt_deadline (agency, deadline) VALUES ($1, $2)"
+            " ON CONFLICT (agency) DO UPDATE SET deadline = EXCLUDED.deadline",
+            agency,
+            timedelta(minutes=minutes),
+        )
+
+    _with_pool(save)
+    console.print(f"{agency} must answer within {timedelta(minutes=minutes)}.")
+
+
+@receipts_app.command("redeliver")
+def receipts_redeliver(
+    agency: AgencyArg,
+    reason: Annotated[str, typer.Option(help="Why (kept with the redelivery, 3-500 characters).")],
+    reference: Annotated[
+        list[str] | None, typer.Option("--reference", "-r", help="An event's reference; repeatable.")
+    ] = None,
+    overdue: Annotated[bool, typer.Option("--overdue", help="Every overdue delivery to the agency.")] = False,
+    by: Annotated[str, typer.Option(help="Who asks (recorded).")] = "",
+) -> None:
+    """Send events to one agency again. Today's subscriptions and consent decide; the
+    agency's SDK answers a repeat it already handled with a duplicate receipt."""
+    if bool(reference) == overdue:
+        raise _fail("name events with --reference, or use --overdue (one of the two)")
+    requested_by = by.strip() or _operator()
+
+    async def queue(pool: asyncpg.Pool) -> redelivery.Redelivery:
+        if overdue:
+            event_ids = await redelivery.overdue_events(pool, agency)
+        else:
+            event_ids = await redelivery.events_for_references(
+                pool, [r.strip().upper() for r in reference or []]
+            )
+        return await redelivery.redeliver(
+            pool,
+            Topics(_settings().topic_prefix),
+            agency=agency,
+            event_ids=event_ids,
+            requested_by=requested_by,
+            reason=reason,
+        )
+
+    try:
+        queued = _with_pool(queue)
+    except redelivery.RedeliveryRefused as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"Queued {len(queued.event_ids)} event(s) for redelivery to {agency}.")
+
+
+def _operator() -> str:
+    return getpass.getuser()
 
 
 @app.command("demo")
@@ -550,6 +681,7 @@ async def _run(
             console.print(f"Bus running: {', '.join(components)}; intake at {base}/docs")
             if demo:
                 sign_in = await seed_demo_registrar(pool, settings.state_dir)
+                await seed_agency_records(pool, today_in_the_uk())
                 token = await accounts.issue_token(pool, "leeds", "registrar", "demo", timedelta(hours=1))
                 await _submit_demo(base, token)
                 console.print(

@@ -12,7 +12,9 @@ from typing import Any
 
 import asyncpg
 
+from consumers.agencies import records
 from producers.accounts import add_registrar, ensure_office
+from producers.requests import AddressChange, DeathRegistration
 
 DEMO_OFFICES = {
     "leeds": "Leeds Register Office",
@@ -20,6 +22,7 @@ DEMO_OFFICES = {
     "online": "Tell Us Once online service",
 }
 DEMO_REGISTRAR = "demo.registrar"
+DEMO_WEEKLY_PENSION_PENCE = 23025  # the full new State Pension, 2025/26
 CREDENTIALS_FILE = "demo-credentials.txt"
 
 
@@ -103,7 +106,12 @@ def demo_submissions(today: date) -> list[tuple[str, dict[str, Any]]]:
             {
                 "informant": {"name": "Jo Citizen", "relationship": "self"},
                 "channel": "online",
-                "person": {"given_names": "Jo", "family_name": "Citizen", "nino": "CE654321A"},
+                "person": {
+                    "given_names": "Jo",
+                    "family_name": "Citizen",
+                    "date_of_birth": "1985-07-14",  # DVLA finds a licence by name and date of birth
+                    "nino": "CE654321A",
+                },
                 "old_address": {"lines": ["3 Old Lane"], "town": "York", "postcode": "YO1 7HH"},
                 "new_address": {"lines": ["4 New Street"], "town": "Leeds", "postcode": "LS3 3BB"},
                 "effective_date": (today - timedelta(days=1)).isoformat(),
@@ -114,3 +122,30 @@ def demo_submissions(today: date) -> list[tuple[str, dict[str, Any]]]:
             },
         ),
     ]
+
+
+async def seed_agency_records(pool: asyncpg.Pool, today: date) -> None:
+    """The reference agencies' records of the people in ``demo_submissions(today)``,
+    so that every agency entitled to the demo's death and move applies them: the
+    deceased's tax record, pension (paid up to today, so the death leaves an
+    overpayment), driving licence and Leeds household (shared with the surviving
+    partner, who is then entitled to the single-person discount); the mover's tax
+    record and driving licence (Leeds makes a household for them when they arrive).
+    Records already there are left as they are."""
+    submitted = {path: body for path, body in demo_submissions(today)}
+    death = DeathRegistration.model_validate(submitted["/v1/death-registrations"])
+    move = AddressChange.model_validate(submitted["/v1/address-changes"])
+    deceased, home = death.deceased.contract(), death.last_address.contract()
+    mover = move.person.contract()
+    residents = [records.Resident(deceased)]
+    if death.surviving_partner is not None:
+        residents.append(records.Resident(death.surviving_partner.contract().person))
+    async with pool.acquire() as conn, conn.transaction():
+        if death.deceased.nino is not None:
+            await records.open_tax_record(conn, death.deceased.nino, deceased, home)
+            await records.award_pension(conn, death.deceased.nino, DEMO_WEEKLY_PENSION_PENCE, today)
+        await records.issue_driving_licence(conn, deceased, home)
+        await records.register_household(conn, "council-leeds", home, residents)
+        if move.person.nino is not None:
+            await records.open_tax_record(conn, move.person.nino, mover, move.old_address.contract())
+        await records.issue_driving_licence(conn, mover, move.old_address.contract())

@@ -44,6 +44,11 @@ class Topics:
         return f"{self.prefix}.routing-decisions"
 
     @property
+    def redeliveries(self) -> str:
+        """Life events an operator asked to send again to one agency (read by the router)."""
+        return f"{self.prefix}.redeliveries"
+
+    @property
     def dead_letters(self) -> str:
         return f"{self.prefix}.dead-letters"
 
@@ -124,6 +129,7 @@ async def ensure_topics(settings: Settings, agencies: Iterable[str]) -> list[str
     wanted = {
         topics.life_events: settings.life_events_partitions,
         topics.routing_decisions: settings.life_events_partitions,
+        topics.redeliveries: settings.life_events_partitions,
         topics.dead_letters: 1,
     }
     for agency in agencies:

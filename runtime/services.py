@@ -16,7 +16,7 @@ import asyncpg
 import structlog
 import uvicorn
 
-from consumers.reference import apply_life_event
+from consumers.agencies import handler_for
 from consumers.sdk import AgencyConsumer
 from consumers.tracker import run_tracker
 from producers.intake import create_app
@@ -127,7 +127,7 @@ async def start_bus(
         add("router", lambda s: run_router(settings, pool, s))
     if "agencies" in components:
         for agency in agencies:
-            consumer = AgencyConsumer(settings, pool, agency, apply_life_event)
+            consumer = AgencyConsumer(settings, pool, agency, handler_for(agency))
             add(f"agency:{agency}", consumer.run)
     if "tracker" in components:
         add("tracker", lambda s: run_tracker(settings, pool, s))

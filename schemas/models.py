@@ -150,6 +150,8 @@ class DeliveryReceipt(Record):
     outcome: ReceiptOutcome
     reason: str | None = None
     issued_at: AwareDatetime
+    received_at: AwareDatetime | None = None
+    duplicate: bool = False
 
 
 class RoutingDecision(Record):

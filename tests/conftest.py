@@ -23,10 +23,11 @@ import pytest
 from producers.accounts import issue_token
 from router.seed import load_seed
 from runtime.database import migrate, open_pool
-from runtime.demo import seed_offices
+from runtime.demo import seed_agency_records, seed_offices
 from runtime.services import RunningBus, start_bus
 from runtime.settings import Settings
 from runtime.stack import LocalStack
+from schemas.validation import today_in_the_uk
 from tests.support import docker_engine_reachable, test_backend
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -61,6 +62,7 @@ def services() -> Iterator[Settings]:
             database_url=env["TUO_DATABASE_URL"],
             pseudonym_key="test-pseudonym-key-" + uuid.uuid4().hex,
             http_port=0,
+            overdue_check_seconds=1,
         )
     finally:
         stack.purge()
@@ -80,6 +82,7 @@ def _containers() -> Iterator[Settings]:
             database_url=postgres.get_connection_url(),
             pseudonym_key="test-pseudonym-key-" + uuid.uuid4().hex,
             http_port=0,
+            overdue_check_seconds=1,
         )
 
 
@@ -89,6 +92,8 @@ async def pool(services: Settings) -> AsyncIterator[asyncpg.Pool]:
     await migrate(pool)
     await load_seed(pool)
     await seed_offices(pool)  # leeds, bradford, online
+    # The reference agencies know the demo's people, who include death_registration()'s.
+    await seed_agency_records(pool, today_in_the_uk())
     yield pool
     await pool.close()
 

@@ -89,7 +89,7 @@ async def organisations_to_tell(
     return sorted(organisations, key=lambda o: (not o.statutory, o.name))
 
 
-Colour = Literal["green", "blue", "grey", "red", "yellow"]
+Colour = Literal["green", "blue", "grey", "red", "yellow", "orange"]
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def agency_statuses(status: dict[str, Any]) -> list[AgencyStatus]:
     """
     return sorted(
         (
-            _in_words(row["agency"], row["decision"], row["receipt"])
+            _in_words(row["agency"], row["decision"], row["receipt"], overdue=row.get("overdue", False))
             for row in status["agencies"]
             if row["decision"] != "withheld_no_subscription"
         ),
@@ -119,7 +119,9 @@ def agency_statuses(status: dict[str, Any]) -> list[AgencyStatus]:
     )
 
 
-def _in_words(agency: str, decision: str, receipt: dict[str, Any] | None) -> AgencyStatus:
+def _in_words(
+    agency: str, decision: str, receipt: dict[str, Any] | None, *, overdue: bool = False
+) -> AgencyStatus:
     name = agency_name(agency)
     if decision == "delivered":
         outcome = receipt["outcome"] if receipt else None
@@ -128,6 +130,15 @@ def _in_words(agency: str, decision: str, receipt: dict[str, Any] | None) -> Age
         if outcome == "rejected":
             reason = receipt["reason"] if receipt and receipt["reason"] else "no reason given"
             return AgencyStatus(agency, name, "Rejected", "red", f"They could not use it: {reason}.", True)
+        if overdue:
+            return AgencyStatus(
+                agency,
+                name,
+                "Overdue",
+                "orange",
+                "They have not confirmed in time. The service desk has been alerted and can send it again.",
+                False,
+            )
         if outcome == "received":
             return AgencyStatus(
                 agency, name, "Received", "blue", "They have it and are dealing with it.", False

@@ -97,6 +97,8 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "outcome": "REJECTED",
         "reason": "no matching claimant",
         "issued_at": WHEN,
+        "received_at": datetime(2026, 11, 21, 9, 30, 14, 1, tzinfo=UTC),
+        "duplicate": True,
     },
     "RoutingDecision": {
         "event_id": ENVELOPE["event_id"],

@@ -1,0 +1,100 @@
+"""HMRC's reference consumer: tax records, found by National Insurance number.
+
+- DeathRegistered: the record is closed on the date of death. A record already
+  closed is left as it is (the event is still applied).
+- AddressChanged: the record takes the new address, unless it already holds one
+  that took effect later (events can arrive out of order).
+- EventVoided of a death: the record that death closed is reopened.
+- Anything else (a birth, a correction) is applied with no effect.
+
+Without the NINO, or with no record for it, the event is rejected.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date
+
+import asyncpg
+
+from consumers.agencies import delivery
+from consumers.reference import apply_life_event
+from consumers.sdk import DeliveredEvent, RejectEvent
+from schemas import models
+
+NO_RECORD = "no tax record for this National Insurance number"
+
+
+async def handle(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+    match event.event_type:
+        case "DeathRegistered":
+            await _close_on_death(event, conn)
+        case "AddressChanged":
+            await _change_address(event, conn)
+        case "EventVoided":
+            voided_id, voided_type = delivery.voided(event)
+            if voided_type == "DeathRegistered":
+                await _reopen(conn, voided_id)
+        case _:
+            await apply_life_event(event, conn)
+
+
+async def _close_on_death(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+    nino = delivery.nino(event)
+    died_on = delivery.day(event, "date_of_death")
+    status = await _status(conn, nino)
+    if status is None:
+        raise RejectEvent(NO_RECORD)
+    if status == "open":
+        await _close(conn, nino, died_on, delivery.event_uuid(event))
+
+
+async def _change_address(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+    nino = delivery.nino(event)
+    new_address = delivery.address(event, "new_address")
+    moved_on = delivery.day(event, "effective_date")
+    if await _status(conn, nino) is None:
+        raise RejectEvent(NO_RECORD)
+    await _move(conn, nino, new_address, moved_on)
+
+
+# --- queries -----------------------------------------------------------------------------------
+
+
+async def _status(conn: asyncpg.Connection, nino: str) -> str | None:
+    status: str | None = await conn.fetchval(
+        "SELECT status FROM agency.tax_record WHERE nino = $1 FOR UPDATE", nino
+    )
+    return status
+
+
+async def _close(conn: asyncpg.Connection, nino: str, died_on: date, event_id: uuid.UUID) -> None:
+    await conn.execute(
+        "UPDATE agency.tax_record SET status = 'closed', closed_on = $2, closed_by_event = $3"
+        " WHERE nino = $1",
+        nino,
+        died_on,
+        event_id,
+    )
+
+
+async def _reopen(conn: asyncpg.Connection, closed_by_event: uuid.UUID) -> None:
+    await conn.execute(
+        "UPDATE agency.tax_record SET status = 'open', closed_on = NULL, closed_by_event = NULL"
+        " WHERE closed_by_event = $1",
+        closed_by_event,
+    )
+
+
+async def _move(conn: asyncpg.Connection, nino: str, address: models.Address, moved_on: date) -> None:
+    await conn.execute(
+        "UPDATE agency.tax_record"
+        "   SET address_lines = $2, town = $3, postcode = $4, uprn = $5, address_from = $6"
+        " WHERE nino = $1 AND (address_from IS NULL OR address_from <= $6)",
+        nino,
+        address.lines,
+        address.town,
+        address.postcode,
+        address.uprn,
+        moved_on,
+    )

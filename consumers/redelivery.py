@@ -1,0 +1,114 @@
+"""Redelivery: an operator sends events again to one agency that has not
+receipted them (an overdue delivery, an agency that lost a day's work).
+
+The request is written to the outbox in one transaction with a record of who
+asked and why; the relay publishes it to ``tuo.redeliveries`` and the router
+routes it to that agency only, judged on today's subscriptions and consent
+(consent withdrawn since the first delivery means nothing is sent). The event
+keeps its id, so an agency that did receive it answers with a duplicate
+receipt and applies nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import asyncpg
+
+from producers.store import OUTBOX_CHANNEL
+from runtime.kafka import Topics
+
+REDELIVER_TO = "tuo_redeliver_to"  # header naming the one agency a redelivery is for
+REDELIVERY_ID = "tuo_redelivery_id"
+
+
+class RedeliveryRefused(ValueError):
+    """The request names events that were never delivered to the agency."""
+
+
+@dataclass(frozen=True)
+class Redelivery:
+    event_ids: list[str]
+    agency: str
+
+
+async def overdue_events(pool: asyncpg.Pool, agency: str) -> list[str]:
+    """Events flagged overdue for the agency and still without a final receipt."""
+    rows = await pool.fetch(
+        "SELECT event_id FROM receipt_overdue WHERE agency = $1 AND receipted_at IS NULL ORDER BY due_at",
+        agency,
+    )
+    return [str(r["event_id"]) for r in rows]
+
+
+async def events_for_references(pool: asyncpg.Pool, references: list[str]) -> list[str]:
+    rows = await pool.fetch(
+        "SELECT reference, event_id FROM intake_record WHERE reference = ANY($1::text[])", references
+    )
+    found = {r["reference"]: str(r["event_id"]) for r in rows}
+    unknown = [r for r in references if r not in found]
+    if unknown:
+        raise RedeliveryRefused(f"no event has reference {', '.join(unknown)}")
+    return [found[r] for r in references]
+
+
+async def redeliver(
+    pool: asyncpg.Pool,
+    topics: Topics,
+    *,
+    agency: str,
+    event_ids: list[str],
+    requested_by: str,
+    reason: str,
+) -> Redelivery:
+    """Queue each event for redelivery to ``agency``; all or nothing."""
+    reason = reason.strip()
+    if not 3 <= len(reason) <= 500:
+        raise RedeliveryRefused("give a reason of 3 to 500 characters; it is kept with the redelivery")
+    async with pool.acquire() as conn, conn.transaction():
+        delivered = {
+            str(r["event_id"])
+            for r in await conn.fetch(
+                "SELECT event_id FROM routing_decision"
+                " WHERE agency = $1 AND event_id = ANY($2::uuid[]) AND outcome = 'DELIVERED'",
+                agency,
+                event_ids,
+            )
+        }
+        never = [e for e in event_ids if e not in delivered]
+        if never:
+            raise RedeliveryRefused(
+                f"{len(never)} of the events were never delivered to {agency} "
+                f"(first: {never[0]}); redelivery only repeats a delivery"
+            )
+        originals = await conn.fetch(
+            "SELECT DISTINCT ON (event_id) event_id, message_key, message_value, headers FROM outbox"
+            " WHERE event_id = ANY($1::uuid[]) AND topic = $2 ORDER BY event_id, id",
+            event_ids,
+            topics.life_events,
+        )
+        for original in originals:
+            redelivery_id = await conn.fetchval(
+                "INSERT INTO redelivery (event_id, agency, requested_by, reason)"
+                " VALUES ($1, $2, $3, $4) RETURNING id",
+                original["event_id"],
+                agency,
+                requested_by,
+                reason,
+            )
+            headers = [
+                [k, v] for k, v in json.loads(original["headers"]) if k not in (REDELIVER_TO, REDELIVERY_ID)
+            ]
+            headers += [[REDELIVER_TO, agency], [REDELIVERY_ID, str(redelivery_id)]]
+            await conn.execute(
+                "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                original["event_id"],
+                topics.redeliveries,
+                original["message_key"],
+                original["message_value"],
+                json.dumps(headers),
+            )
+        await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+    return Redelivery(event_ids=[str(o["event_id"]) for o in originals], agency=agency)

@@ -567,12 +567,17 @@ def test_a_date_says_what_is_missing_or_wrong(day: str, month: str, year: str, m
 
 def test_each_agencys_decision_and_receipt_are_put_in_words() -> None:
     def row(
-        agency: str, decision: str, receipt: str | None = None, reason: str | None = None
+        agency: str,
+        decision: str,
+        receipt: str | None = None,
+        reason: str | None = None,
+        overdue: bool = False,
     ) -> dict[str, Any]:
         return {
             "agency": agency,
             "decision": decision,
             "receipt": None if receipt is None else {"outcome": receipt, "reason": reason},
+            "overdue": overdue,
         }
 
     status = {
@@ -583,6 +588,7 @@ def test_each_agencys_decision_and_receipt_are_put_in_words() -> None:
             row("council-bradford", "withheld_no_subscription"),
             row("dwp", "delivered", "rejected", "no such person"),
             row("council-york", "blocked"),
+            row("council-leeds", "delivered", "received", overdue=True),
         ]
     }
     words = {s.name: (s.status, s.detail, s.settled) for s in agency_statuses(status)}
@@ -592,6 +598,11 @@ def test_each_agencys_decision_and_receipt_are_put_in_words() -> None:
         "HM Passport Office": ("Not told", "The informant did not agree to tell them.", True),
         "Department for Work and Pensions": ("Rejected", "They could not use it: no such person.", True),
         "York Council": ("Not told", "The law does not allow telling them.", True),
+        "Leeds City Council": (
+            "Overdue",
+            "They have not confirmed in time. The service desk has been alerted and can send it again.",
+            False,
+        ),
     }
 
 

@@ -88,6 +88,11 @@ async def redeliver(
             event_ids,
             topics.life_events,
         )
+        missing = set(event_ids) - {str(o["event_id"]) for o in originals}
+        if missing:
+            raise RedeliveryRefused(
+                f"{len(missing)} of the events have no stored original to send (first: {min(missing)})"
+            )
         for original in originals:
             redelivery_id = await conn.fetchval(
                 "INSERT INTO redelivery (event_id, agency, requested_by, reason)"

@@ -24,15 +24,16 @@ marked ``duplicate``: nothing is applied twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import structlog
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumers.keys import KeyRing
@@ -170,6 +171,12 @@ async def mark_receipted(pool: asyncpg.Pool, agency: str, event_ids: list[str]) 
     )
 
 
+async def _cancelled(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
 class AgencyConsumer:
     """``keys`` gives the offices' public keys: by default read from ``pool``'s database
     (an agency running beside the bus); an agency elsewhere passes
@@ -235,10 +242,12 @@ class AgencyConsumer:
             while not stop.is_set():
                 batches = await consumer.getmany(timeout_ms=500, max_records=200)
                 for tp, records in batches.items():
+                    if tp not in consumer.assignment():
+                        continue  # moved to another consumer while an earlier batch ran; it reads these
                     await self._while_polling(consumer, self._process(producer, tp, records))
                     try:
                         await consumer.commit({tp: records[-1].offset + 1})
-                    except CommitFailedError:
+                    except (CommitFailedError, IllegalStateError):
                         # The partition moved to another consumer meanwhile; it re-reads these
                         # records and the inbox answers them with the receipts already sent.
                         log.warning("agency_commit_failed", agency=self.agency, partition=tp.partition)
@@ -250,18 +259,22 @@ class AgencyConsumer:
         """Run ``work``; if it takes a while, keep polling the group with every partition
         paused, so the broker does not count the consumer as stuck (max_poll_interval_ms)."""
         task = asyncio.ensure_future(work)
-        done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_POLL_MS / 1000)
-        if done:
-            return task.result()
         try:
-            while not task.done():
-                consumer.pause(*consumer.assignment())
-                stray = await consumer.getmany(timeout_ms=KEEPALIVE_POLL_MS)
-                for tp, records in stray.items():  # a partition assigned meanwhile: read it later
-                    consumer.seek(tp, records[0].offset)
-        finally:
-            consumer.resume(*consumer.assignment())
-        return task.result()
+            done, _ = await asyncio.wait({task}, timeout=KEEPALIVE_POLL_MS / 1000)
+            if done:
+                return task.result()
+            try:
+                while not task.done():
+                    consumer.pause(*consumer.assignment())
+                    stray = await consumer.getmany(timeout_ms=KEEPALIVE_POLL_MS)
+                    for tp, records in stray.items():  # a partition assigned meanwhile: read it later
+                        consumer.seek(tp, records[0].offset)
+            finally:
+                consumer.resume(*consumer.assignment())
+            return task.result()
+        except BaseException:
+            await _cancelled(task)  # never leave work running after the consumer has stopped
+            raise
 
     def _receipt(
         self, record: ConsumerRecord[bytes, bytes], receipt: Receipt, received_at: datetime
@@ -314,11 +327,15 @@ class AgencyConsumer:
         pending: list[asyncio.Future[object]],
     ) -> Receipt:
         handling = asyncio.ensure_future(handle_with_retries(self.pool, self.agency, event, self.handler))
-        done, _ = await asyncio.wait({handling}, timeout=self.received_after)
-        if not done:  # tell the registrar the agency has it while the handler works on
-            interim = Receipt(event.event_id, "RECEIVED", None)
-            pending.append(await self._send_receipt(producer, record, interim, received_at))
-        return await handling
+        try:
+            done, _ = await asyncio.wait({handling}, timeout=self.received_after)
+            if not done:  # tell the registrar the agency has it while the handler works on
+                interim = Receipt(event.event_id, "RECEIVED", None)
+                pending.append(await self._send_receipt(producer, record, interim, received_at))
+            return await handling
+        except BaseException:
+            await _cancelled(handling)
+            raise
 
     async def _process(
         self,
@@ -358,6 +375,8 @@ class AgencyConsumer:
             except HandlerFailed as failure:
                 await to_dead_letters(record, str(failure))
                 receipt = Receipt(event.event_id, "REJECTED", str(failure))
+            if event.event_id in receipted:  # a second copy in this very batch
+                receipt = replace(receipt, duplicate=True)
             pending.append(await self._send_receipt(producer, record, receipt, received_at))
             receipted.append(event.event_id)
             log.info(

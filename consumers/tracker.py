@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import structlog
@@ -65,7 +65,7 @@ async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecor
         body["event_id"],
         agency,
         body["outcome"],
-        body["reason"],
+        _clean_reason(body["reason"]),
         body["issued_at"],
         body.get("received_at"),
     )
@@ -80,42 +80,104 @@ async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecor
 
 
 FINAL_OUTCOMES = ("APPLIED", "REJECTED")
-# Deliveries older than their deadline plus this are not looked at again: anything
-# that old was flagged by an earlier sweep (or the tracker was down for a month).
+# The first sweep after start looks this far back; later sweeps look at what fell due
+# since the previous one, with an overlap for decisions the tracker stored late.
 OVERDUE_LOOKBACK = timedelta(days=30)
+SWEEP_OVERLAP = timedelta(hours=1)
+MAX_REASON = 500
 
 
-async def flag_overdue(conn: asyncpg.Connection, default_deadline: timedelta) -> list[tuple[str, str]]:
-    """Flag every delivery past its agency's deadline without a final receipt;
-    return the (event id, agency) pairs flagged now."""
-    rows = await conn.fetch(
-        "INSERT INTO receipt_overdue (event_id, agency, delivered_at, due_at)"
-        " SELECT d.event_id, d.agency, d.decided_at, d.decided_at + coalesce(dl.deadline, $1)"
-        "   FROM routing_decision d"
-        "   LEFT JOIN agency_receipt_deadline dl ON dl.agency = d.agency"
-        "  WHERE d.outcome = 'DELIVERED'"
-        "    AND d.decided_at > now() - coalesce(dl.deadline, $1) - $2::interval"
-        "    AND d.decided_at + coalesce(dl.deadline, $1) < now()"
-        "    AND NOT EXISTS (SELECT 1 FROM delivery_receipt r WHERE r.event_id = d.event_id"
-        "                    AND r.agency = d.agency AND r.outcome = ANY($3::text[]))"
-        " ON CONFLICT DO NOTHING RETURNING event_id, agency",
-        default_deadline,
-        OVERDUE_LOOKBACK,
+def _clean_reason(reason: str | None) -> str | None:
+    """An agency's words as registrars will see them: printable, and not a novel."""
+    if reason is None:
+        return None
+    return "".join(c if c.isprintable() else " " for c in reason)[:MAX_REASON]
+
+
+async def flag_overdue(
+    conn: asyncpg.Connection, default_deadline: timedelta, since: datetime
+) -> tuple[list[tuple[str, str]], datetime]:
+    """Flag every delivery that fell due after ``since`` without a final receipt; clear
+    flags whose receipt has been stored meanwhile. Returns the (event id, agency)
+    pairs flagged now, and the time to pass as ``since`` next time.
+
+    Deliveries are grouped by deadline (agencies with their own, and the rest), so
+    each query is a range on ``decided_at`` that the partial index serves."""
+    now: datetime = await conn.fetchval("SELECT now()")
+    overrides = await conn.fetch("SELECT agency, deadline FROM agency_receipt_deadline")
+    by_deadline: dict[timedelta, list[str]] = {}
+    for row in overrides:
+        by_deadline.setdefault(row["deadline"], []).append(row["agency"])
+    groups = [(deadline, agencies, True) for deadline, agencies in by_deadline.items()]
+    groups.append((default_deadline, [r["agency"] for r in overrides], False))
+    flagged: list[tuple[str, str]] = []
+    for deadline, agencies, listed in groups:
+        rows = await conn.fetch(
+            "INSERT INTO receipt_overdue (event_id, agency, delivered_at, due_at)"
+            " SELECT d.event_id, d.agency, d.decided_at, d.decided_at + $1::interval"
+            "   FROM routing_decision d"
+            "  WHERE d.outcome = 'DELIVERED'"
+            "    AND d.decided_at > $2::timestamptz - $1::interval"
+            "    AND d.decided_at <= $3::timestamptz - $1::interval"
+            "    AND (d.agency = ANY($4::text[])) = $5"
+            "    AND NOT EXISTS (SELECT 1 FROM delivery_receipt r WHERE r.event_id = d.event_id"
+            "                    AND r.agency = d.agency AND r.outcome = ANY($6::text[]))"
+            " ON CONFLICT DO NOTHING RETURNING event_id, agency",
+            deadline,
+            since,
+            now,
+            agencies,
+            listed,
+            list(FINAL_OUTCOMES),
+        )
+        flagged += [(str(r["event_id"]), r["agency"]) for r in rows]
+    # A receipt stored while this sweep ran (in a transaction it could not see yet)
+    # clears its flag here at the latest.
+    await conn.execute(
+        "UPDATE receipt_overdue o SET receipted_at = r.issued_at FROM delivery_receipt r"
+        " WHERE o.receipted_at IS NULL AND r.event_id = o.event_id AND r.agency = o.agency"
+        "   AND r.outcome = ANY($1::text[])",
         list(FINAL_OUTCOMES),
     )
-    return [(str(r["event_id"]), r["agency"]) for r in rows]
+    return flagged, now - SWEEP_OVERLAP
 
 
 async def watch_deadlines(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
     default_deadline = timedelta(minutes=settings.receipt_deadline_minutes)
+    since = datetime.now(UTC) - OVERDUE_LOOKBACK
     while not stop.is_set():
         async with pool.acquire() as conn:
-            for event_id, agency in await flag_overdue(conn, default_deadline):
-                log.warning("receipt_overdue", event_id=event_id, agency=agency)
+            flagged, since = await flag_overdue(conn, default_deadline, since)
+        for event_id, agency in flagged:
+            log.warning("receipt_overdue", event_id=event_id, agency=agency)
         try:
             await asyncio.wait_for(stop.wait(), timeout=settings.overdue_check_seconds)
         except TimeoutError:
             pass
+
+
+async def _store_batch(
+    conn: asyncpg.Connection, topics: Topics, records: list[ConsumerRecord[bytes, bytes]], one_by_one: bool
+) -> list[tuple[ConsumerRecord[bytes, bytes], str]]:
+    """Store a batch in one transaction; return the records refused, with why. With
+    ``one_by_one`` each record has its own savepoint, so a value the database
+    refuses costs only that record."""
+    refused: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
+    async with conn.transaction():
+        for record in records:
+            try:
+                if one_by_one:
+                    async with conn.transaction():
+                        await _store(conn, topics, record)
+                else:
+                    await _store(conn, topics, record)
+            except (UndecodableMessage, UntrustedReceipt, MissingCloudEventHeader, KeyError) as exc:
+                refused.append((record, str(exc)))
+            except asyncpg.DataError as exc:
+                if not one_by_one:
+                    raise
+                refused.append((record, f"the database refused it: {type(exc).__name__}"))
+    return refused
 
 
 async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
@@ -142,29 +204,19 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
                 deadlines.result()  # a failed sweep restarts the tracker (see runtime.services)
             batches = await consumer.getmany(timeout_ms=500, max_records=500)
             for tp, records in batches.items():
-                async with pool.acquire() as conn, conn.transaction():
-                    for record in records:
-                        try:
-                            await _store(conn, topics, record)
-                        except (
-                            UndecodableMessage,
-                            UntrustedReceipt,
-                            MissingCloudEventHeader,
-                            KeyError,
-                        ) as exc:
-                            letter = dead_letter(record, COMPONENT, str(exc))
-                            await dead_letters.send_and_wait(
-                                topics.dead_letters,
-                                value=letter.value,
-                                key=letter.key,
-                                headers=letter.headers,
-                            )
-                            log.warning(
-                                "receipt_dead_lettered",
-                                topic=record.topic,
-                                offset=record.offset,
-                                reason=str(exc),
-                            )
+                async with pool.acquire() as conn:
+                    try:
+                        refused = await _store_batch(conn, topics, records, one_by_one=False)
+                    except asyncpg.DataError:  # find the one record at fault, keep the rest
+                        refused = await _store_batch(conn, topics, records, one_by_one=True)
+                for record, reason in refused:
+                    letter = dead_letter(record, COMPONENT, reason)
+                    await dead_letters.send_and_wait(
+                        topics.dead_letters, value=letter.value, key=letter.key, headers=letter.headers
+                    )
+                    log.warning(
+                        "receipt_dead_lettered", topic=record.topic, offset=record.offset, reason=reason
+                    )
                 await consumer.commit({tp: records[-1].offset + 1})
     finally:
         if deadlines is not None:

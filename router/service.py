@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,6 +79,7 @@ class Incoming:
     source: str  # ce_source: the office the event claims to come from
     signed: SignedEvent  # the office's signature, verified before the event is routed
     follows: tuple[str, str] | None = None  # (original event id, its type) for corrections and voids
+    redeliver_to: str | None = None  # an operator's redelivery: the one agency it is for
 
 
 FOLLOW_UPS = {
@@ -167,7 +168,7 @@ def _agency_copy(
             topics.agency(decision.agency),
             incoming.record.key,
             incoming.record.value,
-            list(incoming.record.headers),
+            [(k, v) for k, v in incoming.record.headers if k not in OPERATOR_HEADERS],
         )
     value = encode(f"{event.event_type}{DELIVERY_SUFFIX}", minimise(incoming.body, decision.fields_delivered))
     original = CloudEvent.from_headers(incoming.record.headers)
@@ -233,7 +234,13 @@ async def plan(
 
     for record in records:
         try:
-            decoded.append(_routable(record))
+            incoming = _routable(record)
+            target = _header(record, REDELIVER_TO)
+            if (record.topic == topics.redeliveries) != (target is not None):
+                raise UnroutableEvent(
+                    f"{REDELIVER_TO} belongs on every {topics.redeliveries} message, and only there"
+                )
+            decoded.append(replace(incoming, redeliver_to=target))
         except UnroutableEvent as exc:
             reject(record, exc)
     # One key registry read at most per batch, and only for a key not seen before.
@@ -258,7 +265,11 @@ async def plan(
             conn,
             [(i.event.subject_id, i.follows[1] if i.follows else i.event.event_type) for i in routable],
         )
-        originals = await original_deliveries(conn, [i.follows[0] for i in routable if i.follows])
+        originals = await original_deliveries(
+            conn,
+            [i.follows[0] for i in routable if i.follows]
+            + [i.event.event_id for i in routable if i.redeliver_to and not i.follows],
+        )
         # Consent for a correction is the consent for its original's recorded type.
         recorded_types = [
             (i.event.subject_id, originals[i.follows[0]].event_type)
@@ -270,9 +281,8 @@ async def plan(
         produced = _route_one(
             incoming, topics, subscriptions, consent, originals, now, schema_base_url, give_up_on
         )
-        only = _header(incoming.record, REDELIVER_TO)
-        if only is not None:
-            produced = _redelivery(incoming, produced, topics.agency(only), only)
+        if incoming.redeliver_to is not None:
+            produced = _redelivery(incoming, produced, topics.agency(incoming.redeliver_to))
         outgoing += produced
     return outgoing
 
@@ -281,7 +291,7 @@ def _header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
     return next((v.decode(errors="replace") for k, v in record.headers if k == name), None)
 
 
-def _redelivery(incoming: Incoming, produced: list[Outgoing], topic: str, agency: str) -> list[Outgoing]:
+def _redelivery(incoming: Incoming, produced: list[Outgoing], topic: str) -> list[Outgoing]:
     """An operator's redelivery: only the named agency's copy, and only if today's
     subscriptions and consent still allow it. The first delivery's routing decision
     stands in the audit chain; the request itself is recorded in ``redelivery``."""
@@ -289,10 +299,34 @@ def _redelivery(incoming: Incoming, produced: list[Outgoing], topic: str, agency
     log.info(
         "event_redelivered" if copies else "redelivery_withheld",
         event_id=incoming.event.event_id,
-        agency=agency,
+        agency=incoming.redeliver_to,
         redelivery=_header(incoming.record, REDELIVERY_ID),
     )
     return copies
+
+
+def _as_redelivered(
+    decisions: list[RoutingDecision], agency: str, original: OriginalEvent | None
+) -> list[RoutingDecision]:
+    """The named agency's decision only, if it is still entitled today, and never with
+    more fields than its first delivery carried (a subscription widened since then
+    does not reach back into earlier events)."""
+    first = (
+        next((d.fields_delivered for d in original.deliveries if d.agency == agency), None)
+        if original
+        else None
+    )
+    if first is None:
+        return []
+    return [
+        replace(
+            d,
+            fields_delivered=d.fields_delivered & first,
+            fields_withheld=d.fields_withheld | (d.fields_delivered - first),
+        )
+        for d in decisions
+        if d.agency == agency and d.delivers
+    ]
 
 
 def _route_one(
@@ -322,6 +356,9 @@ def _route_one(
     decisions = decide(
         event, subscriptions, consent.get((event.subject_id, event.event_type), {}), now, POLICY
     )
+    if incoming.redeliver_to is not None:
+        original = originals.get(event.event_id) if originals else None
+        decisions = _as_redelivered(decisions, incoming.redeliver_to, original)
     for decision in decisions:
         if decision.delivers:
             if decision.fields_delivered not in copies:
@@ -330,7 +367,10 @@ def _route_one(
             outgoing.append(
                 Outgoing(topics.agency(decision.agency), shared.key, shared.value, shared.headers)
             )
-        outgoing.append(_decision_message(topics, decision, incoming.record.key or b"", now, schema_base_url))
+        if incoming.redeliver_to is None:  # a redelivery is recorded in PostgreSQL, not as a new decision
+            outgoing.append(
+                _decision_message(topics, decision, incoming.record.key or b"", now, schema_base_url)
+            )
     log.debug(
         "event_routed",
         event_id=event.event_id,

@@ -535,6 +535,7 @@ def _receipt_label(row: dict[str, Any]) -> str:
 
 
 AgencyArg = Annotated[str, typer.Argument(help="Agency code, e.g. hmrc.")]
+MAX_DEADLINE_MINUTES = 30 * 24 * 60
 
 
 @receipts_app.command("overdue")
@@ -570,17 +571,26 @@ def receipts_overdue(
             (r["receipt"] or "none").lower(),
         )
     console.print(table)
-    console.print(f"{len(rows)} overdue. Send them again with `tuo receipts redeliver --overdue AGENCY`.")
+    console.print(
+        f'{len(rows)} overdue. Send them again with `tuo receipts redeliver AGENCY --overdue --reason "…"`.'
+    )
 
 
 @receipts_app.command("deadline")
 def receipts_deadline(
     agency: AgencyArg,
-    minutes: Annotated[float, typer.Argument(min=0.01, help="Minutes the agency has to answer.")],
+    minutes: Annotated[
+        float,
+        typer.Argument(
+            min=0.01, max=MAX_DEADLINE_MINUTES, help="Minutes the agency has to answer (up to 30 days)."
+        ),
+    ],
 ) -> None:
     """Set how long an agency has to send a final receipt for each delivery."""
 
     async def save(pool: asyncpg.Pool) -> None:
+        if not await pool.fetchval("SELECT 1 FROM subscription WHERE agency = $1 LIMIT 1", agency):
+            raise _fail(f"no agency {agency!r} has a subscription; see `tuo subscriptions list`")
         await pool.execute(
             "INSERT INTO agency_receipt_deadline (agency, deadline) VALUES ($1, $2)"
             " ON CONFLICT (agency) DO UPDATE SET deadline = EXCLUDED.deadline",
@@ -628,6 +638,9 @@ def receipts_redeliver(
         queued = _with_pool(queue)
     except redelivery.RedeliveryRefused as exc:
         raise _fail(str(exc)) from exc
+    if not queued.event_ids:
+        console.print(f"Nothing to redeliver: no overdue deliveries to {agency}.")
+        return
     console.print(f"Queued {len(queued.event_ids)} event(s) for redelivery to {agency}.")
 
 

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
 
     # Receipts: how long an agency has to answer (unless `tuo receipts deadline` sets its
     # own), and how often the tracker looks for overdue deliveries.
-    receipt_deadline_minutes: int = Field(default=2 * 24 * 60, ge=1)
+    receipt_deadline_minutes: int = Field(default=2 * 24 * 60, ge=1, le=30 * 24 * 60)
     overdue_check_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     # Deriving pseudonymous subject ids from identifiers such as the NINO.

@@ -16,7 +16,7 @@ import string
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ import asyncpg
 import httpx
 import pytest
 from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
 
 from consumers import sdk
 from consumers.agencies import records
 from consumers.sdk import AgencyConsumer, DeliveredEvent, Handler
-from router.store import upsert_subscription
+from router.store import record_consent, upsert_subscription
 from runtime import kafka
 from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
@@ -120,6 +121,24 @@ async def _on_agency_topic(settings: Settings, agency: str, event_ids: list[str]
         return [found[e] for e in event_ids] if all(e in found for e in event_ids) else None
 
     found: list[int] = await eventually(offsets, timeout=60, what=f"the events on {agency}'s topic")
+    return found
+
+
+async def _copies_on_agency_topic(
+    settings: Settings, agency: str, event_id: str, expected: int
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """The copies of one event on the agency's topic, once there are ``expected`` of them
+    (and checked to be exactly that many)."""
+
+    async def copies() -> list[ConsumerRecord[bytes, bytes]] | None:
+        records = await read_topic(settings, Topics(settings.topic_prefix).agency(agency))
+        found = [r for r in records if header(r, "ce_id") == event_id]
+        return found if len(found) >= expected else None
+
+    found: list[ConsumerRecord[bytes, bytes]] = await eventually(
+        copies, what=f"{expected} copies at {agency}"
+    )
+    assert len(found) == expected, f"{agency} has {len(found)} copies"
     return found
 
 
@@ -233,6 +252,9 @@ async def test_redelivered_event_is_applied_once_and_receipted_as_a_duplicate(
 
     assert (await eventually(duplicate_stored, what="the duplicate receipt"))["outcome"] == "APPLIED"
     assert await effects(event_id) == 1
+    await _copies_on_agency_topic(services, "t-replay", event_id, 2)
+    for other in ("hmrc", "dwp"):  # entitled to this death too, but not named in the redelivery
+        await _copies_on_agency_topic(services, other, event_id, 1)
     sent = await _receipts_on_topic(services, "t-replay", event_id)
     assert [(r["outcome"], r["duplicate"]) for r in sent] == [("APPLIED", False), ("APPLIED", True)]
     redelivery = await pool.fetchrow(
@@ -420,6 +442,10 @@ async def test_agency_that_never_answers_is_flagged_overdue_after_its_deadline_a
         tuo_cli, services, "receipts", "redeliver", "t-silent", "--overdue", "--reason", "agency back online"
     )
     assert code == 0 and "Queued 1 event(s)" in output, output
+    copies = await _copies_on_agency_topic(services, "t-silent", accepted["event_id"], 2)
+    assert all(not any(k.startswith("tuo_redeliver") for k, _ in c.headers) for c in copies), (
+        "the operator's headers stay with the router"
+    )
     agency_consumers("t-silent", _recording("silent_effect"))
     assert await _final_receipt(pool, "t-silent", accepted["event_id"]) == "APPLIED"
 
@@ -429,6 +455,7 @@ async def test_agency_that_never_answers_is_flagged_overdue_after_its_deadline_a
 
     settled = await eventually(cleared, what="the overdue flag cleared by the late receipt")
     assert settled["receipt"]["outcome"] == "applied" and settled["received_at"] is not None
+    assert settled["redeliveries"] == 1
     metrics = (await intake.get("/metrics")).text
     assert 'tuo_receipts_overdue{agency="t-silent"} 0.0' in metrics
     assert 'tuo_receipts_overdue_flagged_total{agency="t-silent"} 1.0' in metrics
@@ -491,3 +518,118 @@ async def test_a_death_registered_at_intake_is_applied_by_every_entitled_agency_
         " WHERE council = 'council-leeds' AND postcode = 'LS6 2QQ' AND address_lines[1] = '7 Receipt Row'"
     )
     assert discount is True, "the surviving partner now lives alone"
+
+
+async def test_redelivery_after_consent_is_withdrawn_sends_nothing(
+    services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    accepted = await _register(intake, "ZE2 9AD")  # dvla told, by the informant's consent
+    event_id = accepted["event_id"]
+    await _copies_on_agency_topic(services, "dvla", event_id, 1)
+    subject_id = await pool.fetchval(
+        "SELECT subject_id FROM intake_record WHERE event_id = $1", uuid.UUID(event_id)
+    )
+    await record_consent(
+        pool,
+        subject_id=subject_id,
+        agency="dvla",
+        event_type="DeathRegistered",
+        choice="withdrawn",
+        recorded_by="citizen",
+    )
+    code, output = await asyncio.to_thread(
+        tuo_cli,
+        services,
+        "receipts",
+        "redeliver",
+        "dvla",
+        "-r",
+        accepted["reference"],
+        "--reason",
+        "test withdrawal",
+    )
+    assert code == 0 and "Queued 1 event(s)" in output, output
+    # Wait until the router has read past the redelivery, then check nothing went out.
+    redelivery_id = await pool.fetchval(
+        "SELECT max(id) FROM redelivery WHERE event_id = $1 AND agency = 'dvla'", uuid.UUID(event_id)
+    )
+    topics = Topics(services.topic_prefix)
+
+    async def redelivery_on_topic() -> ConsumerRecord[bytes, bytes] | None:
+        records = await read_topic(services, topics.redeliveries)
+        return next((r for r in records if header(r, "tuo_redelivery_id") == str(redelivery_id)), None)
+
+    request = await eventually(redelivery_on_topic, what="the redelivery request on its topic")
+
+    async def router_past_it() -> bool:
+        client = kafka.admin(services)
+        await client.start()
+        try:
+            committed = await client.list_consumer_group_offsets(f"{services.topic_prefix}.router")
+        finally:
+            await client.close()
+        offset: int = next(
+            (
+                m.offset
+                for tp, m in committed.items()
+                if (tp.topic, tp.partition) == (request.topic, request.partition)
+            ),
+            -1,
+        )
+        return bool(offset > request.offset)
+
+    await eventually(router_past_it, what="the router to pass the redelivery")
+    await _copies_on_agency_topic(services, "dvla", event_id, 1)
+
+
+async def test_a_receipt_the_database_would_choke_on_is_cleaned_and_the_tracker_keeps_going(
+    services: Settings, pool: asyncpg.Pool, bus: Any
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from schemas import encode
+    from schemas.cloudevents import headers_for
+
+    topic = Topics(services.topic_prefix).receipts("hmrc")
+    hostile, after = str(uuid.uuid4()), str(uuid.uuid4())
+    producer = AIOKafkaProducer(bootstrap_servers=services.require_bootstrap_servers())
+    await producer.start()
+    try:
+        for event_id, reason in ((hostile, "bad\x00byte " + "x" * 5000), (after, None)):
+            value = encode(
+                "DeliveryReceipt",
+                models.DeliveryReceipt(
+                    event_id=event_id,
+                    agency="hmrc",
+                    outcome="REJECTED" if reason else "APPLIED",
+                    reason=reason,
+                    issued_at=datetime.now(UTC),
+                ).avro(),
+            )
+            headers = headers_for(
+                value,
+                id=f"{event_id}/hmrc",
+                source="/agencies/hmrc",
+                subject=None,
+                time=datetime.now(UTC),
+                schema_base_url="http://127.0.0.1:8080",
+            )
+            await producer.send_and_wait(topic, value=value, headers=headers)
+    finally:
+        await producer.stop()
+    assert await _final_receipt(pool, "hmrc", after) == "APPLIED"
+    stored = (await _stored_receipts(pool, "hmrc", hostile))["REJECTED"]
+    assert stored is not None and "\x00" not in stored and len(stored) == 500
+    assert stored.startswith("bad byte x")
+
+
+async def test_receipt_deadlines_are_refused_for_unknown_agencies_and_beyond_thirty_days(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    code, output = await asyncio.to_thread(tuo_cli, services, "receipts", "deadline", "no-such-agency", "5")
+    assert code == 1 and "no agency 'no-such-agency' has a subscription" in output
+    code, output = await asyncio.to_thread(tuo_cli, services, "receipts", "deadline", "hmrc", "1e12")
+    assert code == 2 and "43200" in output
+    code, output = await asyncio.to_thread(tuo_cli, services, "receipts", "deadline", "hmrc", "-1")
+    assert code == 2
+    assert not await pool.fetchval("SELECT count(*) FROM agency_receipt_deadline WHERE agency = 'hmrc'")

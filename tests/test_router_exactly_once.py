@@ -139,7 +139,13 @@ async def test_second_router_takes_over_mid_stream_without_loss_or_duplicates(
     second = _start_router(settings, tmp_path / "second.log")
     streaming = asyncio.create_task(_stream(settings, count=300, per_second=60, key=await office_key(pool)))
     try:
-        await asyncio.sleep(2.5)
+
+        async def first_is_routing() -> bool:
+            return "router_partitions_assigned" in (tmp_path / "first.log").read_text(errors="replace")
+
+        # SIGTERM before the router has installed its handlers would kill, not stop, it.
+        await eventually(first_is_routing, timeout=60, what="the first router to take partitions")
+        await asyncio.sleep(1.0)
         first.send_signal(signal.SIGTERM)  # a graceful stop: its partitions move to the second
         assert await asyncio.to_thread(first.wait, 60) == 0
         sent = await streaming

@@ -600,7 +600,7 @@ def test_each_agencys_decision_and_receipt_are_put_in_words() -> None:
         "York Council": ("Not told", "The law does not allow telling them.", True),
         "Leeds City Council": (
             "Overdue",
-            "They have not confirmed in time. The service desk has been alerted and can send it again.",
+            "They have not confirmed in time. It is flagged for the operators, who can send it again.",
             False,
         ),
     }

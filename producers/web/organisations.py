@@ -136,7 +136,7 @@ def _in_words(
                 name,
                 "Overdue",
                 "orange",
-                "They have not confirmed in time. The service desk has been alerted and can send it again.",
+                "They have not confirmed in time. It is flagged for the operators, who can send it again.",
                 False,
             )
         if outcome == "received":

@@ -27,7 +27,7 @@ CREATE INDEX receipt_duplicate_event ON receipt_duplicate (event_id, agency);
 -- (TUO_RECEIPT_DEADLINE_MINUTES).
 CREATE TABLE agency_receipt_deadline (
     agency   text PRIMARY KEY CHECK (agency ~ '^[a-z][a-z0-9-]{1,39}$'),
-    deadline interval NOT NULL CHECK (deadline > interval '0')
+    deadline interval NOT NULL CHECK (deadline > interval '0' AND deadline <= interval '30 days')
 );
 
 -- A delivery found without a final receipt after its deadline. Rows are kept when the
@@ -55,5 +55,5 @@ CREATE TABLE redelivery (
 );
 CREATE INDEX redelivery_event ON redelivery (event_id, agency);
 
-CREATE INDEX delivery_receipt_event ON delivery_receipt (event_id, agency);
+CREATE INDEX outbox_event ON outbox (event_id);
 CREATE INDEX routing_decision_delivered_at ON routing_decision (decided_at) WHERE outcome = 'DELIVERED';

@@ -566,10 +566,8 @@ async def test_a_signed_event_is_delivered_and_verifies_at_each_agency(
         return True
 
     await eventually(handled_everywhere, timeout=60, what="receipts from hmrc, dwp and council-leeds")
-    assert {a: await _receipts(services, a, event_id) for a in ("hmrc", "dwp")} == {
-        "hmrc": ["APPLIED"],
-        "dwp": ["APPLIED"],
-    }
+    for agency in ("hmrc", "dwp"):  # they hold records for this NINO (a repeat may be receipted again)
+        assert set(await _receipts(services, agency, event_id)) == {"APPLIED"}, agency
     keys = await KeyRing.from_database(pool).resolve([key.key_id])
     for agency in STATUTORY:
         (copy_,) = [

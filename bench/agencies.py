@@ -1,0 +1,640 @@
+"""The agency side of the bus: the SDK consumer's throughput against a bare
+aiokafka pipe, and end-to-end latency at a steady load, in one run.
+
+    .venv/bin/python -m bench.agencies [--events 5000] [--rate 100] [--seconds 60]
+                                       [--only throughput|latency] [--no-records]
+
+Starts its own local stack (Kafka + PostgreSQL in a scratch state directory),
+loads the demo subscriptions and offices, and issues an API token. Every event
+is a death registration of a new person (own NINO, date of birth and address);
+unless ``--no-records``, each agency first gets records for them (tax record,
+pension award, driving licence, council household) so the handlers apply the
+events rather than reject them. Each part runs on its own topics.
+
+  (1) throughput: `tuo run intake relay router` runs as a separate process and N
+      registrations are submitted over HTTP, until all N routed, minimised,
+      signed messages are on the DWP's topic (DWP receives deaths by statute);
+      the bus is then stopped and, on that same topic:
+        (a) bare pipe: a read_committed consumer in its own group reads the N
+            messages and, for each, produces one receipt-sized message to a
+            scratch topic, gathering the sends per batch and committing offsets
+            after each batch — the SDK's loop minus decode, signature check,
+            de-duplication, handler and database;
+        (b) the SDK: one ``AgencyConsumer`` for "dwp" with the handler the bus
+            gives that agency.
+      Each is timed from its start until its group's committed offset passes the
+      N-th message (both commit only once the batch's output is acknowledged).
+      Prints events/s for both, the ratio, and the outcomes on the receipts topic.
+  (2) latency: `tuo run` with every component runs as a separate process and
+      registrations are submitted over HTTP on a schedule (request i due at
+      t0 + i/rate, not back to back; 32 in flight at most, a queued request's
+      wait counting in its answer time). Then, for every delivery the router
+      decided (``routing_decision`` DELIVERED), the first final receipt (APPLIED
+      or REJECTED) in ``delivery_receipt`` is awaited (60 s at most). Latency of
+      a delivery is ``delivery_receipt.stored_at - intake_record.recorded_at``;
+      of an event, the slowest of its deliveries. Prints the achieved submit
+      rate and the intake's answer times, p50/p99/max per delivery (with the
+      stages on the way: outbox published, router decided, agency received, as
+      the receipt says, and receipt stored) and per event, the outcomes, the CPU
+      used by the bus process and by the load generator, and how many
+      deliveries had no final receipt by the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import NewTopic
+from aiokafka.structs import TopicPartition
+
+from bench.scratch import scratch_stack
+from consumers.agencies import handler_for, records
+from consumers.sdk import AgencyConsumer
+from producers.accounts import issue_token
+from router.seed import load_seed
+from runtime import kafka
+from runtime.database import migrate, open_pool
+from runtime.demo import seed_offices
+from runtime.kafka import Topics
+from runtime.logging import configure_logging
+from runtime.settings import Settings
+from schemas import decode, models
+from tests.support import death_registration, read_topic, today
+
+AGENCY = "dwp"
+RECEIPT_SIZED = b"r" * 64  # an Avro DeliveryReceipt is about this size, before its headers
+FILL_CONCURRENCY = 32
+SETTLE_SECONDS = 60.0
+LOAD_CONNECTIONS = 32  # requests in flight at most in the latency part
+COUNCIL = "council-leeds"  # the registrations' addresses are in Leeds (LS)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class People:
+    """Death registrations, each of a person not registered before in this run."""
+
+    def __init__(self) -> None:
+        self.issued = 0
+
+    def registrations(self, count: int) -> list[dict[str, Any]]:
+        bodies = [self._registration(self.issued + n) for n in range(count)]
+        self.issued += count
+        return bodies
+
+    @staticmethod
+    def _registration(n: int) -> dict[str, Any]:
+        # A date of birth of their own, so DVLA (which matches on name and date of
+        # birth) finds exactly one licence; a NINO and a Leeds address of their own too,
+        # spread over many postcodes as real addresses are (the council looks households
+        # up by postcode).
+        born = date(1925, 1, 1) + timedelta(days=n % 29_000)  # born by 2004
+        letters = "ABDEFGHJLNPQRSTUWXYZ"  # those an inward code may end with
+        inward = f"{n // 28 % 10}{letters[n // 280 % 20]}{letters[n // 5600 % 20]}"
+        return death_registration(
+            deceased={
+                "given_names": "Pat",
+                "family_name": "Example",
+                "date_of_birth": born.isoformat(),
+                "nino": f"CE{n % 1_000_000:06d}{'ABCD'[n // 1_000_000 % 4]}",
+            },
+            last_address={
+                "lines": [f"{n + 1} Example Street"],
+                "town": "Leeds",
+                "postcode": f"LS{n % 28 + 1} {inward}",
+            },
+        )
+
+
+async def _seed_records(pool: asyncpg.Pool, bodies: list[dict[str, Any]]) -> str:
+    """Give each agency its records of these people; say what was done."""
+    started = time.perf_counter()
+    paid_until = today() + timedelta(days=14)
+    async with pool.acquire() as conn:
+        for chunk in range(0, len(bodies), 500):
+            async with conn.transaction():
+                for body in bodies[chunk : chunk + 500]:
+                    deceased = body["deceased"]
+                    person = models.Person(
+                        given_names=deceased["given_names"],
+                        family_name=deceased["family_name"],
+                        date_of_birth=date.fromisoformat(deceased["date_of_birth"]),
+                    )
+                    address = models.Address.model_validate(body["last_address"])
+                    await records.open_tax_record(conn, deceased["nino"], person, address)
+                    await records.award_pension(conn, deceased["nino"], 22_000, paid_until)
+                    await records.issue_driving_licence(conn, person, address)
+                    await records.register_household(conn, COUNCIL, address, [records.Resident(person)])
+    return (
+        f"records seeded for every person (hmrc tax record, dwp pension, dvla licence, {COUNCIL}"
+        f" household; {time.perf_counter() - started:.0f} s, untimed)"
+    )
+
+
+class Bus:
+    """`tuo run <components>` as a separate process, as in production."""
+
+    def __init__(self, env: dict[str, str], components: Sequence[str]) -> None:
+        self.env = env
+        self.components = components
+        self.base = f"http://127.0.0.1:{env['TUO_HTTP_PORT']}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, client: httpx.AsyncClient) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "tuo"),
+            "run",
+            *self.components,
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,  # its banner; warnings and errors still show
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if (await client.get(f"{self.base}/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.process.returncode is not None:
+                raise RuntimeError(f"`tuo run` exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the intake service did not start within 60 s")
+            await asyncio.sleep(0.2)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the bus process has used so far (Linux)."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout=30)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+def _client(env: dict[str, str], token: str, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{env['TUO_HTTP_PORT']}",
+        timeout=30,
+        limits=limits,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
+async def _submit(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
+    """Register one death; return the event id."""
+    response = await client.post("/v1/death-registrations", json=body)
+    if response.status_code != 201:
+        raise RuntimeError(f"intake refused: {response.status_code} {response.text[:300]}")
+    event_id: str = response.json()["event_id"]
+    return event_id
+
+
+def _outcomes(counts: dict[str, int]) -> str:
+    return ", ".join(f"{outcome} {count}" for outcome, count in sorted(counts.items())) or "none"
+
+
+# (1) Throughput
+
+
+async def _fill(client: httpx.AsyncClient, bodies: list[dict[str, Any]]) -> None:
+    gate = asyncio.Semaphore(FILL_CONCURRENCY)
+
+    async def one(body: dict[str, Any]) -> None:
+        async with gate:
+            await _submit(client, body)
+
+    await asyncio.gather(*(one(body) for body in bodies))
+
+
+async def _ends_when_filled(settings: Settings, topic: str, wanted: int, seconds: float) -> dict[int, int]:
+    """Wait until ``topic`` holds ``wanted`` committed messages (``seconds`` at most);
+    return, per partition, the offset just past its last message."""
+    deadline = time.monotonic() + seconds
+    while True:
+        on_topic = await read_topic(settings, topic)
+        if len(on_topic) >= wanted:
+            ends: dict[int, int] = {}
+            for record in on_topic:
+                ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+            return ends
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(on_topic)} of {wanted} messages reached {topic} in {seconds:.0f} s"
+            )
+        await asyncio.sleep(0.5)
+
+
+async def _timed(
+    settings: Settings,
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+    group_id: str,
+    source: str,
+    ends: dict[int, int],
+) -> tuple[float, float]:
+    """Run ``run(stop)`` until ``group_id`` has committed ``ends`` on ``source``; return
+    (seconds from its start to its first commit, to its last)."""
+    watcher = AIOKafkaConsumer(bootstrap_servers=settings.require_bootstrap_servers(), group_id=group_id)
+    await watcher.start()
+    partitions = [TopicPartition(source, p) for p in ends]
+    stop = asyncio.Event()
+    started = time.perf_counter()
+    task = asyncio.create_task(run(stop))
+    first: float | None = None
+    try:
+        while True:
+            committed = {tp.partition: await watcher.committed(tp) or 0 for tp in partitions}
+            elapsed = time.perf_counter() - started
+            if first is None and any(committed.values()):
+                first = elapsed
+            if all(committed[p] >= end for p, end in ends.items()):
+                return first or elapsed, elapsed
+            if task.done():
+                task.result()
+                raise RuntimeError(f"{group_id} stopped at {committed} of {ends}")
+            if elapsed > 600:
+                raise RuntimeError(f"{group_id} had committed {committed} of {ends} after 600 s")
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await task
+        await watcher.stop()
+
+
+async def _bare_pipe(settings: Settings, source: str, output: str, stop: asyncio.Event) -> None:
+    consumer = kafka.consumer(settings, source, group_id=f"{settings.topic_prefix}.bare", client_id="bare")
+    producer = kafka.producer(settings, client_id="bare")
+    await producer.start()
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=500, max_records=200)
+            for tp, batch in batches.items():
+                pending = [await producer.send(output, RECEIPT_SIZED, key=r.key) for r in batch]
+                await asyncio.gather(*pending)
+                await consumer.commit({tp: batch[-1].offset + 1})
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def _receipt_outcomes(settings: Settings, topic: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in await read_topic(settings, topic):
+        _, body = decode(record.value or b"")
+        outcome = body["outcome"] + (" (duplicate)" if body.get("duplicate") else "")
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+async def throughput(
+    settings: Settings, env: dict[str, str], pool: asyncpg.Pool, people: People, events: int, seed: bool
+) -> None:
+    topics = Topics(settings.topic_prefix)
+    source = topics.agency(AGENCY)
+    scratch = f"{settings.topic_prefix}.bare.receipts"
+    bodies = people.registrations(events)
+    seeded = await _seed_records(pool, bodies) if seed else "no agency records seeded (--no-records)"
+    token = await issue_token(pool, "leeds", "registrar", "benchmark throughput")
+    bus = Bus(env, ["intake", "relay", "router"])
+    try:
+        async with _client(env, token, FILL_CONCURRENCY) as client:
+            await bus.start(client)
+            filling = time.perf_counter()
+            await _fill(client, bodies)
+            ends = await _ends_when_filled(settings, source, events, seconds=300)
+            filled_in = time.perf_counter() - filling
+    finally:
+        await bus.stop()
+    admin = kafka.admin(settings)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(scratch, 1, 1)])
+    finally:
+        await admin.close()
+
+    bare_first, bare_done = await _timed(
+        settings,
+        lambda stop: _bare_pipe(settings, source, scratch, stop),
+        f"{settings.topic_prefix}.bare",
+        source,
+        ends,
+    )
+    consumer = AgencyConsumer(settings, pool, AGENCY, handler_for(AGENCY))
+    sdk_first, sdk_done = await _timed(
+        settings, consumer.run, f"{settings.topic_prefix}.agency.{AGENCY}", source, ends
+    )
+    outcomes = await _receipt_outcomes(settings, topics.receipts(AGENCY))
+
+    bare, sdk = events / bare_done, events / sdk_done
+    print(
+        f"(1) agency consumer throughput: {events} routed DeathRegistered messages on {source}"
+        f" (intake+relay+router put them there in {filled_in:.1f} s); one 2-core machine"
+    )
+    print(f"  {seeded}")
+    for label, rate, first in (
+        ("bare aiokafka pipe (1 small message per event, commit per batch)", bare, bare_first),
+        (f"AgencyConsumer + consumers.agencies.handler_for({AGENCY!r})", sdk, sdk_first),
+    ):
+        print(f"  {label:<68} {rate:7,.0f} events/s  (first commit after {first:.2f} s)")
+    print(f"  ratio SDK / bare: {sdk / bare:.2f}")
+    print(f"  receipts on {topics.receipts(AGENCY)}: {_outcomes(outcomes)}")
+
+
+# (2) Latency
+
+
+@dataclass
+class Submissions:
+    accepted: list[str] = field(default_factory=list)  # event ids
+    refused: int = 0  # refused by the intake, or no answer
+    refusals: dict[str, int] = field(default_factory=dict)  # why, how many
+    answer_seconds: list[float] = field(default_factory=list)  # per request, due → answered
+    wall: float = 0.0  # t0 → the last answer
+    client_cpu: float = 0.0  # CPU seconds this process spent meanwhile
+
+
+async def _paced(client: httpx.AsyncClient, bodies: list[dict[str, Any]], rate: float) -> Submissions:
+    """Submit ``bodies``, request i due at t0 + i/rate, without waiting for earlier answers.
+    At most ``LOAD_CONNECTIONS`` are in flight; a request queued behind them counts its
+    wait in its answer time (from when it was due), as a real client's would."""
+    done = Submissions()
+    in_flight = asyncio.Semaphore(LOAD_CONNECTIONS)
+
+    async def one(body: dict[str, Any], due: float) -> None:
+        try:
+            async with in_flight:
+                done.accepted.append(await _submit(client, body))
+        except (RuntimeError, httpx.HTTPError) as exc:
+            done.refused += 1
+            why = str(exc)[:120] if isinstance(exc, RuntimeError) else f"{type(exc).__name__} {exc}".strip()
+            done.refusals[why] = done.refusals.get(why, 0) + 1
+        answered = time.perf_counter()
+        done.answer_seconds.append(answered - due)
+        done.wall = max(done.wall, answered - t0)
+
+    cpu = time.process_time()
+    t0 = time.perf_counter()
+    sending: list[asyncio.Task[None]] = []
+    for i, body in enumerate(bodies):
+        due = t0 + i / rate
+        if (delay := due - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        sending.append(asyncio.create_task(one(body, due)))
+    await asyncio.gather(*sending)
+    done.client_cpu = time.process_time() - cpu
+    return done
+
+
+_DELIVERIES = """
+    SELECT i.event_id, d.agency, r.outcome,
+           o.published_at - i.recorded_at AS published,
+           d.decided_at - i.recorded_at AS decided,
+           r.received_at - i.recorded_at AS received,
+           r.stored_at - i.recorded_at AS stored
+      FROM intake_record i
+      JOIN routing_decision d ON d.event_id = i.event_id AND d.outcome = 'DELIVERED'
+      LEFT JOIN (SELECT event_id, min(published_at) AS published_at FROM outbox
+                  WHERE event_id = ANY($1::uuid[]) GROUP BY event_id) o ON o.event_id = i.event_id
+      LEFT JOIN LATERAL (
+            SELECT outcome, stored_at, received_at FROM delivery_receipt r
+             WHERE r.event_id = d.event_id AND r.agency = d.agency AND r.outcome IN ('APPLIED', 'REJECTED')
+             ORDER BY stored_at LIMIT 1) r ON true
+     WHERE i.event_id = ANY($1::uuid[])
+"""
+# Polled while the bus works, so kept cheap (index lookups only): it shares the 2 cores.
+_OUTSTANDING = """
+    SELECT (SELECT count(*) FROM intake_record i
+             WHERE i.event_id = ANY($1::uuid[])
+               AND NOT EXISTS (SELECT 1 FROM routing_decision d WHERE d.event_id = i.event_id)) AS undecided,
+           (SELECT count(*) FROM routing_decision d
+             WHERE d.event_id = ANY($1::uuid[]) AND d.outcome = 'DELIVERED'
+               AND NOT EXISTS (SELECT 1 FROM delivery_receipt r
+                                WHERE r.event_id = d.event_id AND r.agency = d.agency
+                                  AND r.outcome IN ('APPLIED', 'REJECTED'))) AS unreceipted
+"""
+
+
+async def _settle(
+    pool: asyncpg.Pool, event_ids: list[str], seconds: float
+) -> tuple[list[asyncpg.Record], bool]:
+    """Wait until the tracker has stored every event's decisions and a final receipt
+    for every delivery (``seconds`` at most); return the deliveries it has stored,
+    and whether that is all of them."""
+    ids = [uuid.UUID(e) for e in event_ids]
+    deadline = time.monotonic() + seconds
+    while True:
+        outstanding = await pool.fetchrow(_OUTSTANDING, ids)
+        settled = not (outstanding["undecided"] or outstanding["unreceipted"])
+        if settled or time.monotonic() > deadline:
+            rows: list[asyncpg.Record] = await pool.fetch(_DELIVERIES, ids)
+            return rows, settled
+        await asyncio.sleep(1)
+
+
+Delivery = tuple[str, str]  # (event id, agency)
+
+
+async def _on_topics(settings: Settings, event_ids: list[str]) -> tuple[set[Delivery], set[Delivery]]:
+    """What the bus's topics say, whatever the tracker has stored: the deliveries the
+    router decided for these events, and those an agency has sent a final receipt for."""
+    topics = Topics(settings.topic_prefix)
+    ours = set(event_ids)
+    delivered: set[Delivery] = set()
+    for record in await read_topic(settings, topics.routing_decisions):
+        _, body = decode(record.value or b"")
+        if str(body["event_id"]) in ours and body["outcome"] == "DELIVERED":
+            delivered.add((str(body["event_id"]), body["agency"]))
+    receipted: set[Delivery] = set()
+    for agency in sorted({agency for _, agency in delivered}):
+        for record in await read_topic(settings, topics.receipts(agency)):
+            _, body = decode(record.value or b"")
+            if str(body["event_id"]) in ours and body["outcome"] in ("APPLIED", "REJECTED"):
+                receipted.add((str(body["event_id"]), agency))
+    return delivered, receipted
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{len(values)} value(s), too few for percentiles"
+    cuts = statistics.quantiles(values, n=100)
+    return f"p50 {cuts[49] * 1000:6.0f} ms   p99 {cuts[98] * 1000:6.0f} ms   max {max(values) * 1000:6.0f} ms"
+
+
+async def latency(
+    settings: Settings,
+    env: dict[str, str],
+    pool: asyncpg.Pool,
+    people: People,
+    rate: float,
+    seconds: float,
+    seed: bool,
+) -> None:
+    warm_up, bodies = people.registrations(10), people.registrations(round(rate * seconds))
+    seeded = (
+        await _seed_records(pool, warm_up + bodies) if seed else "no agency records seeded (--no-records)"
+    )
+    token = await issue_token(pool, "leeds", "registrar", "benchmark latency", timedelta(hours=2))
+    bus = Bus(env, [])  # no components named: all of them
+    try:
+        async with _client(env, token, LOAD_CONNECTIONS) as client:
+            await bus.start(client)
+            # Until every consumer group has joined and a receipt has gone all the way round.
+            warm = [await _submit(client, body) for body in warm_up]
+            if not (await _settle(pool, warm, seconds=120))[1]:
+                raise RuntimeError("the bus did not return receipts for the warm-up events within 120 s")
+            cpu_before, wall_before = bus.cpu_seconds(), time.perf_counter()
+            submitted = await _paced(client, bodies, rate)
+            waiting = time.perf_counter()
+            rows, _ = await _settle(pool, submitted.accepted, SETTLE_SECONDS)
+            waited = time.perf_counter() - waiting
+            cpu = (bus.cpu_seconds() - cpu_before) / (time.perf_counter() - wall_before)
+    finally:
+        await bus.stop()
+
+    delivered, receipted = await _on_topics(settings, submitted.accepted)
+    final = [r for r in rows if r["outcome"]]
+    stored = {(str(r["event_id"]), r["agency"]) for r in final}
+    outcomes: dict[str, int] = {}
+    for r in final:
+        outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+    # An event is complete when each of its deliveries has a final receipt stored.
+    slowest: dict[str, float] = {}
+    for r in final:
+        event_id = str(r["event_id"])
+        slowest[event_id] = max(slowest.get(event_id, 0.0), r["stored"].total_seconds())
+    for event_id, _ in delivered - stored:
+        slowest.pop(event_id, None)
+
+    def stage(name: str) -> list[float]:
+        return [r[name].total_seconds() for r in final if r[name] is not None]
+
+    accepted = len(submitted.accepted)
+    print(
+        f"(2) end-to-end latency: the whole bus in one `tuo run` process, new person per event,"
+        f" target {rate:g} events/s for {seconds:g} s; one 2-core machine"
+    )
+    print(f"  {seeded}")
+    print(
+        f"  submitted {accepted + submitted.refused}, accepted {accepted}, not accepted {submitted.refused};"
+        f" achieved {accepted / submitted.wall:,.1f} events/s; load generator CPU"
+        f" {submitted.client_cpu / submitted.wall:.0%} of one core, bus process {cpu:.0%}"
+    )
+    for why, count in submitted.refusals.items():
+        print(f"    not accepted {count}×: {why}")
+    print(f"  intake answer time (POST due → 201): {_spread(submitted.answer_seconds)}")
+    print(
+        f"  deliveries the router decided: {len(delivered)}; final receipts the agencies sent:"
+        f" {len(receipted & delivered)}; stored by the tracker: {len(stored & delivered)}"
+        f" ({waited:.0f} s after the last answer)"
+    )
+    print(
+        f"  deliveries without a final receipt stored at the end: {len(delivered - stored)}"
+        f" (no receipt sent yet: {len(delivered - receipted)})"
+    )
+    print(
+        f"  per (event, agency), over the {len(final)} with a final receipt stored; from intake recorded to"
+    )
+    for name, label in (
+        ("published", "relay published (outbox)"),
+        ("decided", "router decided"),
+        ("received", "agency received (receipt)"),
+        ("stored", "receipt stored (tracker)"),
+    ):
+        if values := stage(name):
+            print(f"    {label:<30} {_spread(values)}")
+    per_event = list(slowest.values())
+    print(f"  per event, its slowest agency, over {len(per_event)} complete events: {_spread(per_event)}")
+    print(f"  final receipts stored: {_outcomes(outcomes)}")
+
+
+# Both
+
+
+def _settings(env: dict[str, str], prefix: str) -> tuple[Settings, dict[str, str]]:
+    """Settings for this process and the environment for `tuo run`, on topics under ``prefix``."""
+    env = env | {"TUO_TOPIC_PREFIX": prefix}
+    settings = Settings(
+        kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"],
+        database_url=env["TUO_DATABASE_URL"],
+        pseudonym_key=env["TUO_PSEUDONYM_KEY"],
+        topic_prefix=prefix,
+        log_level="WARNING",
+    )
+    return settings, env
+
+
+async def measure(
+    env: dict[str, str], events: int, rate: float, seconds: float, only: str | None, seed: bool
+) -> None:
+    settings, _ = _settings(env, "bench")
+    pool = await open_pool(settings)
+    people = People()
+    try:
+        await migrate(pool)
+        await load_seed(pool)
+        await seed_offices(pool)
+        # Each part on its own topics: the throughput part leaves the other agencies' messages unread.
+        if only in (None, "throughput"):
+            await throughput(*_settings(env, "bench-throughput"), pool, people, events, seed)
+        if only in (None, "latency"):
+            await latency(*_settings(env, "bench-latency"), pool, people, rate, seconds, seed)
+    finally:
+        await pool.close()
+
+
+def main(events: int, rate: float, seconds: float, only: str | None, seed: bool) -> None:
+    with scratch_stack() as (state, env):
+        env |= {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "TUO_STATE_DIR": str(state),
+            "TUO_HTTP_PORT": str(_free_port()),
+            "TUO_LOG_LEVEL": "WARNING",
+        }
+        configure_logging(_settings(env, "bench")[0])
+        asyncio.run(measure(env, events, rate, seconds, only, seed))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=5_000)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--only", choices=("throughput", "latency"))
+    parser.add_argument(
+        "--records",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give the agencies records of every person, so events are applied (default: yes)",
+    )
+    args = parser.parse_args()
+    main(args.events, args.rate, args.seconds, args.only, args.records)

@@ -36,13 +36,15 @@ class UntrustedReceipt(ValueError):
     """A receipt whose content does not match the topic it came from."""
 
 
-async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecord[bytes, bytes]) -> None:
+async def _store(
+    conn: asyncpg.Connection, topics: Topics, record: ConsumerRecord[bytes, bytes]
+) -> audit.Decision | None:
+    """Store a receipt; a routing decision is returned, for the caller to chain."""
     subject, body = decode(record.value or b"")
     if record.topic == topics.routing_decisions:
         if subject != "RoutingDecision":
             raise UntrustedReceipt(f"{subject} on the routing decisions topic")
-        await audit.append(conn, audit.Decision.of(body))
-        return
+        return audit.Decision.of(body)
     agency = topics.agency_from_receipts_topic(record.topic)
     if subject != "DeliveryReceipt":
         raise UntrustedReceipt(f"{subject} on {record.topic}")
@@ -58,7 +60,7 @@ async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecor
             body["outcome"],
             body["issued_at"],
         )
-        return
+        return None
     await conn.execute(
         "INSERT INTO delivery_receipt (event_id, agency, outcome, reason, issued_at, received_at)"
         " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
@@ -77,6 +79,7 @@ async def _store(conn: asyncpg.Connection, topics: Topics, record: ConsumerRecor
             agency,
             body["issued_at"],
         )
+    return None
 
 
 FINAL_OUTCOMES = ("APPLIED", "REJECTED")
@@ -163,20 +166,25 @@ async def _store_batch(
     ``one_by_one`` each record has its own savepoint, so a value the database
     refuses costs only that record."""
     refused: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
+    decisions: list[audit.Decision] = []  # chained together, in order, at the end of the batch
     async with conn.transaction():
         for record in records:
             try:
                 if one_by_one:
                     async with conn.transaction():
-                        await _store(conn, topics, record)
+                        decision = await _store(conn, topics, record)
+                        await audit.append_many(conn, [decision] if decision else [])
                 else:
-                    await _store(conn, topics, record)
+                    decision = await _store(conn, topics, record)
+                    if decision is not None:
+                        decisions.append(decision)
             except (UndecodableMessage, UntrustedReceipt, MissingCloudEventHeader, KeyError) as exc:
                 refused.append((record, str(exc)))
             except asyncpg.DataError as exc:
                 if not one_by_one:
                     raise
                 refused.append((record, f"the database refused it: {type(exc).__name__}"))
+        await audit.append_many(conn, decisions)
     return refused
 
 

@@ -68,37 +68,57 @@ def row_hash(seq: int, decision: Decision, prev_hash: str) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-async def append(conn: asyncpg.Connection, decision: Decision) -> bool:
-    """Append one decision to the chain unless it is there already (idempotent).
-    Call inside a transaction; returns whether a row was added."""
+async def append_many(conn: asyncpg.Connection, decisions: Sequence[Decision]) -> int:
+    """Append decisions in their order, skipping any already chained (or repeated in
+    ``decisions``): one lock, one look-up and a pipelined insert for the lot. Call
+    inside a transaction; returns how many rows were added."""
+    if not decisions:
+        return 0
     await conn.execute("SELECT pg_advisory_xact_lock($1)", _CHAIN_LOCK)
-    exists = await conn.fetchval(
-        "SELECT 1 FROM routing_decision WHERE event_id = $1 AND agency = $2",
-        decision.event_id,
-        decision.agency,
-    )
-    if exists:
-        return False
+    keys = [(uuid.UUID(d.event_id), d.agency) for d in decisions]
+    chained = {
+        (r["event_id"], r["agency"])
+        for r in await conn.fetch(
+            "SELECT d.event_id, d.agency FROM routing_decision d"
+            "  JOIN unnest($1::uuid[], $2::text[]) AS k(event_id, agency)"
+            "    ON d.event_id = k.event_id AND d.agency = k.agency",
+            [e for e, _ in keys],
+            [a for _, a in keys],
+        )
+    }
     head = await conn.fetchrow("SELECT seq, hash FROM routing_decision ORDER BY seq DESC LIMIT 1")
-    seq = 1 if head is None else head["seq"] + 1
+    seq = 0 if head is None else head["seq"]
     prev_hash = GENESIS if head is None else head["hash"]
-    await conn.execute(
+    rows = []
+    for key, decision in zip(keys, decisions, strict=True):
+        if key in chained:
+            continue
+        chained.add(key)
+        seq += 1
+        hashed = row_hash(seq, decision, prev_hash)
+        rows.append(
+            (
+                key[0],
+                decision.agency,
+                decision.event_type,
+                decision.outcome,
+                decision.legal_basis,
+                decision.decided_at,
+                list(decision.fields_delivered),
+                list(decision.fields_withheld),
+                seq,
+                prev_hash,
+                hashed,
+            )
+        )
+        prev_hash = hashed
+    await conn.executemany(
         "INSERT INTO routing_decision (event_id, agency, event_type, outcome, legal_basis, decided_at,"
         " fields_delivered, fields_withheld, seq, prev_hash, hash)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        uuid.UUID(decision.event_id),
-        decision.agency,
-        decision.event_type,
-        decision.outcome,
-        decision.legal_basis,
-        decision.decided_at,
-        list(decision.fields_delivered),
-        list(decision.fields_withheld),
-        seq,
-        prev_hash,
-        row_hash(seq, decision, prev_hash),
+        rows,
     )
-    return True
+    return len(rows)
 
 
 async def seal_unsealed(conn: asyncpg.Connection) -> int:

@@ -100,3 +100,48 @@ async def test_rows_from_before_the_chain_are_sealed_and_then_verify(
         assert code == 0, output
     finally:
         await pool.execute(f"DROP SCHEMA {copy} CASCADE")
+
+
+async def test_a_batch_of_decisions_is_chained_once_each_in_order(
+    pool: asyncpg.Pool, services: Settings, bus: object
+) -> None:
+    from datetime import UTC, datetime
+
+    from router import audit
+
+    def decision(event_id: str, agency: str) -> audit.Decision:
+        return audit.Decision(
+            event_id=event_id,
+            agency=agency,
+            event_type="DeathRegistered",
+            outcome="DELIVERED",
+            legal_basis="statutory: test",
+            decided_at=datetime.now(UTC),
+            fields_delivered=["deceased"],
+            fields_withheld=[],
+        )
+
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    async with pool.acquire() as conn, conn.transaction():
+        assert await audit.append_many(conn, [decision(first, "hmrc")]) == 1
+    batch = [
+        decision(first, "hmrc"),
+        decision(second, "hmrc"),
+        decision(second, "dwp"),
+        decision(second, "hmrc"),
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        assert await audit.append_many(conn, batch) == 2, "already chained and repeated ones are skipped"
+    rows = await pool.fetch(
+        "SELECT event_id::text, agency, seq FROM routing_decision"
+        " WHERE event_id = ANY($1::uuid[]) ORDER BY seq",
+        [first, second],
+    )
+    assert [(r["event_id"], r["agency"]) for r in rows] == [
+        (first, "hmrc"),
+        (second, "hmrc"),
+        (second, "dwp"),
+    ]
+    assert rows[2]["seq"] - rows[1]["seq"] == 1
+    code, output = await asyncio.to_thread(_verify, services)
+    assert code == 0 and "the chain is intact" in output, output

@@ -267,7 +267,8 @@ class AgencyConsumer:
                 while not task.done():
                     consumer.pause(*consumer.assignment())
                     stray = await consumer.getmany(timeout_ms=KEEPALIVE_POLL_MS)
-                    for tp, records in stray.items():  # a partition assigned meanwhile: read it later
+                    # aiokafka still hands out records it fetched before the pause: put them back.
+                    for tp, records in stray.items():
                         consumer.seek(tp, records[0].offset)
             finally:
                 consumer.resume(*consumer.assignment())

@@ -159,6 +159,35 @@ async def watch_deadlines(settings: Settings, pool: asyncpg.Pool, stop: asyncio.
             pass
 
 
+async def set_deadline(pool: asyncpg.Pool, agency: str, deadline: timedelta) -> bool:
+    """Give a subscribed agency its own receipt deadline; False if no subscription names it."""
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT 1 FROM subscription WHERE agency = $1 LIMIT 1", agency):
+            return False
+        await conn.execute(
+            "INSERT INTO agency_receipt_deadline (agency, deadline) VALUES ($1, $2)"
+            " ON CONFLICT (agency) DO UPDATE SET deadline = EXCLUDED.deadline",
+            agency,
+            deadline,
+        )
+    return True
+
+
+async def overdue_deliveries(pool: asyncpg.Pool, agency: str | None = None) -> list[asyncpg.Record]:
+    """Open overdue flags (of one agency, or all), with the event's reference and the
+    latest receipt, if any (a RECEIVED one, since a final receipt clears the flag)."""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        "SELECT o.agency, i.reference, o.event_id, o.delivered_at, o.due_at,"
+        "       (SELECT max(r.outcome) FROM delivery_receipt r"
+        "         WHERE r.event_id = o.event_id AND r.agency = o.agency) AS receipt"
+        "  FROM receipt_overdue o JOIN intake_record i ON i.event_id = o.event_id"
+        " WHERE o.receipted_at IS NULL AND ($1::text IS NULL OR o.agency = $1)"
+        " ORDER BY o.agency, o.due_at",
+        agency,
+    )
+    return rows
+
+
 async def _store_batch(
     conn: asyncpg.Connection, topics: Topics, records: list[ConsumerRecord[bytes, bytes]], one_by_one: bool
 ) -> list[tuple[ConsumerRecord[bytes, bytes], str]]:

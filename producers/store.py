@@ -161,8 +161,8 @@ async def event_status(
     event was redelivered or repeated; with ``office``, only if that office recorded it."""
     record = await pool.fetchrow(
         "SELECT i.reference, i.event_id, i.event_type, i.recorded_at,"
-        "       (SELECT max(o.published_at) FROM outbox o"
-        "         WHERE o.event_id = i.event_id AND o.topic NOT LIKE '%.redeliveries') AS published_at"
+        "       (SELECT o.published_at FROM outbox o"  # the event's own row; later ones are redeliveries
+        "         WHERE o.event_id = i.event_id ORDER BY o.id LIMIT 1) AS published_at"
         "  FROM intake_record i WHERE i.reference = $1 AND ($2::text IS NULL OR i.registration_office = $2)",
         reference,
         office,

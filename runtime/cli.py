@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from consumers import redelivery
+from consumers import redelivery, tracker
 from producers import accounts
 from producers.office_keys import create_key, published_keys
 from producers.store import event_status
@@ -544,19 +544,7 @@ def receipts_overdue(
 ) -> None:
     """Deliveries still without a final receipt after their agency's deadline."""
 
-    async def fetch(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await pool.fetch(
-            "SELECT o.agency, i.reference, o.event_id, o.delivered_at, o.due_at,"
-            "       (SELECT max(r.outcome) FROM delivery_receipt r"
-            "         WHERE r.event_id = o.event_id AND r.agency = o.agency) AS receipt"
-            "  FROM receipt_overdue o JOIN intake_record i ON i.event_id = o.event_id"
-            " WHERE o.receipted_at IS NULL AND ($1::text IS NULL OR o.agency = $1)"
-            " ORDER BY o.agency, o.due_at",
-            agency,
-        )
-        return rows
-
-    rows = _with_pool(fetch)
+    rows = _with_pool(lambda pool: tracker.overdue_deliveries(pool, agency))
     if not rows:
         console.print("No overdue receipts.")
         return
@@ -588,17 +576,8 @@ def receipts_deadline(
 ) -> None:
     """Set how long an agency has to send a final receipt for each delivery."""
 
-    async def save(pool: asyncpg.Pool) -> None:
-        if not await pool.fetchval("SELECT 1 FROM subscription WHERE agency = $1 LIMIT 1", agency):
-            raise _fail(f"no agency {agency!r} has a subscription; see `tuo subscriptions list`")
-        await pool.execute(
-            "INSERT INTO agency_receipt_deadline (agency, deadline) VALUES ($1, $2)"
-            " ON CONFLICT (agency) DO UPDATE SET deadline = EXCLUDED.deadline",
-            agency,
-            timedelta(minutes=minutes),
-        )
-
-    _with_pool(save)
+    if not _with_pool(lambda pool: tracker.set_deadline(pool, agency, timedelta(minutes=minutes))):
+        raise _fail(f"no agency {agency!r} has a subscription; see `tuo subscriptions list`")
     console.print(f"{agency} must answer within {timedelta(minutes=minutes)}.")
 
 
@@ -616,7 +595,7 @@ def receipts_redeliver(
     agency's SDK answers a repeat it already handled with a duplicate receipt."""
     if bool(reference) == overdue:
         raise _fail("name events with --reference, or use --overdue (one of the two)")
-    requested_by = by.strip() or _operator()
+    requested_by = by.strip() or getpass.getuser()
 
     async def queue(pool: asyncpg.Pool) -> redelivery.Redelivery:
         if overdue:
@@ -642,10 +621,6 @@ def receipts_redeliver(
         console.print(f"Nothing to redeliver: no overdue deliveries to {agency}.")
         return
     console.print(f"Queued {len(queued.event_ids)} event(s) for redelivery to {agency}.")
-
-
-def _operator() -> str:
-    return getpass.getuser()
 
 
 @app.command("demo")

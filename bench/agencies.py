@@ -4,12 +4,13 @@ aiokafka pipe, and end-to-end latency at a steady load, in one run.
     .venv/bin/python -m bench.agencies [--events 5000] [--rate 100] [--seconds 60]
                                        [--only throughput|latency] [--no-records]
 
-Starts its own local stack (Kafka + PostgreSQL in a scratch state directory),
-loads the demo subscriptions and offices, and issues an API token. Every event
-is a death registration of a new person (own NINO, date of birth and address);
-unless ``--no-records``, each agency first gets records for them (tax record,
-pension award, driving licence, council household) so the handlers apply the
-events rather than reject them. Each part runs on its own topics.
+Starts its own local stack (Kafka + PostgreSQL in a scratch state directory;
+every Kafka client over TLS with SASL/SCRAM, as the bus's), loads the demo
+subscriptions and offices, and issues an API token. Every event is a death
+registration of a new person (own NINO, date of birth and address); unless
+``--no-records``, each agency first gets records for them (tax record, pension
+award, driving licence, council household) so the handlers apply the events
+rather than reject them. Each part runs on its own topics.
 
   (1) throughput: `tuo run intake relay router` runs as a separate process and N
       registrations are submitted over HTTP, until all N routed, minimised,
@@ -62,12 +63,14 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import NewTopic
 from aiokafka.structs import TopicPartition
 
-from bench.scratch import scratch_stack
+from bench.scratch import BENCH_USER, ScratchStack, bench_client_options, deploy_bus, scratch_stack
 from consumers.agencies import handler_for, records
 from consumers.sdk import AgencyConsumer
 from producers.accounts import issue_token
+from router import store as router_store
 from router.seed import load_seed
 from runtime import kafka
+from runtime.access import Principal
 from runtime.database import migrate, open_pool
 from runtime.demo import seed_offices
 from runtime.kafka import Topics
@@ -239,7 +242,7 @@ async def _ends_when_filled(settings: Settings, topic: str, wanted: int, seconds
     return, per partition, the offset just past its last message."""
     deadline = time.monotonic() + seconds
     while True:
-        on_topic = await read_topic(settings, topic)
+        on_topic = await read_topic(settings, topic, BENCH_USER)
         if len(on_topic) >= wanted:
             ends: dict[int, int] = {}
             for record in on_topic:
@@ -261,7 +264,7 @@ async def _timed(
 ) -> tuple[float, float]:
     """Run ``run(stop)`` until ``group_id`` has committed ``ends`` on ``source``; return
     (seconds from its start to its first commit, to its last)."""
-    watcher = AIOKafkaConsumer(bootstrap_servers=settings.require_bootstrap_servers(), group_id=group_id)
+    watcher = AIOKafkaConsumer(**bench_client_options(settings), group_id=group_id)
     await watcher.start()
     partitions = [TopicPartition(source, p) for p in ends]
     stop = asyncio.Event()
@@ -289,8 +292,10 @@ async def _timed(
 
 
 async def _bare_pipe(settings: Settings, source: str, output: str, stop: asyncio.Event) -> None:
-    consumer = kafka.consumer(settings, source, group_id=f"{settings.topic_prefix}.bare", client_id="bare")
-    producer = kafka.producer(settings, client_id="bare")
+    consumer = kafka.consumer(
+        settings, source, principal=BENCH_USER, group_id=f"{settings.topic_prefix}.bare", client_id="bare"
+    )
+    producer = kafka.producer(settings, principal=BENCH_USER, client_id="bare")
     await producer.start()
     await consumer.start()
     try:
@@ -307,7 +312,7 @@ async def _bare_pipe(settings: Settings, source: str, output: str, stop: asyncio
 
 async def _receipt_outcomes(settings: Settings, topic: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for record in await read_topic(settings, topic):
+    for record in await read_topic(settings, topic, BENCH_USER):
         _, body = decode(record.value or b"")
         outcome = body["outcome"] + (" (duplicate)" if body.get("duplicate") else "")
         counts[outcome] = counts.get(outcome, 0) + 1
@@ -322,6 +327,7 @@ async def throughput(
     scratch = f"{settings.topic_prefix}.bare.receipts"
     bodies = people.registrations(events)
     seeded = await _seed_records(pool, bodies) if seed else "no agency records seeded (--no-records)"
+    await deploy_bus(settings, pool, [AGENCY])
     token = await issue_token(pool, "leeds", "registrar", "benchmark throughput")
     bus = Bus(env, ["intake", "relay", "router"])
     try:
@@ -333,7 +339,7 @@ async def throughput(
             filled_in = time.perf_counter() - filling
     finally:
         await bus.stop()
-    admin = kafka.admin(settings)
+    admin = kafka.admin(settings, principal=Principal.OPERATOR)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(scratch, 1, 1)])
@@ -468,13 +474,13 @@ async def _on_topics(settings: Settings, event_ids: list[str]) -> tuple[set[Deli
     topics = Topics(settings.topic_prefix)
     ours = set(event_ids)
     delivered: set[Delivery] = set()
-    for record in await read_topic(settings, topics.routing_decisions):
+    for record in await read_topic(settings, topics.routing_decisions, BENCH_USER):
         _, body = decode(record.value or b"")
         if str(body["event_id"]) in ours and body["outcome"] == "DELIVERED":
             delivered.add((str(body["event_id"]), body["agency"]))
     receipted: set[Delivery] = set()
     for agency in sorted({agency for _, agency in delivered}):
-        for record in await read_topic(settings, topics.receipts(agency)):
+        for record in await read_topic(settings, topics.receipts(agency), BENCH_USER):
             _, body = decode(record.value or b"")
             if str(body["event_id"]) in ours and body["outcome"] in ("APPLIED", "REJECTED"):
                 receipted.add((str(body["event_id"]), agency))
@@ -501,6 +507,7 @@ async def latency(
     seeded = (
         await _seed_records(pool, warm_up + bodies) if seed else "no agency records seeded (--no-records)"
     )
+    await deploy_bus(settings, pool, await router_store.agencies(pool))  # `tuo run` runs every agency
     token = await issue_token(pool, "leeds", "registrar", "benchmark latency", timedelta(hours=2))
     bus = Bus(env, [])  # no components named: all of them
     try:
@@ -578,23 +585,16 @@ async def latency(
 # Both
 
 
-def _settings(env: dict[str, str], prefix: str) -> tuple[Settings, dict[str, str]]:
+def _settings(stack: ScratchStack, http_port: int, prefix: str) -> tuple[Settings, dict[str, str]]:
     """Settings for this process and the environment for `tuo run`, on topics under ``prefix``."""
-    env = env | {"TUO_TOPIC_PREFIX": prefix}
-    settings = Settings(
-        kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"],
-        database_url=env["TUO_DATABASE_URL"],
-        pseudonym_key=env["TUO_PSEUDONYM_KEY"],
-        topic_prefix=prefix,
-        log_level="WARNING",
-    )
-    return settings, env
+    return stack.settings(prefix), stack.service_env(prefix, http_port)
 
 
 async def measure(
-    env: dict[str, str], events: int, rate: float, seconds: float, only: str | None, seed: bool
+    stack: ScratchStack, events: int, rate: float, seconds: float, only: str | None, seed: bool
 ) -> None:
-    settings, _ = _settings(env, "bench")
+    settings = stack.settings("bench")
+    http_port = _free_port()
     pool = await open_pool(settings)
     people = People()
     try:
@@ -603,23 +603,17 @@ async def measure(
         await seed_offices(pool)
         # Each part on its own topics: the throughput part leaves the other agencies' messages unread.
         if only in (None, "throughput"):
-            await throughput(*_settings(env, "bench-throughput"), pool, people, events, seed)
+            await throughput(*_settings(stack, http_port, "bench-throughput"), pool, people, events, seed)
         if only in (None, "latency"):
-            await latency(*_settings(env, "bench-latency"), pool, people, rate, seconds, seed)
+            await latency(*_settings(stack, http_port, "bench-latency"), pool, people, rate, seconds, seed)
     finally:
         await pool.close()
 
 
 def main(events: int, rate: float, seconds: float, only: str | None, seed: bool) -> None:
-    with scratch_stack() as (state, env):
-        env |= {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "TUO_STATE_DIR": str(state),
-            "TUO_HTTP_PORT": str(_free_port()),
-            "TUO_LOG_LEVEL": "WARNING",
-        }
-        configure_logging(_settings(env, "bench")[0])
-        asyncio.run(measure(env, events, rate, seconds, only, seed))
+    with scratch_stack() as stack:
+        configure_logging(stack.settings("bench"))
+        asyncio.run(measure(stack, events, rate, seconds, only, seed))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ in the same run.
 
     .venv/bin/python -m bench.intake [--events 5000] [--concurrency 32]
 
-Starts its own local stack (Kafka + PostgreSQL in a scratch state directory)
-and runs `tuo run intake relay` as a separate process, as in production. A
-load generator in this process then:
+Starts its own local stack (Kafka + PostgreSQL in a scratch state directory;
+Kafka over TLS with SASL/SCRAM, as the bus uses it) and runs `tuo run intake
+relay` as a separate process, as in production. A load generator in this
+process then:
 
   (a) floor: GET /healthz — the same server, HTTP parsing and one PostgreSQL
       round trip, nothing else;
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import socket
 import statistics
 import sys
@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from bench.scratch import scratch_stack
+from bench.scratch import deploy_bus, scratch_stack
 from producers.accounts import issue_token
 from router.seed import load_seed
 from runtime.database import migrate, open_pool
@@ -84,6 +84,7 @@ async def measure(settings: Settings, env: dict[str, str], events: int, concurre
         await migrate(pool)
         await load_seed(pool)
         await seed_offices(pool)
+        await deploy_bus(settings, pool)  # the relay's ACLs for the bench's topics
         token = await issue_token(pool, "leeds", "registrar", "benchmark")
         server = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).parent / "tuo"), "run", "intake", "relay", env=env
@@ -147,21 +148,9 @@ def _person() -> dict[str, str]:
 
 
 def main(events: int, concurrency: int) -> None:
-    with scratch_stack() as (state, env):
-        env |= {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "TUO_STATE_DIR": str(state),
-            "TUO_HTTP_PORT": str(_free_port()),
-            "TUO_LOG_LEVEL": "WARNING",
-            "TUO_TOPIC_PREFIX": "bench",
-        }
-        settings = Settings(
-            kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"],
-            database_url=env["TUO_DATABASE_URL"],
-            pseudonym_key=env["TUO_PSEUDONYM_KEY"],
-            topic_prefix="bench",
-            log_level="WARNING",
-        )
+    with scratch_stack() as stack:
+        env = stack.service_env("bench", _free_port())
+        settings = stack.settings("bench")
         asyncio.run(measure(settings, env, events, concurrency))
 
 

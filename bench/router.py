@@ -2,10 +2,11 @@
 
     .venv/bin/python -m bench.router [--events 20000]
 
-Starts its own local stack (Kafka + PostgreSQL, in a scratch state directory),
-loads the demo subscriptions, gives every subject consent for the consent-based
-agencies, and puts N DeathRegistered events (~600 bytes) on a fresh life-events
-topic. Then it measures, on the same broker and the same input:
+Starts its own local stack (Kafka + PostgreSQL, in a scratch state directory;
+every Kafka client over TLS with SASL/SCRAM, as the bus's), loads the demo
+subscriptions, gives every subject consent for the consent-based agencies, and
+puts N DeathRegistered events (~600 bytes) on a fresh life-events topic. Then it
+measures, on the same broker and the same input:
 
   (a) bare pipe: a consumer reads each event and produces, per event, one copy to
       each of the 6 agencies' topics and one decision-sized message per agency,
@@ -29,10 +30,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import NewTopic
 from aiokafka.structs import TopicPartition
 
-from bench.scratch import scratch_stack
+from bench.scratch import bench_client_options, deploy_bus, scratch_stack
 from router.seed import load_seed
 from router.service import Router
 from router.store import agencies
+from runtime.access import Principal
 from runtime.database import migrate, open_pool
 from runtime.kafka import Topics, admin, ensure_topics
 from runtime.logging import configure_logging
@@ -42,9 +44,7 @@ from tests.support import death_message, office_key
 
 async def _fill(settings: Settings, events: int, pool: Any) -> None:
     topic = Topics(settings.topic_prefix).life_events
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.require_bootstrap_servers(), linger_ms=20, max_batch_size=256 * 1024
-    )
+    producer = AIOKafkaProducer(**bench_client_options(settings), linger_ms=20, max_batch_size=256 * 1024)
     await producer.start()
     consents = []
     key = await office_key(pool)
@@ -69,15 +69,13 @@ async def _bare_pipe(settings: Settings, events: int, agency_names: list[str]) -
     topics = Topics(settings.topic_prefix)
     consumer = AIOKafkaConsumer(
         topics.life_events,
-        bootstrap_servers=settings.require_bootstrap_servers(),
+        **bench_client_options(settings),
         group_id=f"{settings.topic_prefix}.bare",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.require_bootstrap_servers(), enable_idempotence=True, linger_ms=5
-    )
+    producer = AIOKafkaProducer(**bench_client_options(settings), enable_idempotence=True, linger_ms=5)
     decision_sized = b"d" * 180
     await consumer.start()
     await producer.start()
@@ -115,9 +113,7 @@ async def _router(settings: Settings, pool: Any, events: int) -> float:
     router = Router(settings, pool)
     stop = asyncio.Event()
     topic = Topics(settings.topic_prefix).life_events
-    watcher = AIOKafkaConsumer(
-        bootstrap_servers=settings.require_bootstrap_servers(), group_id=router.group_id
-    )
+    watcher = AIOKafkaConsumer(**bench_client_options(settings), group_id=router.group_id)
     await watcher.start()
     partitions = [TopicPartition(topic, p) for p in range(settings.life_events_partitions)]
     task = asyncio.create_task(router.run(stop))
@@ -143,8 +139,9 @@ async def measure(settings: Settings, events: int) -> None:
         await migrate(pool)
         await load_seed(pool)
         names = await agencies(pool)
-        await ensure_topics(settings, names)
-        client = admin(settings)
+        await deploy_bus(settings, pool)  # no agency consumers here: the router needs no agency accounts
+        await ensure_topics(settings, names, principal=Principal.OPERATOR)
+        client = admin(settings, principal=Principal.OPERATOR)
         await client.start()
         bare_topics = [f"{settings.topic_prefix}.bare.{a}" for a in names] + [
             f"{settings.topic_prefix}.bare.decisions"
@@ -163,13 +160,8 @@ async def measure(settings: Settings, events: int) -> None:
 
 
 def main(events: int) -> None:
-    with scratch_stack() as (_, env):
-        settings = Settings(
-            kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"],
-            database_url=env["TUO_DATABASE_URL"],
-            topic_prefix="bench",
-            log_level="WARNING",
-        )
+    with scratch_stack() as stack:
+        settings = stack.settings("bench")
         configure_logging(settings)
         asyncio.run(measure(settings, events))
 

@@ -38,6 +38,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumers.keys import KeyRing
 from runtime import kafka
+from runtime.access import agency_principal
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.settings import Settings
@@ -231,10 +232,13 @@ class AgencyConsumer:
             self.settings,
             self.topics.agency(self.agency),
             group_id=group_id,
+            principal=agency_principal(self.agency),
             client_id=f"tuo-agency-{self.agency}",
             **self.consumer_options,
         )
-        producer = kafka.producer(self.settings, client_id=f"tuo-agency-{self.agency}")
+        producer = kafka.producer(
+            self.settings, principal=agency_principal(self.agency), client_id=f"tuo-agency-{self.agency}"
+        )
         try:
             await producer.start()
             await consumer.start()
@@ -351,7 +355,10 @@ class AgencyConsumer:
             letter = dead_letter(record, f"agency:{self.agency}", reason)
             pending.append(
                 await producer.send(
-                    self.topics.dead_letters, value=letter.value, key=letter.key, headers=letter.headers
+                    self.topics.agency_dead_letters(self.agency),
+                    value=letter.value,
+                    key=letter.key,
+                    headers=letter.headers,
                 )
             )
             log.warning(

@@ -22,6 +22,7 @@ from aiokafka.structs import ConsumerRecord
 
 from router import audit
 from runtime import kafka
+from runtime.access import Principal
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.settings import Settings
@@ -222,10 +223,14 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
     group_id = f"{settings.topic_prefix}.receipt-tracker"
     pattern = f"(?:{topics.receipts_pattern()})|^{re.escape(topics.routing_decisions)}$"
     consumer = kafka.consumer(
-        settings, group_id=group_id, client_id="tuo-receipt-tracker", metadata_max_age_ms=5000
+        settings,
+        principal=Principal.TRACKER,
+        group_id=group_id,
+        client_id="tuo-receipt-tracker",
+        metadata_max_age_ms=5000,
     )
     consumer.subscribe(pattern=pattern)
-    dead_letters = kafka.producer(settings, client_id="tuo-receipt-tracker")
+    dead_letters = kafka.producer(settings, principal=Principal.TRACKER, client_id="tuo-receipt-tracker")
     deadlines: asyncio.Task[None] | None = None
     try:
         await dead_letters.start()

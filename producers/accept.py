@@ -27,6 +27,7 @@ from producers.office_keys import active_key
 from producers.requests import ConsentChoice, Strict, Submission
 from producers.store import NewEvent, Recorded, consent_agencies, original_event, record_event
 from runtime.kafka import Topics
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode, encode, models
 from schemas.cloudevents import headers_for
@@ -111,6 +112,10 @@ class Intake:
     @property
     def topics(self) -> Topics:
         return Topics(self.settings.topic_prefix)
+
+    @property
+    def sealer(self) -> PayloadSealer:
+        return PayloadSealer.from_settings(self.settings)
 
     async def accept(
         self,
@@ -219,7 +224,7 @@ class Intake:
             )
         if found.voided:
             raise SubmissionRejected([{"field": "reference", "message": "this event has been voided"}])
-        _, body = decode(found.value)
+        _, body = decode(self.sealer.open(found.value, found.event_id))
         return _Original(found.reference, found.event_id, found.event_type, found.subject_id, body)
 
     async def _follow_up(
@@ -308,7 +313,7 @@ class Intake:
                 follows_event_id=follows,
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
-                message_value=value,
+                message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest
                 headers=headers,
             ),
         )

@@ -3,7 +3,10 @@ password (argon2id), and API clients holding a bearer token bound to an office.
 
 Every submission is made by a ``Submitter``: the office it is recorded for, the
 role that decides what it may do, and the name written into the event's
-provenance.
+provenance. No role sees another office's events: a supervisor is a registrar
+who may also void. A token may instead have the ``monitoring`` role, for a
+system that scrapes ``/metrics`` (counts per agency, no personal data): it can
+neither submit nor look up events.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from producers.office_keys import create_key
 
 Role = Literal["registrar", "supervisor"]
 ROLES: tuple[Role, ...] = ("registrar", "supervisor")
+TokenRole = Literal["registrar", "supervisor", "monitoring"]
+TOKEN_ROLES: tuple[TokenRole, ...] = (*ROLES, "monitoring")
 TOKEN_PREFIX = "tuo_"  # noqa: S105 (a marker, not a secret)
 MIN_PASSWORD_LENGTH = 12
 
@@ -148,7 +153,7 @@ def _token_hash(token: str) -> bytes:
 
 
 async def issue_token(
-    pool: asyncpg.Pool, office: str, role: Role, label: str, valid_for: timedelta = timedelta(days=90)
+    pool: asyncpg.Pool, office: str, role: TokenRole, label: str, valid_for: timedelta = timedelta(days=90)
 ) -> str:
     """A new bearer token; only its hash is stored, so this is the one time it is seen."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -170,8 +175,29 @@ async def issue_token(
     return token
 
 
-async def token_submitter(pool: asyncpg.Pool, token: str) -> Submitter | None:
-    """The API client holding this token, if it is current."""
+@dataclass(frozen=True)
+class TokenHolder:
+    """The system holding a current API token."""
+
+    label: str
+    office: str
+    office_name: str
+    role: TokenRole
+
+    @property
+    def client(self) -> str:
+        """Who this is, for counting its requests (labels are unique only within an office)."""
+        return f"api:{self.office}/{self.label}"
+
+    def submitter(self) -> Submitter | None:
+        """The holder as a submitter of events; None for a monitoring token, which may not submit."""
+        if self.role == "monitoring":
+            return None
+        return Submitter(self.office, self.office_name, self.role, f"api:{self.label}", self.label)
+
+
+async def token_holder(pool: asyncpg.Pool, token: str) -> TokenHolder | None:
+    """The system holding this token, if it is current."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     row = await pool.fetchrow(
@@ -182,7 +208,7 @@ async def token_submitter(pool: asyncpg.Pool, token: str) -> Submitter | None:
     )
     if row is None:
         return None
-    return Submitter(row["office"], row["office_name"], row["role"], f"api:{row['label']}", row["label"])
+    return TokenHolder(row["label"], row["office"], row["office_name"], row["role"])
 
 
 async def revoke_tokens(pool: asyncpg.Pool, label: str) -> int:

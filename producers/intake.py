@@ -1,9 +1,12 @@
 """The intake service: the JSON API for other systems, the registrars' HTML
 forms, the schema registry and the office key registry, in one FastAPI app.
 
-API clients authenticate with a bearer token bound to a registration office.
+API clients authenticate with a bearer token bound to a registration office,
+and see only their office's events; ``/metrics`` needs a monitoring token.
 Errors are RFC 9457 problem details. Nothing is written unless the whole
-request is valid (see ``producers.accept``).
+request is valid (see ``producers.accept``). Every response carries the
+security headers (``producers.security_headers``), and every client has a
+request allowance (``producers.rate_limit``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import asyncpg
 import structlog
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Scope
 
 from producers.accept import (
     REFERENCE_ALPHABET,
@@ -29,14 +34,18 @@ from producers.accept import (
     SubmissionRejected,
     VoidRequest,
 )
-from producers.accounts import Submitter, token_submitter
+from producers.accounts import Submitter, TokenHolder, token_holder
 from producers.key_registry import key_registry_router
+from producers.rate_limit import KnownClients, RateLimiter, Throttle, identify
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
+from producers.security_headers import SecurityHeaders, documentation_page
 from producers.store import IdempotencyConflict, Recorded, event_status
-from producers.web import install_web
+from producers.web import install_web, too_many_requests_page, wants_html
+from producers.web.routes import CookiePolicy
 from runtime.database import open_pool
 from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.metrics import receipt_metrics
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas.registry_api import registry_router
 
@@ -171,23 +180,69 @@ IdempotencyKey = Annotated[
 ]
 
 
-async def api_client(
+async def token_client(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Submitter:
-    """The API client presenting a current bearer token."""
+) -> TokenHolder:
+    """The system presenting a current bearer token, whatever its role."""
     if credentials is None:
         raise Unauthenticated
     intake: Intake = request.app.state.intake
-    submitter = await token_submitter(intake.pool, credentials.credentials)
-    if submitter is None:
+    holder = await token_holder(intake.pool, credentials.credentials)
+    identify(request, "token", holder.client if holder is not None else None)
+    if holder is None:
         raise Unauthenticated
+    return holder
+
+
+async def api_client(holder: Annotated[TokenHolder, Depends(token_client)]) -> Submitter:
+    """The API client presenting a current token that may submit and look up events."""
+    submitter = holder.submitter()
+    if submitter is None:
+        raise NotPermitted("a monitoring token may only read /metrics")
     return submitter
 
 
+async def monitoring_client(holder: Annotated[TokenHolder, Depends(token_client)]) -> TokenHolder:
+    """A monitoring system: the only token that may read the metrics (an office's
+    systems have no business with every agency's figures)."""
+    if holder.role != "monitoring":
+        raise NotPermitted("reading metrics needs a monitoring token (tuo tokens issue --role monitoring)")
+    return holder
+
+
 Client = Annotated[Submitter, Depends(api_client)]
+Monitor = Annotated[TokenHolder, Depends(monitoring_client)]
+
+
+class IntakeApp(FastAPI):
+    """The FastAPI app with its whole middleware stack, error responses included,
+    wrapped in the security headers."""
+
+    def __init__(self, *, https: bool, **options: Any) -> None:
+        self.https = https
+        super().__init__(**options)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return SecurityHeaders(super().build_middleware_stack(), https=self.https)
+
+
+def too_many_requests(scope: Scope, retry_after: int) -> Response:
+    """429 with Retry-After: a page for a browser, problem details for the API."""
+    path = str(scope.get("path", ""))
+    accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
+    response: Response
+    if wants_html(path, accept):
+        response = too_many_requests_page(path, retry_after)
+    else:
+        response = problem(
+            429, "Too many requests", f"This client has sent too many requests; try again in {retry_after} s."
+        )
+    response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
+    PayloadSealer.from_settings(settings)  # no data key, no intake: refuse at start, not per request
     settings.require_pseudonym_key()
 
     @asynccontextmanager
@@ -200,11 +255,15 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
             if owned:
                 await app.state.intake.pool.close()
 
-    app = FastAPI(
+    app = IntakeApp(
+        # HSTS only where cookies are Secure, i.e. the service is reached over HTTPS.
+        https=settings.session_cookie_secure,
         title="Tell Us Once intake",
         version="0.2.0",
         description="Record a life event once; every entitled agency is told.",
         lifespan=lifespan,
+        docs_url=None,  # served below, with a content security policy of their own
+        redoc_url=None,
     )
 
     def intake() -> Intake:
@@ -287,8 +346,17 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         return JSONResponse(found)
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(_: Monitor) -> Response:
+        """Receipt figures per agency, for a monitoring system's token."""
         return Response(await receipt_metrics(intake().pool), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return documentation_page(get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} API"))
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return documentation_page(get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} API"))
 
     @app.get("/healthz")
     async def health() -> dict[str, str]:
@@ -300,6 +368,14 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     install_web(app, intake, settings)
     app.add_middleware(JsonOnly)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(
+        Throttle,  # outermost: a refused request is not read
+        requests=RateLimiter(settings.http_rate_limit_per_minute),
+        sign_ins=RateLimiter(settings.sign_in_attempts_per_minute),
+        clients=KnownClients(),
+        session_cookie=CookiePolicy(settings.session_cookie_secure).session,
+        refuse=too_many_requests,
+    )
     return app
 
 
@@ -312,6 +388,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"description": "Body too large", **_PROBLEM_SCHEMA},
     415: {"description": "Body is not JSON", **_PROBLEM_SCHEMA},
     422: {"description": "Invalid request, each bad field named", **_PROBLEM_SCHEMA},
+    429: {"description": "Too many requests from this client; see Retry-After", **_PROBLEM_SCHEMA},
 }
 
 

@@ -28,6 +28,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from uuid import UUID
 
 import asyncpg
 import structlog
@@ -36,6 +37,8 @@ from aiokafka.structs import TopicPartition
 
 from producers.store import OUTBOX_CHANNEL
 from runtime import kafka
+from runtime.access import Principal
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -56,6 +59,7 @@ RELAY_LOCK = 0x7475_6F52
 @dataclass(frozen=True)
 class OutboxRow:
     id: int
+    event_id: UUID
     topic: str
     key: bytes
     value: bytes
@@ -99,7 +103,7 @@ async def claim_batch(conn: asyncpg.Connection, limit: int) -> tuple[int, list[O
     """Stamp the oldest unpublished rows with a new batch number, in one transaction."""
     async with conn.transaction():
         rows = await conn.fetch(
-            "SELECT id, topic, message_key, message_value, headers, relay_batch FROM outbox"
+            "SELECT id, event_id, topic, message_key, message_value, headers, relay_batch FROM outbox"
             " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE",
             limit,
         )
@@ -117,6 +121,7 @@ async def claim_batch(conn: asyncpg.Connection, limit: int) -> tuple[int, list[O
     return batch, [
         OutboxRow(
             id=r["id"],
+            event_id=r["event_id"],
             topic=r["topic"],
             key=r["message_key"],
             value=r["message_value"],
@@ -174,9 +179,10 @@ class OutboxRelay:
     def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
         self.settings = settings
         self.pool = pool
+        self.sealer = PayloadSealer.from_settings(settings)  # outbox payloads are sealed at rest
         self.transactional_id = f"{settings.topic_prefix}.relay"
         self.ledger_group = f"{settings.topic_prefix}.relay"
-        self.ledger_partition = TopicPartition(kafka.Topics(settings.topic_prefix).life_events, 0)
+        self.ledger_partition = TopicPartition(kafka.Topics(settings.topic_prefix).relay_ledger, 0)
         self.ledger: int | None = None  # the last batch known to be committed
         self.ledger_written_at: float | None = None  # monotonic; None: not by this process
         self.wake = asyncio.Event()
@@ -242,7 +248,10 @@ class OutboxRelay:
 
     async def _fresh_producer(self) -> kafka.AIOKafkaProducer:
         producer = kafka.producer(
-            self.settings, client_id="tuo-relay", transactional_id=self.transactional_id
+            self.settings,
+            principal=Principal.RELAY,
+            client_id="tuo-relay",
+            transactional_id=self.transactional_id,
         )
         try:
             await producer.start()  # InitProducerId: fences the previous relay and settles its transaction
@@ -259,7 +268,12 @@ class OutboxRelay:
         batch, rows = claimed
         async with producer.transaction():
             futures = [
-                await producer.send(row.topic, value=row.value, key=row.key, headers=row.headers)
+                await producer.send(
+                    row.topic,
+                    value=self.sealer.open(row.value, row.event_id),
+                    key=row.key,
+                    headers=row.headers,
+                )
                 for row in rows
             ]
             await producer.send_offsets_to_transaction(
@@ -293,7 +307,7 @@ class OutboxRelay:
 
     async def read_ledger(self) -> int | None:
         """The last batch Kafka has recorded as committed; None if it has none."""
-        client = kafka.admin(self.settings)
+        client = kafka.admin(self.settings, principal=Principal.RELAY)
         await client.start()
         try:
             answer = await client.list_consumer_group_offsets(

@@ -36,6 +36,7 @@ from router.rules import (
 )
 from router.store import OriginalEvent, agencies, current_consent, load_subscriptions, original_deliveries
 from runtime import kafka
+from runtime.access import Principal
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
@@ -472,6 +473,7 @@ class Router:
         self.assignments = 0  # bumps on every assignment: batches fetched before it are stale
         self.consumer = kafka.consumer(
             settings,
+            principal=Principal.ROUTER,
             group_id=self.group_id,
             client_id="tuo-router",
             session_timeout_ms=6000,  # the broker's minimum: a crashed router is replaced fast
@@ -517,7 +519,10 @@ class Router:
             self.assignments += 1
             for tp in assigned - set(self.producers):
                 producer = kafka.producer(
-                    self.settings, client_id="tuo-router", transactional_id=self.transactional_id(tp)
+                    self.settings,
+                    principal=Principal.ROUTER,
+                    client_id="tuo-router",
+                    transactional_id=self.transactional_id(tp),
                 )
                 await producer.start()  # InitProducerId: fences and settles the old owner
                 self.producers[tp] = producer
@@ -537,7 +542,10 @@ class Router:
         )
         try:
             # Agencies subscribed since the bus started need their topics before we send to them.
-            await ensure_topics(self.settings, await agencies(self.pool))
+            subscribed = await agencies(self.pool)
+            await ensure_topics(
+                self.settings, subscribed, principal=Principal.ROUTER, bus=False, receipts=False
+            )
             await self.consumer.start()
             log.info("router_started", group_id=self.group_id)
             while not stop.is_set():

@@ -28,9 +28,12 @@ from router import audit
 from router.seed import load_seed
 from router.store import list_subscriptions, set_subscription_status, upsert_subscription
 from router.subscription_request import SubscriptionRequest
+from runtime import access, kafka
+from runtime.access import Principal
 from runtime.database import migrate, open_pool
 from runtime.demo import demo_submissions, seed_agency_records, seed_demo_registrar, seed_offices
 from runtime.kafka import Topics, ensure_topics
+from runtime.kafka_admin import KafkaAdminError, describe_acls
 from runtime.logging import configure_logging
 from runtime.services import COMPONENTS, start_bus
 from runtime.settings import MissingSetting, Settings, load_settings
@@ -59,6 +62,13 @@ receipts_app = typer.Typer(
     help="Agencies' receipts: deadlines, overdue deliveries, redelivery.", no_args_is_help=True
 )
 app.add_typer(receipts_app, name="receipts")
+agencies_app = typer.Typer(
+    help="Agencies' accounts on Kafka: principal, ACLs, topics; onboarding and suspension.",
+    no_args_is_help=True,
+)
+app.add_typer(agencies_app, name="agencies")
+access_app = typer.Typer(help="Kafka ACLs of the bus's components.", no_args_is_help=True)
+app.add_typer(access_app, name="access")
 console = Console()
 err = Console(stderr=True)
 
@@ -70,7 +80,13 @@ def _settings() -> Settings:
 
 
 def _stack(settings: Settings) -> LocalStack:
-    return LocalStack(settings.state_dir, settings.cache_dir, settings.kafka_version, settings.kafka_heap)
+    return LocalStack(
+        settings.state_dir,
+        settings.cache_dir,
+        settings.kafka_version,
+        settings.kafka_heap,
+        settings.topic_prefix,
+    )
 
 
 class DemoRefused(RuntimeError):
@@ -146,6 +162,7 @@ async def _prepare(settings: Settings, seed: bool = True) -> None:
         if seed:
             await load_seed(pool)
             await seed_offices(pool)
+            await access.onboard_subscribed_agencies(settings, pool, by="tuo seed")
     finally:
         await pool.close()
 
@@ -221,6 +238,152 @@ def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
         return asyncio.run(run())
 
 
+@access_app.command("grant")
+def access_grant() -> None:
+    """Give each component (relay, router, tracker, operators' tooling) its ACLs for
+    TUO_TOPIC_PREFIX. Run once per cluster, as a user allowed to alter the cluster;
+    the local stack does it itself."""
+    settings = _settings()
+    try:
+        with _clear_errors():
+            asyncio.run(access.grant_components(settings))
+    except (KafkaAdminError, access.NotInEffect) as exc:
+        raise _fail(str(exc)) from exc
+    for component in Principal:
+        rules = access.component_grants(component, settings.topic_prefix)
+        console.print(f"{component}: {len(rules)} ACL rules")
+
+
+@access_app.command("show")
+def access_show(
+    user: Annotated[str | None, typer.Argument(help="A Kafka user, e.g. agency-hmrc; default: all")] = None,
+) -> None:
+    """The ACL rules the cluster holds."""
+    settings = _settings()
+
+    async def show() -> list[str]:
+        client = kafka.admin(settings, principal=Principal.OPERATOR)
+        await client.start()
+        try:
+            return [str(b) for b in await describe_acls(client, f"User:{user}" if user else None)]
+        finally:
+            await client.close()
+
+    try:
+        with _clear_errors():
+            rules = asyncio.run(show())
+    except KafkaAdminError as exc:
+        raise _fail(str(exc)) from exc
+    for rule in rules:
+        console.print(rule)
+    if not rules:
+        console.print("No ACL rules" + (f" for {user}." if user else "."))
+
+
+SUBSCRIBABLE = ("BirthRegistered", "DeathRegistered", "AddressChanged")
+
+
+@agencies_app.command("add")
+def agencies_add(
+    agency: Annotated[str, typer.Argument(help="Agency code, e.g. council-york")],
+    event_type: Annotated[
+        list[str] | None,
+        typer.Option(help="An event type for its suspended subscription skeleton (repeat); default: all"),
+    ] = None,
+    by: Annotated[str, typer.Option(help="Who onboards it (recorded).")] = "",
+    reinstate: Annotated[
+        bool,
+        typer.Option("--reinstate", help="An agency onboarded before: new password, suspension lifted."),
+    ] = False,
+) -> None:
+    """Onboard an agency: its Kafka principal and password, ACLs (read only its own topic
+    in its own group, write only its own receipts), topics, and a suspended subscription
+    per event type for `tuo subscriptions add` to fill in."""
+    settings = _settings()
+    unknown = sorted(set(event_type or []) - set(SUBSCRIBABLE))
+    if unknown:
+        raise _fail(f"not an event type agencies subscribe to: {', '.join(unknown)}")
+
+    async def onboard(pool: asyncpg.Pool) -> access.Onboarded:
+        return await access.onboard_agency(
+            settings,
+            pool,
+            agency,
+            event_type or SUBSCRIBABLE,
+            by=by.strip() or getpass.getuser(),
+            reinstate=reinstate,
+        )
+
+    try:
+        done = _with_pool(onboard)
+    except (access.NotAnAgencyName, access.AgencyExists, KafkaAdminError, access.NotInEffect) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(
+        f"Onboarded {agency} as Kafka user [bold]{done.principal}[/] with {len(done.grants)} ACL rules:"
+    )
+    for grant in done.grants:
+        console.print(f"  {grant}")
+    if done.topics:
+        console.print(f"Created topics: {', '.join(done.topics)}")
+    if done.skeleton:
+        console.print(f"Suspended subscriptions to fill in: {', '.join(done.skeleton)}")
+    if done.stored:
+        console.print(f"Its password is in {settings.kafka_credentials_file} (the local stack's).")
+    else:
+        # Shown once, never logged: hand it to the agency over a secure channel.
+        console.print(f"Password (shown once; give it to the agency securely): {done.password}")
+
+
+@agencies_app.command("suspend")
+def agencies_suspend(
+    agency: Annotated[str, typer.Argument(help="Agency code")],
+    reason: Annotated[str, typer.Option(help="Why (recorded, 3-500 characters).")],
+    by: Annotated[str, typer.Option(help="Who suspends it (recorded).")] = "",
+) -> None:
+    """Cut an agency off at once: remove its ACLs and password, and suspend its
+    subscriptions. `tuo agencies add` gives it a new password again."""
+    settings = _settings()
+    if not 3 <= len(reason.strip()) <= 500:
+        raise _fail("give a reason of 3 to 500 characters")
+
+    async def suspend(pool: asyncpg.Pool) -> access.Suspended:
+        return await access.suspend_agency(
+            settings, pool, agency, reason=reason.strip(), by=by.strip() or getpass.getuser()
+        )
+
+    try:
+        done = _with_pool(suspend)
+    except (access.NoSuchAgency, KafkaAdminError, access.NotInEffect) as exc:
+        raise _fail(str(exc)) from exc
+    console.print(
+        f"Suspended {agency}: {done.acls_removed} ACL rules removed, "
+        f"password {'removed' if done.credential_removed else 'already absent'}, "
+        f"{done.subscriptions_suspended} subscription(s) suspended."
+    )
+
+
+@agencies_app.command("list")
+def agencies_list() -> None:
+    """Agencies' accounts: status, who onboarded or suspended them, and when."""
+    rows = _with_pool(
+        lambda pool: pool.fetch(
+            "SELECT agency, principal, status, created_by, created_at, suspended_by, suspended_reason"
+            " FROM agency_account ORDER BY agency"
+        )
+    )
+    table = Table("agency", "Kafka user", "status", "onboarded", "suspended by", "reason")
+    for row in rows:
+        table.add_row(
+            row["agency"],
+            row["principal"],
+            row["status"],
+            f"{row['created_at']:%Y-%m-%d %H:%M} by {row['created_by']}",
+            row["suspended_by"] or "-",
+            row["suspended_reason"] or "-",
+        )
+    console.print(table)
+
+
 @subscriptions_app.command("list")
 def subscriptions_list() -> None:
     """Every subscription: agency, event type, legal basis, fields, condition, status."""
@@ -261,7 +424,7 @@ def subscriptions_add(
 
     async def add(pool: asyncpg.Pool) -> None:
         await upsert_subscription(pool, **subscription.as_row())
-        await ensure_topics(load_settings(), [subscription.agency])
+        await ensure_topics(load_settings(), [subscription.agency], principal=Principal.OPERATOR)
 
     _with_pool(add)
     console.print(f"{agency} now receives {event_type} ({', '.join(subscription.fields)}) on {basis} basis.")
@@ -297,6 +460,18 @@ RoleOption = Annotated[str, typer.Option(help="registrar, or supervisor (may als
 def _role(role: str) -> accounts.Role:
     if role not in accounts.ROLES:
         raise _fail(f"role must be one of: {', '.join(accounts.ROLES)}")
+    return role
+
+
+TokenRoleOption = Annotated[
+    str,
+    typer.Option(help="registrar; supervisor (may also void events); or monitoring (may only read /metrics)"),
+]
+
+
+def _token_role(role: str) -> accounts.TokenRole:
+    if role not in accounts.TOKEN_ROLES:
+        raise _fail(f"role must be one of: {', '.join(accounts.TOKEN_ROLES)}")
     return role
 
 
@@ -382,11 +557,11 @@ def users_disable(username: str) -> None:
 def tokens_issue(
     office: Annotated[str, typer.Option(help="The office the token submits for")],
     label: Annotated[str, typer.Option(help="Who holds it, e.g. 'St James hospital system'")],
-    role: RoleOption = "registrar",
+    role: TokenRoleOption = "registrar",
     days: Annotated[int, typer.Option(min=1, max=366, help="Days until it expires")] = 90,
 ) -> None:
     """Issue an API bearer token; it is printed once and only its hash is kept."""
-    checked_role = _role(role)
+    checked_role = _token_role(role)
     token = _account_call(
         lambda pool: accounts.issue_token(pool, office, checked_role, label, timedelta(days=days))
     )

@@ -21,8 +21,10 @@ from runtime.settings import Settings
 __all__ = [
     "AIOKafkaConsumer",
     "AIOKafkaProducer",
+    "NoCredentials",
     "Topics",
     "admin",
+    "connection_options",
     "consumer",
     "ensure_topics",
     "producer",
@@ -52,8 +54,19 @@ class Topics:
     def dead_letters(self) -> str:
         return f"{self.prefix}.dead-letters"
 
+    @property
+    def relay_ledger(self) -> str:
+        """Never written: the relay commits its ledger offset here, so it needs no
+        access to the life-events topic beyond writing."""
+        return f"{self.prefix}.relay-ledger"
+
     def agency(self, agency: str) -> str:
         return f"{self.prefix}.agency.{agency}"
+
+    def agency_dead_letters(self, agency: str) -> str:
+        """Events an agency's consumer could not handle: its own topic, so that no agency
+        writes where another component's (or another agency's) dead letters are."""
+        return f"{self.prefix}.dead-letters.agency.{agency}"
 
     def receipts(self, agency: str) -> str:
         return f"{self.prefix}.receipts.{agency}"
@@ -75,27 +88,45 @@ class TopicCreationFailed(RuntimeError):
         )
 
 
-def _connection(settings: Settings) -> dict[str, Any]:
+class NoCredentials(RuntimeError):
+    """SASL is configured but nothing says which password a principal uses."""
+
+    def __init__(self, principal: str) -> None:
+        super().__init__(
+            f"no Kafka credentials for {principal!r}: set TUO_KAFKA_SASL_USERNAME and "
+            "TUO_KAFKA_SASL_PASSWORD, or name it in TUO_KAFKA_CREDENTIALS_FILE"
+        )
+
+
+def connection_options(
+    settings: Settings, principal: str, credentials: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """Bootstrap servers, TLS and SASL for a client acting as ``principal`` (with the
+    given user name and password, or else those the settings name for it)."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.require_bootstrap_servers(),
         "security_protocol": settings.kafka_security_protocol,
     }
     if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        # Verifies the broker's certificate and host name against this CA only.
         options["ssl_context"] = ssl.create_default_context(
             cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
         )
-    if settings.kafka_sasl_mechanism:
-        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        options["sasl_plain_username"] = settings.kafka_sasl_username
-        if settings.kafka_sasl_password is not None:
-            options["sasl_plain_password"] = settings.kafka_sasl_password.get_secret_value()
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        credentials = credentials or settings.kafka_credentials(principal)
+        if credentials is None:
+            raise NoCredentials(principal)
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism or "SCRAM-SHA-512"
+        options["sasl_plain_username"], options["sasl_plain_password"] = credentials
     return options
 
 
-def producer(settings: Settings, *, client_id: str, transactional_id: str | None = None) -> AIOKafkaProducer:
+def producer(
+    settings: Settings, *, principal: str, client_id: str, transactional_id: str | None = None
+) -> AIOKafkaProducer:
     """An idempotent producer (acks=all); transactional when given an id."""
     return AIOKafkaProducer(
-        **_connection(settings),
+        **connection_options(settings, principal),
         client_id=client_id,
         enable_idempotence=True,
         transactional_id=transactional_id,
@@ -104,12 +135,12 @@ def producer(settings: Settings, *, client_id: str, transactional_id: str | None
 
 
 def consumer(
-    settings: Settings, *topics: str, group_id: str, client_id: str, **extra: Any
+    settings: Settings, *topics: str, principal: str, group_id: str | None, client_id: str, **extra: Any
 ) -> AIOKafkaConsumer:
     """A read_committed consumer that never auto-commits: callers commit after their work."""
     return AIOKafkaConsumer(
         *topics,
-        **_connection(settings),
+        **connection_options(settings, principal),
         group_id=group_id,
         client_id=client_id,
         isolation_level="read_committed",
@@ -119,23 +150,39 @@ def consumer(
     )
 
 
-def admin(settings: Settings) -> AIOKafkaAdminClient:
-    return AIOKafkaAdminClient(**_connection(settings), client_id="tuo-admin")
+def admin(settings: Settings, *, principal: str) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**connection_options(settings, principal), client_id=f"tuo-admin-{principal}")
 
 
-async def ensure_topics(settings: Settings, agencies: Iterable[str]) -> list[str]:
-    """Create the bus's topics that do not exist yet; return those created."""
+async def ensure_topics(
+    settings: Settings,
+    agencies: Iterable[str],
+    *,
+    principal: str,
+    bus: bool = True,
+    receipts: bool = True,
+) -> list[str]:
+    """Create the bus's topics that do not exist yet; return those created.
+
+    ``bus`` covers the shared topics, ``receipts`` the agencies' receipt topics; the
+    router, which may create only agencies' topics, asks for neither.
+    """
     topics = Topics(settings.topic_prefix)
-    wanted = {
-        topics.life_events: settings.life_events_partitions,
-        topics.routing_decisions: settings.life_events_partitions,
-        topics.redeliveries: settings.life_events_partitions,
-        topics.dead_letters: 1,
-    }
+    wanted: dict[str, int] = {}
+    if bus:
+        wanted = {
+            topics.life_events: settings.life_events_partitions,
+            topics.routing_decisions: settings.life_events_partitions,
+            topics.redeliveries: settings.life_events_partitions,
+            topics.dead_letters: 1,
+            topics.relay_ledger: 1,
+        }
     for agency in agencies:
         wanted[topics.agency(agency)] = 1
-        wanted[topics.receipts(agency)] = 1
-    client = admin(settings)
+        if receipts:
+            wanted[topics.receipts(agency)] = 1
+            wanted[topics.agency_dead_letters(agency)] = 1
+    client = admin(settings, principal=principal)
     await client.start()
     try:
         existing = set(await client.list_topics())

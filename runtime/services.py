@@ -23,6 +23,7 @@ from producers.intake import create_app
 from producers.relay import run_relay
 from router import store as router_store
 from router.service import run_router
+from runtime.access import Principal, agency_principal, credentials_file
 from runtime.kafka import ensure_topics
 from runtime.settings import Settings
 from schemas.catalogue import CATALOGUE, activate
@@ -83,6 +84,8 @@ async def _serve_http(
         log_level="warning",
         access_log=False,
         lifespan="on",
+        proxy_headers=bool(settings.http_forwarded_allow_ips),
+        forwarded_allow_ips=settings.http_forwarded_allow_ips or None,
     )
     server = _EmbeddedServer(config)
     serving = asyncio.create_task(server.serve())
@@ -100,6 +103,28 @@ async def _serve_http(
     await serving
 
 
+async def _reference_agencies(settings: Settings, pool: asyncpg.Pool, subscribed: list[str]) -> list[str]:
+    """The subscribed agencies whose consumers this process can run: not suspended,
+    and, on a secured cluster, with a password in the local credentials file."""
+    suspended = {
+        row["agency"]
+        for row in await pool.fetch("SELECT agency FROM agency_account WHERE status = 'suspended'")
+    }
+    store = credentials_file(settings)
+    passwords = store.read() if store is not None else {}
+    runnable = []
+    for agency in subscribed:
+        if agency in suspended:
+            continue
+        if settings.kafka_security_protocol.startswith("SASL_") and agency_principal(agency) not in passwords:
+            log.warning(
+                "agency_consumer_not_started", agency=agency, reason="no Kafka credentials for it here"
+            )
+            continue
+        runnable.append(agency)
+    return runnable
+
+
 async def start_bus(
     settings: Settings, pool: asyncpg.Pool, components: Sequence[str] = COMPONENTS
 ) -> RunningBus:
@@ -114,7 +139,14 @@ async def start_bus(
             )
         )
     agencies = await router_store.agencies(pool)
-    await ensure_topics(settings, agencies)
+    operator = settings.kafka_credentials(Principal.OPERATOR)
+    if not settings.kafka_security_protocol.startswith("SASL_") or (
+        operator and operator[0] == Principal.OPERATOR
+    ):
+        # Only where this process may act as the operators' tooling (the local stack, an
+        # operator's shell). A deployment that gives each component only its own password
+        # creates the topics beforehand (`tuo agencies add`); the router makes new agencies'.
+        await ensure_topics(settings, agencies, principal=Principal.OPERATOR)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
 
@@ -126,7 +158,7 @@ async def start_bus(
     if "router" in components:
         add("router", lambda s: run_router(settings, pool, s))
     if "agencies" in components:
-        for agency in agencies:
+        for agency in await _reference_agencies(settings, pool, agencies):
             consumer = AgencyConsumer(settings, pool, agency, handler_for(agency))
             add(f"agency:{agency}", consumer.run)
     if "tracker" in components:

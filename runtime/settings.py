@@ -9,6 +9,7 @@ a matter of setting the variables.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +46,14 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
-    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_cafile: Path | None = Field(
+        default=None, description="The CA that signed the brokers' certificates; unset: the system's CAs."
+    )
+    kafka_credentials_file: Path | None = Field(
+        default=None,
+        description="The local stack's file of Kafka passwords, one per principal (mode 0600); "
+        "a component connects as its own principal when the file names it, else as kafka_sasl_username.",
+    )
     topic_prefix: str = Field(default="tuo", pattern=r"^[a-zA-Z0-9._-]{1,40}$")
     life_events_partitions: int = Field(default=3, ge=1, le=1000)
     topic_replication_factor: int = Field(default=1, ge=1, le=10)
@@ -58,6 +66,14 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Requests a minute per client (an API token's holder or a signed-in registrar, else an
+    # address), a minute's worth at once at most; and sign-in attempts a minute per address,
+    # far fewer, against password guessing across usernames.
+    http_rate_limit_per_minute: int = Field(default=3000, ge=1, le=1_000_000)
+    sign_in_attempts_per_minute: int = Field(default=20, ge=1, le=10_000)
+    # Addresses of reverse proxies whose X-Forwarded-For is believed (comma-separated, "*"
+    # for any). Unset: none, so no client can choose the address its rate limit counts.
+    http_forwarded_allow_ips: str = ""
     # Registrars' web forms: server-side sessions. Cookies are Secure (HTTPS only) unless
     # this is turned off for plain-http development and tests on localhost.
     session_cookie_secure: bool = True
@@ -90,6 +106,10 @@ class Settings(BaseSettings):
 
     # Deriving pseudonymous subject ids from identifiers such as the NINO.
     pseudonym_key: SecretStr | None = None
+    # Sealing outbox payloads (personal data) at rest: AES-256-GCM, 32 bytes in URL-safe
+    # base64. Rotate by moving the old key to data_keys_previous (a JSON list).
+    data_key: SecretStr | None = None
+    data_keys_previous: list[SecretStr] = Field(default_factory=list)
 
     # Local stack
     kafka_version: str = "4.3.1"
@@ -112,6 +132,19 @@ class Settings(BaseSettings):
                 "start the local stack with `tuo stack up` or point it at a Kafka cluster",
             )
         return self.kafka_bootstrap_servers
+
+    def kafka_credentials(self, principal: str) -> tuple[str, str] | None:
+        """The user name and password to connect as ``principal`` (see kafka_credentials_file)."""
+        if self.kafka_credentials_file is not None:
+            try:
+                known = json.loads(self.kafka_credentials_file.read_text())
+            except FileNotFoundError:
+                known = {}
+            if principal in known:
+                return principal, str(known[principal])
+        if self.kafka_sasl_username is None or self.kafka_sasl_password is None:
+            return None
+        return self.kafka_sasl_username, self.kafka_sasl_password.get_secret_value()
 
     def schema_registry_auth(self) -> tuple[str, str] | None:
         if self.schema_registry_username is None or self.schema_registry_password is None:

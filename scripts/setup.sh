@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything Tell Us Once needs on a fresh Debian machine, idempotently:
-# OS packages (PostgreSQL server, a JDK, Maven, kcat, Chromium, npm) with apt-get, Python packages
+# OS packages (PostgreSQL server, a JDK, Maven, Chromium, npm) with apt-get, Python packages
 # into .venv with pip, GOV.UK Frontend and axe-core into node_modules with npm, and Apache Kafka's
 # jars from Maven Central into .tuo/cache.
 set -euo pipefail
@@ -10,7 +10,6 @@ need_apt=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || need_apt+=(postgresql postgresql-client)
 command -v java > /dev/null || need_apt+=(openjdk-17-jre-headless)
 command -v mvn > /dev/null || need_apt+=(maven)
-command -v kcat > /dev/null || need_apt+=(kcat)
 python3 -c 'import venv, ensurepip' 2> /dev/null || need_apt+=(python3-venv)
 command -v chromium > /dev/null || need_apt+=(chromium)  # the browser tests drive it
 command -v npm > /dev/null || need_apt+=(nodejs npm)

@@ -9,6 +9,7 @@ instead. If neither can be had, the integration tests fail; they never skip.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import subprocess
 import tempfile
@@ -22,13 +23,15 @@ import pytest
 
 from producers.accounts import issue_token
 from router.seed import load_seed
+from runtime.access import onboard_subscribed_agencies
 from runtime.database import migrate, open_pool
 from runtime.demo import seed_agency_records, seed_offices
+from runtime.sealing import new_data_key
 from runtime.services import RunningBus, start_bus
 from runtime.settings import Settings
 from runtime.stack import LocalStack
 from schemas.validation import today_in_the_uk
-from tests.support import docker_engine_reachable, test_backend
+from tests.support import docker_engine_reachable, grant_inspector, settings_from_stack, test_backend
 
 PROJECT = Path(__file__).resolve().parent.parent
 CACHE_DIR = PROJECT / ".tuo" / "cache"
@@ -54,16 +57,18 @@ def services() -> Iterator[Settings]:
     stack = LocalStack(state_dir, CACHE_DIR, KAFKA_VERSION)
     try:
         stack.up()  # raises StackError with the broker's log when it cannot start
-        env = dict(line.split("=", 1) for line in stack.env_file.read_text().splitlines() if "=" in line)
-        yield Settings(
+        settings = settings_from_stack(
+            stack.env_file,
             state_dir=state_dir,
             cache_dir=CACHE_DIR,
-            kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"],
-            database_url=env["TUO_DATABASE_URL"],
             pseudonym_key="test-pseudonym-key-" + uuid.uuid4().hex,
             http_port=0,
             overdue_check_seconds=1,
+            # Every test signs in from 127.0.0.1; tests/test_http_security.py proves the limit.
+            sign_in_attempts_per_minute=10_000,
         )
+        asyncio.run(grant_inspector(settings))
+        yield settings
     finally:
         stack.purge()
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -78,6 +83,7 @@ def _containers() -> Iterator[Settings]:
         PostgresContainer("postgres:15", driver=None) as postgres,
     ):
         yield Settings(
+            data_key=new_data_key(),
             kafka_bootstrap_servers=kafka.get_bootstrap_server(),
             database_url=postgres.get_connection_url(),
             pseudonym_key="test-pseudonym-key-" + uuid.uuid4().hex,
@@ -94,6 +100,7 @@ async def pool(services: Settings) -> AsyncIterator[asyncpg.Pool]:
     await seed_offices(pool)  # leeds, bradford, online
     # The reference agencies know the demo's people, who include death_registration()'s.
     await seed_agency_records(pool, today_in_the_uk())
+    await onboard_subscribed_agencies(services, pool, by="tests")
     yield pool
     await pool.close()
 

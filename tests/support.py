@@ -10,13 +10,16 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from producers.office_keys import SigningKey
+from runtime import kafka
+from runtime.access import grant_full_access
 from runtime.settings import Settings
 from schemas.validation import today_in_the_uk
 
@@ -49,11 +52,61 @@ async def eventually(
         await asyncio.sleep(0.1)
 
 
-async def read_topic(settings: Settings, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
+# The tests' own Kafka user: it may read and write everything, so that tests can look
+# at any topic and play a hostile client. The bus itself never uses it.
+INSPECTOR = "test-inspector"
+
+
+async def grant_inspector(settings: Settings) -> None:
+    """Create the inspector's user and ACLs, as the operators' tooling would."""
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        await grant_full_access(settings, INSPECTOR)
+
+
+def inspector_producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
+    """A plain (not idempotent) producer as the inspector, for writing raw test messages."""
+    return AIOKafkaProducer(**kafka.connection_options(settings, INSPECTOR), **options)
+
+
+def inspector_consumer(settings: Settings, *topics: str, **options: Any) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(*topics, **kafka.connection_options(settings, INSPECTOR), **options)
+
+
+def kafka_env(settings: Settings) -> dict[str, str]:
+    """The TUO_KAFKA_* variables that give a child process these settings' Kafka access."""
+    env = {
+        "TUO_KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap_servers(),
+        "TUO_KAFKA_SECURITY_PROTOCOL": settings.kafka_security_protocol,
+    }
+    optional = {
+        "TUO_KAFKA_SASL_MECHANISM": settings.kafka_sasl_mechanism,
+        "TUO_KAFKA_SSL_CAFILE": settings.kafka_ssl_cafile,
+        "TUO_KAFKA_CREDENTIALS_FILE": settings.kafka_credentials_file,
+        "TUO_KAFKA_SASL_USERNAME": settings.kafka_sasl_username,
+        "TUO_KAFKA_SASL_PASSWORD": settings.kafka_sasl_password.get_secret_value()
+        if settings.kafka_sasl_password
+        else None,
+    }
+    env.update({name: str(value) for name, value in optional.items() if value is not None})
+    return env
+
+
+def settings_from_stack(env_file: Path, **overrides: Any) -> Settings:
+    """Settings from a local stack's env file, as its clients would have them."""
+    values: dict[str, Any] = {
+        name.removeprefix("TUO_").lower(): value
+        for name, value in (line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    }
+    return Settings(**{**values, **overrides})
+
+
+async def read_topic(
+    settings: Settings, topic: str, principal: str = INSPECTOR
+) -> list[ConsumerRecord[bytes, bytes]]:
     """Every committed message on ``topic`` right now (read_committed, from the start)."""
     consumer = AIOKafkaConsumer(
-        topic,  # no group: every partition is assigned to us
-        bootstrap_servers=settings.require_bootstrap_servers(),
+        topic,
+        **kafka.connection_options(settings, principal),  # no group: every partition is assigned to us
         isolation_level="read_committed",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -176,3 +229,17 @@ def tuo_cli(settings: Settings, *args: str, input: str | None = None) -> tuple[i
     env = {"TUO_STATE_DIR": str(settings.state_dir), "COLUMNS": "250", "TUO_LOG_LEVEL": "WARNING"}
     result = CliRunner().invoke(app, list(args), env=env, input=input)
     return result.exit_code, result.output
+
+
+async def known_to_every_agency(pool: asyncpg.Pool, nino: str, person: Any, partner: Any, home: Any) -> None:
+    """Records for ``person`` at hmrc (tax), dwp (a pension of £210 a week), dvla (a licence)
+    and council-leeds (a household at ``home`` with ``partner``)."""
+    from consumers.agencies import records
+
+    async with pool.acquire() as conn, conn.transaction():
+        await records.open_tax_record(conn, nino, person, home)
+        await records.award_pension(conn, nino, 21_000, today())
+        await records.issue_driving_licence(conn, person, home)
+        await records.register_household(
+            conn, "council-leeds", home, [records.Resident(person), records.Resident(partner)]
+        )

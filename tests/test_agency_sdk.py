@@ -13,10 +13,11 @@ import pytest
 
 from consumers import sdk
 from consumers.sdk import AgencyConsumer, DeliveredEvent, HandlerFailed, RejectEvent
+from runtime.access import Principal, onboard_agency
 from runtime.kafka import TopicCreationFailed, Topics, ensure_topics
 from runtime.settings import Settings
 from schemas import decode
-from tests.support import death_registration, eventually, header, read_topic
+from tests.support import death_registration, eventually, header, inspector_producer, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +104,7 @@ async def test_agency_with_a_broken_handler_sends_rejected_receipts_and_dead_let
 ) -> None:
     monkeypatch.setattr(sdk, "HANDLER_BACKOFF_SECONDS", 0.01)
     topics = Topics(services.topic_prefix)
-    await ensure_topics(services, ["test-broken"])
+    await onboard_agency(services, pool, "test-broken", [], by="tests")
     accepted = (await intake.post("/v1/death-registrations", json=death_registration())).json()
 
     async def delivered_to_dwp() -> Any:
@@ -111,9 +112,7 @@ async def test_agency_with_a_broken_handler_sends_rejected_receipts_and_dead_let
         return next((r for r in records if header(r, "ce_id") == accepted["event_id"]), None)
 
     message = await eventually(delivered_to_dwp, what="the event on dwp's topic")
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=services.require_bootstrap_servers())
+    producer = inspector_producer(services)
     await producer.start()
     await producer.send_and_wait(
         topics.agency("test-broken"), value=message.value, key=message.key, headers=list(message.headers)
@@ -139,7 +138,7 @@ async def test_agency_with_a_broken_handler_sends_rejected_receipts_and_dead_let
         assert receipt["reason"] == "handler failed 3 times: RuntimeError"
         letters = [
             r
-            for r in await read_topic(services, topics.dead_letters)
+            for r in await read_topic(services, topics.agency_dead_letters("test-broken"))
             if header(r, "ce_id") == accepted["event_id"]
             and header(r, "tuo_dlq_component") == "agency:test-broken"
         ]
@@ -154,4 +153,4 @@ async def test_topic_creation_refused_by_the_broker_is_an_error_not_silence(serv
         update={"topic_prefix": "rf3-" + uuid.uuid4().hex[:8], "topic_replication_factor": 3}
     )
     with pytest.raises(TopicCreationFailed, match="replication factor"):
-        await ensure_topics(impossible, ["dwp"])
+        await ensure_topics(impossible, ["dwp"], principal=Principal.OPERATOR)

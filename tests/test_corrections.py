@@ -10,7 +10,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from producers.accept import subject_id_for
 from runtime.kafka import Topics
@@ -19,7 +18,15 @@ from schemas import decode, encode
 from schemas.cloudevents import headers_for
 from schemas.signatures import office_source, signature_headers
 from tests.golden.make_vectors import ENVELOPE
-from tests.support import death_registration, eventually, header, office_key, random_nino, read_topic
+from tests.support import (
+    death_registration,
+    eventually,
+    header,
+    inspector_producer,
+    office_key,
+    random_nino,
+    read_topic,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +58,7 @@ async def _publish(
         **body,
     }
     value = encode(name, record)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.require_bootstrap_servers())
+    producer = inspector_producer(settings)
     await producer.start()
     try:
         await producer.send_and_wait(

@@ -9,14 +9,13 @@ from datetime import UTC, datetime
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import encode
 from schemas.cloudevents import CloudEvent
-from tests.support import death_registration, eventually, header, read_topic
+from tests.support import death_registration, eventually, header, inspector_producer, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +28,7 @@ def encode_death() -> bytes:
 
 async def _produce(settings: Settings, topic: str, value: bytes, headers: list[tuple[str, bytes]]) -> str:
     marker = uuid.uuid4().hex
-    producer = AIOKafkaProducer(bootstrap_servers=settings.require_bootstrap_servers())
+    producer = inspector_producer(settings)
     await producer.start()
     try:
         await producer.send_and_wait(topic, value=value, key=marker.encode(), headers=headers)
@@ -38,8 +37,11 @@ async def _produce(settings: Settings, topic: str, value: bytes, headers: list[t
     return marker
 
 
-async def _dead_letter(settings: Settings, marker: str) -> ConsumerRecord[bytes, bytes]:
-    topic = Topics(settings.topic_prefix).dead_letters
+async def _dead_letter(
+    settings: Settings, marker: str, topic: str | None = None
+) -> ConsumerRecord[bytes, bytes]:
+    """The dead letter carrying ``marker``, on the shared topic unless another is named."""
+    topic = topic or Topics(settings.topic_prefix).dead_letters
 
     async def found() -> ConsumerRecord[bytes, bytes] | None:
         for record in await read_topic(settings, topic):
@@ -133,7 +135,7 @@ async def test_agency_consumer_dead_letters_a_message_it_cannot_decode(services:
         b"\x00\x00\x00\x00\x02\xff\xff\xff",
         CloudEvent(id=str(uuid.uuid4()), type="DeathRegistered", source="/evil").headers(),
     )
-    letter = await _dead_letter(services, marker)
+    letter = await _dead_letter(services, marker, topics.agency_dead_letters("hmpo"))
     assert header(letter, "tuo_dlq_component") == "agency:hmpo"
     assert "does not decode" in (header(letter, "tuo_dlq_reason") or "")
 

@@ -10,12 +10,19 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from runtime.kafka import Topics
 from runtime.settings import Settings
-from tests.support import death_registration, eventually, header, random_nino, read_topic, today
+from tests.support import (
+    death_registration,
+    eventually,
+    header,
+    inspector_consumer,
+    random_nino,
+    read_topic,
+    today,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -103,7 +110,7 @@ async def _written(pool: asyncpg.Pool) -> tuple[int, int, int]:
 
 async def _life_events_end(settings: Settings) -> int:
     topic = Topics(settings.topic_prefix).life_events
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.require_bootstrap_servers())
+    consumer = inspector_consumer(settings)
     await consumer.start()
     try:
         partitions = [TopicPartition(topic, p) for p in range(settings.life_events_partitions)]

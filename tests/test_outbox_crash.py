@@ -32,13 +32,16 @@ from producers.office_keys import SigningKey
 from producers.relay import LedgerLost, OutboxRelay, claim_batch
 from producers.store import NewEvent, record_event
 from runtime import kafka
+from runtime.access import Principal
 from runtime.database import migrate, open_pool
 from runtime.kafka import Topics, ensure_topics
+from runtime.kafka_admin import new_password
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from runtime.stack.kafka import KafkaBroker, ensure_jars, new_cluster_id
 from runtime.stack.processes import free_port
 from tests.conftest import CACHE_DIR, KAFKA_VERSION, PROJECT, processes_mentioning
-from tests.support import death_message, eventually, header, office_key, read_topic
+from tests.support import death_message, eventually, header, kafka_env, office_key, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -71,6 +74,8 @@ async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Kafk
         broker_port=free_port(),
         controller_port=free_port(),
         cluster_id=new_cluster_id(),
+        super_password=new_password(),
+        keystore_password=new_password(),
         heap="512m",
     )
     try:
@@ -91,6 +96,12 @@ async def world(
     settings = services.model_copy(
         update={
             "kafka_bootstrap_servers": broker.bootstrap_servers,
+            # This broker has none of the bus's principals: every client is its super user.
+            # The relay's crash safety is under test here, not its ACLs.
+            "kafka_ssl_cafile": broker.tls.ca_file,
+            "kafka_credentials_file": None,
+            "kafka_sasl_username": "broker",
+            "kafka_sasl_password": SecretStr(broker.super_password),
             "database_url": SecretStr(url),
             "topic_prefix": f"relay{uuid.uuid4().hex[:8]}",
             "state_dir": tmp_path / "no-stack",
@@ -100,7 +111,7 @@ async def world(
         own = await open_pool(settings)
         try:
             await migrate(own)
-            await ensure_topics(settings, [])
+            await ensure_topics(settings, [], principal=Principal.OPERATOR)
             yield World(settings, own, database, await office_key(own), tmp_path)
         finally:
             await own.close()
@@ -113,9 +124,10 @@ async def start_relay(world: World) -> asyncio.subprocess.Process:
     assert settings.pseudonym_key is not None
     env = {
         **{name: value for name, value in os.environ.items() if not name.startswith("TUO_")},
-        "TUO_KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap_servers(),
+        **kafka_env(settings),
         "TUO_DATABASE_URL": settings.require_database_url(),
         "TUO_PSEUDONYM_KEY": settings.pseudonym_key.get_secret_value(),
+        "TUO_DATA_KEY": settings.data_key.get_secret_value() if settings.data_key else "",
         "TUO_TOPIC_PREFIX": settings.topic_prefix,
         "TUO_STATE_DIR": str(settings.state_dir),
         "TUO_LOG_LEVEL": "INFO",
@@ -169,7 +181,7 @@ def new_event(world: World, n: int) -> NewEvent:
         consents=[],
         topic=world.topic,
         message_key=subject_id.encode(),
-        message_value=value,
+        message_value=PayloadSealer.from_settings(world.settings).seal(value, uuid.UUID(event_id)),
         headers=headers,
     )
 
@@ -211,7 +223,9 @@ async def settle_relay_transactions(world: World, settings: Settings) -> None:
     complete: a commit returns before the broker has written the commit markers, so a
     read_committed reader sees a just-committed batch only a moment later."""
     transactional_id = OutboxRelay(settings, world.pool).transactional_id
-    producer = kafka.producer(settings, client_id="relay-test", transactional_id=transactional_id)
+    producer = kafka.producer(
+        settings, principal=Principal.RELAY, client_id="relay-test", transactional_id=transactional_id
+    )
     await producer.start()
     await producer.stop()
 
@@ -256,7 +270,7 @@ async def _read_uncommitted(world: World) -> dict[str, list[tuple[int, int]]]:
     """Where each event id is in the log, committed or not (to explain a failure)."""
     consumer = AIOKafkaConsumer(
         world.topic,
-        bootstrap_servers=world.settings.require_bootstrap_servers(),
+        **kafka.connection_options(world.settings, "broker"),
         isolation_level="read_uncommitted",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
@@ -409,7 +423,7 @@ async def test_relay_without_its_ledger_refuses_to_guess_about_claimed_rows(worl
     assert claimed is not None
     batch, _ = claimed
     elsewhere = world.settings.model_copy(update={"topic_prefix": world.settings.topic_prefix + "x"})
-    await ensure_topics(elsewhere, [])
+    await ensure_topics(elsewhere, [], principal=Principal.OPERATOR)
 
     with pytest.raises(LedgerLost) as refused:
         await OutboxRelay(elsewhere, world.pool).run(asyncio.Event())

@@ -27,14 +27,25 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from consumers import sdk
-from consumers.agencies import records
 from consumers.sdk import AgencyConsumer, DeliveredEvent, Handler
+from producers.accounts import issue_token
 from router.store import record_consent, upsert_subscription
 from runtime import kafka
-from runtime.kafka import Topics, ensure_topics
+from runtime.access import Principal, agency_principal, onboard_agency
+from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode, models
-from tests.support import death_registration, eventually, header, random_nino, read_topic, today, tuo_cli
+from tests.support import (
+    death_registration,
+    eventually,
+    header,
+    kafka_env,
+    known_to_every_agency,
+    random_nino,
+    read_topic,
+    today,
+    tuo_cli,
+)
 
 pytestmark = pytest.mark.integration
 PROJECT = Path(__file__).resolve().parent.parent
@@ -51,7 +62,19 @@ async def _subscribe(settings: Settings, pool: asyncpg.Pool, agency: str, distri
         fields=["deceased", "date_of_death", "last_address"],
         condition={"postcode_areas": [district]},
     )
-    await ensure_topics(settings, [agency])
+    await onboard_agency(settings, pool, agency, [], by="tests", reinstate=True)
+
+
+@pytest.fixture(scope="module")
+async def monitoring_token(pool: asyncpg.Pool) -> str:
+    """What a Prometheus server scrapes /metrics with."""
+    return await issue_token(pool, "leeds", "monitoring", "receipts test monitoring")
+
+
+async def _metrics(intake: httpx.AsyncClient, monitoring_token: str) -> str:
+    response = await intake.get("/metrics", headers={"Authorization": f"Bearer {monitoring_token}"})
+    assert response.status_code == 200, response.text
+    return response.text
 
 
 async def _register(intake: httpx.AsyncClient, postcode: str, family_name: str = "Example") -> dict[str, Any]:
@@ -162,7 +185,7 @@ def _component_env(settings: Settings, home: Path) -> dict[str, str]:
     assert settings.database_url is not None
     return {
         **{k: v for k, v in os.environ.items() if not k.startswith("TUO_")},
-        "TUO_KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap_servers(),
+        **kafka_env(settings),
         "TUO_DATABASE_URL": settings.database_url.get_secret_value(),
         "TUO_TOPIC_PREFIX": settings.topic_prefix,
         "TUO_STATE_DIR": str(home / "no-stack"),
@@ -346,7 +369,7 @@ async def test_poison_event_is_rejected_with_its_reason_and_dead_lettered_and_la
     assert [await effects(e) for e in (before, poison, after)] == [1, 0, 1]
     letters = [
         r
-        for r in await read_topic(services, Topics(services.topic_prefix).dead_letters)
+        for r in await read_topic(services, Topics(services.topic_prefix).agency_dead_letters("t-poison"))
         if header(r, "ce_id") == poison and header(r, "tuo_dlq_component") == "agency:t-poison"
     ]
     assert len(letters) == 1
@@ -392,7 +415,7 @@ async def test_slow_handler_gets_a_received_receipt_and_keeps_its_place_in_the_g
 
 
 async def _group_members(settings: Settings, group: str) -> list[str]:
-    client = kafka.admin(settings)
+    client = kafka.admin(settings, principal=Principal.OPERATOR)
     await client.start()
     try:
         [response] = await client.describe_consumer_groups([group])
@@ -408,6 +431,7 @@ async def test_agency_that_never_answers_is_flagged_overdue_after_its_deadline_a
     pool: asyncpg.Pool,
     intake: httpx.AsyncClient,
     agency_consumers: Callable[..., None],
+    monitoring_token: str,
 ) -> None:
     await _subscribe(services, pool, "t-silent", "HS1")
     code, output = await asyncio.to_thread(tuo_cli, services, "receipts", "deadline", "t-silent", "0.05")
@@ -432,7 +456,7 @@ async def test_agency_that_never_answers_is_flagged_overdue_after_its_deadline_a
     )
     assert due["deadline"].total_seconds() == 3
 
-    metrics = (await intake.get("/metrics")).text
+    metrics = await _metrics(intake, monitoring_token)
     assert 'tuo_receipts_overdue{agency="t-silent"} 1.0' in metrics
     assert 'tuo_receipts_overdue_flagged_total{agency="t-silent"} 1.0' in metrics
     code, output = await asyncio.to_thread(tuo_cli, services, "receipts", "overdue", "--agency", "t-silent")
@@ -460,7 +484,7 @@ async def test_agency_that_never_answers_is_flagged_overdue_after_its_deadline_a
     settled = await eventually(cleared, what="the overdue flag cleared by the late receipt")
     assert settled["receipt"]["outcome"] == "applied" and settled["received_at"] is not None
     assert settled["redeliveries"] == 1
-    metrics = (await intake.get("/metrics")).text
+    metrics = await _metrics(intake, monitoring_token)
     assert 'tuo_receipts_overdue{agency="t-silent"} 0.0' in metrics
     assert 'tuo_receipts_overdue_flagged_total{agency="t-silent"} 1.0' in metrics
     assert 'tuo_receipts_total{agency="t-silent",outcome="applied"} 1.0' in metrics
@@ -475,13 +499,7 @@ async def test_a_death_registered_at_intake_is_applied_by_every_entitled_agency_
     partner = models.Person(given_names="Lou", family_name=family_name, date_of_birth=date(1940, 6, 7))
     home = models.Address(lines=["7 Receipt Row"], town="Leeds", postcode="LS6 2QQ")
     died_on = today() - timedelta(days=4)
-    async with pool.acquire() as conn, conn.transaction():
-        await records.open_tax_record(conn, nino, person, home)
-        await records.award_pension(conn, nino, 21_000, today())
-        await records.issue_driving_licence(conn, person, home)
-        await records.register_household(
-            conn, "council-leeds", home, [records.Resident(person), records.Resident(partner)]
-        )
+    await known_to_every_agency(pool, nino, person, partner, home)
     body = death_registration(
         deceased={
             "given_names": "Jean",
@@ -566,7 +584,7 @@ async def test_redelivery_after_consent_is_withdrawn_sends_nothing(
     request = await eventually(redelivery_on_topic, what="the redelivery request on its topic")
 
     async def router_past_it() -> bool:
-        client = kafka.admin(services)
+        client = kafka.admin(services, principal=Principal.OPERATOR)
         await client.start()
         try:
             committed = await client.list_consumer_group_offsets(f"{services.topic_prefix}.router")
@@ -589,14 +607,13 @@ async def test_redelivery_after_consent_is_withdrawn_sends_nothing(
 async def test_a_receipt_the_database_would_choke_on_is_cleaned_and_the_tracker_keeps_going(
     services: Settings, pool: asyncpg.Pool, bus: Any
 ) -> None:
-    from aiokafka import AIOKafkaProducer
-
     from schemas import encode
     from schemas.cloudevents import headers_for
 
     topic = Topics(services.topic_prefix).receipts("hmrc")
     hostile, after = str(uuid.uuid4()), str(uuid.uuid4())
-    producer = AIOKafkaProducer(bootstrap_servers=services.require_bootstrap_servers())
+    # A hostile agency may write only its own receipt topic: hmrc's own credentials.
+    producer = kafka.producer(services, principal=agency_principal("hmrc"), client_id="hostile-hmrc")
     await producer.start()
     try:
         for event_id, reason in ((hostile, "bad\x00byte " + "x" * 5000), (after, None)):

@@ -17,13 +17,21 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from producers.office_keys import SigningKey
+from runtime.access import Principal, grant_components
 from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
 from tests.conftest import PROJECT
-from tests.support import death_message, eventually, header, office_key, read_topic
+from tests.support import (
+    death_message,
+    eventually,
+    header,
+    inspector_producer,
+    kafka_env,
+    office_key,
+    read_topic,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +39,16 @@ ENTITLED = ("hmrc", "dwp", "council-leeds")  # statutory; the example address is
 NOT_ENTITLED = ("dvla", "hmpo", "council-bradford")  # consent never given / outside the area
 
 
-def _isolated(services: Settings) -> Settings:
-    """Same broker and database, own topics: this test's routers share nothing with the bus's."""
-    return services.model_copy(update={"topic_prefix": "eo" + uuid.uuid4().hex[:8]})
+async def _isolated(services: Settings) -> Settings:
+    """Same broker and database, own topics: this test's routers share nothing with the bus's
+    (a second deployment on the cluster, with its components' ACLs for its own prefix)."""
+    settings = services.model_copy(update={"topic_prefix": "eo" + uuid.uuid4().hex[:8]})
+    await grant_components(settings)
+    return settings
 
 
 async def _stream(settings: Settings, count: int, per_second: float, key: SigningKey) -> list[str]:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.require_bootstrap_servers(), enable_idempotence=True
-    )
+    producer = inspector_producer(settings, enable_idempotence=True)
     await producer.start()
     sent = []
     try:
@@ -60,7 +69,7 @@ def _start_router(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     assert settings.database_url is not None and settings.pseudonym_key is not None
     env = {
         **os.environ,
-        "TUO_KAFKA_BOOTSTRAP_SERVERS": settings.require_bootstrap_servers(),
+        **kafka_env(settings),
         "TUO_DATABASE_URL": settings.database_url.get_secret_value(),
         "TUO_PSEUDONYM_KEY": settings.pseudonym_key.get_secret_value(),
         "TUO_TOPIC_PREFIX": settings.topic_prefix,
@@ -105,8 +114,8 @@ async def _assert_exactly_once(settings: Settings, sent: list[str]) -> dict[str,
 async def test_router_killed_at_random_moments_delivers_each_event_exactly_once(
     services: Settings, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    settings = _isolated(services)
-    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED])
+    settings = await _isolated(services)
+    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
     log = tmp_path / "router.log"
     router = _start_router(settings, log)
     kills = 0
@@ -133,8 +142,8 @@ async def test_router_killed_at_random_moments_delivers_each_event_exactly_once(
 async def test_second_router_takes_over_mid_stream_without_loss_or_duplicates(
     services: Settings, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    settings = _isolated(services)
-    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED])
+    settings = await _isolated(services)
+    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
     first = _start_router(settings, tmp_path / "first.log")
     second = _start_router(settings, tmp_path / "second.log")
     streaming = asyncio.create_task(_stream(settings, count=300, per_second=60, key=await office_key(pool)))

@@ -16,7 +16,6 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from aiokafka import AIOKafkaProducer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
@@ -51,7 +50,7 @@ from schemas.signatures import (
     verify,
 )
 from tests.golden.make_vectors import EXAMPLES
-from tests.support import death_message, eventually, header, office_key, read_topic
+from tests.support import death_message, eventually, header, inspector_producer, office_key, read_topic
 
 OFFICE = "leeds"
 KEY_CREATED = datetime(2026, 1, 1, tzinfo=UTC)
@@ -517,7 +516,7 @@ async def test_key_registry_publishes_active_and_retired_keys_over_http(pool: as
 async def _produce(
     settings: Settings, topic: str, key: str, value: bytes, headers: list[tuple[str, bytes]]
 ) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.require_bootstrap_servers())
+    producer = inspector_producer(settings)
     await producer.start()
     try:
         await producer.send_and_wait(topic, value=value, key=key.encode(), headers=headers)
@@ -526,8 +525,12 @@ async def _produce(
 
 
 async def _dead_letter_reason(settings: Settings, event_id: str, component: str) -> str:
+    topics = Topics(settings.topic_prefix)
+    kind, _, agency = component.partition(":")
+    topic = topics.agency_dead_letters(agency) if kind == "agency" else topics.dead_letters
+
     async def found() -> str | None:
-        for record in await read_topic(settings, Topics(settings.topic_prefix).dead_letters):
+        for record in await read_topic(settings, topic):
             if header(record, "ce_id") == event_id and header(record, "tuo_dlq_component") == component:
                 return header(record, "tuo_dlq_reason")
         return None

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from runtime import kafka
+from runtime.access import Principal
+from runtime.kafka import Topics, ensure_topics
 from runtime.stack import LocalStack
 from runtime.stack.kafka import KafkaBroker, ensure_jars
 from runtime.stack.processes import free_port
 from tests.conftest import CACHE_DIR, KAFKA_VERSION, PROJECT, new_state_dir, processes_mentioning
-from tests.support import read_topic
+from tests.support import read_topic, settings_from_stack
 
 pytestmark = pytest.mark.integration
 
@@ -32,26 +33,20 @@ def _env(stack: LocalStack) -> dict[str, str]:
 
 
 async def test_stopping_and_starting_keeps_data_and_purging_wipes_it() -> None:
-    from runtime.settings import Settings
-
     state_dir = new_state_dir("persist-")
     stack = LocalStack(state_dir, CACHE_DIR, KAFKA_VERSION)
     try:
         await asyncio.to_thread(stack.up)
         env = _env(stack)
-        settings = Settings(
-            kafka_bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"], database_url=env["TUO_DATABASE_URL"]
-        )
+        settings = settings_from_stack(stack.env_file)
         conn = await asyncpg.connect(env["TUO_DATABASE_URL"])
         await conn.execute("CREATE TABLE kept (note text); INSERT INTO kept VALUES ('still here')")
         await conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"])
-        await admin.start()
-        await admin.create_topics([NewTopic("kept", 1, 1)])
-        await admin.close()
-        producer = AIOKafkaProducer(bootstrap_servers=env["TUO_KAFKA_BOOTSTRAP_SERVERS"])
+        await ensure_topics(settings, [], principal=Principal.OPERATOR)
+        decisions = Topics(settings.topic_prefix).routing_decisions
+        producer = kafka.producer(settings, principal=Principal.ROUTER, client_id="test")
         await producer.start()
-        await producer.send_and_wait("kept", b"still here")
+        await producer.send_and_wait(decisions, b"still here")
         await producer.stop()
 
         await asyncio.to_thread(stack.down)
@@ -63,7 +58,8 @@ async def test_stopping_and_starting_keeps_data_and_purging_wipes_it() -> None:
         conn = await asyncpg.connect(env["TUO_DATABASE_URL"])
         assert await conn.fetchval("SELECT note FROM kept") == "still here"
         await conn.close()
-        assert [r.value for r in await read_topic(settings, "kept")] == [b"still here"]
+        on_topic = await read_topic(settings, decisions, principal=Principal.TRACKER)
+        assert [r.value for r in on_topic] == [b"still here"], "messages and passwords survive"
 
         await asyncio.to_thread(stack.purge)
         assert not state_dir.exists()
@@ -87,6 +83,8 @@ def test_storage_format_accepts_a_cluster_id_that_starts_with_a_dash() -> None:
             broker_port=free_port(),
             controller_port=free_port(),
             cluster_id="-" + "A" * 21,
+            super_password="not-used",
+            keystore_password="not-used",
         )
         broker.write_properties()
         broker.format_storage()
@@ -171,7 +169,13 @@ def test_a_stale_pid_file_naming_another_process_is_not_taken_for_the_broker() -
     home = new_state_dir("stale-")
     try:
         broker = KafkaBroker(
-            libs=CACHE_DIR, home=home, broker_port=free_port(), controller_port=free_port(), cluster_id="x"
+            libs=CACHE_DIR,
+            home=home,
+            broker_port=free_port(),
+            controller_port=free_port(),
+            cluster_id="x",
+            super_password="not-used",
+            keystore_password="not-used",
         )
         broker.pid_file.write_text(str(os.getpid()))  # alive, but this test, not a broker
         assert broker.pid() is None

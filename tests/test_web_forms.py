@@ -620,3 +620,17 @@ def test_each_agencys_decision_and_receipt_are_put_in_words() -> None:
 )
 def test_sign_in_only_returns_to_this_services_own_pages(asked: str | None, allowed: str | None) -> None:
     assert return_path(asked) == allowed
+
+
+async def test_draft_answers_are_sealed_in_the_database_and_still_shown_back(
+    browser: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    username = await signed_in(browser, pool)
+    family_name = "Sealed" + uuid.uuid4().hex[:8]
+    answers = death_answers(**{"deceased.family_name": family_name})
+    check = await to_check_page(browser, answers)
+    assert family_name in check.text, "the check page shows the draft back"
+    stored = await pool.fetchval("SELECT data::text FROM web_session WHERE username = $1", username)
+    assert stored and stored != "{}", "the draft is in the session"
+    for value in (family_name, answers["deceased.nino"], "Example Street", "ls1 1aa"):
+        assert value not in stored, f"{value!r} is in the session row in clear"

@@ -10,13 +10,12 @@ from datetime import datetime
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from router.store import record_consent
 from runtime.kafka import Topics
 from runtime.services import RunningBus
 from runtime.settings import Settings
-from tests.support import death_message, eventually, header, office_key, read_topic
+from tests.support import death_message, eventually, header, inspector_producer, office_key, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +34,7 @@ async def test_nothing_decided_after_a_confirmed_withdrawal_reaches_the_agency(
     )
     topics = Topics(services.topic_prefix)
     key = await office_key(pool)
-    producer = AIOKafkaProducer(bootstrap_servers=services.require_bootstrap_servers(), linger_ms=0)
+    producer = inspector_producer(services, linger_ms=0)
     await producer.start()
     sent: list[str] = []
     confirmed_at: datetime | None = None

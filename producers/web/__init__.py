@@ -25,7 +25,7 @@ from producers.web.pages import redirect, render
 from producers.web.routes import CookiePolicy, FormNotTrusted, SignInRequired, web_routes
 from runtime.settings import Settings
 
-__all__ = ["GOVUK_FRONTEND", "install_web"]
+__all__ = ["GOVUK_FRONTEND", "install_web", "too_many_requests_page", "wants_html"]
 
 log = structlog.get_logger(__name__)
 
@@ -65,10 +65,45 @@ def _file(path: Path) -> Callable[[], FileResponse]:
     return serve
 
 
-def _wants_html(request: Request) -> bool:
-    if request.url.path.startswith(WEB_PATHS) or request.url.path == "/":
+def wants_html(path: str, accept: str) -> bool:
+    """Whether a request is a browser's, to be answered with a page rather than JSON."""
+    if path.startswith(WEB_PATHS) or path == "/":
         return True
-    return "text/html" in request.headers.get("accept", "") and not request.url.path.startswith("/v1/")
+    return "text/html" in accept and not path.startswith("/v1/")
+
+
+def _wants_html(request: Request) -> bool:
+    return wants_html(request.url.path, request.headers.get("accept", ""))
+
+
+def too_many_requests_page(path: str, retry_after: int) -> Response:
+    """429 for a browser that has sent too many requests (or sign-ins) for now."""
+    wait = f"Wait {_wait(retry_after)}, then try again."
+    if path.startswith("/sign-in"):
+        return render(
+            "message.html",
+            429,
+            title="Sorry, there have been too many attempts to sign in",
+            lines=[f"You have not been signed in. {wait}"],
+            link=("/sign-in", "Go to sign in"),
+        )
+    return render(
+        "message.html",
+        429,
+        title="Sorry, there have been too many requests",
+        lines=[
+            f"Nothing has been recorded. {wait}",
+            "If you were sending a registration, sending it again will not record it twice.",
+        ],
+        link=("/start", "Go to the start"),
+    )
+
+
+def _wait(seconds: int) -> str:
+    if seconds < 60:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = -(-seconds // 60)
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
 def _install_error_pages(app: FastAPI, cookies: CookiePolicy) -> None:

@@ -1,7 +1,8 @@
 """Rendering pages: the Jinja environment with the GOV.UK Frontend macros, and the
-headers every page gets (no caching of pages that show personal data, and a
 content security policy the pages satisfy: scripts from this service only, plus
-the GOV.UK template's one inline line, allowed by a per-response nonce)."""
+the GOV.UK template's one inline line, allowed by a per-response nonce. (No
+caching, no framing and the other headers every response gets are set in
+``producers.security_headers``.)"""
 
 from __future__ import annotations
 
@@ -52,13 +53,9 @@ def content_security_policy(nonce: str) -> str:
 
 
 def protect(response: Response, nonce: str | None = None) -> Response:
-    """Headers for any response that may carry personal data."""
-    response.headers["Cache-Control"] = "no-store"
+    """The page's own content security policy; the headers every response gets (no
+    caching, no framing, no referrer, ...) are added by ``producers.security_headers``."""
     response.headers["Content-Security-Policy"] = content_security_policy(nonce or secrets.token_urlsafe(16))
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["X-Frame-Options"] = "DENY"
-    # Page addresses carry reference numbers; do not hand them to other sites.
-    response.headers["Referrer-Policy"] = "no-referrer"
     return response
 
 

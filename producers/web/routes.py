@@ -24,6 +24,7 @@ from starlette.responses import Response
 
 from producers.accept import REFERENCE_ALPHABET, Intake, SubmissionRejected
 from producers.accounts import Submitter, authenticate, registrar
+from producers.rate_limit import identify
 from producers.store import IdempotencyConflict, event_status
 from producers.web import sessions
 from producers.web.forms import FORMS, FieldError, RegistrationForm
@@ -31,6 +32,7 @@ from producers.web.organisations import Organisation, agency_statuses, organisat
 from producers.web.pages import redirect, render
 from producers.web.sessions import Expired, Session
 from router.store import agencies as subscribing_agencies
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -113,6 +115,12 @@ def _form(slug: str) -> RegistrationForm:
     return form
 
 
+def _cross_site(request: Request) -> bool:
+    """A browser says the form was sent from another site (older browsers say nothing,
+    and the CSRF token still has to match)."""
+    return request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none")
+
+
 def return_path(value: str | None) -> str | None:
     return value if value and _RETURN_PATHS.match(value) else None
 
@@ -120,6 +128,7 @@ def return_path(value: str | None) -> str | None:
 def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRouter, CookiePolicy]:
     router = APIRouter(include_in_schema=False)
     cookies = CookiePolicy(settings.session_cookie_secure)
+    sealer = PayloadSealer.from_settings(settings)  # registrars' draft answers are sealed at rest
 
     def pool() -> asyncpg.Pool:
         return intake().pool
@@ -129,17 +138,20 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         found = await sessions.find_session(pool(), token, settings) if token else None
         return_to = return_path(request.url.path) if request.method == "GET" else None
         if found is None or isinstance(found, Expired):
+            identify(request, "session", None)
             raise SignInRequired(return_to, expired=isinstance(found, Expired))
         submitter = await registrar(pool(), found.username)
+        identify(request, "session", submitter.recorded_by if submitter is not None else None)
         if submitter is None:  # disabled since signing in
             await sessions.end_session(pool(), found.token_hash)
             raise SignInRequired(return_to, expired=False)
         return SignedIn(found, submitter)
 
     async def posted(request: Request, csrf_token: str) -> dict[str, str]:
+        """The form's fields, if it carries this session's CSRF token and came from this site."""
         form = await request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
         values = {k: v for k, v in form.items() if isinstance(v, str)}
-        if not sessions.same_secret(csrf_token, values.get("csrf_token")):
+        if _cross_site(request) or not sessions.same_secret(csrf_token, values.get("csrf_token")):
             raise FormNotTrusted
         return values
 
@@ -189,7 +201,7 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         form = await request.form(max_files=0, max_fields=10)
         values = {k: v for k, v in form.items() if isinstance(v, str)}
         token = request.cookies.get(cookies.sign_in)
-        if token is None or not sessions.same_secret(token, values.get("csrf_token")):
+        if token is None or _cross_site(request) or not sessions.same_secret(token, values.get("csrf_token")):
             raise FormNotTrusted
         username = values.get("username", "").strip()
         password = values.get("password", "")
@@ -303,7 +315,7 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         consents = earlier.get("consents")
         # A changed draft is a new submission: it gets a new id (and so a new Idempotency-Key).
         draft = {"answers": answers, "consents": consents, "submission_id": sessions.new_secret()}
-        await sessions.remember(pool(), who.session, _draft_key(form), draft)
+        await sessions.remember(pool(), sealer, who.session, _draft_key(form), draft)
         return redirect(f"{form.href()}/check" if consents is not None else f"{form.href()}/organisations")
 
     # Which organisations to tell
@@ -374,7 +386,7 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         if errors:
             return organisations_page(who, form, choices, consents, errors)
         draft = {**draft, "consents": consents, "submission_id": sessions.new_secret()}
-        await sessions.remember(pool(), who.session, _draft_key(form), draft)
+        await sessions.remember(pool(), sealer, who.session, _draft_key(form), draft)
         return redirect(f"{form.href()}/check")
 
     # Check your answers, and send
@@ -460,7 +472,7 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
                 link=(form.href(), "Start again"),
             )
         await sessions.replace(
-            pool(), who.session, _draft_key(form), _sent_key(submission_id), recorded.reference
+            pool(), sealer, who.session, _draft_key(form), _sent_key(submission_id), recorded.reference
         )
         return redirect(f"/registrations/{recorded.reference}")
 

@@ -10,6 +10,7 @@ deleted.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -19,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 
 # Five wrong passwords for a username within 15 minutes, and it cannot sign in
@@ -88,7 +90,21 @@ async def find_session(pool: asyncpg.Pool, token: str, settings: Settings) -> Se
         await end_session(pool, token_hash)
         return Expired()
     await pool.execute("UPDATE web_session SET last_seen_at = now() WHERE token_hash = $1", token_hash)
-    return Session(token_hash, row["username"], row["csrf_token"], json.loads(row["data"]))
+    sealer = PayloadSealer.from_settings(settings)
+    data = {key: _open(sealer, token_hash, value) for key, value in json.loads(row["data"]).items()}
+    return Session(token_hash, row["username"], row["csrf_token"], data)
+
+
+# Draft answers hold names, NINOs and dates of birth: each entry is sealed, bound to
+# its session, and stored as a base64 string.
+
+
+def _seal(sealer: PayloadSealer, token_hash: bytes, value: Any) -> str:
+    return base64.b64encode(sealer.seal(json.dumps(value).encode(), token_hash)).decode()
+
+
+def _open(sealer: PayloadSealer, token_hash: bytes, stored: Any) -> Any:
+    return json.loads(sealer.open(base64.b64decode(str(stored)), token_hash))
 
 
 async def end_session(pool: asyncpg.Pool, token_hash: bytes) -> None:
@@ -110,14 +126,14 @@ async def forget_expired_sessions(pool: asyncpg.Pool, settings: Settings) -> int
     return int(result.split()[-1])
 
 
-async def remember(pool: asyncpg.Pool, session: Session, key: str, value: Any) -> None:
+async def remember(pool: asyncpg.Pool, sealer: PayloadSealer, session: Session, key: str, value: Any) -> None:
     """Set one entry of the session's data (each entry is written on its own, so two
     requests at once for different entries do not undo each other)."""
     await pool.execute(
-        "UPDATE web_session SET data = data || jsonb_build_object($2::text, $3::jsonb) WHERE token_hash = $1",
+        "UPDATE web_session SET data = data || jsonb_build_object($2::text, $3::text) WHERE token_hash = $1",
         session.token_hash,
         key,
-        json.dumps(value),
+        _seal(sealer, session.token_hash, value),
     )
 
 
@@ -127,15 +143,17 @@ async def forget(pool: asyncpg.Pool, session: Session, key: str) -> None:
     )
 
 
-async def replace(pool: asyncpg.Pool, session: Session, forget_key: str, key: str, value: Any) -> None:
+async def replace(
+    pool: asyncpg.Pool, sealer: PayloadSealer, session: Session, forget_key: str, key: str, value: Any
+) -> None:
     """Drop one entry and set another in one statement (a sent draft becomes its reference)."""
     await pool.execute(
-        "UPDATE web_session SET data = (data - $2) || jsonb_build_object($3::text, $4::jsonb)"
+        "UPDATE web_session SET data = (data - $2) || jsonb_build_object($3::text, $4::text)"
         " WHERE token_hash = $1",
         session.token_hash,
         forget_key,
         key,
-        json.dumps(value),
+        _seal(sealer, session.token_hash, value),
     )
 
 

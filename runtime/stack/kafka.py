@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import re
 import shutil
+import ssl
 import subprocess
 import time
 import uuid
@@ -14,6 +17,8 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from runtime.kafka_admin import scram_record
+from runtime.stack.certificates import BrokerTls, ensure_broker_tls
 from runtime.stack.processes import (
     StackError,
     command_line,
@@ -28,6 +33,8 @@ HERE = Path(__file__).parent
 POM = HERE / "kafka-pom.xml"
 LOG_CONFIG = HERE / "kafka-log4j2.properties"
 MAIN_CLASS = "kafka.Kafka"
+SUPER_USER = "broker"
+SALTED = re.compile(r'saltedpassword="?[^"\],\s]*"?')
 STORAGE_TOOL = "kafka.tools.StorageTool"
 
 
@@ -75,12 +82,27 @@ def ensure_jars(cache_dir: Path, version: str) -> Path:
 
 @dataclass(frozen=True)
 class KafkaBroker:
+    """One combined broker and controller, secured:
+
+    - clients and brokers connect over SASL_SSL with SCRAM-SHA-512 (there is no
+      plaintext listener); the controller listener takes TLS client certificates only;
+    - ``StandardAuthorizer`` with ``allow.everyone.if.no.acl.found=false``: nothing is
+      allowed that an ACL does not allow; ``User:broker`` (the broker's SCRAM user
+      and its certificate's CN) is the only super user.
+    """
+
     libs: Path
-    home: Path  # holds server.properties, data/, logs/, kafka.pid
+    home: Path  # holds server.properties, tls/, data/, logs/, kafka.pid
     broker_port: int
     controller_port: int
     cluster_id: str
+    super_password: str  # User:broker's SCRAM password, created when the storage is formatted
+    keystore_password: str
     heap: str = "1G"
+
+    @property
+    def tls(self) -> BrokerTls:
+        return ensure_broker_tls(self.home / "tls", self.keystore_password)
 
     @property
     def data_dir(self) -> Path:
@@ -112,18 +134,41 @@ class KafkaBroker:
 
     def write_properties(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.home.chmod(0o700)  # the log segments hold personal data
+        self.home.chmod(0o700)  # the log segments hold personal data, this file passwords
+        tls = self.tls
+        scram_login = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{SUPER_USER}" password="{self.super_password}";'
+        )
+        self.properties_file.touch(mode=0o600, exist_ok=True)
+        self.properties_file.chmod(0o600)
         self.properties_file.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.broker_port},"
+                    f"listeners=SASL_SSL://127.0.0.1:{self.broker_port},"
                     f"CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.broker_port}",
+                    f"advertised.listeners=SASL_SSL://127.0.0.1:{self.broker_port}",
                     "controller.listener.names=CONTROLLER",
-                    "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    "inter.broker.listener.name=SASL_SSL",
+                    "listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SSL",
+                    "sasl.enabled.mechanisms=SCRAM-SHA-512",
+                    "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
+                    f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram_login}",
+                    "listener.name.controller.ssl.client.auth=required",
+                    "ssl.keystore.type=PKCS12",
+                    f"ssl.keystore.location={tls.keystore}",
+                    f"ssl.keystore.password={tls.keystore_password}",
+                    f"ssl.key.password={tls.keystore_password}",
+                    "ssl.truststore.type=PEM",
+                    f"ssl.truststore.location={tls.ca_file}",
+                    "ssl.enabled.protocols=TLSv1.3,TLSv1.2",
+                    # The controller listener's principal is the certificate's CN.
+                    "ssl.principal.mapping.rules=RULE:^CN=([^,]+),.*$/$1/,DEFAULT",
+                    "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                    "allow.everyone.if.no.acl.found=false",
+                    f"super.users=User:{SUPER_USER}",
                     f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
                     f"log.dirs={self.data_dir}",
                     "auto.create.topics.enable=false",
@@ -142,6 +187,9 @@ class KafkaBroker:
         )
 
     def _java(self, main: str, *args: str) -> list[str]:
+        return [*self._java_options(), main, *args]
+
+    def _java_options(self) -> list[str]:
         return [
             "java",
             f"-Xmx{self.heap}",
@@ -152,8 +200,6 @@ class KafkaBroker:
             f"-Dkafka.logs.dir={self.log_dir}",
             "-cp",
             f"{self.libs}/*",
-            main,
-            *args,
         ]
 
     def format_storage(self) -> None:
@@ -161,22 +207,46 @@ class KafkaBroker:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(
-            self._java(
-                STORAGE_TOOL,
-                "format",
-                "--standalone",
-                # "=" form: a generated id may begin with "-", which argparse takes for a flag.
-                f"--cluster-id={self.cluster_id}",
-                "-c",
-                str(self.properties_file),
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        arguments = [
+            STORAGE_TOOL,
+            "format",
+            "--standalone",
+            # "=" form: a generated id may begin with "-", which argparse takes for a flag.
+            f"--cluster-id={self.cluster_id}",
+            # The broker's own SCRAM credential must exist before it can talk to itself.
+            # The salted form lets one log in as well as the password does, so it goes
+            # through a 0600 argument file, not the command line (which others can read).
+            "--add-scram",
+            scram_record(SUPER_USER, self.super_password),
+            "-c",
+            str(self.properties_file),
+        ]
+        argfile = self.home / "format.args"
+        descriptor = os.open(argfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as stream:
+            # Java argument files: one argument a line, in single quotes (the record holds
+            # double quotes); none of ours holds a single quote or a backslash.
+            stream.write("\n".join(f"'{argument}'" for argument in arguments) + "\n")
+        try:
+            result = subprocess.run(
+                [*self._java_options(), f"@{argfile}"], capture_output=True, text=True, check=False
+            )
+        finally:
+            argfile.unlink()
         if result.returncode != 0:
-            raise StackError(f"Kafka storage format failed:\n{result.stdout}{result.stderr}")
+            output = SALTED.sub("saltedpassword=***", result.stdout + result.stderr)
+            raise StackError(f"Kafka storage format failed:\n{output}")
+
+    def client_options(self) -> dict[str, object]:
+        """Connection options for the super user (the stack's own bootstrap only)."""
+        return {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": "SASL_SSL",
+            "ssl_context": ssl.create_default_context(cafile=str(self.tls.ca_file)),
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": SUPER_USER,
+            "sasl_plain_password": self.super_password,
+        }
 
     def start(self, timeout: float = 90.0) -> None:
         if self.pid() is not None:
@@ -215,7 +285,7 @@ class KafkaBroker:
         )
 
     async def _answers_metadata(self) -> bool:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=3000)
+        admin = AIOKafkaAdminClient(**self.client_options(), request_timeout_ms=3000)
         try:
             await admin.start()
             await admin.list_topics()

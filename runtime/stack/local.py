@@ -2,9 +2,11 @@
 
 Layout under the state directory::
 
-    stack.json        ports, cluster id and database password chosen on first start
+    stack.json        ports, cluster id, database and broker passwords chosen on first start
     stack.env         TUO_* settings for clients (read by runtime.settings)
-    kafka/            server.properties, data/ (KRaft log), logs/, kafka.pid
+    kafka-credentials.json   one SCRAM password per component and agency (0600)
+    kafka/            server.properties, tls/ (CA and broker certificate), data/ (KRaft
+                      log), logs/, kafka.pid
     postgres/         data/ (the cluster), server.log
 
 When we run as root, PostgreSQL runs as the ``postgres`` user, which must be
@@ -18,14 +20,22 @@ state does not download Kafka again.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from runtime.access import CredentialsFile, NotInEffect, Principal, component_grants, wait_for_acls
+from runtime.kafka_admin import KafkaAdminError, create_acls, new_password, set_scram_password
+from runtime.sealing import new_data_key
 from runtime.settings import STACK_ENV_FILE
 from runtime.stack.kafka import KafkaBroker, ensure_jars, new_cluster_id
 from runtime.stack.postgres import PostgresServer, reachable_by_service_user
@@ -45,6 +55,9 @@ class StackLayout:
     postgres_password: str
     pseudonym_key: str
     postgres_home: str
+    kafka_super_password: str
+    kafka_keystore_password: str
+    data_key: str
 
     @classmethod
     def fresh(cls, state_dir: Path) -> StackLayout:
@@ -60,6 +73,9 @@ class StackLayout:
             cluster_id=new_cluster_id(),
             postgres_password=secrets.token_urlsafe(24),
             pseudonym_key=secrets.token_urlsafe(32),
+            kafka_super_password=secrets.token_urlsafe(32),
+            kafka_keystore_password=secrets.token_urlsafe(24),
+            data_key=new_data_key(),
         )
 
 
@@ -85,11 +101,19 @@ class StartTimes:
 
 
 class LocalStack:
-    def __init__(self, state_dir: Path, cache_dir: Path, kafka_version: str, heap: str = "1G"):
+    def __init__(
+        self,
+        state_dir: Path,
+        cache_dir: Path,
+        kafka_version: str,
+        heap: str = "1G",
+        topic_prefix: str = "tuo",
+    ):
         self.state_dir = state_dir.resolve()
         self.cache_dir = cache_dir.resolve()
         self.kafka_version = kafka_version
         self.heap = heap
+        self.topic_prefix = topic_prefix  # the ACLs name the bus's topics
 
     @property
     def layout_file(self) -> Path:
@@ -99,17 +123,28 @@ class LocalStack:
     def env_file(self) -> Path:
         return self.state_dir / STACK_ENV_FILE
 
+    @property
+    def credentials_file(self) -> CredentialsFile:
+        return CredentialsFile(self.state_dir / "kafka-credentials.json")
+
     def _layout(self, create: bool) -> StackLayout | None:
         if self.layout_file.exists():
-            return StackLayout(**json.loads(self.layout_file.read_text()))
+            recorded = json.loads(self.layout_file.read_text())
+            missing = {f.name for f in fields(StackLayout)} - set(recorded)
+            if missing and create:
+                raise StackError(
+                    f"{self.layout_file} was written by an older version (it has no "
+                    f"{', '.join(sorted(missing))}); run `tuo stack purge` and start again"
+                )
+            # Stopping and purging an older stack needs only its ports and directories.
+            return StackLayout(**{**dict.fromkeys(missing, ""), **recorded})
         if not create:
             return None
         layout = StackLayout.fresh(self.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # Traversable but not listable: the postgres service user must reach postgres/.
         self.state_dir.chmod(0o711)
-        self.layout_file.write_text(json.dumps(asdict(layout), indent=2))
-        self.layout_file.chmod(0o600)
+        _write_private(self.layout_file, json.dumps(asdict(layout), indent=2))
         return layout
 
     def _kafka(self, layout: StackLayout, libs: Path) -> KafkaBroker:
@@ -119,6 +154,8 @@ class LocalStack:
             broker_port=layout.broker_port,
             controller_port=layout.controller_port,
             cluster_id=layout.cluster_id,
+            super_password=layout.kafka_super_password,
+            keystore_password=layout.kafka_keystore_password,
             heap=self.heap,
         )
 
@@ -156,18 +193,29 @@ class LocalStack:
         except StackError:
             postgres.stop()
             raise
+        try:
+            asyncio.run(grant_bus_components(kafka, self.credentials_file, self.topic_prefix))
+        except (KafkaError, KafkaAdminError, NotInEffect, OSError) as exc:
+            kafka.stop()
+            postgres.stop()
+            raise StackError(f"could not set up the bus's Kafka principals and ACLs: {exc}") from exc
         kafka_done = time.monotonic()
-        self.env_file.write_text(
+        _write_private(
+            self.env_file,
             "\n".join(
                 [
                     f"TUO_KAFKA_BOOTSTRAP_SERVERS={kafka.bootstrap_servers}",
+                    "TUO_KAFKA_SECURITY_PROTOCOL=SASL_SSL",
+                    "TUO_KAFKA_SASL_MECHANISM=SCRAM-SHA-512",
+                    f"TUO_KAFKA_SSL_CAFILE={kafka.tls.ca_file}",
+                    f"TUO_KAFKA_CREDENTIALS_FILE={self.credentials_file.path}",
                     f"TUO_DATABASE_URL={postgres.dsn}",
                     f"TUO_PSEUDONYM_KEY={layout.pseudonym_key}",
+                    f"TUO_DATA_KEY={layout.data_key}",
                     "",
                 ]
-            )
+            ),
         )
-        self.env_file.chmod(0o600)
         return StartTimes(
             jars_seconds=jars_done - started,
             postgres_seconds=postgres_done - jars_done,
@@ -206,3 +254,48 @@ class LocalStack:
             bootstrap_servers=kafka.bootstrap_servers,
             database=postgres.dsn.replace(layout.postgres_password, "***"),
         )
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file that holds secrets: mode 0600 from the moment it exists."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an older file may have had another mode
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(text)
+
+
+async def grant_bus_components(kafka: KafkaBroker, credentials: CredentialsFile, prefix: str) -> None:
+    """As the super user: give each component of the bus its principal (a password made
+    on first start, kept across restarts) and its ACLs."""
+    known = credentials.read()
+    fresh = {component.value: new_password() for component in Principal if component.value not in known}
+    client = AIOKafkaAdminClient(**kafka.client_options(), client_id="tuo-stack")
+    await client.start()
+    try:
+        for user, password in fresh.items():
+            await set_scram_password(client, user, password)
+        for component in Principal:
+            grants = component_grants(component, prefix)
+            await create_acls(client, grants)
+            await wait_for_acls(client, f"User:{component}", grants)
+    finally:
+        await client.close()
+    for user, password in fresh.items():
+        await _wait_until_accepted(kafka, user, password)
+    credentials.update(dict(fresh))
+
+
+async def _wait_until_accepted(kafka: KafkaBroker, user: str, password: str) -> None:
+    deadline = time.monotonic() + 30
+    options = {**kafka.client_options(), "sasl_plain_username": user, "sasl_plain_password": password}
+    while True:
+        client = AIOKafkaAdminClient(**options, client_id="tuo-stack")
+        try:
+            await client.start()
+            return
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+        finally:
+            await client.close()

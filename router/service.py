@@ -598,23 +598,33 @@ class Router:
             await asyncio.sleep(0.5)
             return
         hashed: dict[tuple[int, bytes | None], int] = {}  # one key is hashed once, not once per copy
-        async with producer.transaction():
-            for message in outgoing:
-                count = await self._partition_count(producer, message.topic)
-                if (count, message.key) not in hashed:
-                    hashed[(count, message.key)] = (
-                        0
-                        if count == 1 or message.key is None
-                        else (murmur2(message.key) & 0x7FFFFFFF) % count
+        sent: list[asyncio.Future[object]] = []
+        try:
+            async with producer.transaction():
+                for message in outgoing:
+                    count = await self._partition_count(producer, message.topic)
+                    if (count, message.key) not in hashed:
+                        hashed[(count, message.key)] = (
+                            0
+                            if count == 1 or message.key is None
+                            else (murmur2(message.key) & 0x7FFFFFFF) % count
+                        )
+                    sent.append(
+                        await producer.send(
+                            message.topic,
+                            value=message.value,
+                            key=message.key,
+                            headers=message.headers,
+                            partition=hashed[(count, message.key)],
+                        )
                     )
-                await producer.send(
-                    message.topic,
-                    value=message.value,
-                    key=message.key,
-                    headers=message.headers,
-                    partition=hashed[(count, message.key)],
-                )
-            await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.group_id)
+                await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.group_id)
+        finally:
+            # The commit (or the abort) has settled every send; a failed one is reported by
+            # the transaction itself, so only mark its error as seen (no "never retrieved").
+            for future in sent:
+                if future.done() and not future.cancelled():
+                    future.exception()
         self.next_offset[tp] = records[-1].offset + 1
         for key in [k for k in self.waiting_since if k[0] == tp and k[1] < self.next_offset[tp]]:
             del self.waiting_since[key]

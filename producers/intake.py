@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Scope
 
+from citizens.consent_receipts import consent_receipt_keys_router
 from producers.accept import (
     REFERENCE_ALPHABET,
     CorrectionRequest,
@@ -365,6 +366,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
 
     app.include_router(registry_router())
     app.include_router(key_registry_router(lambda: intake().pool))
+    app.include_router(consent_receipt_keys_router(lambda: intake().pool))
     install_web(app, intake, settings)
     app.add_middleware(JsonOnly)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)

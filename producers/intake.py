@@ -26,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Scope
 
 from citizens.consent_receipts import consent_receipt_keys_router
+from citizens.signin import install_citizen_sign_in
 from producers.accept import (
     REFERENCE_ALPHABET,
     CorrectionRequest,
@@ -367,6 +368,8 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     app.include_router(registry_router())
     app.include_router(key_registry_router(lambda: intake().pool))
     app.include_router(consent_receipt_keys_router(lambda: intake().pool))
+    if settings.oidc_issuer and pool is not None:
+        install_citizen_sign_in(app, settings, pool)
     install_web(app, intake, settings)
     app.add_middleware(JsonOnly)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)

@@ -16,6 +16,8 @@ import asyncpg
 import structlog
 import uvicorn
 
+from citizens.dev_idp import DevIdentityProvider, RegisteredClient, bind_loopback, serve_dev_idp
+from citizens.signin import RelyingParty
 from consumers.agencies import handler_for
 from consumers.sdk import AgencyConsumer
 from consumers.tracker import run_tracker
@@ -125,6 +127,24 @@ async def _reference_agencies(settings: Settings, pool: asyncpg.Pool, subscribed
     return runnable
 
 
+async def _start_dev_idp(settings: Settings, stop: asyncio.Event) -> asyncio.Task[None]:
+    """The development identity provider (test identities) the local stack's citizens
+    sign in with, registered for this service's own client; never in production."""
+    party = RelyingParty.from_settings(settings)
+    sock = bind_loopback(settings.dev_idp_port or 0)
+    provider = DevIdentityProvider(
+        party.issuer,
+        [RegisteredClient(party.client_id, party.client_secret, frozenset({party.redirect_url}))],
+    )
+    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    serving = asyncio.create_task(serve_dev_idp(provider, sock, stop, ready), name="dev-idp")
+    waiters: list[asyncio.Future[object]] = [ready, serving]  # type: ignore[list-item]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        await serving  # it could not start: say why
+    return serving
+
+
 async def start_bus(
     settings: Settings, pool: asyncpg.Pool, components: Sequence[str] = COMPONENTS
 ) -> RunningBus:
@@ -149,6 +169,8 @@ async def start_bus(
         await ensure_topics(settings, agencies, principal=Principal.OPERATOR)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
+    if settings.dev_idp_port is not None and "intake" in components:
+        tasks.append(await _start_dev_idp(settings, stop))
 
     def add(name: str, component: Component) -> None:
         tasks.append(asyncio.create_task(supervise(name, component, stop), name=name))

@@ -104,6 +104,29 @@ class Settings(BaseSettings):
     receipt_deadline_minutes: int = Field(default=2 * 24 * 60, ge=1, le=30 * 24 * 60)
     overdue_check_seconds: float = Field(default=30.0, gt=0, le=3600)
 
+    # Citizens' sign-in (OpenID Connect)
+    oidc_issuer: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s@]+$",
+        description="The identity provider's issuer URL (its discovery document is read from "
+        "<issuer>/.well-known/openid-configuration), e.g. GOV.UK One Login's.",
+    )
+    oidc_client_id: str | None = None
+    oidc_client_secret: SecretStr | None = None
+    oidc_redirect_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s@]+$",
+        description="Registered with the provider; unset: <public_url>/citizen/callback.",
+    )
+    oidc_scopes: str = "openid"
+    dev_idp_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Run the development identity provider (test identities) on this 127.0.0.1 "
+        "port; the local stack sets it. Never set in production.",
+    )
+
     # Deriving pseudonymous subject ids from identifiers such as the NINO.
     pseudonym_key: SecretStr | None = None
     # Sealing outbox payloads (personal data) at rest: AES-256-GCM, 32 bytes in URL-safe

@@ -30,6 +30,7 @@ from runtime.sealing import new_data_key
 from runtime.services import RunningBus, start_bus
 from runtime.settings import Settings
 from runtime.stack import LocalStack
+from runtime.stack.processes import free_port
 from schemas.validation import today_in_the_uk
 from tests.support import docker_engine_reachable, grant_inspector, settings_from_stack, test_backend
 
@@ -57,12 +58,14 @@ def services() -> Iterator[Settings]:
     stack = LocalStack(state_dir, CACHE_DIR, KAFKA_VERSION)
     try:
         stack.up()  # raises StackError with the broker's log when it cannot start
+        http_port = free_port()  # known before the bus starts: the citizens' sign-in redirects here
         settings = settings_from_stack(
             stack.env_file,
             state_dir=state_dir,
             cache_dir=CACHE_DIR,
             pseudonym_key="test-pseudonym-key-" + uuid.uuid4().hex,
-            http_port=0,
+            http_port=http_port,
+            public_url=f"http://127.0.0.1:{http_port}",
             overdue_check_seconds=1,
             # Every test signs in from 127.0.0.1; tests/test_http_security.py proves the limit.
             sign_in_attempts_per_minute=10_000,

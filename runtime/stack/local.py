@@ -58,6 +58,8 @@ class StackLayout:
     kafka_super_password: str
     kafka_keystore_password: str
     data_key: str
+    dev_idp_port: int  # the development identity provider citizens sign in with
+    oidc_client_secret: str
 
     @classmethod
     def fresh(cls, state_dir: Path) -> StackLayout:
@@ -76,6 +78,8 @@ class StackLayout:
             kafka_super_password=secrets.token_urlsafe(32),
             kafka_keystore_password=secrets.token_urlsafe(24),
             data_key=new_data_key(),
+            dev_idp_port=free_port(),
+            oidc_client_secret=secrets.token_urlsafe(32),
         )
 
 
@@ -212,6 +216,12 @@ class LocalStack:
                     f"TUO_DATABASE_URL={postgres.dsn}",
                     f"TUO_PSEUDONYM_KEY={layout.pseudonym_key}",
                     f"TUO_DATA_KEY={layout.data_key}",
+                    # Citizens sign in at a development identity provider that `tuo run`
+                    # starts with test identities; a real deployment names its provider.
+                    f"TUO_DEV_IDP_PORT={layout.dev_idp_port}",
+                    f"TUO_OIDC_ISSUER=http://127.0.0.1:{layout.dev_idp_port}",
+                    "TUO_OIDC_CLIENT_ID=tuo-local",
+                    f"TUO_OIDC_CLIENT_SECRET={layout.oidc_client_secret}",
                     "",
                 ]
             ),

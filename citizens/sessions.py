@@ -1,0 +1,134 @@
+"""Citizens' sessions and sign-ins under way, kept in PostgreSQL.
+
+Like registrars' sessions (``producers.web.sessions``, whose token helpers these
+reuse): the browser holds a random token in an HttpOnly cookie, the database only
+its SHA-256. A citizen's session knows them by pseudonymous subject id; the name
+to greet them by is sealed, bound to the session. It ends at sign-out, after
+``session_idle_minutes`` without a request, or ``session_max_hours`` after sign-in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import asyncpg
+
+from producers.web.sessions import Expired, new_secret
+from runtime.sealing import PayloadSealer
+from runtime.settings import Settings
+
+# How long the provider may take to send the citizen back (they may have to sign in there).
+SIGN_IN_MINUTES = 10
+
+
+@dataclass(frozen=True)
+class CitizenSession:
+    token_hash: bytes
+    subject_id: str
+    display_name: str
+    csrf_token: str
+
+
+@dataclass(frozen=True)
+class PendingSignIn:
+    """What was sent to the provider, to check its answer against."""
+
+    nonce: str
+    code_verifier: str
+    return_to: str | None
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def begin_sign_in(
+    pool: asyncpg.Pool, state: str, browser_token: str, nonce: str, code_verifier: str, return_to: str | None
+) -> None:
+    await pool.execute(
+        "INSERT INTO citizen_sign_in (state_hash, browser_hash, nonce, code_verifier, return_to)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        token_hash(state),
+        token_hash(browser_token),
+        nonce,
+        code_verifier,
+        return_to,
+    )
+
+
+async def take_sign_in(pool: asyncpg.Pool, state: str, browser_token: str) -> PendingSignIn | None:
+    """The sign-in this ``state`` belongs to, if this browser started it in the last few
+    minutes. It is deleted either way: a state is good for one answer."""
+    if not state or len(state) > 200 or not browser_token:
+        return None
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "DELETE FROM citizen_sign_in WHERE created_at < now() - make_interval(mins => $1)",
+            SIGN_IN_MINUTES,
+        )
+        row = await conn.fetchrow(
+            "DELETE FROM citizen_sign_in WHERE state_hash = $1"
+            " RETURNING browser_hash, nonce, code_verifier, return_to",
+            token_hash(state),
+        )
+    if row is None or bytes(row["browser_hash"]) != token_hash(browser_token):
+        return None
+    return PendingSignIn(row["nonce"], row["code_verifier"], row["return_to"])
+
+
+async def start_session(
+    pool: asyncpg.Pool, sealer: PayloadSealer, subject_id: str, display_name: str
+) -> tuple[str, CitizenSession]:
+    """A new session for a citizen who has just signed in; returns the cookie's token."""
+    token = new_secret()
+    session = CitizenSession(token_hash(token), subject_id, display_name, new_secret())
+    await pool.execute(
+        "INSERT INTO citizen_session (token_hash, subject_id, display_name, csrf_token)"
+        " VALUES ($1, $2, $3, $4)",
+        session.token_hash,
+        subject_id,
+        sealer.seal(display_name.encode(), session.token_hash),
+        session.csrf_token,
+    )
+    return token, session
+
+
+async def find_session(
+    pool: asyncpg.Pool, sealer: PayloadSealer, token: str, settings: Settings
+) -> CitizenSession | Expired | None:
+    """The session this token opens, touched so its idle time starts again."""
+    if not token or len(token) > 100:
+        return None
+    hashed = token_hash(token)
+    row = await pool.fetchrow(
+        "SELECT subject_id, display_name, csrf_token,"
+        "       last_seen_at < now() - make_interval(mins => $2)"
+        "         OR created_at < now() - make_interval(hours => $3) AS expired"
+        "  FROM citizen_session WHERE token_hash = $1",
+        hashed,
+        settings.session_idle_minutes,
+        settings.session_max_hours,
+    )
+    if row is None:
+        return None
+    if row["expired"]:
+        await end_session(pool, hashed)
+        return Expired()
+    await pool.execute("UPDATE citizen_session SET last_seen_at = now() WHERE token_hash = $1", hashed)
+    name = sealer.open(bytes(row["display_name"]), hashed).decode()
+    return CitizenSession(hashed, row["subject_id"], name, row["csrf_token"])
+
+
+async def end_session(pool: asyncpg.Pool, hashed: bytes) -> None:
+    await pool.execute("DELETE FROM citizen_session WHERE token_hash = $1", hashed)
+
+
+async def forget_expired_sessions(pool: asyncpg.Pool, settings: Settings) -> int:
+    result: str = await pool.execute(
+        "DELETE FROM citizen_session WHERE last_seen_at < now() - make_interval(mins => $1)"
+        "   OR created_at < now() - make_interval(hours => $2)",
+        settings.session_idle_minutes,
+        settings.session_max_hours,
+    )
+    return int(result.split()[-1])

@@ -1,0 +1,375 @@
+"""Citizens sign in through an OpenID Connect provider (GOV.UK One Login, or the
+development provider in ``citizens.dev_idp``): this service is the relying party.
+
+``/citizen/sign-in`` sends the browser to the provider with ``state``, ``nonce``
+and a PKCE challenge; ``/citizen/callback`` checks the state against the browser
+that started the sign-in, exchanges the code (Authlib's OAuth 2 client), verifies
+the ID token (signature against the provider's published keys, issuer, audience,
+nonce, expiry), reads the identity claims from userinfo, and starts a session that
+knows the citizen by the pseudonymous subject id derived from their National
+Insurance number. The NINO is used for that one derivation and never stored or
+logged. ``current_citizen`` is the dependency citizens' pages use.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import httpx
+import structlog
+from authlib.integrations.base_client.errors import OAuthError  # type: ignore[import-untyped]
+from authlib.integrations.httpx_client import AsyncOAuth2Client  # type: ignore[import-untyped]
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from joserfc import jwt
+from joserfc.errors import InvalidKeyIdError, JoseError
+from joserfc.jwk import KeySet
+from joserfc.jwt import ClaimsOption, JWTClaimsRegistry
+
+from citizens import sessions
+from citizens.dev_idp import CORE_IDENTITY_JWT, SOCIAL_SECURITY_RECORD
+from producers.accept import subject_id_for
+from producers.web.pages import redirect, render
+from producers.web.routes import CookiePolicy
+from producers.web.sessions import same_secret
+from runtime.sealing import PayloadSealer
+from runtime.settings import MissingSetting, Settings
+from schemas.validation import normalise_nino
+
+log = structlog.get_logger(__name__)
+
+CALLBACK_PATH = "/citizen/callback"
+HOME_PATH = "/citizen"
+ACCEPTED_ALGORITHMS = ("ES256", "RS256")
+# Pages a sign-in may return to: this service's own citizen pages, nothing else.
+_RETURN_PREFIX = "/citizen/"
+
+
+@dataclass(frozen=True)
+class Citizen:
+    """A signed-in citizen, as the pages see them."""
+
+    subject_id: str
+    display_name: str
+    csrf_token: str
+
+
+class SignInRequired(Exception):
+    """No current citizen session: the browser is sent to sign in, then back to ``return_to``."""
+
+    def __init__(self, return_to: str | None) -> None:
+        super().__init__("citizen sign-in required")
+        self.return_to = return_to
+
+
+class SignInFailed(Exception):
+    """The provider's answer cannot be trusted or used; ``reason`` is safe to log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RelyingParty:
+    """This service's registration with the provider."""
+
+    issuer: str
+    client_id: str
+    client_secret: str
+    redirect_url: str
+    scopes: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RelyingParty:
+        if not settings.oidc_issuer:
+            raise MissingSetting("oidc_issuer", "the identity provider's issuer URL, e.g. GOV.UK One Login's")
+        if not settings.oidc_client_id or settings.oidc_client_secret is None:
+            raise MissingSetting(
+                "oidc_client_id", "and TUO_OIDC_CLIENT_SECRET: as registered with the provider"
+            )
+        return cls(
+            issuer=settings.oidc_issuer.rstrip("/"),
+            client_id=settings.oidc_client_id,
+            client_secret=settings.oidc_client_secret.get_secret_value(),
+            redirect_url=settings.oidc_redirect_url or settings.public_url.rstrip("/") + CALLBACK_PATH,
+            scopes=settings.oidc_scopes,
+        )
+
+
+@dataclass(frozen=True)
+class VerifiedIdentity:
+    provider_subject: str
+    nino: str
+    display_name: str
+
+
+class IdentityProvider:
+    """The provider as the relying party sees it: its metadata and keys (cached, keys
+    fetched again when a token names one not seen yet), and the protocol's steps."""
+
+    def __init__(self, party: RelyingParty) -> None:
+        self.party = party
+        self._metadata: dict[str, Any] | None = None
+        self._keys: KeySet | None = None
+
+    def _client(self) -> AsyncOAuth2Client:
+        return AsyncOAuth2Client(
+            client_id=self.party.client_id,
+            client_secret=self.party.client_secret,
+            token_endpoint_auth_method="client_secret_basic",  # noqa: S106 (a method, not a secret)
+            scope=self.party.scopes,
+            redirect_uri=self.party.redirect_url,
+            code_challenge_method="S256",
+            timeout=10,
+        )
+
+    async def metadata(self) -> dict[str, Any]:
+        if self._metadata is None:
+            async with httpx.AsyncClient(timeout=10) as http:
+                answer = await http.get(f"{self.party.issuer}/.well-known/openid-configuration")
+                answer.raise_for_status()
+                metadata: dict[str, Any] = answer.json()
+            if metadata.get("issuer") != self.party.issuer:
+                raise SignInFailed("discovery document names another issuer")
+            self._metadata = metadata
+        return self._metadata
+
+    async def keys(self, refresh: bool = False) -> KeySet:
+        if self._keys is None or refresh:
+            async with httpx.AsyncClient(timeout=10) as http:
+                answer = await http.get((await self.metadata())["jwks_uri"])
+                answer.raise_for_status()
+                self._keys = KeySet.import_key_set(answer.json())
+        return self._keys
+
+    async def authorization_url(self, state: str, nonce: str, code_verifier: str) -> str:
+        # As GOV.UK One Login, the identity claims are asked for by name, from userinfo.
+        claims = {"userinfo": {SOCIAL_SECURITY_RECORD: None, CORE_IDENTITY_JWT: None}}
+        async with self._client() as client:
+            url, _ = client.create_authorization_url(
+                (await self.metadata())["authorization_endpoint"],
+                state=state,
+                code_verifier=code_verifier,
+                nonce=nonce,
+                claims=json.dumps(claims, separators=(",", ":")),
+            )
+        return str(url)
+
+    async def sign_in(self, code: str, code_verifier: str, nonce: str) -> VerifiedIdentity:
+        metadata = await self.metadata()
+        async with self._client() as client:
+            try:
+                token = await client.fetch_token(
+                    metadata["token_endpoint"],
+                    grant_type="authorization_code",
+                    code=code,
+                    code_verifier=code_verifier,
+                )
+            except OAuthError as refused:
+                raise SignInFailed(f"the provider refused the code: {refused.error}") from refused
+            id_token = await self.verify(
+                str(token.get("id_token", "")), {"aud": self.party.client_id, "nonce": nonce}
+            )
+            answer = await client.get(metadata["userinfo_endpoint"])
+        if answer.status_code != 200:
+            raise SignInFailed(f"userinfo answered {answer.status_code}")
+        info: dict[str, Any] = answer.json()
+        if info.get("sub") != id_token["sub"]:
+            raise SignInFailed("userinfo is about someone else than the ID token")
+        return VerifiedIdentity(id_token["sub"], _nino(info), await self._display_name(info, id_token["sub"]))
+
+    async def verify(self, token: str, expected: dict[str, str]) -> dict[str, Any]:
+        """A JWT's claims, once its signature is one of the provider's keys' and its
+        issuer, expiry and ``expected`` claims are right."""
+        if not token:
+            raise SignInFailed("no ID token")
+        try:
+            try:
+                decoded = jwt.decode(token, await self.keys(), algorithms=list(ACCEPTED_ALGORITHMS))
+            except InvalidKeyIdError:
+                # A kid not seen yet: the provider may have rotated its keys.
+                decoded = jwt.decode(
+                    token, await self.keys(refresh=True), algorithms=list(ACCEPTED_ALGORITHMS)
+                )
+            options: dict[str, ClaimsOption] = {
+                "iss": {"essential": True, "value": self.party.issuer},
+                "sub": {"essential": True},
+                "exp": {"essential": True},
+                "iat": {"essential": True},
+            }
+            for name, value in expected.items():
+                options[name] = {"essential": True, "value": value}
+            registry = JWTClaimsRegistry(now=None, leeway=60, **options)
+            registry.validate(decoded.claims)
+        except (JoseError, ValueError) as bad:
+            raise SignInFailed(f"token not valid: {type(bad).__name__}") from bad
+        return dict(decoded.claims)
+
+    async def _display_name(self, info: dict[str, Any], provider_subject: str) -> str:
+        core_identity = info.get(CORE_IDENTITY_JWT)
+        if not isinstance(core_identity, str):
+            return ""
+        claims = await self.verify(core_identity, {"sub": provider_subject})
+        try:
+            names = claims["vc"]["credentialSubject"]["name"][0]["nameParts"]
+            return " ".join(str(part["value"]) for part in names)
+        except (KeyError, IndexError, TypeError):
+            return ""
+
+
+def _nino(info: dict[str, Any]) -> str:
+    records = info.get(SOCIAL_SECURITY_RECORD)
+    try:
+        return normalise_nino(str(records[0]["personalNumber"]))  # type: ignore[index]
+    except (KeyError, IndexError, TypeError, ValueError) as missing:
+        raise SignInFailed("the provider did not share a valid National Insurance number") from missing
+
+
+def _return_path(value: str | None) -> str | None:
+    if value and value.startswith(_RETURN_PREFIX) and "//" not in value and "\\" not in value:
+        return value[:500]
+    return None
+
+
+class CitizenCookies(CookiePolicy):
+    @property
+    def session(self) -> str:
+        return "__Host-tuo-citizen" if self.secure else "tuo-citizen"
+
+    @property
+    def sign_in(self) -> str:
+        return "__Host-tuo-citizen-sign-in" if self.secure else "tuo-citizen-sign-in"
+
+
+CurrentCitizen = Callable[[Request], Awaitable[Citizen]]
+
+
+def citizen_routes(settings: Settings, pool: asyncpg.Pool) -> tuple[APIRouter, CurrentCitizen]:
+    """The sign-in, callback and sign-out routes, and the function that finds the
+    signed-in citizen of a request (``current_citizen`` calls it)."""
+    router = APIRouter(include_in_schema=False)
+    provider = IdentityProvider(RelyingParty.from_settings(settings))
+    cookies = CitizenCookies(settings.session_cookie_secure)
+    sealer = PayloadSealer.from_settings(settings)
+    pseudonym_key = settings.require_pseudonym_key()
+
+    @router.get("/citizen/sign-in")
+    async def sign_in(request: Request, next: str | None = None) -> Response:
+        state, nonce, browser = (secrets.token_urlsafe(32) for _ in range(3))
+        # 48 random bytes: 64 characters, within RFC 7636's 43 to 128 for a PKCE verifier.
+        verifier = secrets.token_urlsafe(48)
+        await sessions.begin_sign_in(pool, state, browser, nonce, verifier, _return_path(next))
+        response = redirect(await provider.authorization_url(state, nonce, verifier))
+        cookies.set(response, cookies.sign_in, browser)
+        return response
+
+    @router.get(CALLBACK_PATH)
+    async def callback(
+        request: Request,
+        state: str = "",
+        code: str = "",
+        error: str | None = None,
+        iss: str | None = None,
+    ) -> Response:
+        pending = await sessions.take_sign_in(pool, state, request.cookies.get(cookies.sign_in, ""))
+        if pending is None:
+            log.info("citizen_sign_in_refused", reason="unknown, used or expired state, or another browser's")
+            return _failed_page(cookies, "The sign-in link had expired or was not started here.")
+        if error is not None:
+            log.info("citizen_sign_in_refused", reason="provider answered with an error", error=error[:100])
+            return _failed_page(cookies, "You did not finish signing in.")
+        try:
+            if iss is not None and iss != provider.party.issuer:
+                raise SignInFailed("answer from another issuer (RFC 9207)")
+            identity = await provider.sign_in(code, pending.code_verifier, pending.nonce)
+        except SignInFailed as failed:
+            log.warning("citizen_sign_in_refused", reason=failed.reason)
+            return _failed_page(cookies, "We could not confirm who you are.")
+        subject_id = subject_id_for(identity.nino, pseudonym_key)
+        earlier = request.cookies.get(cookies.session)
+        if earlier:
+            await sessions.end_session(pool, sessions.token_hash(earlier))
+        await sessions.forget_expired_sessions(pool, settings)
+        token, _ = await sessions.start_session(pool, sealer, subject_id, identity.display_name)
+        log.info("citizen_signed_in", subject_id=subject_id)
+        response = redirect(pending.return_to or HOME_PATH)
+        cookies.set(response, cookies.session, token)
+        cookies.clear(response, cookies.sign_in)
+        return response
+
+    @router.post("/citizen/sign-out")
+    async def sign_out(request: Request) -> Response:
+        token = request.cookies.get(cookies.session, "")
+        found = await sessions.find_session(pool, sealer, token, settings) if token else None
+        if isinstance(found, sessions.CitizenSession):
+            form = await request.form()
+            given = form.get("csrf_token")
+            if not same_secret(found.csrf_token, given if isinstance(given, str) else None):
+                return render("message.html", 403, title="Sign-out not confirmed", lines=["Try again."])
+            await sessions.end_session(pool, found.token_hash)
+            log.info("citizen_signed_out", subject_id=found.subject_id)
+        response = redirect("/citizen/signed-out")
+        cookies.clear(response, cookies.session)
+        return response
+
+    @router.get("/citizen/signed-out")
+    async def signed_out() -> Response:
+        return render(
+            "message.html",
+            title="You have signed out",
+            lines=[],
+            link=("/citizen/sign-in", "Sign in again"),
+        )
+
+    async def current(request: Request) -> Citizen:
+        token = request.cookies.get(cookies.session, "")
+        found = await sessions.find_session(pool, sealer, token, settings) if token else None
+        if not isinstance(found, sessions.CitizenSession):
+            raise SignInRequired(_return_path(request.url.path))
+        return Citizen(found.subject_id, found.display_name, found.csrf_token)
+
+    return router, current
+
+
+def _failed_page(cookies: CookiePolicy, why: str) -> Response:
+    response = render(
+        "message.html",
+        400,
+        title="You are not signed in",
+        lines=[why],
+        link=("/citizen/sign-in", "Try signing in again"),
+    )
+    cookies.clear(response, cookies.sign_in)
+    return response
+
+
+async def current_citizen(request: Request) -> Citizen:
+    """The signed-in citizen; without a session, ``SignInRequired`` (which the app answers
+    with a redirect to sign in, see ``install_citizen_sign_in``)."""
+    current: CurrentCitizen | None = getattr(request.app.state, "current_citizen", None)
+    if current is None:
+        raise RuntimeError("citizens' sign-in is not installed on this app (install_citizen_sign_in)")
+    return await current(request)
+
+
+def install_citizen_sign_in(app: FastAPI, settings: Settings, pool: asyncpg.Pool) -> None:
+    """Mount the sign-in routes on ``app``, and answer ``SignInRequired`` with a redirect."""
+    router, current = citizen_routes(settings, pool)
+    app.include_router(router)
+    app.state.current_citizen = current
+
+    async def sign_in_required(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, SignInRequired)
+        target = "/citizen/sign-in"
+        if exc.return_to:
+            target += "?next=" + quote(exc.return_to, safe="/")
+        return redirect(target)
+
+    app.add_exception_handler(SignInRequired, sign_in_required)

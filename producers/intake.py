@@ -26,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Scope
 
 from citizens.consent_receipts import consent_receipt_keys_router
+from citizens.pages import install_citizen_pages
 from citizens.signin import install_citizen_sign_in
 from producers.accept import (
     REFERENCE_ALPHABET,
@@ -370,6 +371,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     app.include_router(consent_receipt_keys_router(lambda: intake().pool))
     if settings.oidc_issuer and pool is not None:
         install_citizen_sign_in(app, settings, pool)
+        install_citizen_pages(app, settings, pool)
     install_web(app, intake, settings)
     app.add_middleware(JsonOnly)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)

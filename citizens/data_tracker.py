@@ -1,0 +1,309 @@
+"""What a citizen may see about themselves: who may be told what (their consent
+settings), every change to those choices, and, for each of their events, which
+agencies were told, which fields, on what legal basis, and what each agency did
+with it. Each function takes the subject and, for a proxy, the agencies their
+appointment covers (``None``: every agency), and answers in plain English as well
+as in the stored values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from producers.store import event_status
+from producers.web.organisations import agency_name
+
+EVENT_NAMES = {
+    "BirthRegistered": "Birth registrations",
+    "DeathRegistered": "Death registrations",
+    "AddressChanged": "Changes of address",
+    "EventCorrected": "Corrections to a registration",
+    "EventVoided": "Cancelled registrations",
+}
+EVENT_TITLES = {
+    "BirthRegistered": "Birth registered",
+    "DeathRegistered": "Death registered",
+    "AddressChanged": "Change of address",
+    "EventCorrected": "Registration corrected",
+    "EventVoided": "Registration cancelled",
+}
+CHOICE_WORDS = {
+    "given": "Yes, they may be told",
+    "refused": "No, they may not be told",
+    "withdrawn": "No, consent withdrawn",
+    None: "Not asked yet",
+}
+RECORDED_BY_WORDS = {
+    "informant": "The informant, at the register office",
+    "citizen": "You, online",
+    "proxy": "Someone appointed to act for you, online",
+}
+FIELD_WORDS = {
+    "nino": "National Insurance number",
+    "deceased": "name and date of birth of the person who died",
+    "child": "the child's details",
+    "parents": "the parents' details",
+    "person": "name and date of birth",
+    "date_of_death": "date of death",
+    "place_of_death": "place of death",
+    "last_address": "last address",
+    "home_address": "home address",
+    "new_address": "new address",
+    "old_address": "previous address",
+    "effective_date": "date of the move",
+    "moving_with": "who moved too",
+    "surviving_partner": "surviving partner",
+    "executor": "executor",
+}
+
+
+def event_name(event_type: str) -> str:
+    return EVENT_NAMES.get(event_type, event_type)
+
+
+def field_words(fields: list[str]) -> list[str]:
+    return [FIELD_WORDS.get(name, name.replace("_", " ")) for name in sorted(fields)]
+
+
+@dataclass(frozen=True)
+class ConsentSetting:
+    """One agency's subscription to one event type, and this person's current choice about it."""
+
+    agency: str
+    agency_name: str
+    event_type: str
+    event_name: str
+    legal_basis: str  # statutory | consent
+    statute: str | None
+    choice: str | None  # given | refused | withdrawn; None: never asked
+    choice_words: str
+    recorded_by: str | None
+    recorded_at: datetime | None
+
+    @property
+    def changeable(self) -> bool:
+        return self.legal_basis == "consent"
+
+
+async def consent_settings(
+    pool: asyncpg.Pool, subject_id: str, agencies: frozenset[str] | None
+) -> list[ConsentSetting]:
+    """Every active subscription in force (within ``agencies``), with the subject's current choice."""
+    rows = await pool.fetch(
+        "SELECT s.agency, s.event_type, s.legal_basis, s.statute, c.choice, c.recorded_by, c.recorded_at"
+        "  FROM subscription s"
+        "  LEFT JOIN current_consent c"
+        "    ON c.subject_id = $1 AND c.agency = s.agency AND c.event_type = s.event_type"
+        " WHERE s.status = 'active'"
+        "   AND (s.valid_from IS NULL OR s.valid_from <= now())"
+        "   AND (s.valid_to IS NULL OR s.valid_to > now())"
+        "   AND ($2::text[] IS NULL OR s.agency = ANY($2::text[]))",
+        subject_id,
+        None if agencies is None else sorted(agencies),
+    )
+    settings = [
+        ConsentSetting(
+            agency=r["agency"],
+            agency_name=agency_name(r["agency"]),
+            event_type=r["event_type"],
+            event_name=event_name(r["event_type"]),
+            legal_basis=r["legal_basis"],
+            statute=r["statute"],
+            choice=r["choice"],
+            choice_words=CHOICE_WORDS.get(r["choice"], str(r["choice"])),
+            recorded_by=r["recorded_by"],
+            recorded_at=r["recorded_at"],
+        )
+        for r in rows
+    ]
+    return sorted(settings, key=lambda s: (s.event_name, s.legal_basis != "statutory", s.agency_name))
+
+
+async def consent_setting(
+    pool: asyncpg.Pool, subject_id: str, agency: str, event_type: str
+) -> ConsentSetting | None:
+    found = [
+        s for s in await consent_settings(pool, subject_id, frozenset({agency})) if s.event_type == event_type
+    ]
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class ConsentChange:
+    agency: str
+    agency_name: str
+    event_type: str
+    event_name: str
+    choice: str
+    choice_words: str
+    recorded_by: str
+    recorded_by_words: str
+    recorded_at: datetime
+
+
+async def consent_history(
+    pool: asyncpg.Pool, subject_id: str, agencies: frozenset[str] | None
+) -> list[ConsentChange]:
+    """Every consent choice recorded for the subject (within ``agencies``), newest first."""
+    rows = await pool.fetch(
+        "SELECT agency, event_type, choice, recorded_by, recorded_at FROM consent_record"
+        " WHERE subject_id = $1 AND ($2::text[] IS NULL OR agency = ANY($2::text[]))"
+        " ORDER BY id DESC",
+        subject_id,
+        None if agencies is None else sorted(agencies),
+    )
+    return [
+        ConsentChange(
+            agency=r["agency"],
+            agency_name=agency_name(r["agency"]),
+            event_type=r["event_type"],
+            event_name=event_name(r["event_type"]),
+            choice=r["choice"],
+            choice_words=CHOICE_WORDS.get(r["choice"], r["choice"]),
+            recorded_by=r["recorded_by"],
+            recorded_by_words=RECORDED_BY_WORDS.get(r["recorded_by"], r["recorded_by"]),
+            recorded_at=r["recorded_at"],
+        )
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What happened between one event and one agency, in the citizen's words."""
+
+    agency: str
+    agency_name: str
+    decision: str  # delivered | withheld_no_consent | withheld_no_subscription | blocked
+    told: bool
+    why: str
+    legal_basis: str | None
+    legal_basis_words: str
+    decided_at: str
+    fields_shared: list[str]
+    fields_not_shared: list[str]
+    receipt: str | None  # received | applied | rejected
+    receipt_reason: str | None
+    overdue: bool
+    receipt_words: str
+
+
+@dataclass(frozen=True)
+class ReportedEvent:
+    event_type: str
+    title: str
+    recorded_at: str
+    deliveries: list[Delivery]
+
+
+def _legal_basis_words(basis: str | None) -> str:
+    if basis is None:
+        return "None"
+    if basis.startswith("statutory: "):
+        return "Required by law: " + basis.removeprefix("statutory: ")
+    if basis == "consent":
+        return "Your consent"
+    if basis.startswith("policy"):
+        return "A rule that forbids sharing this"
+    return basis
+
+
+def _why(decision: str) -> str:
+    return {
+        "delivered": "They were told.",
+        "withheld_no_consent": "Not told: they may only be told with consent, and consent was not given.",
+        "withheld_no_subscription": "Not told: they do not receive this kind of information.",
+        "blocked": "Not told: the rules forbid sharing this with them, whatever anyone agrees.",
+    }.get(decision, "Not told.")
+
+
+def _receipt_words(decision: str, receipt: dict[str, Any] | None, overdue: bool) -> str:
+    if decision != "delivered":
+        return "Nothing was sent, so there is nothing to confirm."
+    outcome = receipt["outcome"] if receipt else None
+    if outcome == "applied":
+        return "They confirmed they have updated their records."
+    if outcome == "rejected":
+        reason = receipt["reason"] if receipt and receipt["reason"] else "they gave no reason"
+        return f"They could not use it: {reason}."
+    if overdue:
+        return "They have not confirmed in time; our operators have been alerted."
+    if outcome == "received":
+        return "They confirmed they have it and are dealing with it."
+    return "Waiting for them to confirm they have it."
+
+
+def _delivery(row: dict[str, Any]) -> Delivery:
+    receipt = row["receipt"]
+    return Delivery(
+        agency=row["agency"],
+        agency_name=agency_name(row["agency"]),
+        decision=row["decision"],
+        told=row["decision"] == "delivered",
+        why=_why(row["decision"]),
+        legal_basis=row["legal_basis"],
+        legal_basis_words=_legal_basis_words(row["legal_basis"] if row["decision"] == "delivered" else None),
+        decided_at=row["decided_at"],
+        fields_shared=field_words(row["fields_delivered"]),
+        fields_not_shared=field_words(row["fields_withheld"]),
+        receipt=None if receipt is None else receipt["outcome"],
+        receipt_reason=None if receipt is None else receipt["reason"],
+        overdue=bool(row["overdue"]),
+        receipt_words=_receipt_words(row["decision"], receipt, bool(row["overdue"])),
+    )
+
+
+async def received(
+    pool: asyncpg.Pool, subject_id: str, agencies: frozenset[str] | None
+) -> list[ReportedEvent]:
+    """The subject's events, newest first, each with what every agency (within ``agencies``) got."""
+    references = await pool.fetch(
+        "SELECT reference FROM intake_record WHERE subject_id = $1 ORDER BY recorded_at DESC, reference",
+        subject_id,
+    )
+    events = []
+    for ref in references:
+        status = await event_status(pool, ref["reference"])
+        if status is None:  # cannot happen: the row was just read, and intake rows are never deleted
+            continue
+        deliveries = sorted(
+            (_delivery(row) for row in status["agencies"] if agencies is None or row["agency"] in agencies),
+            key=lambda d: (not d.told, d.agency_name),
+        )
+        events.append(
+            ReportedEvent(
+                event_type=status["event_type"],
+                title=EVENT_TITLES.get(status["event_type"], status["event_type"]),
+                recorded_at=status["recorded_at"],
+                deliveries=deliveries,
+            )
+        )
+    return events
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+async def everything(pool: asyncpg.Pool, subject_id: str, agencies: frozenset[str] | None) -> dict[str, Any]:
+    """Consents, their history and the events with their deliveries, as JSON-ready data."""
+    return {
+        "subject_id": subject_id,
+        "agencies_covered": "all" if agencies is None else sorted(agencies),
+        "consents": [
+            _plain({**asdict(s), "changeable": s.changeable})
+            for s in await consent_settings(pool, subject_id, agencies)
+        ],
+        "consent_history": [_plain(asdict(c)) for c in await consent_history(pool, subject_id, agencies)],
+        "events": [_plain(asdict(e)) for e in await received(pool, subject_id, agencies)],
+    }

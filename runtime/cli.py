@@ -7,8 +7,9 @@ import contextlib
 import getpass
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from citizens import proxies
 from consumers import redelivery, tracker
 from producers import accounts
 from producers.office_keys import create_key, published_keys
@@ -67,6 +69,10 @@ agencies_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(agencies_app, name="agencies")
+proxies_app = typer.Typer(
+    help="People appointed to act for a citizen on the consent pages.", no_args_is_help=True
+)
+app.add_typer(proxies_app, name="proxies")
 access_app = typer.Typer(help="Kafka ACLs of the bus's components.", no_args_is_help=True)
 app.add_typer(access_app, name="access")
 console = Console()
@@ -278,6 +284,55 @@ def access_show(
         console.print(rule)
     if not rules:
         console.print("No ACL rules" + (f" for {user}." if user else "."))
+
+
+@proxies_app.command("appoint")
+def proxies_appoint(
+    name: Annotated[str, typer.Option(help="The name the proxy knows the person by (stored sealed)")],
+    reason: Annotated[str, typer.Option(help="The authority, e.g. 'Lasting power of attorney LPA-123'")],
+    recorded_by: Annotated[str, typer.Option(help="Who records the appointment")],
+    agency: Annotated[
+        list[str] | None, typer.Option(help="An agency it covers (repeat); none: every agency")
+    ] = None,
+    days: Annotated[int | None, typer.Option(min=1, help="Days until it ends; none: open-ended")] = None,
+) -> None:
+    """Appoint a proxy. Both National Insurance numbers are asked for, not taken as
+    arguments (so they stay out of shell history), and only used to derive subject ids."""
+    proxy_nino = typer.prompt("Proxy's National Insurance number", hide_input=True)
+    subject_nino = typer.prompt("National Insurance number of the person they act for", hide_input=True)
+    settings = _settings()
+    valid_to = None if days is None else datetime.now(UTC) + timedelta(days=days)
+    try:
+        appointment = _with_pool(
+            lambda pool: proxies.appoint_proxy_by_nino(
+                pool,
+                settings,
+                proxy_nino=proxy_nino,
+                subject_nino=subject_nino,
+                subject_name=name,
+                agencies=agency or None,
+                recorded_by=recorded_by,
+                reason=reason,
+                valid_to=valid_to,
+            )
+        )
+    except proxies.InvalidAppointment as bad:
+        raise _fail(str(bad)) from None
+    console.print(
+        f"Appointment {appointment} recorded; the proxy chooses it at /citizen/act-for/{appointment}."
+    )
+
+
+@proxies_app.command("end")
+def proxies_end(appointment: str) -> None:
+    """End an appointment now."""
+    try:
+        wanted = uuid.UUID(appointment)
+    except ValueError:
+        raise _fail(f"{appointment!r} is not an appointment id") from None
+    if not _with_pool(lambda pool: proxies.end_appointment(pool, wanted)):
+        raise _fail(f"no running appointment {appointment}")
+    console.print(f"Appointment {appointment} ended.")
 
 
 SUBSCRIBABLE = ("BirthRegistered", "DeathRegistered", "AddressChanged")

@@ -4,8 +4,10 @@ sees and changes only their own choices; a proxy only what their appointment cov
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +23,7 @@ from citizens.proxies import InvalidAppointment, appoint_proxy, appoint_proxy_by
 from producers.accept import subject_id_for
 from runtime.settings import Settings
 from tests.citizen_browser import Stack, browser, serve_citizens, sign_in, whoami
-from tests.support import death_registration, eventually
+from tests.support import death_registration, eventually, tuo_cli
 
 pytestmark = pytest.mark.integration
 
@@ -335,3 +337,58 @@ async def test_pages_need_a_signed_in_citizen(stack: Stack) -> None:
             answer = await client.get(f"{stack.base_url}{path}")
             assert answer.status_code == 303
             assert answer.headers["location"] == f"/citizen/sign-in?next={path}"
+
+
+async def test_tuo_proxies_appoint_prompts_for_ninos_keeps_none_and_end_stops_the_appointment(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    reason = "Lasting power of attorney " + uuid.uuid4().hex[:8]
+    code, output = await asyncio.to_thread(
+        tuo_cli,
+        services,
+        "proxies",
+        "appoint",
+        "--name",
+        "Amara",
+        "--reason",
+        reason,
+        "--recorded-by",
+        "ops-test",
+        "--agency",
+        "dvla",
+        "--days",
+        "30",
+        input="CE112233D\nAB987654C\n",
+    )
+    assert code == 0, output
+    assert "CE112233D" not in output and "AB987654C" not in output, "hidden input is not echoed"
+    row = await pool.fetchrow(
+        "SELECT id, agencies, ended_at FROM proxy_appointment WHERE reason = $1", reason
+    )
+    assert row is not None and row["agencies"] == ["dvla"] and row["ended_at"] is None
+    assert f"/citizen/act-for/{row['id']}" in output
+    stored = await pool.fetchval(
+        "SELECT row_to_json(a)::text FROM proxy_appointment a WHERE id = $1", row["id"]
+    )
+    assert "CE112233D" not in stored and "Amara" not in stored
+
+    code, output = await asyncio.to_thread(tuo_cli, services, "proxies", "end", str(row["id"]))
+    assert code == 0 and "ended" in output, output
+    assert await pool.fetchval("SELECT ended_at FROM proxy_appointment WHERE id = $1", row["id"]) is not None
+    code, output = await asyncio.to_thread(tuo_cli, services, "proxies", "end", str(row["id"]))
+    assert code != 0 and "no running appointment" in output
+
+    code, output = await asyncio.to_thread(
+        tuo_cli,
+        services,
+        "proxies",
+        "appoint",
+        "--name",
+        "X",
+        "--reason",
+        "r",
+        "--recorded-by",
+        "ops",
+        input="not a nino\nAB987654C\n",
+    )
+    assert code != 0 and "not a National Insurance number" in output, output

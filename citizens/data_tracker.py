@@ -274,6 +274,8 @@ async def received(
             (_delivery(row) for row in status["agencies"] if agencies is None or row["agency"] in agencies),
             key=lambda d: (not d.told, d.agency_name),
         )
+        if agencies is not None and not deliveries:
+            continue  # a proxy for some agencies learns nothing of events outside them
         events.append(
             ReportedEvent(
                 event_type=status["event_type"],

@@ -60,6 +60,10 @@ class Citizen:
     csrf_token: str
 
 
+PROVEN_LEVEL = "P2"  # GOV.UK One Login: identity proven to a medium level of confidence
+PROVEN_IDENTITY_VECTOR = "Cl.Cm.P2"
+
+
 class SignInRequired(Exception):
     """No current citizen session: the browser is sent to sign in, then back to ``return_to``."""
 
@@ -159,6 +163,7 @@ class IdentityProvider:
                 code_verifier=code_verifier,
                 nonce=nonce,
                 claims=json.dumps(claims, separators=(",", ":")),
+                vtr=json.dumps([PROVEN_IDENTITY_VECTOR]),  # a proven identity (GOV.UK One Login's P2)
             )
         return str(url)
 
@@ -183,7 +188,9 @@ class IdentityProvider:
         info: dict[str, Any] = answer.json()
         if info.get("sub") != id_token["sub"]:
             raise SignInFailed("userinfo is about someone else than the ID token")
-        return VerifiedIdentity(id_token["sub"], _nino(info), await self._display_name(info, id_token["sub"]))
+        # The NINO is believed only with a proven identity: a signed identity credential at P2.
+        name = await self._proven_name(info, id_token["sub"])
+        return VerifiedIdentity(id_token["sub"], _nino(info), name)
 
     async def verify(self, token: str, expected: dict[str, str]) -> dict[str, Any]:
         """A JWT's claims, once its signature is one of the provider's keys' and its
@@ -212,11 +219,11 @@ class IdentityProvider:
             raise SignInFailed(f"token not valid: {type(bad).__name__}") from bad
         return dict(decoded.claims)
 
-    async def _display_name(self, info: dict[str, Any], provider_subject: str) -> str:
+    async def _proven_name(self, info: dict[str, Any], provider_subject: str) -> str:
         core_identity = info.get(CORE_IDENTITY_JWT)
         if not isinstance(core_identity, str):
-            return ""
-        claims = await self.verify(core_identity, {"sub": provider_subject})
+            raise SignInFailed("no proven identity (core identity credential) from the provider")
+        claims = await self.verify(core_identity, {"sub": provider_subject, "vot": PROVEN_LEVEL})
         try:
             names = claims["vc"]["credentialSubject"]["name"][0]["nameParts"]
             return " ".join(str(part["value"]) for part in names)

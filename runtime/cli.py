@@ -906,6 +906,11 @@ async def _run(
                     f"Registrars' forms: {base}/sign-in — user [bold]{sign_in.username}[/],"
                     f" password in {sign_in.credentials_file}"
                 )
+                if settings.dev_idp_port is not None:
+                    console.print(
+                        f"Citizens' pages: {base}/citizen — sign in at the development identity"
+                        " provider as Jo Citizen, Chris Example or Amara Okafor"
+                    )
             if not (demo and exit_after_demo):
                 console.print("Serving until Ctrl-C.")
                 await stop_requested.wait()

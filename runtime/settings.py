@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "TUO_"
@@ -140,6 +140,19 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+
+    @model_validator(mode="after")
+    def _dev_idp_only_on_loopback(self) -> Settings:
+        """The development identity provider signs anyone in as its test people: it may
+        only ever be this service's provider on loopback, never stand in for a real one."""
+        if self.dev_idp_port is not None and self.oidc_issuer != f"http://127.0.0.1:{self.dev_idp_port}":
+            raise ValueError(
+                "TUO_DEV_IDP_PORT is for the local stack only: TUO_OIDC_ISSUER must then be "
+                f"http://127.0.0.1:{self.dev_idp_port}"
+            )
+        if self.oidc_issuer and not self.oidc_issuer.startswith(("https://", "http://127.0.0.1:")):
+            raise ValueError("TUO_OIDC_ISSUER must use https (plain http only on 127.0.0.1)")
+        return self
 
     def require_database_url(self) -> str:
         if self.database_url is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from runtime.settings import MissingSetting, Settings, load_settings
 
@@ -63,3 +64,17 @@ def test_registry_credentials_are_refused_in_the_url_and_kept_secret() -> None:
     assert settings.schema_registry_auth() == ("key", "s3cret-value")
     assert "s3cret-value" not in repr(settings)
     assert settings.schema_base_url() == "https://registry.example"
+
+
+def test_the_development_identity_provider_runs_only_as_this_services_loopback_provider() -> None:
+    assert Settings(dev_idp_port=5555, oidc_issuer="http://127.0.0.1:5555").dev_idp_port == 5555
+    with pytest.raises(ValidationError, match="TUO_DEV_IDP_PORT is for the local stack only"):
+        Settings(dev_idp_port=5555, oidc_issuer="https://oidc.account.gov.uk/")
+    with pytest.raises(ValidationError, match="TUO_DEV_IDP_PORT is for the local stack only"):
+        Settings(dev_idp_port=5555)
+
+
+def test_a_real_identity_provider_must_use_https() -> None:
+    assert Settings(oidc_issuer="https://oidc.account.gov.uk/").oidc_issuer
+    with pytest.raises(ValidationError, match="must use https"):
+        Settings(oidc_issuer="http://idp.example.gov.uk")

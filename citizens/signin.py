@@ -272,8 +272,13 @@ def citizen_routes(settings: Settings, pool: asyncpg.Pool) -> tuple[APIRouter, C
         state, nonce, browser = (secrets.token_urlsafe(32) for _ in range(3))
         # 48 random bytes: 64 characters, within RFC 7636's 43 to 128 for a PKCE verifier.
         verifier = secrets.token_urlsafe(48)
+        try:
+            target = await provider.authorization_url(state, nonce, verifier)
+        except PROVIDER_FAILURES as failed:
+            log.warning("citizen_sign_in_unavailable", error=type(failed).__name__)
+            return _unavailable_page(cookies)
         await sessions.begin_sign_in(pool, state, browser, nonce, verifier, _return_path(next))
-        response = redirect(await provider.authorization_url(state, nonce, verifier))
+        response = redirect(target)
         cookies.set(response, cookies.sign_in, browser)
         return response
 
@@ -299,6 +304,9 @@ def citizen_routes(settings: Settings, pool: asyncpg.Pool) -> tuple[APIRouter, C
         except SignInFailed as failed:
             log.warning("citizen_sign_in_refused", reason=failed.reason)
             return _failed_page(cookies, "We could not confirm who you are.")
+        except PROVIDER_FAILURES as failed:  # unreachable, or an answer that is not what it should be
+            log.warning("citizen_sign_in_unavailable", error=type(failed).__name__)
+            return _unavailable_page(cookies)
         subject_id = subject_id_for(identity.nino, pseudonym_key)
         earlier = request.cookies.get(cookies.session)
         if earlier:
@@ -343,6 +351,23 @@ def citizen_routes(settings: Settings, pool: asyncpg.Pool) -> tuple[APIRouter, C
         return Citizen(found.subject_id, found.display_name, found.csrf_token)
 
     return router, current
+
+
+# The provider unreachable or answering nonsense: the citizen is told to try later (503),
+# never shown a server error.
+PROVIDER_FAILURES = (httpx.HTTPError, ValueError, KeyError, TypeError)
+
+
+def _unavailable_page(cookies: CookiePolicy) -> Response:
+    response = render(
+        "message.html",
+        503,
+        title="Sign-in is not available right now",
+        lines=["We could not reach the service that checks who you are. Try again in a few minutes."],
+        link=("/citizen/sign-in", "Try again"),
+    )
+    cookies.clear(response, cookies.sign_in)
+    return response
 
 
 def _failed_page(cookies: CookiePolicy, why: str) -> Response:

@@ -81,6 +81,7 @@ async def test_a_citizen_withdraws_consent_and_a_new_event_is_withheld_from_that
             # Not signed in: off to the identity provider, and back to the page asked for.
             await page.goto("/citizen/consents")
             assert page.url.startswith(f"{services.oidc_issuer}/authorize?")
+            await audit.check("identity provider (development)")
             await page.get_by_role("button", name=f"Sign in as {AMARA.name}").click()
             await page.wait_for_url("**/citizen/consents")
 

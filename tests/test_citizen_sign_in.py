@@ -10,10 +10,13 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
+from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from citizens import dev_idp
-from citizens.dev_idp import TEST_IDENTITIES, new_signing_key, s256
+from citizens.dev_idp import TEST_IDENTITIES, bind_loopback, new_signing_key, s256
+from citizens.signin import install_citizen_sign_in
 from producers.accept import subject_id_for
 from runtime.services import RunningBus
 from runtime.settings import Settings
@@ -270,3 +273,28 @@ async def test_the_running_service_signs_citizens_in_at_the_local_stacks_identit
         assert "__Host-" in done.headers["set-cookie"] and "Secure" in done.headers["set-cookie"]
     subject = subject_id_for(JO.nino, services.require_pseudonym_key())
     assert await pool.fetchval("SELECT count(*) FROM citizen_session WHERE subject_id = $1", subject) >= 1
+
+
+async def test_an_unreachable_provider_gives_a_try_again_page_not_a_server_error(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    nobody = bind_loopback()  # bound but never answering: a port nothing serves
+    port = nobody.getsockname()[1]
+    nobody.close()
+    settings = services.model_copy(
+        update={
+            "oidc_issuer": f"http://127.0.0.1:{port}",
+            "oidc_client_id": "tuo-test",
+            "oidc_client_secret": SecretStr("not-used"),
+            "dev_idp_port": None,
+            "session_cookie_secure": False,
+        }
+    )
+    app = FastAPI()
+    install_citizen_sign_in(app, settings, pool)
+    started = await pool.fetchval("SELECT count(*) FROM citizen_sign_in")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tuo") as client:
+        response = await client.get("/citizen/sign-in")
+    assert response.status_code == 503
+    assert "Sign-in is not available right now" in response.text
+    assert await pool.fetchval("SELECT count(*) FROM citizen_sign_in") == started, "nothing half-started"

@@ -219,11 +219,18 @@ def citizen_pages(settings: Settings, pool: asyncpg.Pool) -> APIRouter:
                 f"{setting.event_name.lower()}: {setting.statute}. You cannot opt out of it.",
             )
         if choice not in _CHOICES:
-            return refuse(
+            # The form again, with an error summary linked to the question left unanswered.
+            return render(
+                "citizen_consents.html",
                 scope,
                 400,
-                "Your choice was not saved",
-                f"Choose whether {setting.agency_name} may be told about {setting.event_name.lower()}.",
+                title="Who may be told what",
+                settings=await data_tracker.consent_settings(pool, scope.subject_id, scope.agencies),
+                error={
+                    "id": f"choice-{setting.agency}-{setting.event_type}",
+                    "text": f"Choose Yes or No: may {setting.agency_name} be told about "
+                    f"{setting.event_name.lower()}?",
+                },
             )
         if choice == "no":
             choice = "withdrawn" if setting.choice == "given" else "refused"

@@ -392,3 +392,19 @@ async def test_tuo_proxies_appoint_prompts_for_ninos_keeps_none_and_end_stops_th
         input="not a nino\nAB987654C\n",
     )
     assert code != 0 and "not a National Insurance number" in output, output
+
+
+async def test_saving_without_a_choice_shows_the_form_again_with_an_error_linked_to_the_question(
+    stack: Stack, pool: asyncpg.Pool
+) -> None:
+    jo = subject_of(stack, JO.nino)
+    async with browser() as client:
+        csrf = await signed_in(client, stack, JO.sub)
+        before = await pool.fetchval("SELECT count(*) FROM consent_record WHERE subject_id = $1", jo)
+        response = await change(client, stack, csrf, jo, "dvla", "AddressChanged", "")
+    assert response.status_code == 400
+    assert "<title>Error: " in response.text
+    assert "There is a problem" in response.text
+    assert 'href="#choice-dvla-AddressChanged"' in response.text
+    assert 'id="choice-dvla-AddressChanged-error"' in response.text, "the message sits on the question"
+    assert await pool.fetchval("SELECT count(*) FROM consent_record WHERE subject_id = $1", jo) == before

@@ -63,6 +63,15 @@ def configured_logging(settings: Settings, log_file: Path | None = None) -> Iter
     """``configure_logging`` for the length of a block, then the logging configuration
     that was there before: structlog's, the root logger's level and handlers, and the
     record factory (a test capturing one flow's log lines leaves the rest as it was)."""
+    with logging_restored():
+        configure_logging(settings, log_file)
+        yield
+
+
+@contextmanager
+def logging_restored() -> Iterator[None]:
+    """Whatever configures logging inside the block (a command run in-process by a
+    test, say), the configuration from before comes back afterwards."""
     previous_structlog = structlog.get_config()
     root = logging.getLogger()
     previous_level, previous_handlers = root.level, list(root.handlers)
@@ -70,7 +79,6 @@ def configured_logging(settings: Settings, log_file: Path | None = None) -> Iter
     # basicConfig(force=True) would close the handlers it replaces; keep them open.
     root.handlers = []
     try:
-        configure_logging(settings, log_file)
         yield
     finally:
         ours = structlog.get_config()["logger_factory"]

@@ -20,6 +20,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from producers.office_keys import SigningKey
 from runtime import kafka
 from runtime.access import grant_full_access
+from runtime.logging import logging_restored
 from runtime.settings import Settings
 from schemas.validation import today_in_the_uk
 
@@ -227,7 +228,9 @@ def tuo_cli(settings: Settings, *args: str, input: str | None = None) -> tuple[i
     from runtime.cli import app
 
     env = {"TUO_STATE_DIR": str(settings.state_dir), "COLUMNS": "250", "TUO_LOG_LEVEL": "WARNING"}
-    result = CliRunner().invoke(app, list(args), env=env, input=input)
+    # The command configures logging for itself (at WARNING here): not for the tests after it.
+    with logging_restored():
+        result = CliRunner().invoke(app, list(args), env=env, input=input)
     return result.exit_code, result.output
 
 

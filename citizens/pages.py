@@ -241,6 +241,7 @@ def citizen_pages(settings: Settings, pool: asyncpg.Pool) -> APIRouter:
             event_type=event_type,
             choice=cast(ConsentState, choice),
             recorded_by=scope.recorded_by,
+            appointment_id=scope.appointment.id if scope.appointment else None,
         )
         receipt = await issue_consent_receipt(
             pool,

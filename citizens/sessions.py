@@ -46,6 +46,11 @@ def token_hash(token: str) -> bytes:
 async def begin_sign_in(
     pool: asyncpg.Pool, state: str, browser_token: str, nonce: str, code_verifier: str, return_to: str | None
 ) -> None:
+    # Sign-ins never finished are forgotten once they could no longer be finished.
+    await pool.execute(
+        "DELETE FROM citizen_sign_in WHERE created_at < now() - make_interval(mins => $1)",
+        SIGN_IN_MINUTES,
+    )
     await pool.execute(
         "INSERT INTO citizen_sign_in (state_hash, browser_hash, nonce, code_verifier, return_to)"
         " VALUES ($1, $2, $3, $4, $5)",

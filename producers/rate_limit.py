@@ -32,6 +32,8 @@ log = structlog.get_logger(__name__)
 
 MAX_CLIENTS = 10_000
 SIGN_IN_PATH = "/sign-in"
+CITIZEN_SIGN_IN_PATH = "/citizen/sign-in"  # each GET starts a sign-in (a database row)
+SIGN_IN_REQUESTS = (("POST", SIGN_IN_PATH), ("GET", CITIZEN_SIGN_IN_PATH))
 _CLIENT_STATE = "rate_limit_client"
 
 Credential = Literal["token", "session"]
@@ -164,7 +166,11 @@ class Throttle:
         address = f"address:{scope['client'][0] if scope.get('client') else 'unknown'}"
         refusal = self.requests.admit(f"client:{client}" if client else address)
         limit = "requests"
-        if refusal is None and scope["method"] == "POST" and scope["path"] == SIGN_IN_PATH:
+        signing_in = (scope["method"], scope["path"]) in (
+            ("POST", SIGN_IN_PATH),
+            ("GET", CITIZEN_SIGN_IN_PATH),
+        )
+        if refusal is None and signing_in:
             refusal = self.sign_ins.admit(address)
             limit = "sign-in attempts"
         if refusal is not None:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from uuid import UUID
 
 import asyncpg
 
@@ -113,19 +114,22 @@ async def record_consent(
     event_type: str,
     choice: ConsentState,
     recorded_by: str,
+    appointment_id: UUID | None = None,
 ) -> datetime:
     """Append a consent choice and return the moment it is confirmed: after the
-    commit, so every routing decision that starts later sees it."""
+    commit, so every routing decision that starts later sees it. A proxy's change
+    names the appointment it was made under."""
     async with pool.acquire() as conn:
         async with conn.transaction():
             await conn.execute(
-                "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
-                " VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by,"
+                " appointment_id) VALUES ($1, $2, $3, $4, $5, $6)",
                 subject_id,
                 agency,
                 event_type,
                 choice,
                 recorded_by,
+                appointment_id,
             )
         confirmed: datetime = await conn.fetchval("SELECT clock_timestamp()")
     return confirmed

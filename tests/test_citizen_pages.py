@@ -279,6 +279,10 @@ async def test_a_proxy_acts_only_within_the_appointment_and_is_recorded_as_proxy
         assert (await consent_rows(pool, amara))[len(before) :] == [
             {"agency": "dvla", "event_type": "AddressChanged", "choice": "given", "recorded_by": "proxy"}
         ]
+        under = await pool.fetchval(
+            "SELECT appointment_id FROM consent_record WHERE subject_id = $1 ORDER BY id DESC LIMIT 1", amara
+        )
+        assert under == appointment, "the change names the appointment it was made under"
         download = (await client.get(f"{stack.base_url}/citizen/download?for={appointment}")).json()
         assert download["subject_id"] == amara and download["agencies_covered"] == ["dvla"]
         assert {c["agency"] for c in download["consents"]} == {"dvla"}

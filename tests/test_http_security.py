@@ -518,3 +518,16 @@ async def test_a_signed_in_registrar_over_the_allowance_gets_a_page_saying_when_
     assert "Sorry, there have been too many requests" in refused.text
     assert f"Wait {retry_after} second{'s' if retry_after > 1 else ''}, then try again." in refused.text
     assert 'href="/start"' in refused.text
+
+
+async def test_starting_citizen_sign_ins_counts_against_the_sign_in_allowance(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    """Each GET /citizen/sign-in starts a sign-in (a database row): limited like sign-in posts."""
+    assert services.oidc_issuer is not None, "the local stack names an identity provider"
+    async with web_server(services, pool, sign_in_attempts_per_minute=3) as base_url:
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            statuses = [(await client.get("/citizen/sign-in")).status_code for _ in range(4)]
+            other = await client.get("/citizen/signed-out")
+    assert statuses == [303, 303, 303, 429]
+    assert other.status_code == 200, "other pages are not limited as strictly"

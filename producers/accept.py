@@ -8,6 +8,7 @@ whole request is valid.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -113,7 +114,7 @@ class Intake:
     def topics(self) -> Topics:
         return Topics(self.settings.topic_prefix)
 
-    @property
+    @functools.cached_property  # once per app, not per event (works on a frozen dataclass)
     def sealer(self) -> PayloadSealer:
         return PayloadSealer.from_settings(self.settings)
 

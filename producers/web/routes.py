@@ -135,7 +135,7 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
 
     async def signed_in(request: Request) -> SignedIn:
         token = request.cookies.get(cookies.session)
-        found = await sessions.find_session(pool(), token, settings) if token else None
+        found = await sessions.find_session(pool(), sealer, token, settings) if token else None
         return_to = return_path(request.url.path) if request.method == "GET" else None
         if found is None or isinstance(found, Expired):
             identify(request, "session", None)
@@ -261,7 +261,7 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
     @router.post("/sign-out")
     async def sign_out(request: Request) -> Response:
         token = request.cookies.get(cookies.session)
-        found = await sessions.find_session(pool(), token, settings) if token else None
+        found = await sessions.find_session(pool(), sealer, token, settings) if token else None
         if isinstance(found, Session):
             await posted(request, found.csrf_token)
             await sessions.end_session(pool(), found.token_hash)

@@ -70,7 +70,9 @@ async def start_session(pool: asyncpg.Pool, username: str) -> tuple[str, Session
     return token, session
 
 
-async def find_session(pool: asyncpg.Pool, token: str, settings: Settings) -> Session | Expired | None:
+async def find_session(
+    pool: asyncpg.Pool, sealer: PayloadSealer, token: str, settings: Settings
+) -> Session | Expired | None:
     """The session this token opens, touched so its idle time starts again."""
     if not token or len(token) > 100:
         return None
@@ -90,7 +92,6 @@ async def find_session(pool: asyncpg.Pool, token: str, settings: Settings) -> Se
         await end_session(pool, token_hash)
         return Expired()
     await pool.execute("UPDATE web_session SET last_seen_at = now() WHERE token_hash = $1", token_hash)
-    sealer = PayloadSealer.from_settings(settings)
     data = {key: _open(sealer, token_hash, value) for key, value in json.loads(row["data"]).items()}
     return Session(token_hash, row["username"], row["csrf_token"], data)
 

@@ -21,6 +21,7 @@ the volumes it needs, so it can read no one else's password:
         operator-password        tuo-operator, for everything else
     relay-credentials/credentials.json     {"tuo-relay": password} and nothing else;
     router-credentials/, tracker-credentials/   likewise for tuo-router and tuo-tracker
+    replay-credentials/, dead-letters-credentials/   likewise for tuo-replay and tuo-dead-letters
     agencies-credentials/credentials.json  {} until the setup onboards the reference agencies
 
 Every file holding a secret is mode 0600 and every such directory 0700, owned by the
@@ -59,6 +60,9 @@ COMPONENT_DIRECTORIES = {
     "relay-credentials": Principal.RELAY,
     "router-credentials": Principal.ROUTER,
     "tracker-credentials": Principal.TRACKER,
+    # For operators' one-off containers: `tuo replay` and `tuo dlq` (see compose/README.md).
+    "replay-credentials": Principal.REPLAY,
+    "dead-letters-credentials": Principal.DEAD_LETTERS,
 }
 AGENCIES_DIRECTORY = "agencies-credentials"  # the reference agencies' passwords, from the setup
 SETUP_DIRECTORY = "setup-credentials"

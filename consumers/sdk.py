@@ -35,12 +35,14 @@ import asyncpg
 import structlog
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord, TopicPartition
+from prometheus_client import Counter
 
 from consumers.keys import KeyRing
 from runtime import kafka
 from runtime.access import agency_principal
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
+from runtime.metrics import DEAD_LETTERS, LAG, RECEIPTS_SENT
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
 from schemas.catalogue import DELIVERY_SUFFIX
@@ -239,6 +241,7 @@ class AgencyConsumer:
         producer = kafka.producer(
             self.settings, principal=agency_principal(self.agency), client_id=f"tuo-agency-{self.agency}"
         )
+        LAG.watch(group_id, consumer)
         try:
             await producer.start()
             await consumer.start()
@@ -256,6 +259,7 @@ class AgencyConsumer:
                         # records and the inbox answers them with the receipts already sent.
                         log.warning("agency_commit_failed", agency=self.agency, partition=tp.partition)
         finally:
+            LAG.forget(consumer)
             await consumer.stop()
             await producer.stop()
 
@@ -321,6 +325,9 @@ class AgencyConsumer:
         sent: asyncio.Future[object] = await producer.send(
             self.topics.receipts(self.agency), value=value, key=record.key, headers=headers
         )
+        sent.add_done_callback(
+            _counted(RECEIPTS_SENT.labels(agency=self.agency, outcome=receipt.outcome.lower()))
+        )
         return sent
 
     async def _handle(
@@ -352,15 +359,16 @@ class AgencyConsumer:
         receipted: list[str] = []
 
         async def to_dead_letters(record: ConsumerRecord[bytes, bytes], reason: str) -> None:
-            letter = dead_letter(record, f"agency:{self.agency}", reason)
-            pending.append(
-                await producer.send(
-                    self.topics.agency_dead_letters(self.agency),
-                    value=letter.value,
-                    key=letter.key,
-                    headers=letter.headers,
-                )
+            component = f"agency:{self.agency}"
+            letter = dead_letter(record, component, reason)
+            sent = await producer.send(
+                self.topics.agency_dead_letters(self.agency),
+                value=letter.value,
+                key=letter.key,
+                headers=letter.headers,
             )
+            sent.add_done_callback(_counted(DEAD_LETTERS.labels(component=component)))
+            pending.append(sent)
             log.warning(
                 "event_dead_lettered",
                 agency=self.agency,
@@ -372,29 +380,46 @@ class AgencyConsumer:
         # One key registry read at most per batch, and only for a key not seen before.
         keys = await self.keys.resolve(k for k in map(key_id_of, (r.headers for r in records)) if k)
         for record in records:
-            received_at = datetime.now(UTC)
-            try:
-                event = self._event(record, keys)
-            except (MissingCloudEventHeader, UndecodableMessage, SignatureRejected, ValueError) as exc:
-                await to_dead_letters(record, str(exc))
-                continue
-            try:
-                receipt = await self._handle(producer, record, event, received_at, pending)
-            except HandlerFailed as failure:
-                await to_dead_letters(record, str(failure))
-                receipt = Receipt(event.event_id, "REJECTED", str(failure))
-            if event.event_id in receipted:  # a second copy in this very batch
-                receipt = replace(receipt, duplicate=True)
-            pending.append(await self._send_receipt(producer, record, receipt, received_at))
-            receipted.append(event.event_id)
-            log.info(
-                "event_handled",
-                agency=self.agency,
-                event_id=event.event_id,
-                outcome=receipt.outcome,
-                duplicate=receipt.duplicate,
-            )
+            # Every line about this event, the handler's included, names it.
+            with structlog.contextvars.bound_contextvars(event_id=_ce_id(record)):
+                received_at = datetime.now(UTC)
+                try:
+                    event = self._event(record, keys)
+                except (MissingCloudEventHeader, UndecodableMessage, SignatureRejected, ValueError) as exc:
+                    await to_dead_letters(record, str(exc))
+                    continue
+                try:
+                    receipt = await self._handle(producer, record, event, received_at, pending)
+                except HandlerFailed as failure:
+                    await to_dead_letters(record, str(failure))
+                    receipt = Receipt(event.event_id, "REJECTED", str(failure))
+                if event.event_id in receipted:  # a second copy in this very batch
+                    receipt = replace(receipt, duplicate=True)
+                pending.append(await self._send_receipt(producer, record, receipt, received_at))
+                receipted.append(event.event_id)
+                log.info(
+                    "event_handled",
+                    agency=self.agency,
+                    event_id=event.event_id,
+                    outcome=receipt.outcome,
+                    duplicate=receipt.duplicate,
+                )
         # Offsets are committed by the caller only after every receipt is durable.
         await asyncio.gather(*pending)
         if receipted:
             await mark_receipted(self.pool, self.agency, receipted)
+
+
+def _ce_id(record: ConsumerRecord[bytes, bytes]) -> str | None:
+    """The event id a message claims (read before it is decoded, so a dead letter names it too)."""
+    return next((bytes(v).decode(errors="replace") for k, v in record.headers if k == "ce_id"), None)
+
+
+def _counted(counter: Counter) -> Callable[[asyncio.Future[object]], None]:
+    """A done-callback that counts a send once the broker has acknowledged it."""
+
+    def count(sent: asyncio.Future[object]) -> None:
+        if not sent.cancelled() and sent.exception() is None:
+            counter.inc()
+
+    return count

@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -25,6 +28,7 @@ from runtime import kafka
 from runtime.access import Principal
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
+from runtime.metrics import DEAD_LETTERS, LAG, RECEIPT_LATENCY, RECEIPTS_STORED
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
@@ -37,8 +41,30 @@ class UntrustedReceipt(ValueError):
     """A receipt whose content does not match the topic it came from."""
 
 
+@dataclass
+class StoredTally:
+    """What one batch stored, for the metrics: counted once its transaction commits."""
+
+    receipts: Counter[tuple[str, str]] = field(default_factory=Counter)  # (agency, outcome)
+    # Deliveries whose decision and final receipt are both stored now, the later of the
+    # two in this batch: each one's receipt latency is observed exactly once.
+    settled: set[tuple[uuid.UUID, str]] = field(default_factory=set)
+    latencies: list[tuple[str, float]] = field(default_factory=list)  # (agency, seconds)
+
+    def merge(self, other: StoredTally) -> None:
+        self.receipts.update(other.receipts)
+        self.settled |= other.settled
+
+    def count(self) -> None:
+        for (agency, outcome), n in self.receipts.items():
+            RECEIPTS_STORED.labels(agency=agency, outcome=outcome.lower()).inc(n)
+        for agency, seconds in self.latencies:
+            # Clocks differ (the database's decided_at, the agency's issued_at): never below 0.
+            RECEIPT_LATENCY.labels(agency=agency).observe(max(0.0, seconds))
+
+
 async def _store(
-    conn: asyncpg.Connection, topics: Topics, record: ConsumerRecord[bytes, bytes]
+    conn: asyncpg.Connection, topics: Topics, record: ConsumerRecord[bytes, bytes], tally: StoredTally
 ) -> audit.Decision | None:
     """Store a receipt; a routing decision is returned, for the caller to chain."""
     subject, body = decode(record.value or b"")
@@ -62,9 +88,9 @@ async def _store(
             body["issued_at"],
         )
         return None
-    await conn.execute(
+    stored = await conn.fetchval(
         "INSERT INTO delivery_receipt (event_id, agency, outcome, reason, issued_at, received_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true",
         body["event_id"],
         agency,
         body["outcome"],
@@ -72,6 +98,11 @@ async def _store(
         body["issued_at"],
         body.get("received_at"),
     )
+    if stored:
+        tally.receipts[(agency, body["outcome"])] += 1
+        if body["outcome"] in FINAL_OUTCOMES:
+            tally.settled.add((uuid.UUID(str(body["event_id"])), agency))
+        log.debug("receipt_stored", event_id=str(body["event_id"]), agency=agency, outcome=body["outcome"])
     if body["outcome"] in FINAL_OUTCOMES:
         await conn.execute(
             "UPDATE receipt_overdue SET receipted_at = $3"
@@ -189,33 +220,84 @@ async def overdue_deliveries(pool: asyncpg.Pool, agency: str | None = None) -> l
     return rows
 
 
+async def _chain(conn: asyncpg.Connection, decisions: list[audit.Decision], tally: StoredTally) -> None:
+    """Append decisions to the audit chain; deliveries new to it are noted in ``tally``."""
+    delivered = [(uuid.UUID(d.event_id), d.agency) for d in decisions if d.outcome == "DELIVERED"]
+    if delivered:
+        rows = await conn.fetch(
+            "SELECT k.event_id, k.agency FROM unnest($1::uuid[], $2::text[]) AS k(event_id, agency)"
+            " WHERE NOT EXISTS (SELECT 1 FROM routing_decision d"
+            "                    WHERE d.event_id = k.event_id AND d.agency = k.agency)",
+            [e for e, _ in delivered],
+            [a for _, a in delivered],
+        )
+        tally.settled |= {(r["event_id"], r["agency"]) for r in rows}
+    await audit.append_many(conn, decisions)
+    for decision in decisions:
+        log.debug(
+            "decision_stored", event_id=decision.event_id, agency=decision.agency, outcome=decision.outcome
+        )
+
+
+async def _receipt_latencies(
+    conn: asyncpg.Connection, pairs: set[tuple[uuid.UUID, str]]
+) -> list[tuple[str, float]]:
+    """Seconds from each delivery's routing decision to its final receipt, where both are stored."""
+    if not pairs:
+        return []
+    rows = await conn.fetch(
+        "SELECT k.agency, extract(epoch FROM min(r.issued_at) - min(d.decided_at))::float8 AS seconds"
+        "  FROM unnest($1::uuid[], $2::text[]) AS k(event_id, agency)"
+        "  JOIN routing_decision d ON d.event_id = k.event_id AND d.agency = k.agency"
+        "   AND d.outcome = 'DELIVERED'"
+        "  JOIN delivery_receipt r ON r.event_id = k.event_id AND r.agency = k.agency"
+        "   AND r.outcome = ANY($3::text[])"
+        " GROUP BY k.event_id, k.agency",
+        [e for e, _ in pairs],
+        [a for _, a in pairs],
+        list(FINAL_OUTCOMES),
+    )
+    return [(r["agency"], r["seconds"]) for r in rows]
+
+
+def _event_id(record: ConsumerRecord[bytes, bytes]) -> str | None:
+    """The event a decision or receipt is about: its ce_id is ``<event id>/<agency>[/...]``."""
+    ce_id = next((bytes(v).decode(errors="replace") for k, v in record.headers if k == "ce_id"), None)
+    return ce_id.split("/", 1)[0] if ce_id else None
+
+
 async def _store_batch(
     conn: asyncpg.Connection, topics: Topics, records: list[ConsumerRecord[bytes, bytes]], one_by_one: bool
-) -> list[tuple[ConsumerRecord[bytes, bytes], str]]:
-    """Store a batch in one transaction; return the records refused, with why. With
-    ``one_by_one`` each record has its own savepoint, so a value the database
-    refuses costs only that record."""
+) -> tuple[list[tuple[ConsumerRecord[bytes, bytes], str]], StoredTally]:
+    """Store a batch in one transaction; return the records refused, with why, and what
+    was stored. With ``one_by_one`` each record has its own savepoint, so a value the
+    database refuses costs only that record."""
     refused: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
     decisions: list[audit.Decision] = []  # chained together, in order, at the end of the batch
+    tally = StoredTally()
     async with conn.transaction():
         for record in records:
-            try:
-                if one_by_one:
-                    async with conn.transaction():
-                        decision = await _store(conn, topics, record)
-                        await audit.append_many(conn, [decision] if decision else [])
-                else:
-                    decision = await _store(conn, topics, record)
-                    if decision is not None:
-                        decisions.append(decision)
-            except (UndecodableMessage, UntrustedReceipt, MissingCloudEventHeader, KeyError) as exc:
-                refused.append((record, str(exc)))
-            except asyncpg.DataError as exc:
-                if not one_by_one:
-                    raise
-                refused.append((record, f"the database refused it: {type(exc).__name__}"))
-        await audit.append_many(conn, decisions)
-    return refused
+            with structlog.contextvars.bound_contextvars(event_id=_event_id(record)):
+                try:
+                    if one_by_one:
+                        mine = StoredTally()  # kept only if its savepoint is
+                        async with conn.transaction():
+                            decision = await _store(conn, topics, record, mine)
+                            await _chain(conn, [decision] if decision else [], mine)
+                        tally.merge(mine)
+                    else:
+                        decision = await _store(conn, topics, record, tally)
+                        if decision is not None:
+                            decisions.append(decision)
+                except (UndecodableMessage, UntrustedReceipt, MissingCloudEventHeader, KeyError) as exc:
+                    refused.append((record, str(exc)))
+                except asyncpg.DataError as exc:
+                    if not one_by_one:
+                        raise
+                    refused.append((record, f"the database refused it: {type(exc).__name__}"))
+        await _chain(conn, decisions, tally)
+        tally.latencies = await _receipt_latencies(conn, tally.settled)
+    return refused, tally
 
 
 async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
@@ -232,6 +314,7 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
     consumer.subscribe(pattern=pattern)
     dead_letters = kafka.producer(settings, principal=Principal.TRACKER, client_id="tuo-receipt-tracker")
     deadlines: asyncio.Task[None] | None = None
+    LAG.watch(group_id, consumer)
     try:
         await dead_letters.start()
         async with pool.acquire() as conn:
@@ -248,19 +331,26 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
             for tp, records in batches.items():
                 async with pool.acquire() as conn:
                     try:
-                        refused = await _store_batch(conn, topics, records, one_by_one=False)
+                        refused, stored = await _store_batch(conn, topics, records, one_by_one=False)
                     except asyncpg.DataError:  # find the one record at fault, keep the rest
-                        refused = await _store_batch(conn, topics, records, one_by_one=True)
+                        refused, stored = await _store_batch(conn, topics, records, one_by_one=True)
+                stored.count()  # committed
                 for record, reason in refused:
                     letter = dead_letter(record, COMPONENT, reason)
                     await dead_letters.send_and_wait(
                         topics.dead_letters, value=letter.value, key=letter.key, headers=letter.headers
                     )
+                    DEAD_LETTERS.labels(component=COMPONENT).inc()
                     log.warning(
-                        "receipt_dead_lettered", topic=record.topic, offset=record.offset, reason=reason
+                        "receipt_dead_lettered",
+                        event_id=_event_id(record),
+                        topic=record.topic,
+                        offset=record.offset,
+                        reason=reason,
                     )
                 await consumer.commit({tp: records[-1].offset + 1})
     finally:
+        LAG.forget(consumer)
         if deadlines is not None:
             deadlines.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -28,6 +28,7 @@ from producers.office_keys import active_key
 from producers.requests import ConsentChoice, Strict, Submission
 from producers.store import NewEvent, Recorded, consent_agencies, original_event, record_event
 from runtime.kafka import Topics
+from runtime.metrics import EVENTS_ACCEPTED
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode, encode, models
@@ -318,6 +319,8 @@ class Intake:
                 headers=headers,
             ),
         )
+        if recorded.created:  # committed with its outbox row; a repeated request adds nothing
+            EVENTS_ACCEPTED.labels(event_type=recorded.event_type).inc()
         log.info(
             "event_accepted",
             event_id=str(recorded.event_id),

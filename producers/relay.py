@@ -38,6 +38,7 @@ from aiokafka.structs import TopicPartition
 from producers.store import OUTBOX_CHANNEL
 from runtime import kafka
 from runtime.access import Principal
+from runtime.metrics import EVENTS_PUBLISHED
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 
@@ -281,7 +282,10 @@ class OutboxRelay:
             )
             await asyncio.gather(*futures)
         self._ledger_written(batch)
+        EVENTS_PUBLISHED.inc(len(rows))
         await mark_published(conn, [row.id for row in rows])
+        for row in rows:  # per event at DEBUG only: the batch line below is the one at INFO
+            log.debug("event_published", event_id=str(row.event_id), batch=batch)
         log.info("outbox_published", batch=batch, count=len(rows), last_id=rows[-1].id)
         return len(rows)
 

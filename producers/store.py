@@ -158,7 +158,7 @@ async def event_status(
 ) -> dict[str, Any] | None:
     """An event and, per agency, the routing decision, when the agency received it,
     its final (or latest) receipt, whether that is overdue, and how many times the
-    event was redelivered or repeated; with ``office``, only if that office recorded it."""
+    event was redelivered, replayed or repeated; with ``office``, only if that office recorded it."""
     record = await pool.fetchrow(
         "SELECT i.reference, i.event_id, i.event_type, i.recorded_at,"
         "       (SELECT o.published_at FROM outbox o"  # the event's own row; later ones are redeliveries
@@ -170,6 +170,22 @@ async def event_status(
     if record is None:
         return None
     rows = await pool.fetch(
+        # The router's decision per agency; where an operator's replay sent the event to an
+        # agency the router did not deliver it to (a new agency, consent given later), the
+        # replay's delivery stands in for it, so the citizen sees every agency that was told.
+        "WITH decided AS ("
+        "  SELECT event_id, agency, outcome, legal_basis, decided_at, fields_delivered, fields_withheld"
+        "    FROM routing_decision WHERE event_id = $1),"
+        " replayed AS ("
+        "  SELECT DISTINCT ON (agency) event_id, agency, 'DELIVERED'::text AS outcome, legal_basis,"
+        "         sent_at AS decided_at, fields_delivered, '{}'::text[] AS fields_withheld"
+        "    FROM replay_delivery WHERE event_id = $1 ORDER BY agency, sent_at),"
+        " d AS ("
+        "  SELECT * FROM decided"
+        "   WHERE outcome = 'DELIVERED' OR agency NOT IN (SELECT agency FROM replayed)"
+        "  UNION ALL"
+        "  SELECT * FROM replayed"
+        "   WHERE agency NOT IN (SELECT agency FROM decided WHERE outcome = 'DELIVERED'))"
         "SELECT d.agency, d.outcome AS decision, d.legal_basis, d.decided_at,"
         "       d.fields_delivered, d.fields_withheld,"
         "       r.outcome AS receipt, r.reason, r.issued_at,"
@@ -179,15 +195,17 @@ async def event_status(
         "       (SELECT count(*) FROM receipt_duplicate u"
         "         WHERE u.event_id = d.event_id AND u.agency = d.agency) AS duplicates,"
         "       (SELECT count(*) FROM redelivery v"
-        "         WHERE v.event_id = d.event_id AND v.agency = d.agency) AS redeliveries"
-        "  FROM routing_decision d"
+        "         WHERE v.event_id = d.event_id AND v.agency = d.agency) AS redeliveries,"
+        "       (SELECT count(*) FROM replay_delivery p"
+        "         WHERE p.event_id = d.event_id AND p.agency = d.agency) AS replays"
+        "  FROM d"
         "  LEFT JOIN LATERAL ("
         "    SELECT outcome, reason, issued_at FROM delivery_receipt r"
         "     WHERE r.event_id = d.event_id AND r.agency = d.agency"
         "     ORDER BY (r.outcome IN ('APPLIED', 'REJECTED')) DESC, issued_at DESC, stored_at DESC"
         "     LIMIT 1) r ON true"
         "  LEFT JOIN receipt_overdue o ON o.event_id = d.event_id AND o.agency = d.agency"
-        " WHERE d.event_id = $1 ORDER BY d.agency",
+        " ORDER BY d.agency",
         record["event_id"],
     )
     return {
@@ -217,6 +235,7 @@ async def event_status(
                 "receipt_due_at": _iso(r["due_at"]),
                 "duplicates": r["duplicates"],
                 "redeliveries": r["redeliveries"],
+                "replays": r["replays"],
             }
             for r in rows
         ],

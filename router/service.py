@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from typing import Any
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 import asyncpg
 import structlog
@@ -24,11 +24,19 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumers.keys import KeyRing
 from consumers.redelivery import REDELIVER_TO, REDELIVERY_ID
-from router.minimise import NINO, event_fields, minimise
+from router import messages
+from router.messages import (
+    Incoming,
+    Outgoing,
+    UnroutableEvent,
+    agency_copy,
+    follow_up_copy,
+    verify_signature,
+)
 from router.policy import POLICY
 from router.rules import (
     ConsentState,
-    RoutableEvent,
+    Outcome,
     RoutingDecision,
     Subscription,
     decide,
@@ -39,153 +47,51 @@ from runtime import kafka
 from runtime.access import Principal
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics, ensure_topics
+from runtime.metrics import DEAD_LETTERS, DELIVERIES, EVENTS_ROUTED, LAG, WITHHELD
 from runtime.settings import Settings
-from schemas import UndecodableMessage, decode, encode, models
-from schemas.catalogue import DELIVERY_SUFFIX, LIFE_EVENTS, MINIMISED
-from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
-from schemas.signatures import (
-    ENVELOPE,
-    SIGNATURE_HEADERS,
-    OfficeKey,
-    SignatureRejected,
-    SignedEvent,
-    element_item,
-    read_signature,
-    verify,
-)
+from schemas import encode, models
+from schemas.cloudevents import headers_for
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"
-OPERATOR_HEADERS = (REDELIVER_TO, REDELIVERY_ID)  # meant for the router, never passed on
 ORIGINAL_WAIT_SECONDS = 60.0  # then a correction whose original is unknown is dead-lettered
 
 
-@dataclass(frozen=True)
-class Outgoing:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
+@dataclass
+class RoutingTally:
+    """What one batch decided, for the metrics: counted only once its transaction has
+    committed (``count``), so an aborted batch, routed again later, counts once."""
+
+    routed: Counter[str] = field(default_factory=Counter)  # by event type
+    delivered: Counter[str] = field(default_factory=Counter)  # by agency
+    withheld: Counter[tuple[str, str]] = field(default_factory=Counter)  # by (agency, reason)
+    dead_letters: int = 0
+
+    def decided(self, event_type: str, decisions: Iterable[RoutingDecision], redelivery: bool) -> None:
+        if not redelivery:  # a redelivery is a further copy of an event routed before
+            self.routed[event_type] += 1
+        for decision in decisions:
+            if decision.delivers:
+                self.delivered[decision.agency] += 1
+            elif not redelivery:
+                self.withheld[(decision.agency, _REASONS[decision.outcome])] += 1
+
+    def count(self) -> None:
+        for event_type, n in self.routed.items():
+            EVENTS_ROUTED.labels(event_type=event_type).inc(n)
+        for agency, n in self.delivered.items():
+            DELIVERIES.labels(agency=agency).inc(n)
+        for (agency, reason), n in self.withheld.items():
+            WITHHELD.labels(agency=agency, reason=reason).inc(n)
+        if self.dead_letters:
+            DEAD_LETTERS.labels(component=COMPONENT).inc(self.dead_letters)
 
 
-class UnroutableEvent(ValueError):
-    """A life-events message that cannot be routed; it goes to dead letters."""
-
-
-@dataclass(frozen=True)
-class Incoming:
-    record: ConsumerRecord[bytes, bytes]
-    event: RoutableEvent
-    body: dict[str, Any]
-    source: str  # ce_source: the office the event claims to come from
-    signed: SignedEvent  # the office's signature, verified before the event is routed
-    follows: tuple[str, str] | None = None  # (original event id, its type) for corrections and voids
-    redeliver_to: str | None = None  # an operator's redelivery: the one agency it is for
-
-
-FOLLOW_UPS = {
-    "EventCorrected": ("corrects_event_id", "corrected_event_type"),
-    "EventVoided": ("voids_event_id", "voided_event_type"),
+_REASONS = {
+    Outcome.WITHHELD_NO_CONSENT: "no_consent",
+    Outcome.WITHHELD_NO_SUBSCRIPTION: "no_subscription",
+    Outcome.BLOCKED: "blocked",
 }
-
-
-# The addresses an area condition looks at: where the subject lives or lived, never
-# where an executor, next of kin or partner lives.
-SUBJECT_ADDRESSES = {
-    "BirthRegistered": ("home_address",),
-    "DeathRegistered": ("last_address",),
-    "AddressChanged": ("old_address", "new_address"),
-}
-
-
-def _postcodes(event_type: str, body: dict[str, Any]) -> Iterator[str]:
-    for field in SUBJECT_ADDRESSES.get(event_type, ()):
-        address = body.get(field)
-        if isinstance(address, dict) and isinstance(address.get("postcode"), str):
-            yield address["postcode"]
-
-
-def _routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
-    try:
-        cloud_event = CloudEvent.from_headers(record.headers)
-        subject, body = decode(record.value or b"")
-    except (MissingCloudEventHeader, UndecodableMessage, ValueError) as exc:
-        raise UnroutableEvent(str(exc)) from exc
-    envelope = body.get("envelope")
-    if not isinstance(envelope, dict):
-        raise UnroutableEvent(f"{subject} is not a life event (no envelope)")
-    if subject != cloud_event.type:
-        raise UnroutableEvent(f"ce_type says {cloud_event.type} but the value is {subject}")
-    if str(envelope["event_id"]) != cloud_event.id:
-        raise UnroutableEvent("ce_id does not match the envelope's event_id")
-    subject_id = envelope["subject"]["subject_id"]
-    if record.key is None or record.key.decode(errors="replace") != subject_id:
-        raise UnroutableEvent("message key is not the envelope's subject_id")
-    if subject not in LIFE_EVENTS:
-        raise UnroutableEvent(f"{subject} is not a life event")
-    try:
-        signed = read_signature(record.headers)
-    except SignatureRejected as exc:
-        raise UnroutableEvent(str(exc)) from exc
-    if subject in FOLLOW_UPS:
-        id_field, type_field = FOLLOW_UPS[subject]
-        event = RoutableEvent(event_id=cloud_event.id, event_type=subject, subject_id=subject_id)
-        return Incoming(
-            record, event, body, cloud_event.source, signed, follows=(str(body[id_field]), body[type_field])
-        )
-    event = RoutableEvent(
-        event_id=cloud_event.id,
-        event_type=subject,
-        subject_id=subject_id,
-        fields=event_fields(body),
-        postcodes=frozenset(_postcodes(subject, body)),
-    )
-    return Incoming(record, event, body, cloud_event.source, signed)
-
-
-def _verify(incoming: Incoming, keys: Mapping[str, OfficeKey]) -> None:
-    """The whole event, exactly as the office signed it: every signed item present and intact."""
-    try:
-        verify(
-            incoming.signed,
-            keys.get(incoming.signed.manifest.key_id),
-            event_type=incoming.event.event_type,
-            event_id=incoming.event.event_id,
-            source=incoming.source,
-            body=incoming.body,
-            complete=True,
-        )
-    except SignatureRejected as exc:
-        raise UnroutableEvent(str(exc)) from exc
-
-
-def _agency_copy(
-    topics: Topics, incoming: Incoming, decision: RoutingDecision, schema_base_url: str
-) -> Outgoing:
-    """The agency's message: minimised where the event type has a delivery schema."""
-    event = incoming.event
-    if event.event_type not in MINIMISED:
-        return Outgoing(
-            topics.agency(decision.agency),
-            incoming.record.key,
-            incoming.record.value,
-            [(k, v) for k, v in incoming.record.headers if k not in OPERATOR_HEADERS],
-        )
-    value = encode(f"{event.event_type}{DELIVERY_SUFFIX}", minimise(incoming.body, decision.fields_delivered))
-    original = CloudEvent.from_headers(incoming.record.headers)
-    headers = headers_for(
-        value,
-        id=event.event_id,
-        type=event.event_type,
-        source=original.source,
-        subject=event.subject_id,
-        time=original.time or datetime.now(UTC),
-        schema_base_url=schema_base_url,
-    )
-    # The office's signature travels on, with the salts of the delivered items only:
-    # the agency can check what it got and learns nothing about what it did not.
-    headers += incoming.signed.headers(disclose={ENVELOPE} | decision.fields_delivered)
-    return Outgoing(topics.agency(decision.agency), incoming.record.key, value, headers)
 
 
 def _decision_message(
@@ -223,19 +129,29 @@ async def plan(
     give_up_on: frozenset[int] = frozenset(),
     *,
     keys: KeyRing,
+    tally: RoutingTally | None = None,
 ) -> list[Outgoing]:
-    """Everything one batch of life events should produce, decided now."""
+    """Everything one batch of life events should produce, decided now; what it
+    decided is added to ``tally``, for the caller to count once it has committed."""
     outgoing: list[Outgoing] = []
     decoded: list[Incoming] = []
+    tally = tally if tally is not None else RoutingTally()
 
     def reject(record: ConsumerRecord[bytes, bytes], exc: UnroutableEvent) -> None:
         letter = dead_letter(record, COMPONENT, str(exc))
         outgoing.append(Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers))
-        log.warning("event_dead_lettered", partition=record.partition, offset=record.offset, reason=str(exc))
+        tally.dead_letters += 1
+        log.warning(
+            "event_dead_lettered",
+            event_id=_header(record, "ce_id"),
+            partition=record.partition,
+            offset=record.offset,
+            reason=str(exc),
+        )
 
     for record in records:
         try:
-            incoming = _routable(record)
+            incoming = messages.routable(record)
             target = _header(record, REDELIVER_TO)
             if (record.topic == topics.redeliveries) != (target is not None):
                 raise UnroutableEvent(
@@ -249,7 +165,7 @@ async def plan(
     routable: list[Incoming] = []
     for incoming in decoded:
         try:
-            _verify(incoming, known)
+            verify_signature(incoming, known)
         except UnroutableEvent as exc:
             reject(incoming.record, exc)
             continue
@@ -278,9 +194,11 @@ async def plan(
             if i.follows and originals and i.follows[0] in originals
         ]
         consent.update(await current_consent(conn, recorded_types))
+    # Each line about one event names it (event_id=...) itself: binding it in contextvars
+    # for every event would cost the hot path more than the lines are worth.
     for incoming in routable:
         produced = _route_one(
-            incoming, topics, subscriptions, consent, originals, now, schema_base_url, give_up_on
+            incoming, topics, subscriptions, consent, originals, now, schema_base_url, give_up_on, tally
         )
         if incoming.redeliver_to is not None:
             produced = _redelivery(incoming, produced, topics.agency(incoming.redeliver_to))
@@ -339,6 +257,7 @@ def _route_one(
     now: datetime,
     schema_base_url: str,
     give_up_on: frozenset[int],
+    tally: RoutingTally,
 ) -> list[Outgoing]:
     event = incoming.event
     if incoming.follows is not None:
@@ -350,6 +269,7 @@ def _route_one(
             originals,
             now,
             schema_base_url,
+            tally,
             give_up=incoming.record.offset in give_up_on,
         )
     outgoing: list[Outgoing] = []
@@ -360,10 +280,11 @@ def _route_one(
     if incoming.redeliver_to is not None:
         original = originals.get(event.event_id) if originals else None
         decisions = _as_redelivered(decisions, incoming.redeliver_to, original)
+    tally.decided(event.event_type, decisions, redelivery=incoming.redeliver_to is not None)
     for decision in decisions:
         if decision.delivers:
             if decision.fields_delivered not in copies:
-                copies[decision.fields_delivered] = _agency_copy(topics, incoming, decision, schema_base_url)
+                copies[decision.fields_delivered] = agency_copy(topics, incoming, decision, schema_base_url)
             shared = copies[decision.fields_delivered]
             outgoing.append(
                 Outgoing(topics.agency(decision.agency), shared.key, shared.value, shared.headers)
@@ -397,6 +318,7 @@ def _follow_up(
     originals: dict[str, OriginalEvent] | None,
     now: datetime,
     schema_base_url: str,
+    tally: RoutingTally,
     give_up: bool,
 ) -> list[Outgoing]:
     """A correction or void: to the original's recipients only, judged on the
@@ -414,6 +336,14 @@ def _follow_up(
         reason = f"it names the original as {claimed_type} but {original_id} was {original.event_type}"
     if reason is not None or original is None:
         letter = dead_letter(record, COMPONENT, reason or "unknown original")
+        tally.dead_letters += 1
+        log.warning(
+            "event_dead_lettered",
+            event_id=event.event_id,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+        )
         return [Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers)]
     decisions = decide_follow_up(
         event,
@@ -423,29 +353,21 @@ def _follow_up(
         consent.get((event.subject_id, original.event_type), {}),
         POLICY,
     )
+    if incoming.redeliver_to is None:
+        tally.decided(event.event_type, decisions, redelivery=False)
+    else:  # only the named agency's copy is sent (see _redelivery)
+        tally.decided(event.event_type, [d for d in decisions if d.agency == incoming.redeliver_to], True)
     out: list[Outgoing] = []
     for decision in decisions:
         if decision.delivers:
-            body = dict(incoming.body)
-            disclosed = set(body) - {"changes"}  # the envelope and the correction's own fields
-            if NINO in decision.fields_delivered:
-                disclosed.add(NINO)
-            else:
-                envelope = body["envelope"]
-                body["envelope"] = {**envelope, "subject": {**envelope["subject"], "nino": None}}
-            if event.event_type == "EventCorrected":  # only changes to fields the agency received
-                kept = [
-                    i
-                    for i, c in enumerate(body["changes"])
-                    if c["field"].split(".")[0] in decision.fields_delivered
-                ]
-                body["changes"] = [body["changes"][i] for i in kept]
-                disclosed |= {element_item("changes", i) for i in kept}
-            value = encode(event.event_type, body)
-            headers = [(k, v) for k, v in record.headers if k not in SIGNATURE_HEADERS + OPERATOR_HEADERS]
-            headers += incoming.signed.headers(disclose=disclosed)
-            out.append(Outgoing(topics.agency(decision.agency), record.key, value, headers))
+            out.append(follow_up_copy(topics, incoming, decision))
         out.append(_decision_message(topics, decision, record.key or b"", now, schema_base_url))
+    log.debug(
+        "event_routed",
+        event_id=event.event_id,
+        event_type=event.event_type,
+        delivered=[d.agency for d in decisions if d.delivers],
+    )
     return out
 
 
@@ -540,6 +462,7 @@ class Router:
         self.consumer.subscribe(
             [self.topics.life_events, self.topics.redeliveries], listener=_Rebalance(self)
         )
+        LAG.watch(self.group_id, self.consumer)
         try:
             # Agencies subscribed since the bus started need their topics before we send to them.
             subscribed = await agencies(self.pool)
@@ -565,6 +488,7 @@ class Router:
                         continue
                     await asyncio.gather(*(self._route(tp, records) for tp, records in batches.items()))
         finally:
+            LAG.forget(self.consumer)
             await self.consumer.stop()
             for producer in self.producers.values():
                 await producer.stop()
@@ -577,6 +501,7 @@ class Router:
         records = [r for r in records if r.offset >= self.next_offset[tp]]  # never route twice
         if not records:
             return
+        tally = RoutingTally()
         try:
             outgoing = await plan(
                 self.pool,
@@ -585,6 +510,7 @@ class Router:
                 self.settings.schema_base_url(),
                 self._overdue(tp),
                 keys=self.keys,
+                tally=tally,
             )
         except OriginalNotYetDecided as waiting:
             # Its original's decisions are not recorded yet (the tracker lags, or the
@@ -625,6 +551,7 @@ class Router:
             for future in sent:
                 if future.done() and not future.cancelled():
                     future.exception()
+        tally.count()  # committed
         self.next_offset[tp] = records[-1].offset + 1
         for key in [k for k in self.waiting_since if k[0] == tp and k[1] < self.next_offset[tp]]:
             del self.waiting_since[key]

@@ -7,6 +7,8 @@ and applied with Kafka's own ACLs (``StandardAuthorizer``, deny unless allowed):
 - the **router** is the only reader of ``<prefix>.life-events``; it writes the
   agencies' topics, routing decisions and dead letters;
 - the **receipt tracker** reads routing decisions and every agency's receipts;
+- **replay** (``tuo replay``) writes the agencies' topics and reads none;
+- **dead letters** (``tuo dlq``) reads the dead-letter topics (whole events);
 - the **operators' tooling** creates topics, principals and ACLs and describes
   groups (lag); it reads no topic (ALTER on the cluster makes it as powerful as
   the super user, though: guard its password as such);
@@ -59,6 +61,7 @@ from runtime.settings import Settings
 log = structlog.get_logger(__name__)
 
 AGENCY_NAME = re.compile(r"^[a-z][a-z0-9-]{1,39}$")
+RESERVED_NAMES = frozenset({"bus"})  # `tuo dlq` ids: `bus:…` is the shared dead-letter topic
 
 
 class Principal(enum.StrEnum):
@@ -68,6 +71,8 @@ class Principal(enum.StrEnum):
     ROUTER = "tuo-router"
     TRACKER = "tuo-tracker"
     OPERATOR = "tuo-operator"
+    REPLAY = "tuo-replay"
+    DEAD_LETTERS = "tuo-dead-letters"
 
 
 def agency_principal(agency: str) -> str:
@@ -122,6 +127,15 @@ def component_grants(component: Principal, prefix: str) -> list[AclBinding]:
             *_allow(p, group, f"{prefix}.receipt-tracker", read),
             *_allow(p, topic, topics.dead_letters, write),
         ]
+    if component is Principal.REPLAY:
+        # `tuo replay` sends stored events to the one agency named, straight to its topic;
+        # it reads them from PostgreSQL, so it reads no topic at all.
+        return [*_allow(p, topic, topics.agency(""), write, prefixed=True)]
+    if component is Principal.DEAD_LETTERS:
+        # `tuo dlq` reads dead letters, which hold whole events (personal data): its own
+        # user, so that reading them is a separate grant from administering the cluster.
+        # Redrives go through the outbox, so it writes nothing.
+        return [*_allow(p, topic, topics.dead_letters, read, prefixed=True)]
     # Operators: topics, principals and ACLs (ALTER on the cluster), and lag. They read
     # no topic: dead letters hold whole events. ALTER on the cluster lets this user grant
     # anything, itself included, so its password is as sensitive as the super user's.
@@ -198,6 +212,9 @@ def credentials_file(settings: Settings) -> CredentialsFile | None:
 
 class NotAnAgencyName(ValueError):
     def __init__(self, name: str) -> None:
+        if name in RESERVED_NAMES:
+            super().__init__(f"{name!r} is reserved by the bus; choose another agency name")
+            return
         super().__init__(
             f"{name!r} is not an agency name: use 2 to 40 lower-case letters, digits and hyphens, "
             "starting with a letter"
@@ -332,7 +349,7 @@ async def onboard_agency(
     ``reinstate``: that gives it a new password (the old one stops working) and
     lifts a suspension; its subscriptions stay as they are.
     """
-    if not AGENCY_NAME.match(agency):
+    if not AGENCY_NAME.match(agency) or agency in RESERVED_NAMES:
         raise NotAnAgencyName(agency)
     status = await pool.fetchval("SELECT status FROM agency_account WHERE agency = $1", agency)
     if status is not None and not reinstate:

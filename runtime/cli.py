@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import getpass
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,18 +20,31 @@ import typer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from citizens import proxies
 from consumers import redelivery, tracker
 from producers import accounts
 from producers.office_keys import create_key, published_keys
 from producers.store import event_status
-from router import audit
+from router import audit, replay
 from router.seed import load_seed
 from router.store import list_subscriptions, set_subscription_status, upsert_subscription
 from router.subscription_request import SubscriptionRequest
 from runtime import access, kafka
+from runtime import dead_letters as dlq
+from runtime import lag as consumer_lag
 from runtime.access import Principal
 from runtime.database import migrate, open_pool
 from runtime.demo import demo_submissions, seed_agency_records, seed_demo_registrar, seed_offices
@@ -758,7 +772,11 @@ def _receipt_label(row: dict[str, Any]) -> str:
         label = f"OVERDUE (due {_when(row['receipt_due_at'])}), {label}"
     extras = [
         f"{count} {what}"
-        for count, what in ((row["redeliveries"], "redelivered"), (row["duplicates"], "duplicate"))
+        for count, what in (
+            (row["redeliveries"], "redelivered"),
+            (row["replays"], "replayed"),
+            (row["duplicates"], "duplicate"),
+        )
         if count
     ]
     return label + (f" [{', '.join(extras)}]" if extras else "")
@@ -851,6 +869,181 @@ def receipts_redeliver(
         console.print(f"Nothing to redeliver: no overdue deliveries to {agency}.")
         return
     console.print(f"Queued {len(queued.event_ids)} event(s) for redelivery to {agency}.")
+
+
+replay_app = typer.Typer(
+    help="Send stored events again to one agency, decided on today's subscriptions and consent.",
+    no_args_is_help=True,
+)
+app.add_typer(replay_app, name="replay")
+WITHHELD_LABELS = {
+    "WITHHELD_NO_CONSENT": "no consent today",
+    "WITHHELD_NO_SUBSCRIPTION": "not subscribed today",
+    "BLOCKED": "blocked by policy",
+    replay.UNROUTABLE: "not routable (see `tuo dlq list`)",
+}
+
+
+def _moment(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise _fail(f"{option} {value[:40]!r} is not a date and time, like 2026-11-01T09:00:00Z") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@replay_app.command("run")
+def replay_run(
+    agency: AgencyArg,
+    reason: Annotated[str, typer.Option(help="Why (kept with the replay, 3-500 characters).")],
+    since: Annotated[
+        str | None, typer.Option(help="Events recorded at or after (ISO 8601, UTC if no zone).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Events recorded before (ISO 8601).")] = None,
+    subject: Annotated[str | None, typer.Option(help="One person: subject id or NINO.")] = None,
+    event_id: Annotated[list[str] | None, typer.Option("--event-id", help="An event id; repeatable.")] = None,
+    reference: Annotated[
+        list[str] | None, typer.Option("--reference", "-r", help="An event's reference; repeatable.")
+    ] = None,
+    event_type: Annotated[
+        list[str] | None,
+        typer.Option("--event-type", help="Only this type, e.g. DeathRegistered; repeatable."),
+    ] = None,
+    everything: Annotated[
+        bool, typer.Option("--everything", help="Every stored event (e.g. for a newly onboarded agency).")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be sent and withheld; send nothing.")
+    ] = False,
+    rate: Annotated[int, typer.Option(help="At most this many events a second.")] = replay.DEFAULT_RATE,
+    by: Annotated[str, typer.Option(help="Who asks (recorded).")] = "",
+) -> None:
+    """Replay stored events to AGENCY only: consent and subscriptions are checked now,
+    each event keeps its id (the agency de-duplicates), and the replay is recorded."""
+    settings = _settings()
+    try:
+        selection = replay.Selection.of(
+            since=_moment(since, "--since"),
+            until=_moment(until, "--until"),
+            subject=subject,
+            event_ids=event_id or [],
+            references=reference or [],
+            event_types=event_type or [],
+            everything=everything,
+            pseudonym_key=settings.require_pseudonym_key,
+        )
+    except replay.ReplayRefused as exc:
+        raise _fail(str(exc)) from exc
+
+    async def begin(pool: asyncpg.Pool) -> replay.Replay:
+        return await replay.start(
+            pool,
+            settings,
+            agency=agency,
+            selection=selection,
+            reason=reason,
+            requested_by=by.strip() or getpass.getuser(),
+            dry_run=dry_run,
+            rate=rate,
+        )
+
+    _run_replay(settings, begin)
+
+
+@replay_app.command("resume")
+def replay_resume(
+    replay_id: Annotated[str, typer.Argument(help="The replay's id (`tuo replay list`).")],
+) -> None:
+    """Carry on with a replay that was interrupted, from where it stopped."""
+    _run_replay(_settings(), lambda pool: replay.find(pool, replay_id))
+
+
+@replay_app.command("list")
+def replay_list(
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 20,
+) -> None:
+    """Replays: who asked, why, what they sent and withheld."""
+    rows = _with_pool(lambda pool: replay.recent(pool, limit))
+    if not rows:
+        console.print("No replays yet.")
+        return
+    table = Table("replay", "agency", "started", "by", "reason", "status", "sent", "withheld", caption="UTC")
+    for row in rows:
+        found = replay.Replay.of(row)
+        status = ("dry run, " if found.dry_run else "") + found.status
+        if found.status == "running":
+            status += f" ({found.tally.examined:,} of {found.tally.selected:,} done)"
+        table.add_row(
+            found.id,
+            found.agency,
+            _when(row["started_at"].isoformat()),
+            found.requested_by,
+            found.reason,
+            status,
+            f"{found.tally.sent:,}",
+            _withheld_words(found.tally),
+        )
+    console.print(table)
+
+
+def _withheld_words(tally: replay.Tally) -> str:
+    counts = sorted(tally.withheld.items())
+    return ", ".join(f"{n:,} {WITHHELD_LABELS.get(k, k)}" for k, n in counts) or "none"
+
+
+class _Rate(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} events/s" if speed else "- events/s")
+
+
+def _run_replay(settings: Settings, prepare: Callable[[asyncpg.Pool], Awaitable[replay.Replay]]) -> None:
+    async def run() -> replay.Replay:
+        pool = await open_pool(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # Ctrl-C or SIGTERM: finish the batch in hand, save the position, then stop.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
+        for signum in signals:
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            chosen = await prepare(pool)
+            label = f"{'Dry run' if chosen.dry_run else 'Replaying'} to {chosen.agency}"
+            console.print(f"Replay {chosen.id}: {chosen.tally.selected:,} stored events selected.")
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _Rate(),
+                TimeRemainingColumn(),
+                console=console,
+            ) as progress:
+                task = progress.add_task(label, total=chosen.tally.selected, completed=chosen.tally.examined)
+                return await replay.Replayer(settings, pool, chosen).run(
+                    lambda tally: progress.update(task, completed=tally.examined), stop
+                )
+        finally:
+            for signum in signals:
+                loop.remove_signal_handler(signum)
+            await pool.close()
+
+    try:
+        with _clear_errors():
+            done = asyncio.run(run())
+    except replay.ReplayRefused as exc:
+        raise _fail(str(exc)) from exc
+    tally = done.tally
+    verb = "would be sent" if done.dry_run else "sent"
+    console.print(
+        f"{tally.sent:,} of {tally.examined:,} events {verb} to {done.agency};"
+        f" withheld: {_withheld_words(tally)}."
+    )
+    if done.status != "finished":
+        console.print(f"Stopped before the end. Carry on with `tuo replay resume {done.id}`.")
+        raise typer.Exit(code=3)
 
 
 @app.command("demo")
@@ -951,3 +1144,196 @@ def _settled(found: dict[str, Any]) -> bool:
 
 def main() -> None:
     app()
+
+
+# --- Dead letters and consumer lag -------------------------------------------------------
+
+dlq_app = typer.Typer(
+    help="Dead letters: messages no component could process; list, show, redrive after a fix.",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
+MAX_DLQ_LIMIT = 10_000
+
+
+def _dlq_call(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
+    try:
+        return _with_pool(work)
+    except (
+        dlq.NotADeadLetterId,
+        dlq.NoSuchDeadLetter,
+        dlq.RedriveRefused,
+        dlq.DeadLettersUnreadable,
+        consumer_lag.UnknownAgency,
+        kafka.NoCredentials,
+    ) as exc:
+        raise _fail(escape(str(exc))) from exc
+
+
+def _redriven(letter: dlq.StoredDeadLetter) -> Text:
+    if not letter.redrives:
+        return Text("no")
+    last = letter.redrives[-1]
+    done = last.action + (f" to {last.agency}" if last.agency else "")
+    times = f" ({len(letter.redrives)}×)" if len(letter.redrives) > 1 else ""
+    return Text(f"{done}{times} by {last.requested_by}, {dlq.age(last.requested_at)} ago: {last.reason}")
+
+
+def _event_label(letter: dlq.StoredDeadLetter) -> str:
+    if letter.event_id is not None:
+        return str(letter.event_id)
+    return "(no ce_id)" if letter.claimed_id is None else f"(not an event id: {letter.claimed_id[:20]})"
+
+
+@dlq_app.command("list")
+def dlq_list(
+    agency: Annotated[
+        str | None, typer.Option(help="Only this agency's dead letters (`bus`: the shared topic's).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help=f"The most recent N (1-{MAX_DLQ_LIMIT}).")] = 50,
+) -> None:
+    """Dead letters, most recent first: why, from where, how long ago, and whether
+    they have been redriven (by whom, why)."""
+    if not 1 <= limit <= MAX_DLQ_LIMIT:
+        raise _fail(f"--limit must be from 1 to {MAX_DLQ_LIMIT}")
+    settings = _settings()
+    letters = _dlq_call(lambda pool: dlq.list_dead_letters(settings, pool, agency=agency, limit=limit))
+    if not letters:
+        console.print("No dead letters" + (f" for {escape(agency)}." if agency else "."))
+        return
+    table = Table("id", "age", "component", "reason", "origin", "event", "type", "redriven")
+    for letter in letters:
+        table.add_row(
+            Text(str(letter.id)),
+            letter.age,
+            Text(letter.component or "?"),
+            Text(dlq.printable(letter.reason or "?", 70)),
+            Text(letter.origin),
+            Text(_event_label(letter)),
+            Text(letter.event_type or ""),
+            _redriven(letter),
+        )
+    console.print(table)
+    console.print(
+        f"{len(letters)} dead letter(s). `tuo dlq show ID` for one; once its cause is fixed, "
+        '`tuo dlq redrive ID --reason "…"`.'
+    )
+
+
+@dlq_app.command("show")
+def dlq_show(
+    letter_id: Annotated[str, typer.Argument(help="As `tuo dlq list` shows it, e.g. bus:0:17.")],
+) -> None:
+    """One dead letter: where it came from, why, and what it holds (field names and
+    sizes only: the values are personal data)."""
+    settings = _settings()
+    letter = _dlq_call(lambda pool: dlq.show_dead_letter(settings, pool, letter_id))
+    try:
+        plan = dlq.plan_redrive(settings.topic_prefix, letter)
+        redrive = (
+            "republish the stored original on the life-events topic"
+            if isinstance(plan, dlq.Republish)
+            else f"redeliver the stored original to {plan.agency}"
+        )
+    except dlq.RedriveRefused as exc:
+        redrive = f"no: {exc}"
+    fields = letter.fields()
+    table = Table(show_header=False, box=None)
+    for name, value in (
+        ("dead letter", f"{letter.id} ({letter.topic})"),
+        ("dead-lettered", f"{letter.dead_lettered_at:%Y-%m-%d %H:%M:%S} UTC, {letter.age} ago"),
+        ("component", letter.component or "?"),
+        ("reason", letter.reason or "?"),
+        ("origin", letter.origin),
+        ("event", f"{_event_label(letter)} {letter.event_type or ''}".strip()),
+        ("schema", letter.schema()),
+        ("size", f"key {letter.key_size} bytes, value {letter.value_size} bytes"),
+        ("fields", ", ".join(f"{n} ({size})" for n, size in fields) if fields else "none decoded"),
+        ("headers", ", ".join(letter.header_names) or "none"),
+        ("redriven", str(_redriven(letter))),
+        ("redrive", redrive),
+    ):
+        table.add_row(Text(name, style="bold"), Text(value))
+    console.print(table)
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    letter_ids: Annotated[
+        list[str] | None, typer.Argument(help="Dead letters' ids as `tuo dlq list` shows them.")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why (kept with the redrive, 3-500 characters).")] = "",
+    every: Annotated[bool, typer.Option("--all", help="Every dead letter not redriven yet.")] = False,
+    by: Annotated[str, typer.Option(help="Who asks (recorded).")] = "",
+    again: Annotated[bool, typer.Option("--again", help="Redrive even if redriven before.")] = False,
+    agency: Annotated[
+        str | None, typer.Option(help="With --all: only this agency's (`bus`: the shared topic's).")
+    ] = None,
+) -> None:
+    """Send dead letters through the bus again once their cause is fixed: the stored
+    original, never the dead letter's own bytes, recorded with who and why. One
+    that cannot be redriven is left in place and says why."""
+    if bool(letter_ids) == every:
+        raise _fail("name dead letters by id, or use --all (one of the two)")
+    settings = _settings()
+    outcomes = _dlq_call(
+        lambda pool: dlq.redrive(
+            settings,
+            pool,
+            None if every else list(letter_ids or []),
+            reason=reason,
+            requested_by=by.strip() or getpass.getuser(),
+            again=again,
+            agency=agency,
+        )
+    )
+    if not outcomes:
+        console.print("No dead letters.")
+        return
+    table = Table("id", "outcome", "detail")
+    for outcome in outcomes:
+        style = {"redriven": "green", "skipped": "yellow"}.get(outcome.outcome, "red")
+        table.add_row(Text(str(outcome.id)), Text(outcome.outcome, style=style), Text(outcome.detail))
+    console.print(table)
+    counts = {k: sum(o.outcome == k for o in outcomes) for k in ("redriven", "skipped", "refused")}
+    console.print(
+        f"{counts['redriven']} redriven, {counts['skipped']} redriven before (skipped), "
+        f"{counts['refused']} refused and left in place."
+    )
+    if counts["refused"] and not every:
+        raise typer.Exit(code=1)
+
+
+@app.command("lag")
+def lag_command(
+    agency: Annotated[str | None, typer.Option(help="Only this agency's consumer group.")] = None,
+) -> None:
+    """Consumer-group lag: how far the router, the receipt tracker and each agency are
+    behind what has been written to the topics they read."""
+    settings = _settings()
+    groups = _dlq_call(lambda pool: consumer_lag.consumer_lag(settings, pool, agency=agency))
+    table = Table(
+        "reader",
+        "group",
+        "state",
+        "lag",
+        "partitions (committed/end)",
+        caption="Lag in offsets. On topics written in transactions each commit marker takes an offset: "
+        "a group 1 short of the end there is caught up (not counted); a backlog counts its markers.",
+    )
+    for group in groups:
+        style = {"caught up": "green", "behind": "yellow"}.get(group.state, "red")
+        table.add_row(
+            Text(group.reader.name),
+            Text(group.reader.group),
+            Text(group.state, style=style),
+            str(group.pending),
+            Text(
+                ", ".join(
+                    f"{p.topic}:{p.partition} {'-' if p.committed is None else p.committed}/{p.end}"
+                    for p in group.partitions
+                )
+                or "none"
+            ),
+        )
+    console.print(table)

@@ -122,15 +122,21 @@ def connection_options(
 
 
 def producer(
-    settings: Settings, *, principal: str, client_id: str, transactional_id: str | None = None
+    settings: Settings,
+    *,
+    principal: str,
+    client_id: str,
+    transactional_id: str | None = None,
+    **extra: Any,
 ) -> AIOKafkaProducer:
     """An idempotent producer (acks=all); transactional when given an id."""
+    options: dict[str, Any] = {"linger_ms": 5, **extra}
     return AIOKafkaProducer(
         **connection_options(settings, principal),
         client_id=client_id,
         enable_idempotence=True,
         transactional_id=transactional_id,
-        linger_ms=5,
+        **options,
     )
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import structlog
@@ -27,6 +28,7 @@ from router import store as router_store
 from router.service import run_router
 from runtime.access import Principal, agency_principal, credentials_file
 from runtime.kafka import ensure_topics
+from runtime.metrics_endpoint import metrics_app
 from runtime.settings import Settings
 from schemas.catalogue import CATALOGUE, activate
 from schemas.registry_client import bind_to_registry
@@ -62,6 +64,7 @@ class RunningBus:
     stop: asyncio.Event
     tasks: list[asyncio.Task[None]]
     http_port: int | None
+    metrics_port: int | None = None  # this process's Prometheus endpoint (TUO_METRICS_PORT)
 
     async def shutdown(self) -> None:
         self.stop.set()
@@ -89,20 +92,63 @@ async def _serve_http(
         proxy_headers=bool(settings.http_forwarded_allow_ips),
         forwarded_allow_ips=settings.http_forwarded_allow_ips or None,
     )
+    await _serve(config, "intake", stop, ready)
+
+
+async def _serve_metrics(
+    settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event, ready: asyncio.Future[int]
+) -> None:
+    config = uvicorn.Config(
+        metrics_app(pool),
+        host=settings.metrics_host,
+        port=settings.metrics_port or 0,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
+    await _serve(config, "metrics", stop, ready)
+
+
+async def _serve(config: uvicorn.Config, what: str, stop: asyncio.Event, ready: asyncio.Future[int]) -> None:
     server = _EmbeddedServer(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:
         if serving.done():
             await serving
-            raise RuntimeError(f"intake service could not listen on port {settings.http_port}")
+            raise RuntimeError(f"{what} service could not listen on port {config.port}")
         await asyncio.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     if not ready.done():
         ready.set_result(port)
-    log.info("intake_listening", host=settings.http_host, port=port)
+    log.info(f"{what}_listening", host=config.host, port=port)
     await stop.wait()
     server.should_exit = True
     await serving
+
+
+Server = Callable[[Settings, asyncpg.Pool, asyncio.Event, asyncio.Future[int]], Coroutine[Any, Any, None]]
+
+
+async def _listening(
+    name: str,
+    serve: Server,
+    settings: Settings,
+    pool: asyncpg.Pool,
+    stop: asyncio.Event,
+    tasks: list[asyncio.Task[None]],
+) -> int:
+    """Start an HTTP server as one of the bus's tasks; its port once it listens. If it
+    cannot listen, everything started so far is stopped and the reason raised."""
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    serving = asyncio.create_task(serve(settings, pool, stop, ready), name=name)
+    tasks.append(serving)
+    waiters: list[asyncio.Future[object]] = [ready, serving]  # type: ignore[list-item]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        serving.result()
+    return ready.result()
 
 
 async def _reference_agencies(settings: Settings, pool: asyncpg.Pool, subscribed: list[str]) -> list[str]:
@@ -187,14 +233,8 @@ async def start_bus(
         add("tracker", lambda s: run_tracker(settings, pool, s))
     http_port: int | None = None
     if "intake" in components:
-        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        serving = asyncio.create_task(_serve_http(settings, pool, stop, ready), name="intake")
-        tasks.append(serving)
-        waiters: list[asyncio.Future[object]] = [ready, serving]  # type: ignore[list-item]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done():
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            tasks[-1].result()
-        http_port = ready.result()
-    return RunningBus(stop=stop, tasks=tasks, http_port=http_port)
+        http_port = await _listening("intake", _serve_http, settings, pool, stop, tasks)
+    metrics_port: int | None = None
+    if settings.metrics_port is not None:
+        metrics_port = await _listening("metrics", _serve_metrics, settings, pool, stop, tasks)
+    return RunningBus(stop=stop, tasks=tasks, http_port=http_port, metrics_port=metrics_port)

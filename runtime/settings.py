@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         description="GOV.UK Frontend's dist/govuk folder; unset: node_modules/ in the project (npm ci).",
     )
 
+    # Prometheus: each process started by `tuo run` serves its own counters on this port
+    # (monitoring token required); unset: none. 0 picks a free port, which is logged.
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, pattern=r"^[^\s/]+$")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+
     # Schemas: ids come from the committed catalogue, or from an existing
     # Confluent-compatible registry when one is named here.
     schema_registry_url: str | None = Field(

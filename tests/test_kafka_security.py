@@ -362,6 +362,7 @@ async def test_tuo_agencies_add_onboards_and_suspend_cuts_off(services: Settings
         (["agencies", "add", "Bad Name"], "is not an agency name"),
         (["agencies", "add", "x"], "is not an agency name"),
         (["agencies", "add", "a" * 41], "is not an agency name"),
+        (["agencies", "add", "bus"], "is reserved by the bus"),
         (["agencies", "add", "ok-agency", "--event-type", "Nope"], "not an event type"),
         (["agencies", "add", "hmrc"], "onboarded already (active); --reinstate"),
         (["agencies", "suspend", "nobody-here", "--reason", "typo"], "no agency 'nobody-here'"),

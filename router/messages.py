@@ -1,0 +1,185 @@
+"""A life-events message as the router reads it, and each agency's copy of it.
+
+Shared by the router (``router.service``) and replay (``router.replay``): both
+decide with ``router.rules`` and send an agency exactly this copy, minimised to
+the fields it is entitled to, with the office's signature disclosing only those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka.structs import ConsumerRecord
+
+from consumers.redelivery import REDELIVER_TO, REDELIVERY_ID
+from router.minimise import NINO, event_fields, minimise
+from router.rules import RoutableEvent, RoutingDecision
+from runtime.kafka import Topics
+from schemas import UndecodableMessage, decode, encode
+from schemas.catalogue import DELIVERY_SUFFIX, LIFE_EVENTS, MINIMISED
+from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
+from schemas.signatures import (
+    ENVELOPE,
+    SIGNATURE_HEADERS,
+    OfficeKey,
+    SignatureRejected,
+    SignedEvent,
+    element_item,
+    read_signature,
+    verify,
+)
+
+OPERATOR_HEADERS = (REDELIVER_TO, REDELIVERY_ID)  # meant for the router, never passed on
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+class UnroutableEvent(ValueError):
+    """A life-events message that cannot be routed; it goes to dead letters."""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    record: ConsumerRecord[bytes, bytes]
+    event: RoutableEvent
+    body: dict[str, Any]
+    source: str  # ce_source: the office the event claims to come from
+    signed: SignedEvent  # the office's signature, verified before the event is routed
+    follows: tuple[str, str] | None = None  # (original event id, its type) for corrections and voids
+    redeliver_to: str | None = None  # an operator's redelivery: the one agency it is for
+
+
+FOLLOW_UPS = {
+    "EventCorrected": ("corrects_event_id", "corrected_event_type"),
+    "EventVoided": ("voids_event_id", "voided_event_type"),
+}
+
+
+# The addresses an area condition looks at: where the subject lives or lived, never
+# where an executor, next of kin or partner lives.
+SUBJECT_ADDRESSES = {
+    "BirthRegistered": ("home_address",),
+    "DeathRegistered": ("last_address",),
+    "AddressChanged": ("old_address", "new_address"),
+}
+
+
+def _postcodes(event_type: str, body: dict[str, Any]) -> Iterator[str]:
+    for field in SUBJECT_ADDRESSES.get(event_type, ()):
+        address = body.get(field)
+        if isinstance(address, dict) and isinstance(address.get("postcode"), str):
+            yield address["postcode"]
+
+
+def routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
+    try:
+        cloud_event = CloudEvent.from_headers(record.headers)
+        subject, body = decode(record.value or b"")
+    except (MissingCloudEventHeader, UndecodableMessage, ValueError) as exc:
+        raise UnroutableEvent(str(exc)) from exc
+    envelope = body.get("envelope")
+    if not isinstance(envelope, dict):
+        raise UnroutableEvent(f"{subject} is not a life event (no envelope)")
+    if subject != cloud_event.type:
+        raise UnroutableEvent(f"ce_type says {cloud_event.type} but the value is {subject}")
+    if str(envelope["event_id"]) != cloud_event.id:
+        raise UnroutableEvent("ce_id does not match the envelope's event_id")
+    subject_id = envelope["subject"]["subject_id"]
+    if record.key is None or record.key.decode(errors="replace") != subject_id:
+        raise UnroutableEvent("message key is not the envelope's subject_id")
+    if subject not in LIFE_EVENTS:
+        raise UnroutableEvent(f"{subject} is not a life event")
+    try:
+        signed = read_signature(record.headers)
+    except SignatureRejected as exc:
+        raise UnroutableEvent(str(exc)) from exc
+    if subject in FOLLOW_UPS:
+        id_field, type_field = FOLLOW_UPS[subject]
+        event = RoutableEvent(event_id=cloud_event.id, event_type=subject, subject_id=subject_id)
+        return Incoming(
+            record, event, body, cloud_event.source, signed, follows=(str(body[id_field]), body[type_field])
+        )
+    event = RoutableEvent(
+        event_id=cloud_event.id,
+        event_type=subject,
+        subject_id=subject_id,
+        fields=event_fields(body),
+        postcodes=frozenset(_postcodes(subject, body)),
+    )
+    return Incoming(record, event, body, cloud_event.source, signed)
+
+
+def verify_signature(incoming: Incoming, keys: Mapping[str, OfficeKey]) -> None:
+    """The whole event, exactly as the office signed it: every signed item present and intact."""
+    try:
+        verify(
+            incoming.signed,
+            keys.get(incoming.signed.manifest.key_id),
+            event_type=incoming.event.event_type,
+            event_id=incoming.event.event_id,
+            source=incoming.source,
+            body=incoming.body,
+            complete=True,
+        )
+    except SignatureRejected as exc:
+        raise UnroutableEvent(str(exc)) from exc
+
+
+def agency_copy(
+    topics: Topics, incoming: Incoming, decision: RoutingDecision, schema_base_url: str
+) -> Outgoing:
+    """The agency's message: minimised where the event type has a delivery schema."""
+    event = incoming.event
+    if event.event_type not in MINIMISED:
+        return Outgoing(
+            topics.agency(decision.agency),
+            incoming.record.key,
+            incoming.record.value,
+            [(k, v) for k, v in incoming.record.headers if k not in OPERATOR_HEADERS],
+        )
+    value = encode(f"{event.event_type}{DELIVERY_SUFFIX}", minimise(incoming.body, decision.fields_delivered))
+    original = CloudEvent.from_headers(incoming.record.headers)
+    headers = headers_for(
+        value,
+        id=event.event_id,
+        type=event.event_type,
+        source=original.source,
+        subject=event.subject_id,
+        time=original.time or datetime.now(UTC),
+        schema_base_url=schema_base_url,
+    )
+    # The office's signature travels on, with the salts of the delivered items only:
+    # the agency can check what it got and learns nothing about what it did not.
+    headers += incoming.signed.headers(disclose={ENVELOPE} | decision.fields_delivered)
+    return Outgoing(topics.agency(decision.agency), incoming.record.key, value, headers)
+
+
+def follow_up_copy(topics: Topics, incoming: Incoming, decision: RoutingDecision) -> Outgoing:
+    """A correction's or void's copy for one agency that received the original: the
+    NINO only if the original carried it, and only changes to fields it received."""
+    event, record = incoming.event, incoming.record
+    body = dict(incoming.body)
+    disclosed = set(body) - {"changes"}  # the envelope and the correction's own fields
+    if NINO in decision.fields_delivered:
+        disclosed.add(NINO)
+    else:
+        envelope = body["envelope"]
+        body["envelope"] = {**envelope, "subject": {**envelope["subject"], "nino": None}}
+    if event.event_type == "EventCorrected":  # only changes to fields the agency received
+        received = decision.fields_delivered
+        kept = [i for i, c in enumerate(body["changes"]) if c["field"].split(".")[0] in received]
+        body["changes"] = [body["changes"][i] for i in kept]
+        disclosed |= {element_item("changes", i) for i in kept}
+    value = encode(event.event_type, body)
+    headers = [(k, v) for k, v in record.headers if k not in SIGNATURE_HEADERS + OPERATOR_HEADERS]
+    headers += incoming.signed.headers(disclose=disclosed)
+    return Outgoing(topics.agency(decision.agency), record.key, value, headers)

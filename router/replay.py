@@ -1,0 +1,670 @@
+"""Replay: send stored life events again to one named agency, decided today.
+
+Operators replay to give a newly onboarded agency the history it is entitled
+to, or to recover an agency whose system lost a day. Replaying personal data is
+dangerous, so a replay:
+
+- goes only to the one agency named, straight to its topic (``tuo-replay`` may
+  write agencies' topics and nothing else);
+- is decided on today's subscriptions and consent, read again for every batch,
+  with the router's own rules (``router.rules``) and the router's own copy of
+  the event (``router.messages``): a subject who withdrew consent is not sent,
+  and the agency gets only the fields it is entitled to now;
+- keeps each event's id, so the agency's consumer de-duplicates a repeat;
+- is recorded before anything is sent (``replay``: who, why, what it selects)
+  and counted as it goes (how many sent, how many withheld and why), with every
+  event it sent in ``replay_delivery``;
+- is resumable: its position (the last stored event done) is saved with each
+  batch's counts once Kafka has acknowledged the batch. A replay stopped between
+  an acknowledgement and that save sends the batch again when resumed; the event
+  ids make that harmless, and the counts stay exact.
+
+The stored events are the outbox's originals (sealed at rest, opened here), in
+the order they were recorded: one subject's events stay in order on the
+agency's topic because the key chooses the partition, as the router's does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+from aiokafka.structs import ConsumerRecord
+
+from producers.accept import subject_id_for
+from router.messages import Incoming, Outgoing, UnroutableEvent, agency_copy, follow_up_copy, routable
+from router.policy import POLICY
+from router.rules import OriginalDelivery, Outcome, RoutingDecision, decide, decide_follow_up
+from router.store import current_consent, load_subscriptions
+from runtime import kafka
+from runtime.access import AGENCY_NAME, Principal
+from runtime.kafka import Topics
+from runtime.sealing import PayloadSealer
+from runtime.settings import Settings
+from schemas.catalogue import LIFE_EVENTS
+from schemas.validation import normalise_nino
+
+log = structlog.get_logger(__name__)
+
+REPLAY_ID_HEADER = "tuo_replay_id"  # lets an agency see a message came from a replay
+UNROUTABLE = "UNROUTABLE"  # a stored event the router could not route either (counted, not sent)
+MAX_EVENT_IDS = 10_000
+MAX_RATE = 1_000_000
+DEFAULT_RATE = 5_000
+BATCH_SIZE = 5_000
+_SUBJECT_ID = re.compile(r"^[ns]-[0-9a-f]{32}$")
+_REFERENCE = re.compile(r"^TUO-[0-9]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}$")
+
+
+class ReplayRefused(ValueError):
+    """The replay cannot start or resume; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which stored events a replay covers: every given criterion must hold."""
+
+    since: datetime | None = None  # recorded at or after
+    until: datetime | None = None  # recorded before
+    subject_id: str | None = None
+    event_ids: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    event_types: tuple[str, ...] = ()
+    everything: bool = False  # asked for explicitly: no criterion at all
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        subject: str | None = None,
+        event_ids: Sequence[str] = (),
+        references: Sequence[str] = (),
+        event_types: Sequence[str] = (),
+        everything: bool = False,
+        pseudonym_key: Callable[[], bytes] | None = None,
+    ) -> Selection:
+        """Checked criteria; a subject is a pseudonymous subject id or a NINO."""
+        if since and until and since >= until:
+            raise ReplayRefused("--since must be earlier than --until")
+        for moment in (since, until):
+            if moment is not None and moment.tzinfo is None:
+                raise ReplayRefused("give times with a time zone, e.g. 2026-11-01T00:00:00Z")
+        if len(event_ids) + len(references) > MAX_EVENT_IDS:
+            raise ReplayRefused(f"name at most {MAX_EVENT_IDS} events; select a time range instead")
+        ids = []
+        for event_id in event_ids:
+            try:
+                ids.append(str(uuid.UUID(event_id.strip())))
+            except ValueError:
+                raise ReplayRefused(f"{event_id[:50]!r} is not an event id (a UUID)") from None
+        refs = [r.strip().upper() for r in references]
+        for ref in refs:
+            if not _REFERENCE.match(ref):
+                raise ReplayRefused(f"{ref[:50]!r} is not a reference number, like TUO-2026-ABCD-EFGH")
+        unknown = sorted(set(event_types) - set(LIFE_EVENTS))
+        if unknown:
+            raise ReplayRefused(
+                f"unknown event type {unknown[0][:50]!r}; choose from {', '.join(sorted(LIFE_EVENTS))}"
+            )
+        subject_id = None
+        if subject is not None:
+            subject_id = _subject_id(subject.strip(), pseudonym_key)
+        chosen = cls(since, until, subject_id, tuple(ids), tuple(refs), tuple(sorted(set(event_types))))
+        if everything and chosen.narrowed:
+            raise ReplayRefused("--everything cannot be combined with other criteria")
+        if not everything and not chosen.narrowed:
+            raise ReplayRefused(
+                "say which events: --since/--until, --subject, --event-id, --reference or --event-type; "
+                "or --everything to replay every stored event the agency is entitled to"
+            )
+        return cls(
+            chosen.since,
+            chosen.until,
+            chosen.subject_id,
+            chosen.event_ids,
+            chosen.references,
+            chosen.event_types,
+            everything,
+        )
+
+    @property
+    def narrowed(self) -> bool:
+        return bool(
+            self.since
+            or self.until
+            or self.subject_id
+            or self.event_ids
+            or self.references
+            or self.event_types
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "since": self.since.isoformat() if self.since else None,
+            "until": self.until.isoformat() if self.until else None,
+            "subject_id": self.subject_id,
+            "event_ids": list(self.event_ids),
+            "references": list(self.references),
+            "event_types": list(self.event_types),
+            "everything": self.everything,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Selection:
+        return cls(
+            datetime.fromisoformat(data["since"]) if data["since"] else None,
+            datetime.fromisoformat(data["until"]) if data["until"] else None,
+            data["subject_id"],
+            tuple(data["event_ids"]),
+            tuple(data["references"]),
+            tuple(data["event_types"]),
+            data["everything"],
+        )
+
+    def where(self, first: int) -> tuple[str, list[Any]]:
+        """SQL conditions on ``outbox o`` joined with ``intake_record i``, and their
+        arguments numbered from ``$first``."""
+        clauses: list[str] = []
+        args: list[Any] = []
+
+        def add(clause: str, value: Any) -> None:
+            args.append(value)
+            clauses.append(clause.replace("$?", f"${first + len(args) - 1}"))
+
+        if self.since:
+            add("i.recorded_at >= $?", self.since)
+        if self.until:
+            add("i.recorded_at < $?", self.until)
+        if self.subject_id:
+            add("i.subject_id = $?", self.subject_id)
+        if self.event_ids or self.references:
+            ids, refs = list(self.event_ids), list(self.references)
+            args += [ids, refs]
+            clauses.append(
+                f"(o.event_id = ANY(${first + len(args) - 2}::uuid[])"
+                f" OR i.reference = ANY(${first + len(args) - 1}::text[]))"
+            )
+        if self.event_types:
+            add("i.event_type = ANY($?::text[])", list(self.event_types))
+        return " AND ".join(clauses) or "true", args
+
+
+def _subject_id(subject: str, pseudonym_key: Callable[[], bytes] | None) -> str:
+    if _SUBJECT_ID.match(subject):
+        return subject
+    try:
+        nino = normalise_nino(subject)
+    except ValueError:
+        raise ReplayRefused(
+            "--subject takes a subject id (like n-0123…) or a National Insurance number"
+        ) from None
+    if pseudonym_key is None:
+        raise ReplayRefused("a NINO needs the pseudonym key (TUO_PSEUDONYM_KEY) to find its subject")
+    return subject_id_for(nino, pseudonym_key())
+
+
+@dataclass
+class Tally:
+    """What a replay has done so far."""
+
+    selected: int
+    examined: int = 0
+    sent: int = 0
+    withheld: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def withheld_total(self) -> int:
+        return sum(self.withheld.values())
+
+
+@dataclass(frozen=True)
+class Replay:
+    id: str
+    agency: str
+    selection: Selection
+    reason: str
+    requested_by: str
+    dry_run: bool
+    rate: int
+    upto: int
+    position: int
+    tally: Tally
+    status: str
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> Replay:
+        return cls(
+            id=str(row["id"]),
+            agency=row["agency"],
+            selection=Selection.from_json(json.loads(row["selection"])),
+            reason=row["reason"],
+            requested_by=row["requested_by"],
+            dry_run=row["dry_run"],
+            rate=row["rate_limit"],
+            upto=row["upto"],
+            position=row["position"],
+            tally=Tally(
+                selected=row["selected"],
+                examined=row["examined"],
+                sent=row["sent"],
+                withheld=Counter(json.loads(row["withheld"])),
+            ),
+            status=row["status"],
+        )
+
+
+_STORED = (
+    "FROM outbox o JOIN intake_record i USING (event_id)"
+    " WHERE o.topic = $1 AND o.published_at IS NOT NULL AND o.id > $2 AND o.id <= $3"
+    # An event's first outbox row is its original; later ones (a redrive) are copies.
+    " AND NOT EXISTS (SELECT 1 FROM outbox e"
+    "   WHERE e.event_id = o.event_id AND e.topic = o.topic AND e.id < o.id)"
+)
+
+
+async def start(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    *,
+    agency: str,
+    selection: Selection,
+    reason: str,
+    requested_by: str,
+    dry_run: bool = False,
+    rate: int = DEFAULT_RATE,
+) -> Replay:
+    """Check the request and record the replay; nothing is sent yet."""
+    reason = reason.strip()
+    requested_by = requested_by.strip()
+    if not AGENCY_NAME.match(agency):
+        raise ReplayRefused(f"{agency[:50]!r} is not an agency code (like hmrc)")
+    if not 3 <= len(reason) <= 500:
+        raise ReplayRefused("give a --reason of 3 to 500 characters; it is kept with the replay")
+    if not 1 <= len(requested_by) <= 100:
+        raise ReplayRefused("say who asks for the replay in 1 to 100 characters (--by)")
+    if not 1 <= rate <= MAX_RATE:
+        raise ReplayRefused(f"--rate must be between 1 and {MAX_RATE} events a second")
+    topics = Topics(settings.topic_prefix)
+    async with pool.acquire() as conn, conn.transaction():
+        account = await conn.fetchrow("SELECT status FROM agency_account WHERE agency = $1", agency)
+        subscribed = await conn.fetchval("SELECT count(*) FROM subscription WHERE agency = $1", agency)
+        if account is None and not subscribed:
+            raise ReplayRefused(f"no agency {agency!r} is onboarded; see `tuo agencies list`")
+        if account is not None and account["status"] == "suspended":
+            raise ReplayRefused(f"{agency} is suspended; reinstate it before replaying to it")
+        upto = await conn.fetchval("SELECT coalesce(max(id), 0) FROM outbox")
+        where, args = selection.where(4)
+        selected = await conn.fetchval(
+            f"SELECT count(*) {_STORED} AND {where}", topics.life_events, 0, upto, *args
+        )
+        row = await conn.fetchrow(
+            "INSERT INTO replay"
+            " (id, agency, selection, reason, requested_by, dry_run, rate_limit, upto, selected)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *",
+            uuid.uuid4(),
+            agency,
+            json.dumps(selection.as_json()),
+            reason,
+            requested_by,
+            dry_run,
+            rate,
+            upto,
+            selected,
+        )
+    replay = Replay.of(row)
+    log.info(
+        "replay_recorded",
+        replay_id=replay.id,
+        agency=agency,
+        dry_run=dry_run,
+        selected=selected,
+        requested_by=requested_by,
+    )
+    return replay
+
+
+async def find(pool: asyncpg.Pool, replay_id: str) -> Replay:
+    try:
+        key = uuid.UUID(replay_id.strip())
+    except ValueError:
+        raise ReplayRefused(
+            f"{replay_id[:50]!r} is not a replay id (a UUID, as `tuo replay list` shows)"
+        ) from None
+    row = await pool.fetchrow("SELECT * FROM replay WHERE id = $1", key)
+    if row is None:
+        raise ReplayRefused(f"no replay {key}; see `tuo replay list`")
+    return Replay.of(row)
+
+
+async def recent(pool: asyncpg.Pool, limit: int = 20) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await pool.fetch(
+        "SELECT * FROM replay ORDER BY started_at DESC LIMIT $1", limit
+    )
+    return rows
+
+
+@dataclass
+class _Batch:
+    position: int
+    copies: list[Outgoing]
+    delivered: list[tuple[uuid.UUID, str, str, list[str]]]  # event id, agency, basis, fields
+    withheld: Counter[str]
+    examined: int
+
+
+class Replayer:
+    """Runs one recorded replay to its end (or until ``stop`` is set)."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, replay: Replay, batch_size: int = BATCH_SIZE):
+        self.settings = settings
+        self.pool = pool
+        self.replay = replay
+        self.topics = Topics(settings.topic_prefix)
+        self.topic = self.topics.agency(replay.agency)
+        self.batch_size = max(1, min(batch_size, replay.rate))
+        self.sealer = PayloadSealer.from_settings(settings)
+        self.schema_base_url = settings.schema_base_url()
+        self.replay_header = (REPLAY_ID_HEADER, replay.id.encode())
+
+    async def run(
+        self, on_progress: Callable[[Tally], None] | None = None, stop: asyncio.Event | None = None
+    ) -> Replay:
+        replay = self.replay
+        if replay.status == "finished":
+            raise ReplayRefused(f"replay {replay.id} has finished; start a new one to send again")
+        async with self.pool.acquire() as guard:
+            # One runner per replay: a second `--resume` while the first still runs is refused.
+            if not await guard.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 7))", replay.id):
+                raise ReplayRefused(f"replay {replay.id} is running elsewhere")
+            try:
+                await self._run(on_progress, stop)
+            finally:
+                await guard.execute("SELECT pg_advisory_unlock(hashtextextended($1, 7))", replay.id)
+        return await find(self.pool, replay.id)
+
+    async def _run(self, on_progress: Callable[[Tally], None] | None, stop: asyncio.Event | None) -> None:
+        replay = self.replay
+        tally = Tally(
+            replay.tally.selected, replay.tally.examined, replay.tally.sent, Counter(replay.tally.withheld)
+        )
+        await self.pool.execute(
+            "UPDATE replay SET attempts = attempts + 1 WHERE id = $1", uuid.UUID(replay.id)
+        )
+        log.info("replay_started", replay_id=replay.id, agency=replay.agency, position=replay.position)
+        producer = None if replay.dry_run else await self._producer()
+        fetching: list[asyncio.Future[list[asyncpg.Record]]] = []
+        try:
+            position, started, sent_here = replay.position, time.monotonic(), 0
+            pending = asyncio.ensure_future(self._fetch(position))
+            fetching.append(pending)
+            while True:
+                rows = await pending
+                if not rows:
+                    break
+                position = rows[-1]["id"]
+                pending = asyncio.ensure_future(self._fetch(position))  # the next batch, meanwhile
+                fetching.append(pending)
+                batch = await self._decide(rows)
+                if producer is not None:
+                    await self._send(producer, batch.copies)
+                await self._save(batch)
+                tally.examined += batch.examined
+                tally.sent += len(batch.delivered)
+                tally.withheld.update(batch.withheld)
+                sent_here += batch.examined
+                if on_progress is not None:
+                    on_progress(tally)
+                if stop is not None and stop.is_set():
+                    pending.cancel()
+                    log.info("replay_paused", replay_id=replay.id, examined=tally.examined)
+                    return
+                # The rate limit: no faster than ``rate`` stored events a second, on average.
+                ahead = sent_here / replay.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            await self.pool.execute(
+                "UPDATE replay SET status = 'finished', finished_at = clock_timestamp() WHERE id = $1",
+                uuid.UUID(replay.id),
+            )
+            log.info(
+                "replay_finished",
+                replay_id=replay.id,
+                agency=replay.agency,
+                sent=tally.sent,
+                withheld=dict(tally.withheld),
+                dry_run=replay.dry_run,
+            )
+        finally:
+            for fetch in fetching:  # a fetch started ahead is not wanted after a failure
+                fetch.cancel()
+            await asyncio.gather(*fetching, return_exceptions=True)
+            if producer is not None:
+                await producer.stop()
+
+    async def _producer(self) -> AIOKafkaProducer:
+        producer = kafka.producer(
+            self.settings,
+            principal=Principal.REPLAY,
+            client_id="tuo-replay",
+            max_batch_size=1024 * 1024,
+            linger_ms=20,
+        )
+        await producer.start()
+        try:
+            self.partitions = len(await asyncio.wait_for(producer.partitions_for(self.topic), timeout=15))
+        except Exception as exc:
+            await producer.stop()
+            raise ReplayRefused(
+                f"cannot send to {self.topic} ({type(exc).__name__}); is {self.replay.agency} onboarded "
+                "(`tuo agencies add`) and may tuo-replay write its topic (`tuo access grant`)?"
+            ) from exc
+        return producer
+
+    async def _fetch(self, after: int) -> list[asyncpg.Record]:
+        replay = self.replay
+        where, args = replay.selection.where(5)
+        rows: list[asyncpg.Record] = await self.pool.fetch(
+            "SELECT o.id, o.event_id, o.message_key, o.message_value, o.headers, i.event_type"
+            f" {_STORED} AND {where} ORDER BY o.id LIMIT $4",
+            self.topics.life_events,
+            after,
+            replay.upto,
+            self.batch_size,
+            *args,
+        )
+        return rows
+
+    async def _decide(self, rows: list[asyncpg.Record]) -> _Batch:
+        """Today's decision for the named agency on each stored event of the batch."""
+        agency = self.replay.agency
+        withheld: Counter[str] = Counter()
+        incoming: list[Incoming] = []
+        for row in rows:
+            record = ConsumerRecord(
+                topic=self.topics.life_events,
+                partition=-1,
+                offset=row["id"],
+                timestamp=0,
+                timestamp_type=0,
+                key=row["message_key"],
+                value=self.sealer.open(row["message_value"], row["event_id"]),
+                checksum=None,
+                serialized_key_size=-1,
+                serialized_value_size=-1,
+                headers=[(k, v.encode()) for k, v in json.loads(row["headers"])],
+            )
+            try:
+                incoming.append(routable(record))
+            except UnroutableEvent:
+                withheld[UNROUTABLE] += 1  # the router dead-lettered it too; `tuo dlq` has it
+        follows = [i.follows[0] for i in incoming if i.follows]
+        followed = set(follows)
+        async with self.pool.acquire() as conn:
+            # Read now, for this batch: a withdrawal confirmed before this read stops delivery.
+            now: datetime = await conn.fetchval("SELECT clock_timestamp()")
+            # The agency's own subscriptions are all its decision depends on.
+            subscriptions = [s for s in await load_subscriptions(conn) if s.agency == agency]
+            originals = await _originals(conn, follows, agency)
+            consent = await current_consent(
+                conn,
+                [
+                    (
+                        i.event.subject_id,
+                        originals[i.follows[0]][0]
+                        if i.follows and i.follows[0] in originals
+                        else i.event.event_type,
+                    )
+                    for i in incoming
+                ],
+            )
+        copies: list[Outgoing] = []
+        delivered: list[tuple[uuid.UUID, str, str, list[str]]] = []
+        for item in incoming:
+            event = item.event
+            if item.follows is None:
+                mine = [
+                    d
+                    for d in decide(
+                        event,
+                        subscriptions,
+                        consent.get((event.subject_id, event.event_type), {}),
+                        now,
+                        POLICY,
+                    )
+                    if d.agency == agency
+                ]
+            else:
+                original = originals.get(item.follows[0])
+                if original is None or original[0] != item.follows[1]:
+                    withheld[UNROUTABLE] += 1
+                    continue
+                mine = decide_follow_up(
+                    event,
+                    original[0],
+                    original[1],
+                    [agency],
+                    consent.get((event.subject_id, original[0]), {}),
+                    POLICY,
+                )
+            decision = mine[0] if mine else None
+            if decision is None or not decision.delivers:
+                withheld[decision.outcome.value if decision else Outcome.WITHHELD_NO_SUBSCRIPTION.value] += 1
+                continue
+            copy = self._copy(item, decision)
+            copies.append(copy)
+            delivered.append(
+                (
+                    uuid.UUID(event.event_id),
+                    agency,
+                    decision.legal_basis or "",
+                    sorted(decision.fields_delivered),
+                )
+            )
+            if event.event_id in followed:
+                # A correction later in this batch follows an original sent just now.
+                originals[event.event_id] = (
+                    event.event_type,
+                    [OriginalDelivery(agency, decision.legal_basis, decision.fields_delivered)],
+                )
+        return _Batch(rows[-1]["id"], copies, delivered, withheld, len(rows))
+
+    def _copy(self, item: Incoming, decision: RoutingDecision) -> Outgoing:
+        if item.follows is None:
+            copy = agency_copy(self.topics, item, decision, self.schema_base_url)
+        else:
+            copy = follow_up_copy(self.topics, item, decision)
+        return Outgoing(copy.topic, copy.key, copy.value, [*copy.headers, self.replay_header])
+
+    async def _send(self, producer: AIOKafkaProducer, copies: list[Outgoing]) -> None:
+        """The batch, in whole Kafka record batches per partition; returns once every
+        message is acknowledged by the in-sync replicas (acks=all)."""
+        builders: dict[int, Any] = {}
+        sent: list[asyncio.Future[Any]] = []
+        for copy in copies:
+            partition = 0 if copy.key is None else (murmur2(copy.key) & 0x7FFFFFFF) % self.partitions
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = producer.create_batch()
+            if builder.append(key=copy.key, value=copy.value, timestamp=None, headers=copy.headers) is None:
+                sent.append(await producer.send_batch(builder, self.topic, partition=partition))
+                builder = builders[partition] = producer.create_batch()
+                if (
+                    builder.append(key=copy.key, value=copy.value, timestamp=None, headers=copy.headers)
+                    is None
+                ):
+                    raise ReplayRefused(f"event {copy.headers} is too large for one Kafka batch")
+        for partition, builder in builders.items():
+            if builder.record_count():
+                sent.append(await producer.send_batch(builder, self.topic, partition=partition))
+        await asyncio.gather(*sent)
+
+    async def _save(self, batch: _Batch) -> None:
+        """The batch's counts and position, and what it sent, in one transaction."""
+        replay_id = uuid.UUID(self.replay.id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if batch.delivered and not self.replay.dry_run:
+                sent_at = await conn.fetchval("SELECT clock_timestamp()")
+                await conn.copy_records_to_table(
+                    "replay_delivery",
+                    records=[(replay_id, e, a, b, f, sent_at) for e, a, b, f in batch.delivered],
+                    columns=["replay_id", "event_id", "agency", "legal_basis", "fields_delivered", "sent_at"],
+                )
+            await conn.execute(
+                "UPDATE replay SET position = $2, examined = examined + $3, sent = sent + $4,"
+                " withheld = (SELECT coalesce(jsonb_object_agg(k, v), '{}'::jsonb) FROM ("
+                "   SELECT k, sum(v)::bigint AS v FROM ("
+                "     SELECT key AS k, value::bigint AS v FROM jsonb_each_text(withheld)"
+                "     UNION ALL SELECT key, value::bigint FROM jsonb_each_text($5::jsonb)) AS both_counts"
+                "   GROUP BY k) AS summed)"
+                " WHERE id = $1",
+                replay_id,
+                batch.position,
+                batch.examined,
+                len(batch.delivered),
+                json.dumps(dict(batch.withheld)),
+            )
+
+
+async def _originals(
+    conn: asyncpg.Connection, event_ids: list[str], agency: str
+) -> dict[str, tuple[str, list[OriginalDelivery]]]:
+    """For corrections and voids: each original's recorded type, and how it reached the
+    agency, by the router or by any replay (none when it did not)."""
+    if not event_ids:
+        return {}
+    rows = await conn.fetch(
+        "SELECT i.event_id::text AS event_id, i.event_type, d.legal_basis, d.fields_delivered"
+        "  FROM intake_record i LEFT JOIN LATERAL ("
+        "    SELECT legal_basis, fields_delivered FROM routing_decision"
+        "     WHERE event_id = i.event_id AND agency = $2 AND outcome = 'DELIVERED'"
+        "    UNION ALL"
+        "    SELECT legal_basis, fields_delivered FROM replay_delivery"
+        "     WHERE event_id = i.event_id AND agency = $2"
+        "    LIMIT 1) d ON true"
+        " WHERE i.event_id = ANY($1::uuid[])",
+        event_ids,
+        agency,
+    )
+    found: dict[str, tuple[str, list[OriginalDelivery]]] = {}
+    for r in rows:
+        deliveries = (
+            [OriginalDelivery(agency, r["legal_basis"], frozenset(r["fields_delivered"]))]
+            if r["fields_delivered"] is not None
+            else []
+        )
+        found[r["event_id"]] = (r["event_type"], deliveries)
+    return found

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import socket
 import statistics
@@ -321,7 +322,7 @@ async def _receipt_outcomes(settings: Settings, topic: str) -> dict[str, int]:
 
 async def throughput(
     settings: Settings, env: dict[str, str], pool: asyncpg.Pool, people: People, events: int, seed: bool
-) -> None:
+) -> dict[str, Any]:
     topics = Topics(settings.topic_prefix)
     source = topics.agency(AGENCY)
     scratch = f"{settings.topic_prefix}.bare.receipts"
@@ -372,6 +373,14 @@ async def throughput(
         print(f"  {label:<68} {rate:7,.0f} events/s  (first commit after {first:.2f} s)")
     print(f"  ratio SDK / bare: {sdk / bare:.2f}")
     print(f"  receipts on {topics.receipts(AGENCY)}: {_outcomes(outcomes)}")
+    return {
+        "events": events,
+        "agency": AGENCY,
+        "consumer_per_s": round(sdk, 1),
+        "bare_per_s": round(bare, 1),
+        "ratio": round(sdk / bare, 3),
+        "receipts": outcomes,
+    }
 
 
 # (2) Latency
@@ -502,7 +511,7 @@ async def latency(
     rate: float,
     seconds: float,
     seed: bool,
-) -> None:
+) -> dict[str, Any]:
     warm_up, bodies = people.registrations(10), people.registrations(round(rate * seconds))
     seeded = (
         await _seed_records(pool, warm_up + bodies) if seed else "no agency records seeded (--no-records)"
@@ -580,6 +589,24 @@ async def latency(
     per_event = list(slowest.values())
     print(f"  per event, its slowest agency, over {len(per_event)} complete events: {_spread(per_event)}")
     print(f"  final receipts stored: {_outcomes(outcomes)}")
+    cuts = statistics.quantiles(per_event, n=100) if len(per_event) > 1 else [math.nan] * 99
+    answers = (
+        statistics.quantiles(submitted.answer_seconds, n=100)
+        if len(submitted.answer_seconds) > 1
+        else [math.nan] * 99
+    )
+    return {
+        "target_per_s": rate,
+        "seconds": seconds,
+        "accepted": accepted,
+        "achieved_per_s": round(accepted / submitted.wall, 1),
+        "complete_events": len(per_event),
+        "deliveries_without_final_receipt": len(delivered - stored),
+        "end_to_end_p50_s": round(cuts[49], 2),
+        "end_to_end_p99_s": round(cuts[98], 2),
+        "intake_answer_p50_s": round(answers[49], 3),
+        "intake_answer_p99_s": round(answers[98], 3),
+    }
 
 
 # Both
@@ -592,28 +619,34 @@ def _settings(stack: ScratchStack, http_port: int, prefix: str) -> tuple[Setting
 
 async def measure(
     stack: ScratchStack, events: int, rate: float, seconds: float, only: str | None, seed: bool
-) -> None:
+) -> dict[str, Any]:
     settings = stack.settings("bench")
     http_port = _free_port()
     pool = await open_pool(settings)
     people = People()
+    figures: dict[str, Any] = {}
     try:
         await migrate(pool)
         await load_seed(pool)
         await seed_offices(pool)
         # Each part on its own topics: the throughput part leaves the other agencies' messages unread.
         if only in (None, "throughput"):
-            await throughput(*_settings(stack, http_port, "bench-throughput"), pool, people, events, seed)
+            figures["throughput"] = await throughput(
+                *_settings(stack, http_port, "bench-throughput"), pool, people, events, seed
+            )
         if only in (None, "latency"):
-            await latency(*_settings(stack, http_port, "bench-latency"), pool, people, rate, seconds, seed)
+            figures["latency"] = await latency(
+                *_settings(stack, http_port, "bench-latency"), pool, people, rate, seconds, seed
+            )
     finally:
         await pool.close()
+    return figures
 
 
-def main(events: int, rate: float, seconds: float, only: str | None, seed: bool) -> None:
+def main(events: int, rate: float, seconds: float, only: str | None, seed: bool) -> dict[str, Any]:
     with scratch_stack() as stack:
         configure_logging(stack.settings("bench"))
-        asyncio.run(measure(stack, events, rate, seconds, only, seed))
+        return asyncio.run(measure(stack, events, rate, seconds, only, seed))
 
 
 if __name__ == "__main__":

@@ -70,14 +70,15 @@ async def _load(
     return time.perf_counter() - started, latencies
 
 
-def _report(name: str, wall: float, latencies: list[float]) -> float:
+def _report(name: str, wall: float, latencies: list[float]) -> tuple[float, float, float]:
+    """Print and return (requests/s, p50 ms, p99 ms)."""
     rate = len(latencies) / wall
     cuts = statistics.quantiles(latencies, n=100)
     print(f"  {name:<42} {rate:>8,.0f} req/s   p50 {cuts[49] * 1000:6.1f} ms   p99 {cuts[98] * 1000:6.1f} ms")
-    return rate
+    return rate, cuts[49] * 1000, cuts[98] * 1000
 
 
-async def measure(settings: Settings, env: dict[str, str], events: int, concurrency: int) -> None:
+async def measure(settings: Settings, env: dict[str, str], events: int, concurrency: int) -> dict[str, Any]:
     pool = await open_pool(settings)
     server: asyncio.subprocess.Process | None = None
     try:
@@ -113,7 +114,7 @@ async def measure(settings: Settings, env: dict[str, str], events: int, concurre
                 client, warm, concurrency, lambda: client.post("/v1/death-registrations", json=bodies.pop())
             )
             print(f"{events} requests each, {concurrency} concurrent clients, one 2-core machine")
-            floor = _report(
+            floor, _, _ = _report(
                 "floor: GET /healthz (HTTP + 1 DB round trip)",
                 *await _load(client, events, concurrency, lambda: client.get("/healthz")),
             )
@@ -124,7 +125,7 @@ async def measure(settings: Settings, env: dict[str, str], events: int, concurre
             wall, latencies = await _load(
                 client, events, concurrency, lambda: client.post("/v1/death-registrations", json=bodies.pop())
             )
-            intake = _report("intake: POST /v1/death-registrations", wall, latencies)
+            intake, p50, p99 = _report("intake: POST /v1/death-registrations", wall, latencies)
             print(f"  ratio intake / floor: {intake / floor:.2f}")
             accepted = await pool.fetchval("SELECT count(*) FROM intake_record") - accepted_before
             started = time.perf_counter()
@@ -132,10 +133,21 @@ async def measure(settings: Settings, env: dict[str, str], events: int, concurre
                 if time.perf_counter() - started > 120:
                     raise RuntimeError("the relay did not publish every accepted event within 120 s")
                 await asyncio.sleep(0.05)
+            drained = time.perf_counter() - started
             print(
                 f"  {accepted} events accepted and stored with their outbox rows; the relay had published"
-                f" all of them {time.perf_counter() - started:.2f} s after the last was accepted"
+                f" all of them {drained:.2f} s after the last was accepted"
             )
+            return {
+                "requests": events,
+                "concurrency": concurrency,
+                "accepted_per_s": round(intake, 1),
+                "p50_ms": round(p50, 1),
+                "p99_ms": round(p99, 1),
+                "floor_per_s": round(floor, 1),
+                "ratio": round(intake / floor, 3),
+                "relay_published_all_after_s": round(drained, 2),
+            }
     finally:
         if server is not None and server.returncode is None:
             server.terminate()
@@ -147,11 +159,11 @@ def _person() -> dict[str, str]:
     return {"given_names": "Pat", "family_name": "Example", "date_of_birth": "1941-03-02"}
 
 
-def main(events: int, concurrency: int) -> None:
+def main(events: int, concurrency: int) -> dict[str, Any]:
     with scratch_stack() as stack:
         env = stack.service_env("bench", _free_port())
         settings = stack.settings("bench")
-        asyncio.run(measure(settings, env, events, concurrency))
+        return asyncio.run(measure(settings, env, events, concurrency))
 
 
 if __name__ == "__main__":

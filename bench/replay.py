@@ -194,53 +194,59 @@ async def _on_topic(settings: Settings, topic: str) -> int:
         await consumer.stop()
 
 
-async def run(stack: ScratchStack, events: int) -> None:
-    if True:
-        settings = stack.settings("bench")
-        configure_logging(settings)
-        pool = await open_pool(settings)
-        try:
-            await migrate(pool)
-            await load_seed(pool)
-            await deploy_bus(settings, pool, [AGENCY])
-            topic = Topics(settings.topic_prefix).agency(AGENCY)
-            partitions = 3
-            client = admin(settings, principal=Principal.OPERATOR)
-            await client.start()
-            scratch = f"{settings.topic_prefix}.bare-replay"
-            await client.create_topics([NewTopic(scratch, partitions, 1)])
-            await client.close()
+async def run(stack: ScratchStack, events: int) -> dict[str, Any]:
+    settings = stack.settings("bench")
+    configure_logging(settings)
+    pool = await open_pool(settings)
+    try:
+        await migrate(pool)
+        await load_seed(pool)
+        await deploy_bus(settings, pool, [AGENCY])
+        topic = Topics(settings.topic_prefix).agency(AGENCY)
+        partitions = 3
+        client = admin(settings, principal=Principal.OPERATOR)
+        await client.start()
+        scratch = f"{settings.topic_prefix}.bare-replay"
+        await client.create_topics([NewTopic(scratch, partitions, 1)])
+        await client.close()
 
-            print(f"Storing {events:,} signed, sealed death registrations (2 worker processes)…", flush=True)
-            seeded = await _store(settings, pool, events)
-            print(f"  stored in {seeded:.1f} s ({events / seeded:,.0f} events/s)", flush=True)
+        print(f"Storing {events:,} signed, sealed death registrations (2 worker processes)…", flush=True)
+        seeded = await _store(settings, pool, events)
+        print(f"  stored in {seeded:.1f} s ({events / seeded:,.0f} events/s)", flush=True)
 
-            bare = await _bare_pipe(settings, pool, scratch, partitions)
-            print(
-                f"bare pipe (stored bytes → Kafka): {events / bare:,.0f} events/s ({bare:.1f} s)", flush=True
-            )
+        bare = await _bare_pipe(settings, pool, scratch, partitions)
+        print(f"bare pipe (stored bytes → Kafka): {events / bare:,.0f} events/s ({bare:.1f} s)", flush=True)
 
-            chosen = await replay.start(
-                pool,
-                settings,
-                agency=AGENCY,
-                selection=replay.Selection.of(everything=True),
-                reason="benchmark",
-                requested_by="bench",
-                rate=replay.MAX_RATE,
-            )
-            started = time.perf_counter()
-            done = await replay.Replayer(settings, pool, chosen).run()
-            took = time.perf_counter() - started
-            on_topic = await _on_topic(settings, topic)
-            print(f"replay to {AGENCY}: {done.tally.examined / took:,.0f} events/s ({took:.1f} s)")
-            print(
-                f"  sent {done.tally.sent:,} of {done.tally.examined:,};"
-                f" withheld {dict(done.tally.withheld)}; on the topic: {on_topic:,}"
-            )
-            print(f"ratio replay / bare pipe: {bare / took:.2f}")
-        finally:
-            await pool.close()
+        chosen = await replay.start(
+            pool,
+            settings,
+            agency=AGENCY,
+            selection=replay.Selection.of(everything=True),
+            reason="benchmark",
+            requested_by="bench",
+            rate=replay.MAX_RATE,
+        )
+        started = time.perf_counter()
+        done = await replay.Replayer(settings, pool, chosen).run()
+        took = time.perf_counter() - started
+        on_topic = await _on_topic(settings, topic)
+        print(f"replay to {AGENCY}: {done.tally.examined / took:,.0f} events/s ({took:.1f} s)")
+        print(
+            f"  sent {done.tally.sent:,} of {done.tally.examined:,};"
+            f" withheld {dict(done.tally.withheld)}; on the topic: {on_topic:,}"
+        )
+        print(f"ratio replay / bare pipe: {bare / took:.2f}")
+        return {
+            "events": events,
+            "agency": AGENCY,
+            "replay_per_s": round(done.tally.examined / took, 1),
+            "bare_per_s": round(events / bare, 1),
+            "ratio": round(bare / took, 3),
+            "sent": done.tally.sent,
+            "on_topic": on_topic,
+        }
+    finally:
+        await pool.close()
 
 
 def main() -> None:
@@ -248,9 +254,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=1_000_000)
-    events = parser.parse_args().events
+    measure(parser.parse_args().events)
+
+
+def measure(events: int) -> dict[str, Any]:
     with scratch_stack() as stack:
-        asyncio.run(run(stack, events))
+        return asyncio.run(run(stack, events))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ async def _router(settings: Settings, pool: Any, events: int) -> float:
         await watcher.stop()
 
 
-async def measure(settings: Settings, events: int) -> None:
+async def measure(settings: Settings, events: int) -> dict[str, Any]:
     pool = await open_pool(settings)
     try:
         await migrate(pool)
@@ -157,13 +157,20 @@ async def measure(settings: Settings, events: int) -> None:
     print(f"  bare aiokafka pipe (6 copies + 6 decision-sized messages per event): {bare:,.0f} events/s")
     print(f"  router (transactions, consent, minimisation, decisions):             {routed:,.0f} events/s")
     print(f"  ratio router / bare: {routed / bare:.2f}")
+    return {
+        "events": events,
+        "agencies": len(names),
+        "router_per_s": round(routed, 1),
+        "bare_per_s": round(bare, 1),
+        "ratio": round(routed / bare, 3),
+    }
 
 
-def main(events: int) -> None:
+def main(events: int) -> dict[str, Any]:
     with scratch_stack() as stack:
         settings = stack.settings("bench")
         configure_logging(settings)
-        asyncio.run(measure(settings, events))
+        return asyncio.run(measure(settings, events))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from router.store import current_consent, load_subscriptions
 from runtime import kafka
 from runtime.access import AGENCY_NAME, Principal
 from runtime.kafka import Topics
-from runtime.sealing import PayloadSealer
+from runtime.sealing import CannotOpen, PayloadSealer
 from runtime.settings import Settings
 from schemas.catalogue import LIFE_EVENTS
 from schemas.validation import normalise_nino
@@ -501,7 +501,7 @@ class Replayer:
                 timestamp=0,
                 timestamp_type=0,
                 key=row["message_key"],
-                value=self.sealer.open(row["message_value"], row["event_id"]),
+                value=self._open(row["message_value"], row["event_id"]),
                 checksum=None,
                 serialized_key_size=-1,
                 serialized_value_size=-1,
@@ -581,6 +581,14 @@ class Replayer:
                     [OriginalDelivery(agency, decision.legal_basis, decision.fields_delivered)],
                 )
         return _Batch(rows[-1]["id"], copies, delivered, withheld, len(rows))
+
+    def _open(self, sealed: bytes, event_id: uuid.UUID) -> bytes:
+        try:
+            return self.sealer.open(sealed, event_id)
+        except CannotOpen as exc:
+            raise ReplayRefused(
+                f"{exc}; if the data key was rotated, give the earlier key in TUO_DATA_KEYS_PREVIOUS"
+            ) from exc
 
     def _copy(self, item: Incoming, decision: RoutingDecision) -> Outgoing:
         if item.follows is None:

@@ -471,3 +471,87 @@ async def test_replay_list_shows_who_asked_why_and_how_many(
     assert code == 0
     row = next(line for line in output.splitlines() if agency in line)
     assert "ops-alex" in row and "nothing yet" in row and "finished" in row
+
+
+@pytest.mark.integration
+async def test_a_correction_is_replayed_after_its_original_within_the_fields_the_agency_may_have(
+    bus: RunningBus,
+    services: Settings,
+    pool: asyncpg.Pool,
+    intake: httpx.AsyncClient,
+    onboarded: list[str],
+) -> None:
+    (original,) = await _register_deaths(intake, 1, lambda i: [])
+    response = await intake.post(
+        f"/v1/events/{original['reference']}/corrections",
+        json={
+            "changes": [
+                {"field": "deceased.date_of_birth", "value": "1941-03-12"},
+                {"field": "place_of_death", "value": "St James's University Hospital"},
+            ],
+            "reason": "misread the certificate",
+        },
+    )
+    assert response.status_code == 201, response.text
+    correction = response.json()
+    await _published(pool, [original, correction])
+    agency, late = _agency_name(), _agency_name()
+    for name in (agency, late):
+        await _consent_agency(services, pool, name, onboarded)
+        await upsert_subscription(  # this agency may know who died and when, not where
+            pool,
+            agency=name,
+            event_type="DeathRegistered",
+            legal_basis="consent",
+            statute=None,
+            fields=["deceased", "date_of_death"],
+            condition=None,
+        )
+    subject = await pool.fetchval(
+        "SELECT subject_id FROM intake_record WHERE event_id = $1", uuid.UUID(original["event_id"])
+    )
+    for name in (agency, late):
+        await record_consent(
+            pool,
+            subject_id=subject,
+            agency=name,
+            event_type="DeathRegistered",
+            choice="given",
+            recorded_by="citizen",
+        )
+
+    # Without its original, a correction goes nowhere: the agency never had what it corrects.
+    code, output = await _tuo(
+        services, "replay", "run", late, "-r", correction["reference"], "--reason", "only the fix"
+    )
+    assert code == 0 and "0 of 1 events sent" in output, output
+
+    code, output = await _tuo(
+        services,
+        "replay",
+        "run",
+        agency,
+        "-r",
+        original["reference"],
+        "-r",
+        correction["reference"],
+        "--reason",
+        "onboarding",
+    )
+    assert code == 0 and "2 of 2 events sent" in output, output
+    replay_id = _replay_id(output)
+    records = await read_topic(services, Topics(services.topic_prefix).agency(agency))
+    ours = [r for r in records if header(r, REPLAY_ID_HEADER) == replay_id]
+    assert [header(r, "ce_id") for r in ours] == [original["event_id"], correction["event_id"]], "in order"
+    first, fix = (decode(r.value or b"")[1] for r in ours)
+    assert first["place_of_death"] is None and first["deceased"] is not None, "minimised to today's fields"
+    assert first["envelope"]["subject"]["nino"] is None
+    assert [c["field"] for c in fix["changes"]] == ["deceased.date_of_birth"], "only changes to fields it has"
+    assert fix["envelope"]["subject"]["nino"] is None
+    async with _agency_consumer(services, pool, agency) as applied:
+        # The SDK checks the office's signature on both copies before applying them.
+        await eventually(
+            lambda: _true_when(set(applied) == {original["event_id"], correction["event_id"]}),
+            timeout=90,
+            what="the original and its correction applied",
+        )

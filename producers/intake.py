@@ -43,7 +43,7 @@ from producers.rate_limit import KnownClients, RateLimiter, Throttle, identify
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
 from producers.security_headers import SecurityHeaders, documentation_page
 from producers.store import IdempotencyConflict, Recorded, event_status
-from producers.web import install_web, too_many_requests_page, wants_html
+from producers.web import install_web, too_many_requests_page, unavailable_page, wants_html
 from producers.web.routes import CookiePolicy
 from runtime.database import open_pool
 from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -244,6 +244,33 @@ def too_many_requests(scope: Scope, retry_after: int) -> Response:
     return response
 
 
+DATABASE_UNREACHABLE: tuple[type[Exception], ...] = (
+    ConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+DATABASE_RETRY_AFTER_SECONDS = 5
+
+
+async def _database_unreachable(request: Request, exc: Exception) -> Response:
+    log.warning("database_unreachable", path=request.url.path, error=type(exc).__name__)
+    retry = DATABASE_RETRY_AFTER_SECONDS
+    response: Response
+    if wants_html(request.url.path, request.headers.get("accept", "")):
+        response = unavailable_page(retry)
+    else:
+        response = problem(
+            503,
+            "Temporarily unavailable",
+            f"The service cannot reach its database just now; try again in {retry} s."
+            " Send the same Idempotency-Key: an event is recorded once, however often it is sent.",
+        )
+    response.headers["Retry-After"] = str(retry)
+    return response
+
+
 def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     PayloadSealer.from_settings(settings)  # no data key, no intake: refuse at start, not per request
     settings.require_pseudonym_key()
@@ -296,6 +323,11 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     @app.exception_handler(NoSuchEvent)
     async def on_no_such_event(_: Request, __: NoSuchEvent) -> JSONResponse:
         return _no_such_event()
+
+    # PostgreSQL restarting or out of reach: a 503 with Retry-After, not a 500, so that
+    # clients (and a registrar's browser) know to send the same request again.
+    for unreachable in DATABASE_UNREACHABLE:
+        app.add_exception_handler(unreachable, _database_unreachable)
 
     @app.exception_handler(IdempotencyConflict)
     async def on_conflict(_: Request, __: IdempotencyConflict) -> JSONResponse:
@@ -396,6 +428,11 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     415: {"description": "Body is not JSON", **_PROBLEM_SCHEMA},
     422: {"description": "Invalid request, each bad field named", **_PROBLEM_SCHEMA},
     429: {"description": "Too many requests from this client; see Retry-After", **_PROBLEM_SCHEMA},
+    503: {
+        "description": "The database is out of reach for a moment (a restart); send the same request"
+        " again after Retry-After, with the same Idempotency-Key",
+        **_PROBLEM_SCHEMA,
+    },
 }
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
 import uvicorn
+from aiokafka.errors import KafkaError
 
 from citizens.dev_idp import DevIdentityProvider, RegisteredClient, bind_loopback, serve_dev_idp
 from citizens.signin import RelyingParty
@@ -57,6 +59,29 @@ async def supervise(name: str, component: Component, stop: asyncio.Event) -> Non
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             except TimeoutError:
                 pass
+
+
+STARTUP_PATIENCE_SECONDS = 300.0
+
+T = TypeVar("T")
+
+
+async def at_startup(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt`` until it works, with the restart backoff, for up to five minutes: a
+    component started while Kafka or PostgreSQL restarts waits for it instead of
+    exiting (once running, ``supervise`` does the same)."""
+    deadline = time.monotonic() + STARTUP_PATIENCE_SECONDS
+    failures = 0
+    while True:
+        try:
+            return await attempt()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            delay = RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+            failures += 1
+            log.warning("startup_waiting", what=what, error=type(exc).__name__, retry_in_seconds=delay)
+            await asyncio.sleep(delay)
 
 
 @dataclass
@@ -212,7 +237,9 @@ async def start_bus(
         # Only where this process may act as the operators' tooling (the local stack, an
         # operator's shell). A deployment that gives each component only its own password
         # creates the topics beforehand (`tuo agencies add`); the router makes new agencies'.
-        await ensure_topics(settings, agencies, principal=Principal.OPERATOR)
+        await at_startup(
+            "kafka topics", lambda: ensure_topics(settings, agencies, principal=Principal.OPERATOR)
+        )
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
     if settings.dev_idp_port is not None and "intake" in components:

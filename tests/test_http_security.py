@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -531,3 +532,34 @@ async def test_starting_citizen_sign_ins_counts_against_the_sign_in_allowance(
             other = await client.get("/citizen/signed-out")
     assert statuses == [303, 303, 303, 429]
     assert other.status_code == 200, "other pages are not limited as strictly"
+
+
+async def test_a_database_out_of_reach_is_a_503_to_try_again_not_a_500(services: Settings) -> None:
+    # A pool whose server is not there (PostgreSQL restarting): nothing listens on this port.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    gone = await asyncpg.create_pool(f"postgresql://tuo:x@127.0.0.1:{port}/tuo", min_size=0)
+    app = create_app(web_settings(services), gone)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://intake") as client,
+        ):
+            api = await client.post(
+                "/v1/death-registrations",
+                json={},
+                headers={"Authorization": "Bearer tuo_not-checked-yet", "Idempotency-Key": "k-1"},
+            )
+            client.cookies.set("tuo-session", "a-session-the-database-would-look-up")
+            page = await client.get("/start", headers={"Accept": "text/html"})
+    finally:
+        await gone.close()
+    assert api.status_code == 503 and api.headers["retry-after"] == "5"
+    assert api.headers["content-type"].startswith("application/problem+json")
+    assert "same Idempotency-Key" in api.json()["detail"]
+    assert_protected(api, https=False)
+    assert page.status_code == 503 and page.headers["retry-after"] == "5"
+    assert "Sorry, the service is unavailable for a moment" in page.text
+    assert_protected(page, https=False)

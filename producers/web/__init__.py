@@ -99,6 +99,20 @@ def too_many_requests_page(path: str, retry_after: int) -> Response:
     )
 
 
+def unavailable_page(retry_after: int) -> Response:
+    """503 for a browser while the service's database is out of reach (a restart)."""
+    return render(
+        "message.html",
+        503,
+        title="Sorry, the service is unavailable for a moment",
+        lines=[
+            f"Wait {_wait(retry_after)}, then try again.",
+            "If you were sending a registration, sending it again will not record it twice.",
+        ],
+        link=("/start", "Go to the start"),
+    )
+
+
 def _wait(seconds: int) -> str:
     if seconds < 60:
         return f"{seconds} second{'s' if seconds != 1 else ''}"

@@ -9,8 +9,8 @@ same machine: the bare fastavro codec, a bare aiokafka pipe, a bare HTTP round
 trip. At the end this writes ``results.json`` (every figure) and ``results.md``
 (the table the README shows) into ``--out``, and prints the table.
 
-The full run stores and replays 1,000,000 events and takes about 40 minutes on
-the 2-core development machine; ``--quick`` uses smaller sizes (about 10 minutes).
+The full run stores and replays 1,000,000 events (its parts add up to about 35
+minutes on the 2-core development machine); ``--quick`` uses smaller sizes (5-10 minutes).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _runs(sizes: dict[str, dict[str, Any]]) -> dict[str, Callable[[], dict[str, 
 
 def _n(value: Any, unit: str = "") -> str:
     if isinstance(value, int | float):
-        return f"{value:,.0f}{unit}" if abs(value) >= 100 else f"{value:,.2f}{unit}"
+        return f"{value:,.0f}{unit}" if abs(value) >= 100 else f"{value:,.1f}{unit}"
     return "–"
 
 
@@ -149,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (about 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (5-10 minutes)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where to write the results")
     parser.add_argument("--only", nargs="+", choices=sorted(FULL), help="run only these")
     args = parser.parse_args()

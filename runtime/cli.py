@@ -51,7 +51,7 @@ from runtime.demo import demo_submissions, seed_agency_records, seed_demo_regist
 from runtime.kafka import Topics, ensure_topics
 from runtime.kafka_admin import KafkaAdminError, describe_acls
 from runtime.logging import configure_logging
-from runtime.services import COMPONENTS, start_bus
+from runtime.services import COMPONENTS, at_startup, start_bus
 from runtime.settings import MissingSetting, Settings, load_settings
 from runtime.stack import LocalStack, StackError
 from schemas import evolution
@@ -99,13 +99,14 @@ def _settings() -> Settings:
     return settings
 
 
-def _stack(settings: Settings) -> LocalStack:
+def _stack(settings: Settings, brokers: int | None = None) -> LocalStack:
     return LocalStack(
         settings.state_dir,
         settings.cache_dir,
         settings.kafka_version,
         settings.kafka_heap,
         settings.topic_prefix,
+        brokers=brokers,
     )
 
 
@@ -119,13 +120,22 @@ def _fail(message: str) -> typer.Exit:
 
 
 @stack_app.command("up")
-def stack_up() -> None:
+def stack_up(
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            "--brokers",
+            help="Kafka brokers for a new stack: 1, or 3 (replication factor 3, min ISR 2, "
+            "a three-voter controller quorum). Default: 1, or what an existing stack has.",
+        ),
+    ] = None,
+) -> None:
     """Start Kafka and PostgreSQL (downloading Kafka's jars once), migrate the database
     and load the demo subscriptions."""
     settings = _settings()
     with console.status("Starting the local stack…"):
         try:
-            times = _stack(settings).up()
+            times = _stack(settings, brokers).up()
         except StackError as exc:
             raise _fail(str(exc)) from exc
         asyncio.run(_prepare(load_settings()))
@@ -1079,13 +1089,13 @@ def demo_command(
 async def _run(
     settings: Settings, components: list[str], *, demo: bool, exit_after_demo: bool = False
 ) -> None:
-    pool = await open_pool(settings)
+    pool = await at_startup("postgresql", lambda: open_pool(settings))
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested.set)
     try:
-        await migrate(pool)
+        await at_startup("database migrations", lambda: migrate(pool))
         bus = await start_bus(settings, pool, components)
         try:
             base = f"http://{settings.http_host}:{bus.http_port}"

@@ -141,7 +141,9 @@ class Settings(BaseSettings):
 
     # Local stack
     kafka_version: str = "4.3.1"
-    kafka_heap: str = "1G"
+    kafka_heap: str | None = Field(
+        default=None, description="Each local broker's Java heap; unset: 1G for one, 512M each for three."
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"

@@ -1,4 +1,5 @@
-"""A single-node KRaft Apache Kafka broker from Maven Central jars."""
+"""KRaft Apache Kafka nodes (combined broker and controller) from Maven Central jars:
+one on its own, or three that form one cluster with a three-voter controller quorum."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from runtime.stack.certificates import BrokerTls, ensure_broker_tls
 from runtime.stack.processes import (
     StackError,
     command_line,
+    kill,
     pid_alive,
     port_accepts,
     read_pid,
@@ -81,6 +83,25 @@ def ensure_jars(cache_dir: Path, version: str) -> Path:
 
 
 @dataclass(frozen=True)
+class ControllerVoter:
+    """One member of a multi-node cluster's initial controller quorum. The directory id
+    names the node's metadata log directory; every node is formatted with the whole
+    list (``--initial-controllers``), so they agree on who votes from the first start."""
+
+    node_id: int
+    controller_port: int
+    directory_id: str  # a Kafka Uuid, as new_cluster_id() makes
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.controller_port}"
+
+    @property
+    def initial_controller(self) -> str:
+        return f"{self.node_id}@{self.endpoint}:{self.directory_id}"
+
+
+@dataclass(frozen=True)
 class KafkaBroker:
     """One combined broker and controller, secured:
 
@@ -99,10 +120,32 @@ class KafkaBroker:
     super_password: str  # User:broker's SCRAM password, created when the storage is formatted
     keystore_password: str
     heap: str = "1G"
+    node_id: int = 1
+    # Every node of a multi-node cluster (this one included); empty: a single node,
+    # formatted as a standalone quorum of one.
+    voters: tuple[ControllerVoter, ...] = ()
+    tls_dir: Path | None = None  # shared by a cluster's nodes; default: <home>/tls
 
     @property
     def tls(self) -> BrokerTls:
-        return ensure_broker_tls(self.home / "tls", self.keystore_password)
+        return ensure_broker_tls(self.tls_dir or self.home / "tls", self.keystore_password)
+
+    @property
+    def replicas(self) -> int:
+        """The replication factor this cluster gives its internal topics."""
+        return len(self.voters) or 1
+
+    @property
+    def min_insync_replicas(self) -> int:
+        """With three replicas, a write needs two: one node may be down and nothing
+        acknowledged is lost."""
+        return 1 if self.replicas == 1 else 2
+
+    @property
+    def quorum_bootstrap_servers(self) -> str:
+        if not self.voters:
+            return f"127.0.0.1:{self.controller_port}"
+        return ",".join(voter.endpoint for voter in self.voters)
 
     @property
     def data_dir(self) -> Path:
@@ -146,7 +189,7 @@ class KafkaBroker:
             "\n".join(
                 [
                     "process.roles=broker,controller",
-                    "node.id=1",
+                    f"node.id={self.node_id}",
                     f"listeners=SASL_SSL://127.0.0.1:{self.broker_port},"
                     f"CONTROLLER://127.0.0.1:{self.controller_port}",
                     f"advertised.listeners=SASL_SSL://127.0.0.1:{self.broker_port}",
@@ -169,17 +212,20 @@ class KafkaBroker:
                     "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
                     "allow.everyone.if.no.acl.found=false",
                     f"super.users=User:{SUPER_USER}",
-                    f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
+                    f"controller.quorum.bootstrap.servers={self.quorum_bootstrap_servers}",
                     f"log.dirs={self.data_dir}",
                     "auto.create.topics.enable=false",
                     "num.partitions=1",
-                    "offsets.topic.replication.factor=1",
+                    f"default.replication.factor={self.replicas}",
+                    # Every topic's default, __consumer_offsets included (it has no setting of its own).
+                    f"min.insync.replicas={self.min_insync_replicas}",
+                    f"offsets.topic.replication.factor={self.replicas}",
                     "offsets.topic.num.partitions=10",
-                    "transaction.state.log.replication.factor=1",
-                    "transaction.state.log.min.isr=1",
+                    f"transaction.state.log.replication.factor={self.replicas}",
+                    f"transaction.state.log.min.isr={self.min_insync_replicas}",
                     "transaction.state.log.num.partitions=10",
-                    "share.coordinator.state.topic.replication.factor=1",
-                    "share.coordinator.state.topic.min.isr=1",
+                    f"share.coordinator.state.topic.replication.factor={self.replicas}",
+                    f"share.coordinator.state.topic.min.isr={self.min_insync_replicas}",
                     "group.initial.rebalance.delay.ms=0",
                     "",
                 ]
@@ -202,15 +248,24 @@ class KafkaBroker:
             f"{self.libs}/*",
         ]
 
+    def prepare_storage(self) -> None:
+        """Write the configuration and format the storage (once)."""
+        self.write_properties()
+        self.format_storage()
+
     def format_storage(self) -> None:
         if (self.data_dir / "meta.properties").exists():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.voters:
+            quorum = "--initial-controllers=" + ",".join(voter.initial_controller for voter in self.voters)
+        else:
+            quorum = "--standalone"
         arguments = [
             STORAGE_TOOL,
             "format",
-            "--standalone",
+            quorum,
             # "=" form: a generated id may begin with "-", which argparse takes for a flag.
             f"--cluster-id={self.cluster_id}",
             # The broker's own SCRAM credential must exist before it can talk to itself.
@@ -251,6 +306,14 @@ class KafkaBroker:
     def start(self, timeout: float = 90.0) -> None:
         if self.pid() is not None:
             return
+        self.wait_ready(self.launch(), timeout)
+
+    def launch(self) -> int:
+        """Start the node's process without waiting for it: a node of a cluster cannot be
+        ready before a majority of the controllers runs. Returns its pid."""
+        running = self.pid()
+        if running is not None:
+            return running
         self.write_properties()
         self.format_storage()
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -264,14 +327,15 @@ class KafkaBroker:
         )
         stdout.close()
         self.pid_file.write_text(str(process.pid))
-        self._wait_ready(process.pid, timeout)
+        return process.pid
 
-    def _wait_ready(self, pid: int, timeout: float) -> None:
+    def wait_ready(self, pid: int, timeout: float = 90.0) -> None:
+        """Until the node answers a metadata request on its client listener."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not pid_alive(pid):
                 raise StackError(
-                    "Kafka broker exited during start-up; last lines of its log:\n"
+                    f"Kafka broker {self.node_id} exited during start-up; last lines of its log:\n"
                     + tail(self.log_dir / "server.log")
                     + "\n"
                     + tail(self.log_dir / "stdout.log")
@@ -281,7 +345,8 @@ class KafkaBroker:
             time.sleep(0.3)
         terminate(pid, 10)
         raise StackError(
-            f"Kafka broker did not become ready in {timeout:.0f}s; see {self.log_dir}/server.log"
+            f"Kafka broker {self.node_id} did not become ready in {timeout:.0f}s; "
+            f"see {self.log_dir}/server.log"
         )
 
     async def _answers_metadata(self) -> bool:
@@ -299,4 +364,12 @@ class KafkaBroker:
         pid = self.pid()
         if pid is not None:
             terminate(pid, grace_seconds=30)
+        self.pid_file.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL the node, as a crash or a pulled plug would stop it: no controlled
+        shutdown, no flush; its data stays for a restart."""
+        pid = self.pid()
+        if pid is not None:
+            kill(pid)
         self.pid_file.unlink(missing_ok=True)

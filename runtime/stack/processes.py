@@ -85,6 +85,16 @@ def terminate(pid: int, grace_seconds: float) -> None:
         time.sleep(0.05)
 
 
+def kill(pid: int) -> None:
+    """SIGKILL the process group at once (a crash, not a stop) and wait until it is gone."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while pid_alive(pid):
+        time.sleep(0.05)
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

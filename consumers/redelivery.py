@@ -71,7 +71,9 @@ async def redeliver(
             str(r["event_id"])
             for r in await conn.fetch(
                 "SELECT event_id FROM routing_decision"
-                " WHERE agency = $1 AND event_id = ANY($2::uuid[]) AND outcome = 'DELIVERED'",
+                " WHERE agency = $1 AND event_id = ANY($2::uuid[]) AND outcome = 'DELIVERED'"
+                " UNION SELECT event_id FROM replay_delivery"  # or an operator's replay sent it
+                "  WHERE agency = $1 AND event_id = ANY($2::uuid[])",
                 agency,
                 event_ids,
             )

@@ -43,8 +43,17 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 
+from consumers.keys import KeyRing
 from producers.accept import subject_id_for
-from router.messages import Incoming, Outgoing, UnroutableEvent, agency_copy, follow_up_copy, routable
+from router.messages import (
+    Incoming,
+    Outgoing,
+    UnroutableEvent,
+    agency_copy,
+    follow_up_copy,
+    routable,
+    verify_signature,
+)
 from router.policy import POLICY
 from router.rules import OriginalDelivery, Outcome, RoutingDecision, decide, decide_follow_up
 from router.store import current_consent, load_subscriptions
@@ -379,22 +388,34 @@ class Replayer:
         self.sealer = PayloadSealer.from_settings(settings)
         self.schema_base_url = settings.schema_base_url()
         self.replay_header = (REPLAY_ID_HEADER, replay.id.encode())
+        self.keys = KeyRing.from_database(
+            pool
+        )  # the offices' keys: every event is verified, as the router does
+        # A dry run records no deliveries: originals it would have sent, for later corrections.
+        self.would_have_sent: dict[str, tuple[str, list[OriginalDelivery]]] = {}
 
     async def run(
         self, on_progress: Callable[[Tally], None] | None = None, stop: asyncio.Event | None = None
     ) -> Replay:
-        replay = self.replay
-        if replay.status == "finished":
-            raise ReplayRefused(f"replay {replay.id} has finished; start a new one to send again")
+        if self.pool.get_max_size() < 2:
+            raise ReplayRefused("replay needs a database pool of at least 2 (TUO_DATABASE_POOL_SIZE)")
         async with self.pool.acquire() as guard:
             # One runner per replay: a second `--resume` while the first still runs is refused.
-            if not await guard.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 7))", replay.id):
-                raise ReplayRefused(f"replay {replay.id} is running elsewhere")
+            if not await guard.fetchval(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 7))", self.replay.id
+            ):
+                raise ReplayRefused(f"replay {self.replay.id} is running elsewhere")
             try:
+                self.replay = await find(self.pool, self.replay.id)  # as it is now, under the lock
+                if self.replay.status == "finished":
+                    raise ReplayRefused(
+                        f"replay {self.replay.id} has finished; start a new one to send again"
+                    )
+                await _refuse_if_suspended(guard, self.replay.agency)
                 await self._run(on_progress, stop)
             finally:
-                await guard.execute("SELECT pg_advisory_unlock(hashtextextended($1, 7))", replay.id)
-        return await find(self.pool, replay.id)
+                await guard.execute("SELECT pg_advisory_unlock(hashtextextended($1, 7))", self.replay.id)
+        return await find(self.pool, self.replay.id)
 
     async def _run(self, on_progress: Callable[[Tally], None] | None, stop: asyncio.Event | None) -> None:
         replay = self.replay
@@ -406,18 +427,16 @@ class Replayer:
         )
         log.info("replay_started", replay_id=replay.id, agency=replay.agency, position=replay.position)
         producer = None if replay.dry_run else await self._producer()
-        fetching: list[asyncio.Future[list[asyncpg.Record]]] = []
+        pending: asyncio.Future[list[asyncpg.Record]] | None = None
         try:
             position, started, sent_here = replay.position, time.monotonic(), 0
             pending = asyncio.ensure_future(self._fetch(position))
-            fetching.append(pending)
             while True:
                 rows = await pending
                 if not rows:
                     break
                 position = rows[-1]["id"]
                 pending = asyncio.ensure_future(self._fetch(position))  # the next batch, meanwhile
-                fetching.append(pending)
                 batch = await self._decide(rows)
                 if producer is not None:
                     await self._send(producer, batch.copies)
@@ -429,7 +448,6 @@ class Replayer:
                 if on_progress is not None:
                     on_progress(tally)
                 if stop is not None and stop.is_set():
-                    pending.cancel()
                     log.info("replay_paused", replay_id=replay.id, examined=tally.examined)
                     return
                 # The rate limit: no faster than ``rate`` stored events a second, on average.
@@ -449,9 +467,9 @@ class Replayer:
                 dry_run=replay.dry_run,
             )
         finally:
-            for fetch in fetching:  # a fetch started ahead is not wanted after a failure
-                fetch.cancel()
-            await asyncio.gather(*fetching, return_exceptions=True)
+            if pending is not None:  # a fetch started ahead is not wanted after a stop or failure
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
             if producer is not None:
                 await producer.stop()
 
@@ -511,6 +529,16 @@ class Replayer:
                 incoming.append(routable(record))
             except UnroutableEvent:
                 withheld[UNROUTABLE] += 1  # the router dead-lettered it too; `tuo dlq` has it
+        known = await self.keys.resolve({i.signed.manifest.key_id for i in incoming})
+        verified = []
+        for item in incoming:
+            try:
+                verify_signature(item, known)  # as the router does: an event it refused is not sent now
+            except UnroutableEvent:
+                withheld[UNROUTABLE] += 1
+                continue
+            verified.append(item)
+        incoming = verified
         follows = [i.follows[0] for i in incoming if i.follows]
         followed = set(follows)
         async with self.pool.acquire() as conn:
@@ -519,6 +547,9 @@ class Replayer:
             # The agency's own subscriptions are all its decision depends on.
             subscriptions = [s for s in await load_subscriptions(conn) if s.agency == agency]
             originals = await _originals(conn, follows, agency)
+            for event_id in follows:
+                if event_id in self.would_have_sent and not originals.get(event_id, ("", []))[1]:
+                    originals[event_id] = self.would_have_sent[event_id]
             consent = await current_consent(
                 conn,
                 [
@@ -552,6 +583,10 @@ class Replayer:
                 if original is None or original[0] != item.follows[1]:
                     withheld[UNROUTABLE] += 1
                     continue
+                if not any(s.event_type == original[0] and s.in_force(now) for s in subscriptions):
+                    # No longer subscribed to what it corrects: today's subscriptions decide.
+                    withheld[Outcome.WITHHELD_NO_SUBSCRIPTION.value] += 1
+                    continue
                 mine = decide_follow_up(
                     event,
                     original[0],
@@ -574,12 +609,14 @@ class Replayer:
                     sorted(decision.fields_delivered),
                 )
             )
+            sent_now = (
+                event.event_type,
+                [OriginalDelivery(agency, decision.legal_basis, decision.fields_delivered)],
+            )
             if event.event_id in followed:
-                # A correction later in this batch follows an original sent just now.
-                originals[event.event_id] = (
-                    event.event_type,
-                    [OriginalDelivery(agency, decision.legal_basis, decision.fields_delivered)],
-                )
+                originals[event.event_id] = sent_now  # a correction later in this batch follows it
+            if self.replay.dry_run and item.follows is None:
+                self.would_have_sent[event.event_id] = sent_now
         return _Batch(rows[-1]["id"], copies, delivered, withheld, len(rows))
 
     def _open(self, sealed: bytes, event_id: uuid.UUID) -> bytes:
@@ -614,7 +651,8 @@ class Replayer:
                     builder.append(key=copy.key, value=copy.value, timestamp=None, headers=copy.headers)
                     is None
                 ):
-                    raise ReplayRefused(f"event {copy.headers} is too large for one Kafka batch")
+                    event_id = next((v.decode() for k, v in copy.headers if k == "ce_id"), "?")
+                    raise ReplayRefused(f"event {event_id} is too large for one Kafka batch")
         for partition, builder in builders.items():
             if builder.record_count():
                 sent.append(await producer.send_batch(builder, self.topic, partition=partition))
@@ -647,6 +685,11 @@ class Replayer:
             )
 
 
+async def _refuse_if_suspended(conn: asyncpg.Connection, agency: str) -> None:
+    if await conn.fetchval("SELECT status FROM agency_account WHERE agency = $1", agency) == "suspended":
+        raise ReplayRefused(f"{agency} is suspended; reinstate it before replaying to it")
+
+
 async def _originals(
     conn: asyncpg.Connection, event_ids: list[str], agency: str
 ) -> dict[str, tuple[str, list[OriginalDelivery]]]:
@@ -657,12 +700,13 @@ async def _originals(
     rows = await conn.fetch(
         "SELECT i.event_id::text AS event_id, i.event_type, d.legal_basis, d.fields_delivered"
         "  FROM intake_record i LEFT JOIN LATERAL ("
-        "    SELECT legal_basis, fields_delivered FROM routing_decision"
+        # The router's delivery if there was one, else the earliest replay's.
+        "    SELECT 0 AS source, legal_basis, fields_delivered, decided_at AS at FROM routing_decision"
         "     WHERE event_id = i.event_id AND agency = $2 AND outcome = 'DELIVERED'"
         "    UNION ALL"
-        "    SELECT legal_basis, fields_delivered FROM replay_delivery"
+        "    SELECT 1, legal_basis, fields_delivered, sent_at FROM replay_delivery"
         "     WHERE event_id = i.event_id AND agency = $2"
-        "    LIMIT 1) d ON true"
+        "    ORDER BY source, at LIMIT 1) d ON true"
         " WHERE i.event_id = ANY($1::uuid[])",
         event_ids,
         agency,

@@ -150,7 +150,17 @@ async def original_deliveries(
         return None
     rows = await conn.fetch(
         "SELECT event_id::text AS event_id, event_type, agency, outcome, legal_basis, fields_delivered"
-        "  FROM routing_decision WHERE event_id = ANY($1::uuid[])",
+        "  FROM routing_decision WHERE event_id = ANY($1::uuid[])"
+        # An agency that got the original only from an operator's replay received it too:
+        # its corrections and voids follow it there.
+        " UNION ALL"
+        " SELECT DISTINCT ON (r.event_id, r.agency) r.event_id::text, i.event_type, r.agency, 'DELIVERED',"
+        "        r.legal_basis, r.fields_delivered"
+        "   FROM replay_delivery r JOIN intake_record i USING (event_id)"
+        "  WHERE r.event_id = ANY($1::uuid[])"
+        "    AND EXISTS (SELECT 1 FROM routing_decision d WHERE d.event_id = r.event_id)"
+        "    AND NOT EXISTS (SELECT 1 FROM routing_decision d WHERE d.event_id = r.event_id"
+        "                     AND d.agency = r.agency AND d.outcome = 'DELIVERED')",
         event_ids,
     )
     found: dict[str, OriginalEvent] = {}

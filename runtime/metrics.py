@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
@@ -33,6 +34,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+log = structlog.get_logger(__name__)
 
 
 class _Snapshot(Collector):
@@ -182,6 +185,11 @@ class ConsumerLag:
         lag: dict[tuple[str, str], int] = {}
         for (group, _, tp, end), position in zip(ends, positions, strict=True):
             if isinstance(position, IllegalStateError | TimeoutError):
+                continue
+            if isinstance(position, Exception):
+                # A consumer stopping or restarting between the snapshot and now: its
+                # lag is left out of this scrape rather than failing the whole scrape.
+                log.warning("consumer_lag_unread", group=group, error=type(position).__name__)
                 continue
             if isinstance(position, BaseException):
                 raise position

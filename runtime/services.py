@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import asyncpg
 import structlog
 import uvicorn
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError
 
 from citizens.dev_idp import DevIdentityProvider, RegisteredClient, bind_loopback, serve_dev_idp
 from citizens.signin import RelyingParty
@@ -62,6 +62,17 @@ async def supervise(name: str, component: Component, stop: asyncio.Event) -> Non
 
 
 STARTUP_PATIENCE_SECONDS = 300.0
+# A server that is not there yet, or is starting or stopping; anything else (a wrong
+# password, a missing ACL, a broken migration) fails at once.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    KafkaConnectionError,
+    NodeNotReadyError,
+    KafkaTimeoutError,
+    RequestTimedOutError,
+)
 
 T = TypeVar("T")
 
@@ -75,7 +86,7 @@ async def at_startup(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
     while True:
         try:
             return await attempt()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, KafkaError) as exc:
+        except UNAVAILABLE as exc:
             if time.monotonic() > deadline:
                 raise
             delay = RESTART_BACKOFF_SECONDS[min(failures, len(RESTART_BACKOFF_SECONDS) - 1)]

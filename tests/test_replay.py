@@ -5,6 +5,7 @@ resumable after being killed half-way."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -130,7 +131,8 @@ async def _register_deaths(
 
 
 async def _published(pool: asyncpg.Pool, events: list[dict[str, Any]]) -> None:
-    """Wait until the relay has put every event on the bus (replay sends stored, published events)."""
+    """Wait until every event is on the bus (replay sends stored, published events) and the
+    router's decisions on it are recorded."""
 
     async def all_published() -> bool | None:
         unpublished = await pool.fetchval(
@@ -139,7 +141,15 @@ async def _published(pool: asyncpg.Pool, events: list[dict[str, Any]]) -> None:
         )
         return True if unpublished == 0 else None
 
+    async def all_routed() -> bool | None:  # so an agency onboarded next is not among them
+        routed = await pool.fetchval(
+            "SELECT count(DISTINCT event_id) FROM routing_decision WHERE event_id = ANY($1::uuid[])",
+            [e["event_id"] for e in events],
+        )
+        return True if routed == len(events) else None
+
     await eventually(all_published, timeout=60, what="the events published")
+    await eventually(all_routed, timeout=60, what="the events routed")
 
 
 @asynccontextmanager
@@ -555,3 +565,99 @@ async def test_a_correction_is_replayed_after_its_original_within_the_fields_the
             timeout=90,
             what="the original and its correction applied",
         )
+
+
+@pytest.mark.integration
+async def test_a_later_correction_reaches_an_agency_that_got_the_original_by_replay(
+    bus: RunningBus,
+    services: Settings,
+    pool: asyncpg.Pool,
+    intake: httpx.AsyncClient,
+    onboarded: list[str],
+) -> None:
+    (original,) = await _register_deaths(intake, 1, lambda i: [])
+    await _published(pool, [original])
+    agency = _agency_name()
+    await _consent_agency(services, pool, agency, onboarded)
+    subject = await pool.fetchval(
+        "SELECT subject_id FROM intake_record WHERE event_id = $1", uuid.UUID(original["event_id"])
+    )
+    await record_consent(
+        pool,
+        subject_id=subject,
+        agency=agency,
+        event_type="DeathRegistered",
+        choice="given",
+        recorded_by="citizen",
+    )
+    code, output = await _tuo(
+        services, "replay", "run", agency, "-r", original["reference"], "--reason", "onboarding"
+    )
+    assert code == 0 and "1 of 1 events sent" in output, output
+
+    # The router, not a replay, routes the correction: the agency is among the original's recipients.
+    response = await intake.post(
+        f"/v1/events/{original['reference']}/corrections",
+        json={"changes": [{"field": "deceased.date_of_birth", "value": "1941-03-12"}], "reason": "misread"},
+    )
+    assert response.status_code == 201, response.text
+    correction = response.json()
+
+    async def corrected() -> list[str] | None:
+        records = await read_topic(services, Topics(services.topic_prefix).agency(agency))
+        found = [header(r, "ce_id") or "" for r in records if header(r, REPLAY_ID_HEADER) is None]
+        return found or None
+
+    assert await eventually(corrected, timeout=90, what="the correction at the agency") == [
+        correction["event_id"]
+    ]
+
+
+@pytest.mark.integration
+async def test_a_stored_event_whose_signature_does_not_verify_is_not_replayed(
+    services: Settings, pool: asyncpg.Pool, onboarded: list[str]
+) -> None:
+    # An event signed with a key no office registered (the router dead-letters such an event).
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from producers.office_keys import SigningKey
+    from runtime.sealing import PayloadSealer
+    from tests.support import death_message, office_key
+
+    registered = await office_key(pool)
+    forged = SigningKey(f"{registered.office}-forged", registered.office, Ed25519PrivateKey.generate())
+    subject = f"s-{uuid.uuid4().hex}"
+    event_id, value, headers = death_message(subject, key=forged)
+    reference = f"TUO-2026-{uuid.uuid4().hex[:4].upper()}-{uuid.uuid4().hex[:4].upper()}"
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO intake_record (reference, event_id, event_type, subject_id, registration_office,"
+            " recorded_by) VALUES ($1, $2, 'DeathRegistered', $3, $4, 'tests')",
+            reference,
+            uuid.UUID(event_id),
+            subject,
+            registered.office,
+        )
+        await conn.execute(
+            "INSERT INTO outbox (event_id, topic, message_key, message_value, headers, published_at)"
+            " VALUES ($1, $2, $3, $4, $5, now())",
+            uuid.UUID(event_id),
+            Topics(services.topic_prefix).life_events,
+            subject.encode(),
+            PayloadSealer.from_settings(services).seal(value, uuid.UUID(event_id)),
+            json.dumps([[k, v.decode()] for k, v in headers]),
+        )
+    agency = _agency_name()
+    await _consent_agency(services, pool, agency, onboarded)
+    await record_consent(
+        pool,
+        subject_id=subject,
+        agency=agency,
+        event_type="DeathRegistered",
+        choice="given",
+        recorded_by="citizen",
+    )
+    code, output = await _tuo(services, "replay", "run", agency, "-r", reference, "--reason", "must not go")
+    assert code == 0, output
+    assert "0 of 1 events sent" in output and "1 not routable" in output, output
+    assert await _replayed(services, agency, _replay_id(output)) == []

@@ -36,6 +36,5 @@ CREATE TABLE replay_delivery (
 );
 CREATE INDEX replay_delivery_event ON replay_delivery (event_id, agency);
 
--- Selecting stored events by when they were recorded, and an event's stored original.
+-- Selecting stored events by when they were recorded (outbox (event_id) has its index).
 CREATE INDEX intake_record_recorded_at ON intake_record (recorded_at);
-CREATE INDEX IF NOT EXISTS outbox_event ON outbox (event_id);  -- 0015 may have made it

@@ -110,6 +110,21 @@ async def _consent_agency(services: Settings, pool: asyncpg.Pool, agency: str, o
     )
 
 
+async def _consent_online(pool: asyncpg.Pool, event_id: str, agency: str) -> None:
+    """The person's family gives consent for the agency on the citizens' pages, after the event."""
+    subject = await pool.fetchval(
+        "SELECT subject_id FROM intake_record WHERE event_id = $1", uuid.UUID(event_id)
+    )
+    await record_consent(
+        pool,
+        subject_id=subject,
+        agency=agency,
+        event_type="DeathRegistered",
+        choice="given",
+        recorded_by="citizen",
+    )
+
+
 async def _register_deaths(
     intake: httpx.AsyncClient, n: int, consent_for: Callable[[int], list[str]]
 ) -> list[dict[str, Any]]:
@@ -291,16 +306,7 @@ async def test_a_new_agency_gets_the_history_it_is_entitled_to_and_a_dry_run_sen
     ids = [e["event_id"] for e in events]
     await _consent_agency(services, pool, agency, onboarded)  # onboarded after the events were routed
     for event_id in ids[0::2]:  # two of the people's families consent online afterwards
-        await record_consent(
-            pool,
-            subject_id=await pool.fetchval(
-                "SELECT subject_id FROM intake_record WHERE event_id = $1", uuid.UUID(event_id)
-            ),
-            agency=agency,
-            event_type="DeathRegistered",
-            choice="given",
-            recorded_by="citizen",
-        )
+        await _consent_online(pool, event_id, agency)
     references = [arg for e in events for arg in ("--reference", e["reference"])]
 
     code, output = await _tuo(
@@ -517,18 +523,8 @@ async def test_a_correction_is_replayed_after_its_original_within_the_fields_the
             fields=["deceased", "date_of_death"],
             condition=None,
         )
-    subject = await pool.fetchval(
-        "SELECT subject_id FROM intake_record WHERE event_id = $1", uuid.UUID(original["event_id"])
-    )
     for name in (agency, late):
-        await record_consent(
-            pool,
-            subject_id=subject,
-            agency=name,
-            event_type="DeathRegistered",
-            choice="given",
-            recorded_by="citizen",
-        )
+        await _consent_online(pool, original["event_id"], name)
 
     # Without its original, a correction goes nowhere: the agency never had what it corrects.
     code, output = await _tuo(
@@ -579,17 +575,7 @@ async def test_a_later_correction_reaches_an_agency_that_got_the_original_by_rep
     await _published(pool, [original])
     agency = _agency_name()
     await _consent_agency(services, pool, agency, onboarded)
-    subject = await pool.fetchval(
-        "SELECT subject_id FROM intake_record WHERE event_id = $1", uuid.UUID(original["event_id"])
-    )
-    await record_consent(
-        pool,
-        subject_id=subject,
-        agency=agency,
-        event_type="DeathRegistered",
-        choice="given",
-        recorded_by="citizen",
-    )
+    await _consent_online(pool, original["event_id"], agency)
     code, output = await _tuo(
         services, "replay", "run", agency, "-r", original["reference"], "--reason", "onboarding"
     )

@@ -58,6 +58,17 @@ FIELD_WORDS = {
     "moving_with": "who moved too",
     "surviving_partner": "surviving partner",
     "executor": "executor",
+    "next_of_kin": "next of kin",
+    "informant.name": "name of the person who gave the information",
+    "informant.relationship": "how the person who gave the information is related",
+    "recorded_by": "who recorded it",
+}
+# The parts of a related person (``surviving_partner.nino``), see schemas/fieldpaths.py.
+PART_WORDS = {
+    "person": "name and date of birth",
+    "relationship": "relationship",
+    "nino": "National Insurance number",
+    "address": "address",
 }
 
 
@@ -66,7 +77,16 @@ def event_name(event_type: str) -> str:
 
 
 def field_words(fields: list[str]) -> list[str]:
-    return [FIELD_WORDS.get(name, name.replace("_", " ")) for name in sorted(fields)]
+    return [_field_word(name) for name in sorted(fields)]
+
+
+def _field_word(path: str) -> str:
+    if path in FIELD_WORDS:
+        return FIELD_WORDS[path]
+    field, _, part = path.partition(".")
+    if part in PART_WORDS:
+        return f"{_field_word(field)}: {PART_WORDS[part]}"
+    return path.replace("_", " ").replace(".", ": ")
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from runtime.kafka import Topics
 from runtime.metrics import DEAD_LETTERS, LAG, RECEIPTS_SENT
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
-from schemas.catalogue import DELIVERY_SUFFIX
+from schemas.catalogue import DELIVERY_SUFFIX, DISCLOSURE_SUFFIX
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
 from schemas.signatures import OfficeKey, SignatureRejected, key_id_of, read_signature, verify
 
@@ -208,7 +208,12 @@ class AgencyConsumer:
     def _event(self, record: ConsumerRecord[bytes, bytes], keys: Mapping[str, OfficeKey]) -> DeliveredEvent:
         cloud_event = CloudEvent.from_headers(record.headers)
         subject, body = decode(record.value or b"")
-        if subject not in (cloud_event.type, f"{cloud_event.type}{DELIVERY_SUFFIX}"):
+        forms = (
+            cloud_event.type,
+            f"{cloud_event.type}{DISCLOSURE_SUFFIX}",
+            f"{cloud_event.type}{DELIVERY_SUFFIX}",
+        )
+        if subject not in forms:
             raise UndecodableMessage(f"ce_type says {cloud_event.type} but the value is {subject}")
         envelope = body.get("envelope")
         if not isinstance(envelope, dict) or str(envelope.get("event_id")) != cloud_event.id:

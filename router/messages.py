@@ -15,19 +15,20 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 
 from consumers.redelivery import REDELIVER_TO, REDELIVERY_ID
-from router.minimise import NINO, event_fields, minimise
+from router.minimise import event_fields, minimise, minimise_envelope
 from router.rules import RoutableEvent, RoutingDecision
 from runtime.kafka import Topics
 from schemas import UndecodableMessage, decode, encode
-from schemas.catalogue import DELIVERY_SUFFIX, LIFE_EVENTS, MINIMISED
+from schemas.catalogue import DISCLOSURE_SUFFIX, LIFE_EVENTS
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
+from schemas.fieldpaths import covered
 from schemas.signatures import (
     ENVELOPE,
-    SIGNATURE_HEADERS,
     OfficeKey,
     SignatureRejected,
     SignedEvent,
     element_item,
+    items,
     read_signature,
     verify,
 )
@@ -112,7 +113,7 @@ def routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
         event_id=cloud_event.id,
         event_type=subject,
         subject_id=subject_id,
-        fields=event_fields(body),
+        fields=event_fields(subject),
         postcodes=frozenset(_postcodes(subject, body)),
     )
     return Incoming(record, event, body, cloud_event.source, signed)
@@ -137,16 +138,16 @@ def verify_signature(incoming: Incoming, keys: Mapping[str, OfficeKey]) -> None:
 def agency_copy(
     topics: Topics, incoming: Incoming, decision: RoutingDecision, schema_base_url: str
 ) -> Outgoing:
-    """The agency's message: minimised where the event type has a delivery schema."""
+    """The agency's message: the event, or the correction or void, as a disclosure
+    carrying only the paths ``decision`` delivers, with the office's signature
+    disclosing only those."""
     event = incoming.event
-    if event.event_type not in MINIMISED:
-        return Outgoing(
-            topics.agency(decision.agency),
-            incoming.record.key,
-            incoming.record.value,
-            [(k, v) for k, v in incoming.record.headers if k not in OPERATOR_HEADERS],
-        )
-    value = encode(f"{event.event_type}{DELIVERY_SUFFIX}", minimise(incoming.body, decision.fields_delivered))
+    if incoming.follows is None:
+        copy = minimise(event.event_type, incoming.body, decision.fields_delivered)
+        disclosed = disclosed_items(event.event_type, copy)
+    else:
+        copy, disclosed = _follow_up(incoming, decision.fields_delivered)
+    value = encode(f"{event.event_type}{DISCLOSURE_SUFFIX}", copy)
     original = CloudEvent.from_headers(incoming.record.headers)
     headers = headers_for(
         value,
@@ -159,27 +160,27 @@ def agency_copy(
     )
     # The office's signature travels on, with the salts of the delivered items only:
     # the agency can check what it got and learns nothing about what it did not.
-    headers += incoming.signed.headers(disclose={ENVELOPE} | decision.fields_delivered)
+    headers += incoming.signed.headers(disclose=disclosed)
     return Outgoing(topics.agency(decision.agency), incoming.record.key, value, headers)
 
 
-def follow_up_copy(topics: Topics, incoming: Incoming, decision: RoutingDecision) -> Outgoing:
-    """A correction's or void's copy for one agency that received the original: the
-    NINO only if the original carried it, and only changes to fields it received."""
-    event, record = incoming.event, incoming.record
+def disclosed_items(event_type: str, copy: Mapping[str, Any]) -> set[str]:
+    """The signed items a copy carries, whose salts it discloses: the envelope, and
+    every item with a value (a withheld or null item needs no salt)."""
+    return {ENVELOPE} | {name for name, value in items(event_type, copy).items() if value not in (None, [])}
+
+
+def _follow_up(incoming: Incoming, received: frozenset[str]) -> tuple[dict[str, Any], set[str]]:
+    """A correction or void for an agency that received the original (``received``:
+    the paths it got): the envelope's personal fields only where the original
+    carried them, and a correction's changes only within those paths."""
     body = dict(incoming.body)
-    disclosed = set(body) - {"changes"}  # the envelope and the correction's own fields
-    if NINO in decision.fields_delivered:
-        disclosed.add(NINO)
-    else:
-        envelope = body["envelope"]
-        body["envelope"] = {**envelope, "subject": {**envelope["subject"], "nino": None}}
-    if event.event_type == "EventCorrected":  # only changes to fields the agency received
-        received = decision.fields_delivered
-        kept = [i for i, c in enumerate(body["changes"]) if c["field"].split(".")[0] in received]
-        body["changes"] = [body["changes"][i] for i in kept]
-        disclosed |= {element_item("changes", i) for i in kept}
-    value = encode(event.event_type, body)
-    headers = [(k, v) for k, v in record.headers if k not in SIGNATURE_HEADERS + OPERATOR_HEADERS]
-    headers += incoming.signed.headers(disclose=disclosed)
-    return Outgoing(topics.agency(decision.agency), record.key, value, headers)
+    body["envelope"] = minimise_envelope(body["envelope"], received)
+    changes = body.get("changes", [])
+    kept = [i for i, change in enumerate(changes) if covered(change["field"], received)]
+    if "changes" in body:
+        body["changes"] = [changes[i] for i in kept]
+    disclosed = disclosed_items(incoming.event.event_type, {**body, "changes": []})
+    disclosed |= {element_item("changes", i) for i in kept}
+    body["withheld_fields"] = []
+    return body, disclosed

@@ -50,7 +50,6 @@ from router.messages import (
     Outgoing,
     UnroutableEvent,
     agency_copy,
-    follow_up_copy,
     routable,
     verify_signature,
 )
@@ -628,10 +627,7 @@ class Replayer:
             ) from exc
 
     def _copy(self, item: Incoming, decision: RoutingDecision) -> Outgoing:
-        if item.follows is None:
-            copy = agency_copy(self.topics, item, decision, self.schema_base_url)
-        else:
-            copy = follow_up_copy(self.topics, item, decision)
+        copy = agency_copy(self.topics, item, decision, self.schema_base_url)
         return Outgoing(copy.topic, copy.key, copy.value, [*copy.headers, self.replay_header])
 
     async def _send(self, producer: AIOKafkaProducer, copies: list[Outgoing]) -> None:

@@ -30,7 +30,6 @@ from router.messages import (
     Outgoing,
     UnroutableEvent,
     agency_copy,
-    follow_up_copy,
     verify_signature,
 )
 from router.policy import POLICY
@@ -360,7 +359,7 @@ def _follow_up(
     out: list[Outgoing] = []
     for decision in decisions:
         if decision.delivers:
-            out.append(follow_up_copy(topics, incoming, decision))
+            out.append(agency_copy(topics, incoming, decision, schema_base_url))
         out.append(_decision_message(topics, decision, record.key or b"", now, schema_base_url))
     log.debug(
         "event_routed",

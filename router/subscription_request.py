@@ -7,9 +7,32 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from router.minimise import NINO
-from schemas.catalogue import CATALOGUE, MINIMISED
+from schemas.catalogue import MINIMISED
+from schemas.fieldpaths import grantable_paths, split_fields
 from schemas.validation import AgencyCode
+
+
+class UngrantablePath(ValueError):
+    """A subscription names a field path its event type does not have."""
+
+
+def check_paths(event_type: str, paths: list[str]) -> None:
+    """Every path must be one ``schemas.fieldpaths`` defines for the event type: a field
+    holding related people is granted part by part, never whole."""
+    known = grantable_paths(event_type)
+    unknown = sorted(set(paths) - known)
+    if not unknown:
+        return
+    split = split_fields(event_type)
+    hints = [
+        f"{path} is granted part by part: name some of " + ", ".join(f"{path}.{part}" for part in split[path])
+        for path in unknown
+        if path in split
+    ]
+    raise UngrantablePath(
+        f"{event_type} has no field path {', '.join(unknown)}"
+        + (f" ({'; '.join(hints)})" if hints else f"; it has {', '.join(sorted(known))}")
+    )
 
 
 class SubscriptionRequest(BaseModel):
@@ -40,13 +63,7 @@ class SubscriptionRequest(BaseModel):
 
     @model_validator(mode="after")
     def fields_exist_and_basis_is_cited(self) -> SubscriptionRequest:
-        schema = CATALOGUE.latest(self.event_type).schema
-        known = {f["name"] for f in schema["fields"] if f["name"] != "envelope"} | {NINO}
-        unknown = sorted(set(self.fields) - known)
-        if unknown:
-            raise ValueError(
-                f"{self.event_type} has no field {', '.join(unknown)}; it has {', '.join(sorted(known))}"
-            )
+        check_paths(self.event_type, self.fields)
         if self.basis == "statutory" and not self.statute:
             raise ValueError("a statutory subscription must cite its statute (--statute)")
         return self

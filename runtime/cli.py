@@ -55,7 +55,8 @@ from runtime.services import COMPONENTS, at_startup, start_bus
 from runtime.settings import MissingSetting, Settings, load_settings
 from runtime.stack import LocalStack, StackError
 from schemas import evolution
-from schemas.catalogue import SOURCE_DIR, VERSIONS_DIR, SchemaCatalogue
+from schemas.catalogue import MINIMISED, SOURCE_DIR, VERSIONS_DIR, SchemaCatalogue
+from schemas.fieldpaths import grantable_paths
 from schemas.validation import today_in_the_uk
 
 T = TypeVar("T")
@@ -475,13 +476,23 @@ def subscriptions_list() -> None:
     console.print(table)
 
 
+@subscriptions_app.command("paths")
+def subscriptions_paths(event_type: Annotated[str, typer.Argument(help="e.g. DeathRegistered")]) -> None:
+    """The field paths a subscription to an event type can grant, one by one."""
+    if event_type not in MINIMISED:
+        raise _fail(f"{event_type!r} is not an event type agencies subscribe to: {', '.join(MINIMISED)}")
+    for path in sorted(grantable_paths(event_type)):
+        console.print(path)
+
+
 @subscriptions_app.command("add")
 def subscriptions_add(
     agency: Annotated[str, typer.Argument(help="Agency code, e.g. council-york")],
     event_type: Annotated[str, typer.Argument(help="e.g. DeathRegistered")],
     basis: Annotated[str, typer.Option(help="statutory or consent")],
     field: Annotated[
-        list[str], typer.Option(help="A field the agency receives (repeat); 'nino' for the NINO")
+        list[str],
+        typer.Option(help="A field path the agency receives (repeat), see `tuo subscriptions paths`"),
     ],
     statute: Annotated[str | None, typer.Option(help="The statute, for a statutory basis")] = None,
     postcode_area: Annotated[

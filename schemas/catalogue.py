@@ -32,9 +32,17 @@ BUS_MESSAGES = ("DeliveryReceipt", "RoutingDecision", "ConsentChanged")
 # What an agency receives of an event: derived mechanically from the event's schema
 # (see ``delivery_schema``), so it cannot drift from it.
 MINIMISED = ("BirthRegistered", "DeathRegistered", "AddressChanged")
+# Superseded by the disclosures: agencies' copies minimised by top-level field only.
+# Still released (messages written with them must stay readable), no longer written.
 DELIVERY_SUFFIX = "Delivery"
 DELIVERIES = tuple(f"{name}{DELIVERY_SUFFIX}" for name in MINIMISED)
-TOP_LEVEL = LIFE_EVENTS + BUS_MESSAGES + DELIVERIES
+# What an agency receives of any life event, minimised by field path (see
+# ``schemas.fieldpaths``); derived mechanically from the event's schema.
+DISCLOSURE_SUFFIX = "Disclosure"
+DISCLOSURES = tuple(f"{name}{DISCLOSURE_SUFFIX}" for name in LIFE_EVENTS)
+CURRENT = LIFE_EVENTS + BUS_MESSAGES + DISCLOSURES  # released anew when their sources change
+TOP_LEVEL = CURRENT + DELIVERIES
+DISCLOSURE_NAMESPACE = f"{NAMESPACE}.disclosure"  # named types whose shape differs in a disclosure
 
 
 class UnknownSchema(LookupError):
@@ -53,12 +61,8 @@ def delivery_schema(event_schema: dict[str, Any]) -> dict[str, Any]:
         "the others are null and named in withheld_fields."
     )
     for field in derived["fields"]:
-        if field["name"] == "envelope":
-            continue
-        kind = field["type"]
-        if not (isinstance(kind, list) and kind and kind[0] == "null"):
-            field["type"] = ["null", kind]
-        field["default"] = None
+        if field["name"] != "envelope":
+            _nullable(field)
     derived["fields"].append(
         {
             "name": "withheld_fields",
@@ -70,8 +74,77 @@ def delivery_schema(event_schema: dict[str, Any]) -> dict[str, Any]:
     return derived
 
 
+def _nullable(field: dict[str, Any]) -> None:
+    kind = field["type"]
+    if not (isinstance(kind, list) and kind and kind[0] == "null"):
+        field["type"] = ["null", *kind] if isinstance(kind, list) else ["null", kind]
+    field["default"] = None
+
+
+# The members that may be withheld inside a named type: the envelope's personal
+# fields, and the parts of a related person (see ``schemas.fieldpaths``).
+_WITHHOLDABLE = {
+    f"{NAMESPACE}.Informant": ("name", "relationship"),
+    f"{NAMESPACE}.Provenance": ("recorded_by",),
+    f"{NAMESPACE}.RelatedPerson": ("person", "relationship"),
+}
+_CONTAINING = (f"{NAMESPACE}.Envelope",)  # renamed too: they hold a renamed type
+
+
+def disclosure_schema(event_schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema of what one agency receives of an event: the envelope with its
+    personal fields optional, every other field optional, a related person's every
+    part optional, and ``withheld_fields`` naming the paths left out. Named types
+    whose shape changes move to the ``disclosure`` namespace, so no two schemas give
+    one full name two shapes."""
+    derived = copy.deepcopy(event_schema)
+    base_name = derived["name"].rsplit(".", 1)[-1]
+    follow_up = base_name not in MINIMISED
+    derived["name"] = f"{derived['name']}{DISCLOSURE_SUFFIX}"
+    derived["doc"] = (
+        f"What one agency receives of a {base_name}: only the field paths its subscription grants; "
+        "the others are null and named in withheld_fields."
+    )
+    renamed = {
+        name: f"{DISCLOSURE_NAMESPACE}.{name.rsplit('.', 1)[-1]}" for name in (*_WITHHOLDABLE, *_CONTAINING)
+    }
+
+    def walk(schema: Any) -> Any:
+        if isinstance(schema, str):
+            return renamed.get(schema, schema)
+        if isinstance(schema, list):
+            return [walk(branch) for branch in schema]
+        if isinstance(schema, dict):
+            name = schema.get("name")
+            for field in schema.get("fields", ()):
+                field["type"] = walk(field["type"])
+                if field["name"] in _WITHHOLDABLE.get(name or "", ()):
+                    _nullable(field)
+            if schema.get("type") == "array":
+                schema["items"] = walk(schema["items"])
+            if name in renamed:
+                schema["name"] = renamed[name]
+        return schema
+
+    for field in derived["fields"]:
+        field["type"] = walk(field["type"])
+        if field["name"] != "envelope" and not follow_up:
+            _nullable(field)
+    derived["fields"].append(
+        {
+            "name": "withheld_fields",
+            "type": {"type": "array", "items": "string"},
+            "default": [],
+            "doc": "Field paths of the event this agency is not entitled to (see schemas/fieldpaths.py).",
+        }
+    )
+    return derived
+
+
 def expand_source(name: str, source_dir: Path = SOURCE_DIR) -> dict[str, Any]:
     """The named schema from the source files, with every named type it uses inlined."""
+    if name in DISCLOSURES:
+        return disclosure_schema(expand_source(name.removesuffix(DISCLOSURE_SUFFIX), source_dir))
     if name in DELIVERIES:
         return delivery_schema(expand_source(name.removesuffix(DELIVERY_SUFFIX), source_dir))
     expanded = load_schema(str(source_dir / f"{NAMESPACE}.{name}.avsc"), _write_hint=False)
@@ -194,7 +267,7 @@ def write_new_versions(source_dir: Path, versions_dir: Path) -> list[str]:
     )
     written = []
     next_id = max((item["id"] for item in manifest["schemas"]), default=0) + 1
-    for name in TOP_LEVEL:
+    for name in CURRENT:
         current = expand_source(name, source_dir)
         released = sorted(
             (item for item in manifest["schemas"] if item["name"] == name), key=lambda i: i["version"]

@@ -1,10 +1,14 @@
 """Office signatures on life events, verifiable by an agency that receives only
 some of an event's fields (selective disclosure, in the style of SD-JWT).
 
-At intake the event is split into *items*: the envelope without the NINO
-(``envelope``), the envelope's NINO (``nino``), each other top-level field by
-its name, and — for fields the router filters element by element (a
-correction's ``changes``) — each element as ``<field>/<index>``. Each item gets
+At intake the event is split into *items*, one per grantable field path (see
+``schemas.fieldpaths``): the envelope without its personal fields (``envelope``),
+each personal field of the envelope (``nino``, ``informant.name``,
+``informant.relationship``, ``recorded_by``), each other top-level field by its
+name, a related person's parts (``surviving_partner.person``, …; in a list, per
+element: ``next_of_kin/0.person``), and — for fields the router filters element
+by element (a correction's ``changes``) — each element as ``<field>/<index>``.
+A related-person field that is null or an empty list is one item. Each item gets
 a random 128-bit salt and a digest::
 
     digest = base64url(SHA-256(JSON([base64url(salt), name, canonical(value)])))
@@ -14,7 +18,7 @@ and listing the sorted digests. Three Kafka headers carry it:
 
 ``tuo_sig``           base64url of the 64-byte Ed25519 signature over the manifest bytes
 ``tuo_sig_manifest``  the manifest, JSON: ``{"alg": "Ed25519", "digests": [...],
-                      "event_id": ..., "event_type": ..., "hash": "sha-256", "kid": ..., "v": 1}``
+                      "event_id": ..., "event_type": ..., "hash": "sha-256", "kid": ..., "v": 2}``
 ``tuo_sig_salts``     JSON object, item name → base64url salt
 
 The router passes the manifest and signature on untouched, with the salts of
@@ -50,7 +54,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -62,8 +66,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from schemas.codec import decode, encode
+from schemas.fieldpaths import ENVELOPE_PATHS, split_fields
+from schemas.fieldpaths import NINO as NINO  # the envelope NINO item, as subscriptions name it
 
-VERSION = 1
+# 2: items by field path. Version 1 (items by top-level field) cannot be minimised by
+# path without breaking its signature, so it is refused rather than over-shared.
+VERSION = 2
 ALGORITHM = "Ed25519"
 HASH = "sha-256"
 SALT_BYTES = 16
@@ -76,7 +84,6 @@ SALTS_HEADER = "tuo_sig_salts"
 SIGNATURE_HEADERS = (SIG_HEADER, MANIFEST_HEADER, SALTS_HEADER)
 
 ENVELOPE = "envelope"
-NINO = "nino"  # the envelope's NINO, its own item (the same pseudo-field name subscriptions use)
 WITHHELD = "withheld_fields"  # the router's list in a *Delivery copy: not signed by the office
 # Fields whose elements are items of their own, because the router delivers a subset of them.
 ELEMENT_ITEMS: dict[str, frozenset[str]] = {"EventCorrected": frozenset({"changes"})}
@@ -89,6 +96,7 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 SALT_PATTERN = re.compile(r"[A-Za-z0-9_-]{21}[AQgw]")
 DIGEST_PATTERN = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
 _INDEX = re.compile(r"0|[1-9][0-9]{0,5}")
+_ELEMENT_INDEX = re.compile(r"/[0-9]+")
 
 KafkaHeaders = list[tuple[str, bytes]]
 
@@ -231,21 +239,60 @@ def element_item(field: str, index: int) -> str:
     return f"{field}/{index}"
 
 
-def _without_nino(envelope: Mapping[str, Any]) -> dict[str, Any]:
-    return {**envelope, "subject": {**envelope["subject"], NINO: None}}
+def part_item(field: str, part: str, index: int | None = None) -> str:
+    """A related person's part: ``surviving_partner.nino``, or ``next_of_kin/0.nino`` in a list."""
+    return f"{field}.{part}" if index is None else f"{element_item(field, index)}.{part}"
+
+
+def item_path(name: str) -> str:
+    """The field path an item belongs to: ``next_of_kin/0.person`` → ``next_of_kin.person``."""
+    return _ELEMENT_INDEX.sub("", name)
+
+
+def envelope_core(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """The envelope without its personal fields: what every agency receives."""
+    core = dict(envelope)
+    for outer, inner in ENVELOPE_PATHS.values():
+        member = core.get(outer)
+        if isinstance(member, Mapping):
+            core[outer] = {**member, inner: None}
+    return core
+
+
+def envelope_value(envelope: Mapping[str, Any], path: str) -> Any:
+    outer, inner = ENVELOPE_PATHS[path]
+    member = envelope.get(outer)
+    return member.get(inner) if isinstance(member, Mapping) else None
+
+
+def _split(event_type: str) -> Mapping[str, tuple[str, ...]]:
+    try:
+        return split_fields(event_type)
+    except LookupError:  # not an event type of ours: nothing is split, and verification fails later
+        return {}
 
 
 def items(event_type: str, record: Mapping[str, Any]) -> dict[str, Any]:
     """Every item the office signs for a whole event: item name → value."""
     envelope = record[ENVELOPE]
-    found: dict[str, Any] = {ENVELOPE: _without_nino(envelope), NINO: envelope["subject"].get(NINO)}
+    found: dict[str, Any] = {ENVELOPE: envelope_core(envelope)}
+    for path in ENVELOPE_PATHS:
+        found[path] = envelope_value(envelope, path)
     per_element = ELEMENT_ITEMS.get(event_type, frozenset())
+    split = _split(event_type)
     for name, value in record.items():
         if name in (ENVELOPE, WITHHELD):
             continue
         if name in per_element:
             for index, element in enumerate(value):
                 found[element_item(name, index)] = element
+        elif name in split and isinstance(value, Mapping):
+            for part in split[name]:
+                found[part_item(name, part)] = value.get(part)
+        elif name in split and isinstance(value, list) and value:
+            for index, element in enumerate(value):
+                for part in split[name]:
+                    found[part_item(name, part, index)] = element.get(part)
         else:
             found[name] = value
     return found
@@ -494,13 +541,15 @@ def _check_items(signed: SignedEvent, event_type: str, body: Mapping[str, Any], 
         matched.add(found)
 
     envelope = body[ENVELOPE]
-    check(ENVELOPE, _without_nino(envelope))
-    nino = envelope["subject"].get(NINO)
-    if NINO in salts:
-        check(NINO, nino)
-    elif nino is not None:
-        raise SignatureRejected("the NINO is not covered by the signature (no salt)")
+    check(ENVELOPE, envelope_core(envelope))
+    for path in ENVELOPE_PATHS:
+        value = envelope_value(envelope, path)
+        if path in salts:
+            check(path, value)
+        elif value is not None:
+            raise SignatureRejected(f"the envelope's {path} is not covered by the signature (no salt)")
     per_element = ELEMENT_ITEMS.get(event_type, frozenset())
+    split = _split(event_type)
     for name, value in body.items():
         if name in (ENVELOPE, WITHHELD):
             continue
@@ -516,11 +565,39 @@ def _check_items(signed: SignedEvent, event_type: str, body: Mapping[str, Any], 
                 check(element_item(name, index), element)
         elif name in salts:
             check(name, value)
+        elif name in split and isinstance(value, Mapping):
+            _check_parts(check, salts, name, split[name], value, None)
+        elif name in split and isinstance(value, list) and value:
+            # Each part's item name carries its element's index, so elements cannot be
+            # moved or swapped; one with nothing granted is all nulls and needs no salt.
+            for index, element in enumerate(value):
+                if not isinstance(element, Mapping):
+                    raise SignatureRejected(f"{name}/{index} is not a record")
+                _check_parts(check, salts, name, split[name], element, index)
         elif not (value is None or value == []):  # withheld, or a field added since it was signed
             raise SignatureRejected(f"{name} is not covered by the signature (no salt)")
     if complete and matched != signed_digests:
         missing = len(signed_digests - matched)
         raise SignatureRejected(f"{missing} signed item(s) are missing from the event")
+
+
+def _check_parts(
+    check: Callable[[str, Any], None],
+    salts: Mapping[str, str],
+    field: str,
+    parts: tuple[str, ...],
+    value: Mapping[str, Any],
+    index: int | None,
+) -> None:
+    unknown = set(value) - set(parts)
+    if unknown:
+        raise SignatureRejected(f"{field} has members no office signs: {', '.join(sorted(unknown))}")
+    for part in parts:
+        name = part_item(field, part, index)
+        if name in salts:
+            check(name, value.get(part))
+        elif value.get(part) is not None:
+            raise SignatureRejected(f"{name} is not covered by the signature (no salt)")
 
 
 def _element_indices(salts: Mapping[str, str], field: str) -> Iterable[int]:

@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from producers.accept import subject_id_for
+from router.minimise import event_fields
 from runtime.kafka import Topics
 from runtime.settings import Settings
-from schemas import decode
+from schemas import CATALOGUE, decode
 from tests.support import death_registration, eventually, header, random_nino, read_topic
 
 pytestmark = pytest.mark.integration
@@ -62,7 +63,7 @@ async def test_death_registration_reaches_each_entitled_agency_with_a_receipt(
         ]
         assert len(on_topic) == 1, f"{agency} got {len(on_topic)} copies"
         subject, record = decode(on_topic[0].value or b"")
-        assert subject == "DeathRegisteredDelivery", "agencies get the minimised form"
+        assert subject == "DeathRegisteredDisclosure", "agencies get the minimised form"
         assert header(on_topic[0], "ce_type") == "uk.gov.tellusonce.DeathRegistered"
         assert record["envelope"]["reference"] == accepted["reference"]
         receipts = [decode(r.value or b"")[1] for r in await read_topic(services, topics.receipts(agency))]
@@ -91,7 +92,8 @@ async def test_messages_use_the_confluent_wire_format_and_cloudevents_headers(
     ]
     assert message.value is not None
     assert message.value[0] == 0, "magic byte"
-    assert int.from_bytes(message.value[1:5], "big") == 10, "DeathRegisteredDelivery's schema id"
+    disclosure = CATALOGUE.latest("DeathRegisteredDisclosure").schema_id
+    assert int.from_bytes(message.value[1:5], "big") == disclosure, "DeathRegisteredDisclosure's schema id"
     assert header(message, "ce_specversion") == "1.0"
     assert header(message, "ce_type") == "uk.gov.tellusonce.DeathRegistered"
     assert header(message, "content-type") == "application/avro"
@@ -126,19 +128,21 @@ async def test_each_agency_receives_only_its_subscribed_fields_and_is_told_what_
     assert dvla["deceased"]["family_name"] == "Imised" and dvla["last_address"]["postcode"] == "LS1 1AA"
     assert dvla["surviving_partner"] is None and dvla["executor"] is None and dvla["place_of_death"] is None
     assert dvla["envelope"]["subject"]["nino"] is None, "no NINO for an agency not granted it"
-    assert dvla["withheld_fields"] == [
-        "executor",
-        "next_of_kin",
-        "nino",
-        "place_of_death",
-        "surviving_partner",
-    ]
+    assert dvla["envelope"]["informant"] == {"name": None, "relationship": None}, "nor the informant"
+    assert dvla["envelope"]["provenance"]["recorded_by"] is None, "nor who recorded it"
+    assert dvla["withheld_fields"] == sorted(
+        event_fields("DeathRegistered") - {"deceased", "date_of_death", "last_address"}
+    )
     dwp = await copy_for("dwp")
     assert dwp["envelope"]["subject"]["nino"] == nino
-    assert dwp["surviving_partner"]["person"]["family_name"] == "Ner"
-    assert dwp["withheld_fields"] == ["next_of_kin"]
+    partner = dwp["surviving_partner"]
+    assert partner["person"]["family_name"] == "Ner", "granted surviving_partner.person"
+    assert partner["relationship"] is None and partner["address"] is None, "not granted"
+    assert dwp["executor"]["person"]["family_name"] == "Ecutor" and dwp["executor"]["relationship"] is None
+    assert "surviving_partner.relationship" in dwp["withheld_fields"]
+    assert "next_of_kin.person" in dwp["withheld_fields"] and "informant.name" in dwp["withheld_fields"]
     council = await copy_for("council-leeds")
-    assert council["executor"] is None and "executor" in council["withheld_fields"]
+    assert council["executor"] is None and "executor.person" in council["withheld_fields"]
 
 
 async def test_withdrawn_consent_stops_delivery_to_that_agency(

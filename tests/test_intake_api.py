@@ -171,7 +171,8 @@ async def test_a_correction_over_the_api_reaches_the_original_recipients(
     assert [(c["field"], c["new_value_json"]) for c in copy["changes"]] == [
         ("deceased.date_of_birth", '"1941-03-12"')
     ]
-    assert copy["envelope"]["provenance"]["recorded_by"] == "api:test client"
+    assert copy["envelope"]["provenance"]["recorded_by"] is None, "hmrc is not granted who recorded it"
+    assert copy["envelope"]["informant"]["name"] is None, "nor who informed"
 
 
 @pytest.mark.parametrize(

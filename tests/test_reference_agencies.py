@@ -29,7 +29,7 @@ from router.minimise import minimise
 from router.seed import read_seed
 from runtime.demo import demo_submissions, seed_agency_records
 from schemas import decode, encode, models
-from schemas.catalogue import DELIVERY_SUFFIX
+from schemas.catalogue import DISCLOSURE_SUFFIX
 from schemas.validation import today_in_the_uk
 from tests.support import TEST_OFFICE, death_registration, random_nino
 
@@ -153,12 +153,12 @@ def delivered(
     )
     event = submission.contract(envelope).avro()
     granted = GRANTED[(agency, event_type)] - set(withhold)
-    _, record = decode(encode(f"{event_type}{DELIVERY_SUFFIX}", minimise(event, granted)))
+    _, record = decode(encode(f"{event_type}{DISCLOSURE_SUFFIX}", minimise(event_type, event, granted)))
     return DeliveredEvent(event_id=str(envelope.event_id), event_type=event_type, record=record)
 
 
 def void_of(original: DeliveredEvent) -> DeliveredEvent:
-    """The void of an earlier event, delivered whole (voids are not minimised)."""
+    """The void of an earlier event, as the agency receives it."""
     event_id = uuid.uuid4()
     record = {
         "envelope": {**original.record["envelope"], "event_id": event_id, "recorded_at": datetime.now(UTC)},
@@ -166,8 +166,9 @@ def void_of(original: DeliveredEvent) -> DeliveredEvent:
         "voids_reference": original.record["envelope"]["reference"],
         "voided_event_type": original.event_type,
         "reason": "Registered in error",
+        "withheld_fields": [],
     }
-    _, decoded = decode(encode("EventVoided", record))
+    _, decoded = decode(encode("EventVoidedDisclosure", record))
     return DeliveredEvent(event_id=str(event_id), event_type="EventVoided", record=decoded)
 
 

@@ -24,12 +24,13 @@ from hypothesis import strategies as st
 from consumers.keys import HttpKeySource, KeyRing
 from producers.key_registry import key_registry_router
 from producers.office_keys import SigningKey, create_key
-from router.minimise import event_fields, minimise
+from router.messages import disclosed_items
+from router.minimise import event_fields, minimise, minimise_envelope
 from runtime.kafka import Topics
 from runtime.services import RunningBus
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode
-from schemas.catalogue import DELIVERY_SUFFIX, LIFE_EVENTS, MINIMISED
+from schemas.catalogue import DISCLOSURE_SUFFIX, LIFE_EVENTS, MINIMISED
 from schemas.signatures import (
     DIGEST_PATTERN,
     MANIFEST_HEADER,
@@ -43,6 +44,7 @@ from schemas.signatures import (
     b64encode,
     canonical,
     canonical_json,
+    item_path,
     office_source,
     read_signature,
     sign,
@@ -110,7 +112,7 @@ def check(
     verify(
         read_signature(headers),
         key,
-        event_type=event_type or name.removesuffix(DELIVERY_SUFFIX),
+        event_type=event_type or name.removesuffix(DISCLOSURE_SUFFIX),
         event_id=event_id,
         source=source or office_source(key.office if key else OFFICE),
         body=body,
@@ -123,12 +125,18 @@ def agency_copy(
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
     """What the router sends an agency granted ``granted``: minimised, salts for those only."""
     _, body = decode(value)
-    minimised = encode(f"{event_type}{DELIVERY_SUFFIX}", minimise(body, granted))
-    return minimised, read_signature(headers).headers(disclose={"envelope"} | granted)
+    copy_ = minimise(event_type, body, granted)
+    minimised = encode(f"{event_type}{DISCLOSURE_SUFFIX}", copy_)
+    return minimised, read_signature(headers).headers(disclose=disclosed_items(event_type, copy_))
 
 
 def salts_in(headers: list[tuple[str, bytes]]) -> set[str]:
     return set(read_signature(headers).salts)
+
+
+def disclosed_paths(headers: list[tuple[str, bytes]]) -> set[str]:
+    """The field paths whose salts a copy's headers disclose (``next_of_kin/0.person`` → its path)."""
+    return {item_path(name) for name in salts_in(headers)}
 
 
 def with_header(headers: list[tuple[str, bytes]], name: str, value: bytes) -> list[tuple[str, bytes]]:
@@ -159,12 +167,12 @@ def test_a_signed_event_verifies_whole(event_type: str) -> None:
 def test_any_minimised_copy_verifies_and_carries_no_withheld_salts(data: st.DataObject) -> None:
     event_type = data.draw(st.sampled_from(MINIMISED))
     record = example(event_type)
-    grantable = sorted(event_fields(record))
+    grantable = sorted(event_fields(event_type))
     granted = frozenset(data.draw(st.lists(st.sampled_from(grantable), unique=True)))
     value, headers, event_id = signed_message(event_type, record=record)
     delivered, delivered_headers = agency_copy(event_type, value, headers, granted)
     check(delivered, delivered_headers, event_id)
-    assert salts_in(delivered_headers) == {"envelope"} | granted, "withheld fields' salts are absent"
+    assert disclosed_paths(delivered_headers) <= {"envelope"} | granted, "withheld paths' salts are absent"
     withheld = set(grantable) - granted
     assert set(decode(delivered)[1]["withheld_fields"]) == withheld
 
@@ -243,7 +251,8 @@ def test_what_an_agency_decodes_hashes_as_intake_signed_it(
     headers = signature_headers(KEY.signing, "DeathRegistered", record, event_id)
     value = encode("DeathRegistered", record)
     check(value, headers, event_id, complete=True)
-    granted = frozenset(data.draw(st.lists(st.sampled_from(sorted(event_fields(record))), unique=True)))
+    grantable = sorted(event_fields("DeathRegistered"))
+    granted = frozenset(data.draw(st.lists(st.sampled_from(grantable), unique=True)))
     delivered, delivered_headers = agency_copy("DeathRegistered", value, headers, granted)
     check(delivered, delivered_headers, event_id)
 
@@ -368,16 +377,26 @@ def test_the_signature_is_for_one_event_only() -> None:
 
 def test_a_nino_or_field_the_router_adds_without_a_salt_is_rejected() -> None:
     value, headers, event_id = signed_message("DeathRegistered")
-    delivered, delivered_headers = agency_copy("DeathRegistered", value, headers, frozenset({"deceased"}))
+    granted = frozenset({"deceased", "surviving_partner.person"})
+    delivered, delivered_headers = agency_copy("DeathRegistered", value, headers, granted)
     _, body = decode(delivered)
     assert body["envelope"]["subject"]["nino"] is None
+    assert body["surviving_partner"]["person"] is not None and body["surviving_partner"]["nino"] is None
     with_nino = copy.deepcopy(body)
     with_nino["envelope"]["subject"]["nino"] = "AB123456C"
-    with pytest.raises(SignatureRejected, match="NINO is not covered"):
-        check(encode("DeathRegisteredDelivery", with_nino), delivered_headers, event_id)
+    with pytest.raises(SignatureRejected, match="nino is not covered"):
+        check(encode("DeathRegisteredDisclosure", with_nino), delivered_headers, event_id)
+    with_informant = copy.deepcopy(body)
+    with_informant["envelope"]["informant"]["name"] = "Alex Example"
+    with pytest.raises(SignatureRejected, match=r"informant\.name is not covered"):
+        check(encode("DeathRegisteredDisclosure", with_informant), delivered_headers, event_id)
+    with_partner_nino = copy.deepcopy(body)
+    with_partner_nino["surviving_partner"]["nino"] = "AB123456C"
+    with pytest.raises(SignatureRejected, match=r"surviving_partner\.nino is not covered"):
+        check(encode("DeathRegisteredDisclosure", with_partner_nino), delivered_headers, event_id)
     with_field = {**body, "place_of_death": "Leeds General Infirmary"}
     with pytest.raises(SignatureRejected, match="place_of_death is not covered"):
-        check(encode("DeathRegisteredDelivery", with_field), delivered_headers, event_id)
+        check(encode("DeathRegisteredDisclosure", with_field), delivered_headers, event_id)
 
 
 def test_a_correction_delivers_a_subset_of_its_changes_and_still_verifies() -> None:
@@ -392,18 +411,18 @@ def test_a_correction_delivers_a_subset_of_its_changes_and_still_verifies() -> N
     subset = {**decode(value)[1], "changes": [record["changes"][0], record["changes"][2]]}
     disclose = {"envelope", "corrects_event_id", "corrects_reference", "corrected_event_type", "reason"}
     kept = signed.headers(disclose=disclose | {"changes/0", "changes/2"})
-    check(encode("EventCorrected", {**subset, "envelope": _no_nino(subset)}), kept, event_id)
+    check(encode("EventCorrectedDisclosure", {**subset, "envelope": _no_nino(subset)}), kept, event_id)
     reordered = {**subset, "changes": subset["changes"][::-1], "envelope": _no_nino(subset)}
     with pytest.raises(SignatureRejected, match="changes/0 is not what the office signed"):
-        check(encode("EventCorrected", reordered), kept, event_id)
+        check(encode("EventCorrectedDisclosure", reordered), kept, event_id)
     added = {**subset, "changes": record["changes"], "envelope": _no_nino(subset)}
     with pytest.raises(SignatureRejected, match="3 elements but salts for 2"):
-        check(encode("EventCorrected", added), kept, event_id)
+        check(encode("EventCorrectedDisclosure", added), kept, event_id)
 
 
 def _no_nino(record: dict[str, Any]) -> dict[str, Any]:
-    envelope = record["envelope"]
-    return {**envelope, "subject": {**envelope["subject"], "nino": None}}
+    """The envelope without its personal fields (nothing of them granted)."""
+    return minimise_envelope(record["envelope"], frozenset())
 
 
 # --- the canonical form -----------------------------------------------------------------------
@@ -439,7 +458,9 @@ def test_the_manifest_names_the_key_the_event_and_sorted_digests() -> None:
     manifest = dict(headers)[MANIFEST_HEADER]
     assert manifest.startswith(b'{"alg":"Ed25519","digests":["')
     assert signed.manifest.event_id == event_id and signed.manifest.key_id == KEY.published.key_id
-    assert len(signed.manifest.digests) == len(signed.salts) == 6  # envelope, nino, 4 fields
+    # the envelope, its four personal fields (nino, informant.name, informant.relationship,
+    # recorded_by) and the void's four fields
+    assert len(signed.manifest.digests) == len(signed.salts) == 9
     assert len(signed.signature) == 64 and all(len(s) == 22 for s in signed.salts.values())  # 16 bytes
 
 
@@ -580,9 +601,10 @@ async def test_a_signed_event_is_delivered_and_verifies_at_each_agency(
         ]
         check(copy_.value or b"", list(copy_.headers), event_id, keys[key.key_id])
         _, body = decode(copy_.value or b"")
-        disclosed = salts_in(list(copy_.headers))
-        granted = event_fields(body) - {"withheld_fields", *body["withheld_fields"]}
-        assert disclosed == {"envelope"} | granted
+        disclosed = disclosed_paths(list(copy_.headers))
+        granted = event_fields("DeathRegistered") - set(body["withheld_fields"])
+        assert disclosed <= {"envelope"} | granted
+        assert "envelope" in disclosed and disclosed & granted, f"{agency} can check what it got"
         assert not disclosed & set(body["withheld_fields"]), f"{agency} got salts of withheld fields"
     council = next(
         r

@@ -85,9 +85,11 @@ def day(event: DeliveredEvent, field: str) -> date:
 
 def companions(event: DeliveredEvent, field: str = "moving_with") -> list[models.Person]:
     """The people named in a list of related people (those moving with someone);
-    none when the list was withheld."""
-    related = [_model(field, value, models.RelatedPerson) for value in event.record.get(field) or []]
-    return [r.person for r in related]
+    none when the list, or the people in it (``<field>.person``), were withheld."""
+    related = event.record.get(field) or []
+    if not isinstance(related, list) or not all(isinstance(r, dict) for r in related):
+        raise RejectEvent(f"the {_described(field)} delivered is not a list of people")
+    return [_model(field, r["person"], models.Person) for r in related if r.get("person") is not None]
 
 
 def voided(event: DeliveredEvent) -> tuple[uuid.UUID, str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from router.minimise import minimise
+from router.minimise import minimise, minimise_envelope
 from schemas.catalogue import CATALOGUE, CatalogueEntry
 from tests.golden.jsonable import jsonable
 
@@ -122,16 +122,51 @@ EXAMPLES: dict[str, dict[str, Any]] = {
 }
 
 
+def _by_top_level_field(record: dict[str, Any], delivered: frozenset[str]) -> dict[str, Any]:
+    """How agencies' copies were minimised before field paths (the *Delivery schemas)."""
+    envelope = dict(record["envelope"])
+    if "nino" not in delivered:
+        envelope["subject"] = {**envelope["subject"], "nino": None}
+    fields = {name for name in record if name != "envelope"}
+    copy_ = {"envelope": envelope, **{n: (record[n] if n in delivered else None) for n in fields}}
+    copy_["withheld_fields"] = sorted((fields | {"nino"}) - delivered)
+    return copy_
+
+
 # What an agency with a narrow subscription receives (dvla's fields for a death).
-EXAMPLES["DeathRegisteredDelivery"] = minimise(
+EXAMPLES["DeathRegisteredDelivery"] = _by_top_level_field(
     EXAMPLES["DeathRegistered"], frozenset({"deceased", "date_of_death", "last_address"})
 )
-EXAMPLES["BirthRegisteredDelivery"] = minimise(
+EXAMPLES["BirthRegisteredDelivery"] = _by_top_level_field(
     EXAMPLES["BirthRegistered"], frozenset({"child", "home_address"})
 )
-EXAMPLES["AddressChangedDelivery"] = minimise(
+EXAMPLES["AddressChangedDelivery"] = _by_top_level_field(
     EXAMPLES["AddressChanged"], frozenset({"person", "new_address", "effective_date", "nino"})
 )
+# The same by field path: a partner's name without their NINO, no informant.
+EXAMPLES["DeathRegisteredDisclosure"] = minimise(
+    "DeathRegistered",
+    EXAMPLES["DeathRegistered"],
+    frozenset({"deceased", "date_of_death", "last_address", "surviving_partner.person"}),
+)
+EXAMPLES["BirthRegisteredDisclosure"] = minimise(
+    "BirthRegistered", EXAMPLES["BirthRegistered"], frozenset({"child", "home_address", "parents.person"})
+)
+EXAMPLES["AddressChangedDisclosure"] = minimise(
+    "AddressChanged",
+    EXAMPLES["AddressChanged"],
+    frozenset({"person", "new_address", "effective_date", "nino", "moving_with.person"}),
+)
+EXAMPLES["EventCorrectedDisclosure"] = {
+    **EXAMPLES["EventCorrected"],
+    "envelope": minimise_envelope(EXAMPLES["EventCorrected"]["envelope"], frozenset()),
+    "withheld_fields": [],
+}
+EXAMPLES["EventVoidedDisclosure"] = {
+    **EXAMPLES["EventVoided"],
+    "envelope": minimise_envelope(EXAMPLES["EventVoided"]["envelope"], frozenset()),
+    "withheld_fields": [],
+}
 
 
 def write_missing(entries: list[CatalogueEntry]) -> list[str]:

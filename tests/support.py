@@ -176,15 +176,20 @@ def random_nino() -> str:
 
 
 TEST_OFFICE = "test-office"
+# The office the web forms' test registrars work for: the session's pool fixture makes it
+# (with its sealed signing key), so that making a registrar needs no data key.
+WEB_FORMS_OFFICE = ("web-forms", "Leeds Register Office")
 
 
-async def office_key(pool: asyncpg.Pool, office: str = TEST_OFFICE) -> SigningKey:
+async def office_key(pool: asyncpg.Pool, settings: Settings, office: str = TEST_OFFICE) -> SigningKey:
     """The active signing key of a test registration office, created on first use."""
     from producers.accounts import ensure_office
     from producers.office_keys import active_key
+    from runtime.sealing import PayloadSealer
 
-    await ensure_office(pool, office, f"Test register office {office}")
-    return await active_key(pool, office)
+    sealer = PayloadSealer.from_settings(settings)
+    await ensure_office(pool, office, f"Test register office {office}", sealer)
+    return await active_key(pool, office, sealer)
 
 
 def death_message(

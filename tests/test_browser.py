@@ -21,11 +21,11 @@ import asyncpg
 import pytest
 from playwright.async_api import Page, async_playwright
 
-from producers.accounts import add_registrar, ensure_office
+from producers.accounts import add_registrar
 from runtime.services import RunningBus
 from runtime.settings import Settings
 from tests.support import random_nino, today
-from tests.test_web_forms import OFFICE, OFFICE_NAME, PASSWORD, records_by, serve_web
+from tests.test_web_forms import OFFICE, PASSWORD, records_by, serve_web
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +97,6 @@ async def test_a_registrar_signs_in_corrects_a_mistake_and_gets_a_reference_on_a
     )
     axe_source = _need(AXE, "run `npm ci` in the project (scripts/setup.sh does)").read_text()
     started = time.monotonic()
-    await ensure_office(pool, OFFICE, OFFICE_NAME)
     username = f"browser-{uuid.uuid4().hex[:10]}"
     await add_registrar(pool, username, "Ada Registrar", OFFICE, "registrar", PASSWORD)
     async with async_playwright() as playwright:

@@ -226,13 +226,21 @@ def death_message(
     return event_id, value, headers
 
 
-def tuo_cli(settings: Settings, *args: str, input: str | None = None) -> tuple[int, str]:
-    """Run the `tuo` command line against the test stack; (exit code, output)."""
+def tuo_cli(
+    settings: Settings, *args: str, input: str | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run the `tuo` command line against the test stack (``env``: settings to override);
+    (exit code, output)."""
     from typer.testing import CliRunner
 
     from runtime.cli import app
 
-    env = {"TUO_STATE_DIR": str(settings.state_dir), "COLUMNS": "250", "TUO_LOG_LEVEL": "WARNING"}
+    env = {
+        "TUO_STATE_DIR": str(settings.state_dir),
+        "COLUMNS": "250",
+        "TUO_LOG_LEVEL": "WARNING",
+        **(env or {}),
+    }
     # The command configures logging for itself (at WARNING here): not for the tests after it.
     with logging_restored():
         result = CliRunner().invoke(app, list(args), env=env, input=input)

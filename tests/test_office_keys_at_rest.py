@@ -265,6 +265,20 @@ async def test_migration_0017_seals_the_raw_keys_stored_before_it_and_the_office
     assert raw == stored[1][1], "the office signs with the same key as before, now sealed"
 
 
+async def test_tuo_migrate_seals_the_raw_keys(before_sealing: tuple[Settings, asyncpg.Pool]) -> None:
+    settings, pool = before_sealing
+    stored = await _store_raw_keys(pool, "old-office")
+    url = settings.require_database_url()
+
+    code, output = await asyncio.to_thread(tuo_cli, settings, "migrate", env={"TUO_DATABASE_URL": url})
+
+    assert code == 0, output
+    assert "Database up to date" in output
+    _assert_no_usable_private_key(await _stored_rows(pool, "old-office"), [raw for _, raw in stored])
+    key = await active_key(pool, "old-office", PayloadSealer.from_settings(settings))
+    assert key.private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()) == stored[1][1]
+
+
 async def test_migration_0017_without_the_data_key_refuses_and_changes_nothing(
     before_sealing: tuple[Settings, asyncpg.Pool],
 ) -> None:

@@ -76,6 +76,7 @@ from runtime.database import migrate, open_pool
 from runtime.demo import seed_offices
 from runtime.kafka import Topics
 from runtime.logging import configure_logging
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode, models
 from tests.support import death_registration, read_topic, today
@@ -626,9 +627,9 @@ async def measure(
     people = People()
     figures: dict[str, Any] = {}
     try:
-        await migrate(pool)
+        await migrate(pool, settings)
         await load_seed(pool)
-        await seed_offices(pool)
+        await seed_offices(pool, PayloadSealer.from_settings(settings))
         # Each part on its own topics: the throughput part leaves the other agencies' messages unread.
         if only in (None, "throughput"):
             figures["throughput"] = await throughput(

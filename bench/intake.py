@@ -37,6 +37,7 @@ from producers.accounts import issue_token
 from router.seed import load_seed
 from runtime.database import migrate, open_pool
 from runtime.demo import seed_offices
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from tests.support import death_registration, random_nino
 
@@ -82,9 +83,9 @@ async def measure(settings: Settings, env: dict[str, str], events: int, concurre
     pool = await open_pool(settings)
     server: asyncio.subprocess.Process | None = None
     try:
-        await migrate(pool)
+        await migrate(pool, settings)
         await load_seed(pool)
-        await seed_offices(pool)
+        await seed_offices(pool, PayloadSealer.from_settings(settings))
         await deploy_bus(settings, pool)  # the relay's ACLs for the bench's topics
         token = await issue_token(pool, "leeds", "registrar", "benchmark")
         server = await asyncio.create_subprocess_exec(

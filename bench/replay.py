@@ -85,7 +85,7 @@ def _make_rows(
 
 
 async def _store(settings: Settings, pool: asyncpg.Pool, events: int) -> float:
-    key = await office_key(pool)
+    key = await office_key(pool, settings)
     templates: list[Template] = []
     for _ in range(TEMPLATES):
         subject_id = f"s-{uuid.uuid4().hex}"
@@ -199,7 +199,7 @@ async def run(stack: ScratchStack, events: int) -> dict[str, Any]:
     configure_logging(settings)
     pool = await open_pool(settings)
     try:
-        await migrate(pool)
+        await migrate(pool, settings)
         await load_seed(pool)
         await deploy_bus(settings, pool, [AGENCY])
         topic = Topics(settings.topic_prefix).agency(AGENCY)

@@ -47,7 +47,7 @@ async def _fill(settings: Settings, events: int, pool: Any) -> None:
     producer = AIOKafkaProducer(**bench_client_options(settings), linger_ms=20, max_batch_size=256 * 1024)
     await producer.start()
     consents = []
-    key = await office_key(pool)
+    key = await office_key(pool, settings)
     try:
         pending = []
         for _ in range(events):
@@ -136,7 +136,7 @@ async def _router(settings: Settings, pool: Any, events: int) -> float:
 async def measure(settings: Settings, events: int) -> dict[str, Any]:
     pool = await open_pool(settings)
     try:
-        await migrate(pool)
+        await migrate(pool, settings)
         await load_seed(pool)
         names = await agencies(pool)
         await deploy_bus(settings, pool)  # no agency consumers here: the router needs no agency accounts

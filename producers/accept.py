@@ -284,7 +284,7 @@ class Intake:
         )
         record = body(envelope)
         value = encode(event_type, record)
-        key = await active_key(self.pool, submitter.office)
+        key = await active_key(self.pool, submitter.office, self.sealer)
         headers = headers_for(
             value,
             id=str(event_id),

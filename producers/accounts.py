@@ -23,6 +23,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from producers.office_keys import create_key
+from runtime.sealing import PayloadSealer
 
 Role = Literal["registrar", "supervisor"]
 ROLES: tuple[Role, ...] = ("registrar", "supervisor")
@@ -53,8 +54,8 @@ class AccountError(ValueError):
     """A user, office or token could not be created; the message says why."""
 
 
-async def add_office(pool: asyncpg.Pool, code: str, name: str) -> str:
-    """Create an office with its first signing key; return the key id."""
+async def add_office(pool: asyncpg.Pool, code: str, name: str, sealer: PayloadSealer) -> str:
+    """Create an office with its first signing key (sealed by ``sealer``); return the key id."""
     async with pool.acquire() as conn, conn.transaction():
         try:
             await conn.execute("INSERT INTO registration_office (code, name) VALUES ($1, $2)", code, name)
@@ -64,14 +65,14 @@ async def add_office(pool: asyncpg.Pool, code: str, name: str) -> str:
             raise AccountError(
                 "an office code is 2-40 lower-case letters, digits or hyphens, starting with a letter"
             ) from None
-        return await create_key(conn, code)
+        return await create_key(conn, code, sealer)
 
 
-async def ensure_office(pool: asyncpg.Pool, code: str, name: str) -> None:
+async def ensure_office(pool: asyncpg.Pool, code: str, name: str, sealer: PayloadSealer) -> None:
     """Create the office (with a key) unless it exists; used by seeding."""
     exists = await pool.fetchval("SELECT 1 FROM registration_office WHERE code = $1", code)
     if not exists:
-        await add_office(pool, code, name)
+        await add_office(pool, code, name, sealer)
 
 
 def check_password_strength(password: str) -> None:

@@ -14,15 +14,17 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Annotated, Any
 
 import asyncpg
 import structlog
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Scope
 
 from citizens.consent_receipts import consent_receipt_keys_router
@@ -38,10 +40,11 @@ from producers.accept import (
     VoidRequest,
 )
 from producers.accounts import Submitter, TokenHolder, token_holder
+from producers.api_docs import install_api_docs
 from producers.key_registry import key_registry_router
 from producers.rate_limit import KnownClients, RateLimiter, Throttle, identify
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
-from producers.security_headers import SecurityHeaders, documentation_page
+from producers.security_headers import SecurityHeaders
 from producers.store import IdempotencyConflict, Recorded, event_status
 from producers.web import install_web, too_many_requests_page, unavailable_page, wants_html
 from producers.web.routes import CookiePolicy
@@ -85,6 +88,26 @@ def _validation_problem(exc: RequestValidationError) -> JSONResponse:
         message = str(error["msg"]).removeprefix("Value error, ")
         errors.append({"field": _field_path(tuple(error["loc"])), "message": message})
     return invalid(errors)
+
+
+def _http_problem(exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (``{"detail": …}``) as problem details, like every other error."""
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI reads a JSON body as UTF-8 and says only "There was an error parsing the body".
+        response = problem(
+            400,
+            "The request body is not valid UTF-8",
+            "Send the request body as JSON encoded in UTF-8.",
+            errors=[{"field": "(request body)", "message": "is not valid UTF-8"}],
+        )
+    else:
+        try:
+            title = HTTPStatus(exc.status_code).phrase
+        except ValueError:
+            title = "Error"
+        response = problem(exc.status_code, title, str(exc.detail))
+    response.headers.update(exc.headers or {})  # 405's Allow, say
+    return response
 
 
 class BodySizeLimit:
@@ -292,8 +315,8 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         version="0.2.0",
         description="Record a life event once; every entitled agency is told.",
         lifespan=lifespan,
-        docs_url=None,  # served below, with a content security policy of their own
-        redoc_url=None,
+        docs_url=None,  # served by producers.api_docs, from this service alone
+        redoc_url=None,  # ReDoc came from a CDN too; /docs is the one documentation page
     )
 
     def intake() -> Intake:
@@ -303,6 +326,12 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_problem(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if wants_html(request.url.path, request.headers.get("accept", "")):
+            return await http_exception_handler(request, exc)
+        return _http_problem(exc)
 
     @app.exception_handler(Unauthenticated)
     async def on_unauthenticated(_: Request, __: Unauthenticated) -> JSONResponse:
@@ -385,13 +414,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         """Receipt figures per agency, for a monitoring system's token."""
         return Response(await receipt_metrics(intake().pool), media_type=METRICS_CONTENT_TYPE)
 
-    @app.get("/docs", include_in_schema=False)
-    async def swagger_ui() -> HTMLResponse:
-        return documentation_page(get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} API"))
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        return documentation_page(get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} API"))
+    install_api_docs(app, settings)  # before install_web mounts /assets as a whole
 
     @app.get("/healthz")
     async def health() -> dict[str, str]:

@@ -1,8 +1,11 @@
 """Each registration office's Ed25519 signing key: created with the office,
 rotated on demand, the active one used to sign every event the office records.
 
-Private keys live in PostgreSQL next to the intake records they sign; public
-keys (active and retired) are published by the key registry.
+Private keys live in PostgreSQL next to the intake records they sign, sealed
+with the data key (``runtime.sealing``, AES-256-GCM, bound to the key id) as
+consent-receipt keys are: reading the database alone is not enough to forge an
+office's signature. Public keys (active and retired) are published by the key
+registry.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from datetime import datetime
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+from runtime.sealing import CannotOpen, PayloadSealer
 
 
 @dataclass(frozen=True)
@@ -36,34 +41,50 @@ class NoSigningKey(LookupError):
     """The office has no active signing key (add it with `tuo offices add`)."""
 
 
-async def create_key(conn: asyncpg.Connection, office: str) -> str:
+class OfficeKeyUnavailable(RuntimeError):
+    """The office's active key is stored, but the configured data keys cannot open it."""
+
+
+async def create_key(conn: asyncpg.Connection, office: str, sealer: PayloadSealer) -> str:
     """Make a new active key for the office, retiring the one it had; return its id."""
     private = Ed25519PrivateKey.generate()
     key_id = f"{office}.{secrets.token_hex(4)}"
+    raw_private = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     async with conn.transaction():
         await conn.execute(
             "UPDATE office_signing_key SET retired_at = now() WHERE office = $1 AND retired_at IS NULL",
             office,
         )
         await conn.execute(
-            "INSERT INTO office_signing_key (key_id, office, public_key, private_key)"
+            "INSERT INTO office_signing_key (key_id, office, public_key, sealed_private_key)"
             " VALUES ($1, $2, $3, $4)",
             key_id,
             office,
             private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
-            private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            # Bound to the key id, so a sealed key moved to another row does not open.
+            sealer.seal(raw_private, key_id.encode()),
         )
     return key_id
 
 
-async def active_key(pool: asyncpg.Pool | asyncpg.Connection, office: str) -> SigningKey:
+async def active_key(
+    pool: asyncpg.Pool | asyncpg.Connection, office: str, sealer: PayloadSealer
+) -> SigningKey:
     row = await pool.fetchrow(
-        "SELECT key_id, private_key FROM office_signing_key WHERE office = $1 AND retired_at IS NULL",
+        "SELECT key_id, sealed_private_key FROM office_signing_key WHERE office = $1 AND retired_at IS NULL",
         office,
     )
     if row is None:
         raise NoSigningKey(office)
-    return SigningKey(row["key_id"], office, Ed25519PrivateKey.from_private_bytes(bytes(row["private_key"])))
+    key_id: str = row["key_id"]
+    try:
+        raw = sealer.open(bytes(row["sealed_private_key"]), key_id.encode())
+    except CannotOpen as exc:
+        raise OfficeKeyUnavailable(
+            f"office {office}'s signing key {key_id} cannot be opened with the configured data keys: "
+            "add the data key it was sealed with to TUO_DATA_KEYS_PREVIOUS"
+        ) from exc
+    return SigningKey(key_id, office, Ed25519PrivateKey.from_private_bytes(raw))
 
 
 async def published_keys(pool: asyncpg.Pool) -> list[PublishedKey]:

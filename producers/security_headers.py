@@ -4,9 +4,9 @@
 details, pages, the schema and key registries, static assets and metrics all
 get them. A response that sets its own Content-Security-Policy keeps it (the
 registrars' pages carry a per-response nonce, the API documentation a policy of
-its own); the rest get one that allows nothing, which is right for JSON and
-text. Nothing but static assets may be stored by a browser or proxy: the rest
-can carry personal data or session state.
+its own that, too, allows only this origin); the rest get one that allows
+nothing, which is right for JSON and text. Nothing but static assets may be
+stored by a browser or proxy: the rest can carry personal data or session state.
 """
 
 from __future__ import annotations
@@ -74,22 +74,20 @@ _SCRIPT = re.compile(r"<script(?=[\s>])")
 
 
 def documentation_page(page: HTMLResponse) -> HTMLResponse:
-    """FastAPI's API documentation page (Swagger UI or ReDoc, from the jsDelivr CDN)
-    with a policy of its own: its inline start-up script runs by nonce, its
-    stylesheets and fonts come from where it loads them, and it may only fetch
-    this service's OpenAPI document."""
+    """FastAPI's Swagger UI page (``producers.api_docs``, its assets served by this
+    service) with a policy of its own that allows only this origin: its inline
+    start-up script runs by a per-response nonce (never 'unsafe-inline'), and it may
+    fetch nothing but this service's OpenAPI document."""
     nonce = secrets.token_urlsafe(16)
     html = _SCRIPT.sub(f'<script nonce="{nonce}"', bytes(page.body).decode())
+    html = html.replace("<html>", '<html lang="en">', 1)  # FastAPI's page names no language
     policy = "; ".join(
         [
             "default-src 'none'",
-            f"script-src 'nonce-{nonce}' https://cdn.jsdelivr.net",
-            # Both UIs style elements from script; ReDoc also inlines a <style>.
-            "style-src 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com",
-            "font-src https://fonts.gstatic.com",
-            "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly",
+            f"script-src 'self' 'nonce-{nonce}'",
+            "style-src 'self'",
+            "img-src 'self' data:",  # Swagger UI's stylesheet draws its icons as data: SVGs
             "connect-src 'self'",
-            "worker-src blob:",
             "frame-ancestors 'none'",
             "base-uri 'none'",
             "form-action 'none'",

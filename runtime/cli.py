@@ -51,6 +51,7 @@ from runtime.demo import demo_submissions, seed_agency_records, seed_demo_regist
 from runtime.kafka import Topics, ensure_topics
 from runtime.kafka_admin import KafkaAdminError, describe_acls
 from runtime.logging import configure_logging
+from runtime.sealing import PayloadSealer
 from runtime.services import COMPONENTS, at_startup, start_bus
 from runtime.settings import MissingSetting, Settings, load_settings
 from runtime.stack import LocalStack, StackError
@@ -189,10 +190,10 @@ def _running(flag: bool) -> str:
 async def _prepare(settings: Settings, seed: bool = True) -> None:
     pool = await open_pool(settings)
     try:
-        await migrate(pool)
+        await migrate(pool, settings)
         if seed:
             await load_seed(pool)
-            await seed_offices(pool)
+            await seed_offices(pool, PayloadSealer.from_settings(settings))
             await access.onboard_subscribed_agencies(settings, pool, by="tuo seed")
     finally:
         await pool.close()
@@ -578,7 +579,9 @@ def offices_add(
     name: Annotated[str, typer.Option(help="Full name, e.g. 'Leeds Register Office'")],
 ) -> None:
     """Add a registration office, with its first Ed25519 signing key."""
-    key_id = _account_call(lambda pool: accounts.add_office(pool, code, name))
+    key_id = _account_call(
+        lambda pool: accounts.add_office(pool, code, name, PayloadSealer.from_settings(_settings()))
+    )
     console.print(f"Added office {code}; it signs events with key {key_id}.")
 
 
@@ -587,10 +590,11 @@ def offices_rotate_key(code: str) -> None:
     """Give an office a new signing key; the old one stays published for events it signed."""
 
     async def rotate(pool: asyncpg.Pool) -> str:
+        sealer = PayloadSealer.from_settings(_settings())  # before anything changes
         if not await pool.fetchval("SELECT 1 FROM registration_office WHERE code = $1", code):
             raise accounts.AccountError(f"there is no office {code!r}")
         async with pool.acquire() as conn:
-            return await create_key(conn, code)
+            return await create_key(conn, code, sealer)
 
     console.print(f"Office {code} now signs with key {_account_call(rotate)}.")
 
@@ -1106,7 +1110,7 @@ async def _run(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested.set)
     try:
-        await at_startup("database migrations", lambda: migrate(pool))
+        await at_startup("database migrations", lambda: migrate(pool, settings))
         bus = await start_bus(settings, pool, components)
         try:
             base = f"http://{settings.http_host}:{bus.http_port}"

@@ -15,6 +15,7 @@ import asyncpg
 from consumers.agencies import records
 from producers.accounts import add_registrar, ensure_office
 from producers.requests import AddressChange, DeathRegistration
+from runtime.sealing import PayloadSealer
 
 DEMO_OFFICES = {
     "leeds": "Leeds Register Office",
@@ -33,9 +34,9 @@ class DemoSignIn:
     credentials_file: Path
 
 
-async def seed_offices(pool: asyncpg.Pool) -> None:
+async def seed_offices(pool: asyncpg.Pool, sealer: PayloadSealer) -> None:
     for code, name in DEMO_OFFICES.items():
-        await ensure_office(pool, code, name)
+        await ensure_office(pool, code, name, sealer)
 
 
 async def seed_demo_registrar(pool: asyncpg.Pool, state_dir: Path) -> DemoSignIn:

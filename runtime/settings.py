@@ -83,6 +83,10 @@ class Settings(BaseSettings):
         default=None,
         description="GOV.UK Frontend's dist/govuk folder; unset: node_modules/ in the project (npm ci).",
     )
+    swagger_ui_dir: Path | None = Field(
+        default=None,
+        description="swagger-ui-dist's folder, for /docs; unset: node_modules/ in the project (npm ci).",
+    )
 
     # Prometheus: each process started by `tuo run` serves its own counters on this port
     # (monitoring token required); unset: none. 0 picks a free port, which is logged.

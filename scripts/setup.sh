@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install everything Tell Us Once needs on a fresh Debian machine, idempotently:
 # OS packages (PostgreSQL server, a JDK, Maven, Chromium, npm) with apt-get, Python packages
-# into .venv with pip, GOV.UK Frontend and axe-core into node_modules with npm, and Apache Kafka's
-# jars from Maven Central into .tuo/cache.
+# into .venv with pip, GOV.UK Frontend, Swagger UI and axe-core into node_modules with npm,
+# and Apache Kafka's jars from Maven Central into .tuo/cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +40,7 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
 fi
 
 if [[ ! -d node_modules || package-lock.json -nt node_modules ]]; then
-    echo "setup: installing GOV.UK Frontend and axe-core with npm"
+    echo "setup: installing GOV.UK Frontend, Swagger UI and axe-core with npm"
     npm ci --no-audit --no-fund
     touch node_modules
 fi

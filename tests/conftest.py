@@ -21,18 +21,24 @@ import asyncpg
 import httpx
 import pytest
 
-from producers.accounts import issue_token
+from producers.accounts import ensure_office, issue_token
 from router.seed import load_seed
 from runtime.access import onboard_subscribed_agencies
 from runtime.database import migrate, open_pool
 from runtime.demo import seed_agency_records, seed_offices
-from runtime.sealing import new_data_key
+from runtime.sealing import PayloadSealer, new_data_key
 from runtime.services import RunningBus, start_bus
 from runtime.settings import Settings
 from runtime.stack import LocalStack
 from runtime.stack.processes import free_port
 from schemas.validation import today_in_the_uk
-from tests.support import docker_engine_reachable, grant_inspector, settings_from_stack, test_backend
+from tests.support import (
+    WEB_FORMS_OFFICE,
+    docker_engine_reachable,
+    grant_inspector,
+    settings_from_stack,
+    test_backend,
+)
 
 PROJECT = Path(__file__).resolve().parent.parent
 CACHE_DIR = PROJECT / ".tuo" / "cache"
@@ -98,9 +104,11 @@ def _containers() -> Iterator[Settings]:
 @pytest.fixture(scope="session")
 async def pool(services: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await open_pool(services)
-    await migrate(pool)
+    await migrate(pool, services)
     await load_seed(pool)
-    await seed_offices(pool)  # leeds, bradford, online
+    sealer = PayloadSealer.from_settings(services)
+    await seed_offices(pool, sealer)  # leeds, bradford, online
+    await ensure_office(pool, *WEB_FORMS_OFFICE, sealer)
     # The reference agencies know the demo's people, who include death_registration()'s.
     await seed_agency_records(pool, today_in_the_uk())
     await onboard_subscribed_agencies(services, pool, by="tests")

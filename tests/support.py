@@ -176,15 +176,20 @@ def random_nino() -> str:
 
 
 TEST_OFFICE = "test-office"
+# The office the web forms' test registrars work for: the session's pool fixture makes it
+# (with its sealed signing key), so that making a registrar needs no data key.
+WEB_FORMS_OFFICE = ("web-forms", "Leeds Register Office")
 
 
-async def office_key(pool: asyncpg.Pool, office: str = TEST_OFFICE) -> SigningKey:
+async def office_key(pool: asyncpg.Pool, settings: Settings, office: str = TEST_OFFICE) -> SigningKey:
     """The active signing key of a test registration office, created on first use."""
     from producers.accounts import ensure_office
     from producers.office_keys import active_key
+    from runtime.sealing import PayloadSealer
 
-    await ensure_office(pool, office, f"Test register office {office}")
-    return await active_key(pool, office)
+    sealer = PayloadSealer.from_settings(settings)
+    await ensure_office(pool, office, f"Test register office {office}", sealer)
+    return await active_key(pool, office, sealer)
 
 
 def death_message(
@@ -221,13 +226,21 @@ def death_message(
     return event_id, value, headers
 
 
-def tuo_cli(settings: Settings, *args: str, input: str | None = None) -> tuple[int, str]:
-    """Run the `tuo` command line against the test stack; (exit code, output)."""
+def tuo_cli(
+    settings: Settings, *args: str, input: str | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Run the `tuo` command line against the test stack (``env``: settings to override);
+    (exit code, output)."""
     from typer.testing import CliRunner
 
     from runtime.cli import app
 
-    env = {"TUO_STATE_DIR": str(settings.state_dir), "COLUMNS": "250", "TUO_LOG_LEVEL": "WARNING"}
+    env = {
+        "TUO_STATE_DIR": str(settings.state_dir),
+        "COLUMNS": "250",
+        "TUO_LOG_LEVEL": "WARNING",
+        **(env or {}),
+    }
     # The command configures logging for itself (at WARNING here): not for the tests after it.
     with logging_restored():
         result = CliRunner().invoke(app, list(args), env=env, input=input)

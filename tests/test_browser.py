@@ -16,16 +16,17 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import Page, Route, async_playwright
 
-from producers.accounts import add_registrar, ensure_office
+from producers.accounts import add_registrar
 from runtime.services import RunningBus
 from runtime.settings import Settings
 from tests.support import random_nino, today
-from tests.test_web_forms import OFFICE, OFFICE_NAME, PASSWORD, records_by, serve_web
+from tests.test_web_forms import OFFICE, PASSWORD, records_by, serve_web
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +98,6 @@ async def test_a_registrar_signs_in_corrects_a_mistake_and_gets_a_reference_on_a
     )
     axe_source = _need(AXE, "run `npm ci` in the project (scripts/setup.sh does)").read_text()
     started = time.monotonic()
-    await ensure_office(pool, OFFICE, OFFICE_NAME)
     username = f"browser-{uuid.uuid4().hex[:10]}"
     await add_registrar(pool, username, "Ada Registrar", OFFICE, "registrar", PASSWORD)
     async with async_playwright() as playwright:
@@ -209,3 +209,64 @@ async def _death_registration_journey(
     await audit.check("signed out")
     await page.goto("/no-such-page")
     await audit.check("page not found")
+
+
+async def test_the_api_documentation_renders_with_nothing_from_any_other_origin(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    chromium = _need(
+        CHROMIUM, "install Debian's chromium (`bash scripts/setup.sh`, or apt-get install chromium)"
+    )
+    async with serve_web(services, pool) as base_url, async_playwright() as playwright:
+        origin = urlsplit(base_url)
+        attempted: list[str] = []  # every request the page tried to make anywhere else
+        csp_violations: list[str] = []
+
+        async def this_server_only(route: Route) -> None:
+            url = urlsplit(route.request.url)
+            if (url.scheme, url.netloc) == (origin.scheme, origin.netloc):
+                await route.continue_()
+            else:
+                attempted.append(route.request.url)
+                await route.abort("blockedbyclient")
+
+        browser = await playwright.chromium.launch(executable_path=str(chromium), args=HEADLESS_ARGS)
+        try:
+            context = await browser.new_context(base_url=base_url)
+            await context.route("**/*", this_server_only)  # every page and worker of the context
+            page = await context.new_page()
+            page.on(
+                "console",
+                lambda message: (
+                    csp_violations.append(message.text) if "Content Security Policy" in message.text else None
+                ),
+            )
+            response = await page.goto("/docs")
+            assert response is not None and response.status == 200
+            operation = page.locator(".opblock-post", has_text="/v1/death-registrations")
+            await operation.first.wait_for(state="visible", timeout=30_000)
+            assert "POST" in await operation.first.locator(".opblock-summary-method").inner_text()
+            await operation.first.locator(".opblock-summary-control").click()  # expand it: it works
+            await page.get_by_role("button", name="Try it out").first.wait_for(state="visible")
+            policy = await response.header_value("content-security-policy")
+            title = await page.title()
+        finally:
+            await browser.close()
+
+    assert attempted == [], f"the documentation tried to reach other origins: {attempted}"
+    assert not csp_violations, f"content security policy violations: {csp_violations}"
+    assert policy is not None
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    # This origin alone (and data: images, which Swagger UI's stylesheet draws its icons with).
+    assert re.fullmatch(r"'self' 'nonce-[A-Za-z0-9_-]+'", directives.pop("script-src"))
+    assert directives == {
+        "default-src": "'none'",
+        "style-src": "'self'",
+        "img-src": "'self' data:",
+        "connect-src": "'self'",
+        "frame-ancestors": "'none'",
+        "base-uri": "'none'",
+        "form-action": "'none'",
+    }
+    assert "unsafe-inline" not in policy and "http" not in policy
+    assert title == "Tell Us Once intake API"

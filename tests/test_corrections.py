@@ -46,7 +46,7 @@ async def _publish(
     settings: Settings, pool: asyncpg.Pool, name: str, body: dict[str, Any], subject_id: str
 ) -> str:
     """Publish a correction or void straight to the bus, signed by the Leeds office."""
-    key = await office_key(pool, "leeds")
+    key = await office_key(pool, settings, "leeds")
     event_id = str(uuid.uuid4())
     record = {
         "envelope": {

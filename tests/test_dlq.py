@@ -79,14 +79,14 @@ async def _put_on(settings: Settings, topic: str, value: bytes, headers: list[tu
     return f"bus:{sent.partition}:{sent.offset}"
 
 
-async def _unregistered_key(pool: asyncpg.Pool) -> SigningKey:
+async def _unregistered_key(pool: asyncpg.Pool, sealer: PayloadSealer) -> SigningKey:
     """A signing key of a fresh office that the key registry does not publish (yet)."""
     office = f"dlq-{uuid.uuid4().hex[:8]}"
-    await ensure_office(pool, office, f"Dead letter test office {office}")
+    await ensure_office(pool, office, f"Dead letter test office {office}", sealer)
     return SigningKey(f"{office}.{uuid.uuid4().hex[:8]}", office, Ed25519PrivateKey.generate())
 
 
-async def _register(pool: asyncpg.Pool, key: SigningKey) -> None:
+async def _register(pool: asyncpg.Pool, key: SigningKey, sealer: PayloadSealer) -> None:
     """The fix: the office's key goes into the registry (the office's old key retires)."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
@@ -94,12 +94,15 @@ async def _register(pool: asyncpg.Pool, key: SigningKey) -> None:
             key.office,
         )
         await conn.execute(
-            "INSERT INTO office_signing_key (key_id, office, public_key, private_key, created_at)"
+            "INSERT INTO office_signing_key (key_id, office, public_key, sealed_private_key, created_at)"
             " VALUES ($1, $2, $3, $4, now() - interval '1 hour')",
             key.key_id,
             key.office,
             key.private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
-            key.private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+            sealer.seal(
+                key.private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()),
+                key.key_id.encode(),
+            ),
         )
 
 
@@ -143,7 +146,7 @@ async def _final_receipts(pool: asyncpg.Pool, event_id: str) -> dict[str, str]:
 async def test_a_dead_letter_redriven_after_its_cause_is_fixed_reaches_its_agencies_and_gets_receipts(
     bus: RunningBus, services: Settings, pool: asyncpg.Pool
 ) -> None:
-    key = await _unregistered_key(pool)
+    key = await _unregistered_key(pool, PayloadSealer.from_settings(services))
     event_id = await _record(services, pool, key)
     letter = await _letter_for(services, pool, event_id, "bus")
     assert "not in the key registry" in (letter.reason or "")
@@ -160,7 +163,7 @@ async def test_a_dead_letter_redriven_after_its_cause_is_fixed_reaches_its_agenc
     assert "Example" not in shown and "AB123456C" not in shown, "never the personal data itself"
     assert await _final_receipts(pool, event_id) == {}, "stuck: no agency has it"
 
-    await _register(pool, key)  # the cause, fixed
+    await _register(pool, key, PayloadSealer.from_settings(services))  # the cause, fixed
     code, out = await _tuo(
         services,
         "dlq",

@@ -41,6 +41,7 @@ from runtime.access import onboard_subscribed_agencies
 from runtime.database import migrate, open_pool
 from runtime.demo import seed_agency_records, seed_offices
 from runtime.kafka import Topics
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from runtime.stack import LocalStack
 from runtime.stack.postgres import PostgresServer
@@ -237,9 +238,9 @@ async def world(tmp_path: Path) -> AsyncIterator[FaultWorld]:
         await grant_inspector(settings)
         pool = await open_pool(settings)
         try:
-            await migrate(pool)
+            await migrate(pool, settings)
             await load_seed(pool)
-            await seed_offices(pool)
+            await seed_offices(pool, PayloadSealer.from_settings(settings))
             await seed_agency_records(pool, today())
             await onboard_subscribed_agencies(settings, pool, by="fault suite")
             token = await issue_token(pool, "leeds", "registrar", "fault suite")

@@ -154,6 +154,44 @@ async def test_malformed_json_is_refused_and_nothing_reaches_postgres_or_kafka(
     assert await _life_events_end(services) == before_kafka
 
 
+# Every JSON endpoint of the API; a reference in the right shape that no office recorded.
+JSON_ENDPOINTS = [
+    "/v1/death-registrations",
+    "/v1/birth-registrations",
+    "/v1/address-changes",
+    "/v1/events/TUO-2026-0000-0000/corrections",
+    "/v1/events/TUO-2026-0000-0000/void",
+]
+NOT_UTF8 = [
+    b'{"informant": {"name": "Ren\xe9e Example"}}',  # Latin-1, as an old system might send it
+    b'{"reason": "\xc3\x28"}',  # a broken two-byte sequence
+    b"\x80\x81\x82",  # continuation bytes with nothing to continue
+    b'{"reason": "ok"}\xf8',  # a byte UTF-8 never uses, after valid JSON
+]
+
+
+@pytest.mark.parametrize("endpoint", JSON_ENDPOINTS)
+async def test_a_body_that_is_not_utf8_gets_a_400_problem_and_nothing_is_written(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, endpoint: str
+) -> None:
+    before = await _written(pool)
+    for raw in NOT_UTF8:
+        response = await intake.post(endpoint, content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (endpoint, raw, response.text)
+        problem = _problem(response)
+        assert problem["status"] == 400 and problem["title"] == "The request body is not valid UTF-8"
+        assert problem["errors"] == [{"field": "(request body)", "message": "is not valid UTF-8"}]
+        assert "detail" in problem and "error parsing" not in problem["detail"]
+    assert await _written(pool) == before
+
+
+async def test_a_refusal_from_the_framework_itself_is_a_problem_too(intake: httpx.AsyncClient) -> None:
+    response = await intake.delete("/v1/death-registrations")
+    assert response.status_code == 405
+    assert _problem(response)["title"] == "Method Not Allowed"
+    assert response.headers["allow"] == "POST"
+
+
 async def test_oversized_submission_is_refused_with_413(
     intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
 ) -> None:

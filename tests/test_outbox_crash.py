@@ -110,9 +110,9 @@ async def world(
     try:
         own = await open_pool(settings)
         try:
-            await migrate(own)
+            await migrate(own, settings)
             await ensure_topics(settings, [], principal=Principal.OPERATOR)
-            yield World(settings, own, database, await office_key(own), tmp_path)
+            yield World(settings, own, database, await office_key(own, settings), tmp_path)
         finally:
             await own.close()
     finally:

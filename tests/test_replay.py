@@ -610,7 +610,7 @@ async def test_a_stored_event_whose_signature_does_not_verify_is_not_replayed(
     from runtime.sealing import PayloadSealer
     from tests.support import death_message, office_key
 
-    registered = await office_key(pool)
+    registered = await office_key(pool, services)
     forged = SigningKey(f"{registered.office}-forged", registered.office, Ed25519PrivateKey.generate())
     subject = f"s-{uuid.uuid4().hex}"
     event_id, value, headers = death_message(subject, key=forged)

@@ -119,7 +119,9 @@ async def test_router_killed_at_random_moments_delivers_each_event_exactly_once(
     log = tmp_path / "router.log"
     router = _start_router(settings, log)
     kills = 0
-    streaming = asyncio.create_task(_stream(settings, count=300, per_second=60, key=await office_key(pool)))
+    streaming = asyncio.create_task(
+        _stream(settings, count=300, per_second=60, key=await office_key(pool, services))
+    )
     try:
         while not streaming.done() and kills < 3:
             await asyncio.sleep(random.uniform(0.8, 2.0))
@@ -146,7 +148,9 @@ async def test_second_router_takes_over_mid_stream_without_loss_or_duplicates(
     await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
     first = _start_router(settings, tmp_path / "first.log")
     second = _start_router(settings, tmp_path / "second.log")
-    streaming = asyncio.create_task(_stream(settings, count=300, per_second=60, key=await office_key(pool)))
+    streaming = asyncio.create_task(
+        _stream(settings, count=300, per_second=60, key=await office_key(pool, services))
+    )
     try:
 
         async def first_is_routing() -> bool:

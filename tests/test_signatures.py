@@ -27,6 +27,7 @@ from producers.office_keys import SigningKey, create_key
 from router.messages import disclosed_items
 from router.minimise import event_fields, minimise, minimise_envelope
 from runtime.kafka import Topics
+from runtime.sealing import PayloadSealer
 from runtime.services import RunningBus
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode
@@ -502,11 +503,13 @@ async def test_the_key_ring_reads_again_once_for_an_unknown_key_then_gives_up() 
 
 
 @pytest.mark.integration
-async def test_key_registry_publishes_active_and_retired_keys_over_http(pool: asyncpg.Pool) -> None:
+async def test_key_registry_publishes_active_and_retired_keys_over_http(
+    pool: asyncpg.Pool, services: Settings
+) -> None:
     office = f"sig-{uuid.uuid4().hex[:8]}"
-    first = await office_key(pool, office)
+    first = await office_key(pool, services, office)
     async with pool.acquire() as conn:
-        second = await create_key(conn, office)
+        second = await create_key(conn, office, PayloadSealer.from_settings(services))
     app = FastAPI()
     app.include_router(key_registry_router(lambda: pool))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://intake") as client:
@@ -575,7 +578,7 @@ STATUTORY = ("hmrc", "dwp", "council-leeds")  # for a death at a Leeds address, 
 async def test_a_signed_event_is_delivered_and_verifies_at_each_agency(
     bus: RunningBus, pool: asyncpg.Pool, services: Settings
 ) -> None:
-    key = await office_key(pool)
+    key = await office_key(pool, services)
     subject_id = f"s-{uuid.uuid4().hex}"
     event_id, value, headers = death_message(subject_id, nino="AB123456C", key=key)
     await _produce(services, Topics(services.topic_prefix).life_events, subject_id, value, headers)
@@ -620,14 +623,14 @@ async def test_a_life_event_tampered_after_signing_is_dead_lettered_by_the_route
 ) -> None:
     topics = Topics(services.topic_prefix)
     subject_id = f"s-{uuid.uuid4().hex}"
-    event_id, value, headers = death_message(subject_id, key=await office_key(pool))
+    event_id, value, headers = death_message(subject_id, key=await office_key(pool, services))
     tampered = change_one_byte_of(value, b"Leeds General Infirmary")
     await _produce(services, topics.life_events, subject_id, tampered, headers)
     reason = await _dead_letter_reason(services, event_id, "router")
     assert reason.startswith("signature rejected: place_of_death is not what the office signed"), reason
 
     # The next, untampered event is routed, so the tampered one was judged and not merely late.
-    later_id, later, later_headers = death_message(subject_id, key=await office_key(pool))
+    later_id, later, later_headers = death_message(subject_id, key=await office_key(pool, services))
     await _produce(services, topics.life_events, subject_id, later, later_headers)
 
     async def routed() -> bool:
@@ -647,7 +650,7 @@ async def test_a_tampered_message_on_an_agency_topic_is_dead_lettered_by_the_sdk
 ) -> None:
     topics = Topics(services.topic_prefix)
     subject_id = f"s-{uuid.uuid4().hex}"
-    event_id, value, headers = death_message(subject_id, key=await office_key(pool))
+    event_id, value, headers = death_message(subject_id, key=await office_key(pool, services))
     delivered, delivered_headers = agency_copy(
         "DeathRegistered", value, headers, frozenset({"deceased", "date_of_death"})
     )

@@ -33,6 +33,7 @@ from runtime.access import onboard_subscribed_agencies
 from runtime.database import migrate, open_pool
 from runtime.demo import seed_agency_records, seed_offices
 from runtime.kafka import Topics
+from runtime.sealing import PayloadSealer
 from runtime.services import RunningBus, start_bus
 from runtime.settings import Settings
 from runtime.stack import LocalStack, StackError
@@ -155,9 +156,9 @@ async def cluster() -> AsyncIterator[Cluster]:
         await grant_inspector(settings)
         pool = await open_pool(settings)
         try:
-            await migrate(pool)
+            await migrate(pool, settings)
             await load_seed(pool)
-            await seed_offices(pool)
+            await seed_offices(pool, PayloadSealer.from_settings(settings))
             await seed_agency_records(pool, today_in_the_uk())
             await onboard_subscribed_agencies(settings, pool, by="tests")
             token = await issue_token(pool, "leeds", "registrar", "three-broker test")

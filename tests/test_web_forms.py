@@ -23,7 +23,7 @@ import uvicorn
 from markupsafe import escape
 
 from producers.accept import Intake
-from producers.accounts import Role, add_registrar, ensure_office
+from producers.accounts import Role, add_registrar
 from producers.intake import create_app
 from producers.web import install_web
 from producers.web.forms import DEATH
@@ -31,12 +31,11 @@ from producers.web.organisations import agency_statuses
 from producers.web.routes import return_path
 from runtime.services import RunningBus
 from runtime.settings import Settings
-from tests.support import eventually, random_nino, today
+from tests.support import WEB_FORMS_OFFICE, eventually, random_nino, today
 
 pytestmark = pytest.mark.integration
 
-OFFICE = "web-forms"
-OFFICE_NAME = "Leeds Register Office"
+OFFICE, OFFICE_NAME = WEB_FORMS_OFFICE  # made by the session's pool fixture
 PASSWORD = "correct horse battery staple"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 _SUBMISSION_ID = re.compile(r'name="submission_id" value="([^"]+)"')
@@ -78,7 +77,6 @@ def web_settings(services: Settings) -> Settings:
 
 
 async def new_registrar(pool: asyncpg.Pool, role: Role = "registrar") -> str:
-    await ensure_office(pool, OFFICE, OFFICE_NAME)
     username = f"reg-{uuid.uuid4().hex[:12]}"
     await add_registrar(pool, username, "Ada Registrar", OFFICE, role, PASSWORD)
     return username

@@ -33,7 +33,7 @@ async def test_nothing_decided_after_a_confirmed_withdrawal_reaches_the_agency(
         recorded_by="informant",
     )
     topics = Topics(services.topic_prefix)
-    key = await office_key(pool)
+    key = await office_key(pool, services)
     producer = inspector_producer(services, linger_ms=0)
     await producer.start()
     sent: list[str] = []

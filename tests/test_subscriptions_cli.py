@@ -47,7 +47,10 @@ async def test_add_and_list_a_subscription_with_fields_and_an_area(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--basis", "consent", "--field", "favourite_food"], "DeathRegistered has no field favourite_food"),
+        (
+            ["--basis", "consent", "--field", "favourite_food"],
+            "DeathRegistered has no field path favourite_food",
+        ),
         (["--basis", "statutory", "--field", "deceased"], "must cite its statute"),
         (["--basis", "maybe", "--field", "deceased"], "basis"),
         (["--basis", "consent", "--field", "deceased", "--postcode-area", "12"], "not a postcode area"),

@@ -762,3 +762,64 @@ async def test_a_voided_event_is_never_replayed_and_a_corrected_one_goes_with_it
     code, output = await _tuo(services, "replay", "list")
     listed = next(line for line in output.splitlines() if replay_id in line)
     assert "2 + 2 corrections" in listed and "voided" in listed, output
+
+
+@pytest.mark.integration
+async def test_a_correction_of_a_voided_event_is_not_replayed_and_corrections_follow_across_batches(
+    bus: RunningBus,
+    services: Settings,
+    pool: asyncpg.Pool,
+    intake: httpx.AsyncClient,
+    onboarded: list[str],
+) -> None:
+    agency = _agency_name()
+    await _consent_agency(services, pool, agency, onboarded)
+    # Both deaths reach the agency through the router (the informant consents), then each is
+    # corrected, and the first is voided after its correction.
+    struck, kept = await _register_deaths(intake, 2, lambda i: [agency])
+    fixes = []
+    for event in (struck, kept):
+        response = await intake.post(
+            f"/v1/events/{event['reference']}/corrections",
+            json={"changes": [{"field": "place_of_death", "value": "Home"}], "reason": "misread"},
+        )
+        assert response.status_code == 201, response.text
+        fixes.append(response.json())
+    struck_fix, kept_fix = fixes
+    supervisor = await issue_token(pool, "leeds", "supervisor", "test supervisor system")
+    async with httpx.AsyncClient(
+        base_url=str(intake.base_url), timeout=10, headers={"Authorization": f"Bearer {supervisor}"}
+    ) as as_supervisor:
+        response = await as_supervisor.post(
+            f"/v1/events/{struck['reference']}/void", json={"reason": "registered in error"}
+        )
+    assert response.status_code == 201, response.text
+    void = response.json()
+    await _published(pool, [struck, kept, *fixes, void])
+
+    # Only the correction of the voided event: it is part of that event, so it never goes.
+    code, output = await _tuo(
+        services, "replay", "run", agency, "-r", struck_fix["reference"], "--reason", "lost the fix"
+    )
+    assert code == 0 and "0 of 1 events sent" in output and "1 voided" in output, output
+    assert await _replayed(services, agency, _replay_id(output)) == []
+
+    # Everything, one stored event a batch: a correction's own batch comes after its
+    # original's, which already sent it (or withheld it) and counted it.
+    everything = [arg for e in (struck, kept, *fixes, void) for arg in ("-r", e["reference"])]
+    code, output = await _tuo(
+        services, "replay", "run", agency, *everything, "--rate", "1", "--reason", "agency lost a day"
+    )
+    assert code == 0, output
+    said = " ".join(output.split())
+    assert "3 of 5 events sent" in said and "withheld: 2 voided (never replayed)" in said, output
+    assert "from outside the selection" not in said, output
+    replay_id = _replay_id(output)
+    on_topic = await _replayed(services, agency, replay_id)
+    # The void goes again (the agency holds the original from the router); the voided event
+    # and its correction do not; the kept event is followed by its correction, once.
+    assert sorted(on_topic) == sorted([void["event_id"], kept["event_id"], kept_fix["event_id"]])
+    assert on_topic.index(kept["event_id"]) < on_topic.index(kept_fix["event_id"])
+    row = await pool.fetchrow("SELECT * FROM replay WHERE id = $1", uuid.UUID(replay_id))
+    assert (row["examined"], row["sent"], row["corrections_sent"]) == (5, 3, 0)
+    assert json.loads(row["withheld"]) == {"VOIDED": 2}

@@ -658,7 +658,9 @@ async def test_a_voided_event_is_never_replayed_and_a_corrected_one_goes_with_it
     intake: httpx.AsyncClient,
     onboarded: list[str],
 ) -> None:
+    since = datetime.now(UTC)
     plain, voided, corrected = await _register_deaths(intake, 3, lambda i: [])
+    until = datetime.now(UTC)  # the void and the corrections are recorded after this
     supervisor = await issue_token(pool, "leeds", "supervisor", "test supervisor system")
     async with httpx.AsyncClient(
         base_url=str(intake.base_url), timeout=10, headers={"Authorization": f"Bearer {supervisor}"}
@@ -701,7 +703,9 @@ async def test_a_voided_event_is_never_replayed_and_a_corrected_one_goes_with_it
     )
     for event in (plain, voided, corrected):
         await _consent_online(pool, event["event_id"], agency)
-    # A narrow selection, by reference and by type: the void and both corrections lie outside it.
+    # Narrow selections, by time and type, then by reference and type: the void and both
+    # corrections lie outside them.
+    by_time = ["--since", since.isoformat(), "--until", until.isoformat()]
     selection = [
         *(arg for e in (plain, voided, corrected) for arg in ("-r", e["reference"])),
         "--event-type",
@@ -709,7 +713,16 @@ async def test_a_voided_event_is_never_replayed_and_a_corrected_one_goes_with_it
     ]
 
     code, output = await _tuo(
-        services, "replay", "run", agency, *selection, "--dry-run", "--reason", "onboarding, first a look"
+        services,
+        "replay",
+        "run",
+        agency,
+        *by_time,
+        "--event-type",
+        "DeathRegistered",
+        "--dry-run",
+        "--reason",
+        "onboarding, first a look",
     )
     assert code == 0, output
     said = " ".join(output.split())

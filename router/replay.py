@@ -10,6 +10,11 @@ dangerous, so a replay:
   with the router's own rules (``router.rules``) and the router's own copy of
   the event (``router.messages``): a subject who withdrew consent is not sent,
   and the agency gets only the fields it is entitled to now;
+- honours voids and corrections, wherever they lie (the selection may be
+  narrower): a voided event is never sent, nor are its corrections; an original
+  that is sent is followed at once by every correction recorded of it, in
+  recorded order, each limited (by the router's ``follow_up_copy``) to the
+  fields the agency gets of the original now;
 - keeps each event's id, so the agency's consumer de-duplicates a repeat;
 - is recorded before anything is sent (``replay``: who, why, what it selects)
   and counted as it goes (how many sent, how many withheld and why), with every
@@ -32,7 +37,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -46,6 +51,7 @@ from aiokafka.structs import ConsumerRecord
 from consumers.keys import KeyRing
 from producers.accept import subject_id_for
 from router.messages import (
+    FOLLOW_UPS,
     Incoming,
     Outgoing,
     UnroutableEvent,
@@ -54,7 +60,14 @@ from router.messages import (
     verify_signature,
 )
 from router.policy import POLICY
-from router.rules import OriginalDelivery, Outcome, RoutingDecision, decide, decide_follow_up
+from router.rules import (
+    ConsentState,
+    OriginalDelivery,
+    Outcome,
+    RoutingDecision,
+    decide,
+    decide_follow_up,
+)
 from router.store import current_consent, load_subscriptions
 from runtime import kafka
 from runtime.access import AGENCY_NAME, Principal
@@ -68,6 +81,7 @@ log = structlog.get_logger(__name__)
 
 REPLAY_ID_HEADER = "tuo_replay_id"  # lets an agency see a message came from a replay
 UNROUTABLE = "UNROUTABLE"  # a stored event the router could not route either (counted, not sent)
+VOIDED = "VOIDED"  # a voided event, or a correction of one: never replayed (counted, not sent)
 MAX_EVENT_IDS = 10_000
 MAX_RATE = 1_000_000
 DEFAULT_RATE = 5_000
@@ -183,9 +197,9 @@ class Selection:
             data["everything"],
         )
 
-    def where(self, first: int) -> tuple[str, list[Any]]:
-        """SQL conditions on ``outbox o`` joined with ``intake_record i``, and their
-        arguments numbered from ``$first``."""
+    def where(self, first: int, o: str = "o", i: str = "i") -> tuple[str, list[Any]]:
+        """SQL conditions on an outbox row (alias ``o``) joined with its intake record
+        (alias ``i``), and their arguments numbered from ``$first``."""
         clauses: list[str] = []
         args: list[Any] = []
 
@@ -194,20 +208,20 @@ class Selection:
             clauses.append(clause.replace("$?", f"${first + len(args) - 1}"))
 
         if self.since:
-            add("i.recorded_at >= $?", self.since)
+            add(f"{i}.recorded_at >= $?", self.since)
         if self.until:
-            add("i.recorded_at < $?", self.until)
+            add(f"{i}.recorded_at < $?", self.until)
         if self.subject_id:
-            add("i.subject_id = $?", self.subject_id)
+            add(f"{i}.subject_id = $?", self.subject_id)
         if self.event_ids or self.references:
             ids, refs = list(self.event_ids), list(self.references)
             args += [ids, refs]
             clauses.append(
-                f"(o.event_id = ANY(${first + len(args) - 2}::uuid[])"
-                f" OR i.reference = ANY(${first + len(args) - 1}::text[]))"
+                f"({o}.event_id = ANY(${first + len(args) - 2}::uuid[])"
+                f" OR {i}.reference = ANY(${first + len(args) - 1}::text[]))"
             )
         if self.event_types:
-            add("i.event_type = ANY($?::text[])", list(self.event_types))
+            add(f"{i}.event_type = ANY($?::text[])", list(self.event_types))
         return " AND ".join(clauses) or "true", args
 
 
@@ -230,9 +244,11 @@ class Tally:
     """What a replay has done so far."""
 
     selected: int
-    examined: int = 0
-    sent: int = 0
-    withheld: Counter[str] = field(default_factory=Counter)
+    examined: int = 0  # selected stored events decided: sent + withheld
+    sent: int = 0  # selected stored events sent
+    withheld: Counter[str] = field(default_factory=Counter)  # selected, not sent: outcome → count
+    # Corrections outside the selection sent right after their originals (not in ``sent``).
+    corrections_sent: int = 0
 
     @property
     def withheld_total(self) -> int:
@@ -270,18 +286,24 @@ class Replay:
                 examined=row["examined"],
                 sent=row["sent"],
                 withheld=Counter(json.loads(row["withheld"])),
+                corrections_sent=row["corrections_sent"],
             ),
             status=row["status"],
         )
 
 
-_STORED = (
-    "FROM outbox o JOIN intake_record i USING (event_id)"
-    " WHERE o.topic = $1 AND o.published_at IS NOT NULL AND o.id > $2 AND o.id <= $3"
-    # An event's first outbox row is its original; later ones (a redrive) are copies.
-    " AND NOT EXISTS (SELECT 1 FROM outbox e"
-    "   WHERE e.event_id = o.event_id AND e.topic = o.topic AND e.id < o.id)"
-)
+def _storable(o: str = "o") -> str:
+    """An outbox row (alias ``o``) a replay may cover: on life events ($1), published, up
+    to the replay's high-water mark ($3), and the event's first row (its original;
+    later ones, from a redrive, are copies)."""
+    return (
+        f"{o}.topic = $1 AND {o}.published_at IS NOT NULL AND {o}.id <= $3"
+        f" AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.event_id = {o}.event_id"
+        f" AND e.topic = {o}.topic AND e.id < {o}.id)"
+    )
+
+
+_STORED = f"FROM outbox o JOIN intake_record i USING (event_id) WHERE {_storable()} AND o.id > $2"
 
 
 async def start(
@@ -370,8 +392,23 @@ class _Batch:
     position: int
     copies: list[Outgoing]
     delivered: list[tuple[uuid.UUID, str, str, list[str]]]  # event id, agency, basis, fields
+    sent: int  # selected events among ``delivered``
+    corrections_sent: int  # corrections outside the selection among ``delivered``
     withheld: Counter[str]
-    examined: int
+
+    @property
+    def examined(self) -> int:
+        return self.sent + sum(self.withheld.values())
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A stored event as this batch decides on it: its row, and the event when it can be
+    read and its office's signature verifies (``None``: not routable)."""
+
+    event_id: str
+    selected: bool  # in the replay's selection (counted), or brought along (a later correction)
+    incoming: Incoming | None
 
 
 class Replayer:
@@ -390,8 +427,6 @@ class Replayer:
         self.keys = KeyRing.from_database(
             pool
         )  # the offices' keys: every event is verified, as the router does
-        # A dry run records no deliveries: originals it would have sent, for later corrections.
-        self.would_have_sent: dict[str, tuple[str, list[OriginalDelivery]]] = {}
 
     async def run(
         self, on_progress: Callable[[Tally], None] | None = None, stop: asyncio.Event | None = None
@@ -441,9 +476,10 @@ class Replayer:
                     await self._send(producer, batch.copies)
                 await self._save(batch)
                 tally.examined += batch.examined
-                tally.sent += len(batch.delivered)
+                tally.sent += batch.sent
+                tally.corrections_sent += batch.corrections_sent
                 tally.withheld.update(batch.withheld)
-                sent_here += batch.examined
+                sent_here += batch.examined + batch.corrections_sent
                 if on_progress is not None:
                     on_progress(tally)
                 if stop is not None and stop.is_set():
@@ -494,61 +530,113 @@ class Replayer:
     async def _fetch(self, after: int) -> list[asyncpg.Record]:
         replay = self.replay
         where, args = replay.selection.where(5)
+        with_original, original_args = replay.selection.where(5 + len(args), o="fo", i="fi")
         rows: list[asyncpg.Record] = await self.pool.fetch(
-            "SELECT o.id, o.event_id, o.message_key, o.message_value, o.headers, i.event_type"
+            "SELECT o.id, o.event_id, o.message_key, o.message_value, o.headers, i.event_type,"
+            # A correction whose original is selected too is decided with that original.
+            "  CASE WHEN i.event_type = 'EventCorrected' THEN EXISTS ("
+            "    SELECT 1 FROM outbox fo JOIN intake_record fi USING (event_id)"
+            f"    WHERE fo.event_id = i.follows_event_id AND {_storable('fo')} AND {with_original})"
+            "  ELSE false END AS with_original"
             f" {_STORED} AND {where} ORDER BY o.id LIMIT $4",
             self.topics.life_events,
             after,
             replay.upto,
             self.batch_size,
             *args,
+            *original_args,
         )
         return rows
 
+    async def _corrections(
+        self, conn: asyncpg.Connection, original_ids: list[uuid.UUID]
+    ) -> list[asyncpg.Record]:
+        """Every correction recorded so far of these originals, in recorded order, each
+        saying whether it is in the selection. Corrections recorded after the replay began,
+        or unpublished yet, are included: an original never goes without its known fixes."""
+        if not original_ids:
+            return []
+        where, args = self.replay.selection.where(4)
+        rows: list[asyncpg.Record] = await conn.fetch(
+            "SELECT o.id, o.event_id, o.message_key, o.message_value, o.headers,"
+            "  i.follows_event_id::text AS original, ("
+            f"{_storable()} AND {where}) AS selected"
+            "  FROM outbox o JOIN intake_record i USING (event_id)"
+            " WHERE i.follows_event_id = ANY($2::uuid[]) AND i.event_type = 'EventCorrected'"
+            "   AND o.topic = $1 AND NOT EXISTS (SELECT 1 FROM outbox e"
+            "     WHERE e.event_id = o.event_id AND e.topic = o.topic AND e.id < o.id)"
+            " ORDER BY o.id",
+            self.topics.life_events,
+            original_ids,
+            self.replay.upto,
+            *args,
+        )
+        return rows
+
+    def _read(self, row: asyncpg.Record) -> Incoming | None:
+        """The stored event as the router reads it, or ``None`` when the router could not
+        route it either (it dead-lettered it; `tuo dlq` has it)."""
+        record = ConsumerRecord(
+            topic=self.topics.life_events,
+            partition=-1,
+            offset=row["id"],
+            timestamp=0,
+            timestamp_type=0,
+            key=row["message_key"],
+            value=self._open(row["message_value"], row["event_id"]),
+            checksum=None,
+            serialized_key_size=-1,
+            serialized_value_size=-1,
+            headers=[(k, v.encode()) for k, v in json.loads(row["headers"])],
+        )
+        try:
+            return routable(record)
+        except UnroutableEvent:
+            return None
+
+    async def _verified(self, stored: list[_Stored]) -> list[_Stored]:
+        """As the router does: an event whose office signature fails is not sent now."""
+        known = await self.keys.resolve({s.incoming.signed.manifest.key_id for s in stored if s.incoming})
+        checked = []
+        for item in stored:
+            if item.incoming is not None:
+                try:
+                    verify_signature(item.incoming, known)
+                except UnroutableEvent:
+                    item = _Stored(item.event_id, item.selected, None)
+            checked.append(item)
+        return checked
+
     async def _decide(self, rows: list[asyncpg.Record]) -> _Batch:
-        """Today's decision for the named agency on each stored event of the batch."""
+        """Today's decision for the named agency on each stored event of the batch.
+
+        A voided event is never sent, nor its corrections. An original that is sent is
+        followed at once by every correction recorded of it, selected or not, each limited
+        to the fields the agency gets of the original today; a selected correction of a
+        selected original shares that original's outcome."""
         agency = self.replay.agency
-        withheld: Counter[str] = Counter()
-        incoming: list[Incoming] = []
-        for row in rows:
-            record = ConsumerRecord(
-                topic=self.topics.life_events,
-                partition=-1,
-                offset=row["id"],
-                timestamp=0,
-                timestamp_type=0,
-                key=row["message_key"],
-                value=self._open(row["message_value"], row["event_id"]),
-                checksum=None,
-                serialized_key_size=-1,
-                serialized_value_size=-1,
-                headers=[(k, v.encode()) for k, v in json.loads(row["headers"])],
-            )
-            try:
-                incoming.append(routable(record))
-            except UnroutableEvent:
-                withheld[UNROUTABLE] += 1  # the router dead-lettered it too; `tuo dlq` has it
-        known = await self.keys.resolve({i.signed.manifest.key_id for i in incoming})
-        verified = []
-        for item in incoming:
-            try:
-                verify_signature(item, known)  # as the router does: an event it refused is not sent now
-            except UnroutableEvent:
-                withheld[UNROUTABLE] += 1
-                continue
-            verified.append(item)
-        incoming = verified
+        # A correction decided with its selected original is not decided again here.
+        own = [r for r in rows if not r["with_original"]]
+        originals_here = [r["event_id"] for r in own if r["event_type"] not in FOLLOW_UPS]
+        async with self.pool.acquire() as conn:
+            correction_rows = await self._corrections(conn, originals_here)
+        stored = await self._verified(
+            [_Stored(str(r["event_id"]), True, self._read(r)) for r in own]
+            + [_Stored(str(r["event_id"]), r["selected"], self._read(r)) for r in correction_rows]
+        )
+        mine, fixes = stored[: len(own)], stored[len(own) :]
+        corrections: dict[str, list[_Stored]] = {}
+        for row, fix in zip(correction_rows, fixes, strict=True):
+            corrections.setdefault(row["original"], []).append(fix)
+        incoming = [s.incoming for s in mine if s.incoming is not None]
         follows = [i.follows[0] for i in incoming if i.follows]
-        followed = set(follows)
         async with self.pool.acquire() as conn:
             # Read now, for this batch: a withdrawal confirmed before this read stops delivery.
             now: datetime = await conn.fetchval("SELECT clock_timestamp()")
             # The agency's own subscriptions are all its decision depends on.
             subscriptions = [s for s in await load_subscriptions(conn) if s.agency == agency]
+            voided = await _voided(conn, [*(str(i) for i in originals_here), *follows])
             originals = await _originals(conn, follows, agency)
-            for event_id in follows:
-                if event_id in self.would_have_sent and not originals.get(event_id, ("", []))[1]:
-                    originals[event_id] = self.would_have_sent[event_id]
             consent = await current_consent(
                 conn,
                 [
@@ -561,62 +649,113 @@ class Replayer:
                     for i in incoming
                 ],
             )
-        copies: list[Outgoing] = []
-        delivered: list[tuple[uuid.UUID, str, str, list[str]]] = []
-        for item in incoming:
-            event = item.event
-            if item.follows is None:
-                mine = [
-                    d
-                    for d in decide(
-                        event,
-                        subscriptions,
-                        consent.get((event.subject_id, event.event_type), {}),
-                        now,
-                        POLICY,
-                    )
-                    if d.agency == agency
-                ]
-            else:
-                original = originals.get(item.follows[0])
-                if original is None or original[0] != item.follows[1]:
-                    withheld[UNROUTABLE] += 1
-                    continue
-                if not any(s.event_type == original[0] and s.in_force(now) for s in subscriptions):
-                    # No longer subscribed to what it corrects: today's subscriptions decide.
-                    withheld[Outcome.WITHHELD_NO_SUBSCRIPTION.value] += 1
-                    continue
-                mine = decide_follow_up(
-                    event,
-                    original[0],
-                    original[1],
-                    [agency],
-                    consent.get((event.subject_id, original[0]), {}),
-                    POLICY,
-                )
-            decision = mine[0] if mine else None
-            if decision is None or not decision.delivers:
-                withheld[decision.outcome.value if decision else Outcome.WITHHELD_NO_SUBSCRIPTION.value] += 1
-                continue
-            copy = self._copy(item, decision)
-            copies.append(copy)
-            delivered.append(
+        batch = _Batch(rows[-1]["id"], [], [], 0, 0, Counter())
+
+        def send(item: Incoming, decision: RoutingDecision, selected: bool) -> None:
+            batch.copies.append(self._copy(item, decision))
+            batch.delivered.append(
                 (
-                    uuid.UUID(event.event_id),
+                    uuid.UUID(item.event.event_id),
                     agency,
                     decision.legal_basis or "",
                     sorted(decision.fields_delivered),
                 )
             )
-            sent_now = (
-                event.event_type,
-                [OriginalDelivery(agency, decision.legal_basis, decision.fields_delivered)],
-            )
-            if event.event_id in followed:
-                originals[event.event_id] = sent_now  # a correction later in this batch follows it
-            if self.replay.dry_run and item.follows is None:
-                self.would_have_sent[event.event_id] = sent_now
-        return _Batch(rows[-1]["id"], copies, delivered, withheld, len(rows))
+            if selected:
+                batch.sent += 1
+            else:
+                batch.corrections_sent += 1
+
+        for entry in mine:
+            item = entry.incoming
+            fixes_of = corrections.get(entry.event_id, [])
+            if item is None:
+                # Not routable: its selected corrections are not sent without it either.
+                batch.withheld[UNROUTABLE] += 1 + sum(f.selected for f in fixes_of)
+                continue
+            event = item.event
+            if item.follows is None:
+                if event.event_id in voided:
+                    batch.withheld[VOIDED] += 1 + sum(f.selected for f in fixes_of)
+                    continue
+                decision = next(
+                    (
+                        d
+                        for d in decide(
+                            event,
+                            subscriptions,
+                            consent.get((event.subject_id, event.event_type), {}),
+                            now,
+                            POLICY,
+                        )
+                        if d.agency == agency
+                    ),
+                    None,
+                )
+                if decision is None or not decision.delivers:
+                    outcome = decision.outcome.value if decision else Outcome.WITHHELD_NO_SUBSCRIPTION.value
+                    batch.withheld[outcome] += 1 + sum(f.selected for f in fixes_of)
+                    continue
+                send(item, decision, selected=True)
+                # Its corrections, in recorded order, right behind it on the same partition.
+                sent_now = [OriginalDelivery(agency, decision.legal_basis, decision.fields_delivered)]
+                for fix in fixes_of:
+                    if fix.incoming is None:
+                        outcome = UNROUTABLE
+                    else:
+                        follow_up = self._follow_up(fix.incoming, event.event_type, sent_now, consent)
+                        if follow_up.delivers:
+                            send(fix.incoming, follow_up, fix.selected)
+                            continue
+                        outcome = follow_up.outcome.value
+                    if fix.selected:
+                        batch.withheld[outcome] += 1
+                    else:  # not selected, so not counted; the operator may want to know
+                        log.warning(
+                            "replay_correction_not_sent",
+                            replay_id=self.replay.id,
+                            event_id=fix.event_id,
+                            outcome=outcome,
+                        )
+                continue
+            # A void, or a correction whose original is not selected: it goes only where
+            # the original is already held, and a correction of a voided event never goes.
+            original = originals.get(item.follows[0])
+            if original is None or original[0] != item.follows[1]:
+                batch.withheld[UNROUTABLE] += 1
+                continue
+            if event.event_type == "EventCorrected" and item.follows[0] in voided:
+                batch.withheld[VOIDED] += 1
+                continue
+            if not any(s.event_type == original[0] and s.in_force(now) for s in subscriptions):
+                # No longer subscribed to what it corrects: today's subscriptions decide.
+                batch.withheld[Outcome.WITHHELD_NO_SUBSCRIPTION.value] += 1
+                continue
+            follow_up = self._follow_up(item, original[0], original[1], consent)
+            if not follow_up.delivers:
+                batch.withheld[follow_up.outcome.value] += 1
+                continue
+            send(item, follow_up, selected=True)
+        return batch
+
+    def _follow_up(
+        self,
+        item: Incoming,
+        original_type: str,
+        deliveries: list[OriginalDelivery],
+        consent: Mapping[tuple[str, str], Mapping[str, ConsentState]],
+    ) -> RoutingDecision:
+        """The router's decision on a correction or void for this agency: it goes only
+        where the original is held, within the fields the agency got of it."""
+        (decision,) = decide_follow_up(  # one agency asked about, so one decision
+            item.event,
+            original_type,
+            deliveries,
+            [self.replay.agency],
+            consent.get((item.event.subject_id, original_type), {}),
+            POLICY,
+        )
+        return decision
 
     def _open(self, sealed: bytes, event_id: uuid.UUID) -> bytes:
         try:
@@ -667,6 +806,7 @@ class Replayer:
                 )
             await conn.execute(
                 "UPDATE replay SET position = $2, examined = examined + $3, sent = sent + $4,"
+                " corrections_sent = corrections_sent + $6,"
                 " withheld = (SELECT coalesce(jsonb_object_agg(k, v), '{}'::jsonb) FROM ("
                 "   SELECT k, sum(v)::bigint AS v FROM ("
                 "     SELECT key AS k, value::bigint AS v FROM jsonb_each_text(withheld)"
@@ -676,14 +816,29 @@ class Replayer:
                 replay_id,
                 batch.position,
                 batch.examined,
-                len(batch.delivered),
+                batch.sent,
                 json.dumps(dict(batch.withheld)),
+                batch.corrections_sent,
             )
 
 
 async def _refuse_if_suspended(conn: asyncpg.Connection, agency: str) -> None:
     if await conn.fetchval("SELECT status FROM agency_account WHERE agency = $1", agency) == "suspended":
         raise ReplayRefused(f"{agency} is suspended; reinstate it before replaying to it")
+
+
+async def _voided(conn: asyncpg.Connection, event_ids: list[str]) -> set[str]:
+    """Those of these events that have been voided: an EventVoided is on the outbox for
+    them, whether or not it lies in the replay's selection or was published yet."""
+    if not event_ids:
+        return set()
+    rows = await conn.fetch(
+        "SELECT DISTINCT v.follows_event_id::text AS voided"
+        "  FROM intake_record v JOIN outbox o USING (event_id)"
+        " WHERE v.follows_event_id = ANY($1::uuid[]) AND v.event_type = 'EventVoided'",
+        event_ids,
+    )
+    return {r["voided"] for r in rows}
 
 
 async def _originals(

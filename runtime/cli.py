@@ -906,6 +906,7 @@ WITHHELD_LABELS = {
     "WITHHELD_NO_SUBSCRIPTION": "not subscribed today",
     "BLOCKED": "blocked by policy",
     replay.UNROUTABLE: "not routable (see `tuo dlq list`)",
+    replay.VOIDED: "voided (never replayed)",
 }
 
 
@@ -1007,10 +1008,23 @@ def replay_list(
             found.requested_by,
             found.reason,
             status,
-            f"{found.tally.sent:,}",
+            f"{found.tally.sent:,}" + _corrections_words(found.tally, brief=True),
             _withheld_words(found.tally),
         )
     console.print(table)
+
+
+def _corrections_words(tally: replay.Tally, *, brief: bool = False, verb: str = "sent") -> str:
+    """Corrections outside the selection that went with their originals, if any."""
+    n = tally.corrections_sent
+    if not n:
+        return ""
+    if brief:
+        return f" + {n:,} correction{'s' if n != 1 else ''}"
+    return (
+        f", and {n:,} correction{'s' if n != 1 else ''} from outside the selection {verb}"
+        " with their originals"
+    )
 
 
 def _withheld_words(tally: replay.Tally) -> str:
@@ -1063,8 +1077,8 @@ def _run_replay(settings: Settings, prepare: Callable[[asyncpg.Pool], Awaitable[
     tally = done.tally
     verb = "would be sent" if done.dry_run else "sent"
     console.print(
-        f"{tally.sent:,} of {tally.examined:,} events {verb} to {done.agency};"
-        f" withheld: {_withheld_words(tally)}."
+        f"{tally.sent:,} of {tally.examined:,} events {verb} to {done.agency}"
+        f"{_corrections_words(tally, verb=verb)}; withheld: {_withheld_words(tally)}."
     )
     if done.status != "finished":
         console.print(f"Stopped before the end. Carry on with `tuo replay resume {done.id}`.")

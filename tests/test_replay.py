@@ -23,6 +23,7 @@ import pytest
 
 from citizens.data_tracker import received
 from consumers.sdk import AgencyConsumer, DeliveredEvent
+from producers.accounts import issue_token
 from producers.store import event_status
 from router import replay
 from router.replay import REPLAY_ID_HEADER, ReplayRefused, Selection
@@ -647,3 +648,191 @@ async def test_a_stored_event_whose_signature_does_not_verify_is_not_replayed(
     assert code == 0, output
     assert "0 of 1 events sent" in output and "1 not routable" in output, output
     assert await _replayed(services, agency, _replay_id(output)) == []
+
+
+@pytest.mark.integration
+async def test_a_voided_event_is_never_replayed_and_a_corrected_one_goes_with_its_corrections(
+    bus: RunningBus,
+    services: Settings,
+    pool: asyncpg.Pool,
+    intake: httpx.AsyncClient,
+    onboarded: list[str],
+) -> None:
+    since = datetime.now(UTC)
+    plain, voided, corrected = await _register_deaths(intake, 3, lambda i: [])
+    until = datetime.now(UTC)  # the void and the corrections are recorded after this
+    supervisor = await issue_token(pool, "leeds", "supervisor", "test supervisor system")
+    async with httpx.AsyncClient(
+        base_url=str(intake.base_url), timeout=10, headers={"Authorization": f"Bearer {supervisor}"}
+    ) as as_supervisor:
+        response = await as_supervisor.post(
+            f"/v1/events/{voided['reference']}/void", json={"reason": "registered in error"}
+        )
+    assert response.status_code == 201, response.text
+    void = response.json()
+    fixes = []
+    for changes in (
+        [
+            {"field": "deceased.date_of_birth", "value": "1941-03-12"},
+            {"field": "place_of_death", "value": "St James's University Hospital"},
+        ],
+        [
+            {"field": "place_of_death", "value": "Leeds General Infirmary"},
+            {"field": "deceased.family_name", "value": "Exampleton"},
+        ],
+    ):
+        response = await intake.post(
+            f"/v1/events/{corrected['reference']}/corrections",
+            json={"changes": changes, "reason": "misread the certificate"},
+        )
+        assert response.status_code == 201, response.text
+        fixes.append(response.json())
+    await _published(pool, [plain, voided, corrected, void, *fixes])
+
+    # A new agency that may know who died and when, not where; every family consents online.
+    agency = _agency_name()
+    await _consent_agency(services, pool, agency, onboarded)
+    await upsert_subscription(
+        pool,
+        agency=agency,
+        event_type="DeathRegistered",
+        legal_basis="consent",
+        statute=None,
+        fields=["deceased", "date_of_death"],
+        condition=None,
+    )
+    for event in (plain, voided, corrected):
+        await _consent_online(pool, event["event_id"], agency)
+    # Narrow selections, by time and type, then by reference and type: the void and both
+    # corrections lie outside them.
+    by_time = ["--since", since.isoformat(), "--until", until.isoformat()]
+    selection = [
+        *(arg for e in (plain, voided, corrected) for arg in ("-r", e["reference"])),
+        "--event-type",
+        "DeathRegistered",
+    ]
+
+    code, output = await _tuo(
+        services,
+        "replay",
+        "run",
+        agency,
+        *by_time,
+        "--event-type",
+        "DeathRegistered",
+        "--dry-run",
+        "--reason",
+        "onboarding, first a look",
+    )
+    assert code == 0, output
+    said = " ".join(output.split())
+    assert "2 of 3 events would be sent" in said, output
+    assert "2 corrections from outside the selection would be sent with their originals" in said, output
+    assert "withheld: 1 voided (never replayed)" in said, output
+    dry = _replay_id(output)
+    assert await _replayed(services, agency, dry) == [], "a dry run sends nothing"
+    row = await pool.fetchrow("SELECT * FROM replay WHERE id = $1", uuid.UUID(dry))
+    assert row["dry_run"] and (row["examined"], row["sent"], row["corrections_sent"]) == (3, 2, 2)
+    assert json.loads(row["withheld"]) == {"VOIDED": 1}
+    assert await pool.fetchval("SELECT count(*) FROM replay_delivery WHERE replay_id = $1", row["id"]) == 0
+
+    async with _agency_consumer(services, pool, agency) as applied:
+        code, output = await _tuo(services, "replay", "run", agency, *selection, "--reason", "onboarding")
+        assert code == 0, output
+        said = " ".join(output.split())
+        assert "2 of 3 events sent" in said and "withheld: 1 voided (never replayed)" in said, output
+        assert "2 corrections from outside the selection sent with their originals" in said, output
+        replay_id = _replay_id(output)
+        expected = {plain["event_id"], corrected["event_id"], *(f["event_id"] for f in fixes)}
+        # The SDK checks the office's signature on every copy, corrections included, and applies it.
+        await eventually(
+            lambda: _true_when(set(applied) == expected), timeout=90, what="the replayed events applied"
+        )
+
+    records = await read_topic(services, Topics(services.topic_prefix).agency(agency))
+    ours = [r for r in records if header(r, REPLAY_ID_HEADER) == replay_id]
+    on_topic = [header(r, "ce_id") or "" for r in ours]
+    assert voided["event_id"] not in on_topic and void["event_id"] not in on_topic, "the voided event stays"
+    assert sorted(on_topic) == sorted(expected)
+    # The corrected event first, then its corrections in the order they were recorded (one
+    # subject, so one partition, read in order).
+    story = [r for r in ours if header(r, "ce_id") in expected - {plain["event_id"]}]
+    assert [header(r, "ce_id") for r in story] == [corrected["event_id"], *(f["event_id"] for f in fixes)]
+    first, fix1, fix2 = (decode(r.value or b"")[1] for r in story)
+    assert first["deceased"]["family_name"] == "Example" and first["place_of_death"] is None
+    assert [c["field"] for c in fix1["changes"]] == ["deceased.date_of_birth"], "only fields it gets now"
+    assert [c["field"] for c in fix2["changes"]] == ["deceased.family_name"], "only fields it gets now"
+    assert all(m["envelope"]["subject"]["nino"] is None for m in (first, fix1, fix2))
+    assert "St James" not in str(fix1) and "Infirmary" not in str(fix2)
+    # On record: the counts, and every message sent (the two corrections included).
+    row = await pool.fetchrow("SELECT * FROM replay WHERE id = $1", uuid.UUID(replay_id))
+    assert (row["examined"], row["sent"], row["corrections_sent"]) == (3, 2, 2)
+    assert json.loads(row["withheld"]) == {"VOIDED": 1}
+    delivered = await pool.fetch(
+        "SELECT event_id::text AS event_id FROM replay_delivery WHERE replay_id = $1", row["id"]
+    )
+    assert {d["event_id"] for d in delivered} == expected
+    code, output = await _tuo(services, "replay", "list")
+    listed = next(line for line in output.splitlines() if replay_id in line)
+    assert "2 + 2 corrections" in listed and "voided" in listed, output
+
+
+@pytest.mark.integration
+async def test_a_correction_of_a_voided_event_is_not_replayed_and_corrections_follow_across_batches(
+    bus: RunningBus,
+    services: Settings,
+    pool: asyncpg.Pool,
+    intake: httpx.AsyncClient,
+    onboarded: list[str],
+) -> None:
+    agency = _agency_name()
+    await _consent_agency(services, pool, agency, onboarded)
+    # Both deaths reach the agency through the router (the informant consents), then each is
+    # corrected, and the first is voided after its correction.
+    struck, kept = await _register_deaths(intake, 2, lambda i: [agency])
+    fixes = []
+    for event in (struck, kept):
+        response = await intake.post(
+            f"/v1/events/{event['reference']}/corrections",
+            json={"changes": [{"field": "place_of_death", "value": "Home"}], "reason": "misread"},
+        )
+        assert response.status_code == 201, response.text
+        fixes.append(response.json())
+    struck_fix, kept_fix = fixes
+    supervisor = await issue_token(pool, "leeds", "supervisor", "test supervisor system")
+    async with httpx.AsyncClient(
+        base_url=str(intake.base_url), timeout=10, headers={"Authorization": f"Bearer {supervisor}"}
+    ) as as_supervisor:
+        response = await as_supervisor.post(
+            f"/v1/events/{struck['reference']}/void", json={"reason": "registered in error"}
+        )
+    assert response.status_code == 201, response.text
+    void = response.json()
+    await _published(pool, [struck, kept, *fixes, void])
+
+    # Only the correction of the voided event: it is part of that event, so it never goes.
+    code, output = await _tuo(
+        services, "replay", "run", agency, "-r", struck_fix["reference"], "--reason", "lost the fix"
+    )
+    assert code == 0 and "0 of 1 events sent" in output and "1 voided" in output, output
+    assert await _replayed(services, agency, _replay_id(output)) == []
+
+    # Everything, one stored event a batch: a correction's own batch comes after its
+    # original's, which already sent it (or withheld it) and counted it.
+    everything = [arg for e in (struck, kept, *fixes, void) for arg in ("-r", e["reference"])]
+    code, output = await _tuo(
+        services, "replay", "run", agency, *everything, "--rate", "1", "--reason", "agency lost a day"
+    )
+    assert code == 0, output
+    said = " ".join(output.split())
+    assert "3 of 5 events sent" in said and "withheld: 2 voided (never replayed)" in said, output
+    assert "from outside the selection" not in said, output
+    replay_id = _replay_id(output)
+    on_topic = await _replayed(services, agency, replay_id)
+    # The void goes again (the agency holds the original from the router); the voided event
+    # and its correction do not; the kept event is followed by its correction, once.
+    assert sorted(on_topic) == sorted([void["event_id"], kept["event_id"], kept_fix["event_id"]])
+    assert on_topic.index(kept["event_id"]) < on_topic.index(kept_fix["event_id"])
+    row = await pool.fetchrow("SELECT * FROM replay WHERE id = $1", uuid.UUID(replay_id))
+    assert (row["examined"], row["sent"], row["corrections_sent"]) == (5, 3, 0)
+    assert json.loads(row["withheld"]) == {"VOIDED": 2}

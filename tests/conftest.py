@@ -32,7 +32,13 @@ from runtime.settings import Settings
 from runtime.stack import LocalStack
 from runtime.stack.processes import free_port
 from schemas.validation import today_in_the_uk
-from tests.support import docker_engine_reachable, grant_inspector, settings_from_stack, test_backend
+from tests.support import (
+    docker_engine_reachable,
+    grant_inspector,
+    known_deceased,
+    settings_from_stack,
+    test_backend,
+)
 
 PROJECT = Path(__file__).resolve().parent.parent
 CACHE_DIR = PROJECT / ".tuo" / "cache"
@@ -103,6 +109,7 @@ async def pool(services: Settings) -> AsyncIterator[asyncpg.Pool]:
     await seed_offices(pool)  # leeds, bradford, online
     # The reference agencies know the demo's people, who include death_registration()'s.
     await seed_agency_records(pool, today_in_the_uk())
+    await known_deceased(pool)  # each death_registration()'s own NINO
     await onboard_subscribed_agencies(services, pool, by="tests")
     yield pool
     await pool.close()

@@ -193,12 +193,12 @@ async def _claim(conn: asyncpg.Connection, event: NewEvent) -> None:
         return
     holders = await conn.fetch(
         # Locked, so that the registration overridden cannot be voided under us.
-        "SELECT DISTINCT i.reference FROM registration_claim c JOIN intake_record i USING (event_id)"
+        "SELECT i.reference FROM registration_claim c JOIN intake_record i USING (event_id)"
         " WHERE c.claim = ANY($1::text[]) AND c.released_at IS NULL AND NOT c.overridden"
         "   FOR UPDATE OF c",
         list(event.claims),
     )
-    duplicated = sorted(r["reference"] for r in holders)
+    duplicated = sorted({r["reference"] for r in holders})
     if event.override.existing_reference not in duplicated:
         raise NothingToOverride(duplicated)
     await conn.executemany(

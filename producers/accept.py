@@ -24,7 +24,7 @@ import structlog
 from pydantic import Field, TypeAdapter, ValidationError
 
 from producers.accounts import Submitter
-from producers.duplicates import NothingToOverride, registration_claims
+from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
 from producers.office_keys import active_key
 from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
 from producers.store import NewEvent, Override, Recorded, consent_agencies, original_event, record_event
@@ -152,7 +152,7 @@ class Intake:
         key = self.settings.require_pseudonym_key()
         subject = subject_id_for(person.nino, key)
         try:
-            return await self._record(
+            recorded = await self._record(
                 event_type=submission.event_type,
                 submitter=submitter,
                 idempotency_key=idempotency_key,
@@ -170,6 +170,14 @@ class Intake:
                 claims=tuple(registration_claims(submission, subject, key)),
                 override=None if override is None else Override(override.existing_reference, override.reason),
             )
+        except DuplicateRegistration as exc:
+            log.info(
+                "registration_refused_as_duplicate",
+                event_type=submission.event_type,
+                existing_reference=exc.existing_reference,
+                office=submitter.office,
+            )
+            raise
         except NothingToOverride as exc:
             duplicated = (
                 f"it duplicates {', '.join(exc.duplicated)}"
@@ -184,6 +192,14 @@ class Intake:
                     }
                 ]
             ) from None
+        if override is not None and recorded.created:  # the reason is free text: kept, not logged
+            log.info(
+                "duplicate_registration_overridden",
+                event_id=str(recorded.event_id),
+                existing_reference=override.existing_reference,
+                recorded_by=submitter.recorded_by,
+            )
+        return recorded
 
     async def correct(
         self, reference: str, request: CorrectionRequest, submitter: Submitter, idempotency_key: str | None

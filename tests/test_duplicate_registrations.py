@@ -10,6 +10,7 @@ the registrars' form says the same. Against the real bus and database.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
@@ -22,6 +23,7 @@ import pytest
 from producers.accounts import issue_token
 from producers.duplicates import registration_claims
 from producers.requests import BirthRegistration, DeathRegistration
+from runtime.cli import _submit_demo
 from runtime.services import RunningBus
 from runtime.settings import Settings
 from tests.support import death_registration, random_nino, today
@@ -532,3 +534,23 @@ async def test_a_supervisor_records_a_duplicate_death_on_the_form_with_a_reason(
         "reason": "Coroner ordered a second registration",
         "overridden_by": f"registrar:{username}",
     }
+
+
+# --- The demo, run again on the data it kept ------------------------------------------------
+
+
+async def test_the_demo_run_again_shows_its_death_and_birth_as_already_registered(
+    bus: RunningBus, pool: asyncpg.Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = await issue_token(pool, "leeds", "registrar", f"demo again {uuid.uuid4().hex[:6]}")
+    base = f"http://127.0.0.1:{bus.http_port}"
+    await _submit_demo(base, token, wait_seconds=5)
+    first = capsys.readouterr().out
+    await _submit_demo(base, token, wait_seconds=5)  # before this change: DemoRefused (409)
+    second = capsys.readouterr().out
+    # Each run names its three references first (and then again beside each status table).
+    references = list(dict.fromkeys(re.findall(r"TUO-[0-9]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}", first)))
+    again = list(dict.fromkeys(re.findall(r"TUO-[0-9]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}", second)))
+    assert len(references) == len(again) == 3
+    assert again[:2] == references[:2], "the death and the birth already registered are shown"
+    assert again[2] != references[2], "a second change of address is another event"

@@ -554,3 +554,26 @@ async def test_the_demo_run_again_shows_its_death_and_birth_as_already_registere
     assert len(references) == len(again) == 3
     assert again[:2] == references[:2], "the death and the birth already registered are shown"
     assert again[2] != references[2], "a second change of address is another event"
+
+
+async def test_an_override_on_the_form_after_the_first_was_voided_says_what_changed(
+    browser: httpx.AsyncClient, bus: RunningBus, pool: asyncpg.Pool
+) -> None:
+    answers = death_answers()
+    await signed_in(browser, pool)
+    first = (await send(browser, await to_check_page(browser, answers))).headers["location"]
+    first = first.removeprefix("/registrations/")
+    username = await signed_in(browser, pool, role="supervisor")
+    refused = await send(browser, await to_check_page(browser, answers))
+    assert refused.status_code == 409
+    token = await issue_token(pool, OFFICE, "supervisor", f"web void {uuid.uuid4().hex[:6]}")
+    async with _client(bus, token) as api:
+        voided = await api.post(f"/v1/events/{first}/void", json={"reason": "wrong person"})
+    assert voided.status_code == 201, voided.text
+    late = await send(
+        browser, refused, existing_reference=first, existing_office=OFFICE, override_reason="coroner asked"
+    )
+    assert late.status_code == 422
+    assert "The registration to record over has changed" in late.text
+    assert 'href="#send"' in late.text and "Accept and send" in late.text, "it may now simply be sent"
+    assert await records_by(pool, username) == 0

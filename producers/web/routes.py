@@ -465,6 +465,16 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
             )
         ]
 
+    def only_a_supervisor(who: SignedIn, form: RegistrationForm) -> Response:
+        return page(
+            "message.html",
+            who,
+            403,
+            title="Only a supervisor can record a registration again",
+            lines=["Nothing has been recorded. Ask a supervisor to record it."],
+            link=(f"{form.href()}/check", "Back to the answers"),
+        )
+
     @router.post("/register/{slug}/check")
     async def send(request: Request, slug: str) -> Response:
         form = _form(slug)
@@ -498,14 +508,7 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         reason = _WHITESPACE.sub(" ", values.get("override_reason", "")).strip()
         if overriding:
             if not who.submitter.may_override_duplicates:
-                return page(
-                    "message.html",
-                    who,
-                    403,
-                    title="Only a supervisor can record a registration again",
-                    lines=["Nothing has been recorded. Ask a supervisor to record it."],
-                    link=(f"{form.href()}/check", "Back to the answers"),
-                )
+                return only_a_supervisor(who, form)
             try:
                 override = DuplicateOverride(existing_reference=values["existing_reference"], reason=reason)
             except ValidationError as exc:
@@ -529,30 +532,14 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         except DuplicateRegistration as exc:
             return check_page(who, form, draft, choices, consents, 409, duplicate_errors(who, exc), exc)
         except NotPermitted:
-            return page(
-                "message.html",
-                who,
-                403,
-                title="Only a supervisor can record a registration again",
-                lines=["Nothing has been recorded. Ask a supervisor to record it."],
-                link=(f"{form.href()}/check", "Back to the answers"),
-            )
+            return only_a_supervisor(who, form)
         except SubmissionRejected as exc:
             if any(e["field"].startswith("duplicate_override") for e in exc.errors):
                 # The registration it duplicated was voided meanwhile, or another now stands in the way.
-                lines = [e["message"] for e in exc.errors]
+                changed = "; ".join(e["message"] for e in exc.errors)
+                message = f"The registration to record over has changed: {changed}"
                 return check_page(
-                    who,
-                    form,
-                    draft,
-                    choices,
-                    consents,
-                    422,
-                    [
-                        FieldError(
-                            f"The registration to record over has changed: {'; '.join(lines)}", None, "#"
-                        )
-                    ],
+                    who, form, draft, choices, consents, 422, [FieldError(message, None, "#send")]
                 )
             return details_page(who, form, draft["answers"], form.errors_at(exc.errors))
         except IdempotencyConflict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import socket
 import statistics
 import sys
@@ -39,7 +40,7 @@ from runtime.database import migrate, open_pool
 from runtime.demo import seed_offices
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
-from tests.support import death_registration, random_nino
+from tests.support import death_registration
 
 
 def _free_port() -> int:
@@ -106,9 +107,9 @@ async def measure(settings: Settings, env: dict[str, str], events: int, concurre
                 if time.monotonic() > deadline:
                     raise RuntimeError("the intake service did not start")
                 await asyncio.sleep(0.2)
-            bodies = [
-                death_registration(deceased={**_person(), "nino": random_nino()}) for _ in range(events)
-            ]
+            # Every death another person: intake refuses the same NINO's death twice.
+            ninos = (f"CE{n % 1_000_000:06d}{'ABCD'[n // 1_000_000 % 4]}" for n in itertools.count())
+            bodies = [death_registration(deceased={**_person(), "nino": next(ninos)}) for _ in range(events)]
             warm = min(500, events // 5)
             await _load(client, warm, concurrency, lambda: client.get("/healthz"))
             await _load(
@@ -120,9 +121,7 @@ async def measure(settings: Settings, env: dict[str, str], events: int, concurre
                 *await _load(client, events, concurrency, lambda: client.get("/healthz")),
             )
             accepted_before = await pool.fetchval("SELECT count(*) FROM intake_record")
-            bodies = [
-                death_registration(deceased={**_person(), "nino": random_nino()}) for _ in range(events)
-            ]
+            bodies = [death_registration(deceased={**_person(), "nino": next(ninos)}) for _ in range(events)]
             wall, latencies = await _load(
                 client, events, concurrency, lambda: client.post("/v1/death-registrations", json=bodies.pop())
             )

@@ -24,9 +24,10 @@ import structlog
 from pydantic import Field, TypeAdapter, ValidationError
 
 from producers.accounts import Submitter
+from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
 from producers.office_keys import active_key
-from producers.requests import ConsentChoice, Strict, Submission
-from producers.store import NewEvent, Recorded, consent_agencies, original_event, record_event
+from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
+from producers.store import NewEvent, Override, Recorded, consent_agencies, original_event, record_event
 from runtime.kafka import Topics
 from runtime.metrics import EVENTS_ACCEPTED
 from runtime.sealing import PayloadSealer
@@ -126,7 +127,12 @@ class Intake:
         idempotency_key: str | None,
         channel: Literal["desk", "phone", "online", "system"] | None = None,
     ) -> Recorded:
-        """Record a birth, death or change of address."""
+        """Record a birth, death or change of address; a death or birth already
+        registered is refused (``DuplicateRegistration``) unless a supervisor overrides."""
+        override = getattr(submission, "duplicate_override", None)
+        assert override is None or isinstance(override, DuplicateOverride)
+        if override is not None and not submitter.may_override_duplicates:
+            raise NotPermitted("only a supervisor may record a registration that duplicates an existing one")
         if submission.registration_office not in (None, submitter.office):
             raise SubmissionRejected(
                 [{"field": "registration_office", "message": "is not the office your credentials are for"}]
@@ -143,19 +149,57 @@ class Intake:
         if errors:
             raise SubmissionRejected(errors)
         person = submission.subject()
-        subject = subject_id_for(person.nino, self.settings.require_pseudonym_key())
-        return await self._record(
-            event_type=submission.event_type,
-            submitter=submitter,
-            idempotency_key=idempotency_key,
-            fingerprint_of=submission.model_dump(mode="json"),
-            subject=models.SubjectIdentifiers(subject_id=subject, nino=person.nino),
-            occurred_at=submission.occurred_at(),
-            informant=models.Informant(**submission.informant.model_dump()),
-            channel=channel or submission.channel,
-            body=lambda envelope: submission.contract(envelope).avro(),
-            consents=submission.consents,
-        )
+        key = self.settings.require_pseudonym_key()
+        subject = subject_id_for(person.nino, key)
+        try:
+            recorded = await self._record(
+                event_type=submission.event_type,
+                submitter=submitter,
+                idempotency_key=idempotency_key,
+                # Without an override the fingerprint is as it was before overrides existed,
+                # so that a retry across an upgrade still finds its first submission.
+                fingerprint_of=submission.model_dump(
+                    mode="json", exclude={"duplicate_override"} if override is None else None
+                ),
+                subject=models.SubjectIdentifiers(subject_id=subject, nino=person.nino),
+                occurred_at=submission.occurred_at(),
+                informant=models.Informant(**submission.informant.model_dump()),
+                channel=channel or submission.channel,
+                body=lambda envelope: submission.contract(envelope).avro(),
+                consents=submission.consents,
+                claims=tuple(registration_claims(submission, subject, key)),
+                override=None if override is None else Override(override.existing_reference, override.reason),
+            )
+        except DuplicateRegistration as exc:
+            log.info(
+                "registration_refused_as_duplicate",
+                event_type=submission.event_type,
+                existing_reference=exc.existing_reference,
+                office=submitter.office,
+            )
+            raise
+        except NothingToOverride as exc:
+            duplicated = (
+                f"it duplicates {', '.join(exc.duplicated)}"
+                if exc.duplicated
+                else "it duplicates no current registration; send it without duplicate_override"
+            )
+            raise SubmissionRejected(
+                [
+                    {
+                        "field": "duplicate_override.existing_reference",
+                        "message": f"is not a registration this one duplicates ({duplicated})",
+                    }
+                ]
+            ) from None
+        if override is not None and recorded.created:  # the reason is free text: kept, not logged
+            log.info(
+                "duplicate_registration_overridden",
+                event_id=str(recorded.event_id),
+                existing_reference=override.existing_reference,
+                recorded_by=submitter.recorded_by,
+            )
+        return recorded
 
     async def correct(
         self, reference: str, request: CorrectionRequest, submitter: Submitter, idempotency_key: str | None
@@ -267,6 +311,8 @@ class Intake:
         body: Any,
         consents: list[ConsentChoice],
         follows: uuid.UUID | None = None,
+        claims: tuple[str, ...] = (),
+        override: Override | None = None,
     ) -> Recorded:
         now = datetime.now(UTC)
         event_id = uuid.uuid4()
@@ -313,6 +359,10 @@ class Intake:
                 request_fingerprint=fingerprint,
                 consents=[(c.agency, c.choice) for c in consents],
                 follows_event_id=follows,
+                claims=claims,
+                override=override,
+                # A voided registration no longer stands in the way of a new one.
+                releases_claims_of=follows if event_type == "EventVoided" else None,
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
                 message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest

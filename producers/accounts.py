@@ -4,9 +4,10 @@ password (argon2id), and API clients holding a bearer token bound to an office.
 Every submission is made by a ``Submitter``: the office it is recorded for, the
 role that decides what it may do, and the name written into the event's
 provenance. No role sees another office's events: a supervisor is a registrar
-who may also void. A token may instead have the ``monitoring`` role, for a
-system that scrapes ``/metrics`` (counts per agency, no personal data): it can
-neither submit nor look up events.
+who may also void, and record a death or birth that is already registered. A
+token may instead have the ``monitoring`` role, for a system that scrapes
+``/metrics`` (counts per agency, no personal data): it can neither submit nor
+look up events.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class Submitter:
 
     @property
     def may_void(self) -> bool:
+        return self.role == "supervisor"
+
+    @property
+    def may_override_duplicates(self) -> bool:
+        """Record a death or birth that is already registered (with a reason)."""
         return self.role == "supervisor"
 
 

@@ -41,11 +41,12 @@ from producers.accept import (
 )
 from producers.accounts import Submitter, TokenHolder, token_holder
 from producers.api_docs import install_api_docs
+from producers.duplicates import DuplicateRegistration
 from producers.key_registry import key_registry_router
 from producers.rate_limit import KnownClients, RateLimiter, Throttle, identify
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
 from producers.security_headers import SecurityHeaders
-from producers.store import IdempotencyConflict, Recorded, event_status
+from producers.store import IdempotencyConflict, Recorded, duplicate_override, event_status
 from producers.web import install_web, too_many_requests_page, unavailable_page, wants_html
 from producers.web.routes import CookiePolicy
 from runtime.database import open_pool
@@ -366,6 +367,10 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
             "This Idempotency-Key was used for a different request; use a new key for a new event.",
         )
 
+    @app.exception_handler(DuplicateRegistration)
+    async def on_duplicate(_: Request, exc: DuplicateRegistration) -> JSONResponse:
+        return already_registered(exc)
+
     async def submit(submission: Submission, client: Submitter, key: str | None) -> JSONResponse:
         return _accepted(await intake().accept(submission, client, key))
 
@@ -407,6 +412,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         found = await event_status(intake().pool, _reference(reference), office=client.office)
         if found is None:
             return _no_such_event()
+        found["duplicate_override"] = await duplicate_override(intake().pool, found["reference"])
         return JSONResponse(found)
 
     @app.get("/metrics", include_in_schema=False)
@@ -446,7 +452,11 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "No or bad token", **_PROBLEM_SCHEMA},
     403: {"description": "Not permitted for this role", **_PROBLEM_SCHEMA},
     404: {"description": "No such event for this office", **_PROBLEM_SCHEMA},
-    409: {"description": "Idempotency-Key reused for a different request", **_PROBLEM_SCHEMA},
+    409: {
+        "description": "Idempotency-Key reused for a different request; or the death or birth is already"
+        " registered (`existing_reference` names it; a supervisor may send `duplicate_override`)",
+        **_PROBLEM_SCHEMA,
+    },
     413: {"description": "Body too large", **_PROBLEM_SCHEMA},
     415: {"description": "Body is not JSON", **_PROBLEM_SCHEMA},
     422: {"description": "Invalid request, each bad field named", **_PROBLEM_SCHEMA},
@@ -457,6 +467,25 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         **_PROBLEM_SCHEMA,
     },
 }
+
+
+ALREADY_REGISTERED = "urn:tuo:problem:already-registered"
+
+
+def already_registered(exc: DuplicateRegistration) -> JSONResponse:
+    """409 naming the registration this one duplicates, and how a supervisor may override."""
+    return problem(
+        409,
+        f"This {exc.what} is already registered",
+        f"This {exc.what} is already registered as {exc.existing_reference} (recorded by the"
+        f" {exc.existing_office} office); nothing was recorded. If it must be recorded again, a supervisor"
+        ' can send it with "duplicate_override": {"existing_reference": "'
+        + exc.existing_reference
+        + '", "reason": "…"}.',
+        type=ALREADY_REGISTERED,
+        existing_reference=exc.existing_reference,
+        existing_office=exc.existing_office,
+    )
 
 
 def _reference(reference: str) -> str:

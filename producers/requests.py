@@ -7,13 +7,22 @@ pseudonymous subject id, provenance). Every rule names the field it concerns.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime, time
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 from schemas import models
-from schemas.validation import AgencyCode, Nino, PastDate, Postcode, Text, Uprn
+from schemas.validation import AgencyCode, Nino, PastDate, Postcode, Text, Uprn, no_control_characters
 
 
 class Strict(BaseModel):
@@ -69,6 +78,36 @@ class ConsentChoice(Strict):
     choice: Literal["given", "refused"]
 
 
+# As producers.accept.new_reference makes them (Crockford base32 without I, L, O, U).
+_REFERENCE = re.compile(r"^TUO-[0-9]{4}-[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}$")
+
+
+def _a_reference(value: str) -> str:
+    value = value.upper()
+    if not _REFERENCE.match(value):
+        raise ValueError("must be a reference number, like TUO-2026-ABCD-EFGH")
+    return value
+
+
+Reference = Annotated[
+    str, StringConstraints(strip_whitespace=True, max_length=40), AfterValidator(_a_reference)
+]
+OverrideReason = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=3, max_length=500),
+    AfterValidator(no_control_characters),
+]
+
+
+class DuplicateOverride(Strict):
+    """A supervisor records a death or birth although it is already registered."""
+
+    existing_reference: Reference = Field(
+        description="The registration this one duplicates, as the 409 answer named it."
+    )
+    reason: OverrideReason = Field(description="Why it must be recorded again (3 to 500 characters).")
+
+
 class Submission(Strict):
     """Fields common to every event type."""
 
@@ -112,6 +151,9 @@ class DeathRegistration(Submission):
     surviving_partner: RelatedPerson | None = Field(default=None, description="Spouse or civil partner.")
     next_of_kin: list[RelatedPerson] = Field(default_factory=list, max_length=10)
     executor: RelatedPerson | None = None
+    duplicate_override: DuplicateOverride | None = Field(
+        default=None, description="Supervisors only: record it although this death is already registered."
+    )
 
     @field_validator("date_of_death")
     @classmethod
@@ -147,6 +189,9 @@ class BirthRegistration(Submission):
     registration_district: Text
     parents: list[RelatedPerson] = Field(min_length=1, max_length=2)
     home_address: Address
+    duplicate_override: DuplicateOverride | None = Field(
+        default=None, description="Supervisors only: record it although this birth is already registered."
+    )
 
     @field_validator("child")
     @classmethod

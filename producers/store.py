@@ -11,7 +11,10 @@ from uuid import UUID
 
 import asyncpg
 
+from producers.duplicates import DuplicateRegistration, NothingToOverride
+
 OUTBOX_CHANNEL = "tuo_outbox"
+CLAIM_HELD = "registration_claim_held"  # the unique index that refuses a second registration
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,14 @@ class Recorded:
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before for a different submission."""
+
+
+@dataclass(frozen=True)
+class Override:
+    """A supervisor's decision to record a registration over an existing one."""
+
+    existing_reference: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,9 @@ class NewEvent:
     message_value: bytes
     headers: list[tuple[str, bytes]]
     follows_event_id: UUID | None = None  # the event a correction or void is about
+    claims: tuple[str, ...] = ()  # what identifies its subject (producers.duplicates)
+    override: Override | None = None
+    releases_claims_of: UUID | None = None  # a void: the registration it frees
 
 
 @dataclass(frozen=True)
@@ -94,54 +108,140 @@ async def _existing(conn: asyncpg.Connection, key: str, fingerprint: str) -> Rec
 
 
 async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
-    """Store the intake record, the informant's consent choices and the outbox row
-    atomically; a repeated idempotency key returns the first submission instead."""
+    """Store the intake record, its claims, the informant's consent choices and the
+    outbox row atomically; a repeated idempotency key returns the first submission
+    instead, and a registration whose claim another holds is refused."""
     async with pool.acquire() as conn:
-        if event.idempotency_key is not None:
-            earlier = await _existing(conn, event.idempotency_key, event.request_fingerprint)
-            if earlier is not None:
+        # Twice at most: a holder voided between our insert and our look-up frees the claim.
+        for attempt in (1, 2):
+            if event.idempotency_key is not None:
+                earlier = await _existing(conn, event.idempotency_key, event.request_fingerprint)
+                if earlier is not None:
+                    return earlier
+            try:
+                async with conn.transaction():
+                    await _insert(conn, event)
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == CLAIM_HELD:
+                    holder = await _holder(conn, event.claims)
+                    if holder is None and attempt == 1:
+                        continue
+                    if holder is None:
+                        raise
+                    raise DuplicateRegistration(event.event_type, *holder) from None
+                # A concurrent request with the same idempotency key won the race.
+                if event.idempotency_key is None:
+                    raise
+                earlier = await _existing(conn, event.idempotency_key, event.request_fingerprint)
+                if earlier is None:
+                    raise
                 return earlier
-        try:
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
-                    " registration_office, recorded_by, idempotency_key, request_fingerprint,"
-                    " recorded_at, follows_event_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                    event.reference,
-                    event.event_id,
-                    event.event_type,
-                    event.subject_id,
-                    event.registration_office,
-                    event.recorded_by,
-                    event.idempotency_key,
-                    event.request_fingerprint,
-                    event.recorded_at,
-                    event.follows_event_id,
-                )
-                await conn.executemany(
-                    "INSERT INTO consent_record (subject_id, agency, event_type, choice,"
-                    " recorded_by) VALUES ($1, $2, $3, $4, 'informant')",
-                    [(event.subject_id, a, event.event_type, c) for a, c in event.consents],
-                )
-                await conn.execute(
-                    "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
-                    " VALUES ($1, $2, $3, $4, $5)",
-                    event.event_id,
-                    event.topic,
-                    event.message_key,
-                    event.message_value,
-                    json.dumps([[k, v.decode()] for k, v in event.headers]),
-                )
-                await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
-        except asyncpg.UniqueViolationError:
-            # A concurrent request with the same idempotency key won the race.
-            if event.idempotency_key is None:
-                raise
-            earlier = await _existing(conn, event.idempotency_key, event.request_fingerprint)
-            if earlier is None:
-                raise
-            return earlier
-    return Recorded(event.reference, event.event_id, event.event_type, created=True)
+            return Recorded(event.reference, event.event_id, event.event_type, created=True)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _insert(conn: asyncpg.Connection, event: NewEvent) -> None:
+    await conn.execute(
+        "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
+        " registration_office, recorded_by, idempotency_key, request_fingerprint,"
+        " recorded_at, follows_event_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        event.reference,
+        event.event_id,
+        event.event_type,
+        event.subject_id,
+        event.registration_office,
+        event.recorded_by,
+        event.idempotency_key,
+        event.request_fingerprint,
+        event.recorded_at,
+        event.follows_event_id,
+    )
+    await _claim(conn, event)
+    await conn.executemany(
+        "INSERT INTO consent_record (subject_id, agency, event_type, choice,"
+        " recorded_by) VALUES ($1, $2, $3, $4, 'informant')",
+        [(event.subject_id, a, event.event_type, c) for a, c in event.consents],
+    )
+    await conn.execute(
+        "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        event.event_id,
+        event.topic,
+        event.message_key,
+        event.message_value,
+        json.dumps([[k, v.decode()] for k, v in event.headers]),
+    )
+    await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+
+
+async def _claim(conn: asyncpg.Connection, event: NewEvent) -> None:
+    """Release a voided registration's claims, or take this registration's: held, or
+    (overridden by a supervisor) recorded beside the holder's, with who, why and over which."""
+    if event.releases_claims_of is not None:
+        await conn.execute(
+            "UPDATE registration_claim SET released_at = now() WHERE event_id = $1 AND released_at IS NULL",
+            event.releases_claims_of,
+        )
+    if not event.claims:
+        return
+    if event.override is None:
+        # The unique index decides: a concurrent duplicate waits for this transaction, then fails.
+        await conn.executemany(
+            "INSERT INTO registration_claim (claim, event_id) VALUES ($1, $2)",
+            [(claim, event.event_id) for claim in event.claims],
+        )
+        return
+    holders = await conn.fetch(
+        # Locked, so that the registration overridden cannot be voided under us.
+        "SELECT i.reference FROM registration_claim c JOIN intake_record i USING (event_id)"
+        " WHERE c.claim = ANY($1::text[]) AND c.released_at IS NULL AND NOT c.overridden"
+        "   FOR UPDATE OF c",
+        list(event.claims),
+    )
+    duplicated = sorted({r["reference"] for r in holders})
+    if event.override.existing_reference not in duplicated:
+        raise NothingToOverride(duplicated)
+    await conn.executemany(
+        "INSERT INTO registration_claim (claim, event_id, overridden) VALUES ($1, $2, true)",
+        [(claim, event.event_id) for claim in event.claims],
+    )
+    await conn.execute(
+        "INSERT INTO duplicate_override (event_id, existing_reference, reason, overridden_by)"
+        " VALUES ($1, $2, $3, $4)",
+        event.event_id,
+        event.override.existing_reference,
+        event.override.reason,
+        event.recorded_by,
+    )
+
+
+async def _holder(conn: asyncpg.Connection, claims: tuple[str, ...]) -> tuple[str, str] | None:
+    """The reference and office of the registration holding any of these claims."""
+    row = await conn.fetchrow(
+        "SELECT i.reference, i.registration_office"
+        "  FROM registration_claim c JOIN intake_record i USING (event_id)"
+        " WHERE c.claim = ANY($1::text[]) AND c.released_at IS NULL AND NOT c.overridden"
+        " ORDER BY i.recorded_at LIMIT 1",
+        list(claims),
+    )
+    return None if row is None else (row["reference"], row["registration_office"])
+
+
+async def duplicate_override(pool: asyncpg.Pool, reference: str) -> dict[str, Any] | None:
+    """Who recorded this registration over which existing one, when and why."""
+    row = await pool.fetchrow(
+        "SELECT d.existing_reference, d.reason, d.overridden_by, d.overridden_at"
+        "  FROM duplicate_override d JOIN intake_record i USING (event_id) WHERE i.reference = $1",
+        reference,
+    )
+    if row is None:
+        return None
+    return {
+        "existing_reference": row["existing_reference"],
+        "reason": row["reason"],
+        "overridden_by": row["overridden_by"],
+        "overridden_at": row["overridden_at"].isoformat(),
+    }
 
 
 async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> set[str]:

@@ -13,7 +13,7 @@ dangerous, so a replay:
 - honours voids and corrections, wherever they lie (the selection may be
   narrower): a voided event is never sent, nor are its corrections; an original
   that is sent is followed at once by every correction recorded of it, in
-  recorded order, each limited (by the router's ``follow_up_copy``) to the
+  recorded order, each limited (by the router's ``agency_copy``) to the
   fields the agency gets of the original now;
 - keeps each event's id, so the agency's consumer de-duplicates a repeat;
 - is recorded before anything is sent (``replay``: who, why, what it selects)

@@ -36,6 +36,7 @@ from tests.support import (
     WEB_FORMS_OFFICE,
     docker_engine_reachable,
     grant_inspector,
+    known_deceased,
     settings_from_stack,
     test_backend,
 )
@@ -111,6 +112,7 @@ async def pool(services: Settings) -> AsyncIterator[asyncpg.Pool]:
     await ensure_office(pool, *WEB_FORMS_OFFICE, sealer)
     # The reference agencies know the demo's people, who include death_registration()'s.
     await seed_agency_records(pool, today_in_the_uk())
+    await known_deceased(pool)  # each death_registration()'s own NINO
     await onboard_subscribed_agencies(services, pool, by="tests")
     yield pool
     await pool.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import shutil
 import subprocess
@@ -148,6 +149,36 @@ def today() -> date:
     return today_in_the_uk()
 
 
+# A person dies once: intake refuses a second death for the same NINO (producers/duplicates.py).
+# So each death_registration() is another Pat Example, with a NINO of their own from this
+# series; known_deceased() gives the tax office and the pensions service a record of each.
+KNOWN_DECEASED = 5000
+_deceased = itertools.count()
+
+
+def deceased_nino(n: int) -> str:
+    return f"AB{200000 + n % KNOWN_DECEASED:06d}C"
+
+
+async def known_deceased(pool: asyncpg.Pool) -> None:
+    """Tax records and pensions in payment for every NINO death_registration() gives,
+    like those the demo's seed gives its deceased (so those agencies apply the death)."""
+    ninos = [deceased_nino(n) for n in range(KNOWN_DECEASED)]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO agency.tax_record (nino, given_names, family_name, address_lines, town, postcode)"
+            " SELECT n, 'Pat', 'Example', ARRAY['1 Example Street'], 'Leeds', 'LS1 1AA'"
+            "   FROM unnest($1::text[]) n ON CONFLICT (nino) DO NOTHING",
+            ninos,
+        )
+        await conn.execute(
+            "INSERT INTO agency.pension_award (nino, weekly_amount_pence, paid_until)"
+            " SELECT n, 23025, $2 FROM unnest($1::text[]) n ON CONFLICT (nino) DO NOTHING",
+            ninos,
+            today(),
+        )
+
+
 def death_registration(**overrides: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "informant": {"name": "Alex Example", "relationship": "daughter"},
@@ -156,7 +187,7 @@ def death_registration(**overrides: Any) -> dict[str, Any]:
             "given_names": "Pat",
             "family_name": "Example",
             "date_of_birth": "1941-03-02",
-            "nino": "AB123456C",
+            "nino": deceased_nino(next(_deceased)),
         },
         "date_of_death": (today() - timedelta(days=2)).isoformat(),
         "place_of_death": "Leeds General Infirmary",
@@ -171,8 +202,11 @@ def random_nino() -> str:
     """A well-formed, made-up National Insurance number, so each test has its own subject."""
     import random
 
+    # Ten prefixes, not one: two tests drawing the same NINO would register one death twice,
+    # which intake refuses (producers/duplicates.py).
+    prefix = random.choice(["CE", "CH", "JA", "JB", "JC", "JE", "JG", "JH", "JJ", "JK"])
     digits = "".join(random.choice("0123456789") for _ in range(6))
-    return f"CE{digits}{random.choice('ABCD')}"
+    return f"{prefix}{digits}{random.choice('ABCD')}"
 
 
 TEST_OFFICE = "test-office"

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from producers.accept import subject_id_for
+from producers.accounts import issue_token
 from router.minimise import event_fields
 from runtime.kafka import Topics
 from runtime.settings import Settings
@@ -164,13 +165,22 @@ async def test_withdrawn_consent_stops_delivery_to_that_agency(
         " VALUES ($1, 'dvla', 'DeathRegistered', 'withdrawn', 'citizen')",
         subject_id,
     )
-    # A correction-like resubmission for the same person, with no new consent given.
+    # The registration is voided and made again for the same person, with no new consent
+    # given (a second death for the same NINO is refused while the first stands).
+    supervisor = await issue_token(pool, "leeds", "supervisor", "end-to-end supervisor")
+    voided = await intake.post(
+        f"/v1/events/{first.json()['reference']}/void",
+        json={"reason": "registered in error"},
+        headers={"Authorization": f"Bearer {supervisor}"},
+    )
+    assert voided.status_code == 201, voided.text
     second = await intake.post(
         "/v1/death-registrations",
         json=death_registration(
             deceased={"given_names": "Kim", "family_name": "Consent", "nino": nino}, consents=[]
         ),
     )
+    assert second.status_code == 201, second.text
     second_status = await _status_when_settled(intake, second.json()["reference"])
     decisions = {a["agency"]: a["decision"] for a in second_status["agencies"]}
     assert decisions["dvla"] == "withheld_no_consent"

@@ -291,16 +291,18 @@ async def submit(client: httpx.AsyncClient, rng: random.Random, load: Load, pati
     an acceptance, and a retry of one that was stored must not record a second event."""
     postcode = rng.choice(POSTCODES)
     consents = {agency: rng.choice(["given", "refused", "none"]) for agency in consent_agencies()}
+    key = str(uuid.uuid4())
     body = death_registration(
         deceased={
-            "given_names": "Pat",
+            # No NINO: without one, the same names, birth, death and postcode are the same death
+            # (producers/duplicates.py), so each registration here is a person of its own.
+            "given_names": f"Pat {key[:8]}",
             "family_name": rng.choice(["Example", "Sample", "Tester"]),
             "date_of_birth": "1941-03-02",
         },
         last_address={"lines": ["1 Example Street"], "town": "Somewhere", "postcode": postcode},
         consents=[{"agency": a, "choice": c} for a, c in consents.items() if c != "none"],
     )
-    key = str(uuid.uuid4())
     deadline = time.monotonic() + patience
     while True:
         try:

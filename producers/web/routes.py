@@ -19,12 +19,15 @@ from typing import Any
 import asyncpg
 import structlog
 from fastapi import APIRouter, Request
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from producers.accept import REFERENCE_ALPHABET, Intake, SubmissionRejected
+from producers.accept import REFERENCE_ALPHABET, Intake, NotPermitted, SubmissionRejected
 from producers.accounts import Submitter, authenticate, registrar
+from producers.duplicates import DuplicateRegistration
 from producers.rate_limit import identify
+from producers.requests import DuplicateOverride
 from producers.store import IdempotencyConflict, event_status
 from producers.web import sessions
 from producers.web.forms import FORMS, FieldError, RegistrationForm
@@ -44,6 +47,8 @@ _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
 MAX_FORM_FIELDS = 300
 MAX_USERNAME = 100
 MAX_PASSWORD = 1024
+MAX_OVERRIDE_REASON = 500  # as producers.requests.OverrideReason
+_WHITESPACE = re.compile(r"\s+")
 
 EVENT_HEADINGS = {
     "DeathRegistered": "Death registration recorded",
@@ -414,17 +419,60 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         _, errors = form.check(draft["answers"], consents)
         if errors:
             return details_page(who, form, draft["answers"], errors)
+        return check_page(who, form, draft, choices, consents)
+
+    def check_page(
+        who: SignedIn,
+        form: RegistrationForm,
+        draft: dict[str, Any],
+        choices: list[Organisation],
+        consents: dict[str, str],
+        status_code: int = 200,
+        errors: list[FieldError] | None = None,
+        duplicate: DuplicateRegistration | None = None,
+        reason: str = "",
+    ) -> Response:
+        """The answers to check; after a refusal as a duplicate, the registration it
+        duplicates and, for a supervisor, a way to record it anyway with a reason."""
         return page(
             "check.html",
             who,
+            status_code,
             form=form,
             title="Check your answers before sending",
             summary=form.summary(draft["answers"]),
             organisations=choices,
             consents=consents,
             submission_id=draft["submission_id"],
-            errors=[],
+            errors=errors or [],
+            duplicate=duplicate,
+            may_override=who.submitter.may_override_duplicates,
+            reason=reason[:MAX_OVERRIDE_REASON],
+            reason_error=next((e.message for e in errors or [] if e.href == "#override-reason"), None),
             back=f"{form.href()}/organisations",
+        )
+
+    def duplicate_errors(who: SignedIn, duplicate: DuplicateRegistration) -> list[FieldError]:
+        message = (
+            f"This {duplicate.what} is already registered, reference number {duplicate.existing_reference}"
+            f" (recorded by the {duplicate.existing_office} office). Nothing has been recorded."
+        )
+        if who.submitter.may_override_duplicates:
+            return [FieldError(message + " To record it again, give the reason.", None, "#override-reason")]
+        return [
+            FieldError(
+                message + " Ask a supervisor if it must be recorded again.", None, "#already-registered"
+            )
+        ]
+
+    def only_a_supervisor(who: SignedIn, form: RegistrationForm) -> Response:
+        return page(
+            "message.html",
+            who,
+            403,
+            title="Only a supervisor can record a registration again",
+            lines=["Nothing has been recorded. Ask a supervisor to record it."],
+            link=(f"{form.href()}/check", "Back to the answers"),
         )
 
     @router.post("/register/{slug}/check")
@@ -441,7 +489,7 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         ready = await ready_to_send(who, form)
         if isinstance(ready, Response):
             return ready
-        draft, _, consents = ready
+        draft, choices, consents = ready
         if draft["submission_id"] != submission_id:
             return page(
                 "message.html",
@@ -456,9 +504,43 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         submission, errors = form.check(draft["answers"], consents)
         if submission is None:
             return details_page(who, form, draft["answers"], errors)
+        overriding = "existing_reference" in values  # the supervisor's "record it again" form
+        reason = _WHITESPACE.sub(" ", values.get("override_reason", "")).strip()
+        if overriding:
+            if not who.submitter.may_override_duplicates:
+                return only_a_supervisor(who, form)
+            try:
+                override = DuplicateOverride(existing_reference=values["existing_reference"], reason=reason)
+            except ValidationError as exc:
+                duplicate = DuplicateRegistration(
+                    form.event_type, values["existing_reference"][:40], values.get("existing_office", "")[:40]
+                )
+                return check_page(
+                    who,
+                    form,
+                    draft,
+                    choices,
+                    consents,
+                    422,
+                    [_reason_error(exc)],
+                    duplicate=duplicate,
+                    reason=reason,
+                )
+            submission = submission.model_copy(update={"duplicate_override": override})
         try:
             recorded = await intake().accept(submission, who.submitter, f"web-{submission_id}")
+        except DuplicateRegistration as exc:
+            return check_page(who, form, draft, choices, consents, 409, duplicate_errors(who, exc), exc)
+        except NotPermitted:
+            return only_a_supervisor(who, form)
         except SubmissionRejected as exc:
+            if any(e["field"].startswith("duplicate_override") for e in exc.errors):
+                # The registration it duplicated was voided meanwhile, or another now stands in the way.
+                changed = "; ".join(e["message"] for e in exc.errors)
+                message = f"The registration to record over has changed: {changed}"
+                return check_page(
+                    who, form, draft, choices, consents, 422, [FieldError(message, None, "#send")]
+                )
             return details_page(who, form, draft["answers"], form.errors_at(exc.errors))
         except IdempotencyConflict:
             return page(
@@ -515,3 +597,19 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         return render("_agencies.html", **found)
 
     return router, cookies
+
+
+def _reason_error(exc: ValidationError) -> FieldError:
+    """The override's reason, in words (the reference is the page's own hidden field)."""
+    for error in exc.errors():
+        if error["loc"][:1] == ("reason",):
+            if error["type"] == "string_too_short":
+                message = "Enter the reason for recording it again (at least 3 characters)"
+            elif error["type"] == "string_too_long":
+                message = f"The reason must be {MAX_OVERRIDE_REASON} characters or fewer"
+            else:
+                message = "The reason must not contain control characters"
+            return FieldError(message, None, "#override-reason")
+    return FieldError(
+        "The registration to record over is not valid: start again", None, "#already-registered"
+    )

@@ -26,7 +26,14 @@ from pydantic import Field, TypeAdapter, ValidationError
 from producers.accounts import Submitter
 from producers.office_keys import active_key
 from producers.requests import ConsentChoice, Strict, Submission
-from producers.store import NewEvent, Recorded, consent_agencies, original_event, record_event
+from producers.store import (
+    ConsentReceipts,
+    NewEvent,
+    Recorded,
+    consent_agencies,
+    original_event,
+    record_event,
+)
 from runtime.kafka import Topics
 from runtime.metrics import EVENTS_ACCEPTED
 from runtime.sealing import PayloadSealer
@@ -110,6 +117,7 @@ class Intake:
 
     settings: Settings
     pool: asyncpg.Pool
+    receipts: ConsentReceipts | None = None  # signs a receipt for each consent given at the desk
 
     @property
     def topics(self) -> Topics:
@@ -301,7 +309,8 @@ class Intake:
         ).hexdigest()
         recorded = await record_event(
             self.pool,
-            NewEvent(
+            receipts=self.receipts,
+            event=NewEvent(
                 reference=reference,
                 event_id=event_id,
                 event_type=event_type,
@@ -313,6 +322,7 @@ class Intake:
                 request_fingerprint=fingerprint,
                 consents=[(c.agency, c.choice) for c in consents],
                 follows_event_id=follows,
+                channel=channel,
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
                 message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest

@@ -1,12 +1,14 @@
-"""Intake's queries: record an event with its outbox row in one transaction,
-and read an event's status back by reference number."""
+"""Intake's queries: record an event with its outbox row (and the informant's
+consent choices, each with its consent receipt) in one transaction, and read an
+event's status back by reference number."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -43,6 +45,29 @@ class NewEvent:
     message_value: bytes
     headers: list[tuple[str, bytes]]
     follows_event_id: UUID | None = None  # the event a correction or void is about
+    channel: str = "desk"  # how the informant gave the consents: desk, phone, online, system
+
+
+@dataclass(frozen=True)
+class DeskConsent:
+    """A consent choice the informant made at the desk, as just stored with its event."""
+
+    consent_record_id: int
+    subject_id: str
+    agency: str
+    event_type: str
+    choice: str
+    recorded_at: datetime
+    event_id: UUID
+    channel: str  # desk, phone, online or system: how the informant gave it
+
+
+class ConsentReceipts(Protocol):
+    """Whoever signs the desk's consent receipts (``citizens.consent_receipts``, wired in by
+    ``producers.intake``): called inside the event's transaction, so a choice is stored
+    with its receipt or not at all."""
+
+    async def issue_for_desk(self, conn: asyncpg.Connection, consents: Sequence[DeskConsent]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -93,9 +118,12 @@ async def _existing(conn: asyncpg.Connection, key: str, fingerprint: str) -> Rec
     return Recorded(row["reference"], row["event_id"], row["event_type"], created=False)
 
 
-async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
-    """Store the intake record, the informant's consent choices and the outbox row
-    atomically; a repeated idempotency key returns the first submission instead."""
+async def record_event(
+    pool: asyncpg.Pool, event: NewEvent, receipts: ConsentReceipts | None = None
+) -> Recorded:
+    """Store the intake record, the informant's consent choices (with a receipt for each
+    when ``receipts`` is given) and the outbox row atomically; a repeated idempotency key
+    returns the first submission instead."""
     async with pool.acquire() as conn:
         if event.idempotency_key is not None:
             earlier = await _existing(conn, event.idempotency_key, event.request_fingerprint)
@@ -118,11 +146,34 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                     event.recorded_at,
                     event.follows_event_id,
                 )
-                await conn.executemany(
-                    "INSERT INTO consent_record (subject_id, agency, event_type, choice,"
-                    " recorded_by) VALUES ($1, $2, $3, $4, 'informant')",
-                    [(event.subject_id, a, event.event_type, c) for a, c in event.consents],
+                consents = await conn.fetch(
+                    "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
+                    " SELECT $1, agency, $2, choice, 'informant'"
+                    "   FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS c (agency, choice, n)"
+                    "  ORDER BY n"
+                    " RETURNING id, agency, choice, recorded_at",
+                    event.subject_id,
+                    event.event_type,
+                    [agency for agency, _ in event.consents],
+                    [choice for _, choice in event.consents],
                 )
+                if receipts is not None and consents:
+                    await receipts.issue_for_desk(
+                        conn,
+                        [
+                            DeskConsent(
+                                consent_record_id=row["id"],
+                                subject_id=event.subject_id,
+                                agency=row["agency"],
+                                event_type=event.event_type,
+                                choice=row["choice"],
+                                recorded_at=row["recorded_at"],
+                                event_id=event.event_id,
+                                channel=event.channel,
+                            )
+                            for row in consents
+                        ],
+                    )
                 await conn.execute(
                     "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
                     " VALUES ($1, $2, $3, $4, $5)",
@@ -142,6 +193,19 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                 raise
             return earlier
     return Recorded(event.reference, event.event_id, event.event_type, created=True)
+
+
+async def consent_receipts_for_event(pool: asyncpg.Pool, event_id: UUID) -> list[dict[str, str]]:
+    """The consent receipts issued for the informant's choices made with an event, in order."""
+    rows = await pool.fetch(
+        "SELECT receipt_id::text AS receipt_id, agency, choice, token FROM consent_receipt"
+        " WHERE event_id = $1 ORDER BY consent_record_id",
+        event_id,
+    )
+    return [
+        {"receipt_id": r["receipt_id"], "agency": r["agency"], "choice": r["choice"], "receipt": r["token"]}
+        for r in rows
+    ]
 
 
 async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> set[str]:

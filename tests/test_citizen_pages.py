@@ -16,7 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
-from citizens.consent_receipts import published_keys, verify_consent_receipt
+from citizens.consent_receipts import JWKS_PATH, published_keys, verify_consent_receipt
 from citizens.dev_idp import TEST_IDENTITIES
 from citizens.pages import install_citizen_pages
 from citizens.proxies import InvalidAppointment, appoint_proxy, appoint_proxy_by_nino
@@ -105,7 +105,7 @@ async def test_a_citizen_changes_a_consent_and_gets_a_receipt_that_verifies(
 
         saved = await change(client, stack, csrf, jo, "dvla", "AddressChanged", "given")
         assert saved.status_code == 200, saved.text
-        assert "Your choice is saved" in saved.text and "/consent-receipts/keys" in saved.text
+        assert "Your choice is saved" in saved.text and JWKS_PATH in saved.text
         claims = verify_consent_receipt(receipt_in(saved.text), await published_keys(pool))
         assert claims["sub"] == jo
         assert claims["consentChange"]["recordedBy"] == "citizen"

@@ -12,6 +12,7 @@ the same reference number.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +26,10 @@ from starlette.responses import Response
 from producers.accept import REFERENCE_ALPHABET, Intake, SubmissionRejected
 from producers.accounts import Submitter, authenticate, registrar
 from producers.rate_limit import identify
-from producers.store import IdempotencyConflict, event_status
+from producers.store import IdempotencyConflict, consent_receipts_for_event, event_status
 from producers.web import sessions
 from producers.web.forms import FORMS, FieldError, RegistrationForm
-from producers.web.organisations import Organisation, agency_statuses, organisations_to_tell
+from producers.web.organisations import Organisation, agency_name, agency_statuses, organisations_to_tell
 from producers.web.pages import redirect, render
 from producers.web.sessions import Expired, Session
 from router.store import agencies as subscribing_agencies
@@ -490,11 +491,13 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         # decisions are in, more rows may yet appear.
         decided = {row["agency"] for row in status["agencies"]}
         expected = set(await subscribing_agencies(pool()))
+        receipts = await consent_receipts_for_event(pool(), uuid.UUID(status["event_id"]))
         return {
             "reference": status["reference"],
             "heading": EVENT_HEADINGS.get(status["event_type"], "Event recorded"),
             "agencies": agencies,
             "settled": bool(decided) and expected <= decided and all(a.settled for a in agencies),
+            "consent_receipts": [{**r, "agency_name": agency_name(r["agency"])} for r in receipts],
         }
 
     @router.get("/registrations/{reference}")
@@ -504,6 +507,23 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         if found is None:
             raise HTTPException(404)
         return page("confirmation.html", who, title=found["heading"], **found)
+
+    @router.get("/registrations/{reference}/consent-receipts/{receipt_id}")
+    async def consent_receipt(request: Request, reference: str, receipt_id: str) -> Response:
+        """One of the informant's consent receipts, as a file to hand to them."""
+        who = await signed_in(request)
+        found = await statuses(who, reference)
+        receipts = found["consent_receipts"] if found else []
+        token = next((r["receipt"] for r in receipts if r["receipt_id"] == receipt_id.lower()), None)
+        if token is None:
+            raise HTTPException(404)
+        return Response(
+            token,
+            media_type="application/jwt",
+            headers={
+                "Content-Disposition": f'attachment; filename="consent-receipt-{receipt_id.lower()}.jwt"'
+            },
+        )
 
     @router.get("/registrations/{reference}/agencies")
     async def agencies(request: Request, reference: str) -> Response:

@@ -358,61 +358,84 @@ class StoredReceipt:
         return f"consent-receipt-{self.receipt_id}.jwt"
 
 
+@dataclass(frozen=True)
+class _Change:
+    """One consent change to sign: the claims' inputs, and where the desk's came from."""
+
+    subject_id: str
+    agency: str
+    event_type: str
+    choice: str
+    recorded_by: str
+    recorded_at: datetime
+    receipt_id: uuid.UUID
+    channel: str | None = None
+    consent_record_id: int | None = None
+    event_id: uuid.UUID | None = None
+
+
 async def _issue(
-    conn: asyncpg.Connection,
-    settings: Settings,
-    sealer: PayloadSealer,
-    *,
-    subject_id: str,
-    agency: str,
-    event_type: str,
-    choice: str,
-    recorded_by: str,
-    recorded_at: datetime,
-    receipt_id: uuid.UUID | None = None,
-    channel: str | None = None,
-    consent_record_id: int | None = None,
-    event_id: uuid.UUID | None = None,
-) -> StoredReceipt:
-    """Sign one consent change and store the receipt, on ``conn`` (in the caller's transaction)."""
-    receipt_id = receipt_id or uuid.uuid4()
+    conn: asyncpg.Connection, settings: Settings, sealer: PayloadSealer, changes: Sequence[_Change]
+) -> list[StoredReceipt]:
+    """Sign each consent change and store the receipts, on ``conn`` (in the caller's
+    transaction): the key is opened once, and the rows go in one statement."""
     issued_at = datetime.now(UTC)
-    claims = receipt_claims(
-        settings,
-        subject_id=subject_id,
-        agency=agency,
-        event_type=event_type,
-        choice=choice,
-        recorded_by=recorded_by,
-        recorded_at=recorded_at,
-        receipt_id=receipt_id,
-        issued_at=issued_at,
-        channel=channel,
-    )
+    claims = [
+        receipt_claims(
+            settings,
+            subject_id=change.subject_id,
+            agency=change.agency,
+            event_type=change.event_type,
+            choice=change.choice,
+            recorded_by=change.recorded_by,
+            recorded_at=change.recorded_at,
+            receipt_id=change.receipt_id,
+            issued_at=issued_at,
+            channel=change.channel,
+        )
+        for change in changes  # checked before anything is signed
+    ]
     key_id, private = await _active_key(conn, sealer)
     header = {"alg": ALGORITHM, "kid": key_id, "typ": "JWT"}
+    signing_key = OKPKey.import_key(private)
     with _eddsa():
-        token = jwt.encode(header, claims, OKPKey.import_key(private), algorithms=[ALGORITHM])
-    await conn.execute(
+        tokens = [jwt.encode(header, each, signing_key, algorithms=[ALGORITHM]) for each in claims]
+    await conn.executemany(
         "INSERT INTO consent_receipt (receipt_id, subject_id, agency, event_type, choice, recorded_by,"
         " recorded_at, consent_record_id, event_id, key_id, issued_at, token)"
         " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        receipt_id,
-        subject_id,
-        agency,
-        event_type,
-        choice,
-        recorded_by,
-        recorded_at,
-        consent_record_id,
-        event_id,
-        key_id,
-        issued_at,
-        token,
+        [
+            (
+                c.receipt_id,
+                c.subject_id,
+                c.agency,
+                c.event_type,
+                c.choice,
+                c.recorded_by,
+                c.recorded_at,
+                c.consent_record_id,
+                c.event_id,
+                key_id,
+                issued_at,
+                token,
+            )
+            for c, token in zip(changes, tokens, strict=True)
+        ],
     )
-    return StoredReceipt(
-        receipt_id, subject_id, agency, event_type, choice, recorded_by, recorded_at, issued_at, token
-    )
+    return [
+        StoredReceipt(
+            c.receipt_id,
+            c.subject_id,
+            c.agency,
+            c.event_type,
+            c.choice,
+            c.recorded_by,
+            c.recorded_at,
+            issued_at,
+            token,
+        )
+        for c, token in zip(changes, tokens, strict=True)
+    ]
 
 
 async def issue_consent_receipt(
@@ -428,19 +451,11 @@ async def issue_consent_receipt(
     receipt_id: uuid.UUID | None = None,
 ) -> str:
     """The signed receipt for one consent change, as a compact JWT, stored for the citizen."""
+    change = _Change(
+        subject_id, agency, event_type, choice, recorded_by, recorded_at, receipt_id or uuid.uuid4()
+    )
     async with pool.acquire() as conn, conn.transaction():
-        stored = await _issue(
-            conn,
-            settings,
-            PayloadSealer.from_settings(settings),
-            subject_id=subject_id,
-            agency=agency,
-            event_type=event_type,
-            choice=choice,
-            recorded_by=recorded_by,
-            recorded_at=recorded_at,
-            receipt_id=receipt_id,
-        )
+        [stored] = await _issue(conn, settings, PayloadSealer.from_settings(settings), [change])
     return stored.token
 
 
@@ -453,21 +468,22 @@ class ConsentReceiptIssuer:
         self.sealer = PayloadSealer.from_settings(settings)
 
     async def issue_for_desk(self, conn: asyncpg.Connection, consents: Sequence[DeskConsent]) -> None:
-        for consent in consents:
-            await _issue(
-                conn,
-                self.settings,
-                self.sealer,
+        changes = [
+            _Change(
                 subject_id=consent.subject_id,
                 agency=consent.agency,
                 event_type=consent.event_type,
                 choice=consent.choice,
                 recorded_by="informant",
                 recorded_at=consent.recorded_at,
+                receipt_id=uuid.uuid4(),
                 channel=consent.channel,
                 consent_record_id=consent.consent_record_id,
                 event_id=consent.event_id,
             )
+            for consent in consents
+        ]
+        await _issue(conn, self.settings, self.sealer, changes)
 
 
 _STORED = (

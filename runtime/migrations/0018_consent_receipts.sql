@@ -13,8 +13,9 @@ CREATE TABLE consent_receipt (
     choice            text NOT NULL CHECK (choice IN ('given', 'refused', 'withdrawn')),
     recorded_by       text NOT NULL CHECK (recorded_by IN ('informant', 'citizen', 'proxy')),
     recorded_at       timestamptz NOT NULL,
-    -- The desk's choices name their consent row and the event they came with.
-    consent_record_id bigint UNIQUE REFERENCES consent_record (id),
+    -- The desk's choices name their consent row and the event they came with; a receipt
+    -- goes with its consent row if that is ever erased.
+    consent_record_id bigint UNIQUE REFERENCES consent_record (id) ON DELETE CASCADE,
     event_id          uuid,
     key_id            text NOT NULL REFERENCES consent_receipt_key (key_id),
     issued_at         timestamptz NOT NULL,

@@ -208,6 +208,12 @@ async def test_the_published_keys_hold_no_private_key_material(
         response = await client.get("/.well-known/consent-receipts/jwks.json")
         earlier = await client.get("/consent-receipts/keys")
         office_keys = (await client.get("/.well-known/jwks.json")).json()
+        # Nothing to send it: a write is refused, and junk in the query changes nothing.
+        written = await client.post("/.well-known/consent-receipts/jwks.json", json={"keys": []})
+        junk = await client.get("/.well-known/consent-receipts/jwks.json?kid=%27%00&" + "x=y&" * 200)
+
+    assert written.status_code == 405
+    assert junk.status_code == 200 and junk.json() == response.json()
 
     assert response.status_code == 200
     assert earlier.status_code == 200 and earlier.json() == response.json()

@@ -369,6 +369,18 @@ def citizen_pages(settings: Settings, pool: asyncpg.Pool) -> APIRouter:
         except NotAppointed as refused:
             return not_appointed(citizen, refused)
         body = await data_tracker.everything(pool, scope.subject_id, scope.agencies)
+        body["consent_receipts"] = [
+            {
+                "receipt_id": str(r.receipt_id),
+                "agency": r.agency,
+                "event_type": r.event_type,
+                "choice": r.choice,
+                "recorded_by": r.recorded_by,
+                "recorded_at": r.recorded_at.isoformat(),
+                "receipt": r.token,
+            }
+            for r in await receipts_of(pool, scope.subject_id, scope.agencies)
+        ]
         body["downloaded_by"] = scope.recorded_by
         return Response(
             json.dumps(body, indent=2, ensure_ascii=False),

@@ -475,6 +475,11 @@ async def test_a_citizen_lists_and_downloads_every_consent_receipt_given_at_the_
         claims = verify_consent_receipt(download.text, await published_keys(pool))
         assert claims["sub"] == jo and claims["consentChange"]["recordedBy"] == "informant"
 
+        everything = (await client.get(f"{stack.base_url}/citizen/download")).json()
+        in_download = {r["receipt_id"]: r["receipt"] for r in everything["consent_receipts"]}
+        assert in_download[desk_receipt["receipt_id"]] == desk_receipt["receipt"]
+        assert online_id in in_download and len(in_download) == len(listed)
+
 
 async def test_a_receipt_download_refuses_made_up_hostile_and_other_peoples_receipt_ids(
     stack: Stack, pool: asyncpg.Pool

@@ -491,14 +491,18 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         # decisions are in, more rows may yet appear.
         decided = {row["agency"] for row in status["agencies"]}
         expected = set(await subscribing_agencies(pool()))
-        receipts = await consent_receipts_for_event(pool(), uuid.UUID(status["event_id"]))
         return {
             "reference": status["reference"],
+            "event_id": uuid.UUID(status["event_id"]),
             "heading": EVENT_HEADINGS.get(status["event_type"], "Event recorded"),
             "agencies": agencies,
             "settled": bool(decided) and expected <= decided and all(a.settled for a in agencies),
-            "consent_receipts": [{**r, "agency_name": agency_name(r["agency"])} for r in receipts],
         }
+
+    async def consent_receipts(found: dict[str, Any]) -> list[dict[str, str]]:
+        """The informant's consent receipts for a registration, named for the page."""
+        receipts = await consent_receipts_for_event(pool(), found["event_id"])
+        return [{**r, "agency_name": agency_name(r["agency"])} for r in receipts]
 
     @router.get("/registrations/{reference}")
     async def confirmation(request: Request, reference: str) -> Response:
@@ -506,14 +510,15 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         found = await statuses(who, reference)
         if found is None:
             raise HTTPException(404)
-        return page("confirmation.html", who, title=found["heading"], **found)
+        receipts = await consent_receipts(found)
+        return page("confirmation.html", who, title=found["heading"], consent_receipts=receipts, **found)
 
     @router.get("/registrations/{reference}/consent-receipts/{receipt_id}")
-    async def consent_receipt(request: Request, reference: str, receipt_id: str) -> Response:
+    async def consent_receipt_download(request: Request, reference: str, receipt_id: str) -> Response:
         """One of the informant's consent receipts, as a file to hand to them."""
         who = await signed_in(request)
         found = await statuses(who, reference)
-        receipts = found["consent_receipts"] if found else []
+        receipts = await consent_receipts(found) if found else []
         token = next((r["receipt"] for r in receipts if r["receipt_id"] == receipt_id.lower()), None)
         if token is None:
             raise HTTPException(404)

@@ -85,6 +85,30 @@ def test_a_receipt_is_refused_for_a_nino_or_a_name_instead_of_a_pseudonymous_sub
             )
 
 
+def test_an_informants_receipt_says_how_the_choice_came_and_no_one_else_has_a_channel() -> None:
+    subject = "n-" + "0" * 32
+
+    def claims(recorded_by: str, channel: str | None) -> dict[str, Any]:
+        return receipt_claims(
+            Settings(),
+            subject_id=subject,
+            agency="dvla",
+            event_type="DeathRegistered",
+            choice="given",
+            recorded_by=recorded_by,
+            recorded_at=RECORDED_AT,
+            receipt_id=uuid.uuid4(),
+            issued_at=RECORDED_AT,
+            channel=channel,
+        )
+
+    assert claims("informant", "phone")["collectionMethod"] == "By telephone, by the informant to a registrar"
+    assert claims("informant", "desk")["collectionMethod"] == claims("informant", None)["collectionMethod"]
+    for recorded_by, channel in (("citizen", "phone"), ("informant", "carrier pigeon"), ("proxy", "desk")):
+        with pytest.raises(ValueError, match="channel"):
+            claims(recorded_by, channel)
+
+
 def test_garbage_is_not_a_receipt() -> None:
     for token in ("", "abc", "a.b", "a.b.c.d", "!!.??.**"):
         with pytest.raises(InvalidConsentReceipt, match="not a valid consent receipt"):

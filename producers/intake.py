@@ -346,7 +346,9 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     async def submit(submission: Submission, client: Submitter, key: str | None) -> JSONResponse:
         recorded = await intake().accept(submission, client, key)
         # The informant's consent receipts, for the office's system to hand on to them.
-        receipts = await consent_receipts_for_event(intake().pool, recorded.event_id)
+        receipts = (
+            await consent_receipts_for_event(intake().pool, recorded.event_id) if submission.consents else []
+        )
         return _accepted(recorded, consent_receipts=receipts)
 
     @app.post("/v1/death-registrations", status_code=201, responses=_RESPONSES)

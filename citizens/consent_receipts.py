@@ -3,21 +3,32 @@ with a receipt in the shape of the Kantara Initiative Consent Receipt
 Specification v1.1, signed as a JWT that anyone can check against the published
 keys.
 
-A receipt is a compact JWS (RFC 7515) whose header is ``{"alg": "Ed25519",
-"kid": <RFC 7638 thumbprint>, "typ": "JWT"}`` (``Ed25519`` is the fully specified
-name for EdDSA over Ed25519, RFC 9864) and whose claims are the Kantara fields —
+A receipt is a compact JWS (RFC 7515) whose header is ``{"alg": "EdDSA",
+"kid": <RFC 7638 thumbprint>, "typ": "JWT"}`` (RFC 8037: the name every JOSE
+library verifies, PyJWT and npm's ``jose`` among them; receipts issued before
+under RFC 9864's ``Ed25519`` still verify here) and whose claims are the Kantara fields —
 ``piiPrincipalId`` is the pseudonymous subject id, never a NINO or a name; the
 controller is Tell Us Once; the one service/purpose is telling one agency about
 one type of event, ``consentType`` ``EXPLICIT`` — plus the JWT claims ``iss``,
 ``sub``, ``iat`` and ``jti`` (the receipt id), and ``consentChange``, which says
 what Kantara has no field for: the choice, who recorded it, exactly when, and the
-agency and event type in machine form.
+agency and event type in machine form. ``policyUrl`` is the privacy notice the
+service serves (``citizens.privacy``).
+
+Every receipt is stored when it is issued (``consent_receipt``), whoever recorded
+the choice: the citizen or a proxy online (``issue_consent_receipt``), or the
+informant at the desk, in the same transaction as the event
+(``ConsentReceiptIssuer``, called by ``producers.store.record_event``). The citizen
+lists and downloads them on their pages.
 
 The signing key lives in PostgreSQL (``consent_receipt_key``), made on first use;
 its private half is sealed with the data key (``runtime.sealing``), bound to the
 key id. Rotation retires the active key and makes a new one; retired public keys
-stay in the JWKS served at ``GET /consent-receipts/keys``, so old receipts still
-verify, and a receipt dated after its key's retirement does not.
+stay in the JWKS served at ``GET /.well-known/consent-receipts/jwks.json`` (and at
+its earlier address ``GET /consent-receipts/keys``), so old receipts still verify,
+and a receipt dated after its key's retirement does not. The set is apart from the
+office signing keys at ``/.well-known/jwks.json``: a registration office's key
+must never verify as a consent receipt in a library that picks keys by ``kid``.
 """
 
 from __future__ import annotations
@@ -27,7 +38,9 @@ import binascii
 import json
 import re
 import uuid
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -38,19 +51,24 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from joserfc import jwt
-from joserfc.errors import BadSignatureError, JoseError
+from joserfc.errors import BadSignatureError, JoseError, SecurityWarning
 from joserfc.jwk import OKPKey
 
 from producers.key_registry import CACHE_SECONDS
+from producers.store import DeskConsent
 from runtime.sealing import CannotOpen, PayloadSealer
 from runtime.settings import Settings
 from schemas.signatures import PUBLIC_KEY_BYTES, b64decode, b64encode
 
-ALGORITHM = "Ed25519"
+ALGORITHM = "EdDSA"
+# Receipts issued before the switch to EdDSA named the same signature by RFC 9864's name.
+ALGORITHMS = (ALGORITHM, "Ed25519")
 KANTARA_VERSION = "KI-CR-v1.1.0"
 JURISDICTION = "GB"
 LANGUAGE = "en"
-KEYS_PATH = "/consent-receipts/keys"
+JWKS_PATH = "/.well-known/consent-receipts/jwks.json"
+KEYS_PATH = "/consent-receipts/keys"  # the earlier address of the same key set, still served
+POLICY_PATH = "/privacy"  # the privacy notice (citizens.privacy)
 
 ConsentChoice = Literal["given", "refused", "withdrawn"]
 RecordedBy = Literal["informant", "citizen", "proxy"]
@@ -60,6 +78,13 @@ COLLECTION_METHODS: dict[str, str] = {
     "citizen": "Online, by the citizen on the Tell Us Once consent page",
     "proxy": "Online, by a proxy the citizen appointed",
     "informant": "In person, by the informant at the register office desk",
+}
+# The informant's choices come through the registration, by its channel.
+INFORMANT_CHANNELS: dict[str, str] = {
+    "desk": COLLECTION_METHODS["informant"],
+    "phone": "By telephone, by the informant to a registrar",
+    "online": "Online, by the informant in the registration service",
+    "system": "By the informant, sent by the register office's system",
 }
 # Kantara's PII categories (Appendix of v1.1) for what each event type carries.
 PII_CATEGORIES: dict[str, list[str]] = {
@@ -118,7 +143,7 @@ class UnknownReceiptKey(InvalidConsentReceipt):
     def __init__(self, key_id: str) -> None:
         super().__init__(
             f"signed with key {key_id!r}, which the key set does not hold "
-            f"(fetch the current keys from GET {KEYS_PATH})"
+            f"(fetch the current keys from GET {JWKS_PATH})"
         )
         self.key_id = key_id
 
@@ -191,15 +216,16 @@ async def rotate_receipt_key(pool: asyncpg.Pool, settings: Settings) -> str:
         return await _insert_key(conn, sealer)
 
 
-async def _active_key(pool: asyncpg.Pool, sealer: PayloadSealer) -> tuple[str, Ed25519PrivateKey]:
+async def _active_key(conn: asyncpg.Connection, sealer: PayloadSealer) -> tuple[str, Ed25519PrivateKey]:
     query = "SELECT key_id, sealed_private_key FROM consent_receipt_key WHERE retired_at IS NULL"
-    row = await pool.fetchrow(query)
+    row = await conn.fetchrow(query)
     if row is None:
-        async with pool.acquire() as conn, conn.transaction():
+        # A savepoint when the caller's transaction is open: the lock is held until it ends.
+        async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _KEY_LOCK)
             if await conn.fetchval("SELECT count(*) FROM consent_receipt_key WHERE retired_at IS NULL") == 0:
                 await _insert_key(conn, sealer)
-        row = await pool.fetchrow(query)
+        row = await conn.fetchrow(query)
     assert row is not None  # made just above, and keys are only ever retired by making another
     key_id: str = row["key_id"]
     try:
@@ -238,8 +264,10 @@ def receipt_claims(
     recorded_at: datetime,
     receipt_id: uuid.UUID,
     issued_at: datetime,
+    channel: str | None = None,
 ) -> dict[str, Any]:
-    """The receipt's claims: the Kantara v1.1 fields for one consent change, and ``consentChange``."""
+    """The receipt's claims: the Kantara v1.1 fields for one consent change, and ``consentChange``;
+    ``channel`` says how an informant's choice came (desk, phone, online, system)."""
     if not _SUBJECT_ID.fullmatch(subject_id):
         raise NotPseudonymous(
             "a consent receipt names the subject by the pseudonymous subject id "
@@ -255,6 +283,8 @@ def receipt_claims(
         raise ValueError(f"recorded_by {recorded_by!r} is not one of informant, citizen, proxy")
     if recorded_at.tzinfo is None:
         raise ValueError("recorded_at must carry a time zone")
+    if channel is not None and (recorded_by != "informant" or channel not in INFORMANT_CHANNELS):
+        raise ValueError(f"channel {channel!r} is not one of desk, phone, online, system for an informant")
     base_url = settings.public_url.rstrip("/")
     events = EVENT_NAMES.get(event_type, f"{event_type} events")
     return {
@@ -265,12 +295,12 @@ def receipt_claims(
         "version": KANTARA_VERSION,
         "jurisdiction": JURISDICTION,
         "consentTimestamp": int(recorded_at.timestamp()),
-        "collectionMethod": COLLECTION_METHODS[recorded_by],
+        "collectionMethod": INFORMANT_CHANNELS[channel] if channel else COLLECTION_METHODS[recorded_by],
         "consentReceiptID": str(receipt_id),
         "language": LANGUAGE,
         "piiPrincipalId": subject_id,
         "piiControllers": [{**CONTROLLER, "piiControllerUrl": base_url}],
-        "policyUrl": f"{base_url}/privacy",
+        "policyUrl": f"{base_url}{POLICY_PATH}",
         "services": [
             {
                 "service": f"Telling {agency} about {events}",
@@ -300,6 +330,114 @@ def receipt_claims(
     }
 
 
+@contextmanager
+def _eddsa() -> Iterator[None]:
+    """RFC 9864 deprecates the name "EdDSA" in favour of "Ed25519", and joserfc warns on
+    each use; we keep "EdDSA" on purpose, as the name every JOSE library verifies today."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="EdDSA is deprecated", category=SecurityWarning)
+        yield
+
+
+@dataclass(frozen=True)
+class StoredReceipt:
+    """A consent receipt as issued and stored: its token, and its claims in brief for listing."""
+
+    receipt_id: uuid.UUID
+    subject_id: str
+    agency: str
+    event_type: str
+    choice: str
+    recorded_by: str
+    recorded_at: datetime
+    issued_at: datetime
+    token: str
+
+    @property
+    def filename(self) -> str:
+        return f"consent-receipt-{self.receipt_id}.jwt"
+
+
+@dataclass(frozen=True)
+class _Change:
+    """One consent change to sign: the claims' inputs, and where the desk's came from."""
+
+    subject_id: str
+    agency: str
+    event_type: str
+    choice: str
+    recorded_by: str
+    recorded_at: datetime
+    receipt_id: uuid.UUID
+    channel: str | None = None
+    consent_record_id: int | None = None
+    event_id: uuid.UUID | None = None
+
+
+async def _issue(
+    conn: asyncpg.Connection, settings: Settings, sealer: PayloadSealer, changes: Sequence[_Change]
+) -> list[StoredReceipt]:
+    """Sign each consent change and store the receipts, on ``conn`` (in the caller's
+    transaction): the key is opened once, and the rows go in one statement."""
+    issued_at = datetime.now(UTC)
+    claims = [
+        receipt_claims(
+            settings,
+            subject_id=change.subject_id,
+            agency=change.agency,
+            event_type=change.event_type,
+            choice=change.choice,
+            recorded_by=change.recorded_by,
+            recorded_at=change.recorded_at,
+            receipt_id=change.receipt_id,
+            issued_at=issued_at,
+            channel=change.channel,
+        )
+        for change in changes  # checked before anything is signed
+    ]
+    key_id, private = await _active_key(conn, sealer)
+    header = {"alg": ALGORITHM, "kid": key_id, "typ": "JWT"}
+    signing_key = OKPKey.import_key(private)
+    with _eddsa():
+        tokens = [jwt.encode(header, each, signing_key, algorithms=[ALGORITHM]) for each in claims]
+    await conn.executemany(
+        "INSERT INTO consent_receipt (receipt_id, subject_id, agency, event_type, choice, recorded_by,"
+        " recorded_at, consent_record_id, event_id, key_id, issued_at, token)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        [
+            (
+                c.receipt_id,
+                c.subject_id,
+                c.agency,
+                c.event_type,
+                c.choice,
+                c.recorded_by,
+                c.recorded_at,
+                c.consent_record_id,
+                c.event_id,
+                key_id,
+                issued_at,
+                token,
+            )
+            for c, token in zip(changes, tokens, strict=True)
+        ],
+    )
+    return [
+        StoredReceipt(
+            c.receipt_id,
+            c.subject_id,
+            c.agency,
+            c.event_type,
+            c.choice,
+            c.recorded_by,
+            c.recorded_at,
+            issued_at,
+            token,
+        )
+        for c, token in zip(changes, tokens, strict=True)
+    ]
+
+
 async def issue_consent_receipt(
     pool: asyncpg.Pool,
     settings: Settings,
@@ -312,21 +450,87 @@ async def issue_consent_receipt(
     recorded_at: datetime,
     receipt_id: uuid.UUID | None = None,
 ) -> str:
-    """The signed receipt for one consent change, as a compact JWT."""
-    claims = receipt_claims(
-        settings,
-        subject_id=subject_id,
-        agency=agency,
-        event_type=event_type,
-        choice=choice,
-        recorded_by=recorded_by,
-        recorded_at=recorded_at,
-        receipt_id=receipt_id or uuid.uuid4(),
-        issued_at=datetime.now(UTC),
+    """The signed receipt for one consent change, as a compact JWT, stored for the citizen."""
+    change = _Change(
+        subject_id, agency, event_type, choice, recorded_by, recorded_at, receipt_id or uuid.uuid4()
     )
-    key_id, private = await _active_key(pool, PayloadSealer.from_settings(settings))
-    header = {"alg": ALGORITHM, "kid": key_id, "typ": "JWT"}
-    return jwt.encode(header, claims, OKPKey.import_key(private), algorithms=[ALGORITHM])
+    async with pool.acquire() as conn, conn.transaction():
+        [stored] = await _issue(conn, settings, PayloadSealer.from_settings(settings), [change])
+    return stored.token
+
+
+class ConsentReceiptIssuer:
+    """Signs the receipts for the informant's choices at the desk, in the event's own
+    transaction (``producers.store.ConsentReceipts``): no choice is stored without one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sealer = PayloadSealer.from_settings(settings)
+
+    async def issue_for_desk(self, conn: asyncpg.Connection, consents: Sequence[DeskConsent]) -> None:
+        changes = [
+            _Change(
+                subject_id=consent.subject_id,
+                agency=consent.agency,
+                event_type=consent.event_type,
+                choice=consent.choice,
+                recorded_by="informant",
+                recorded_at=consent.recorded_at,
+                receipt_id=uuid.uuid4(),
+                channel=consent.channel,
+                consent_record_id=consent.consent_record_id,
+                event_id=consent.event_id,
+            )
+            for consent in consents
+        ]
+        await _issue(conn, self.settings, self.sealer, changes)
+
+
+_STORED = (
+    "SELECT receipt_id, subject_id, agency, event_type, choice, recorded_by, recorded_at, issued_at, token"
+    "  FROM consent_receipt"
+)
+
+
+def _stored(row: asyncpg.Record) -> StoredReceipt:
+    return StoredReceipt(
+        row["receipt_id"],
+        row["subject_id"],
+        row["agency"],
+        row["event_type"],
+        row["choice"],
+        row["recorded_by"],
+        row["recorded_at"],
+        row["issued_at"],
+        row["token"],
+    )
+
+
+async def receipts_of(
+    pool: asyncpg.Pool, subject_id: str, agencies: frozenset[str] | None
+) -> list[StoredReceipt]:
+    """The subject's receipts (about ``agencies`` only, for a proxy; ``None``: all), newest first."""
+    rows = await pool.fetch(
+        _STORED + " WHERE subject_id = $1 AND ($2::text[] IS NULL OR agency = ANY($2::text[]))"
+        " ORDER BY issued_at DESC, receipt_id",
+        subject_id,
+        None if agencies is None else sorted(agencies),
+    )
+    return [_stored(row) for row in rows]
+
+
+async def receipt_of(
+    pool: asyncpg.Pool, subject_id: str, receipt_id: uuid.UUID, agencies: frozenset[str] | None
+) -> StoredReceipt | None:
+    """One of the subject's receipts; ``None`` when it is someone else's, or outside ``agencies``."""
+    row = await pool.fetchrow(
+        _STORED + " WHERE receipt_id = $1 AND subject_id = $2"
+        " AND ($3::text[] IS NULL OR agency = ANY($3::text[]))",
+        receipt_id,
+        subject_id,
+        None if agencies is None else sorted(agencies),
+    )
+    return None if row is None else _stored(row)
 
 
 # --- verifying ---------------------------------------------------------------------------------
@@ -348,7 +552,7 @@ def _segment(text: str, what: str) -> bytes:
 def _key_for(key_id: str, jwks: Mapping[str, Any]) -> tuple[OKPKey, datetime | None]:
     keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
     if not isinstance(keys, list):
-        raise InvalidConsentReceipt(f"the key set is not a JWKS (fetch it from GET {KEYS_PATH})")
+        raise InvalidConsentReceipt(f"the key set is not a JWKS (fetch it from GET {JWKS_PATH})")
     for entry in keys:
         if not isinstance(entry, Mapping) or entry.get("kid") != key_id:
             continue
@@ -379,14 +583,15 @@ def verify_consent_receipt(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
         header = json.loads(raw_header)
     except (UnicodeDecodeError, ValueError):
         raise InvalidConsentReceipt("the header is not JSON") from None
-    if not isinstance(header, dict) or header.get("alg") != ALGORITHM:
+    if not isinstance(header, dict) or header.get("alg") not in ALGORITHMS:
         raise InvalidConsentReceipt(f"the header does not name the {ALGORITHM} algorithm")
     key_id = header.get("kid")
     if not isinstance(key_id, str):
         raise InvalidConsentReceipt("the header names no key (kid)")
     key, retired_at = _key_for(key_id, jwks)
     try:
-        claims = jwt.decode(token, key, algorithms=[ALGORITHM]).claims
+        with _eddsa():
+            claims = jwt.decode(token, key, algorithms=[header["alg"]]).claims
     except BadSignatureError:
         raise InvalidConsentReceipt(
             f"the signature does not hold under key {key_id!r}: it was altered"
@@ -408,16 +613,22 @@ def verify_consent_receipt(token: str, jwks: dict[str, Any]) -> dict[str, Any]:
 
 
 def consent_receipt_keys_router(pool: Callable[[], asyncpg.Pool]) -> APIRouter:
-    """``GET /consent-receipts/keys``: the receipt keys as a JWKS; ``pool`` gives the database
-    pool when a request comes."""
+    """``GET /.well-known/consent-receipts/jwks.json`` (and its earlier address
+    ``GET /consent-receipts/keys``): the receipt keys as a JWKS; ``pool`` gives the
+    database pool when a request comes."""
     router = APIRouter(tags=["consent receipts"])
 
-    @router.get(KEYS_PATH, summary="Public keys that verify consent receipts (JWKS)")
-    async def consent_receipt_keys() -> JSONResponse:
+    async def key_set() -> JSONResponse:
         return JSONResponse(
             await published_keys(pool()),
             headers={"Cache-Control": f"public, max-age={CACHE_SECONDS}"},
             media_type="application/jwk-set+json",
         )
 
+    router.add_api_route(
+        JWKS_PATH, key_set, methods=["GET"], summary="Public keys that verify consent receipts (JWKS)"
+    )
+    router.add_api_route(
+        KEYS_PATH, key_set, methods=["GET"], summary="The same key set at its earlier address"
+    )
     return router

@@ -1,5 +1,6 @@
 """The citizens' pages: "My consents" (see and change who may be told what, with a
-signed consent receipt for every change), the history of those choices, "Who
+signed consent receipt for every change), the history of those choices, every
+consent receipt issued about them (each downloadable, whoever made the choice), "Who
 received my data" (per event, per agency: told or not and why, which fields, on
 what legal basis, and what the agency did), and a download of all of it as JSON.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -34,9 +36,10 @@ from jinja2 import (
 from starlette.responses import HTMLResponse, Response
 
 from citizens import data_tracker, proxies
-from citizens.consent_receipts import KEYS_PATH, issue_consent_receipt
+from citizens.consent_receipts import JWKS_PATH, issue_consent_receipt, receipt_of, receipts_of
 from citizens.proxies import Appointment, NotAppointed
 from citizens.signin import Citizen, current_citizen
+from producers.web.organisations import agency_name
 from producers.web.pages import SERVICE_NAME, protect, redirect
 from producers.web.sessions import same_secret
 from router.rules import ConsentState
@@ -270,7 +273,7 @@ def citizen_pages(settings: Settings, pool: asyncpg.Pool) -> APIRouter:
             choice_words=data_tracker.CHOICE_WORDS[choice],
             recorded_at=recorded_at,
             receipt=receipt,
-            keys_path=KEYS_PATH,
+            keys_path=JWKS_PATH,
         )
 
     @router.get("/citizen/history")
@@ -284,6 +287,65 @@ def citizen_pages(settings: Settings, pool: asyncpg.Pool) -> APIRouter:
             return not_appointed(citizen, refused)
         changes = await data_tracker.consent_history(pool, scope.subject_id, scope.agencies)
         return render("citizen_history.html", scope, title="Changes to your choices", changes=changes)
+
+    @router.get("/citizen/consent-receipts")
+    async def consent_receipts(
+        citizen: Citizen = Depends(current_citizen),  # noqa: B008
+        acting: str | None = Query(None, alias="for"),
+    ) -> Response:
+        try:
+            scope = await scope_for(citizen, acting)
+        except NotAppointed as refused:
+            return not_appointed(citizen, refused)
+        receipts = [
+            {
+                "receipt": receipt,
+                "agency_name": agency_name(receipt.agency),
+                "event_name": data_tracker.event_name(receipt.event_type),
+                "choice_words": data_tracker.CHOICE_WORDS.get(receipt.choice, receipt.choice),
+                "recorded_by_words": data_tracker.RECORDED_BY_WORDS.get(receipt.recorded_by, ""),
+            }
+            for receipt in await receipts_of(pool, scope.subject_id, scope.agencies)
+        ]
+        return render(
+            "citizen_consent_receipts.html",
+            scope,
+            title="Your consent receipts",
+            receipts=receipts,
+            keys_path=JWKS_PATH,
+        )
+
+    @router.get("/citizen/consent-receipts/{receipt_id}")
+    async def consent_receipt_download(
+        receipt_id: str,
+        citizen: Citizen = Depends(current_citizen),  # noqa: B008
+        acting: str | None = Query(None, alias="for"),
+    ) -> Response:
+        try:
+            scope = await scope_for(citizen, acting)
+        except NotAppointed as refused:
+            return not_appointed(citizen, refused)
+        try:
+            wanted = uuid.UUID(receipt_id)
+        except ValueError:
+            wanted = None
+        # Someone else's receipt, or one outside a proxy's appointment, is as absent as a made-up one.
+        found = None if wanted is None else await receipt_of(pool, scope.subject_id, wanted, scope.agencies)
+        if found is None:
+            return refuse(
+                scope,
+                404,
+                "There is no such receipt",
+                "Check the link, or find the receipt in your list of consent receipts.",
+            )
+        return Response(
+            found.token,
+            media_type="application/jwt",
+            headers={
+                "Content-Disposition": f'attachment; filename="{found.filename}"',
+                "Cache-Control": "no-store",
+            },
+        )
 
     @router.get("/citizen/received")
     async def received(
@@ -307,6 +369,18 @@ def citizen_pages(settings: Settings, pool: asyncpg.Pool) -> APIRouter:
         except NotAppointed as refused:
             return not_appointed(citizen, refused)
         body = await data_tracker.everything(pool, scope.subject_id, scope.agencies)
+        body["consent_receipts"] = [
+            {
+                "receipt_id": str(r.receipt_id),
+                "agency": r.agency,
+                "event_type": r.event_type,
+                "choice": r.choice,
+                "recorded_by": r.recorded_by,
+                "recorded_at": r.recorded_at.isoformat(),
+                "receipt": r.token,
+            }
+            for r in await receipts_of(pool, scope.subject_id, scope.agencies)
+        ]
         body["downloaded_by"] = scope.recorded_by
         return Response(
             json.dumps(body, indent=2, ensure_ascii=False),

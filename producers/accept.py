@@ -27,7 +27,15 @@ from producers.accounts import Submitter
 from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
 from producers.office_keys import active_key
 from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
-from producers.store import NewEvent, Override, Recorded, consent_agencies, original_event, record_event
+from producers.store import (
+    ConsentReceipts,
+    NewEvent,
+    Override,
+    Recorded,
+    consent_agencies,
+    original_event,
+    record_event,
+)
 from runtime.kafka import Topics
 from runtime.metrics import EVENTS_ACCEPTED
 from runtime.sealing import PayloadSealer
@@ -111,6 +119,7 @@ class Intake:
 
     settings: Settings
     pool: asyncpg.Pool
+    receipts: ConsentReceipts | None = None  # signs a receipt for each consent given at the desk
 
     @property
     def topics(self) -> Topics:
@@ -347,7 +356,8 @@ class Intake:
         ).hexdigest()
         recorded = await record_event(
             self.pool,
-            NewEvent(
+            receipts=self.receipts,
+            event=NewEvent(
                 reference=reference,
                 event_id=event_id,
                 event_type=event_type,
@@ -363,6 +373,7 @@ class Intake:
                 override=override,
                 # A voided registration no longer stands in the way of a new one.
                 releases_claims_of=follows if event_type == "EventVoided" else None,
+                channel=channel,
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
                 message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest

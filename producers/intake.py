@@ -27,8 +27,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Scope
 
-from citizens.consent_receipts import consent_receipt_keys_router
+from citizens.consent_receipts import ConsentReceiptIssuer, consent_receipt_keys_router
 from citizens.pages import install_citizen_pages
+from citizens.privacy import privacy_notice_router
 from citizens.signin import install_citizen_sign_in
 from producers.accept import (
     REFERENCE_ALPHABET,
@@ -46,7 +47,13 @@ from producers.key_registry import key_registry_router
 from producers.rate_limit import KnownClients, RateLimiter, Throttle, identify
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
 from producers.security_headers import SecurityHeaders
-from producers.store import IdempotencyConflict, Recorded, duplicate_override, event_status
+from producers.store import (
+    IdempotencyConflict,
+    Recorded,
+    consent_receipts_for_event,
+    duplicate_override,
+    event_status,
+)
 from producers.web import install_web, too_many_requests_page, unavailable_page, wants_html
 from producers.web.routes import CookiePolicy
 from runtime.database import open_pool
@@ -302,7 +309,12 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = pool is None
-        app.state.intake = Intake(settings, pool if pool is not None else await open_pool(settings))
+        app.state.intake = Intake(
+            settings,
+            pool if pool is not None else await open_pool(settings),
+            # The informant's consents at the desk get receipts, signed with the event's transaction.
+            receipts=ConsentReceiptIssuer(settings),
+        )
         try:
             yield
         finally:
@@ -372,7 +384,12 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         return already_registered(exc)
 
     async def submit(submission: Submission, client: Submitter, key: str | None) -> JSONResponse:
-        return _accepted(await intake().accept(submission, client, key))
+        recorded = await intake().accept(submission, client, key)
+        # The informant's consent receipts, for the office's system to hand on to them.
+        receipts = (
+            await consent_receipts_for_event(intake().pool, recorded.event_id) if submission.consents else []
+        )
+        return _accepted(recorded, consent_receipts=receipts)
 
     @app.post("/v1/death-registrations", status_code=201, responses=_RESPONSES)
     async def register_death(
@@ -430,6 +447,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     app.include_router(registry_router())
     app.include_router(key_registry_router(lambda: intake().pool))
     app.include_router(consent_receipt_keys_router(lambda: intake().pool))
+    app.include_router(privacy_notice_router(lambda: intake().pool))
     if settings.oidc_issuer and pool is not None:
         install_citizen_sign_in(app, settings, pool)
         install_citizen_pages(app, settings, pool)
@@ -499,13 +517,14 @@ def _no_such_event() -> JSONResponse:
     return problem(404, "No such event", "Your office has recorded no event with that reference number.")
 
 
-def _accepted(recorded: Recorded) -> JSONResponse:
+def _accepted(recorded: Recorded, **extra: Any) -> JSONResponse:
     return JSONResponse(
         {
             "reference": recorded.reference,
             "event_id": str(recorded.event_id),
             "event_type": recorded.event_type,
             "status_url": f"/v1/events/{recorded.reference}",
+            **extra,
         },
         status_code=201 if recorded.created else 200,
     )

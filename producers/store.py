@@ -1,12 +1,14 @@
-"""Intake's queries: record an event with its outbox row in one transaction,
-and read an event's status back by reference number."""
+"""Intake's queries: record an event with its outbox row (and the informant's
+consent choices, each with its consent receipt) in one transaction, and read an
+event's status back by reference number."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -57,6 +59,29 @@ class NewEvent:
     claims: tuple[str, ...] = ()  # what identifies its subject (producers.duplicates)
     override: Override | None = None
     releases_claims_of: UUID | None = None  # a void: the registration it frees
+    channel: str = "desk"  # how the informant gave the consents: desk, phone, online, system
+
+
+@dataclass(frozen=True)
+class DeskConsent:
+    """A consent choice the informant made at the desk, as just stored with its event."""
+
+    consent_record_id: int
+    subject_id: str
+    agency: str
+    event_type: str
+    choice: str
+    recorded_at: datetime
+    event_id: UUID
+    channel: str  # desk, phone, online or system: how the informant gave it
+
+
+class ConsentReceipts(Protocol):
+    """Whoever signs the desk's consent receipts (``citizens.consent_receipts``, wired in by
+    ``producers.intake``): called inside the event's transaction, so a choice is stored
+    with its receipt or not at all."""
+
+    async def issue_for_desk(self, conn: asyncpg.Connection, consents: Sequence[DeskConsent]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -107,10 +132,13 @@ async def _existing(conn: asyncpg.Connection, key: str, fingerprint: str) -> Rec
     return Recorded(row["reference"], row["event_id"], row["event_type"], created=False)
 
 
-async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
-    """Store the intake record, its claims, the informant's consent choices and the
-    outbox row atomically; a repeated idempotency key returns the first submission
-    instead, and a registration whose claim another holds is refused."""
+async def record_event(
+    pool: asyncpg.Pool, event: NewEvent, receipts: ConsentReceipts | None = None
+) -> Recorded:
+    """Store the intake record, its claims, the informant's consent choices (with a
+    receipt for each when ``receipts`` is given) and the outbox row atomically; a
+    repeated idempotency key returns the first submission instead, and a registration
+    whose claim another holds is refused."""
     async with pool.acquire() as conn:
         # Twice at most: a holder voided between our insert and our look-up frees the claim.
         for attempt in (1, 2):
@@ -120,7 +148,7 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                     return earlier
             try:
                 async with conn.transaction():
-                    await _insert(conn, event)
+                    await _insert(conn, event, receipts)
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == CLAIM_HELD:
                     holder = await _holder(conn, event.claims)
@@ -140,7 +168,7 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _insert(conn: asyncpg.Connection, event: NewEvent) -> None:
+async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentReceipts | None) -> None:
     await conn.execute(
         "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
         " registration_office, recorded_by, idempotency_key, request_fingerprint,"
@@ -157,11 +185,34 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent) -> None:
         event.follows_event_id,
     )
     await _claim(conn, event)
-    await conn.executemany(
-        "INSERT INTO consent_record (subject_id, agency, event_type, choice,"
-        " recorded_by) VALUES ($1, $2, $3, $4, 'informant')",
-        [(event.subject_id, a, event.event_type, c) for a, c in event.consents],
+    consents = await conn.fetch(
+        "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
+        " SELECT $1, agency, $2, choice, 'informant'"
+        "   FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS c (agency, choice, n)"
+        "  ORDER BY n"
+        " RETURNING id, agency, choice, recorded_at",
+        event.subject_id,
+        event.event_type,
+        [agency for agency, _ in event.consents],
+        [choice for _, choice in event.consents],
     )
+    if receipts is not None and consents:
+        await receipts.issue_for_desk(
+            conn,
+            [
+                DeskConsent(
+                    consent_record_id=row["id"],
+                    subject_id=event.subject_id,
+                    agency=row["agency"],
+                    event_type=event.event_type,
+                    choice=row["choice"],
+                    recorded_at=row["recorded_at"],
+                    event_id=event.event_id,
+                    channel=event.channel,
+                )
+                for row in consents
+            ],
+        )
     await conn.execute(
         "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
         " VALUES ($1, $2, $3, $4, $5)",
@@ -242,6 +293,19 @@ async def duplicate_override(pool: asyncpg.Pool, reference: str) -> dict[str, An
         "overridden_by": row["overridden_by"],
         "overridden_at": row["overridden_at"].isoformat(),
     }
+
+
+async def consent_receipts_for_event(pool: asyncpg.Pool, event_id: UUID) -> list[dict[str, str]]:
+    """The consent receipts issued for the informant's choices made with an event, in order."""
+    rows = await pool.fetch(
+        "SELECT receipt_id::text AS receipt_id, agency, choice, token FROM consent_receipt"
+        " WHERE event_id = $1 ORDER BY consent_record_id",
+        event_id,
+    )
+    return [
+        {"receipt_id": r["receipt_id"], "agency": r["agency"], "choice": r["choice"], "receipt": r["token"]}
+        for r in rows
+    ]
 
 
 async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> set[str]:

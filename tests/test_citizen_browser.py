@@ -100,6 +100,17 @@ async def test_a_citizen_withdraws_consent_and_a_new_event_is_withheld_from_that
             await audit.check("history")
             assert "withdrawn" in (await page.locator("main").inner_text()).lower()
 
+            await page.get_by_role("link", name="Your consent receipts").click()
+            await page.wait_for_url("**/citizen/consent-receipts")
+            await audit.check("consent receipts")
+            async with page.expect_download() as downloading:
+                await page.get_by_role("link", name="Download").first.click()
+            saved = await (await downloading.value).path()
+            assert (
+                verify_consent_receipt(saved.read_text(), keys)["jti"]
+                == verify_consent_receipt(withdrawn, keys)["jti"]
+            )
+
             # A registrar records a move for Amara; the informant agrees to HMRC only.
             accepted = await intake.post("/v1/address-changes", json=_address_change(AMARA.nino))
             assert accepted.status_code == 201, accepted.text

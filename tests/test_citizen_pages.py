@@ -16,7 +16,12 @@ import asyncpg
 import httpx
 import pytest
 
-from citizens.consent_receipts import published_keys, verify_consent_receipt
+from citizens.consent_receipts import (
+    JWKS_PATH,
+    issue_consent_receipt,
+    published_keys,
+    verify_consent_receipt,
+)
 from citizens.dev_idp import TEST_IDENTITIES
 from citizens.pages import install_citizen_pages
 from citizens.proxies import InvalidAppointment, appoint_proxy, appoint_proxy_by_nino
@@ -105,7 +110,7 @@ async def test_a_citizen_changes_a_consent_and_gets_a_receipt_that_verifies(
 
         saved = await change(client, stack, csrf, jo, "dvla", "AddressChanged", "given")
         assert saved.status_code == 200, saved.text
-        assert "Your choice is saved" in saved.text and "/consent-receipts/keys" in saved.text
+        assert "Your choice is saved" in saved.text and JWKS_PATH in saved.text
         claims = verify_consent_receipt(receipt_in(saved.text), await published_keys(pool))
         assert claims["sub"] == jo
         assert claims["consentChange"]["recordedBy"] == "citizen"
@@ -412,3 +417,150 @@ async def test_saving_without_a_choice_shows_the_form_again_with_an_error_linked
     assert 'href="#choice-dvla-AddressChanged"' in response.text
     assert 'id="choice-dvla-AddressChanged-error"' in response.text, "the message sits on the question"
     assert await pool.fetchval("SELECT count(*) FROM consent_record WHERE subject_id = $1", jo) == before
+
+
+_RECEIPT_LINK = re.compile(r'href="/citizen/consent-receipts/([0-9a-f-]{36})(?:\?for=[0-9a-f-]+)?"')
+
+
+def address_change(nino: str, consents: list[dict[str, str]]) -> dict[str, Any]:
+    """A move the person reports at a register office desk."""
+    return {
+        "informant": {"name": "A caller at the desk", "relationship": "self"},
+        "channel": "desk",
+        "person": {"given_names": JO.given_name, "family_name": JO.family_name, "nino": nino},
+        "old_address": {"lines": ["3 Old Lane"], "town": "York", "postcode": "YO1 7HH"},
+        "new_address": {
+            "lines": [f"{uuid.uuid4().int % 900 + 100} Sample Road"],
+            "town": "Leeds",
+            "postcode": "LS2 7AB",
+        },
+        "effective_date": (datetime.now(UTC).date() - timedelta(days=1)).isoformat(),
+        "consents": consents,
+    }
+
+
+async def test_a_citizen_lists_and_downloads_every_consent_receipt_given_at_the_desk_or_online(
+    stack: Stack, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    jo = subject_of(stack, JO.nino)
+    desk = await intake.post(
+        "/v1/address-changes", json=address_change(JO.nino, [{"agency": "hmrc", "choice": "given"}])
+    )
+    assert desk.status_code == 201, desk.text
+    [desk_receipt] = desk.json()["consent_receipts"]
+
+    async with browser() as client:
+        csrf = await signed_in(client, stack, JO.sub)
+        saved = await change(client, stack, csrf, jo, "council-leeds", "AddressChanged", "given")
+        online_id = verify_consent_receipt(receipt_in(saved.text), await published_keys(pool))["jti"]
+
+        listing = await client.get(f"{stack.base_url}/citizen/consent-receipts")
+        assert listing.status_code == 200
+        text = text_of(listing.text)
+        assert "Your consent receipts" in text and "/privacy" in listing.text
+        assert "HM Revenue and Customs" in text and "The informant, at the register office" in text
+        assert "Leeds City Council" in text and "You, online" in text
+        listed = _RECEIPT_LINK.findall(listing.text)
+        assert listed.index(online_id) < listed.index(desk_receipt["receipt_id"]), "newest first"
+        stored = await pool.fetchval("SELECT count(*) FROM consent_receipt WHERE subject_id = $1", jo)
+        assert len(listed) == stored, "every receipt about Jo is listed, and nobody else's"
+
+        download = await client.get(f"{stack.base_url}/citizen/consent-receipts/{desk_receipt['receipt_id']}")
+        assert download.status_code == 200
+        assert download.headers["content-type"] == "application/jwt"
+        assert download.headers["content-disposition"] == (
+            f'attachment; filename="consent-receipt-{desk_receipt["receipt_id"]}.jwt"'
+        )
+        assert download.text == desk_receipt["receipt"]
+        claims = verify_consent_receipt(download.text, await published_keys(pool))
+        assert claims["sub"] == jo and claims["consentChange"]["recordedBy"] == "informant"
+
+        everything = (await client.get(f"{stack.base_url}/citizen/download")).json()
+        in_download = {r["receipt_id"]: r["receipt"] for r in everything["consent_receipts"]}
+        assert in_download[desk_receipt["receipt_id"]] == desk_receipt["receipt"]
+        assert online_id in in_download and len(in_download) == len(listed)
+
+
+async def test_a_receipt_download_refuses_made_up_hostile_and_other_peoples_receipt_ids(
+    stack: Stack, pool: asyncpg.Pool
+) -> None:
+    chris = subject_of(stack, CHRIS.nino)
+    chris_receipt = await issue_consent_receipt(
+        pool,
+        stack.settings,
+        subject_id=chris,
+        agency="dvla",
+        event_type="AddressChanged",
+        choice="given",
+        recorded_by="citizen",
+        recorded_at=datetime.now(UTC),
+    )
+    chris_receipt_id = verify_consent_receipt(chris_receipt, await published_keys(pool))["jti"]
+    hostile = [
+        chris_receipt_id,  # someone else's: as absent as a made-up one
+        str(uuid.uuid4()),
+        "not-a-receipt",
+        "x" * 5_000,
+        "..%2F..%2Fetc%2Fpasswd",
+        "%27%20OR%20%271%27%3D%271",
+        "%00",
+        chris_receipt_id.upper() + "0",
+    ]
+    async with browser() as client:
+        nobody = await client.get(f"{stack.base_url}/citizen/consent-receipts/{chris_receipt_id}")
+        assert nobody.status_code == 303 and "/citizen/sign-in" in nobody.headers["location"]
+        listing = await client.get(f"{stack.base_url}/citizen/consent-receipts")
+        assert listing.status_code == 303
+
+        await signed_in(client, stack, JO.sub)
+        for receipt_id in hostile:
+            refused = await client.get(f"{stack.base_url}/citizen/consent-receipts/{receipt_id}")
+            assert refused.status_code == 404, receipt_id
+            assert chris_receipt not in refused.text
+            # An encoded slash makes another path, which no page answers; the rest reach the page.
+            if "%2F" not in receipt_id:
+                assert "There is no such receipt" in refused.text, receipt_id
+        assert chris_receipt_id not in (await client.get(f"{stack.base_url}/citizen/consent-receipts")).text
+
+
+async def test_a_proxy_lists_and_downloads_only_the_receipts_their_appointment_covers(
+    stack: Stack, pool: asyncpg.Pool
+) -> None:
+    jo = subject_of(stack, JO.nino)
+    represented = f"n-{uuid.uuid4().hex}"
+    appointment = await appoint_proxy(
+        pool,
+        stack.settings,
+        proxy_subject_id=jo,
+        subject_id=represented,
+        subject_name="Sam Represented",
+        agencies=["dvla"],
+        recorded_by="test operator",
+        reason="Lasting power of attorney for DVLA matters",
+    )
+    receipts = {}
+    for agency in ("dvla", "hmrc"):
+        token = await issue_consent_receipt(
+            pool,
+            stack.settings,
+            subject_id=represented,
+            agency=agency,
+            event_type="AddressChanged",
+            choice="given",
+            recorded_by="informant",
+            recorded_at=datetime.now(UTC),
+        )
+        receipts[agency] = verify_consent_receipt(token, await published_keys(pool))["jti"]
+    async with browser() as client:
+        await signed_in(client, stack, JO.sub)
+        acting = f"?for={appointment}"
+        listing = await client.get(f"{stack.base_url}/citizen/consent-receipts{acting}")
+        assert listing.status_code == 200
+        assert "You are acting for Sam Represented" in text_of(listing.text)
+        assert _RECEIPT_LINK.findall(listing.text) == [receipts["dvla"]]
+        base = f"{stack.base_url}/citizen/consent-receipts"
+        assert (await client.get(f"{base}/{receipts['dvla']}{acting}")).status_code == 200
+        assert (await client.get(f"{base}/{receipts['hmrc']}{acting}")).status_code == 404
+        # Without acting for them, Jo's own pages know nothing of Sam's receipts.
+        assert (await client.get(f"{base}/{receipts['dvla']}")).status_code == 404
+        assert (await client.get(f"{base}?for=not-an-appointment")).status_code == 403

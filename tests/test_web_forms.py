@@ -22,7 +22,8 @@ import pytest
 import uvicorn
 from markupsafe import escape
 
-from producers.accept import Intake
+from citizens.consent_receipts import published_keys, verify_consent_receipt
+from producers.accept import Intake, subject_id_for
 from producers.accounts import Role, add_registrar
 from producers.intake import create_app
 from producers.web import install_web
@@ -542,6 +543,60 @@ async def test_a_reference_from_another_office_is_not_found(
     for reference in (other or "TUO-2026-0000-0000", "<script>", "TUO-2026-0000-000%22"):
         response = await browser.get(f"/registrations/{reference}", headers={"Accept": "text/html"})
         assert response.status_code == 404
+
+
+_RECEIPT_LINK = re.compile(r'href="(/registrations/(TUO-[0-9A-Z-]+)/consent-receipts/([0-9a-f-]{36}))"')
+
+
+async def test_the_informants_choices_on_the_form_get_consent_receipts_to_hand_over(
+    browser: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
+) -> None:
+    await signed_in(browser, pool)
+    answers = death_answers()
+    sent = await send(browser, await to_check_page(browser, answers, {"dvla": "given", "hmpo": "refused"}))
+    assert sent.status_code == 303
+    confirmation = await browser.get(sent.headers["location"])
+    assert "Download the receipt for Driver and Vehicle Licensing Agency (consent given)" in confirmation.text
+    assert "Download the receipt for HM Passport Office (consent refused)" in confirmation.text
+    links = _RECEIPT_LINK.findall(confirmation.text)
+    assert len(links) == 2
+
+    keys = await published_keys(pool)
+    subject = subject_id_for(answers["deceased.nino"], services.require_pseudonym_key())
+    choices = {}
+    for link, _, receipt_id in links:
+        download = await browser.get(link)
+        assert download.status_code == 200
+        assert download.headers["content-type"] == "application/jwt"
+        assert f'filename="consent-receipt-{receipt_id}.jwt"' in download.headers["content-disposition"]
+        claims = verify_consent_receipt(download.text, keys)
+        assert claims["sub"] == subject and claims["jti"] == receipt_id
+        assert claims["collectionMethod"] == "In person, by the informant at the register office desk"
+        assert claims["consentChange"]["recordedBy"] == "informant"
+        choices[claims["consentChange"]["agency"]] = claims["consentChange"]["choice"]
+    assert choices == {"dvla": "given", "hmpo": "refused"}
+
+    # Another registration's receipt, a made-up one, or a hostile id: not found.
+    _, reference, receipt_id = links[0]
+    other = await pool.fetchval(
+        "SELECT i.reference FROM intake_record i WHERE i.registration_office = $1 AND i.reference <> $2"
+        " LIMIT 1",
+        OFFICE,
+        reference,
+    )
+    for path in (
+        f"/registrations/{other or 'TUO-2026-0000-0000'}/consent-receipts/{receipt_id}",
+        f"/registrations/{reference}/consent-receipts/{uuid.uuid4()}",
+        f"/registrations/{reference}/consent-receipts/not-a-receipt",
+        f"/registrations/{reference}/consent-receipts/{'x' * 5000}",
+        f"/registrations/{reference}/consent-receipts/%27%20OR%20%271%27%3D%271",
+    ):
+        refused = await browser.get(path, headers={"Accept": "text/html"})
+        assert refused.status_code == 404, path
+        assert "eyJ" not in refused.text, "no receipt (a JWT starts eyJ) in the answer"
+    async with httpx.AsyncClient(base_url=str(browser.base_url), timeout=20) as stranger:
+        nobody = await stranger.get(links[0][0])
+    assert nobody.status_code == 303 and nobody.headers["location"].startswith("/sign-in")
 
 
 @pytest.mark.parametrize(

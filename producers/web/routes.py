@@ -12,6 +12,7 @@ the same reference number.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +29,10 @@ from producers.accounts import Submitter, authenticate, registrar
 from producers.duplicates import DuplicateRegistration
 from producers.rate_limit import identify
 from producers.requests import DuplicateOverride
-from producers.store import IdempotencyConflict, event_status
+from producers.store import IdempotencyConflict, consent_receipts_for_event, event_status
 from producers.web import sessions
 from producers.web.forms import FORMS, FieldError, RegistrationForm
-from producers.web.organisations import Organisation, agency_statuses, organisations_to_tell
+from producers.web.organisations import Organisation, agency_name, agency_statuses, organisations_to_tell
 from producers.web.pages import redirect, render
 from producers.web.sessions import Expired, Session
 from router.store import agencies as subscribing_agencies
@@ -574,10 +575,16 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         expected = set(await subscribing_agencies(pool()))
         return {
             "reference": status["reference"],
+            "event_id": uuid.UUID(status["event_id"]),
             "heading": EVENT_HEADINGS.get(status["event_type"], "Event recorded"),
             "agencies": agencies,
             "settled": bool(decided) and expected <= decided and all(a.settled for a in agencies),
         }
+
+    async def consent_receipts(found: dict[str, Any]) -> list[dict[str, str]]:
+        """The informant's consent receipts for a registration, named for the page."""
+        receipts = await consent_receipts_for_event(pool(), found["event_id"])
+        return [{**r, "agency_name": agency_name(r["agency"])} for r in receipts]
 
     @router.get("/registrations/{reference}")
     async def confirmation(request: Request, reference: str) -> Response:
@@ -585,7 +592,25 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         found = await statuses(who, reference)
         if found is None:
             raise HTTPException(404)
-        return page("confirmation.html", who, title=found["heading"], **found)
+        receipts = await consent_receipts(found)
+        return page("confirmation.html", who, title=found["heading"], consent_receipts=receipts, **found)
+
+    @router.get("/registrations/{reference}/consent-receipts/{receipt_id}")
+    async def consent_receipt_download(request: Request, reference: str, receipt_id: str) -> Response:
+        """One of the informant's consent receipts, as a file to hand to them."""
+        who = await signed_in(request)
+        found = await statuses(who, reference)
+        receipts = await consent_receipts(found) if found else []
+        token = next((r["receipt"] for r in receipts if r["receipt_id"] == receipt_id.lower()), None)
+        if token is None:
+            raise HTTPException(404)
+        return Response(
+            token,
+            media_type="application/jwt",
+            headers={
+                "Content-Disposition": f'attachment; filename="consent-receipt-{receipt_id.lower()}.jwt"'
+            },
+        )
 
     @router.get("/registrations/{reference}/agencies")
     async def agencies(request: Request, reference: str) -> Response:

@@ -14,6 +14,7 @@ import hmac
 import json
 import secrets
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -24,9 +25,11 @@ import structlog
 from pydantic import Field, TypeAdapter, ValidationError
 
 from producers.accounts import Submitter
+from producers.local_authorities import local_authority
 from producers.office_keys import active_key
 from producers.requests import ConsentChoice, Strict, Submission
 from producers.store import NewEvent, Recorded, consent_agencies, original_event, record_event
+from router.rules import SUBJECT_ADDRESSES
 from runtime.kafka import Topics
 from runtime.metrics import EVENTS_ACCEPTED
 from runtime.sealing import PayloadSealer
@@ -101,6 +104,8 @@ _LEAF_RULES: dict[str, TypeAdapter[Any]] = {
 }
 _TEXT = TypeAdapter(Text)
 _UNCORRECTABLE = ("envelope",)
+# Looked up from the postcode by intake, so corrected with it, never on its own.
+_DERIVED = ("local_authority",)
 REGISTRATIONS = ("BirthRegistered", "DeathRegistered", "AddressChanged")
 
 
@@ -173,6 +178,10 @@ class Intake:
                 continue
             changes.append(models.FieldChange(field=change.field, new_value_json=json.dumps(value)))
         if not errors:
+            # A corrected postcode may be in another council's area: every address's authority
+            # is looked up again (whatever a replaced address said), and a change is a change.
+            for path, authority in _relocated(patched, original.body):
+                changes.append(models.FieldChange(field=path, new_value_json=json.dumps(authority)))
             try:
                 models.TOP_LEVEL_MODELS[original.event_type].model_validate(patched)
             except ValidationError as exc:
@@ -194,6 +203,9 @@ class Intake:
                 "changes": [c.avro() for c in changes],
                 "reason": request.reason,
             },
+            local_authorities=_subject_authorities(original.event_type, patched)
+            if any(c.field.split(".")[0] in SUBJECT_ADDRESSES[original.event_type] for c in changes)
+            else None,
         )
 
     async def void(
@@ -237,6 +249,7 @@ class Intake:
         idempotency_key: str | None,
         request: dict[str, Any],
         fields: Any,
+        local_authorities: list[str] | None = None,
     ) -> Recorded:
         subject = original.body["envelope"]["subject"]
         return await self._record(
@@ -251,6 +264,7 @@ class Intake:
             body=lambda envelope: {"envelope": envelope.avro(), **fields()},
             consents=[],
             follows=original.event_id,
+            local_authorities=local_authorities,
         )
 
     async def _record(
@@ -267,6 +281,7 @@ class Intake:
         body: Any,
         consents: list[ConsentChoice],
         follows: uuid.UUID | None = None,
+        local_authorities: list[str] | None = None,
     ) -> Recorded:
         now = datetime.now(UTC)
         event_id = uuid.uuid4()
@@ -313,6 +328,9 @@ class Intake:
                 request_fingerprint=fingerprint,
                 consents=[(c.agency, c.choice) for c in consents],
                 follows_event_id=follows,
+                local_authorities=_subject_authorities(event_type, record)
+                if event_type in SUBJECT_ADDRESSES
+                else local_authorities,
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
                 message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest
@@ -350,6 +368,8 @@ def _checked_value(path: str, value: Any) -> Any:
     parts = path.split(".")
     if parts[0] in _UNCORRECTABLE:
         raise ValueError(f"{parts[0]} cannot be corrected")
+    if parts[-1] in _DERIVED or _names_derived(value):
+        raise ValueError("local_authority is looked up from the postcode: correct the postcode instead")
     rule = _LEAF_RULES.get(parts[-1])
     if rule is not None:
         checked = rule.validate_python(value)
@@ -357,6 +377,42 @@ def _checked_value(path: str, value: Any) -> Any:
     if isinstance(value, str):
         return _TEXT.validate_python(value)
     return value
+
+
+def _names_derived(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(key in _DERIVED or _names_derived(inner) for key, inner in value.items())
+    if isinstance(value, list):
+        return any(_names_derived(inner) for inner in value)
+    return False
+
+
+def _subject_authorities(event_type: str, record: dict[str, Any]) -> list[str]:
+    """The GSS codes intake found for the subject's addresses in ``record`` (None left out)."""
+    found = (record.get(name) or {} for name in SUBJECT_ADDRESSES.get(event_type, ()))
+    return sorted({code for address in found if isinstance(code := address.get("local_authority"), str)})
+
+
+def _relocated(patched: Any, original: Any, path: str = "") -> Iterator[tuple[str, str | None]]:
+    """Set each address's authority in ``patched`` from its postcode; yield the path and code
+    of each that differs from ``original`` (an event from before authorities were recorded
+    gains the field where a correction touches its address)."""
+    if isinstance(patched, dict):
+        if isinstance(patched.get("postcode"), str):
+            authority = local_authority(patched["postcode"])
+            patched["local_authority"] = authority
+            before = original.get("local_authority") if isinstance(original, dict) else None
+            moved = not isinstance(original, dict) or original.get("postcode") != patched["postcode"]
+            if moved and authority != before:
+                yield f"{path}local_authority", authority
+        for name, value in patched.items():
+            if isinstance(value, dict | list):
+                inner = original.get(name) if isinstance(original, dict) else None
+                yield from _relocated(value, inner, f"{path}{name}.")
+    elif isinstance(patched, list):
+        for i, value in enumerate(patched):
+            inner = original[i] if isinstance(original, list) and i < len(original) else None
+            yield from _relocated(value, inner, f"{path}{i}.")
 
 
 def _patch(record: dict[str, Any], path: str, value: Any) -> None:

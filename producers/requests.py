@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from producers.local_authorities import local_authority
 from schemas import models
 from schemas.validation import AgencyCode, Nino, PastDate, Postcode, Text, Uprn
 
@@ -27,7 +28,9 @@ class Address(Strict):
     uprn: Uprn | None = Field(default=None, description="Unique Property Reference Number, where known.")
 
     def contract(self) -> models.Address:
-        return models.Address(**self.model_dump())
+        # The authority is looked up here, never taken from the caller: it decides which
+        # council is told, so a submitter cannot choose it.
+        return models.Address(**self.model_dump(), local_authority=local_authority(self.postcode))
 
 
 class Person(Strict):

@@ -43,6 +43,9 @@ class NewEvent:
     message_value: bytes
     headers: list[tuple[str, bytes]]
     follows_event_id: UUID | None = None  # the event a correction or void is about
+    # GSS codes of the subject's addresses (see router.rules.SUBJECT_ADDRESSES), for the
+    # citizen's consent page; None when the event carries none (a void).
+    local_authorities: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                 await conn.execute(
                     "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
                     " registration_office, recorded_by, idempotency_key, request_fingerprint,"
-                    " recorded_at, follows_event_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    " recorded_at, follows_event_id, local_authorities)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     event.reference,
                     event.event_id,
                     event.event_type,
@@ -117,6 +121,7 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                     event.request_fingerprint,
                     event.recorded_at,
                     event.follows_event_id,
+                    event.local_authorities,
                 )
                 await conn.executemany(
                     "INSERT INTO consent_record (subject_id, agency, event_type, choice,"

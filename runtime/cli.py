@@ -484,8 +484,12 @@ def subscriptions_add(
         list[str], typer.Option(help="A field the agency receives (repeat); 'nino' for the NINO")
     ],
     statute: Annotated[str | None, typer.Option(help="The statute, for a statutory basis")] = None,
-    postcode_area: Annotated[
-        list[str] | None, typer.Option(help="Only events with an address in this area (repeat), e.g. YO")
+    local_authority: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only events whose subject lives or lived in this local authority (GSS code, repeat),"
+            " e.g. E06000014 for York"
+        ),
     ] = None,
 ) -> None:
     """Add or replace an agency's subscription to an event type (active at once)."""
@@ -496,7 +500,7 @@ def subscriptions_add(
             basis=basis,
             statute=statute,
             fields=field,
-            postcode_areas=postcode_area or [],
+            local_authorities=local_authority or [],
         )
     except ValidationError as exc:
         raise _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
@@ -739,6 +743,7 @@ DECISION_LABELS = {
     "delivered": "delivered",
     "withheld_no_consent": "withheld: no consent",
     "withheld_no_subscription": "not subscribed",
+    "withheld_area_unknown": "withheld: area unknown",
     "blocked": "blocked by policy",
 }
 
@@ -889,6 +894,7 @@ app.add_typer(replay_app, name="replay")
 WITHHELD_LABELS = {
     "WITHHELD_NO_CONSENT": "no consent today",
     "WITHHELD_NO_SUBSCRIPTION": "not subscribed today",
+    "WITHHELD_AREA_UNKNOWN": "area unknown (postcode not in the directory)",
     "BLOCKED": "blocked by policy",
     replay.UNROUTABLE: "not routable (see `tuo dlq list`)",
 }

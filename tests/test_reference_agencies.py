@@ -645,8 +645,8 @@ async def test_moving_out_of_an_address_the_council_does_not_hold_is_rejected_wi
 
 
 def test_each_agency_runs_its_own_reference_handler() -> None:
-    assert handler_for("council-bradford") == CouncilHandler("council-bradford", frozenset({"BD"}))
-    assert handler_for("council-leeds") == CouncilHandler("council-leeds", frozenset({"LS"}))
+    assert handler_for("council-bradford") == CouncilHandler("council-bradford", frozenset({"E08000032"}))
+    assert handler_for("council-leeds") == CouncilHandler("council-leeds", frozenset({"E08000035"}))
     assert handler_for("hmpo") is apply_life_event
 
 

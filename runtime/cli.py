@@ -40,7 +40,12 @@ from producers.office_keys import create_key, published_keys
 from producers.store import event_status
 from router import audit, replay
 from router.seed import load_seed
-from router.store import list_subscriptions, set_subscription_status, upsert_subscription
+from router.store import (
+    area_unknown_decisions,
+    list_subscriptions,
+    set_subscription_status,
+    upsert_subscription,
+)
 from router.subscription_request import SubscriptionRequest
 from runtime import access, kafka
 from runtime import dead_letters as dlq
@@ -511,6 +516,23 @@ def subscriptions_add(
 
     _with_pool(add)
     console.print(f"{agency} now receives {event_type} ({', '.join(subscription.fields)}) on {basis} basis.")
+
+
+@subscriptions_app.command("area-unknown")
+def subscriptions_area_unknown(
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many, newest first.")] = 200,
+) -> None:
+    """Events withheld from councils because their postcode is not in the ONS Postcode
+    Directory (no local authority): check and correct the postcode, or replay the event."""
+    rows = _with_pool(lambda pool: area_unknown_decisions(pool, limit))
+    if not rows:
+        console.print("No event was withheld for an unknown area.")
+        return
+    table = Table("reference", "event type", "decided at", "councils not told", caption="UTC")
+    for r in rows:
+        table.add_row(r.reference, r.event_type, _when(r.decided_at.isoformat()), ", ".join(r.agencies))
+    console.print(table)
+    console.print(f"{len(rows)} event(s). See one with `tuo status REFERENCE`.")
 
 
 @subscriptions_app.command("suspend")

@@ -59,8 +59,8 @@ def test_field_added_without_a_default_fails_naming_schema_and_field(contract: t
     code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
     assert code == 1
     assert (
-        f"{_next('DeathRegistered')} cannot read data written with v1: field 'cause': not in the data written "
-        "and has no default" in output
+        f"{_next('DeathRegistered')} cannot read data written with v1: field 'cause': "
+        "not in the data written and has no default" in output
     )
     assert "Nothing released" in output
     assert (versions / "catalogue.json").read_text() == before, "a refused release burns no id"

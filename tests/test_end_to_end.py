@@ -14,6 +14,7 @@ from producers.accept import subject_id_for
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode
+from schemas.catalogue import CATALOGUE
 from tests.support import death_registration, eventually, header, random_nino, read_topic
 
 pytestmark = pytest.mark.integration
@@ -91,7 +92,7 @@ async def test_messages_use_the_confluent_wire_format_and_cloudevents_headers(
     ]
     assert message.value is not None
     assert message.value[0] == 0, "magic byte"
-    assert int.from_bytes(message.value[1:5], "big") == 10, "DeathRegisteredDelivery's schema id"
+    assert int.from_bytes(message.value[1:5], "big") == CATALOGUE.latest("DeathRegisteredDelivery").schema_id
     assert header(message, "ce_specversion") == "1.0"
     assert header(message, "ce_type") == "uk.gov.tellusonce.DeathRegistered"
     assert header(message, "content-type") == "application/avro"

@@ -18,6 +18,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from citizens.data_tracker import consent_settings
 from producers.accept import subject_id_for
@@ -438,3 +440,44 @@ async def test_the_citizen_sees_only_the_councils_of_their_addresses_and_any_the
 
     # Nobody has recorded anything about this person: no council at all.
     assert await _citizens_councils(pool, subject_id_for(newcomer, key)) == set()
+
+
+_CODES = st.sampled_from([LEEDS, BRADFORD, NORTH_YORKSHIRE, "W06000015"])
+_council_subscriptions = st.builds(
+    Subscription,
+    agency=st.sampled_from(["council-leeds", "council-bradford", "council-x"]),
+    event_type=st.just("AddressChanged"),
+    legal_basis=st.sampled_from(["statutory", "consent"]),
+    statute=st.just("Some Act 1992 s.1"),
+    valid_from=st.none(),
+    valid_to=st.none(),
+    status=st.just("active"),
+    condition=st.builds(Condition, local_authorities=st.frozensets(_CODES, max_size=2)),
+)
+_moves = st.builds(
+    RoutableEvent,
+    event_id=st.just("e-1"),
+    event_type=st.just("AddressChanged"),
+    subject_id=st.just("s-1"),
+    local_authorities=st.frozensets(_CODES, max_size=2),
+    area_unknown=st.booleans(),
+)
+
+
+@given(st.lists(_council_subscriptions, max_size=6), _moves, st.booleans())
+def test_a_council_is_told_only_of_its_own_authorities_and_area_unknown_only_when_it_is(
+    subs: list[Subscription], event: RoutableEvent, consented: bool
+) -> None:
+    consent: dict[str, Any] = {s.agency: "given" for s in subs} if consented else {}
+    for decision in decide(event, subs, consent, NOW):
+        theirs = [s for s in subs if s.agency == decision.agency]
+        if decision.delivers:
+            assert any(
+                not s.condition.local_authorities or s.condition.local_authorities & event.local_authorities
+                for s in theirs
+            ), "delivered only where one of its authorities is the subject's"
+        if decision.outcome is Outcome.WITHHELD_AREA_UNKNOWN:
+            assert event.area_unknown, "area unknown only when an address could not be placed"
+            assert not any(s.condition.holds_for(event) for s in theirs)
+        if not event.area_unknown:
+            assert decision.outcome is not Outcome.WITHHELD_AREA_UNKNOWN

@@ -457,7 +457,7 @@ async def test_licence_takes_the_new_address_from_a_change_of_address(pool: asyn
     held = await _licence(pool, licence)
     assert (list(held["address_lines"]), held["postcode"], held["address_from"]) == (
         new_address["lines"],
-        "LS3 3BB",
+        "LS3 1AB",
         MOVED_ON,
     )
 
@@ -692,6 +692,6 @@ async def test_every_agency_entitled_to_the_demo_events_applies_them(pool: async
     ), "the surviving partner lives alone"
     moved = await pool.fetchval(
         "SELECT count(*) FROM agency.driving_licence WHERE family_name = 'Citizen' AND postcode = $1",
-        "LS3 3BB",
+        "LS3 1AB",
     )
     assert moved == 1, "the mover's licence has the new address"

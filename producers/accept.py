@@ -380,10 +380,16 @@ def _checked_value(path: str, value: Any) -> Any:
 
 
 def _names_derived(value: Any) -> bool:
-    if isinstance(value, dict):
-        return any(key in _DERIVED or _names_derived(inner) for key, inner in value.items())
-    if isinstance(value, list):
-        return any(_names_derived(inner) for inner in value)
+    """Whether a corrected value (any JSON, however deeply nested) names a derived field."""
+    pending = [value]  # a loop, not recursion: the value is the submitter's
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            if any(key in _DERIVED for key in item):
+                return True
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
     return False
 
 
@@ -393,26 +399,28 @@ def _subject_authorities(event_type: str, record: dict[str, Any]) -> list[str]:
     return sorted({code for address in found if isinstance(code := address.get("local_authority"), str)})
 
 
-def _relocated(patched: Any, original: Any, path: str = "") -> Iterator[tuple[str, str | None]]:
+def _relocated(patched: Any, original: Any) -> Iterator[tuple[str, str | None]]:
     """Set each address's authority in ``patched`` from its postcode; yield the path and code
-    of each that differs from ``original`` (an event from before authorities were recorded
-    gains the field where a correction touches its address)."""
-    if isinstance(patched, dict):
-        if isinstance(patched.get("postcode"), str):
-            authority = local_authority(patched["postcode"])
-            patched["local_authority"] = authority
-            before = original.get("local_authority") if isinstance(original, dict) else None
-            moved = not isinstance(original, dict) or original.get("postcode") != patched["postcode"]
-            if moved and authority != before:
-                yield f"{path}local_authority", authority
-        for name, value in patched.items():
-            if isinstance(value, dict | list):
-                inner = original.get(name) if isinstance(original, dict) else None
-                yield from _relocated(value, inner, f"{path}{name}.")
-    elif isinstance(patched, list):
-        for i, value in enumerate(patched):
-            inner = original[i] if isinstance(original, list) and i < len(original) else None
-            yield from _relocated(value, inner, f"{path}{i}.")
+    of each whose postcode changed and whose authority differs from ``original``'s (an event
+    from before authorities were recorded gains the field where a correction moves it)."""
+    pending: list[tuple[Any, Any, str]] = [(patched, original, "")]  # a loop: values are the submitter's
+    while pending:
+        node, before, path = pending.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("postcode"), str):
+                authority = local_authority(node["postcode"])
+                node["local_authority"] = authority
+                old = before if isinstance(before, dict) else {}
+                if old.get("postcode") != node["postcode"] and old.get("local_authority") != authority:
+                    yield f"{path}local_authority", authority
+            for name, value in node.items():
+                if isinstance(value, dict | list):
+                    inner = before.get(name) if isinstance(before, dict) else None
+                    pending.append((value, inner, f"{path}{name}."))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                inner = before[i] if isinstance(before, list) and i < len(before) else None
+                pending.append((value, inner, f"{path}{i}."))
 
 
 def _patch(record: dict[str, Any], path: str, value: Any) -> None:

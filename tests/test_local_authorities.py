@@ -332,6 +332,14 @@ async def test_a_corrected_postcode_carries_its_new_authority_and_the_authority_
         },
     )
     assert smuggled.status_code == 422 and "correct the postcode instead" in smuggled.text
+    buried: Any = {"local_authority": BRADFORD}
+    for _ in range(400):
+        buried = {"inner": [buried]}
+    deep = await intake.post(
+        f"/v1/events/{original['reference']}/corrections",
+        json={"changes": [{"field": "deceased", "value": buried}], "reason": "moved it"},
+    )
+    assert deep.status_code == 422 and "correct the postcode instead" in deep.text
 
     response = await intake.post(
         f"/v1/events/{original['reference']}/corrections",

@@ -457,7 +457,7 @@ async def test_licence_takes_the_new_address_from_a_change_of_address(pool: asyn
     held = await _licence(pool, licence)
     assert (list(held["address_lines"]), held["postcode"], held["address_from"]) == (
         new_address["lines"],
-        "LS3 1AB",
+        "LS3 3BB",
         MOVED_ON,
     )
 

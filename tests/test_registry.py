@@ -34,11 +34,15 @@ async def test_schema_by_id_is_the_writer_schema_of_the_message(intake: httpx.As
 async def test_subjects_versions_and_latest_are_listed(intake: httpx.AsyncClient) -> None:
     subjects = (await intake.get("/subjects")).json()
     assert DEATH in subjects and "uk.gov.tellusonce.ConsentChanged" in subjects and len(subjects) == 11
-    assert (await intake.get(f"/subjects/{DEATH}/versions")).json() == [1]
-    for version in ("1", "latest", "-1"):
+    latest = CATALOGUE.latest("DeathRegistered")
+    assert (await intake.get(f"/subjects/{DEATH}/versions")).json() == list(range(1, latest.version + 1))
+    first = (await intake.get(f"/subjects/{DEATH}/versions/1")).json()
+    assert (first["subject"], first["version"], first["id"]) == (DEATH, 1, 2), "released ids never change"
+    assert json.loads(first["schema"]) == CATALOGUE.version("DeathRegistered", 1).schema
+    for version in ("latest", "-1"):
         body = (await intake.get(f"/subjects/{DEATH}/versions/{version}")).json()
-        assert (body["subject"], body["version"], body["id"]) == (DEATH, 1, 2)
-        assert json.loads(body["schema"]) == CATALOGUE.latest("DeathRegistered").schema
+        assert (body["subject"], body["version"], body["id"]) == (DEATH, latest.version, latest.schema_id)
+        assert json.loads(body["schema"]) == latest.schema
     raw = (await intake.get(f"/subjects/{DEATH}/versions/1/schema")).json()
     assert raw["name"] == DEATH
 
@@ -137,9 +141,9 @@ async def test_external_registry_ids_are_used_on_the_wire() -> None:
     async with httpx.AsyncClient(transport=_registry_that_renumbers(100)) as client:
         bound = await bind_to_registry("http://registry.invalid", CATALOGUE, client)
     value = encode("DeathRegistered", _death(), bound)
-    assert int.from_bytes(value[1:5], "big") == 102
+    assert int.from_bytes(value[1:5], "big") == CATALOGUE.latest("DeathRegistered").schema_id + 100
     assert decode(value, bound)[0] == "DeathRegistered"
-    already_on_topics = encode("DeathRegistered", _death())  # committed id 2
+    already_on_topics = encode("DeathRegistered", _death())  # the committed id
     assert decode(already_on_topics, bound)[0] == "DeathRegistered", "old messages still decode"
 
 

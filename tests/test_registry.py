@@ -97,7 +97,7 @@ async def test_registration_is_idempotent_for_known_schemas_and_refused_for_othe
     registered = await intake.post(f"/subjects/{DEATH}/versions", json={"schema": known.schema_json})
     assert registered.json() == {"id": known.schema_id}
     looked_up = await intake.post(f"/subjects/{DEATH}", json={"schema": known.schema_json})
-    assert looked_up.json()["id"] == known.schema_id and looked_up.json()["version"] == 1
+    assert looked_up.json()["id"] == known.schema_id and looked_up.json()["version"] == known.version
 
     changed = {**known.schema, "fields": [*known.schema["fields"], {"name": "x", "type": "string"}]}
     refused = await intake.post(f"/subjects/{DEATH}/versions", json={"schema": json.dumps(changed)})

@@ -8,6 +8,7 @@ as in the stored values.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,7 @@ import asyncpg
 
 from producers.store import event_status
 from producers.web.organisations import agency_name
+from router.rules import Condition
 
 EVENT_NAMES = {
     "BirthRegistered": "Birth registrations",
@@ -112,9 +114,14 @@ class ConsentSetting:
 async def consent_settings(
     pool: asyncpg.Pool, subject_id: str, agencies: frozenset[str] | None
 ) -> list[ConsentSetting]:
-    """Every active subscription in force (within ``agencies``), with the subject's current choice."""
+    """Every active subscription in force (within ``agencies``) that concerns the subject, with
+    their current choice. A council's concerns them when one of their addresses is in its
+    local authority (``local_authorities_of``), or when they made a choice about it before
+    (so that they can always withdraw it); the other councils are not theirs to choose."""
+    theirs = await local_authorities_of(pool, subject_id)
     rows = await pool.fetch(
-        "SELECT s.agency, s.event_type, s.legal_basis, s.statute, c.choice, c.recorded_by, c.recorded_at"
+        "SELECT s.agency, s.event_type, s.legal_basis, s.statute, c.choice, c.recorded_by, c.recorded_at,"
+        "       s.condition::text AS condition"
         "  FROM subscription s"
         "  LEFT JOIN current_consent c"
         "    ON c.subject_id = $1 AND c.agency = s.agency AND c.event_type = s.event_type"
@@ -139,8 +146,27 @@ async def consent_settings(
             recorded_at=r["recorded_at"],
         )
         for r in rows
+        if r["choice"] is not None
+        or Condition.from_json(json.loads(r["condition"]) if r["condition"] else None).concerns(theirs)
     ]
     return sorted(settings, key=lambda s: (s.event_name, s.legal_basis != "statutory", s.agency_name))
+
+
+async def local_authorities_of(pool: asyncpg.Pool, subject_id: str) -> frozenset[str]:
+    """The local authorities (GSS codes) the subject lives or lived in, as intake recorded
+    them: for each of their registrations not voided, the latest of its own and its
+    corrections' (a corrected postcode may move it to another council); old and new for a move."""
+    rows = await pool.fetch(
+        "SELECT DISTINCT ON (coalesce(i.follows_event_id, i.event_id)) i.local_authorities"
+        "  FROM intake_record i"
+        " WHERE i.subject_id = $1 AND i.local_authorities IS NOT NULL"
+        "   AND NOT EXISTS (SELECT 1 FROM intake_record v"
+        "                    WHERE v.event_type = 'EventVoided'"
+        "                      AND v.follows_event_id = coalesce(i.follows_event_id, i.event_id))"
+        " ORDER BY coalesce(i.follows_event_id, i.event_id), i.recorded_at DESC",
+        subject_id,
+    )
+    return frozenset(code for r in rows for code in r["local_authorities"])
 
 
 async def consent_setting(
@@ -198,7 +224,8 @@ class Delivery:
 
     agency: str
     agency_name: str
-    decision: str  # delivered | withheld_no_consent | withheld_no_subscription | blocked
+    # delivered | withheld_no_consent | withheld_no_subscription | withheld_area_unknown | blocked
+    decision: str
     told: bool
     why: str
     legal_basis: str | None
@@ -237,6 +264,7 @@ def _why(decision: str) -> str:
         "delivered": "They were told.",
         "withheld_no_consent": "Not told: they may only be told with consent, and consent was not given.",
         "withheld_no_subscription": "Not told: they do not receive this kind of information.",
+        "withheld_area_unknown": "Not told: we could not work out which council the address is in.",
         "blocked": "Not told: the rules forbid sharing this with them, whatever anyone agrees.",
     }.get(decision, "Not told.")
 

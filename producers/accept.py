@@ -14,6 +14,7 @@ import hmac
 import json
 import secrets
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from producers.accounts import Submitter
 from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
+from producers.local_authorities import local_authority
 from producers.office_keys import active_key
 from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
 from producers.store import (
@@ -36,6 +38,7 @@ from producers.store import (
     original_event,
     record_event,
 )
+from router.rules import SUBJECT_ADDRESSES
 from runtime.kafka import Topics
 from runtime.metrics import EVENTS_ACCEPTED
 from runtime.sealing import PayloadSealer
@@ -110,6 +113,8 @@ _LEAF_RULES: dict[str, TypeAdapter[Any]] = {
 }
 _TEXT = TypeAdapter(Text)
 _UNCORRECTABLE = ("envelope",)
+# Looked up from the postcode by intake, so corrected with it, never on its own.
+_DERIVED = ("local_authority",)
 REGISTRATIONS = ("BirthRegistered", "DeathRegistered", "AddressChanged")
 
 
@@ -226,6 +231,10 @@ class Intake:
                 continue
             changes.append(models.FieldChange(field=change.field, new_value_json=json.dumps(value)))
         if not errors:
+            # A corrected postcode may be in another council's area: every address's authority
+            # is looked up again (whatever a replaced address said), and a change is a change.
+            for path, authority in _relocated(patched, original.body):
+                changes.append(models.FieldChange(field=path, new_value_json=json.dumps(authority)))
             try:
                 models.TOP_LEVEL_MODELS[original.event_type].model_validate(patched)
             except ValidationError as exc:
@@ -247,6 +256,9 @@ class Intake:
                 "changes": [c.avro() for c in changes],
                 "reason": request.reason,
             },
+            local_authorities=_subject_authorities(original.event_type, patched)
+            if any(c.field.split(".")[0] in SUBJECT_ADDRESSES[original.event_type] for c in changes)
+            else None,
         )
 
     async def void(
@@ -290,6 +302,7 @@ class Intake:
         idempotency_key: str | None,
         request: dict[str, Any],
         fields: Any,
+        local_authorities: list[str] | None = None,
     ) -> Recorded:
         subject = original.body["envelope"]["subject"]
         return await self._record(
@@ -304,6 +317,7 @@ class Intake:
             body=lambda envelope: {"envelope": envelope.avro(), **fields()},
             consents=[],
             follows=original.event_id,
+            local_authorities=local_authorities,
         )
 
     async def _record(
@@ -322,6 +336,7 @@ class Intake:
         follows: uuid.UUID | None = None,
         claims: tuple[str, ...] = (),
         override: Override | None = None,
+        local_authorities: list[str] | None = None,
     ) -> Recorded:
         now = datetime.now(UTC)
         event_id = uuid.uuid4()
@@ -374,6 +389,9 @@ class Intake:
                 # A voided registration no longer stands in the way of a new one.
                 releases_claims_of=follows if event_type == "EventVoided" else None,
                 channel=channel,
+                local_authorities=_subject_authorities(event_type, record)
+                if event_type in SUBJECT_ADDRESSES
+                else local_authorities,
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
                 message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest
@@ -411,6 +429,8 @@ def _checked_value(path: str, value: Any) -> Any:
     parts = path.split(".")
     if parts[0] in _UNCORRECTABLE:
         raise ValueError(f"{parts[0]} cannot be corrected")
+    if parts[-1] in _DERIVED or _names_derived(value):
+        raise ValueError("local_authority is looked up from the postcode: correct the postcode instead")
     rule = _LEAF_RULES.get(parts[-1])
     if rule is not None:
         checked = rule.validate_python(value)
@@ -418,6 +438,50 @@ def _checked_value(path: str, value: Any) -> Any:
     if isinstance(value, str):
         return _TEXT.validate_python(value)
     return value
+
+
+def _names_derived(value: Any) -> bool:
+    """Whether a corrected value (any JSON, however deeply nested) names a derived field."""
+    pending = [value]  # a loop, not recursion: the value is the submitter's
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            if any(key in _DERIVED for key in item):
+                return True
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def _subject_authorities(event_type: str, record: dict[str, Any]) -> list[str]:
+    """The GSS codes intake found for the subject's addresses in ``record`` (None left out)."""
+    found = (record.get(name) or {} for name in SUBJECT_ADDRESSES.get(event_type, ()))
+    return sorted({code for address in found if isinstance(code := address.get("local_authority"), str)})
+
+
+def _relocated(patched: Any, original: Any) -> Iterator[tuple[str, str | None]]:
+    """Set each address's authority in ``patched`` from its postcode; yield the path and code
+    of each whose postcode changed and whose authority differs from ``original``'s (an event
+    from before authorities were recorded gains the field where a correction moves it)."""
+    pending: list[tuple[Any, Any, str]] = [(patched, original, "")]  # a loop: values are the submitter's
+    while pending:
+        node, before, path = pending.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("postcode"), str):
+                authority = local_authority(node["postcode"])
+                node["local_authority"] = authority
+                old = before if isinstance(before, dict) else {}
+                if old.get("postcode") != node["postcode"] and old.get("local_authority") != authority:
+                    yield f"{path}local_authority", authority
+            for name, value in node.items():
+                if isinstance(value, dict | list):
+                    inner = before.get(name) if isinstance(before, dict) else None
+                    pending.append((value, inner, f"{path}{name}."))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                inner = before[i] if isinstance(before, list) and i < len(before) else None
+                pending.append((value, inner, f"{path}{i}."))
 
 
 def _patch(record: dict[str, Any], path: str, value: Any) -> None:

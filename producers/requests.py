@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
 )
 
+from producers.local_authorities import local_authority
 from schemas import models
 from schemas.validation import AgencyCode, Nino, PastDate, Postcode, Text, Uprn, no_control_characters
 
@@ -36,7 +37,9 @@ class Address(Strict):
     uprn: Uprn | None = Field(default=None, description="Unique Property Reference Number, where known.")
 
     def contract(self) -> models.Address:
-        return models.Address(**self.model_dump())
+        # The authority is looked up here, never taken from the caller: it decides which
+        # council is told, so a submitter cannot choose it.
+        return models.Address(**self.model_dump(), local_authority=local_authority(self.postcode))
 
 
 class Person(Strict):

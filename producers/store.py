@@ -60,6 +60,9 @@ class NewEvent:
     override: Override | None = None
     releases_claims_of: UUID | None = None  # a void: the registration it frees
     channel: str = "desk"  # how the informant gave the consents: desk, phone, online, system
+    # GSS codes of the subject's addresses (see router.rules.SUBJECT_ADDRESSES), for the
+    # citizen's consent page; None when the event carries none (a void).
+    local_authorities: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,8 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
     await conn.execute(
         "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
         " registration_office, recorded_by, idempotency_key, request_fingerprint,"
-        " recorded_at, follows_event_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        " recorded_at, follows_event_id, local_authorities)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         event.reference,
         event.event_id,
         event.event_type,
@@ -183,6 +187,7 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
         event.request_fingerprint,
         event.recorded_at,
         event.follows_event_id,
+        event.local_authorities,
     )
     await _claim(conn, event)
     consents = await conn.fetch(

@@ -16,7 +16,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumers.redelivery import REDELIVER_TO, REDELIVERY_ID
 from router.minimise import event_fields, minimise, minimise_envelope
-from router.rules import RoutableEvent, RoutingDecision
+from router.rules import SUBJECT_ADDRESSES, RoutableEvent, RoutingDecision
 from runtime.kafka import Topics
 from schemas import UndecodableMessage, decode, encode
 from schemas.catalogue import DISCLOSURE_SUFFIX, LIFE_EVENTS
@@ -65,20 +65,26 @@ FOLLOW_UPS = {
 }
 
 
-# The addresses an area condition looks at: where the subject lives or lived, never
-# where an executor, next of kin or partner lives.
-SUBJECT_ADDRESSES = {
-    "BirthRegistered": ("home_address",),
-    "DeathRegistered": ("last_address",),
-    "AddressChanged": ("old_address", "new_address"),
-}
+def _subject_addresses(event_type: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for field in SUBJECT_ADDRESSES.get(event_type, ()):
+        address = body.get(field)
+        if isinstance(address, dict):
+            yield address
 
 
 def _postcodes(event_type: str, body: dict[str, Any]) -> Iterator[str]:
-    for field in SUBJECT_ADDRESSES.get(event_type, ()):
-        address = body.get(field)
-        if isinstance(address, dict) and isinstance(address.get("postcode"), str):
+    for address in _subject_addresses(event_type, body):
+        if isinstance(address.get("postcode"), str):
             yield address["postcode"]
+
+
+def _local_authorities(event_type: str, body: dict[str, Any]) -> list[str | None]:
+    """The GSS code intake found for each of the subject's addresses; None where it found
+    none (a postcode the directory does not know, or an event written before it looked)."""
+    return [
+        code if isinstance(code := address.get("local_authority"), str) else None
+        for address in _subject_addresses(event_type, body)
+    ]
 
 
 def routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
@@ -109,12 +115,15 @@ def routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
         return Incoming(
             record, event, body, cloud_event.source, signed, follows=(str(body[id_field]), body[type_field])
         )
+    authorities = _local_authorities(subject, body)
     event = RoutableEvent(
         event_id=cloud_event.id,
         event_type=subject,
         subject_id=subject_id,
         fields=event_fields(subject),
         postcodes=frozenset(_postcodes(subject, body)),
+        local_authorities=frozenset(code for code in authorities if code is not None),
+        area_unknown=None in authorities,
     )
     return Incoming(record, event, body, cloud_event.source, signed)
 

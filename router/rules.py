@@ -2,7 +2,7 @@
 
 An event goes to an agency only if policy does not block the pair, an active,
 currently valid subscription covers its type and its condition holds (for
-example a council's postcode area), and the basis is statutory or the subject's
+example a council's local authority), and the basis is statutory or the subject's
 consent is currently given. The agency then receives only the subscription's
 fields. Every agency that subscribes to anything gets a decision, so the citizen
 can see what was withheld, and why, as well as what was sent.
@@ -24,12 +24,24 @@ class Outcome(StrEnum):
     WITHHELD_NO_CONSENT = "WITHHELD_NO_CONSENT"
     WITHHELD_NO_SUBSCRIPTION = "WITHHELD_NO_SUBSCRIPTION"
     BLOCKED = "BLOCKED"
+    # A council's condition could not be decided: an address's postcode is not in the
+    # ONS Postcode Directory, so its local authority is unknown.
+    WITHHELD_AREA_UNKNOWN = "WITHHELD_AREA_UNKNOWN"
 
 
 @dataclass(frozen=True)
 class Condition:
-    """When a subscription applies. Empty means always."""
+    """When a subscription applies. Empty means always.
 
+    A council names its local authorities by GSS code (``{"local_authorities":
+    ["E08000035"]}``, Leeds): it hears of an event when the authority of one of
+    the subject's addresses, which intake stored in the event, is one of them.
+    ``postcode_areas`` (outward-code prefixes such as "LS") is the older kind,
+    still read so that a row written before migration 0020 keeps working; it is
+    wrong at the edges (LS29 is in Bradford), so no new subscription gets one.
+    """
+
+    local_authorities: frozenset[str] = frozenset()  # GSS codes, e.g. "E08000032" (Bradford)
     postcode_areas: frozenset[str] = frozenset()  # outward-code prefixes, e.g. "LS", "BD1"
 
     @classmethod
@@ -37,20 +49,58 @@ class Condition:
         if not data:
             return cls()
         return cls(
-            postcode_areas=frozenset(str(p).upper().replace(" ", "") for p in data.get("postcode_areas", []))
+            local_authorities=frozenset(str(c).strip().upper() for c in data.get("local_authorities", [])),
+            postcode_areas=frozenset(str(p).upper().replace(" ", "") for p in data.get("postcode_areas", [])),
         )
 
+    def to_json(self) -> dict[str, list[str]] | None:
+        found = {
+            name: sorted(values)
+            for name, values in (
+                ("local_authorities", self.local_authorities),
+                ("postcode_areas", self.postcode_areas),
+            )
+            if values
+        }
+        return found or None
+
     def holds_for(self, event: RoutableEvent) -> bool:
-        if not self.postcode_areas:
-            return True
-        return any(
+        in_authority = not self.local_authorities or bool(self.local_authorities & event.local_authorities)
+        in_area = not self.postcode_areas or any(
             _outward(postcode).startswith(area) and _area_matches(_outward(postcode), area)
             for postcode in event.postcodes
             for area in self.postcode_areas
         )
+        return in_authority and in_area
+
+    def undecided_for(self, event: RoutableEvent) -> bool:
+        """The condition names authorities, none of the event's known ones is among them,
+        and an address's authority is unknown: it might have held. The decision says
+        so ("withheld: area unknown") rather than claiming the agency has no business."""
+        return bool(self.local_authorities) and event.area_unknown and not self.holds_for(event)
+
+    def concerns(self, local_authorities: frozenset[str]) -> bool:
+        """Whether someone living or who lived in ``local_authorities`` is this condition's
+        business, for listing the choices that concern a person. An older postcode-area
+        condition cannot be judged without the postcodes, so it is not ruled out."""
+        return not self.local_authorities or bool(self.local_authorities & local_authorities)
 
     def describe(self) -> str:
-        return "postcode area " + ", ".join(sorted(self.postcode_areas)) if self.postcode_areas else "always"
+        parts = []
+        if self.local_authorities:
+            parts.append("local authority " + ", ".join(sorted(self.local_authorities)))
+        if self.postcode_areas:
+            parts.append("postcode area " + ", ".join(sorted(self.postcode_areas)))
+        return "; ".join(parts) or "always"
+
+
+# The addresses a condition looks at: where the subject lives or lived, never where an
+# executor, next of kin or partner lives. Intake records their authorities too.
+SUBJECT_ADDRESSES = {
+    "BirthRegistered": ("home_address",),
+    "DeathRegistered": ("last_address",),
+    "AddressChanged": ("old_address", "new_address"),
+}
 
 
 def _outward(postcode: str) -> str:
@@ -103,6 +153,8 @@ class RoutableEvent:
     subject_id: str
     fields: frozenset[str] = frozenset()  # the event's own fields, beyond the envelope
     postcodes: frozenset[str] = frozenset()  # every address in the event
+    local_authorities: frozenset[str] = frozenset()  # GSS codes of the subject's addresses
+    area_unknown: bool = False  # a subject's address whose authority intake could not find
 
 
 @dataclass(frozen=True)
@@ -131,19 +183,21 @@ def decide(
     to the subject's current choice for this event type."""
     blocks = list(policy)
     by_agency: dict[str, Subscription | None] = {}
+    area_unknown: set[str] = set()
     for subscription in subscriptions:
         by_agency.setdefault(subscription.agency, None)
-        if (
-            subscription.event_type == event.event_type
-            and subscription.in_force(at)
-            and subscription.condition.holds_for(event)
-        ):
-            by_agency[subscription.agency] = subscription
+        if subscription.event_type == event.event_type and subscription.in_force(at):
+            if subscription.condition.holds_for(event):
+                by_agency[subscription.agency] = subscription
+            elif subscription.condition.undecided_for(event):
+                area_unknown.add(subscription.agency)
     decisions = []
     for agency, covering in sorted(by_agency.items()):
         block = next((b for b in blocks if b.blocks(event.event_type, agency)), None)
         if block is not None:
             decisions.append(_withheld(event, agency, Outcome.BLOCKED, f"policy: {block.reason}"))
+        elif covering is None and agency in area_unknown:
+            decisions.append(_withheld(event, agency, Outcome.WITHHELD_AREA_UNKNOWN, None))
         elif covering is None:
             decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_SUBSCRIPTION, None))
         elif covering.legal_basis == "consent" and consent.get(agency) != "given":

@@ -89,6 +89,7 @@ class RoutingTally:
 _REASONS = {
     Outcome.WITHHELD_NO_CONSENT: "no_consent",
     Outcome.WITHHELD_NO_SUBSCRIPTION: "no_subscription",
+    Outcome.WITHHELD_AREA_UNKNOWN: "area_unknown",
     Outcome.BLOCKED: "blocked",
 }
 

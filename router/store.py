@@ -171,3 +171,30 @@ async def original_deliveries(
                 OriginalDelivery(r["agency"], r["legal_basis"], frozenset(r["fields_delivered"]))
             )
     return found
+
+
+@dataclass(frozen=True)
+class AreaUnknown:
+    reference: str
+    event_id: UUID
+    event_type: str
+    decided_at: datetime
+    agencies: list[str]  # the councils not told
+
+
+async def area_unknown_decisions(
+    conn: asyncpg.Pool | asyncpg.Connection, limit: int = 200
+) -> list[AreaUnknown]:
+    """Events withheld from councils because intake could not place an address in a local
+    authority (``Outcome.WITHHELD_AREA_UNKNOWN``), newest first: for an operator to check the
+    postcode, correct the event, or replay it once the directory knows the postcode."""
+    rows = await conn.fetch(
+        "SELECT i.reference, d.event_id, d.event_type, min(d.decided_at) AS decided_at,"
+        "       array_agg(d.agency ORDER BY d.agency) AS agencies"
+        "  FROM routing_decision d JOIN intake_record i ON i.event_id = d.event_id"
+        " WHERE d.outcome = 'WITHHELD_AREA_UNKNOWN'"
+        " GROUP BY i.reference, d.event_id, d.event_type"
+        " ORDER BY min(d.decided_at) DESC LIMIT $1",
+        limit,
+    )
+    return [AreaUnknown(**dict(r)) for r in rows]

@@ -7,9 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from router.rules import Condition
 from schemas.catalogue import MINIMISED
 from schemas.fieldpaths import grantable_paths, split_fields
-from schemas.validation import AgencyCode
+from schemas.validation import AgencyCode, LocalAuthorityCode
 
 
 class UngrantablePath(ValueError):
@@ -43,7 +44,9 @@ class SubscriptionRequest(BaseModel):
     basis: Literal["statutory", "consent"]
     statute: str | None = Field(default=None, max_length=300)
     fields: list[str] = Field(min_length=1)
-    postcode_areas: list[str] = Field(default_factory=list)
+    # A council's: the GSS codes of its local authorities. (Postcode areas, the older kind of
+    # condition, cannot be added any more: they cross council boundaries.)
+    local_authorities: list[LocalAuthorityCode] = Field(default_factory=list, max_length=50)
 
     @field_validator("event_type")
     @classmethod
@@ -52,14 +55,10 @@ class SubscriptionRequest(BaseModel):
             raise ValueError(f"must be one of {', '.join(MINIMISED)}")
         return value
 
-    @field_validator("postcode_areas")
+    @field_validator("local_authorities", mode="before")
     @classmethod
-    def postcode_area_shape(cls, value: list[str]) -> list[str]:
-        normalised = [area.upper().replace(" ", "") for area in value]
-        for area in normalised:
-            if not (1 <= len(area) <= 4 and area[0].isalpha() and area.isalnum()):
-                raise ValueError(f"{area!r} is not a postcode area or district, like LS or BD1")
-        return normalised
+    def upper_case_codes(cls, value: object) -> object:
+        return [str(code).strip().upper() for code in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def fields_exist_and_basis_is_cited(self) -> SubscriptionRequest:
@@ -75,5 +74,5 @@ class SubscriptionRequest(BaseModel):
             "legal_basis": self.basis,
             "statute": self.statute,
             "fields": sorted(set(self.fields)),
-            "condition": {"postcode_areas": self.postcode_areas} if self.postcode_areas else None,
+            "condition": Condition(local_authorities=frozenset(self.local_authorities)).to_json(),
         }

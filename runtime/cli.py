@@ -40,7 +40,12 @@ from producers.office_keys import create_key, published_keys
 from producers.store import event_status
 from router import audit, replay
 from router.seed import load_seed
-from router.store import list_subscriptions, set_subscription_status, upsert_subscription
+from router.store import (
+    area_unknown_decisions,
+    list_subscriptions,
+    set_subscription_status,
+    upsert_subscription,
+)
 from router.subscription_request import SubscriptionRequest
 from runtime import access, kafka
 from runtime import dead_letters as dlq
@@ -496,8 +501,12 @@ def subscriptions_add(
         typer.Option(help="A field path the agency receives (repeat), see `tuo subscriptions paths`"),
     ],
     statute: Annotated[str | None, typer.Option(help="The statute, for a statutory basis")] = None,
-    postcode_area: Annotated[
-        list[str] | None, typer.Option(help="Only events with an address in this area (repeat), e.g. YO")
+    local_authority: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Only events whose subject lives or lived in this local authority (GSS code, repeat),"
+            " e.g. E06000014 for York"
+        ),
     ] = None,
 ) -> None:
     """Add or replace an agency's subscription to an event type (active at once)."""
@@ -508,7 +517,7 @@ def subscriptions_add(
             basis=basis,
             statute=statute,
             fields=field,
-            postcode_areas=postcode_area or [],
+            local_authorities=local_authority or [],
         )
     except ValidationError as exc:
         raise _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
@@ -519,6 +528,23 @@ def subscriptions_add(
 
     _with_pool(add)
     console.print(f"{agency} now receives {event_type} ({', '.join(subscription.fields)}) on {basis} basis.")
+
+
+@subscriptions_app.command("area-unknown")
+def subscriptions_area_unknown(
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many, newest first.")] = 200,
+) -> None:
+    """Events withheld from councils because their postcode is not in the ONS Postcode
+    Directory (no local authority): check and correct the postcode, or replay the event."""
+    rows = _with_pool(lambda pool: area_unknown_decisions(pool, limit))
+    if not rows:
+        console.print("No event was withheld for an unknown area.")
+        return
+    table = Table("reference", "event type", "decided at", "councils not told", caption="UTC")
+    for r in rows:
+        table.add_row(r.reference, r.event_type, _when(r.decided_at.isoformat()), ", ".join(r.agencies))
+    console.print(table)
+    console.print(f"{len(rows)} event(s). See one with `tuo status REFERENCE`.")
 
 
 @subscriptions_app.command("suspend")
@@ -754,6 +780,7 @@ DECISION_LABELS = {
     "delivered": "delivered",
     "withheld_no_consent": "withheld: no consent",
     "withheld_no_subscription": "not subscribed",
+    "withheld_area_unknown": "withheld: area unknown",
     "blocked": "blocked by policy",
 }
 
@@ -904,6 +931,7 @@ app.add_typer(replay_app, name="replay")
 WITHHELD_LABELS = {
     "WITHHELD_NO_CONSENT": "no consent today",
     "WITHHELD_NO_SUBSCRIPTION": "not subscribed today",
+    "WITHHELD_AREA_UNKNOWN": "area unknown (postcode not in the directory)",
     "BLOCKED": "blocked by policy",
     replay.UNROUTABLE: "not routable (see `tuo dlq list`)",
     replay.VOIDED: "voided (never replayed)",

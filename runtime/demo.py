@@ -99,7 +99,7 @@ def demo_submissions(today: date) -> list[tuple[str, dict[str, Any]]]:
                 "place_of_birth": "St James's Hospital, Leeds",
                 "registration_district": "Leeds",
                 "parents": [{"given_names": "Sam", "family_name": "Sample", "relationship": "mother"}],
-                "home_address": {"lines": ["2 Sample Road"], "town": "Leeds", "postcode": "LS2 2BB"},
+                "home_address": {"lines": ["2 Sample Road"], "town": "Leeds", "postcode": "LS2 7AB"},
             },
         ),
         (
@@ -114,7 +114,7 @@ def demo_submissions(today: date) -> list[tuple[str, dict[str, Any]]]:
                     "nino": "CE654321A",
                 },
                 "old_address": {"lines": ["3 Old Lane"], "town": "York", "postcode": "YO1 7HH"},
-                "new_address": {"lines": ["4 New Street"], "town": "Leeds", "postcode": "LS3 3BB"},
+                "new_address": {"lines": ["4 New Street"], "town": "Leeds", "postcode": "LS3 1AB"},
                 "effective_date": (today - timedelta(days=1)).isoformat(),
                 "consents": [
                     {"agency": "dvla", "choice": "given"},

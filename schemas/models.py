@@ -14,12 +14,25 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.validation import AgencyCode, AwareDatetime, Nino, PastDate, Postcode, Uprn
+from schemas.validation import (
+    AgencyCode,
+    AwareDatetime,
+    LocalAuthorityCode,
+    Nino,
+    PastDate,
+    Postcode,
+    Uprn,
+)
 
 CaptureChannel = Literal["DESK", "PHONE", "ONLINE", "SYSTEM", "UNKNOWN"]
 ReceiptOutcome = Literal["RECEIVED", "APPLIED", "REJECTED", "UNKNOWN"]
 DecisionOutcome = Literal[
-    "DELIVERED", "WITHHELD_NO_CONSENT", "WITHHELD_NO_SUBSCRIPTION", "BLOCKED", "UNKNOWN"
+    "DELIVERED",
+    "WITHHELD_NO_CONSENT",
+    "WITHHELD_NO_SUBSCRIPTION",
+    "BLOCKED",
+    "UNKNOWN",
+    "WITHHELD_AREA_UNKNOWN",
 ]
 ConsentChoice = Literal["GIVEN", "REFUSED", "WITHDRAWN", "UNKNOWN"]
 ConsentRecorder = Literal["INFORMANT", "CITIZEN", "PROXY", "UNKNOWN"]
@@ -38,6 +51,7 @@ class Address(Record):
     town: str
     postcode: Postcode
     uprn: Uprn | None = None
+    local_authority: LocalAuthorityCode | None = None  # GSS code, resolved by intake from the postcode
 
 
 class Person(Record):

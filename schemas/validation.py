@@ -19,6 +19,9 @@ _NINO = re.compile(r"^(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UPRN = re.compile(r"^[0-9]{1,12}$")
 _AGENCY = re.compile(r"^[a-z][a-z0-9-]{1,39}$")
+# An ONS GSS code of a local authority: the nation's letter and eight digits (E08000035,
+# Leeds); L99999999 and M99999999 are the ONS pseudo-codes of the Channel Islands and Man.
+_GSS_CODE = re.compile(r"^[ENSWLM][0-9]{8}$")
 # UK postcode shape (outward code, space, inward code); BFPO and overseas codes are out of scope.
 _POSTCODE = re.compile(r"^[A-Z]{1,2}[0-9][A-Z0-9]? [0-9][ABD-HJLNP-UW-Z]{2}$")
 
@@ -36,6 +39,12 @@ def normalise_postcode(value: str) -> str:
     if len(compact) < 5 or not _POSTCODE.match(normalised):
         raise ValueError("must be a UK postcode, like SW1A 1AA")
     return normalised
+
+
+def valid_gss_code(value: str) -> str:
+    if not _GSS_CODE.match(value):
+        raise ValueError("must be a local authority's GSS code, like E08000035")
+    return value
 
 
 def no_control_characters(value: str) -> str:
@@ -87,4 +96,5 @@ Postcode = Annotated[str, StringConstraints(max_length=10), AfterValidator(norma
 Uprn = Annotated[str, AfterValidator(valid_uprn)]
 PastDate = Annotated[date, AfterValidator(not_in_future)]
 AwareDatetime = Annotated[datetime, AfterValidator(timezone_aware)]
+LocalAuthorityCode = Annotated[str, StringConstraints(max_length=9), AfterValidator(valid_gss_code)]
 AgencyCode = Annotated[str, StringConstraints(max_length=40), AfterValidator(valid_agency_code)]

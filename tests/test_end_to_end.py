@@ -242,7 +242,7 @@ async def test_an_area_condition_looks_at_the_subjects_address_not_the_executors
     intake: httpx.AsyncClient,
 ) -> None:
     body = death_registration(
-        last_address={"lines": ["9 Bradford Road"], "town": "Bradford", "postcode": "BD1 1AB"},
+        last_address={"lines": ["9 Bradford Road"], "town": "Bradford", "postcode": "BD1 1HY"},
         executor={
             "given_names": "Ex",
             "family_name": "Ecutor",

@@ -35,6 +35,7 @@ import httpx
 import pytest
 
 from producers.accounts import issue_token
+from producers.local_authorities import local_authority
 from router import audit
 from router.seed import load_seed, read_seed
 from runtime.access import onboard_subscribed_agencies
@@ -76,22 +77,16 @@ POSTCODES = ("LS1 4AP", "LS11 5DT", "BD1 1HY", "BD10 8QS", "M1 1AE", "YO1 7HH")
 # --- Entitlement, worked out independently of the router --------------------------------
 
 
-def outward_letters(postcode: str) -> str:
-    """The postcode area ("LS" of "LS11 5DT"), which is what the seed's conditions name."""
-    outward = postcode.upper().split()[0]
-    return outward[: len(outward) - len(outward.lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))]
-
-
 def entitled_agencies(postcode: str, consents: dict[str, str]) -> frozenset[str]:
-    """Agencies a death at ``postcode`` must reach: a statutory subscription whose postcode
-    areas (if any) name the address's area, or a consent subscription the registration
-    gave consent for."""
+    """Agencies a death at ``postcode`` must reach: a statutory subscription whose local
+    authorities (if any) include the address's (ONS Postcode Directory), or a consent
+    subscription the registration gave consent for."""
     entitled = set()
     for sub in read_seed():
         if sub["event_type"] != "DeathRegistered":
             continue
-        areas = (sub.get("condition") or {}).get("postcode_areas", [])
-        if areas and outward_letters(postcode) not in areas:
+        authorities = (sub.get("condition") or {}).get("local_authorities", [])
+        if authorities and local_authority(postcode) not in authorities:
             continue
         if sub["legal_basis"] == "statutory" or consents.get(sub["agency"]) == "given":
             entitled.add(sub["agency"])

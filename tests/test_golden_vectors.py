@@ -35,7 +35,17 @@ def test_every_released_version_has_a_golden_vector_that_still_decodes(entry: Ca
     assert jsonable(exact) == expected, "decoded with its own version: the very record written"
     name, latest = decode(value)  # through the codec, resolved to the latest version
     assert name == entry.name
-    assert {k: jsonable(v) for k, v in latest.items() if k in expected} == expected
+    assert _as_written(jsonable(latest), expected) == expected
+
+
+def _as_written(latest: object, expected: object) -> object:
+    """``latest`` without the fields later versions added (at any depth, such as an
+    address's local_authority), which a reader fills with their defaults."""
+    if isinstance(latest, dict) and isinstance(expected, dict):
+        return {k: _as_written(v, expected[k]) for k, v in latest.items() if k in expected}
+    if isinstance(latest, list) and isinstance(expected, list) and len(latest) == len(expected):
+        return [_as_written(v, e) for v, e in zip(latest, expected, strict=True)]
+    return latest
 
 
 @pytest.mark.parametrize("entry", [CATALOGUE.latest(n) for n in CATALOGUE.names()], ids=_stem)

@@ -646,8 +646,8 @@ async def test_moving_out_of_an_address_the_council_does_not_hold_is_rejected_wi
 
 
 def test_each_agency_runs_its_own_reference_handler() -> None:
-    assert handler_for("council-bradford") == CouncilHandler("council-bradford", frozenset({"BD"}))
-    assert handler_for("council-leeds") == CouncilHandler("council-leeds", frozenset({"LS"}))
+    assert handler_for("council-bradford") == CouncilHandler("council-bradford", frozenset({"E08000032"}))
+    assert handler_for("council-leeds") == CouncilHandler("council-leeds", frozenset({"E08000035"}))
     assert handler_for("hmpo") is apply_life_event
 
 
@@ -693,6 +693,6 @@ async def test_every_agency_entitled_to_the_demo_events_applies_them(pool: async
     ), "the surviving partner lives alone"
     moved = await pool.fetchval(
         "SELECT count(*) FROM agency.driving_licence WHERE family_name = 'Citizen' AND postcode = $1",
-        "LS3 3BB",
+        "LS3 1AB",
     )
     assert moved == 1, "the mover's licence has the new address"

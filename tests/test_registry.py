@@ -35,11 +35,15 @@ async def test_subjects_versions_and_latest_are_listed(intake: httpx.AsyncClient
     subjects = (await intake.get("/subjects")).json()
     assert DEATH in subjects and "uk.gov.tellusonce.ConsentChanged" in subjects
     assert len(subjects) == len(CATALOGUE.names()), "every schema in the catalogue is a subject"
-    assert (await intake.get(f"/subjects/{DEATH}/versions")).json() == [1]
-    for version in ("1", "latest", "-1"):
+    latest = CATALOGUE.latest("DeathRegistered")
+    assert (await intake.get(f"/subjects/{DEATH}/versions")).json() == list(range(1, latest.version + 1))
+    first = (await intake.get(f"/subjects/{DEATH}/versions/1")).json()
+    assert (first["subject"], first["version"], first["id"]) == (DEATH, 1, 2), "released ids never change"
+    assert json.loads(first["schema"]) == CATALOGUE.version("DeathRegistered", 1).schema
+    for version in ("latest", "-1"):
         body = (await intake.get(f"/subjects/{DEATH}/versions/{version}")).json()
-        assert (body["subject"], body["version"], body["id"]) == (DEATH, 1, 2)
-        assert json.loads(body["schema"]) == CATALOGUE.latest("DeathRegistered").schema
+        assert (body["subject"], body["version"], body["id"]) == (DEATH, latest.version, latest.schema_id)
+        assert json.loads(body["schema"]) == latest.schema
     raw = (await intake.get(f"/subjects/{DEATH}/versions/1/schema")).json()
     assert raw["name"] == DEATH
 
@@ -94,7 +98,7 @@ async def test_registration_is_idempotent_for_known_schemas_and_refused_for_othe
     registered = await intake.post(f"/subjects/{DEATH}/versions", json={"schema": known.schema_json})
     assert registered.json() == {"id": known.schema_id}
     looked_up = await intake.post(f"/subjects/{DEATH}", json={"schema": known.schema_json})
-    assert looked_up.json()["id"] == known.schema_id and looked_up.json()["version"] == 1
+    assert looked_up.json()["id"] == known.schema_id and looked_up.json()["version"] == known.version
 
     changed = {**known.schema, "fields": [*known.schema["fields"], {"name": "x", "type": "string"}]}
     refused = await intake.post(f"/subjects/{DEATH}/versions", json={"schema": json.dumps(changed)})
@@ -138,9 +142,9 @@ async def test_external_registry_ids_are_used_on_the_wire() -> None:
     async with httpx.AsyncClient(transport=_registry_that_renumbers(100)) as client:
         bound = await bind_to_registry("http://registry.invalid", CATALOGUE, client)
     value = encode("DeathRegistered", _death(), bound)
-    assert int.from_bytes(value[1:5], "big") == 102
+    assert int.from_bytes(value[1:5], "big") == CATALOGUE.latest("DeathRegistered").schema_id + 100
     assert decode(value, bound)[0] == "DeathRegistered"
-    already_on_topics = encode("DeathRegistered", _death())  # committed id 2
+    already_on_topics = encode("DeathRegistered", _death())  # the committed id
     assert decode(already_on_topics, bound)[0] == "DeathRegistered", "old messages still decode"
 
 

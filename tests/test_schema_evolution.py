@@ -31,6 +31,14 @@ def _tuo(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+COMMITTED = SchemaCatalogue(VERSIONS_DIR)
+
+
+def _next(name: str) -> str:
+    """The version a change to ``name`` would release: ``DeathRegistered v3``."""
+    return f"{name} v{COMMITTED.latest(name).version + 1}"
+
+
 def _edit_source(source: Path, name: str, change: Any) -> None:
     path = source / f"{NAMESPACE}.{name}.avsc"
     schema = json.loads(path.read_text())
@@ -51,8 +59,8 @@ def test_field_added_without_a_default_fails_naming_schema_and_field(contract: t
     code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
     assert code == 1
     assert (
-        "DeathRegistered v2 cannot read data written with v1: field 'cause': not in the data written "
-        "and has no default" in output
+        f"{_next('DeathRegistered')} cannot read data written with v1: field 'cause': "
+        "not in the data written and has no default" in output
     )
     assert "Nothing released" in output
     assert (versions / "catalogue.json").read_text() == before, "a refused release burns no id"
@@ -65,9 +73,10 @@ def test_nested_field_change_names_the_path_to_the_field(contract: tuple[Path, P
     _edit_source(source, "Address", lambda s: s["fields"].append({"name": "county", "type": "string"}))
     code, output = _tuo("schemas", "freeze", "--source-dir", str(source), "--versions-dir", str(versions))
     assert code == 1
-    assert "DeathRegistered v2 cannot read data written with v1: field 'last_address.county'" in output
+    death, birth = _next("DeathRegistered"), _next("BirthRegistered")
+    assert f"{death} cannot read data written with v1: field 'last_address.county'" in output
     assert "field 'surviving_partner.address.county'" in output, "through a nullable union"
-    assert "BirthRegistered v2 cannot read data written with v1: field 'parents[].address.county'" in output
+    assert f"{birth} cannot read data written with v1: field 'parents[].address.county'" in output
 
 
 def test_changed_logical_type_is_refused(contract: tuple[Path, Path]) -> None:
@@ -116,7 +125,7 @@ def test_field_added_with_a_default_is_released_and_old_data_still_decodes(
     assert evolved.version("DeathRegistered", 1).schema_id == 2, "released ids never change"
     name, record = decode(old_bytes, evolved)
     assert name == "DeathRegistered"
-    assert record["coroner_case"] is None, "v1 data read with the v2 schema gets the default"
+    assert record["coroner_case"] is None, "v1 data read with the new schema gets the default"
     new_bytes = encode("DeathRegistered", {**_death(), "coroner_case": "LS-2026-1"}, evolved)
     assert int.from_bytes(new_bytes[1:5], "big") == evolved.latest("DeathRegistered").schema_id == next_id
 

@@ -33,13 +33,13 @@ async def test_add_and_list_a_subscription_with_fields_and_an_area(
         "deceased",
         "--field",
         "last_address",
-        "--postcode-area",
-        "yo",
+        "--local-authority",
+        "e06000014",
     )
     assert code == 0, output
     code, output = await asyncio.to_thread(tuo_cli, services, "subscriptions", "list")
     [row] = [line for line in output.splitlines() if "council-york" in line]
-    assert "deceased, last_address" in row and '"YO"' in row and "active" in row
+    assert "deceased, last_address" in row and '"E06000014"' in row and "active" in row
     # read_topic fails if the topic is missing: `add` created the agency's topic
     assert await read_topic(services, Topics(services.topic_prefix).agency("council-york")) == []
 
@@ -53,7 +53,8 @@ async def test_add_and_list_a_subscription_with_fields_and_an_area(
         ),
         (["--basis", "statutory", "--field", "deceased"], "must cite its statute"),
         (["--basis", "maybe", "--field", "deceased"], "basis"),
-        (["--basis", "consent", "--field", "deceased", "--postcode-area", "12"], "not a postcode area"),
+        (["--basis", "consent", "--field", "deceased", "--local-authority", "12"], "GSS code"),
+        (["--basis", "consent", "--field", "deceased", "--local-authority", "LS"], "GSS code"),
     ],
 )
 async def test_invalid_subscriptions_are_refused_with_the_reason(

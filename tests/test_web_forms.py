@@ -297,6 +297,29 @@ async def test_statutory_organisations_are_told_and_consent_ones_are_asked(
     assert "Select yes if the informant agrees that we tell HM Passport Office" in missing.text
 
 
+async def test_the_councils_offered_are_those_of_the_address_by_local_authority_not_postcode_letters(
+    browser: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    await signed_in(browser, pool)
+    token = await session_token(browser)
+    # LS29 0AA (Ilkley) starts LS but is in Bradford.
+    answers = death_answers(**{"last_address.postcode": "ls29 0aa"})
+    await browser.post("/register/death", data={"csrf_token": token, **answers})
+    page = (await browser.get("/register/death/organisations")).text
+    assert "City of Bradford Metropolitan District Council" in page
+    assert "Leeds City Council" not in page
+    assert "postcode-not-found" not in page
+    # A postcode the directory does not know: no council, and the registrar is told why.
+    answers = death_answers(**{"last_address.postcode": "LS99 9ZZ"})
+    await browser.post("/register/death", data={"csrf_token": token, **answers})
+    page = (await browser.get("/register/death/organisations")).text
+    assert "Leeds City Council" not in page and "Bradford" not in page
+    notice = re.sub(r"\s+", " ", page[page.index('id="postcode-not-found"') :])
+    assert "We could not find the postcode <strong>LS99 9ZZ</strong> in the postcode directory" in notice
+    assert "no council will be told" in notice
+    assert "HM Revenue and Customs" in page, "national agencies are told wherever one lived"
+
+
 async def test_a_death_registration_gets_a_reference_and_each_agencys_status(
     browser: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:

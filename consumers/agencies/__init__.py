@@ -23,10 +23,10 @@ from consumers.agencies.council import CouncilHandler
 from consumers.reference import apply_life_event
 from consumers.sdk import Handler
 
-# Each council's postcode areas: the addresses whose households it holds.
-COUNCIL_AREAS: dict[str, frozenset[str]] = {
-    "council-leeds": frozenset({"LS"}),
-    "council-bradford": frozenset({"BD"}),
+# Each council's local authorities (GSS codes): the addresses whose households it holds.
+COUNCIL_AUTHORITIES: dict[str, frozenset[str]] = {
+    "council-leeds": frozenset({"E08000035"}),
+    "council-bradford": frozenset({"E08000032"}),
 }
 _NATIONAL: dict[str, Handler] = {
     "hmrc": tax.handle,
@@ -38,9 +38,9 @@ _NATIONAL: dict[str, Handler] = {
 def handler_for(agency: str) -> Handler:
     """The reference handler for ``agency``; an agency without a model of its own
     (hmpo, say) accepts every life event without effect."""
-    if agency in COUNCIL_AREAS:
-        return CouncilHandler(agency, COUNCIL_AREAS[agency])
+    if agency in COUNCIL_AUTHORITIES:
+        return CouncilHandler(agency, COUNCIL_AUTHORITIES[agency])
     return _NATIONAL.get(agency, apply_life_event)
 
 
-__all__ = ["COUNCIL_AREAS", "handler_for"]
+__all__ = ["COUNCIL_AUTHORITIES", "handler_for"]

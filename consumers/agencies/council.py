@@ -1,9 +1,10 @@
 """A council's reference consumer: council-tax households, who lives in them, and
 the electoral register.
 
-Each council is configured with its postcode areas (Leeds: LS); an address
-outside them is another council's business, and an event about one is applied
-with no effect here.
+Each council is configured with its local authorities' GSS codes (Leeds:
+E08000035); an address intake placed in another authority (the event's
+``local_authority``), or could not place, is another council's business, and an
+event about one is applied with no effect here.
 
 - DeathRegistered at an address the council holds: the deceased leaves the
   household on the date of death and comes off the electoral register there.
@@ -39,16 +40,6 @@ Departure = Literal["died", "moved away"]
 ADULT_AGE = 18
 
 
-def postcode_area(postcode: str) -> str:
-    """The letters a postcode starts with: "LS" for "LS1 1AA"."""
-    letters = ""
-    for char in postcode.strip().upper():
-        if not char.isalpha():
-            break
-        letters += char
-    return letters
-
-
 def adult_on(person: models.Person, on: date) -> bool:
     """Whether ``person`` is an adult on ``on``; someone of unknown age counts as one
     (which the council would check by hand)."""
@@ -64,7 +55,7 @@ class CouncilHandler:
     """The handler of one council (``agency`` code, e.g. council-leeds)."""
 
     council: str
-    postcode_areas: frozenset[str]
+    local_authorities: frozenset[str]  # GSS codes
 
     async def __call__(self, event: DeliveredEvent, conn: asyncpg.Connection) -> None:
         match event.event_type:
@@ -76,7 +67,7 @@ class CouncilHandler:
                 await apply_life_event(event, conn)
 
     def covers(self, address: models.Address) -> bool:
-        return postcode_area(address.postcode) in self.postcode_areas
+        return address.local_authority in self.local_authorities
 
     async def _death(self, event: DeliveredEvent, conn: asyncpg.Connection) -> None:
         last_address = delivery.address(event, "last_address")

@@ -2,7 +2,8 @@
 
 The "Which organisations should we tell?" step lists the active subscriptions
 for the event type whose conditions hold for the addresses given (a council
-only hears of addresses in its area): a statutory one is told whatever the
+only hears of addresses in its local authority, old and new for a move, found
+in the ONS Postcode Directory): a statutory one is told whatever the
 informant says (the page names the law), a consent one only if the informant
 agrees. After the
 event is recorded, the confirmation page turns each agency's routing decision
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from producers.local_authorities import local_authority
 from router.rules import Condition, RoutableEvent
 
 # Display names of the agencies in the demo subscriptions; any other agency is
@@ -59,9 +61,19 @@ class Organisation:
         return self.legal_basis == "statutory"
 
     def concerned_with(self, event_type: str, postcodes: frozenset[str]) -> bool:
-        """Whether its subscription's condition (a council's area) holds for these addresses;
-        the same rule the router applies."""
-        return self.condition.holds_for(RoutableEvent("", event_type, "", postcodes=postcodes))
+        """Whether its subscription's condition (a council's local authority) holds for these
+        addresses; the same rule the router applies, to the authorities intake will record."""
+        authorities = [local_authority(postcode) for postcode in postcodes]
+        return self.condition.holds_for(
+            RoutableEvent(
+                "",
+                event_type,
+                "",
+                postcodes=postcodes,
+                local_authorities=frozenset(code for code in authorities if code is not None),
+                area_unknown=None in authorities,
+            )
+        )
 
 
 async def organisations_to_tell(
@@ -150,4 +162,14 @@ def _in_words(
         )
     if decision == "blocked":
         return AgencyStatus(agency, name, "Not told", "grey", "The law does not allow telling them.", True)
+    if decision == "withheld_area_unknown":
+        return AgencyStatus(
+            agency,
+            name,
+            "Not told",
+            "yellow",
+            "The postcode is not in the postcode directory, so we could not tell which council it is in."
+            " Check the postcode, and correct it if it is wrong.",
+            True,
+        )
     return AgencyStatus(agency, name, "Not told", "yellow", "Ask the service desk why.", True)

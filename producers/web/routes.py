@@ -27,6 +27,7 @@ from starlette.responses import Response
 from producers.accept import REFERENCE_ALPHABET, Intake, NotPermitted, SubmissionRejected
 from producers.accounts import Submitter, authenticate, registrar
 from producers.duplicates import DuplicateRegistration
+from producers.local_authorities import local_authority
 from producers.rate_limit import identify
 from producers.requests import DuplicateOverride
 from producers.store import IdempotencyConflict, consent_receipts_for_event, event_status
@@ -342,12 +343,15 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
         choices: dict[str, str],
         errors: list[FieldError],
     ) -> Response:
+        answers = (who.session.data.get(_draft_key(form)) or {}).get("answers") or {}
         return page(
             "organisations.html",
             who,
             422 if errors else 200,
             form=form,
             title="Which organisations should we tell?",
+            # Postcodes the directory cannot place in a council: no council will be told.
+            unplaced=sorted(p for p in form.postcodes(answers) if local_authority(p) is None),
             told=[o for o in organisations if o.statutory],
             asked=[o for o in organisations if not o.statutory],
             choices=choices,

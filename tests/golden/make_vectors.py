@@ -29,6 +29,7 @@ ADDRESS = {
     "town": "Leeds",
     "postcode": "LS7 3AB",
     "uprn": "72000001",
+    "local_authority": "E08000035",  # Leeds; written from Address v2 on (v1 has no such field)
 }
 PERSON = {"given_names": "Pat Jo", "family_name": "Example-Smith", "date_of_birth": date(1941, 3, 2)}
 RELATED = {

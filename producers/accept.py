@@ -26,13 +26,23 @@ from pydantic import Field, TypeAdapter, ValidationError
 from producers.accounts import Submitter
 from producers.office_keys import active_key
 from producers.requests import ConsentChoice, Strict, Submission
-from producers.store import NewEvent, Recorded, consent_agencies, original_event, record_event
+from producers.store import (
+    NewEvent,
+    Recorded,
+    SubjectLink,
+    SubjectMovedMeanwhile,
+    consent_agencies,
+    latest_link,
+    original_event,
+    record_event,
+)
 from runtime.kafka import Topics
 from runtime.metrics import EVENTS_ACCEPTED
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode, encode, models
 from schemas.cloudevents import headers_for
+from schemas.fieldpaths import NINO
 from schemas.signatures import signature_headers
 from schemas.validation import Nino, PastDate, Postcode, Text, Uprn
 
@@ -162,12 +172,18 @@ class Intake:
     ) -> Recorded:
         original = await self._original(reference, submitter)
         patched = json.loads(json.dumps(original.body, default=str))
+        patched["envelope"]["subject"]["nino"] = original.nino  # as earlier corrections left it
         errors: list[dict[str, str]] = []
         changes = []
+        link: SubjectLink | None = None
         for i, change in enumerate(request.changes):
             try:
                 value = _checked_value(change.field, change.value)
-                _patch(patched, change.field, value)
+                if change.field == NINO:
+                    link = self._new_subject(original, value, link)
+                    patched["envelope"]["subject"]["nino"] = value
+                else:
+                    _patch(patched, change.field, value)
             except (ValueError, ValidationError) as exc:
                 errors.append({"field": f"changes.{i}", "message": _message(exc)})
                 continue
@@ -181,19 +197,39 @@ class Intake:
                 )
         if errors:
             raise SubmissionRejected(errors)
-        return await self._follow_up(
-            "EventCorrected",
-            original,
-            submitter,
-            idempotency_key,
-            request.model_dump(mode="json"),
-            lambda: {
-                "corrects_event_id": original.event_id,
-                "corrects_reference": original.reference,
-                "corrected_event_type": original.event_type,
-                "changes": [c.avro() for c in changes],
-                "reason": request.reason,
-            },
+        try:
+            return await self._follow_up(
+                "EventCorrected",
+                original,
+                submitter,
+                idempotency_key,
+                request.model_dump(mode="json"),
+                lambda: {
+                    "corrects_event_id": original.event_id,
+                    "corrects_reference": original.reference,
+                    "corrected_event_type": original.event_type,
+                    "changes": [c.avro() for c in changes],
+                    "reason": request.reason,
+                    "previous_subject_id": link and link.previous_subject_id,
+                    "new_subject_id": link and link.new_subject_id,
+                },
+                link,
+            )
+        except SubjectMovedMeanwhile:
+            raise SubmissionRejected(
+                [{"field": "changes", "message": "the National Insurance number was corrected meanwhile"}]
+            ) from None
+
+    def _new_subject(self, original: _Original, nino: str | None, earlier: SubjectLink | None) -> SubjectLink:
+        """The subject id a corrected NINO gives the registration (a keyed hash, as at intake)."""
+        if earlier is not None:
+            raise ValueError("the National Insurance number is corrected more than once")
+        if nino == original.nino:
+            raise ValueError("is the National Insurance number already recorded")
+        return SubjectLink(
+            corrected_event_id=original.event_id,
+            previous_subject_id=original.person,
+            new_subject_id=subject_id_for(nino, self.settings.require_pseudonym_key()),
         )
 
     async def void(
@@ -227,7 +263,14 @@ class Intake:
         if found.voided:
             raise SubmissionRejected([{"field": "reference", "message": "this event has been voided"}])
         _, body = decode(self.sealer.open(found.value, found.event_id))
-        return _Original(found.reference, found.event_id, found.event_type, found.subject_id, body)
+        person, nino = found.subject_id, body["envelope"]["subject"].get("nino")
+        latest = await latest_link(self.pool, found.event_id)
+        if latest is not None:  # its NINO was corrected: the latest correction says whose it is
+            _, correction = decode(self.sealer.open(latest.correction_value, latest.correction_event_id))
+            person, nino = latest.new_subject_id, _corrected_nino(correction)
+        return _Original(
+            found.reference, found.event_id, found.event_type, found.subject_id, person, nino, body
+        )
 
     async def _follow_up(
         self,
@@ -237,20 +280,24 @@ class Intake:
         idempotency_key: str | None,
         request: dict[str, Any],
         fields: Any,
+        link: SubjectLink | None = None,
     ) -> Recorded:
-        subject = original.body["envelope"]["subject"]
+        # Keyed by the original's subject id, even after its NINO was corrected: every
+        # follow-up then lands on the original's partition, after it, in order.
+        # The envelope carries the NINO as it stands now, for the agencies granted it.
         return await self._record(
             event_type=event_type,
             submitter=submitter,
             idempotency_key=idempotency_key,
             fingerprint_of={"original": original.reference, **request},
-            subject=models.SubjectIdentifiers(subject_id=original.subject_id, nino=subject.get("nino")),
+            subject=models.SubjectIdentifiers(subject_id=original.subject_id, nino=original.nino),
             occurred_at=datetime.now(UTC),
             informant=models.Informant(name=submitter.display_name, relationship="registration officer"),
             channel="system" if submitter.recorded_by.startswith("api:") else "desk",
             body=lambda envelope: {"envelope": envelope.avro(), **fields()},
             consents=[],
             follows=original.event_id,
+            link=link,
         )
 
     async def _record(
@@ -267,6 +314,7 @@ class Intake:
         body: Any,
         consents: list[ConsentChoice],
         follows: uuid.UUID | None = None,
+        link: SubjectLink | None = None,
     ) -> Recorded:
         now = datetime.now(UTC)
         event_id = uuid.uuid4()
@@ -313,6 +361,7 @@ class Intake:
                 request_fingerprint=fingerprint,
                 consents=[(c.agency, c.choice) for c in consents],
                 follows_event_id=follows,
+                subject_link=link,
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
                 message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest
@@ -336,8 +385,16 @@ class _Original:
     reference: str
     event_id: uuid.UUID
     event_type: str
-    subject_id: str
+    subject_id: str  # as recorded and keyed on the bus
+    person: str  # whose it is now: subject_id, or the id a NINO correction gave it
+    nino: str | None  # the subject's NINO now, after any correction of it
     body: dict[str, Any]
+
+
+def _corrected_nino(correction: dict[str, Any]) -> str | None:
+    change = next(c for c in correction["changes"] if c["field"] == NINO)
+    nino: str | None = json.loads(change["new_value_json"])
+    return nino
 
 
 def _message(exc: Exception) -> str:
@@ -374,6 +431,8 @@ def _patch(record: dict[str, Any], path: str, value: Any) -> None:
         node[index] = value
     elif isinstance(node, dict) and last in node:
         node[last] = value
+    elif last == NINO:
+        raise ValueError(f"{path} is not a field of the original event; the subject's own is the field nino")
     else:
         raise ValueError(f"{path} is not a field of the original event")
 

@@ -5,6 +5,7 @@ citizen pages follow the registration to its new owner and away from the old."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import date, timedelta
 from typing import Any
@@ -54,6 +55,12 @@ async def _tax_record(pool: asyncpg.Pool, nino: str) -> asyncpg.Record:
     )
 
 
+async def _award(pool: asyncpg.Pool, nino: str) -> asyncpg.Record:
+    return await pool.fetchrow(
+        "SELECT status, stopped_on, overpayment_pence FROM agency.pension_award WHERE nino = $1", nino
+    )
+
+
 async def _written(pool: asyncpg.Pool) -> tuple[int, int, int]:
     return (
         await pool.fetchval("SELECT count(*) FROM intake_record"),
@@ -72,6 +79,8 @@ async def test_a_death_registered_with_the_wrong_nino_moves_to_the_right_person(
     deceased = models.Person(given_names="Lou", family_name=f"Gone{uuid.uuid4().hex[:6]}")
     await records.open_tax_record(pool, wrong, living, HOME)
     await records.open_tax_record(pool, right, deceased, HOME)
+    await records.award_pension(pool, wrong, 21_000, today())
+    await records.award_pension(pool, right, 14_000, today())
 
     # The living person's own move stays theirs whatever happens to the death.
     move = {
@@ -92,8 +101,9 @@ async def test_a_death_registered_with_the_wrong_nino_moves_to_the_right_person(
     )
     original = (await intake.post("/v1/death-registrations", json=death)).json()
     first = await _final_receipts(intake, original["reference"])
-    assert first["hmrc"]["receipt"]["outcome"] == "applied"
+    assert first["hmrc"]["receipt"]["outcome"] == first["dwp"]["receipt"]["outcome"] == "applied"
     assert (await _tax_record(pool, wrong))["status"] == "closed", "the wrong taxpayer was closed"
+    assert (await _award(pool, wrong))["status"] == "stopped", "and their pension stopped"
 
     response = await intake.post(
         f"/v1/events/{original['reference']}/corrections",
@@ -125,6 +135,11 @@ async def test_a_death_registered_with_the_wrong_nino_moves_to_the_right_person(
     assert (reopened["status"], reopened["closed_on"]) == ("open", None), "the living taxpayer is reopened"
     assert (closed["status"], closed["closed_on"]) == ("closed", died_on)
     assert closed["closed_by_event"] == uuid.UUID(original["event_id"])
+    assert receipts["dwp"]["receipt"]["outcome"] == "applied", receipts["dwp"]
+    resumed, stopped = await _award(pool, wrong), await _award(pool, right)
+    assert (resumed["status"], resumed["overpayment_pence"]) == ("in_payment", 0)
+    assert (stopped["status"], stopped["stopped_on"]) == ("stopped", died_on)
+    assert stopped["overpayment_pence"] == 14_000 * 3 // 7, "paid for the three days after the death"
 
     # The right person's pages show the death and its correction; the wrong NINO's
     # holder sees neither any more, and keeps their own move, which the other never sees.
@@ -188,3 +203,34 @@ async def test_the_nino_corrected_twice_in_one_request_is_refused(
     assert response.status_code == 422
     assert "more than once" in response.text
     assert await _written(pool) == before
+
+
+async def test_two_nino_corrections_at_once_leave_one_unbroken_chain_of_links(
+    intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
+) -> None:
+    first = random_nino()
+    body = death_registration(deceased={"given_names": "Two", "family_name": "Desks", "nino": first})
+    original = (await intake.post("/v1/death-registrations", json=body)).json()
+    answers = await asyncio.gather(
+        *(
+            intake.post(
+                f"/v1/events/{original['reference']}/corrections",
+                json={"changes": [{"field": "nino", "value": random_nino()}], "reason": "two desks at once"},
+            )
+            for _ in range(2)
+        )
+    )
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses in ([201, 201], [201, 422]), [a.text for a in answers]
+    if statuses == [201, 422]:
+        assert "corrected meanwhile" in next(a.text for a in answers if a.status_code == 422)
+    links = await pool.fetch(
+        "SELECT previous_subject_id, new_subject_id FROM subject_link"
+        " WHERE corrected_event_id = $1 ORDER BY id",
+        uuid.UUID(original["event_id"]),
+    )
+    assert len(links) == statuses.count(201)
+    expected = subject_id_for(first, services.require_pseudonym_key())
+    for link in links:  # each link starts where the one before it ended
+        assert link["previous_subject_id"] == expected
+        expected = link["new_subject_id"]

@@ -86,7 +86,8 @@ class Change(Strict):
         min_length=1,
         max_length=200,
         pattern=r"^[a-z_]+(\.([a-z_]+|[0-9]{1,2}))*$",
-        description="Dotted path into the original event, for example `deceased.date_of_birth`.",
+        description="Dotted path into the original event, for example `deceased.date_of_birth`;"
+        " `nino` is the subject's own National Insurance number.",
     )
     value: Any = Field(description="The corrected value (JSON); null clears an optional field.")
 

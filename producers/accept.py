@@ -32,6 +32,7 @@ from producers.store import (
     SubjectLink,
     SubjectMovedMeanwhile,
     consent_agencies,
+    earlier_submission,
     latest_link,
     original_event,
     record_event,
@@ -171,6 +172,20 @@ class Intake:
     async def correct(
         self, reference: str, request: CorrectionRequest, submitter: Submitter, idempotency_key: str | None
     ) -> Recorded:
+        if idempotency_key is not None:
+            # A retried request gets its first answer before any check: once a NINO
+            # correction is recorded, checking it again would find the NINO unchanged.
+            earlier = await earlier_submission(
+                self.pool,
+                f"{submitter.office}:{idempotency_key}",
+                _fingerprint(
+                    "EventCorrected",
+                    submitter.office,
+                    {"original": reference, **request.model_dump(mode="json")},
+                ),
+            )
+            if earlier is not None:
+                return earlier
         original = await self._original(reference, submitter)
         patched = json.loads(json.dumps(original.body, default=str))
         patched["envelope"]["subject"]["nino"] = original.nino  # as earlier corrections left it
@@ -343,11 +358,7 @@ class Intake:
             schema_base_url=self.settings.schema_base_url(),
         )
         headers += signature_headers(key, event_type, record, str(event_id))
-        fingerprint = hashlib.sha256(
-            json.dumps(
-                {"type": event_type, "office": submitter.office, **fingerprint_of}, sort_keys=True
-            ).encode()
-        ).hexdigest()
+        fingerprint = _fingerprint(event_type, submitter.office, fingerprint_of)
         recorded = await record_event(
             self.pool,
             NewEvent(
@@ -396,6 +407,12 @@ def _corrected_nino(correction: dict[str, Any]) -> str | None:
     change = next(c for c in correction["changes"] if c["field"] == NINO)
     nino: str | None = json.loads(change["new_value_json"])
     return nino
+
+
+def _fingerprint(event_type: str, office: str, fingerprint_of: dict[str, Any]) -> str:
+    return hashlib.sha256(
+        json.dumps({"type": event_type, "office": office, **fingerprint_of}, sort_keys=True).encode()
+    ).hexdigest()
 
 
 def _message(exc: Exception) -> str:

@@ -134,6 +134,12 @@ async def _link_subject(conn: asyncpg.Connection, correction_event_id: UUID, lin
     )
 
 
+async def earlier_submission(pool: asyncpg.Pool, key: str, fingerprint: str) -> Recorded | None:
+    """What a request with this idempotency key recorded before, if anything."""
+    async with pool.acquire() as conn:
+        return await _existing(conn, key, fingerprint)
+
+
 async def _existing(conn: asyncpg.Connection, key: str, fingerprint: str) -> Recorded | None:
     row = await conn.fetchrow(
         "SELECT reference, event_id, event_type, request_fingerprint"

@@ -105,15 +105,18 @@ async def test_a_death_registered_with_the_wrong_nino_moves_to_the_right_person(
     assert (await _tax_record(pool, wrong))["status"] == "closed", "the wrong taxpayer was closed"
     assert (await _award(pool, wrong))["status"] == "stopped", "and their pension stopped"
 
-    response = await intake.post(
-        f"/v1/events/{original['reference']}/corrections",
-        json={
-            "changes": [{"field": "nino", "value": right[:2].lower() + " " + right[2:]}],
-            "reason": "NINO misread from the medical certificate",
-        },
-    )
+    fix = {
+        "changes": [{"field": "nino", "value": right[:2].lower() + " " + right[2:]}],
+        "reason": "NINO misread from the medical certificate",
+    }
+    retry = {"Idempotency-Key": f"nino-{uuid.uuid4()}"}
+    response = await intake.post(f"/v1/events/{original['reference']}/corrections", json=fix, headers=retry)
     assert response.status_code == 201, response.text
     correction = response.json()
+    before = await _written(pool)
+    again = await intake.post(f"/v1/events/{original['reference']}/corrections", json=fix, headers=retry)
+    assert (again.status_code, again.json()["reference"]) == (200, correction["reference"]), again.text
+    assert await _written(pool) == before, "a retried correction records nothing more"
 
     at_hmrc = await _copy(services, "hmrc", correction["event_id"])
     copy = decode(at_hmrc.value or b"")[1]

@@ -308,9 +308,28 @@ def _delivery(row: dict[str, Any]) -> Delivery:
 async def received(
     pool: asyncpg.Pool, subject_id: str, agencies: frozenset[str] | None
 ) -> list[ReportedEvent]:
-    """The subject's events, newest first, each with what every agency (within ``agencies``) got."""
+    """The subject's events, newest first, each with what every agency (within ``agencies``) got.
+
+    A registration whose NINO was corrected (``subject_link``), with its corrections
+    and voids, is the new NINO's holder's from then on, and no longer the old one's:
+    the old NINO may be someone else's, who must not see this person's events, just as
+    this person sees none of the other events recorded under the old NINO."""
     references = await pool.fetch(
-        "SELECT reference FROM intake_record WHERE subject_id = $1 ORDER BY recorded_at DESC, reference",
+        "WITH moved_here AS (SELECT corrected_event_id FROM subject_link WHERE new_subject_id = $1),"
+        " candidate AS ("
+        "  SELECT reference, event_id, follows_event_id, subject_id, recorded_at"
+        "    FROM intake_record WHERE subject_id = $1"
+        "  UNION SELECT i.reference, i.event_id, i.follows_event_id, i.subject_id, i.recorded_at"
+        "    FROM intake_record i JOIN moved_here m ON i.event_id = m.corrected_event_id"
+        "  UNION SELECT i.reference, i.event_id, i.follows_event_id, i.subject_id, i.recorded_at"
+        "    FROM intake_record i JOIN moved_here m ON i.follows_event_id = m.corrected_event_id"
+        ")"
+        " SELECT c.reference FROM candidate c"
+        "   LEFT JOIN LATERAL (SELECT new_subject_id FROM subject_link l"
+        "                       WHERE l.corrected_event_id = COALESCE(c.follows_event_id, c.event_id)"
+        "                       ORDER BY l.id DESC LIMIT 1) latest ON true"
+        "  WHERE COALESCE(latest.new_subject_id, c.subject_id) = $1"  # whose it is now
+        "  ORDER BY c.recorded_at DESC, c.reference",
         subject_id,
     )
     events = []

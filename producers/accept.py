@@ -34,7 +34,11 @@ from producers.store import (
     NewEvent,
     Override,
     Recorded,
+    SubjectLink,
+    SubjectMovedMeanwhile,
     consent_agencies,
+    earlier_submission,
+    latest_link,
     original_event,
     record_event,
 )
@@ -45,6 +49,7 @@ from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode, encode, models
 from schemas.cloudevents import headers_for
+from schemas.fieldpaths import NINO
 from schemas.signatures import signature_headers
 from schemas.validation import Nino, PastDate, Postcode, Text, Uprn
 
@@ -88,7 +93,8 @@ class Change(Strict):
         min_length=1,
         max_length=200,
         pattern=r"^[a-z_]+(\.([a-z_]+|[0-9]{1,2}))*$",
-        description="Dotted path into the original event, for example `deceased.date_of_birth`.",
+        description="Dotted path into the original event, for example `deceased.date_of_birth`;"
+        " `nino` is the subject's own National Insurance number.",
     )
     value: Any = Field(description="The corrected value (JSON); null clears an optional field.")
 
@@ -218,14 +224,34 @@ class Intake:
     async def correct(
         self, reference: str, request: CorrectionRequest, submitter: Submitter, idempotency_key: str | None
     ) -> Recorded:
+        if idempotency_key is not None:
+            # A retried request gets its first answer before any check: once a NINO
+            # correction is recorded, checking it again would find the NINO unchanged.
+            earlier = await earlier_submission(
+                self.pool,
+                f"{submitter.office}:{idempotency_key}",
+                _fingerprint(
+                    "EventCorrected",
+                    submitter.office,
+                    {"original": reference, **request.model_dump(mode="json")},
+                ),
+            )
+            if earlier is not None:
+                return earlier
         original = await self._original(reference, submitter)
         patched = json.loads(json.dumps(original.body, default=str))
+        patched["envelope"]["subject"]["nino"] = original.nino  # as earlier corrections left it
         errors: list[dict[str, str]] = []
         changes = []
+        link: SubjectLink | None = None
         for i, change in enumerate(request.changes):
             try:
                 value = _checked_value(change.field, change.value)
-                _patch(patched, change.field, value)
+                if change.field == NINO:
+                    link = self._new_subject(original, value, link)
+                    patched["envelope"]["subject"]["nino"] = value
+                else:
+                    _patch(patched, change.field, value)
             except (ValueError, ValidationError) as exc:
                 errors.append({"field": f"changes.{i}", "message": _message(exc)})
                 continue
@@ -243,22 +269,42 @@ class Intake:
                 )
         if errors:
             raise SubmissionRejected(errors)
-        return await self._follow_up(
-            "EventCorrected",
-            original,
-            submitter,
-            idempotency_key,
-            request.model_dump(mode="json"),
-            lambda: {
-                "corrects_event_id": original.event_id,
-                "corrects_reference": original.reference,
-                "corrected_event_type": original.event_type,
-                "changes": [c.avro() for c in changes],
-                "reason": request.reason,
-            },
-            local_authorities=_subject_authorities(original.event_type, patched)
-            if any(c.field.split(".")[0] in SUBJECT_ADDRESSES[original.event_type] for c in changes)
-            else None,
+        try:
+            return await self._follow_up(
+                "EventCorrected",
+                original,
+                submitter,
+                idempotency_key,
+                request.model_dump(mode="json"),
+                lambda: {
+                    "corrects_event_id": original.event_id,
+                    "corrects_reference": original.reference,
+                    "corrected_event_type": original.event_type,
+                    "changes": [c.avro() for c in changes],
+                    "reason": request.reason,
+                    "previous_subject_id": link and link.previous_subject_id,
+                    "new_subject_id": link and link.new_subject_id,
+                },
+                link,
+                local_authorities=_subject_authorities(original.event_type, patched)
+                if any(c.field.split(".")[0] in SUBJECT_ADDRESSES[original.event_type] for c in changes)
+                else None,
+            )
+        except SubjectMovedMeanwhile:
+            raise SubmissionRejected(
+                [{"field": "changes", "message": "the National Insurance number was corrected meanwhile"}]
+            ) from None
+
+    def _new_subject(self, original: _Original, nino: str | None, earlier: SubjectLink | None) -> SubjectLink:
+        """The subject id a corrected NINO gives the registration (a keyed hash, as at intake)."""
+        if earlier is not None:
+            raise ValueError("the National Insurance number is corrected more than once")
+        if nino == original.nino:
+            raise ValueError("is the National Insurance number already recorded")
+        return SubjectLink(
+            corrected_event_id=original.event_id,
+            previous_subject_id=original.person,
+            new_subject_id=subject_id_for(nino, self.settings.require_pseudonym_key()),
         )
 
     async def void(
@@ -292,7 +338,14 @@ class Intake:
         if found.voided:
             raise SubmissionRejected([{"field": "reference", "message": "this event has been voided"}])
         _, body = decode(self.sealer.open(found.value, found.event_id))
-        return _Original(found.reference, found.event_id, found.event_type, found.subject_id, body)
+        person, nino = found.subject_id, body["envelope"]["subject"].get("nino")
+        latest = await latest_link(self.pool, found.event_id)
+        if latest is not None:  # its NINO was corrected: the latest correction says whose it is
+            _, correction = decode(self.sealer.open(latest.correction_value, latest.correction_event_id))
+            person, nino = latest.new_subject_id, _corrected_nino(correction)
+        return _Original(
+            found.reference, found.event_id, found.event_type, found.subject_id, person, nino, body
+        )
 
     async def _follow_up(
         self,
@@ -302,15 +355,18 @@ class Intake:
         idempotency_key: str | None,
         request: dict[str, Any],
         fields: Any,
+        link: SubjectLink | None = None,
         local_authorities: list[str] | None = None,
     ) -> Recorded:
-        subject = original.body["envelope"]["subject"]
+        # Keyed by the original's subject id, even after its NINO was corrected: every
+        # follow-up then lands on the original's partition, after it, in order.
+        # The envelope carries the NINO as it stands now, for the agencies granted it.
         return await self._record(
             event_type=event_type,
             submitter=submitter,
             idempotency_key=idempotency_key,
             fingerprint_of={"original": original.reference, **request},
-            subject=models.SubjectIdentifiers(subject_id=original.subject_id, nino=subject.get("nino")),
+            subject=models.SubjectIdentifiers(subject_id=original.subject_id, nino=original.nino),
             occurred_at=datetime.now(UTC),
             informant=models.Informant(name=submitter.display_name, relationship="registration officer"),
             channel="system" if submitter.recorded_by.startswith("api:") else "desk",
@@ -318,6 +374,7 @@ class Intake:
             consents=[],
             follows=original.event_id,
             local_authorities=local_authorities,
+            link=link,
         )
 
     async def _record(
@@ -337,6 +394,7 @@ class Intake:
         claims: tuple[str, ...] = (),
         override: Override | None = None,
         local_authorities: list[str] | None = None,
+        link: SubjectLink | None = None,
     ) -> Recorded:
         now = datetime.now(UTC)
         event_id = uuid.uuid4()
@@ -364,11 +422,7 @@ class Intake:
             schema_base_url=self.settings.schema_base_url(),
         )
         headers += signature_headers(key, event_type, record, str(event_id))
-        fingerprint = hashlib.sha256(
-            json.dumps(
-                {"type": event_type, "office": submitter.office, **fingerprint_of}, sort_keys=True
-            ).encode()
-        ).hexdigest()
+        fingerprint = _fingerprint(event_type, submitter.office, fingerprint_of)
         recorded = await record_event(
             self.pool,
             receipts=self.receipts,
@@ -392,6 +446,7 @@ class Intake:
                 local_authorities=_subject_authorities(event_type, record)
                 if event_type in SUBJECT_ADDRESSES
                 else local_authorities,
+                subject_link=link,
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
                 message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest
@@ -415,8 +470,22 @@ class _Original:
     reference: str
     event_id: uuid.UUID
     event_type: str
-    subject_id: str
+    subject_id: str  # as recorded and keyed on the bus
+    person: str  # whose it is now: subject_id, or the id a NINO correction gave it
+    nino: str | None  # the subject's NINO now, after any correction of it
     body: dict[str, Any]
+
+
+def _corrected_nino(correction: dict[str, Any]) -> str | None:
+    change = next(c for c in correction["changes"] if c["field"] == NINO)
+    nino: str | None = json.loads(change["new_value_json"])
+    return nino
+
+
+def _fingerprint(event_type: str, office: str, fingerprint_of: dict[str, Any]) -> str:
+    return hashlib.sha256(
+        json.dumps({"type": event_type, "office": office, **fingerprint_of}, sort_keys=True).encode()
+    ).hexdigest()
 
 
 def _message(exc: Exception) -> str:
@@ -499,6 +568,8 @@ def _patch(record: dict[str, Any], path: str, value: Any) -> None:
         node[index] = value
     elif isinstance(node, dict) and last in node:
         node[last] = value
+    elif last == NINO:
+        raise ValueError(f"{path} is not a field of the original event; the subject's own is the field nino")
     else:
         raise ValueError(f"{path} is not a field of the original event")
 

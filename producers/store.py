@@ -31,6 +31,20 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before for a different submission."""
 
 
+class SubjectMovedMeanwhile(Exception):
+    """Another correction changed the subject's NINO after this one read it."""
+
+
+@dataclass(frozen=True)
+class SubjectLink:
+    """A correction of the subject's NINO: the corrected registration is about
+    ``new_subject_id`` from now on, no longer ``previous_subject_id``."""
+
+    corrected_event_id: UUID
+    previous_subject_id: str
+    new_subject_id: str
+
+
 @dataclass(frozen=True)
 class Override:
     """A supervisor's decision to record a registration over an existing one."""
@@ -63,6 +77,7 @@ class NewEvent:
     # GSS codes of the subject's addresses (see router.rules.SUBJECT_ADDRESSES), for the
     # citizen's consent page; None when the event carries none (a void).
     local_authorities: list[str] | None = None
+    subject_link: SubjectLink | None = None  # set when a correction fixes the subject's NINO
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,51 @@ async def original_event(pool: asyncpg.Pool, reference: str) -> StoredEvent | No
         bytes(row["message_value"]),
         row["voided"],
     )
+
+
+@dataclass(frozen=True)
+class LatestLink:
+    correction_event_id: UUID
+    new_subject_id: str
+    correction_value: bytes  # the correction's sealed message, which holds the NINO it set
+
+
+async def latest_link(conn: asyncpg.Pool | asyncpg.Connection, corrected_event_id: UUID) -> LatestLink | None:
+    """The last correction of this registration's subject NINO, if any: whose it is now."""
+    row = await conn.fetchrow(
+        "SELECT l.correction_event_id, l.new_subject_id, o.message_value"
+        "  FROM subject_link l JOIN outbox o ON o.event_id = l.correction_event_id"
+        " WHERE l.corrected_event_id = $1 ORDER BY l.id DESC LIMIT 1",
+        corrected_event_id,
+    )
+    if row is None:
+        return None
+    return LatestLink(row["correction_event_id"], row["new_subject_id"], bytes(row["message_value"]))
+
+
+async def _link_subject(conn: asyncpg.Connection, correction_event_id: UUID, link: SubjectLink) -> None:
+    # The registration's row is locked so that two NINO corrections made at once are
+    # applied one after the other: the second sees the first and is refused.
+    subject_id = await conn.fetchval(
+        "SELECT subject_id FROM intake_record WHERE event_id = $1 FOR UPDATE", link.corrected_event_id
+    )
+    latest = await latest_link(conn, link.corrected_event_id)
+    if (latest.new_subject_id if latest else subject_id) != link.previous_subject_id:
+        raise SubjectMovedMeanwhile(link.corrected_event_id)
+    await conn.execute(
+        "INSERT INTO subject_link (correction_event_id, corrected_event_id, previous_subject_id,"
+        " new_subject_id) VALUES ($1, $2, $3, $4)",
+        correction_event_id,
+        link.corrected_event_id,
+        link.previous_subject_id,
+        link.new_subject_id,
+    )
+
+
+async def earlier_submission(pool: asyncpg.Pool, key: str, fingerprint: str) -> Recorded | None:
+    """What a request with this idempotency key recorded before, if anything."""
+    async with pool.acquire() as conn:
+        return await _existing(conn, key, fingerprint)
 
 
 async def _existing(conn: asyncpg.Connection, key: str, fingerprint: str) -> Recorded | None:
@@ -189,6 +249,8 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
         event.follows_event_id,
         event.local_authorities,
     )
+    if event.subject_link is not None:
+        await _link_subject(conn, event.event_id, event.subject_link)
     await _claim(conn, event)
     consents = await conn.fetch(
         "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"

@@ -148,6 +148,8 @@ class EventCorrected(Record):
     corrected_event_type: str
     changes: list[FieldChange] = Field(min_length=1)
     reason: str
+    previous_subject_id: str | None = None
+    new_subject_id: str | None = None
 
 
 class EventVoided(Record):

@@ -411,6 +411,7 @@ def test_a_correction_delivers_a_subset_of_its_changes_and_still_verifies() -> N
     signed = read_signature(headers)
     subset = {**decode(value)[1], "changes": [record["changes"][0], record["changes"][2]]}
     disclose = {"envelope", "corrects_event_id", "corrects_reference", "corrected_event_type", "reason"}
+    disclose |= {"previous_subject_id", "new_subject_id"}  # the example corrects the NINO too
     kept = signed.headers(disclose=disclose | {"changes/0", "changes/2"})
     check(encode("EventCorrectedDisclosure", {**subset, "envelope": _no_nino(subset)}), kept, event_id)
     reordered = {**subset, "changes": subset["changes"][::-1], "envelope": _no_nino(subset)}

@@ -8,7 +8,9 @@ registrar and the citizen, and must carry no personal data.
 
 from __future__ import annotations
 
+import json
 import uuid
+from dataclasses import dataclass
 from datetime import date
 from typing import Any, TypeVar
 
@@ -30,6 +32,8 @@ _DESCRIBED = {
     "effective_date": "date of the move",
     "voids_event_id": "voided event's id",
     "voided_event_type": "voided event's type",
+    "corrects_event_id": "corrected event's id",
+    "corrected_event_type": "corrected event's type",
 }
 
 
@@ -98,3 +102,32 @@ def voided(event: DeliveredEvent) -> tuple[uuid.UUID, str]:
         uuid.UUID(str(_granted(event, "voids_event_id"))),
         str(_granted(event, "voided_event_type")),
     )
+
+
+def corrected(event: DeliveredEvent) -> tuple[uuid.UUID, str]:
+    """What an ``EventCorrected`` corrects: (the earlier event's id, its type)."""
+    return (
+        uuid.UUID(str(_granted(event, "corrects_event_id"))),
+        str(_granted(event, "corrected_event_type")),
+    )
+
+
+@dataclass(frozen=True)
+class NinoCorrection:
+    nino: str | None  # None: the NINO was removed (it was not the subject's, and theirs is unknown)
+
+
+def nino_correction(event: DeliveredEvent) -> NinoCorrection | None:
+    """The subject's NINO as an ``EventCorrected`` sets it; None when the correction
+    does not change it, or did not deliver it (only agencies granted the NINO are
+    told of its correction)."""
+    for change in event.record.get("changes") or []:
+        if isinstance(change, dict) and change.get("field") == "nino":
+            try:
+                value = json.loads(change.get("new_value_json") or "null")
+            except ValueError:
+                raise RejectEvent("the corrected National Insurance number is not valid") from None
+            if value is not None and not isinstance(value, str):
+                raise RejectEvent("the corrected National Insurance number is not valid")
+            return NinoCorrection(value)
+    return None

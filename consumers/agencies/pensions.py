@@ -4,6 +4,9 @@
   the days after it becomes an overpayment to recover from the estate. An award
   already stopped is left as it is (the event is still applied).
 - EventVoided of a death: the award that death stopped is back in payment.
+- EventCorrected of a death's NINO: the award that death stopped (someone else's,
+  whose NINO was wrongly given) is back in payment, and the corrected NINO's award
+  stops on the same date instead.
 - Anything else is applied with no effect: DWP is sent births too (for child
   benefit), which a pension award has no business with.
 
@@ -36,6 +39,8 @@ async def handle(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
     match event.event_type:
         case "DeathRegistered":
             await _stop_on_death(event, conn)
+        case "EventCorrected" if (correction := delivery.nino_correction(event)) is not None:
+            await _move_death(event, correction.nino, conn)
         case "EventVoided":
             voided_id, voided_type = delivery.voided(event)
             if voided_type == "DeathRegistered":
@@ -53,6 +58,26 @@ async def _stop_on_death(event: DeliveredEvent, conn: asyncpg.Connection) -> Non
     if award["status"] == "in_payment":
         owed = overpayment_pence(award["weekly_amount_pence"], award["paid_until"], died_on)
         await _stop(conn, nino, died_on, owed, delivery.event_uuid(event))
+
+
+async def _move_death(event: DeliveredEvent, nino: str | None, conn: asyncpg.Connection) -> None:
+    corrected_id, corrected_type = delivery.corrected(event)
+    if corrected_type != "DeathRegistered":
+        return await apply_life_event(event, conn)  # a birth or move holds nothing to move here
+    died_on = await conn.fetchval(
+        "SELECT stopped_on FROM agency.pension_award WHERE stopped_by_event = $1 FOR UPDATE", corrected_id
+    )
+    if died_on is None:  # the death was rejected or is voided: it stopped no award
+        raise RejectEvent("no pension award was stopped by the corrected death")
+    await _resume(conn, corrected_id)
+    if nino is not None:  # None: the NINO was removed, and DWP cannot tell whose death it is
+        award = await _award(conn, nino)
+        if award is None:
+            raise RejectEvent(NO_AWARD)  # undoes the resumption too: the receipt says why
+        if award["status"] == "in_payment":
+            owed = overpayment_pence(award["weekly_amount_pence"], award["paid_until"], died_on)
+            await _stop(conn, nino, died_on, owed, corrected_id)
+    return None
 
 
 # --- queries -----------------------------------------------------------------------------------

@@ -5,7 +5,10 @@
 - AddressChanged: the record takes the new address, unless it already holds one
   that took effect later (events can arrive out of order).
 - EventVoided of a death: the record that death closed is reopened.
-- Anything else (a birth, a correction) is applied with no effect.
+- EventCorrected of a death's NINO: the death moves to the right taxpayer. The
+  record it closed (someone else's, whose NINO was wrongly given) is reopened, and
+  the record of the corrected NINO is closed on the same date.
+- Anything else (a birth, another correction) is applied with no effect.
 
 Without the NINO, or with no record for it, the event is rejected.
 """
@@ -31,6 +34,8 @@ async def handle(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
             await _close_on_death(event, conn)
         case "AddressChanged":
             await _change_address(event, conn)
+        case "EventCorrected" if (correction := delivery.nino_correction(event)) is not None:
+            await _move_death(event, correction.nino, conn)
         case "EventVoided":
             voided_id, voided_type = delivery.voided(event)
             if voided_type == "DeathRegistered":
@@ -56,6 +61,25 @@ async def _change_address(event: DeliveredEvent, conn: asyncpg.Connection) -> No
     if await _status(conn, nino) is None:
         raise RejectEvent(NO_RECORD)
     await _move(conn, nino, new_address, moved_on)
+
+
+async def _move_death(event: DeliveredEvent, nino: str | None, conn: asyncpg.Connection) -> None:
+    corrected_id, corrected_type = delivery.corrected(event)
+    if corrected_type != "DeathRegistered":
+        return await apply_life_event(event, conn)  # a birth or move holds nothing to move here
+    died_on = await conn.fetchval(
+        "SELECT closed_on FROM agency.tax_record WHERE closed_by_event = $1 FOR UPDATE", corrected_id
+    )
+    if died_on is None:  # the death was rejected or is voided: it closed no record
+        raise RejectEvent("no tax record was closed by the corrected death")
+    await _reopen(conn, corrected_id)
+    if nino is not None:  # None: the NINO was removed, and HMRC cannot tell whose death it is
+        status = await _status(conn, nino)
+        if status is None:
+            raise RejectEvent(NO_RECORD)  # undoes the reopening too: the receipt says why
+        if status == "open":
+            await _close(conn, nino, died_on, corrected_id)
+    return None
 
 
 # --- queries -----------------------------------------------------------------------------------

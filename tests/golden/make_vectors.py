@@ -82,8 +82,13 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "corrects_event_id": "5a3e8f2c-1111-4c2b-8d2e-0c5a3e8f2c11",
         "corrects_reference": "TUO-2026-AAAA-BBBB",
         "corrected_event_type": "DeathRegistered",
-        "changes": [{"field": "deceased.date_of_birth", "new_value_json": '"1941-03-12"'}],
-        "reason": "Date of birth misread from the medical certificate",
+        "changes": [
+            {"field": "deceased.date_of_birth", "new_value_json": '"1941-03-12"'},
+            {"field": "nino", "new_value_json": '"QQ123456C"'},
+        ],
+        "reason": "Date of birth and National Insurance number misread from the medical certificate",
+        "previous_subject_id": SUBJECT_ID,
+        "new_subject_id": "n-8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a",
     },
     "EventVoided": {
         "envelope": ENVELOPE,

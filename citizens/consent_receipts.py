@@ -212,6 +212,21 @@ async def _active_key(pool: asyncpg.Pool, sealer: PayloadSealer) -> tuple[str, E
     return key_id, Ed25519PrivateKey.from_private_bytes(raw)
 
 
+@dataclass(frozen=True)
+class ConsentSigningKey:
+    """The active receipt key, which also signs the ConsentChanged messages that tell
+    agencies of a withdrawal (``schemas.consent_signatures``): one published key set
+    proves both."""
+
+    key_id: str
+    private_key: Ed25519PrivateKey
+
+
+async def consent_signer(pool: asyncpg.Pool, settings: Settings) -> ConsentSigningKey:
+    key_id, private = await _active_key(pool, PayloadSealer.from_settings(settings))
+    return ConsentSigningKey(key_id, private)
+
+
 async def receipt_keys(pool: asyncpg.Pool) -> list[ReceiptKey]:
     rows = await pool.fetch(
         "SELECT key_id, public_key, created_at, retired_at FROM consent_receipt_key ORDER BY created_at"

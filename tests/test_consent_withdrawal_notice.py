@@ -1,0 +1,406 @@
+"""A withdrawal reaches the agencies that already hold the data, over the real bus
+(Kafka, PostgreSQL, relay, router, reference agencies, receipt tracker) and the
+citizens' pages: the agency that was sent an event under consent is told, signed,
+and answers with a receipt the citizen sees; an agency sent nothing under that
+consent is told nothing; a forged or unsigned consent change is dead-lettered by
+the router and by the agency SDK, and never applied."""
+
+from __future__ import annotations
+
+import html
+import re
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import httpx
+import pytest
+from aiokafka.structs import ConsumerRecord
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from citizens.consent_receipts import ConsentSigningKey, consent_signer
+from citizens.dev_idp import TEST_IDENTITIES
+from citizens.pages import install_citizen_pages
+from producers.accept import subject_id_for
+from router.consent_changes import consent_changed_message
+from runtime.kafka import Topics
+from runtime.settings import Settings
+from schemas import decode, encode
+from schemas.consent_signatures import ConsentSigner
+from schemas.signatures import MANIFEST_HEADER, SIGNATURE_HEADERS
+from tests.citizen_browser import Stack, browser, serve_citizens, sign_in, whoami
+from tests.support import (
+    death_message,
+    death_registration,
+    eventually,
+    header,
+    inspector_producer,
+    office_key,
+    read_topic,
+)
+
+pytestmark = pytest.mark.integration
+
+_, CHRIS, _ = TEST_IDENTITIES
+
+
+@pytest.fixture(scope="module")
+async def stack(services: Settings, pool: asyncpg.Pool) -> AsyncIterator[Stack]:
+    async with serve_citizens(services, pool, install_citizen_pages) as (base_url, idp, settings):
+        yield Stack(base_url, idp, settings)
+
+
+def text_of(page: str) -> str:
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page)))
+
+
+async def change_consent(
+    client: httpx.AsyncClient,
+    stack: Stack,
+    csrf: str,
+    subject_id: str,
+    agency: str,
+    event_type: str,
+    choice: str,
+) -> httpx.Response:
+    form = {
+        "csrf_token": csrf,
+        "subject_id": subject_id,
+        "agency": agency,
+        "event_type": event_type,
+        "choice": choice,
+    }
+    return await client.post(f"{stack.base_url}/citizen/consents", data=form)
+
+
+async def latest_change_id(
+    pool: asyncpg.Pool, subject_id: str, agency: str, event_type: str
+) -> uuid.UUID | None:
+    change_id: uuid.UUID | None = await pool.fetchval(
+        "SELECT change_id FROM consent_record WHERE subject_id = $1 AND agency = $2 AND event_type = $3"
+        " ORDER BY id DESC LIMIT 1",
+        subject_id,
+        agency,
+        event_type,
+    )
+    return change_id
+
+
+async def notice(pool: asyncpg.Pool, change_id: uuid.UUID, agency: str) -> bool | None:
+    told: bool | None = await pool.fetchval(
+        "SELECT told FROM consent_notice WHERE change_id = $1 AND agency = $2", change_id, agency
+    )
+    return told
+
+
+def with_id(records: list[ConsumerRecord[bytes, bytes]], ce_id: str) -> list[ConsumerRecord[bytes, bytes]]:
+    return [r for r in records if header(r, "ce_id") == ce_id]
+
+
+async def test_a_withdrawal_after_delivery_reaches_the_agency_which_receipts_it_and_the_citizen_sees_it(
+    stack: Stack, services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    topics = Topics(services.topic_prefix)
+    chris = subject_id_for(CHRIS.nino, services.require_pseudonym_key())
+    # The informant consents to DVLA at the desk and refuses HM Passport Office.
+    body = death_registration(
+        deceased={
+            "given_names": CHRIS.given_name,
+            "family_name": CHRIS.family_name,
+            "date_of_birth": CHRIS.birth_date,
+            "nino": CHRIS.nino,
+        }
+    )
+    answer = await intake.post("/v1/death-registrations", json=body)
+    assert answer.status_code == 201, answer.text
+    event_id = await pool.fetchval(
+        "SELECT event_id FROM intake_record WHERE reference = $1", answer.json()["reference"]
+    )
+
+    async def dvla_has_it() -> bool:
+        # Delivered under consent, and DVLA's own store has it (its final receipt is in).
+        return bool(
+            await pool.fetchval(
+                "SELECT count(*) FROM routing_decision d JOIN delivery_receipt r USING (event_id, agency)"
+                " WHERE d.event_id = $1 AND d.agency = 'dvla' AND d.outcome = 'DELIVERED'"
+                "   AND d.legal_basis = 'consent' AND r.outcome IN ('APPLIED', 'REJECTED')",
+                event_id,
+            )
+        )
+
+    await eventually(dvla_has_it, timeout=90, what="DVLA's delivery under consent and its receipt")
+
+    async with browser() as client:
+        assert (await sign_in(client, stack, CHRIS.sub)).status_code == 303
+        csrf = (await whoami(client, stack)).json()["csrf"]
+        withdrawn = await change_consent(client, stack, csrf, chris, "dvla", "DeathRegistered", "no")
+        assert withdrawn.status_code == 200, withdrawn.text
+        assert "we will tell them you have withdrawn it" in text_of(withdrawn.text)
+        # HM Passport Office was refused at the desk, so never sent it: given, then withdrawn.
+        for choice in ("given", "no"):
+            assert (
+                await change_consent(client, stack, csrf, chris, "hmpo", "DeathRegistered", choice)
+            ).status_code == 200
+        # HM Revenue and Customs was sent the death by statute, but no change of address under consent.
+        for choice in ("given", "no"):
+            assert (
+                await change_consent(client, stack, csrf, chris, "hmrc", "AddressChanged", choice)
+            ).status_code == 200
+
+    to_dvla = await latest_change_id(pool, chris, "dvla", "DeathRegistered")
+    to_hmpo = await latest_change_id(pool, chris, "hmpo", "DeathRegistered")
+    to_hmrc = await latest_change_id(pool, chris, "hmrc", "AddressChanged")
+    assert to_dvla and to_hmpo and to_hmrc, "every withdrawal is written to be passed on"
+    assert (
+        await pool.fetchval("SELECT topic FROM outbox WHERE event_id = $1", to_dvla) == topics.consent_changes
+    ), "written to the outbox with the consent record"
+
+    async def dvla_answered() -> str | None:
+        outcome: str | None = await pool.fetchval(
+            "SELECT outcome FROM delivery_receipt WHERE event_id = $1 AND agency = 'dvla'"
+            " AND outcome IN ('APPLIED', 'REJECTED')",
+            to_dvla,
+        )
+        return outcome
+
+    assert await eventually(dvla_answered, timeout=60, what="DVLA's receipt for the withdrawal") == "APPLIED"
+    assert await notice(pool, to_dvla, "dvla") is True
+    await eventually(
+        lambda: _both_answered(pool, to_hmpo, to_hmrc),
+        timeout=60,
+        what="the router's answer for hmpo and hmrc",
+    )
+    assert await notice(pool, to_hmpo, "hmpo") is False
+    assert await notice(pool, to_hmrc, "hmrc") is False
+
+    # DVLA got the consent service's signed message, once, on its own topic ...
+    told = with_id(await read_topic(services, topics.agency("dvla")), str(to_dvla))
+    assert len(told) == 1
+    assert header(told[0], "ce_type") == "uk.gov.tellusonce.ConsentChanged"
+    assert header(told[0], "ce_source") == "/consent"
+    assert all(header(told[0], name) for name in SIGNATURE_HEADERS)
+    # ... and stopped processing what it had been sent under that consent.
+    stopped = await pool.fetchrow(
+        "SELECT subject_id, event_type, choice, recorded_by, events_stopped FROM agency.consent_withdrawal"
+        " WHERE agency = 'dvla' AND change_id = $1",
+        to_dvla,
+    )
+    assert stopped is not None and dict(stopped) == {
+        "subject_id": chris,
+        "event_type": "DeathRegistered",
+        "choice": "WITHDRAWN",
+        "recorded_by": "CITIZEN",
+        "events_stopped": stopped["events_stopped"],
+    }
+    assert stopped["events_stopped"] >= 1
+    assert await pool.fetchval(
+        "SELECT consent_withdrawn_at IS NOT NULL FROM agency.inbox WHERE agency = 'dvla' AND event_id = $1",
+        event_id,
+    )
+    # The agencies sent nothing under those consents were told nothing, and answered nothing.
+    assert with_id(await read_topic(services, topics.agency("hmpo")), str(to_hmpo)) == []
+    assert with_id(await read_topic(services, topics.agency("hmrc")), str(to_hmrc)) == []
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM delivery_receipt WHERE event_id = ANY($1::uuid[])", [to_hmpo, to_hmrc]
+        )
+        == 0
+    )
+
+    async with browser() as client:
+        assert (await sign_in(client, stack, CHRIS.sub)).status_code == 303
+        history = text_of((await client.get(f"{stack.base_url}/citizen/history")).text)
+        download = (await client.get(f"{stack.base_url}/citizen/download")).json()
+    assert "Telling the organisation" in history
+    assert (
+        "Driver and Vehicle Licensing Agency was told, and confirmed they have stopped using it." in history
+    )
+    assert (
+        "HM Passport Office had not been sent any of this information with your consent, "
+        "so there was nothing to tell them." in history
+    )
+    assert "HM Revenue and Customs had not been sent any of this information with your consent" in history
+    dvla_change = next(
+        c for c in download["consent_history"] if c["agency"] == "dvla" and c["choice"] == "withdrawn"
+    )
+    assert (dvla_change["agency_notice"], dvla_change["agency_receipt"]) == ("told", "applied")
+
+
+async def _both_answered(pool: asyncpg.Pool, to_hmpo: uuid.UUID, to_hmrc: uuid.UUID) -> bool:
+    return await notice(pool, to_hmpo, "hmpo") is not None and await notice(pool, to_hmrc, "hmrc") is not None
+
+
+# --- hostile consent changes ---------------------------------------------------------------------
+
+
+def signed_change(
+    settings: Settings, signer: ConsentSigner, agency: str, subject_id: str | None = None
+) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    change_id = uuid.uuid4()
+    value, headers = consent_changed_message(
+        settings,
+        signer,
+        change_id=change_id,
+        subject_id=subject_id or f"n-{uuid.uuid4().hex}",
+        agency=agency,
+        event_type="DeathRegistered",
+        choice="withdrawn",
+        recorded_by="citizen",
+        recorded_at=datetime.now(UTC),
+    )
+    return str(change_id), value, headers
+
+
+def unsigned(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    return [(k, v) for k, v in headers if k not in SIGNATURE_HEADERS]
+
+
+async def hostile_changes(
+    services: Settings, pool: asyncpg.Pool, agency: str
+) -> tuple[dict[str, tuple[bytes, list[tuple[str, bytes]]]], tuple[str, bytes, list[tuple[str, bytes]]]]:
+    """Messages claiming to be consent changes for ``agency`` that the consent service
+    did not make (by what is wrong with them), and one genuine change."""
+    genuine_key = await consent_signer(pool, services)
+    forged_key = ConsentSigningKey(genuine_key.key_id, Ed25519PrivateKey.generate())  # its id, not its key
+    hostile: dict[str, tuple[bytes, list[tuple[str, bytes]]]] = {}
+    _, value, headers = signed_change(services, genuine_key, agency)
+    hostile["unsigned"] = (value, unsigned(headers))
+    _, value, headers = signed_change(services, forged_key, agency)
+    hostile["forged"] = (value, headers)
+    _, value, headers = signed_change(services, await office_key(pool), agency)
+    hostile["signed by an office"] = (value, headers)
+    change_id, value, headers = signed_change(services, genuine_key, agency)
+    _, other, _ = signed_change(services, genuine_key, agency)  # another subject's change, same id below
+    tampered = encode("ConsentChanged", {**_decoded(other), "change_id": change_id})
+    hostile["altered"] = (tampered, headers)
+    _, value, headers = signed_change(services, genuine_key, agency)
+    hostile["oversized"] = (value, [(k, b"x" * 300_000 if k == MANIFEST_HEADER else v) for k, v in headers])
+    _, _, headers = signed_change(services, genuine_key, agency)
+    hostile["not Avro"] = (b"\x00\x00\x00\x00\x08not avro at all", headers)
+    _, value, _ = signed_change(services, genuine_key, agency)
+    hostile["no CloudEvents headers"] = (value, [])
+    return hostile, signed_change(services, genuine_key, agency)
+
+
+def _decoded(value: bytes) -> dict[str, object]:
+    return decode(value)[1]
+
+
+def dead_letter_ids(records: list[ConsumerRecord[bytes, bytes]]) -> dict[str, str]:
+    """Dead letters by the value's own bytes (a hostile message may lack a ce_id): reason."""
+    return {bytes(r.value or b"").hex(): header(r, "tuo_dlq_reason") or "" for r in records}
+
+
+async def test_the_agency_sdk_dead_letters_a_forged_or_unsigned_consent_change_and_applies_none(
+    services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    topics = Topics(services.topic_prefix)
+    hostile, (genuine_id, value, headers) = await hostile_changes(services, pool, "dvla")
+    # A genuine change for another agency, put on DVLA's topic.
+    _, for_hmrc, hmrc_headers = signed_change(services, await consent_signer(pool, services), "hmrc")
+    hostile["for another agency"] = (for_hmrc, hmrc_headers)
+    producer = inspector_producer(services)
+    await producer.start()
+    try:
+        for hostile_value, hostile_headers in hostile.values():
+            await producer.send_and_wait(
+                topics.agency("dvla"), hostile_value, key=b"x", headers=hostile_headers
+            )
+        await producer.send_and_wait(topics.agency("dvla"), value, key=b"x", headers=headers)
+    finally:
+        await producer.stop()
+
+    async def applied() -> bool:
+        return bool(
+            await pool.fetchval(
+                "SELECT 1 FROM delivery_receipt"
+                " WHERE event_id = $1 AND agency = 'dvla' AND outcome = 'APPLIED'",
+                uuid.UUID(genuine_id),
+            )
+        )
+
+    await eventually(applied, timeout=60, what="the genuine change applied after the hostile ones")
+    letters = dead_letter_ids(await read_topic(services, topics.agency_dead_letters("dvla")))
+    reasons = {why: letters.get(bytes(v).hex(), "") for why, (v, _) in hostile.items()}
+    assert all(reasons.values()), f"every hostile message is dead-lettered: {reasons}"
+    assert "unsigned" in reasons["unsigned"]
+    assert "does not verify" in reasons["forged"]
+    assert "not a consent service key" in reasons["signed by an office"]
+    assert "digest mismatch" in reasons["altered"]
+    assert "bytes" in reasons["oversized"]
+    assert "for 'hmrc' reached 'dvla'" in reasons["for another agency"]
+    # None reached DVLA's handler: only the genuine change was recorded or receipted.
+    hostile_ids = [header_id for _, h in hostile.values() if (header_id := _ce_id(h))]
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM agency.consent_withdrawal WHERE change_id = ANY($1::uuid[])", hostile_ids
+        )
+        == 0
+    )
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM delivery_receipt WHERE event_id = ANY($1::uuid[])", hostile_ids
+        )
+        == 0
+    )
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM agency.consent_withdrawal WHERE change_id = $1", uuid.UUID(genuine_id)
+        )
+        == 1
+    )
+
+
+def _ce_id(headers: list[tuple[str, bytes]]) -> str | None:
+    return next((v.decode() for k, v in headers if k == "ce_id"), None)
+
+
+async def test_the_router_passes_on_no_forged_consent_change_and_records_a_genuine_one(
+    services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    topics = Topics(services.topic_prefix)
+    hostile, (genuine_id, value, headers) = await hostile_changes(services, pool, "dvla")
+    # A life event is not a consent change, even on the right topic and signed by its office.
+    event_id, death, death_headers = death_message(f"n-{uuid.uuid4().hex}", key=await office_key(pool))
+    hostile["a life event"] = (death, death_headers)
+    # A consent change's value under life-event headers claiming another type.
+    _, change, change_headers = signed_change(services, await consent_signer(pool, services), "dvla")
+    retyped = [(k, b"uk.gov.tellusonce.DeathRegistered" if k == "ce_type" else v) for k, v in change_headers]
+    hostile["another type"] = (change, retyped)
+    producer = inspector_producer(services)
+    await producer.start()
+    try:
+        for hostile_value, hostile_headers in hostile.values():
+            await producer.send_and_wait(
+                topics.consent_changes, hostile_value, key=b"x", headers=hostile_headers
+            )
+        await producer.send_and_wait(topics.consent_changes, value, key=b"x", headers=headers)
+    finally:
+        await producer.stop()
+
+    # The genuine one is answered (nobody holds that made-up subject's data: not told).
+    async def answered() -> bool:
+        return await notice(pool, uuid.UUID(genuine_id), "dvla") is not None
+
+    await eventually(answered, timeout=60, what="the router's answer for the genuine change")
+    assert await notice(pool, uuid.UUID(genuine_id), "dvla") is False
+    letters = dead_letter_ids(
+        [
+            r
+            for r in await read_topic(services, topics.dead_letters)
+            if header(r, "tuo_dlq_topic") == topics.consent_changes
+        ]
+    )
+    reasons = {why: letters.get(bytes(v).hex(), "") for why, (v, _) in hostile.items()}
+    assert all(reasons.values()), f"every hostile message is dead-lettered by the router: {reasons}"
+    assert "does not verify" in reasons["forged"] and "unsigned" in reasons["unsigned"]
+    hostile_ids = [i for _, h in hostile.values() if (i := _ce_id(h))]
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM consent_notice WHERE change_id::text = ANY($1::text[])", hostile_ids
+        )
+        == 0
+    )
+    on_dvla = {header(r, "ce_id") for r in await read_topic(services, topics.agency("dvla"))}
+    assert not on_dvla & {*hostile_ids, genuine_id, event_id}, "nothing was passed on to the agency"

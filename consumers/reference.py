@@ -5,8 +5,8 @@ effect. (Per-agency behaviour — closing a tax record, stopping a pension — i
 built on this by each agency.) A consent change that ends consent is recorded
 (``agency.consent_withdrawal``), and every event of that type about that person
 the agency received is marked as no longer to be processed
-(``agency.inbox.consent_withdrawn_at``): the agency was sent them on the basis of
-consent only, since the bus tells it of a withdrawal for no other.
+(``agency.consent_stopped``): the agency subscribes to that type on the basis of
+consent, or the bus would not have told it of a withdrawal.
 """
 
 from __future__ import annotations
@@ -34,17 +34,9 @@ async def stop_processing_under_consent(event: DeliveredEvent, conn: asyncpg.Con
     change = event.record
     if change["choice"] not in CONSENT_ENDS:
         raise RejectEvent(f"a consent change to {change['choice']} asks nothing of this agency")
-    result: str = await conn.execute(
-        "UPDATE agency.inbox SET consent_withdrawn_at = now()"
-        " WHERE agency = $1 AND subject_id = $2 AND event_type = $3 AND consent_withdrawn_at IS NULL",
-        change["agency"],
-        change["subject_id"],
-        change["event_type"],
-    )
-    stopped = int(result.rsplit(" ", 1)[-1])
     await conn.execute(
         "INSERT INTO agency.consent_withdrawal (agency, change_id, subject_id, event_type, choice,"
-        " recorded_by, recorded_at, events_stopped) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        " recorded_by, recorded_at, events_stopped) VALUES ($1, $2, $3, $4, $5, $6, $7, 0)",
         change["agency"],
         event.event_id,
         change["subject_id"],
@@ -52,6 +44,22 @@ async def stop_processing_under_consent(event: DeliveredEvent, conn: asyncpg.Con
         change["choice"],
         change["recorded_by"],
         change["recorded_at"],
+    )
+    result: str = await conn.execute(
+        "INSERT INTO agency.consent_stopped (agency, event_id, change_id)"
+        " SELECT i.agency, i.event_id, $4 FROM agency.inbox i"
+        "  WHERE i.agency = $1 AND i.subject_id = $2 AND i.event_type = $3"
+        " ON CONFLICT DO NOTHING",
+        change["agency"],
+        change["subject_id"],
+        change["event_type"],
+        event.event_id,
+    )
+    stopped = int(result.rsplit(" ", 1)[-1])
+    await conn.execute(
+        "UPDATE agency.consent_withdrawal SET events_stopped = $3 WHERE agency = $1 AND change_id = $2",
+        change["agency"],
+        event.event_id,
         stopped,
     )
     return stopped

@@ -18,17 +18,21 @@ import httpx
 import pytest
 from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fastapi import FastAPI
 
-from citizens.consent_receipts import ConsentSigningKey, consent_signer
+from citizens.consent_receipts import ConsentSigningKey, consent_receipt_keys_router, consent_signer
 from citizens.dev_idp import TEST_IDENTITIES
 from citizens.pages import install_citizen_pages
+from consumers.keys import HttpConsentKeySource, KeyRegistryUnavailable, KeyRing
 from producers.accept import subject_id_for
-from router.consent_changes import consent_changed_message
+from producers.web.organisations import agency_name
+from router import audit
+from router.consent_changes import consent_changed_message, holders
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode, encode
-from schemas.consent_signatures import ConsentSigner
-from schemas.signatures import MANIFEST_HEADER, SIGNATURE_HEADERS
+from schemas.consent_signatures import CONSENT_SERVICE, ConsentSigner, verify_consent_change
+from schemas.signatures import MANIFEST_HEADER, SIGNATURE_HEADERS, read_signature
 from tests.citizen_browser import Stack, browser, serve_citizens, sign_in, whoami
 from tests.support import (
     death_message,
@@ -42,7 +46,9 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 
-_, CHRIS, _ = TEST_IDENTITIES
+# Known to no reference agency, so registering her death changes none of the demo's
+# records that other tests rely on.
+_, _, AMARA = TEST_IDENTITIES
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +108,14 @@ async def test_a_withdrawal_after_delivery_reaches_the_agency_which_receipts_it_
     stack: Stack, services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
 ) -> None:
     topics = Topics(services.topic_prefix)
-    chris = subject_id_for(CHRIS.nino, services.require_pseudonym_key())
+    amara = subject_id_for(AMARA.nino, services.require_pseudonym_key())
     # The informant consents to DVLA at the desk and refuses HM Passport Office.
     body = death_registration(
         deceased={
-            "given_names": CHRIS.given_name,
-            "family_name": CHRIS.family_name,
-            "date_of_birth": CHRIS.birth_date,
-            "nino": CHRIS.nino,
+            "given_names": AMARA.given_name,
+            "family_name": AMARA.family_name,
+            "date_of_birth": AMARA.birth_date,
+            "nino": AMARA.nino,
         }
     )
     answer = await intake.post("/v1/death-registrations", json=body)
@@ -132,26 +138,26 @@ async def test_a_withdrawal_after_delivery_reaches_the_agency_which_receipts_it_
     await eventually(dvla_has_it, timeout=90, what="DVLA's delivery under consent and its receipt")
 
     async with browser() as client:
-        assert (await sign_in(client, stack, CHRIS.sub)).status_code == 303
+        assert (await sign_in(client, stack, AMARA.sub)).status_code == 303
         csrf = (await whoami(client, stack)).json()["csrf"]
-        withdrawn = await change_consent(client, stack, csrf, chris, "dvla", "DeathRegistered", "no")
+        withdrawn = await change_consent(client, stack, csrf, amara, "dvla", "DeathRegistered", "no")
         assert withdrawn.status_code == 200, withdrawn.text
         assert "we will tell them you have withdrawn it" in text_of(withdrawn.text)
         # HM Passport Office was refused at the desk, so never sent it: given, then withdrawn.
         for choice in ("given", "no"):
             assert (
-                await change_consent(client, stack, csrf, chris, "hmpo", "DeathRegistered", choice)
+                await change_consent(client, stack, csrf, amara, "hmpo", "DeathRegistered", choice)
             ).status_code == 200
-        # HM Revenue and Customs was sent the death by statute, but no change of address under consent.
+        # Leeds is sent deaths by statute, and was sent no change of address under consent.
         for choice in ("given", "no"):
             assert (
-                await change_consent(client, stack, csrf, chris, "hmrc", "AddressChanged", choice)
+                await change_consent(client, stack, csrf, amara, "council-leeds", "AddressChanged", choice)
             ).status_code == 200
 
-    to_dvla = await latest_change_id(pool, chris, "dvla", "DeathRegistered")
-    to_hmpo = await latest_change_id(pool, chris, "hmpo", "DeathRegistered")
-    to_hmrc = await latest_change_id(pool, chris, "hmrc", "AddressChanged")
-    assert to_dvla and to_hmpo and to_hmrc, "every withdrawal is written to be passed on"
+    to_dvla = await latest_change_id(pool, amara, "dvla", "DeathRegistered")
+    to_hmpo = await latest_change_id(pool, amara, "hmpo", "DeathRegistered")
+    to_leeds = await latest_change_id(pool, amara, "council-leeds", "AddressChanged")
+    assert to_dvla and to_hmpo and to_leeds, "every withdrawal is written to be passed on"
     assert (
         await pool.fetchval("SELECT topic FROM outbox WHERE event_id = $1", to_dvla) == topics.consent_changes
     ), "written to the outbox with the consent record"
@@ -167,12 +173,12 @@ async def test_a_withdrawal_after_delivery_reaches_the_agency_which_receipts_it_
     assert await eventually(dvla_answered, timeout=60, what="DVLA's receipt for the withdrawal") == "APPLIED"
     assert await notice(pool, to_dvla, "dvla") is True
     await eventually(
-        lambda: _both_answered(pool, to_hmpo, to_hmrc),
+        lambda: _both_answered(pool, to_hmpo, to_leeds),
         timeout=60,
-        what="the router's answer for hmpo and hmrc",
+        what="the router's answer for hmpo and Leeds",
     )
     assert await notice(pool, to_hmpo, "hmpo") is False
-    assert await notice(pool, to_hmrc, "hmrc") is False
+    assert await notice(pool, to_leeds, "council-leeds") is False
 
     # DVLA got the consent service's signed message, once, on its own topic ...
     told = with_id(await read_topic(services, topics.agency("dvla")), str(to_dvla))
@@ -187,29 +193,31 @@ async def test_a_withdrawal_after_delivery_reaches_the_agency_which_receipts_it_
         to_dvla,
     )
     assert stopped is not None and dict(stopped) == {
-        "subject_id": chris,
+        "subject_id": amara,
         "event_type": "DeathRegistered",
         "choice": "WITHDRAWN",
         "recorded_by": "CITIZEN",
         "events_stopped": stopped["events_stopped"],
     }
     assert stopped["events_stopped"] >= 1
-    assert await pool.fetchval(
-        "SELECT consent_withdrawn_at IS NOT NULL FROM agency.inbox WHERE agency = 'dvla' AND event_id = $1",
-        event_id,
-    )
-    # The agencies sent nothing under those consents were told nothing, and answered nothing.
-    assert with_id(await read_topic(services, topics.agency("hmpo")), str(to_hmpo)) == []
-    assert with_id(await read_topic(services, topics.agency("hmrc")), str(to_hmrc)) == []
     assert (
         await pool.fetchval(
-            "SELECT count(*) FROM delivery_receipt WHERE event_id = ANY($1::uuid[])", [to_hmpo, to_hmrc]
+            "SELECT change_id FROM agency.consent_stopped WHERE agency = 'dvla' AND event_id = $1", event_id
+        )
+        == to_dvla
+    ), "the death DVLA was sent under that consent is no longer processed"
+    # The agencies sent nothing under those consents were told nothing, and answered nothing.
+    assert with_id(await read_topic(services, topics.agency("hmpo")), str(to_hmpo)) == []
+    assert with_id(await read_topic(services, topics.agency("council-leeds")), str(to_leeds)) == []
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM delivery_receipt WHERE event_id = ANY($1::uuid[])", [to_hmpo, to_leeds]
         )
         == 0
     )
 
     async with browser() as client:
-        assert (await sign_in(client, stack, CHRIS.sub)).status_code == 303
+        assert (await sign_in(client, stack, AMARA.sub)).status_code == 303
         history = text_of((await client.get(f"{stack.base_url}/citizen/history")).text)
         download = (await client.get(f"{stack.base_url}/citizen/download")).json()
     assert "Telling the organisation" in history
@@ -220,15 +228,21 @@ async def test_a_withdrawal_after_delivery_reaches_the_agency_which_receipts_it_
         "HM Passport Office had not been sent any of this information with your consent, "
         "so there was nothing to tell them." in history
     )
-    assert "HM Revenue and Customs had not been sent any of this information with your consent" in history
+    assert (
+        f"{agency_name('council-leeds')} had not been sent any of this information with your consent"
+        in history
+    )
     dvla_change = next(
         c for c in download["consent_history"] if c["agency"] == "dvla" and c["choice"] == "withdrawn"
     )
     assert (dvla_change["agency_notice"], dvla_change["agency_receipt"]) == ("told", "applied")
 
 
-async def _both_answered(pool: asyncpg.Pool, to_hmpo: uuid.UUID, to_hmrc: uuid.UUID) -> bool:
-    return await notice(pool, to_hmpo, "hmpo") is not None and await notice(pool, to_hmrc, "hmrc") is not None
+async def _both_answered(pool: asyncpg.Pool, to_hmpo: uuid.UUID, to_leeds: uuid.UUID) -> bool:
+    return (
+        await notice(pool, to_hmpo, "hmpo") is not None
+        and await notice(pool, to_leeds, "council-leeds") is not None
+    )
 
 
 # --- hostile consent changes ---------------------------------------------------------------------
@@ -404,3 +418,86 @@ async def test_the_router_passes_on_no_forged_consent_change_and_records_a_genui
     )
     on_dvla = {header(r, "ce_id") for r in await read_topic(services, topics.agency("dvla"))}
     assert not on_dvla & {*hostile_ids, genuine_id, event_id}, "nothing was passed on to the agency"
+
+
+# --- who holds data under consent, and the consent keys over HTTP --------------------------------
+
+
+async def test_an_agency_holds_data_under_consent_if_routed_or_replayed_to_it_on_that_basis(
+    pool: asyncpg.Pool,
+) -> None:
+    subject, now = f"n-{uuid.uuid4().hex}", datetime.now(UTC)
+    death, move = uuid.uuid4(), uuid.uuid4()
+    for event_id, event_type in ((death, "DeathRegistered"), (move, "AddressChanged")):
+        await pool.execute(
+            "INSERT INTO intake_record (reference, event_id, event_type, subject_id, registration_office,"
+            " recorded_by) VALUES ($1, $2, $3, $4, 'leeds', 'test')",
+            f"TEST-{uuid.uuid4().hex[:12]}",
+            event_id,
+            event_type,
+            subject,
+        )
+
+    def decision(event_id: uuid.UUID, agency: str, outcome: str, basis: str | None) -> audit.Decision:
+        return audit.Decision(str(event_id), agency, "DeathRegistered", outcome, basis, now, [], [])
+
+    async with pool.acquire() as conn, conn.transaction():
+        await audit.append_many(
+            conn,
+            [
+                decision(death, "dvla", "DELIVERED", "consent"),
+                decision(death, "hmrc", "DELIVERED", "statutory: Registration Service Act 1953 s.19AA"),
+                decision(death, "hmpo", "WITHHELD_NO_CONSENT", None),
+            ],
+        )
+    # An operator's replay sent the move to a council, on the basis of consent.
+    replay_id = await pool.fetchval(
+        "INSERT INTO replay (id, agency, selection, reason, requested_by, dry_run, rate_limit, upto,"
+        " selected, status, finished_at)"
+        " VALUES ($1, 'council-leeds', '{}', 'test replay', 'tests', false, 10, 0, 1, 'finished', now())"
+        " RETURNING id",
+        uuid.uuid4(),
+    )
+    await pool.execute(
+        "INSERT INTO replay_delivery (replay_id, event_id, agency, legal_basis, fields_delivered, sent_at)"
+        " VALUES ($1, $2, 'council-leeds', 'consent', '{}', now())",
+        replay_id,
+        move,
+    )
+    asked = [
+        (subject, agency, event_type)
+        for agency in ("dvla", "hmrc", "hmpo", "council-leeds")
+        for event_type in ("DeathRegistered", "AddressChanged")
+    ] + [(f"n-{uuid.uuid4().hex}", "dvla", "DeathRegistered")]
+    async with pool.acquire() as conn:
+        assert await holders(conn, asked) == {
+            (subject, "dvla", "DeathRegistered"),
+            (subject, "council-leeds", "AddressChanged"),
+        }
+
+
+async def test_an_agency_away_from_the_bus_reads_the_consent_keys_from_the_published_key_set(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    signer = await consent_signer(pool, services)
+    app = FastAPI()
+    app.include_router(consent_receipt_keys_router(lambda: pool))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        ring = KeyRing(HttpConsentKeySource("http://citizens.test", client))
+        found = await ring.resolve({signer.key_id})
+    key = found[signer.key_id]
+    assert key.office == CONSENT_SERVICE and key.retired_at is None
+    change_id, value, headers = signed_change(services, signer, "dvla")
+    verify_consent_change(
+        read_signature(headers), key, event_id=change_id, source="/consent", body=decode(value)[1]
+    )
+
+    broken = FastAPI()
+
+    @broken.get("/consent-receipts/keys")
+    async def not_a_key_set() -> dict[str, object]:
+        return {"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k", "x": "not base64url!"}]}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=broken)) as client:
+        with pytest.raises(KeyRegistryUnavailable, match="consent-receipts/keys"):
+            await HttpConsentKeySource("http://citizens.test", client).fetch()

@@ -23,11 +23,13 @@ CREATE TABLE consent_notice (
     PRIMARY KEY (change_id, agency)
 );
 
--- The reference agencies' side: each consent change they were told of, and the
--- records they stopped processing because of it.
+-- The SDK's store remembers whom each event was about, so that an agency told of a
+-- withdrawal can find what it received under that consent (docs/agencies.md).
 ALTER TABLE agency.inbox ADD COLUMN subject_id text;
-ALTER TABLE agency.inbox ADD COLUMN consent_withdrawn_at timestamptz;
 CREATE INDEX inbox_subject ON agency.inbox (agency, subject_id, event_type) WHERE subject_id IS NOT NULL;
+
+-- The reference agencies' side: each consent change they were told of, and the
+-- received events they no longer process because of it.
 
 CREATE TABLE agency.consent_withdrawal (
     agency        text NOT NULL,
@@ -40,4 +42,13 @@ CREATE TABLE agency.consent_withdrawal (
     events_stopped integer NOT NULL CHECK (events_stopped >= 0),
     handled_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (agency, change_id)
+);
+
+CREATE TABLE agency.consent_stopped (
+    agency     text NOT NULL,
+    event_id   uuid NOT NULL,
+    change_id  uuid NOT NULL,
+    stopped_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (agency, event_id),
+    FOREIGN KEY (agency, change_id) REFERENCES agency.consent_withdrawal (agency, change_id)
 );

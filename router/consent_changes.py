@@ -16,9 +16,11 @@ Two halves, joined by the outbox and Kafka, as life events are:
    Every answer, told or not, is kept in ``consent_notice`` for the citizen's pages;
    the agency's receipt comes back as for any delivery (``delivery_receipt``).
 
-A delivery decided in the moment before the withdrawal whose decision the receipt
-tracker has not yet stored when the router reads holdings is not seen here: the
-router does not wait for the tracker.
+A delivery decided in the moment before the withdrawal may have its decision stored
+by the receipt tracker only after the router has answered "not held". The tracker
+then asks again (``reask_missed``): it re-queues the change's stored outbox row, and
+the router, reading the holding now, tells the agency. A per-subject lock taken by
+both sides makes one of them see the other's commit, so no such delivery is missed.
 """
 
 from __future__ import annotations
@@ -240,6 +242,60 @@ async def holders(
     return {(r["subject_id"], r["agency"], r["event_type"]) for r in rows}
 
 
+# Serialises the router's answer about a subject's consent change with the tracker
+# storing that subject's deliveries under consent (any fixed number used for nothing
+# else: migrations hold 0x7475_6F00, the decision chain 0x7475_6F01, the relay 0x7475_6F52).
+SUBJECT_LOCK_SPACE = 0x7475_6F43
+
+
+async def lock_subjects(conn: asyncpg.Connection, subjects: Sequence[str]) -> None:
+    """Hold, until the transaction ends, the lock of each subject (in one order, so two
+    transactions locking several never deadlock)."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1, h)"
+        "  FROM (SELECT DISTINCT hashtext(s) AS h FROM unnest($2::text[]) AS s ORDER BY h) AS locks",
+        SUBJECT_LOCK_SPACE,
+        list(subjects),
+    )
+
+
+async def reask_missed(conn: asyncpg.Connection, delivered: Sequence[tuple[str, str, datetime]]) -> int:
+    """The tracker's part, in the transaction that stores ``delivered`` (event id,
+    agency, decided at: deliveries on the basis of consent): for each consent change
+    the router has already answered "not held" although one of these deliveries was
+    decided before it, queue the change's message again. Returns how many."""
+    if not delivered:
+        return 0
+    subjects = await conn.fetch(
+        "SELECT DISTINCT subject_id FROM intake_record WHERE event_id = ANY($1::uuid[])",
+        [event_id for event_id, _, _ in delivered],
+    )
+    await lock_subjects(conn, [r["subject_id"] for r in subjects])
+    rows = await conn.fetch(
+        "WITH missed AS ("
+        "  SELECT DISTINCT c.change_id"
+        "    FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS k(event_id, agency, decided_at)"
+        "    JOIN intake_record i ON i.event_id = k.event_id"
+        "    JOIN consent_record c ON c.subject_id = i.subject_id AND c.agency = k.agency"
+        "                         AND c.event_type = i.event_type AND c.change_id IS NOT NULL"
+        "                         AND c.recorded_at > k.decided_at"
+        "    JOIN consent_notice n ON n.change_id = c.change_id AND n.agency = c.agency AND NOT n.told)"
+        " INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
+        " SELECT DISTINCT ON (o.event_id) o.event_id, o.topic, o.message_key, o.message_value, o.headers"
+        "   FROM outbox o JOIN missed m ON o.event_id = m.change_id"
+        "  ORDER BY o.event_id, o.id"
+        " RETURNING event_id",
+        [event_id for event_id, _, _ in delivered],
+        [agency for _, agency, _ in delivered],
+        [decided_at for _, _, decided_at in delivered],
+    )
+    if rows:
+        await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+        for row in rows:
+            log.info("consent_change_asked_again", change_id=str(row["event_id"]))
+    return len(rows)
+
+
 async def notices(
     pool: asyncpg.Pool, topics: Topics, records: list[ConsumerRecord[bytes, bytes]], *, keys: KeyRing
 ) -> tuple[list[Outgoing], int]:
@@ -275,6 +331,7 @@ async def notices(
     if not changes:
         return outgoing, dead
     async with pool.acquire() as conn, conn.transaction():
+        await lock_subjects(conn, [c.subject_id for c in changes])
         holding = await holders(conn, [(c.subject_id, c.agency, c.event_type) for c in changes])
         first = list({c.change_id: c for c in reversed(changes)}.values())  # one row per change
         # A batch routed again after an abort keeps its first answer, or widens it to

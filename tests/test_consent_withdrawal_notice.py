@@ -27,10 +27,11 @@ from consumers.keys import HttpConsentKeySource, KeyRegistryUnavailable, KeyRing
 from producers.accept import subject_id_for
 from producers.web.organisations import agency_name
 from router import audit
-from router.consent_changes import consent_changed_message, holders
+from router.consent_changes import consent_changed_message, holders, record_consent_change
 from runtime.kafka import Topics
 from runtime.settings import Settings
-from schemas import decode, encode
+from schemas import decode, encode, models
+from schemas.cloudevents import headers_for
 from schemas.consent_signatures import CONSENT_SERVICE, ConsentSigner, verify_consent_change
 from schemas.signatures import MANIFEST_HEADER, SIGNATURE_HEADERS, read_signature
 from tests.citizen_browser import Stack, browser, serve_citizens, sign_in, whoami
@@ -98,6 +99,17 @@ async def notice(pool: asyncpg.Pool, change_id: uuid.UUID, agency: str) -> bool 
         "SELECT told FROM consent_notice WHERE change_id = $1 AND agency = $2", change_id, agency
     )
     return told
+
+
+async def applied_by(pool: asyncpg.Pool, change_id: uuid.UUID, agency: str) -> bool:
+    """Whether the agency's receipt says it applied the change."""
+    return bool(
+        await pool.fetchval(
+            "SELECT 1 FROM delivery_receipt WHERE event_id = $1 AND agency = $2 AND outcome = 'APPLIED'",
+            change_id,
+            agency,
+        )
+    )
 
 
 def with_id(records: list[ConsumerRecord[bytes, bytes]], ce_id: str) -> list[ConsumerRecord[bytes, bytes]]:
@@ -326,13 +338,7 @@ async def test_the_agency_sdk_dead_letters_a_forged_or_unsigned_consent_change_a
         await producer.stop()
 
     async def applied() -> bool:
-        return bool(
-            await pool.fetchval(
-                "SELECT 1 FROM delivery_receipt"
-                " WHERE event_id = $1 AND agency = 'dvla' AND outcome = 'APPLIED'",
-                uuid.UUID(genuine_id),
-            )
-        )
+        return await applied_by(pool, uuid.UUID(genuine_id), "dvla")
 
     await eventually(applied, timeout=60, what="the genuine change applied after the hostile ones")
     letters = dead_letter_ids(await read_topic(services, topics.agency_dead_letters("dvla")))
@@ -501,3 +507,78 @@ async def test_an_agency_away_from_the_bus_reads_the_consent_keys_from_the_publi
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=broken)) as client:
         with pytest.raises(KeyRegistryUnavailable, match="consent-receipts/keys"):
             await HttpConsentKeySource("http://citizens.test", client).fetch()
+
+
+async def test_a_delivery_stored_after_the_withdrawal_was_answered_still_reaches_the_agency(
+    services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    """The router answered "not held" before the tracker had stored a delivery that was
+    decided before the withdrawal: the tracker asks again, and the agency is told."""
+    topics = Topics(services.topic_prefix)
+    subject, event_id = f"n-{uuid.uuid4().hex}", uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO intake_record (reference, event_id, event_type, subject_id, registration_office,"
+        " recorded_by) VALUES ($1, $2, 'DeathRegistered', $3, 'leeds', 'test')",
+        f"TEST-{uuid.uuid4().hex[:12]}",
+        event_id,
+        subject,
+    )
+    decided_at = datetime.now(UTC)
+    recorded = await record_consent_change(
+        pool,
+        services,
+        subject_id=subject,
+        agency="dvla",
+        event_type="DeathRegistered",
+        choice="withdrawn",
+        recorded_by="citizen",
+        signer=await consent_signer(pool, services),
+    )
+    assert recorded.change_id is not None
+    change_id = recorded.change_id
+
+    async def answered() -> bool:
+        return await notice(pool, change_id, "dvla") is not None
+
+    await eventually(answered, timeout=60, what="the router's first answer")
+    assert await notice(pool, change_id, "dvla") is False
+
+    # The router's decision to deliver, made before the withdrawal, reaches the tracker now.
+    value = encode(
+        "RoutingDecision",
+        models.RoutingDecision(
+            event_id=event_id,
+            event_type="DeathRegistered",
+            agency="dvla",
+            outcome="DELIVERED",
+            legal_basis="consent",
+            decided_at=decided_at,
+            fields_delivered=["deceased"],
+            fields_withheld=[],
+        ).avro(),
+    )
+    headers = headers_for(
+        value,
+        id=f"{event_id}/dvla",
+        source="/router",
+        subject=subject,
+        time=decided_at,
+        schema_base_url=services.schema_base_url(),
+    )
+    producer = inspector_producer(services)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.routing_decisions, value, key=subject.encode(), headers=headers)
+    finally:
+        await producer.stop()
+
+    async def told() -> bool:
+        return await notice(pool, change_id, "dvla") is True
+
+    await eventually(told, timeout=60, what="the router's second answer")
+
+    async def applied() -> bool:
+        return await applied_by(pool, change_id, "dvla")
+
+    await eventually(applied, timeout=60, what="DVLA's receipt for the withdrawal")
+    assert len(with_id(await read_topic(services, topics.agency("dvla")), str(change_id))) == 1

@@ -284,12 +284,14 @@ def unsigned(headers: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
 
 async def hostile_changes(
     services: Settings, pool: asyncpg.Pool, agency: str
-) -> tuple[dict[str, tuple[bytes, list[tuple[str, bytes]]]], tuple[str, bytes, list[tuple[str, bytes]]]]:
+) -> tuple[
+    dict[str, tuple[bytes | None, list[tuple[str, bytes]]]], tuple[str, bytes, list[tuple[str, bytes]]]
+]:
     """Messages claiming to be consent changes for ``agency`` that the consent service
     did not make (by what is wrong with them), and one genuine change."""
     genuine_key = await consent_signer(pool, services)
     forged_key = ConsentSigningKey(genuine_key.key_id, Ed25519PrivateKey.generate())  # its id, not its key
-    hostile: dict[str, tuple[bytes, list[tuple[str, bytes]]]] = {}
+    hostile: dict[str, tuple[bytes | None, list[tuple[str, bytes]]]] = {}
     _, value, headers = signed_change(services, genuine_key, agency)
     hostile["unsigned"] = (value, unsigned(headers))
     _, value, headers = signed_change(services, forged_key, agency)
@@ -306,6 +308,8 @@ async def hostile_changes(
     hostile["not Avro"] = (b"\x00\x00\x00\x00\x08not avro at all", headers)
     _, value, _ = signed_change(services, genuine_key, agency)
     hostile["no CloudEvents headers"] = (value, [])
+    _, _, headers = signed_change(services, genuine_key, agency)
+    hostile["no value"] = (None, headers)
     return hostile, signed_change(services, genuine_key, agency)
 
 
@@ -313,9 +317,14 @@ def _decoded(value: bytes) -> dict[str, object]:
     return decode(value)[1]
 
 
-def dead_letter_ids(records: list[ConsumerRecord[bytes, bytes]]) -> dict[str, str]:
-    """Dead letters by the value's own bytes (a hostile message may lack a ce_id): reason."""
-    return {bytes(r.value or b"").hex(): header(r, "tuo_dlq_reason") or "" for r in records}
+def dead_letter_reasons(records: list[ConsumerRecord[bytes, bytes]]) -> dict[bytes, str]:
+    """Dead letters by their message key (each hostile message has its own, since some
+    lack a ce_id or a value): the reason given."""
+    return {bytes(r.key or b""): header(r, "tuo_dlq_reason") or "" for r in records}
+
+
+def hostile_key(why: str) -> bytes:
+    return f"hostile/{why}/{uuid.uuid4()}".encode()
 
 
 async def test_the_agency_sdk_dead_letters_a_forged_or_unsigned_consent_change_and_applies_none(
@@ -326,12 +335,13 @@ async def test_the_agency_sdk_dead_letters_a_forged_or_unsigned_consent_change_a
     # A genuine change for another agency, put on DVLA's topic.
     _, for_hmrc, hmrc_headers = signed_change(services, await consent_signer(pool, services), "hmrc")
     hostile["for another agency"] = (for_hmrc, hmrc_headers)
+    keys = {why: hostile_key(why) for why in hostile}
     producer = inspector_producer(services)
     await producer.start()
     try:
-        for hostile_value, hostile_headers in hostile.values():
+        for why, (hostile_value, hostile_headers) in hostile.items():
             await producer.send_and_wait(
-                topics.agency("dvla"), hostile_value, key=b"x", headers=hostile_headers
+                topics.agency("dvla"), hostile_value, key=keys[why], headers=hostile_headers
             )
         await producer.send_and_wait(topics.agency("dvla"), value, key=b"x", headers=headers)
     finally:
@@ -341,8 +351,8 @@ async def test_the_agency_sdk_dead_letters_a_forged_or_unsigned_consent_change_a
         return await applied_by(pool, uuid.UUID(genuine_id), "dvla")
 
     await eventually(applied, timeout=60, what="the genuine change applied after the hostile ones")
-    letters = dead_letter_ids(await read_topic(services, topics.agency_dead_letters("dvla")))
-    reasons = {why: letters.get(bytes(v).hex(), "") for why, (v, _) in hostile.items()}
+    letters = dead_letter_reasons(await read_topic(services, topics.agency_dead_letters("dvla")))
+    reasons = {why: letters.get(keys[why], "") for why in hostile}
     assert all(reasons.values()), f"every hostile message is dead-lettered: {reasons}"
     assert "unsigned" in reasons["unsigned"]
     assert "does not verify" in reasons["forged"]
@@ -388,12 +398,13 @@ async def test_the_router_passes_on_no_forged_consent_change_and_records_a_genui
     _, change, change_headers = signed_change(services, await consent_signer(pool, services), "dvla")
     retyped = [(k, b"uk.gov.tellusonce.DeathRegistered" if k == "ce_type" else v) for k, v in change_headers]
     hostile["another type"] = (change, retyped)
+    keys = {why: hostile_key(why) for why in hostile}
     producer = inspector_producer(services)
     await producer.start()
     try:
-        for hostile_value, hostile_headers in hostile.values():
+        for why, (hostile_value, hostile_headers) in hostile.items():
             await producer.send_and_wait(
-                topics.consent_changes, hostile_value, key=b"x", headers=hostile_headers
+                topics.consent_changes, hostile_value, key=keys[why], headers=hostile_headers
             )
         await producer.send_and_wait(topics.consent_changes, value, key=b"x", headers=headers)
     finally:
@@ -405,14 +416,14 @@ async def test_the_router_passes_on_no_forged_consent_change_and_records_a_genui
 
     await eventually(answered, timeout=60, what="the router's answer for the genuine change")
     assert await notice(pool, uuid.UUID(genuine_id), "dvla") is False
-    letters = dead_letter_ids(
+    letters = dead_letter_reasons(
         [
             r
             for r in await read_topic(services, topics.dead_letters)
             if header(r, "tuo_dlq_topic") == topics.consent_changes
         ]
     )
-    reasons = {why: letters.get(bytes(v).hex(), "") for why, (v, _) in hostile.items()}
+    reasons = {why: letters.get(keys[why], "") for why in hostile}
     assert all(reasons.values()), f"every hostile message is dead-lettered by the router: {reasons}"
     assert "does not verify" in reasons["forged"] and "unsigned" in reasons["unsigned"]
     hostile_ids = [i for _, h in hostile.values() if (i := _ce_id(h))]

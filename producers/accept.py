@@ -14,6 +14,7 @@ import hmac
 import json
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -26,13 +27,15 @@ from pydantic import Field, TypeAdapter, ValidationError
 from producers.accounts import Submitter
 from producers.office_keys import active_key
 from producers.requests import ConsentChoice, Strict, Submission
-from producers.store import NewEvent, Recorded, consent_agencies, original_event, record_event
+from producers.store import EndOfConsent, NewEvent, Recorded, consent_agencies, original_event, record_event
+from router.consent_changes import announce
 from runtime.kafka import Topics
 from runtime.metrics import EVENTS_ACCEPTED
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode, encode, models
 from schemas.cloudevents import headers_for
+from schemas.consent_signatures import ConsentSigner
 from schemas.signatures import signature_headers
 from schemas.validation import Nino, PastDate, Postcode, Text, Uprn
 
@@ -104,12 +107,20 @@ _UNCORRECTABLE = ("envelope",)
 REGISTRATIONS = ("BirthRegistered", "DeathRegistered", "AddressChanged")
 
 
+# The consent service's signing key, read on intake's connection (citizens.consent_receipts
+# .consent_signer_within, handed in by the app: producers do not import citizens).
+ConsentSignerSource = Callable[[asyncpg.Connection, Settings], Awaitable[ConsentSigner]]
+
+
 @dataclass(frozen=True)
 class Intake:
-    """What accepting needs: settings, the database, topic names and the pseudonym key."""
+    """What accepting needs: settings, the database, topic names and the pseudonym key;
+    with ``consent_signer``, an informant's refusal that ends a consent given before is
+    passed on to the agencies holding data under it (``router.consent_changes``)."""
 
     settings: Settings
     pool: asyncpg.Pool
+    consent_signer: ConsentSignerSource | None = None
 
     @property
     def topics(self) -> Topics:
@@ -253,6 +264,29 @@ class Intake:
             follows=original.event_id,
         )
 
+    def _end_of_consent(self, subject_id: str, event_type: str) -> EndOfConsent | None:
+        source = self.consent_signer
+        if source is None:
+            return None
+
+        async def end_of_consent(
+            conn: asyncpg.Connection, consent_record_id: int, agency: str, recorded_at: datetime
+        ) -> None:
+            await announce(
+                conn,
+                self.settings,
+                await source(conn, self.settings),
+                consent_record_id=consent_record_id,
+                subject_id=subject_id,
+                agency=agency,
+                event_type=event_type,
+                choice="refused",
+                recorded_by="informant",
+                recorded_at=recorded_at,
+            )
+
+        return end_of_consent
+
     async def _record(
         self,
         *,
@@ -313,6 +347,7 @@ class Intake:
                 request_fingerprint=fingerprint,
                 consents=[(c.agency, c.choice) for c in consents],
                 follows_event_id=follows,
+                end_of_consent=self._end_of_consent(subject.subject_id, event_type),
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
                 message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest

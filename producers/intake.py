@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Scope
 
-from citizens.consent_receipts import consent_receipt_keys_router
+from citizens.consent_receipts import consent_receipt_keys_router, consent_signer_within
 from citizens.pages import install_citizen_pages
 from citizens.signin import install_citizen_sign_in
 from producers.accept import (
@@ -278,7 +278,9 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = pool is None
-        app.state.intake = Intake(settings, pool if pool is not None else await open_pool(settings))
+        app.state.intake = Intake(
+            settings, pool if pool is not None else await open_pool(settings), consent_signer_within
+        )
         try:
             yield
         finally:

@@ -4,6 +4,7 @@ and read an event's status back by reference number."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +27,11 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before for a different submission."""
 
 
+# Writes, in record_event's transaction, the signed news that the informant's refusal
+# ended a consent given before: (connection, consent record id, agency, recorded at).
+EndOfConsent = Callable[[asyncpg.Connection, int, str, datetime], Awaitable[object]]
+
+
 @dataclass(frozen=True)
 class NewEvent:
     reference: str
@@ -43,6 +49,7 @@ class NewEvent:
     message_value: bytes
     headers: list[tuple[str, bytes]]
     follows_event_id: UUID | None = None  # the event a correction or void is about
+    end_of_consent: EndOfConsent | None = None  # None: refusals are only recorded
 
 
 @dataclass(frozen=True)
@@ -118,11 +125,26 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                     event.recorded_at,
                     event.follows_event_id,
                 )
+                ending = await _consents_ending(conn, event)
                 await conn.executemany(
                     "INSERT INTO consent_record (subject_id, agency, event_type, choice,"
                     " recorded_by) VALUES ($1, $2, $3, $4, 'informant')",
-                    [(event.subject_id, a, event.event_type, c) for a, c in event.consents],
+                    [
+                        (event.subject_id, a, event.event_type, c)
+                        for a, c in event.consents
+                        if a not in ending
+                    ],
                 )
+                for agency in ending:
+                    row = await conn.fetchrow(
+                        "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
+                        " VALUES ($1, $2, $3, 'refused', 'informant') RETURNING id, recorded_at",
+                        event.subject_id,
+                        agency,
+                        event.event_type,
+                    )
+                    assert event.end_of_consent is not None  # only then is anything ending
+                    await event.end_of_consent(conn, row["id"], agency, row["recorded_at"])
                 await conn.execute(
                     "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
                     " VALUES ($1, $2, $3, $4, $5)",
@@ -142,6 +164,22 @@ async def record_event(pool: asyncpg.Pool, event: NewEvent) -> Recorded:
                 raise
             return earlier
     return Recorded(event.reference, event.event_id, event.event_type, created=True)
+
+
+async def _consents_ending(conn: asyncpg.Connection, event: NewEvent) -> list[str]:
+    """Agencies the informant refuses now that had been given consent for this person
+    and event type: they are told (``end_of_consent``), if the caller can tell them."""
+    refused = [agency for agency, choice in event.consents if choice == "refused"]
+    if event.end_of_consent is None or not refused:
+        return []
+    rows = await conn.fetch(
+        "SELECT agency FROM current_consent WHERE subject_id = $1 AND event_type = $2"
+        " AND agency = ANY($3::text[]) AND choice = 'given' ORDER BY agency",
+        event.subject_id,
+        event.event_type,
+        refused,
+    )
+    return [r["agency"] for r in rows]
 
 
 async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> set[str]:

@@ -82,7 +82,6 @@ async def record_consent_change(
 ) -> RecordedChange:
     """Append a consent choice and, when it ends consent, its signed ConsentChanged
     message to the outbox, atomically (see ``router.store.record_consent``)."""
-    topics = Topics(settings.topic_prefix)
     async with pool.acquire() as conn:
         change_id: uuid.UUID | None = None
         async with conn.transaction():
@@ -97,11 +96,11 @@ async def record_consent_change(
                 appointment_id,
             )
             if choice in CONSENT_ENDS:
-                change_id = uuid.uuid4()
-                value, headers = consent_changed_message(
+                change_id = await announce(
+                    conn,
                     settings,
                     signer,
-                    change_id=change_id,
+                    consent_record_id=row["id"],
                     subject_id=subject_id,
                     agency=agency,
                     event_type=event_type,
@@ -109,21 +108,50 @@ async def record_consent_change(
                     recorded_by=recorded_by,
                     recorded_at=row["recorded_at"],
                 )
-                await conn.execute(
-                    "UPDATE consent_record SET change_id = $2 WHERE id = $1", row["id"], change_id
-                )
-                await conn.execute(
-                    "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
-                    " VALUES ($1, $2, $3, $4, $5)",
-                    change_id,
-                    topics.consent_changes,
-                    subject_id.encode(),
-                    PayloadSealer.from_settings(settings).seal(value, change_id),
-                    json.dumps([[k, v.decode()] for k, v in headers]),
-                )
-                await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
         confirmed: datetime = await conn.fetchval("SELECT clock_timestamp()")
     return RecordedChange(confirmed, change_id)
+
+
+async def announce(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    signer: ConsentSigner,
+    *,
+    consent_record_id: int,
+    subject_id: str,
+    agency: str,
+    event_type: str,
+    choice: str,
+    recorded_by: str,
+    recorded_at: datetime,
+) -> uuid.UUID:
+    """In the transaction that appended consent record ``consent_record_id`` (which ends
+    consent): its signed ConsentChanged message to the outbox, for the relay. Returns
+    the change id, also stored on the record."""
+    change_id = uuid.uuid4()
+    value, headers = consent_changed_message(
+        settings,
+        signer,
+        change_id=change_id,
+        subject_id=subject_id,
+        agency=agency,
+        event_type=event_type,
+        choice=choice,
+        recorded_by=recorded_by,
+        recorded_at=recorded_at,
+    )
+    await conn.execute("UPDATE consent_record SET change_id = $2 WHERE id = $1", consent_record_id, change_id)
+    await conn.execute(
+        "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        change_id,
+        Topics(settings.topic_prefix).consent_changes,
+        subject_id.encode(),
+        PayloadSealer.from_settings(settings).seal(value, change_id),
+        json.dumps([[k, v.decode()] for k, v in headers]),
+    )
+    await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+    return change_id
 
 
 def consent_changed_message(

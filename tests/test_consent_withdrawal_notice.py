@@ -42,7 +42,9 @@ from tests.support import (
     header,
     inspector_producer,
     office_key,
+    random_nino,
     read_topic,
+    today,
 )
 
 pytestmark = pytest.mark.integration
@@ -593,3 +595,78 @@ async def test_a_delivery_stored_after_the_withdrawal_was_answered_still_reaches
 
     await eventually(applied, timeout=60, what="DVLA's receipt for the withdrawal")
     assert len(with_id(await read_topic(services, topics.agency("dvla")), str(change_id))) == 1
+
+
+def address_change(nino: str, consents: list[dict[str, str]]) -> dict[str, object]:
+    return {
+        "informant": {"name": "A registrar's caller", "relationship": "self"},
+        "channel": "desk",
+        "person": {"given_names": "Sam", "family_name": "Mover", "nino": nino},
+        "old_address": {"lines": ["3 Old Lane"], "town": "York", "postcode": "YO1 7HH"},
+        "new_address": {
+            "lines": [f"{uuid.uuid4().int % 900 + 100} Sample Road"],
+            "town": "Leeds",
+            "postcode": "LS2 7AB",
+        },
+        "effective_date": today().isoformat(),
+        "consents": consents,
+    }
+
+
+async def test_an_informants_refusal_at_the_desk_that_ends_a_consent_reaches_the_agency(
+    services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    nino = random_nino()
+    subject = subject_id_for(nino, services.require_pseudonym_key())
+    first = await intake.post(
+        "/v1/address-changes",
+        json=address_change(
+            nino, [{"agency": "dvla", "choice": "given"}, {"agency": "hmrc", "choice": "refused"}]
+        ),
+    )
+    assert first.status_code == 201, first.text
+    first_id = await pool.fetchval(
+        "SELECT event_id FROM intake_record WHERE reference = $1", first.json()["reference"]
+    )
+
+    async def dvla_has_it() -> bool:
+        return bool(
+            await pool.fetchval(
+                "SELECT 1 FROM routing_decision WHERE event_id = $1 AND agency = 'dvla'"
+                " AND outcome = 'DELIVERED' AND legal_basis = 'consent'",
+                first_id,
+            )
+        )
+
+    await eventually(dvla_has_it, timeout=60, what="the first move delivered to DVLA under consent")
+    # The next move: the informant now refuses DVLA, and refuses HMRC again.
+    second = await intake.post(
+        "/v1/address-changes",
+        json=address_change(
+            nino, [{"agency": "dvla", "choice": "refused"}, {"agency": "hmrc", "choice": "refused"}]
+        ),
+    )
+    assert second.status_code == 201, second.text
+    rows = await pool.fetch(
+        "SELECT agency, choice, recorded_by, change_id FROM consent_record"
+        " WHERE subject_id = $1 AND event_type = 'AddressChanged' ORDER BY id",
+        subject,
+    )
+    assert [(r["agency"], r["choice"], r["change_id"] is not None) for r in rows] == [
+        ("dvla", "given", False),
+        ("hmrc", "refused", False),
+        ("hmrc", "refused", False),  # refused before as well: nothing ends, nothing to tell
+        ("dvla", "refused", True),
+    ]
+    change_id = rows[-1]["change_id"]
+
+    async def applied() -> bool:
+        return await applied_by(pool, change_id, "dvla")
+
+    await eventually(applied, timeout=60, what="DVLA's receipt for the informant's refusal")
+    assert await notice(pool, change_id, "dvla") is True
+    stopped = await pool.fetchrow(
+        "SELECT choice, recorded_by FROM agency.consent_withdrawal WHERE agency = 'dvla' AND change_id = $1",
+        change_id,
+    )
+    assert stopped is not None and dict(stopped) == {"choice": "REFUSED", "recorded_by": "INFORMANT"}

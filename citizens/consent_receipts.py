@@ -18,6 +18,10 @@ its private half is sealed with the data key (``runtime.sealing``), bound to the
 key id. Rotation retires the active key and makes a new one; retired public keys
 stay in the JWKS served at ``GET /consent-receipts/keys``, so old receipts still
 verify, and a receipt dated after its key's retirement does not.
+
+The same key signs the ``ConsentChanged`` messages that tell agencies of a
+withdrawal (``schemas.consent_signatures``, ``router.consent_changes``), so agencies
+check them against this same published key set.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from citizens.consent_receipts import ConsentSigningKey, consent_receipt_keys_router, consent_signer
 from citizens.dev_idp import TEST_IDENTITIES
 from citizens.pages import install_citizen_pages
+from citizens.proxies import appoint_proxy_by_nino
 from consumers.keys import HttpConsentKeySource, KeyRegistryUnavailable, KeyRing
 from producers.accept import subject_id_for
 from producers.web.organisations import agency_name
@@ -51,7 +52,7 @@ pytestmark = pytest.mark.integration
 
 # Known to no reference agency, so registering her death changes none of the demo's
 # records that other tests rely on.
-_, _, AMARA = TEST_IDENTITIES
+_, CHRIS, AMARA = TEST_IDENTITIES  # Chris acts for Amara as her proxy
 
 
 @pytest.fixture(scope="module")
@@ -670,3 +671,73 @@ async def test_an_informants_refusal_at_the_desk_that_ends_a_consent_reaches_the
         change_id,
     )
     assert stopped is not None and dict(stopped) == {"choice": "REFUSED", "recorded_by": "INFORMANT"}
+
+
+async def test_a_proxys_withdrawal_reaches_the_agency_and_the_person_sees_it(
+    stack: Stack, services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    amara = subject_id_for(AMARA.nino, services.require_pseudonym_key())
+    moved = await intake.post(
+        "/v1/address-changes", json=address_change(AMARA.nino, [{"agency": "dvla", "choice": "given"}])
+    )
+    assert moved.status_code == 201, moved.text
+    event_id = await pool.fetchval(
+        "SELECT event_id FROM intake_record WHERE reference = $1", moved.json()["reference"]
+    )
+
+    async def dvla_has_it() -> bool:
+        return bool(
+            await pool.fetchval(
+                "SELECT 1 FROM routing_decision WHERE event_id = $1 AND agency = 'dvla'"
+                " AND outcome = 'DELIVERED' AND legal_basis = 'consent'",
+                event_id,
+            )
+        )
+
+    await eventually(dvla_has_it, timeout=60, what="the move delivered to DVLA under consent")
+    appointment = await appoint_proxy_by_nino(
+        pool,
+        stack.settings,
+        proxy_nino=CHRIS.nino,
+        subject_nino=AMARA.nino,
+        subject_name="Amara Okafor",
+        agencies=["dvla"],
+        recorded_by="test operator",
+        reason="Lasting power of attorney, registered 2026",
+    )
+    async with browser() as client:
+        assert (await sign_in(client, stack, CHRIS.sub)).status_code == 303
+        csrf = (await whoami(client, stack)).json()["csrf"]
+        form = {
+            "csrf_token": csrf,
+            "subject_id": amara,
+            "agency": "dvla",
+            "event_type": "AddressChanged",
+            "choice": "no",
+            "for": str(appointment),
+        }
+        withdrawn = await client.post(f"{stack.base_url}/citizen/consents", data=form)
+        assert withdrawn.status_code == 200, withdrawn.text
+    change_id = await latest_change_id(pool, amara, "dvla", "AddressChanged")
+    assert change_id is not None
+
+    async def applied() -> bool:
+        return await applied_by(pool, change_id, "dvla")
+
+    await eventually(applied, timeout=60, what="DVLA's receipt for the proxy's withdrawal")
+    assert (
+        await pool.fetchval(
+            "SELECT recorded_by FROM agency.consent_withdrawal WHERE agency = 'dvla' AND change_id = $1",
+            change_id,
+        )
+        == "PROXY"
+    )
+    async with browser() as client:
+        assert (await sign_in(client, stack, AMARA.sub)).status_code == 303
+        history = (await client.get(f"{stack.base_url}/citizen/download")).json()["consent_history"]
+    by_proxy = next(c for c in history if c["agency"] == "dvla" and c["event_type"] == "AddressChanged")
+    assert (by_proxy["recorded_by"], by_proxy["agency_notice"], by_proxy["agency_receipt"]) == (
+        "proxy",
+        "told",
+        "applied",
+    )

@@ -656,10 +656,10 @@ async def test_an_informants_refusal_at_the_desk_that_ends_a_consent_reaches_the
     assert [(r["agency"], r["choice"], r["change_id"] is not None) for r in rows] == [
         ("dvla", "given", False),
         ("hmrc", "refused", False),
+        ("dvla", "refused", True),  # in the order given
         ("hmrc", "refused", False),  # refused before as well: nothing ends, nothing to tell
-        ("dvla", "refused", True),
     ]
-    change_id = rows[-1]["change_id"]
+    change_id = rows[2]["change_id"]
 
     async def applied() -> bool:
         return await applied_by(pool, change_id, "dvla")

@@ -189,6 +189,41 @@ class ConsentChange:
     recorded_by: str
     recorded_by_words: str
     recorded_at: datetime
+    # Telling the agency of a withdrawal: not_needed (nothing to withdraw, e.g. consent
+    # given), checking (not yet routed), not_held (it was sent nothing under this
+    # consent) or told; then the agency's receipt (received, applied, rejected).
+    agency_notice: str
+    agency_told_at: datetime | None
+    agency_receipt: str | None
+    agency_receipt_reason: str | None
+    agency_notice_words: str
+
+
+def _notice(change_id: Any, told: bool | None) -> str:
+    if change_id is None:
+        return "not_needed"
+    if told is None:
+        return "checking"
+    return "told" if told else "not_held"
+
+
+def _notice_words(notice: str, name: str, receipt: str | None, reason: str | None) -> str:
+    if notice == "not_needed":
+        return ""
+    if notice == "checking":
+        return f"We are checking whether {name} holds any of your information under this consent."
+    if notice == "not_held":
+        return (
+            f"{name} had not been sent any of this information with your consent, "
+            "so there was nothing to tell them."
+        )
+    if receipt == "applied":
+        return f"{name} was told, and confirmed they have stopped using it."
+    if receipt == "rejected":
+        return f"{name} was told, but could not act on it: {reason or 'they gave no reason'}."
+    if receipt == "received":
+        return f"{name} was told, and confirmed they have the message and are dealing with it."
+    return f"{name} was told. Waiting for them to confirm."
 
 
 async def consent_history(
@@ -196,26 +231,41 @@ async def consent_history(
 ) -> list[ConsentChange]:
     """Every consent choice recorded for the subject (within ``agencies``), newest first."""
     rows = await pool.fetch(
-        "SELECT agency, event_type, choice, recorded_by, recorded_at FROM consent_record"
-        " WHERE subject_id = $1 AND ($2::text[] IS NULL OR agency = ANY($2::text[]))"
-        " ORDER BY id DESC",
+        "SELECT c.agency, c.event_type, c.choice, c.recorded_by, c.recorded_at, c.change_id,"
+        "       n.told, n.decided_at AS told_at, r.outcome AS receipt, r.reason AS receipt_reason"
+        "  FROM consent_record c"
+        "  LEFT JOIN consent_notice n ON n.change_id = c.change_id AND n.agency = c.agency"
+        # The agency's latest word: a final receipt (applied, rejected) over a received one.
+        "  LEFT JOIN LATERAL (SELECT outcome, reason FROM delivery_receipt d"
+        "                      WHERE n.told AND d.event_id = c.change_id AND d.agency = c.agency"
+        "                      ORDER BY d.outcome = 'RECEIVED', d.issued_at DESC LIMIT 1) r ON true"
+        " WHERE c.subject_id = $1 AND ($2::text[] IS NULL OR c.agency = ANY($2::text[]))"
+        " ORDER BY c.id DESC",
         subject_id,
         None if agencies is None else sorted(agencies),
     )
-    return [
-        ConsentChange(
-            agency=r["agency"],
-            agency_name=agency_name(r["agency"]),
-            event_type=r["event_type"],
-            event_name=event_name(r["event_type"]),
-            choice=r["choice"],
-            choice_words=CHOICE_WORDS.get(r["choice"], r["choice"]),
-            recorded_by=r["recorded_by"],
-            recorded_by_words=RECORDED_BY_WORDS.get(r["recorded_by"], r["recorded_by"]),
-            recorded_at=r["recorded_at"],
-        )
-        for r in rows
-    ]
+    return [_change(r) for r in rows]
+
+
+def _change(r: asyncpg.Record) -> ConsentChange:
+    notice = _notice(r["change_id"], r["told"])
+    receipt = None if r["receipt"] is None else str(r["receipt"]).lower()
+    return ConsentChange(
+        agency=r["agency"],
+        agency_name=agency_name(r["agency"]),
+        event_type=r["event_type"],
+        event_name=event_name(r["event_type"]),
+        choice=r["choice"],
+        choice_words=CHOICE_WORDS.get(r["choice"], r["choice"]),
+        recorded_by=r["recorded_by"],
+        recorded_by_words=RECORDED_BY_WORDS.get(r["recorded_by"], r["recorded_by"]),
+        recorded_at=r["recorded_at"],
+        agency_notice=notice,
+        agency_told_at=r["told_at"] if notice == "told" else None,
+        agency_receipt=receipt,
+        agency_receipt_reason=r["receipt_reason"],
+        agency_notice_words=_notice_words(notice, agency_name(r["agency"]), receipt, r["receipt_reason"]),
+    )
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,20 @@ from jinja2 import (
 from starlette.responses import HTMLResponse, Response
 
 from citizens import data_tracker, proxies
-from citizens.consent_receipts import JWKS_PATH, issue_consent_receipt, receipt_of, receipts_of
+from citizens.consent_receipts import (
+    JWKS_PATH,
+    consent_signer,
+    issue_consent_receipt,
+    receipt_of,
+    receipts_of,
+)
 from citizens.proxies import Appointment, NotAppointed
 from citizens.signin import Citizen, current_citizen
 from producers.web.organisations import agency_name
 from producers.web.pages import SERVICE_NAME, protect, redirect
 from producers.web.sessions import same_secret
+from router.consent_changes import record_consent_change
 from router.rules import ConsentState
-from router.store import record_consent
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -237,15 +243,20 @@ def citizen_pages(settings: Settings, pool: asyncpg.Pool) -> APIRouter:
             )
         if choice == "no":
             choice = "withdrawn" if setting.choice == "given" else "refused"
-        recorded_at = await record_consent(
+        # A withdrawal (or refusal) is also written, signed, for the agencies that hold data
+        # under this consent, in the same transaction (see router.consent_changes).
+        recorded = await record_consent_change(
             pool,
+            settings,
             subject_id=scope.subject_id,
             agency=agency,
             event_type=event_type,
             choice=cast(ConsentState, choice),
             recorded_by=scope.recorded_by,
+            signer=await consent_signer(pool, settings),
             appointment_id=scope.appointment.id if scope.appointment else None,
         )
+        recorded_at = recorded.confirmed_at
         receipt = await issue_consent_receipt(
             pool,
             settings,
@@ -272,6 +283,7 @@ def citizen_pages(settings: Settings, pool: asyncpg.Pool) -> APIRouter:
             choice=choice,
             choice_words=data_tracker.CHOICE_WORDS[choice],
             recorded_at=recorded_at,
+            agencies_told=recorded.change_id is not None,
             receipt=receipt,
             keys_path=JWKS_PATH,
         )

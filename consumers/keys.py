@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Protocol
 
 import asyncpg
@@ -23,11 +24,14 @@ import httpx
 import structlog
 
 from producers.key_registry import office_keys
-from schemas.signatures import OfficeKey
+from schemas.consent_signatures import CONSENT_SERVICE
+from schemas.signatures import PUBLIC_KEY_BYTES, OfficeKey, b64decode
 
 log = structlog.get_logger(__name__)
 
 SIGNING_KEYS_PATH = "/v1/signing-keys"
+# citizens.consent_receipts.KEYS_PATH: the consent service's keys, as a JWKS.
+CONSENT_KEYS_PATH = "/consent-receipts/keys"
 DEFAULT_MAX_AGE_SECONDS = 60.0
 
 
@@ -76,6 +80,70 @@ class HttpKeySource:
             raise KeyRegistryUnavailable(f"{self.url}: {exc}") from exc
 
 
+class ConsentKeySource:
+    """The consent service's keys (which sign consent receipts and ConsentChanged
+    messages), read from the bus's database, each as an ``OfficeKey`` whose office is
+    ``CONSENT_SERVICE``."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def fetch(self) -> list[OfficeKey]:
+        rows = await self.pool.fetch(
+            "SELECT key_id, public_key, created_at, retired_at FROM consent_receipt_key"
+        )
+        return [
+            OfficeKey.from_raw(
+                r["key_id"], CONSENT_SERVICE, bytes(r["public_key"]), r["created_at"], r["retired_at"]
+            )
+            for r in rows
+        ]
+
+
+class HttpConsentKeySource:
+    """The consent service's keys from its JWKS, ``GET <public URL>/consent-receipts/keys``."""
+
+    def __init__(self, base_url: str, client: httpx.AsyncClient | None = None, timeout: float = 10.0) -> None:
+        self.url = base_url.rstrip("/") + CONSENT_KEYS_PATH
+        self.client = client
+        self.timeout = timeout
+
+    async def fetch(self) -> list[OfficeKey]:
+        try:
+            if self.client is not None:
+                response = await self.client.get(self.url, timeout=self.timeout)
+            else:
+                async with httpx.AsyncClient(timeout=self.timeout) as client:
+                    response = await client.get(self.url)
+            response.raise_for_status()
+            document = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise KeyRegistryUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        keys = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(keys, list):
+            raise KeyRegistryUnavailable(f"{self.url} did not answer with a JSON Web Key Set")
+        try:
+            return [_consent_key(entry) for entry in keys]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KeyRegistryUnavailable(f"{self.url}: {exc}") from exc
+
+
+def _consent_key(entry: dict[str, object]) -> OfficeKey:
+    if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+        raise ValueError(f"key {entry.get('kid')!r} is not an Ed25519 key")
+    key_id = entry["kid"]
+    if not isinstance(key_id, str):
+        raise ValueError("a key has no kid")
+    retired = entry.get("retired_at")
+    return OfficeKey.from_raw(
+        key_id,
+        CONSENT_SERVICE,
+        b64decode(entry.get("x"), PUBLIC_KEY_BYTES, f"key {key_id}'s x"),
+        datetime.fromisoformat(str(entry["created_at"])),
+        None if retired is None else datetime.fromisoformat(str(retired)),
+    )
+
+
 class KeyRing:
     def __init__(
         self,
@@ -98,6 +166,16 @@ class KeyRing:
     @classmethod
     def over_http(cls, base_url: str) -> KeyRing:
         return cls(HttpKeySource(base_url))
+
+    @classmethod
+    def consent_from_database(cls, pool: asyncpg.Pool) -> KeyRing:
+        """The consent service's keys, for verifying ConsentChanged messages."""
+        return cls(ConsentKeySource(pool))
+
+    @classmethod
+    def consent_over_http(cls, base_url: str) -> KeyRing:
+        """The consent service's keys from its published JWKS (an agency elsewhere)."""
+        return cls(HttpConsentKeySource(base_url))
 
     async def resolve(self, key_ids: Iterable[str]) -> dict[str, OfficeKey]:
         """The known keys among ``key_ids``; an id missing from the answer is unknown."""

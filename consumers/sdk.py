@@ -16,6 +16,14 @@ working after ``received_after`` seconds gets a ``RECEIVED`` receipt sent for it
 meanwhile, and the consumer keeps polling (with its partitions paused) so a
 slow handler never costs it its place in the consumer group.
 
+A ``ConsentChanged`` message (the person's consent for this agency to be told of
+one event type has stopped; see ``router.consent_changes``) is handed to the same
+handler, as a ``DeliveredEvent`` of type ``ConsentChanged`` whose ``event_id`` is
+the change id and whose record is the change. It must be signed by the consent
+service (``schemas.consent_signatures``, keys from ``consent_keys``) and be about
+this agency; anything else goes to dead letters and is never handed over. It is
+de-duplicated and receipted like an event.
+
 Every receipt says when the event was received; one for a delivery the agency
 had already handled (a redelivery or replay) repeats the first outcome and is
 marked ``duplicate``: nothing is applied twice.
@@ -45,8 +53,9 @@ from runtime.kafka import Topics
 from runtime.metrics import DEAD_LETTERS, LAG, RECEIPTS_SENT
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
-from schemas.catalogue import DELIVERY_SUFFIX, DISCLOSURE_SUFFIX
+from schemas.catalogue import DELIVERY_SUFFIX, DISCLOSURE_SUFFIX, NAMESPACE
 from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
+from schemas.consent_signatures import CONSENT_CHANGED, verify_consent_change
 from schemas.signatures import OfficeKey, SignatureRejected, key_id_of, read_signature, verify
 
 log = structlog.get_logger(__name__)
@@ -78,6 +87,21 @@ class Receipt:
     duplicate: bool = False  # the agency had handled and receipted this event before
 
 
+class NotForThisAgency(ValueError):
+    """A consent change about another agency arrived on this agency's topic."""
+
+
+def subject_of(event: DeliveredEvent) -> str | None:
+    """The pseudonymous subject an event or consent change is about, if it says."""
+    if event.event_type == CONSENT_CHANGED:
+        found = event.record.get("subject_id")
+    else:
+        envelope = event.record.get("envelope")
+        subject = envelope.get("subject") if isinstance(envelope, dict) else None
+        found = subject.get("subject_id") if isinstance(subject, dict) else None
+    return found if isinstance(found, str) else None
+
+
 class HandlerFailed(Exception):
     """The agency's handler kept failing; the event is rejected and dead-lettered."""
 
@@ -92,11 +116,12 @@ async def handle_once(pool: asyncpg.Pool, agency: str, event: DeliveredEvent, ha
     so a second claimant waits on it and then finds the first receipt."""
     async with pool.acquire() as conn, conn.transaction():
         claimed = await conn.fetchval(
-            "INSERT INTO agency.inbox (agency, event_id, event_type, outcome)"
-            " VALUES ($1, $2, $3, 'APPLIED') ON CONFLICT DO NOTHING RETURNING true",
+            "INSERT INTO agency.inbox (agency, event_id, event_type, outcome, subject_id)"
+            " VALUES ($1, $2, $3, 'APPLIED', $4) ON CONFLICT DO NOTHING RETURNING true",
             agency,
             event.event_id,
             event.event_type,
+            subject_of(event),
         )
         if not claimed:
             earlier = await conn.fetchrow(
@@ -183,7 +208,8 @@ async def _cancelled(task: asyncio.Future[Any]) -> None:
 class AgencyConsumer:
     """``keys`` gives the offices' public keys: by default read from ``pool``'s database
     (an agency running beside the bus); an agency elsewhere passes
-    ``KeyRing.over_http(<intake public URL>)``."""
+    ``KeyRing.over_http(<intake public URL>)``. ``consent_keys`` likewise gives the
+    consent service's keys (``KeyRing.consent_over_http(<citizens' public URL>)``)."""
 
     def __init__(
         self,
@@ -193,6 +219,7 @@ class AgencyConsumer:
         handler: Handler,
         keys: KeyRing | None = None,
         *,
+        consent_keys: KeyRing | None = None,
         received_after: float = RECEIVED_AFTER_SECONDS,
         **consumer_options: Any,
     ):
@@ -202,11 +229,41 @@ class AgencyConsumer:
         self.handler = handler
         self.topics = Topics(settings.topic_prefix)
         self.keys = keys or KeyRing.from_database(pool)
+        self.consent_keys = consent_keys or KeyRing.consent_from_database(pool)
         self.received_after = received_after
         self.consumer_options = consumer_options
 
-    def _event(self, record: ConsumerRecord[bytes, bytes], keys: Mapping[str, OfficeKey]) -> DeliveredEvent:
+    def _consent_change(
+        self, record: ConsumerRecord[bytes, bytes], cloud_event: CloudEvent, keys: Mapping[str, OfficeKey]
+    ) -> DeliveredEvent:
+        subject, body = decode(record.value or b"")
+        if subject != CONSENT_CHANGED:
+            raise UndecodableMessage(f"ce_type says {CONSENT_CHANGED} but the value is {subject}")
+        try:
+            change_id = str(uuid.UUID(cloud_event.id))
+        except ValueError:
+            raise UndecodableMessage("ce_id is not a UUID") from None
+        signed = read_signature(record.headers)
+        verify_consent_change(
+            signed,
+            keys.get(signed.manifest.key_id),
+            event_id=cloud_event.id,
+            source=cloud_event.source,
+            body=body,
+        )
+        if body.get("agency") != self.agency:
+            raise NotForThisAgency(f"a consent change for {body.get('agency')!r} reached {self.agency!r}")
+        return DeliveredEvent(event_id=change_id, event_type=CONSENT_CHANGED, record=body)
+
+    def _event(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        keys: Mapping[str, OfficeKey],
+        consent_keys: Mapping[str, OfficeKey] | None = None,
+    ) -> DeliveredEvent:
         cloud_event = CloudEvent.from_headers(record.headers)
+        if cloud_event.type == CONSENT_CHANGED:
+            return self._consent_change(record, cloud_event, consent_keys or {})
         subject, body = decode(record.value or b"")
         forms = (
             cloud_event.type,
@@ -383,13 +440,24 @@ class AgencyConsumer:
             )
 
         # One key registry read at most per batch, and only for a key not seen before.
-        keys = await self.keys.resolve(k for k in map(key_id_of, (r.headers for r in records)) if k)
+        # A consent change's key is the consent service's, from its own ring.
+        changes = {id(r) for r in records if _ce_type(r) == CONSENT_CHANGED}
+        keys = await self.keys.resolve(
+            k for k in map(key_id_of, (r.headers for r in records if id(r) not in changes)) if k
+        )
+        consent_keys = (
+            await self.consent_keys.resolve(
+                k for k in map(key_id_of, (r.headers for r in records if id(r) in changes)) if k
+            )
+            if changes
+            else {}
+        )
         for record in records:
             # Every line about this event, the handler's included, names it.
             with structlog.contextvars.bound_contextvars(event_id=_ce_id(record)):
                 received_at = datetime.now(UTC)
                 try:
-                    event = self._event(record, keys)
+                    event = self._event(record, keys, consent_keys)
                 except (MissingCloudEventHeader, UndecodableMessage, SignatureRejected, ValueError) as exc:
                     await to_dead_letters(record, str(exc))
                     continue
@@ -418,6 +486,11 @@ class AgencyConsumer:
 def _ce_id(record: ConsumerRecord[bytes, bytes]) -> str | None:
     """The event id a message claims (read before it is decoded, so a dead letter names it too)."""
     return next((bytes(v).decode(errors="replace") for k, v in record.headers if k == "ce_id"), None)
+
+
+def _ce_type(record: ConsumerRecord[bytes, bytes]) -> str | None:
+    found = next((bytes(v).decode(errors="replace") for k, v in record.headers if k == "ce_type"), None)
+    return None if found is None else found.removeprefix(f"{NAMESPACE}.")
 
 
 def _counted(counter: Counter) -> Callable[[asyncio.Future[object]], None]:

@@ -24,6 +24,7 @@ import structlog
 from aiokafka.structs import ConsumerRecord
 
 from router import audit
+from router.consent_changes import reask_missed
 from runtime import kafka
 from runtime.access import Principal
 from runtime.dead_letters import dead_letter
@@ -233,6 +234,15 @@ async def _chain(conn: asyncpg.Connection, decisions: list[audit.Decision], tall
         )
         tally.settled |= {(r["event_id"], r["agency"]) for r in rows}
     await audit.append_many(conn, decisions)
+    # A delivery under consent stored after a withdrawal was answered "not held".
+    await reask_missed(
+        conn,
+        [
+            (d.event_id, d.agency, d.decided_at)
+            for d in decisions
+            if d.outcome == "DELIVERED" and d.legal_basis == "consent"
+        ],
+    )
     for decision in decisions:
         log.debug(
             "decision_stored", event_id=decision.event_id, agency=decision.agency, outcome=decision.outcome

@@ -14,7 +14,7 @@ import hmac
 import json
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -31,6 +31,7 @@ from producers.office_keys import active_key
 from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
 from producers.store import (
     ConsentReceipts,
+    EndOfConsent,
     NewEvent,
     Override,
     Recorded,
@@ -42,6 +43,7 @@ from producers.store import (
     original_event,
     record_event,
 )
+from router.consent_changes import announce
 from router.rules import SUBJECT_ADDRESSES
 from runtime.kafka import Topics
 from runtime.metrics import EVENTS_ACCEPTED
@@ -49,6 +51,7 @@ from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode, encode, models
 from schemas.cloudevents import headers_for
+from schemas.consent_signatures import ConsentSigner
 from schemas.fieldpaths import NINO
 from schemas.signatures import signature_headers
 from schemas.validation import Nino, PastDate, Postcode, Text, Uprn
@@ -124,13 +127,21 @@ _DERIVED = ("local_authority",)
 REGISTRATIONS = ("BirthRegistered", "DeathRegistered", "AddressChanged")
 
 
+# The consent service's signing key, read on intake's connection (citizens.consent_receipts
+# .consent_signer_within, handed in by the app: producers do not import citizens).
+ConsentSignerSource = Callable[[asyncpg.Connection, Settings], Awaitable[ConsentSigner]]
+
+
 @dataclass(frozen=True)
 class Intake:
-    """What accepting needs: settings, the database, topic names and the pseudonym key."""
+    """What accepting needs: settings, the database, topic names and the pseudonym key;
+    with ``consent_signer``, an informant's refusal that ends a consent given before is
+    passed on to the agencies holding data under it (``router.consent_changes``)."""
 
     settings: Settings
     pool: asyncpg.Pool
     receipts: ConsentReceipts | None = None  # signs a receipt for each consent given at the desk
+    consent_signer: ConsentSignerSource | None = None
 
     @property
     def topics(self) -> Topics:
@@ -377,6 +388,29 @@ class Intake:
             link=link,
         )
 
+    def _end_of_consent(self, subject_id: str, event_type: str) -> EndOfConsent | None:
+        source = self.consent_signer
+        if source is None:
+            return None
+
+        async def end_of_consent(
+            conn: asyncpg.Connection, consent_record_id: int, agency: str, recorded_at: datetime
+        ) -> None:
+            await announce(
+                conn,
+                self.settings,
+                await source(conn, self.settings),
+                consent_record_id=consent_record_id,
+                subject_id=subject_id,
+                agency=agency,
+                event_type=event_type,
+                choice="refused",
+                recorded_by="informant",
+                recorded_at=recorded_at,
+            )
+
+        return end_of_consent
+
     async def _record(
         self,
         *,
@@ -447,6 +481,7 @@ class Intake:
                 if event_type in SUBJECT_ADDRESSES
                 else local_authorities,
                 subject_link=link,
+                end_of_consent=self._end_of_consent(subject.subject_id, event_type),
                 topic=self.topics.life_events,
                 message_key=subject.subject_id.encode(),
                 message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest

@@ -27,7 +27,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Scope
 
-from citizens.consent_receipts import ConsentReceiptIssuer, consent_receipt_keys_router
+from citizens.consent_receipts import ConsentReceiptIssuer, consent_receipt_keys_router, consent_signer_within
 from citizens.pages import install_citizen_pages
 from citizens.privacy import privacy_notice_router
 from citizens.signin import install_citizen_sign_in
@@ -314,6 +314,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
             pool if pool is not None else await open_pool(settings),
             # The informant's consents at the desk get receipts, signed with the event's transaction.
             receipts=ConsentReceiptIssuer(settings),
+            consent_signer=consent_signer_within,
         )
         try:
             yield

@@ -5,7 +5,7 @@ event's status back by reference number."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -53,6 +53,11 @@ class Override:
     reason: str
 
 
+# Writes, in record_event's transaction, the signed news that the informant's refusal
+# ended a consent given before: (connection, consent record id, agency, recorded at).
+EndOfConsent = Callable[[asyncpg.Connection, int, str, datetime], Awaitable[object]]
+
+
 @dataclass(frozen=True)
 class NewEvent:
     reference: str
@@ -78,6 +83,7 @@ class NewEvent:
     # citizen's consent page; None when the event carries none (a void).
     local_authorities: list[str] | None = None
     subject_link: SubjectLink | None = None  # set when a correction fixes the subject's NINO
+    end_of_consent: EndOfConsent | None = None  # None: refusals are only recorded
 
 
 @dataclass(frozen=True)
@@ -252,6 +258,7 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
     if event.subject_link is not None:
         await _link_subject(conn, event.event_id, event.subject_link)
     await _claim(conn, event)
+    ending = await _consents_ending(conn, event)  # read before this event's choices are added
     consents = await conn.fetch(
         "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
         " SELECT $1, agency, $2, choice, 'informant'"
@@ -263,6 +270,10 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
         [agency for agency, _ in event.consents],
         [choice for _, choice in event.consents],
     )
+    for row in consents:
+        if row["agency"] in ending and row["choice"] == "refused":
+            assert event.end_of_consent is not None  # only then is anything ending
+            await event.end_of_consent(conn, row["id"], row["agency"], row["recorded_at"])
     if receipts is not None and consents:
         await receipts.issue_for_desk(
             conn,
@@ -373,6 +384,22 @@ async def consent_receipts_for_event(pool: asyncpg.Pool, event_id: UUID) -> list
         {"receipt_id": r["receipt_id"], "agency": r["agency"], "choice": r["choice"], "receipt": r["token"]}
         for r in rows
     ]
+
+
+async def _consents_ending(conn: asyncpg.Connection, event: NewEvent) -> list[str]:
+    """Agencies the informant refuses now that had been given consent for this person
+    and event type: they are told (``end_of_consent``), if the caller can tell them."""
+    refused = [agency for agency, choice in event.consents if choice == "refused"]
+    if event.end_of_consent is None or not refused:
+        return []
+    rows = await conn.fetch(
+        "SELECT agency FROM current_consent WHERE subject_id = $1 AND event_type = $2"
+        " AND agency = ANY($3::text[]) AND choice = 'given' ORDER BY agency",
+        event.subject_id,
+        event.event_type,
+        refused,
+    )
+    return [r["agency"] for r in rows]
 
 
 async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> set[str]:

@@ -25,6 +25,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from consumers.keys import KeyRing
 from consumers.redelivery import REDELIVER_TO, REDELIVERY_ID
 from router import messages
+from router.consent_changes import notices
 from router.messages import (
     Incoming,
     Outgoing,
@@ -391,6 +392,7 @@ class Router:
         self.assignment_failed: Exception | None = None
         self.waiting_since: dict[tuple[TopicPartition, int], float] = {}
         self.keys = KeyRing.from_database(pool)  # the offices' public keys, to verify every event
+        self.consent_keys = KeyRing.consent_from_database(pool)  # to verify every consent change
         self.lock = asyncio.Lock()  # a rebalance waits for the batch in hand
         self.assignments = 0  # bumps on every assignment: batches fetched before it are stale
         self.consumer = kafka.consumer(
@@ -460,7 +462,8 @@ class Router:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.consumer.subscribe(
-            [self.topics.life_events, self.topics.redeliveries], listener=_Rebalance(self)
+            [self.topics.life_events, self.topics.redeliveries, self.topics.consent_changes],
+            listener=_Rebalance(self),
         )
         LAG.watch(self.group_id, self.consumer)
         try:
@@ -503,15 +506,20 @@ class Router:
             return
         tally = RoutingTally()
         try:
-            outgoing = await plan(
-                self.pool,
-                self.topics,
-                records,
-                self.settings.schema_base_url(),
-                self._overdue(tp),
-                keys=self.keys,
-                tally=tally,
-            )
+            if tp.topic == self.topics.consent_changes:
+                outgoing, tally.dead_letters = await notices(
+                    self.pool, self.topics, records, keys=self.consent_keys
+                )
+            else:
+                outgoing = await plan(
+                    self.pool,
+                    self.topics,
+                    records,
+                    self.settings.schema_base_url(),
+                    self._overdue(tp),
+                    keys=self.keys,
+                    tally=tally,
+                )
         except OriginalNotYetDecided as waiting:
             # Its original's decisions are not recorded yet (the tracker lags, or the
             # original is earlier in this very batch): route what comes before it,

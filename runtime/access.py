@@ -104,6 +104,7 @@ def component_grants(component: Principal, prefix: str) -> list[AclBinding]:
         return [
             *_allow(p, topic, topics.life_events, write),
             *_allow(p, topic, topics.redeliveries, write),
+            *_allow(p, topic, topics.consent_changes, write),
             # The ledger: offsets committed in the relay's transactions to a topic nobody writes.
             *_allow(p, topic, topics.relay_ledger, read),
             *_allow(p, group, f"{prefix}.relay", read),
@@ -113,6 +114,7 @@ def component_grants(component: Principal, prefix: str) -> list[AclBinding]:
         return [
             *_allow(p, topic, topics.life_events, read),
             *_allow(p, topic, topics.redeliveries, read),
+            *_allow(p, topic, topics.consent_changes, read),
             *_allow(p, group, f"{prefix}.router", read),
             *_allow(p, txn, f"{prefix}.router.", write, prefixed=True),
             # Creates the topic of an agency subscribed since it started, and nothing else.

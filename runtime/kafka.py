@@ -51,6 +51,12 @@ class Topics:
         return f"{self.prefix}.redeliveries"
 
     @property
+    def consent_changes(self) -> str:
+        """Signed ConsentChanged messages from the consent pages (relayed from the outbox,
+        read by the router, which passes each on to the agencies that hold data under it)."""
+        return f"{self.prefix}.consent-changes"
+
+    @property
     def dead_letters(self) -> str:
         return f"{self.prefix}.dead-letters"
 
@@ -180,6 +186,7 @@ async def ensure_topics(
             topics.life_events: settings.life_events_partitions,
             topics.routing_decisions: settings.life_events_partitions,
             topics.redeliveries: settings.life_events_partitions,
+            topics.consent_changes: settings.life_events_partitions,
             topics.dead_letters: 1,
             topics.relay_ledger: 1,
         }

@@ -1,14 +1,14 @@
 """Consumer-group lag: how far each reader of the bus is behind what has been written.
 
 For each agency's group (``<prefix>.agency.<agency>`` on its own topic), the
-router's (``<prefix>.router`` on life events and redeliveries) and the receipt
+router's (``<prefix>.router`` on life events, redeliveries and consent changes) and the receipt
 tracker's (``<prefix>.receipt-tracker`` on routing decisions and receipts), the
 offsets the group has committed against the topics' end, as the operators' Kafka
 user (which may describe groups and topics, and reads none).
 
 The end is the *last stable offset* (a read_committed consumer's ``end_offsets``):
 a transaction still open is not lag yet. Lag counts offsets, not events. On a
-topic written in Kafka transactions (life events and redeliveries by the relay,
+topic written in Kafka transactions (life events, redeliveries and consent changes by the relay,
 agencies' topics and routing decisions by the router) every transaction ends with
 a commit marker that takes an offset of its own, and a group that has read
 everything has committed the offset *of* the last marker, one short of the end:
@@ -101,7 +101,7 @@ def readers(prefix: str, agencies: Iterable[str], receipts: Iterable[str] | None
     topics = Topics(prefix)
     found = []
     if receipts is not None:
-        transactional = frozenset({topics.life_events, topics.redeliveries})
+        transactional = frozenset({topics.life_events, topics.redeliveries, topics.consent_changes})
         found.append(Reader(ROUTER, f"{prefix}.router", tuple(sorted(transactional)), transactional))
         found.append(
             Reader(

@@ -395,7 +395,9 @@ async def test_the_router_passes_on_no_forged_consent_change_and_records_a_genui
     topics = Topics(services.topic_prefix)
     hostile, (genuine_id, value, headers) = await hostile_changes(services, pool, "dvla")
     # A life event is not a consent change, even on the right topic and signed by its office.
-    event_id, death, death_headers = death_message(f"n-{uuid.uuid4().hex}", key=await office_key(pool, services))
+    event_id, death, death_headers = death_message(
+        f"n-{uuid.uuid4().hex}", key=await office_key(pool, services)
+    )
     hostile["a life event"] = (death, death_headers)
     # A consent change's value under life-event headers claiming another type.
     _, change, change_headers = signed_change(services, await consent_signer(pool, services), "dvla")

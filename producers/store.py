@@ -238,6 +238,14 @@ async def record_event(
 
 
 async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentReceipts | None) -> None:
+    if event.subject_link is not None:
+        # Lock the corrected registration before this correction's own row refers to it:
+        # two NINO corrections at once then queue here, instead of each holding the key-share
+        # lock of its reference and deadlocking on the other's (see _link_subject).
+        await conn.execute(
+            "SELECT 1 FROM intake_record WHERE event_id = $1 FOR UPDATE",
+            event.subject_link.corrected_event_id,
+        )
     await conn.execute(
         "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
         " registration_office, recorded_by, idempotency_key, request_fingerprint,"

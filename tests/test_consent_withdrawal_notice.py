@@ -8,6 +8,7 @@ the router and by the agency SDK, and never applied."""
 from __future__ import annotations
 
 import html
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -476,9 +477,21 @@ async def test_an_agency_holds_data_under_consent_if_routed_or_replayed_to_it_on
     replay_id = await pool.fetchval(
         "INSERT INTO replay (id, agency, selection, reason, requested_by, dry_run, rate_limit, upto,"
         " selected, status, finished_at)"
-        " VALUES ($1, 'council-leeds', '{}', 'test replay', 'tests', false, 10, 0, 1, 'finished', now())"
+        " VALUES ($1, 'council-leeds', $2::jsonb, 'test replay', 'tests', false, 10, 0, 1, 'finished', now())"
         " RETURNING id",
         uuid.uuid4(),
+        # A selection `tuo replay list` can read back, as a real replay records it.
+        json.dumps(
+            {
+                "since": None,
+                "until": None,
+                "subject_id": None,
+                "event_ids": [],
+                "references": [],
+                "event_types": [],
+                "everything": True,
+            }
+        ),
     )
     await pool.execute(
         "INSERT INTO replay_delivery (replay_id, event_id, agency, legal_basis, fields_delivered, sent_at)"

@@ -193,13 +193,20 @@ def _label(pid: int, name: str) -> str:
     return name
 
 
-class CpuMeter:
-    """CPU seconds used by this process and each process started under it while the
-    meter runs, sampled from /proc every ``interval`` seconds (a process that ends
-    between two samples loses at most that interval's CPU)."""
+# Scratch stacks live here (bench.scratch); PostgreSQL's server detaches from the
+# process that starts it (pg_ctl), so it is found by its data directory instead.
+SCRATCH_STATE = str(PROJECT / ".tuo" / "bench-")
 
-    def __init__(self, interval: float = 0.5) -> None:
+
+class CpuMeter:
+    """CPU seconds used while the meter runs by this process, each process started under
+    it, and each process of a scratch stack (named by its state directory) with its
+    children; sampled from /proc every ``interval`` seconds (a process that ends between
+    two samples loses at most that interval's CPU)."""
+
+    def __init__(self, interval: float = 0.5, marker: str = SCRATCH_STATE) -> None:
         self.interval = interval
+        self.marker = marker.encode()
         self.root = os.getpid()
         self.first: dict[int, float] = {}  # pid → CPU seconds when first seen (0 if born meanwhile)
         self.last: dict[int, tuple[str, float]] = {}  # pid → (label, CPU seconds when last seen)
@@ -213,7 +220,7 @@ class CpuMeter:
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
                 table[int(entry.name)] = stat
-        ours = {self.root}
+        ours = {self.root} | {pid for pid in table if self._mentions_marker(pid)}
         grew = True
         while grew:  # parents before children, whatever the order of /proc
             grew = False
@@ -222,6 +229,12 @@ class CpuMeter:
                     ours.add(pid)
                     grew = True
         return {pid: table[pid] for pid in ours if pid in table}
+
+    def _mentions_marker(self, pid: int) -> bool:
+        try:
+            return self.marker in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
 
     def _sample(self, initial: bool = False) -> None:
         for pid, (_, name, cpu) in self._descendants().items():

@@ -164,7 +164,7 @@ def table(results: dict[str, Any]) -> str:
         lambda f: (
             f"agency consumer with receipts ({f['throughput']['agency']})",
             f"{_n(f['throughput']['consumer_per_s'])} events/s",
-            f"bare aiokafka consume + commit: {_n(f['throughput']['bare_per_s'])} events/s",
+            f"bare consume + one INSERT + commit per batch: {_n(f['throughput']['bare_per_s'])} events/s",
             f"{f['throughput']['ratio']:.2f}",
         ),
     )

@@ -13,7 +13,6 @@ run used (read from /proc), percentiles, the machine and the git commit.
 from __future__ import annotations
 
 import faulthandler
-import math
 import os
 import signal
 import statistics
@@ -115,12 +114,12 @@ async def count_by_ce_id(
         await consumer.stop()
 
 
-def percentiles(seconds: list[float]) -> dict[str, float | int]:
-    """p50/p95/p99 in milliseconds of ``seconds`` (NaN when there are fewer than two)."""
+def percentiles(seconds: list[float]) -> dict[str, float | int | None]:
+    """p50/p95/p99 in milliseconds of ``seconds`` (null when there are fewer than two:
+    JSON has no NaN)."""
     if len(seconds) < 2:
-        cuts = [math.nan] * 99
-    else:
-        cuts = statistics.quantiles(seconds, n=100, method="inclusive")
+        return {"count": len(seconds), "p50_ms": None, "p95_ms": None, "p99_ms": None}
+    cuts = statistics.quantiles(seconds, n=100, method="inclusive")
     return {
         "count": len(seconds),
         "p50_ms": round(cuts[49] * 1000, 2),
@@ -188,8 +187,11 @@ def _label(pid: int, name: str) -> str:
         return "kafka broker (java)"
     if name.startswith("postgres") or any(w.endswith("/postgres") for w in words[:1]):
         return "postgresql"
-    if "tuo" in (Path(w).name for w in words[:2]):
-        return "tuo " + " ".join(w for w in words[2:4] if not w.startswith("-"))
+    names = [Path(w).name for w in words[:2]]
+    if "tuo" in names:  # `tuo run <components>`: its settings come from the environment
+        return " ".join(["tuo", *words[names.index("tuo") + 1 :]])[:80]
+    if "multiprocessing" in " ".join(words):
+        return "spawned python workers"
     return name
 
 
@@ -263,9 +265,9 @@ class CpuMeter:
         """Per kind of process: CPU seconds, and the share of one core over the run."""
         used: dict[str, float] = {}
         for pid, (label, cpu) in self.last.items():
-            name = "this process (benchmark + load generator)" if pid == self.root else label
+            name = "this process (the benchmark and its clients)" if pid == self.root else label
             used[name] = used.get(name, 0.0) + max(0.0, cpu - self.first[pid])
-        wall = self.wall or math.nan
+        wall = max(self.wall, 1e-6)
         return {
             "wall_s": round(self.wall, 1),
             "processes": {

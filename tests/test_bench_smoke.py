@@ -10,6 +10,7 @@ the run with the counts and print no rate.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -141,3 +142,19 @@ def test_a_benchmark_past_its_time_limit_fails_saying_so() -> None:
         with time_limit(1, "replay"):
             time.sleep(30)
     assert time.monotonic() - started < 5
+
+
+def test_a_benchmark_stuck_in_its_event_loop_is_stopped_at_its_time_limit() -> None:
+    """As a benchmark waits on a task that never finishes (a hung worker, a lost reply)."""
+    cleaned_up = []
+
+    async def stuck() -> None:
+        try:
+            await asyncio.create_task(asyncio.sleep(3600))
+        finally:
+            cleaned_up.append(True)  # its `finally` (the scratch stack's purge) still runs
+
+    with pytest.raises(TimeLimitExceeded, match="router: still running after its time limit of 1 s"):
+        with time_limit(1, "router"):
+            asyncio.run(stuck())
+    assert cleaned_up == [True]

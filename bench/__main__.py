@@ -20,8 +20,9 @@ keeps for each: the counts, its stages' p50/p95/p99 (``stages``, where it has
 stages), the CPU each process used (``cpu``), the machine with the load average
 before it ran (``machine``), and the git commit (``commit``).
 
-The full run stores and replays 1,000,000 events (its parts add up to about 35
-minutes on the 2-core development machine); ``--quick`` uses smaller sizes (5-10 minutes);
+The full run stores and replays 1,000,000 events, each signed for itself (about
+45 minutes in all on the 2-core development machine, more when it is busy);
+``--quick`` uses smaller sizes (10-15 minutes);
 ``--smoke`` tiny ones, to prove the benchmarks work (tests/test_bench_smoke.py), not to measure.
 """
 

@@ -64,7 +64,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import NewTopic
 from aiokafka.structs import TopicPartition
 
-from bench.proof import count_by_ce_id, percentiles, prove
+from bench.proof import WorkNotDone, count_by_ce_id, percentiles, prove
 from bench.scratch import BENCH_USER, ScratchStack, bench_client_options, deploy_bus, scratch_stack
 from consumers.agencies import handler_for, records
 from consumers.sdk import AgencyConsumer
@@ -761,4 +761,7 @@ if __name__ == "__main__":
         help="give the agencies records of every person, so events are applied (default: yes)",
     )
     args = parser.parse_args()
-    main(args.events, args.rate, args.seconds, args.only, args.records)
+    try:
+        main(args.events, args.rate, args.seconds, args.only, args.records)
+    except WorkNotDone as failure:
+        raise SystemExit(f"FAILED: {failure}") from None

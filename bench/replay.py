@@ -238,7 +238,16 @@ async def run(stack: ScratchStack, events: int, fixture: Fixture = "signed") -> 
             flush=True,
         )
         seeded, stored = await _store(settings, pool, events, fixture)
-        prove("replay fixture", events, len(stored), "events stored")
+        in_database = await pool.fetchval(
+            "SELECT count(*) FROM outbox o JOIN intake_record i USING (event_id) WHERE o.topic = $1",
+            Topics(settings.topic_prefix).life_events,
+        )
+        prove(
+            "replay fixture",
+            events,
+            in_database,
+            f"events built {len(stored):,}; stored, as PostgreSQL counts",
+        )
         print(f"  stored in {seeded:.1f} s ({events / seeded:,.0f} events/s, untimed)", flush=True)
 
         bare, piped, bare_batches = await _bare_pipe(settings, pool, scratch, partitions)

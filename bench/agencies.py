@@ -64,6 +64,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import NewTopic
 from aiokafka.structs import TopicPartition
 
+from bench.proof import WorkNotDone, count_by_ce_id, percentiles, prove
 from bench.scratch import BENCH_USER, ScratchStack, bench_client_options, deploy_bus, scratch_stack
 from consumers.agencies import handler_for, records
 from consumers.sdk import AgencyConsumer
@@ -229,14 +230,15 @@ def _outcomes(counts: dict[str, int]) -> str:
 # (1) Throughput
 
 
-async def _fill(client: httpx.AsyncClient, bodies: list[dict[str, Any]]) -> None:
+async def _fill(client: httpx.AsyncClient, bodies: list[dict[str, Any]]) -> list[str]:
+    """Register every death; return the event ids intake gave them."""
     gate = asyncio.Semaphore(FILL_CONCURRENCY)
 
-    async def one(body: dict[str, Any]) -> None:
+    async def one(body: dict[str, Any]) -> str:
         async with gate:
-            await _submit(client, body)
+            return await _submit(client, body)
 
-    await asyncio.gather(*(one(body) for body in bodies))
+    return list(await asyncio.gather(*(one(body) for body in bodies)))
 
 
 async def _ends_when_filled(settings: Settings, topic: str, wanted: int, seconds: float) -> dict[int, int]:
@@ -293,7 +295,17 @@ async def _timed(
         await watcher.stop()
 
 
-async def _bare_pipe(settings: Settings, source: str, output: str, stop: asyncio.Event) -> None:
+# The bare consumer's inbox: one row per event, as the SDK's agency.inbox claims one.
+BARE_INBOX = "bench_bare_inbox"
+
+
+async def _bare_pipe(
+    settings: Settings, pool: asyncpg.Pool, source: str, output: str, stop: asyncio.Event
+) -> None:
+    """The least an agency consumer can do and still be one: per batch, one INSERT of the
+    batch's event ids (one transaction), a receipt-sized message per event, then commit
+    the offsets, as the SDK does; no decode, signature check, handler or de-duplication
+    beyond the primary key."""
     consumer = kafka.consumer(
         settings, source, principal=BENCH_USER, group_id=f"{settings.topic_prefix}.bare", client_id="bare"
     )
@@ -304,7 +316,15 @@ async def _bare_pipe(settings: Settings, source: str, output: str, stop: asyncio
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=500, max_records=200)
             for tp, batch in batches.items():
-                pending = [await producer.send(output, RECEIPT_SIZED, key=r.key) for r in batch]
+                ids = [_ce_id(r) for r in batch]
+                await pool.execute(
+                    f"INSERT INTO {BARE_INBOX} (event_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING",
+                    ids,
+                )
+                pending = [
+                    await producer.send(output, RECEIPT_SIZED, key=r.key, headers=[("ce_id", i.encode())])
+                    for r, i in zip(batch, ids, strict=True)
+                ]
                 await asyncio.gather(*pending)
                 await consumer.commit({tp: batch[-1].offset + 1})
     finally:
@@ -312,13 +332,22 @@ async def _bare_pipe(settings: Settings, source: str, output: str, stop: asyncio
         await producer.stop()
 
 
-async def _receipt_outcomes(settings: Settings, topic: str) -> dict[str, int]:
+def _ce_id(record: Any) -> str:
+    return next((bytes(v).decode() for k, v in record.headers if k == "ce_id"), "")
+
+
+async def _receipted(settings: Settings, topic: str, event_ids: set[str]) -> tuple[set[str], dict[str, int]]:
+    """Of ``event_ids``, those with a final receipt (APPLIED or REJECTED) on ``topic``
+    (read_committed); and every receipt's outcome, counted."""
+    receipted: set[str] = set()
     counts: dict[str, int] = {}
     for record in await read_topic(settings, topic, BENCH_USER):
         _, body = decode(record.value or b"")
         outcome = body["outcome"] + (" (duplicate)" if body.get("duplicate") else "")
         counts[outcome] = counts.get(outcome, 0) + 1
-    return counts
+        if str(body["event_id"]) in event_ids and body["outcome"] in ("APPLIED", "REJECTED"):
+            receipted.add(str(body["event_id"]))
+    return receipted, counts
 
 
 async def throughput(
@@ -336,30 +365,57 @@ async def throughput(
         async with _client(env, token, FILL_CONCURRENCY) as client:
             await bus.start(client)
             filling = time.perf_counter()
-            await _fill(client, bodies)
+            accepted = set(await _fill(client, bodies))
             ends = await _ends_when_filled(settings, source, events, seconds=300)
             filled_in = time.perf_counter() - filling
     finally:
         await bus.stop()
+    options = bench_client_options(settings)
+    on_source, _ = await count_by_ce_id(options, source, accepted)
+    prove("agencies fill", events, on_source, f"registrations accepted {len(accepted)}; by ce_id on {source}")
     admin = kafka.admin(settings, principal=Principal.OPERATOR)
     await admin.start()
     try:
         await admin.create_topics([NewTopic(scratch, 1, 1)])
     finally:
         await admin.close()
+    await pool.execute(f"CREATE TABLE IF NOT EXISTS {BARE_INBOX} (event_id uuid PRIMARY KEY)")
 
     bare_first, bare_done = await _timed(
         settings,
-        lambda stop: _bare_pipe(settings, source, scratch, stop),
+        lambda stop: _bare_pipe(settings, pool, source, scratch, stop),
         f"{settings.topic_prefix}.bare",
         source,
         ends,
+    )
+    bare_stored = await pool.fetchval(
+        f"SELECT count(*) FROM {BARE_INBOX} WHERE event_id = ANY($1::uuid[])", list(accepted)
+    )
+    bare_receipts, _ = await count_by_ce_id(options, scratch, accepted)
+    prove(
+        "agencies bare pipe",
+        events,
+        min(bare_stored, bare_receipts),
+        f"rows stored {bare_stored}; receipts on {scratch} by ce_id {bare_receipts}",
     )
     consumer = AgencyConsumer(settings, pool, AGENCY, handler_for(AGENCY))
     sdk_first, sdk_done = await _timed(
         settings, consumer.run, f"{settings.topic_prefix}.agency.{AGENCY}", source, ends
     )
-    outcomes = await _receipt_outcomes(settings, topics.receipts(AGENCY))
+    sdk_stored = await pool.fetchval(
+        "SELECT count(*) FROM agency.inbox"
+        " WHERE agency = $1 AND event_id = ANY($2::uuid[]) AND receipted_at IS NOT NULL",
+        AGENCY,
+        list(accepted),
+    )
+    receipted, outcomes = await _receipted(settings, topics.receipts(AGENCY), accepted)
+    prove(
+        "agencies consumer",
+        events,
+        min(sdk_stored, len(receipted)),
+        f"receipted in agency.inbox {sdk_stored}; final receipts on {topics.receipts(AGENCY)}"
+        f" {len(receipted)} ({_outcomes(outcomes)})",
+    )
 
     bare, sdk = events / bare_done, events / sdk_done
     print(
@@ -368,7 +424,7 @@ async def throughput(
     )
     print(f"  {seeded}")
     for label, rate, first in (
-        ("bare aiokafka pipe (1 small message per event, commit per batch)", bare, bare_first),
+        ("bare pipe (1 INSERT + 1 small message per event + commit, per batch)", bare, bare_first),
         (f"AgencyConsumer + consumers.agencies.handler_for({AGENCY!r})", sdk, sdk_first),
     ):
         print(f"  {label:<68} {rate:7,.0f} events/s  (first commit after {first:.2f} s)")
@@ -377,6 +433,11 @@ async def throughput(
     return {
         "events": events,
         "agency": AGENCY,
+        "sent": events,
+        "arrived": min(sdk_stored, len(receipted)),
+        "stages": {},
+        "proof": "receipted rows in agency.inbox and final receipts on the receipts topic, per event",
+        "bare": {"sent": events, "arrived": min(bare_stored, bare_receipts)},
         "consumer_per_s": round(sdk, 1),
         "bare_per_s": round(bare, 1),
         "ratio": round(sdk / bare, 3),
@@ -554,6 +615,22 @@ async def latency(
         return [r[name].total_seconds() for r in final if r[name] is not None]
 
     accepted = len(submitted.accepted)
+    # Proof before any figure: every submitted event accepted, decided, and each of its
+    # deliveries answered with a final receipt, on the topics and stored by the tracker.
+    decided = {event_id for event_id, _ in delivered}
+    complete = {
+        event_id
+        for event_id in slowest
+        if event_id in decided and all(d in receipted for d in delivered if d[0] == event_id)
+    }
+    prove(
+        "agencies latency",
+        accepted + submitted.refused,
+        len(complete),
+        f"accepted {accepted}, refused {submitted.refused}; deliveries decided {len(delivered)},"
+        f" final receipts on the topics {len(receipted & delivered)}, stored {len(stored & delivered)};"
+        f" events complete {len(complete)}",
+    )
     print(
         f"(2) end-to-end latency: the whole bus in one `tuo run` process, new person per event,"
         f" target {rate:g} events/s for {seconds:g} s; one 2-core machine"
@@ -596,7 +673,19 @@ async def latency(
         if len(submitted.answer_seconds) > 1
         else [math.nan] * 99
     )
+    stages = {
+        "intake answer (POST due → 201)": percentiles(submitted.answer_seconds),
+        **{
+            f"intake → {name}": percentiles(stage(name))
+            for name in ("published", "decided", "received", "stored")
+        },
+        "intake → every agency's final receipt stored (per event)": percentiles(per_event),
+    }
     return {
+        "sent": accepted + submitted.refused,
+        "arrived": len(complete),
+        "proof": "events with every delivery decided, receipted on the topics and stored by the tracker",
+        "stages": stages,
         "target_per_s": rate,
         "seconds": seconds,
         "accepted": accepted,
@@ -641,6 +730,13 @@ async def measure(
             )
     finally:
         await pool.close()
+    # Both parts' counts, for `python -m bench`'s check; each part has proven its own.
+    parts = dict(figures)
+    figures["sent"] = sum(part["sent"] for part in parts.values())
+    figures["arrived"] = sum(part["arrived"] for part in parts.values())
+    figures["stages"] = {
+        f"{name}: {stage}": cuts for name, part in parts.items() for stage, cuts in part["stages"].items()
+    }
     return figures
 
 
@@ -665,4 +761,7 @@ if __name__ == "__main__":
         help="give the agencies records of every person, so events are applied (default: yes)",
     )
     args = parser.parse_args()
-    main(args.events, args.rate, args.seconds, args.only, args.records)
+    try:
+        main(args.events, args.rate, args.seconds, args.only, args.records)
+    except WorkNotDone as failure:
+        raise SystemExit(f"FAILED: {failure}") from None

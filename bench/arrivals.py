@@ -25,7 +25,7 @@ class NotAllArrived(RuntimeError):
     """The far end did not receive exactly what the benchmark sent: no rate for this run."""
 
     def __init__(self, what: str, sent: int, arrived: int, detail: str = "") -> None:
-        self.what, self.sent, self.arrived = what, sent, arrived
+        self.what, self.sent, self.arrived, self.detail = what, sent, arrived, detail
         super().__init__(
             f"{what}: sent {sent:,}, arrived {arrived:,}{'; ' + detail if detail else ''}"
             " - no rate is reported for this run"

@@ -8,7 +8,8 @@ our codec (Confluent framing, catalogue lookup) and with fastavro's
 decodes the current bytes against a scratch catalogue where the schema has one
 more version, which exercises resolution to the latest version, against fastavro
 given the same writer and reader schemas. Both codecs must decode the record as
-it was, and every loop must produce every record, before a rate is printed. Prints records/s and our/baseline ratios (best of N).
+it was, and every loop must produce every record, before a rate is printed.
+Prints records/s and our/baseline ratios (best of N).
 """
 
 from __future__ import annotations

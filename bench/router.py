@@ -332,7 +332,11 @@ def check_routed(
 
 
 async def measure(
-    settings: Settings, events: int, batch_size: int = MIB, seconds: float = 900
+    settings: Settings,
+    events: int,
+    batch_size: int = MIB,
+    seconds: float = 900,
+    perf_min_records: int = PERF_MIN_RECORDS,
 ) -> dict[str, Any]:
     """Router, bare pipe and ProducerPerformance on one stack; every output proved."""
     topics = Topics(settings.topic_prefix)
@@ -409,7 +413,7 @@ async def measure(
 
         limit = await producer_performance.measure(
             settings,
-            records=max(messages, PERF_MIN_RECORDS),
+            records=max(messages, perf_min_records),
             record_size=record_size,
             batch_size=batch_size,
             seconds=seconds,

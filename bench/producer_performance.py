@@ -101,7 +101,7 @@ async def measure(
     record_size: int,
     partitions: int = 1,
     batch_size: int = 1024 * 1024,
-    linger_ms: int = 5,
+    linger_ms: int = 10,
     seconds: float = 300,
 ) -> dict[str, Any]:
     """Run ProducerPerformance once on a fresh topic; its figures, once the records are

@@ -26,6 +26,8 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"content-length":
                     length = int(value)
+            else:
+                return  # more header lines than any real client sends: hang up
             if length:
                 await reader.readexactly(length)
             writer.write(ANSWER)

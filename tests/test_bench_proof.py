@@ -178,3 +178,37 @@ async def test_router_benchmark_proves_every_delivery(
     assert limit["record_size"] == figures["record_bytes_mean"] > 500
     assert Counter(figures["entitled_agencies"]) == Counter(["dvla", "dwp", "hmpo", "hmrc", "council-leeds"])
     assert "events/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        b"GET / HTTP/1.1\r\nContent-Length: banana\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 500 + b"\r\n",
+        b"GET /" + b"a" * 200_000 + b" HTTP/1.1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort",
+    ],
+    ids=["bad-length", "negative-length", "too-many-headers", "oversized-line", "truncated-body"],
+)
+async def test_the_do_nothing_server_hangs_up_on_nonsense_and_keeps_serving(
+    do_nothing_server: str, hostile: bytes
+) -> None:
+    host, port = do_nothing_server.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(hostile)
+    if hostile.endswith(b"short"):
+        writer.write_eof()  # the body never comes
+    try:
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    except ConnectionResetError:
+        answer = b""  # closed with our bytes unread: the kernel resets, a hang-up too
+    assert b"200 OK" not in answer  # no answer to nonsense: the connection is closed
+    writer.close()
+    # ... and the next client is served as before.
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    assert (await asyncio.wait_for(reader.readuntil(b"ok"), 10)).startswith(b"HTTP/1.1 200 OK")
+    writer.close()

@@ -3,8 +3,9 @@
 --       POST <total> requests to <path>, shared among wrk's threads, each a new person
 --       (the body file's __NINO__ replaced by a NINO of its own, numbered from <first>)
 --       with its own Idempotency-Key. A thread stops once all of its POSTs are answered;
---       while its last ones are in flight, its idle connections send GET /healthz, so
---       no thread ever sends more POSTs than its share.
+--       while its last ones are in flight its idle connections wait (delay()), so no
+--       thread sends more POSTs than its share and wrk's latency figures are the POSTs'
+--       (but for a few GET /healthz when there are fewer POSTs than connections).
 --       Once every thread is done wrk is interrupted; POSTs are timed from the first
 --       sent to the last answered ("posting_us").
 --   floor
@@ -48,6 +49,9 @@ function init(args)
       budget = share + ((id < total % thread_count) and 1 or 0)
       first = start + id * share + math.min(id, total % thread_count)
       posted = 0
+      -- Defined only here: wrk looks for a delay() after init, and in floor mode the
+      -- requests go back to back.
+      delay = post_delay
    end
    started_us, finished_us = 0, 0
    -- wrk calls the first thread's request() once before any connection opens, only to
@@ -82,10 +86,36 @@ function request()
    return wrk.format("GET", "/healthz")
 end
 
+local function finish()
+   if finished_us == 0 then
+      finished_us = now_us()
+      -- wrk waits out its whole -d whatever its threads do; this line tells
+      -- bench/intake.py, which interrupts wrk (SIGINT) once every thread has said so.
+      io.write("WRK_THREAD_DONE\n")
+      io.flush()
+   end
+   wrk.thread:stop()
+end
+
+-- Milliseconds a connection waits before its next request: none while this thread has
+-- POSTs to send, then longer than any run, so the idle ones send nothing more.
+function post_delay()
+   if posted < budget then
+      return 0
+   end
+   if budget == 0 then
+      finish() -- a share of nothing (fewer POSTs than threads)
+   end
+   return 3600 * 1000
+end
+
 function response(status, headers, body)
    if mode == "post" then
-      -- 201: a new event stored. 200 here can only be /healthz (every POST is a new
-      -- person with a new key, so none is an idempotent repeat). Anything else: refused.
+      -- 201: a new event stored. 200: a GET /healthz, sent only as a connection's very
+      -- first request when the thread had no POST left for it (wrk's delay() comes
+      -- after a connection's first request, so a run with fewer POSTs per thread than
+      -- connections has a few); never a POST, since each is a new person with a new
+      -- Idempotency-Key. Anything else: refused.
       if status == 201 then
          created = created + 1
       elseif status == 200 then
@@ -96,13 +126,8 @@ function response(status, headers, body)
             first_refusal = status .. " " .. string.sub(body or "", 1, 200)
          end
       end
-      if created + refused >= budget and finished_us == 0 then
-         finished_us = now_us()
-         -- wrk waits out its whole -d whatever its threads do; this line tells
-         -- bench/intake.py, which interrupts wrk (SIGINT) once every thread has said so.
-         io.write("WRK_THREAD_DONE\n")
-         io.flush()
-         wrk.thread:stop()
+      if created + refused >= budget then
+         finish()
       end
    else
       if status == 200 then ok = ok + 1 else refused = refused + 1 end

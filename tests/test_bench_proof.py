@@ -18,7 +18,14 @@ import pytest
 
 from bench import router as router_bench
 from bench.arrivals import NotAllArrived, TooSlow, TopicTally
-from bench.intake import WrkResult, _await_service, _free_port, generator_ceiling, post_deaths
+from bench.intake import (
+    LoadGeneratorFailed,
+    WrkResult,
+    _await_service,
+    _free_port,
+    generator_ceiling,
+    post_deaths,
+)
 from bench.producer_performance import ProducerPerformanceFailed, parse_summary
 from bench.scratch import BENCH_USER
 from runtime.access import grant_full_access
@@ -132,6 +139,40 @@ async def test_a_load_that_stores_nothing_fails_with_the_counts(
     body.write_text(json.dumps({"deceased": {"nino": "__NINO__"}}))
     with pytest.raises(TooSlow, match="0 of 40 POSTs answered"):
         await post_deaths(do_nothing_server, "token", 40, 0, 4, 2, body)
+
+
+@pytest.fixture
+async def refusing_server() -> AsyncIterator[str]:
+    """Answers every request 422, as intake answers a body it cannot accept."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.readline():
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 422 Unprocessable Content\r\nContent-Length: 7\r\n\r\nrefused")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.close()
+
+
+async def test_refused_posts_fail_the_run_with_the_counts(refusing_server: str, tmp_path: Path) -> None:
+    body = tmp_path / "death.json"
+    body.write_text(json.dumps({"deceased": {"nino": "__NINO__"}}))
+    with pytest.raises(
+        LoadGeneratorFailed, match=r"of 40 POSTs, 0 were accepted, 40 refused \(first: '422 refused'\)"
+    ):
+        await post_deaths(refusing_server, "token", 40, 0, 4, 30, body)
 
 
 async def test_the_load_generator_is_not_the_limit() -> None:

@@ -1,46 +1,106 @@
 """Intake API throughput and latency, outbox included, against a floor measured
-in the same run.
+in the same run, with a load generator that is not the bottleneck.
 
     .venv/bin/python -m bench.intake [--events 5000] [--concurrency 32]
 
 Starts its own local stack (Kafka + PostgreSQL in a scratch state directory;
 Kafka over TLS with SASL/SCRAM, as the bus uses it) and runs `tuo run intake
-relay` as a separate process, as in production. A load generator in this
-process then:
+relay` as a separate process, as in production. The load comes from ``wrk`` (a C
+HTTP load generator, Debian package ``wrk``) driven by ``bench/intake.lua``:
 
-  (a) floor: GET /healthz — the same server, HTTP parsing and one PostgreSQL
-      round trip, nothing else;
-  (b) intake: POST /v1/death-registrations with a bearer token, each a new
-      person — token check, validation, Avro encoding, the office's Ed25519
-      signature, and intake record + consent + outbox row in one transaction.
+  (0) the load generator's own ceiling: wrk against ``bench.trivial_http``, a
+      server in its own process that only answers 200. Below ``FLOOR_NEEDED``
+      requests/s the run fails: the intake figure would measure the client (a
+      Python HTTP client spends milliseconds of CPU per request).
+  (a) floor: GET /healthz for a few seconds — the same server, HTTP parsing and one
+      PostgreSQL round trip, nothing else.
+  (b) intake: N POST /v1/death-registrations with a bearer token, each a new person
+      with its own Idempotency-Key — token check, validation, Avro encoding, the
+      office's Ed25519 signature, and intake record + consent + outbox row in one
+      transaction.
 
-Prints requests/s and latency p50/p99 for both, the ratio, and how long the
-relay took to publish every accepted event to Kafka.
+Before printing a rate it proves the work: every POST answered 201, exactly N new
+intake records stored, and each of them published once on the life-events topic
+(read_committed, counted by ce_id) by the relay. Otherwise it fails with the counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
+import json
+import shutil
+import signal
 import socket
-import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.arrivals import TooSlow, read_committed, require_all_arrived
 from bench.scratch import deploy_bus, scratch_stack
 from producers.accounts import issue_token
 from router.seed import load_seed
 from runtime.database import migrate, open_pool
 from runtime.demo import seed_offices
+from runtime.kafka import Topics
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from tests.support import death_registration
+
+SCRIPT = Path(__file__).with_name("intake.lua")
+FLOOR_NEEDED = 2_000  # requests/s the load generator must reach against a server doing nothing
+FLOOR_SECONDS = 5
+THREADS = 2  # one per core of the development machine; the server shares them
+
+
+class LoadGeneratorFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    """What ``bench/intake.lua`` counted: answers by kind, wrk's errors, latency."""
+
+    created: int  # 201s: events stored
+    ok: int  # 200s: /healthz answers
+    refused: int  # any other status
+    first_refusal: str
+    requests: int
+    seconds: float  # wrk's run; for POSTs, from the first sent to the last answered
+    errors: dict[str, int]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @classmethod
+    def parse(cls, output: str) -> WrkResult:
+        line = next((ln for ln in output.splitlines() if ln.startswith("WRK_RESULT ")), None)
+        if line is None:
+            raise LoadGeneratorFailed(f"wrk printed no result:\n{output[-1500:]}")
+        found = json.loads(line.removeprefix("WRK_RESULT "))
+        return cls(
+            created=found["created"],
+            ok=found["ok"],
+            refused=found["refused"],
+            first_refusal=found["first_refusal"],
+            requests=found["requests"],
+            seconds=(found["posting_us"] or found["duration_us"]) / 1e6,
+            errors=found["errors"],
+            p50_ms=found["p50_us"] / 1000,
+            p90_ms=found["p90_us"] / 1000,
+            p99_ms=found["p99_us"] / 1000,
+            max_ms=found["max_us"] / 1000,
+        )
+
+    @property
+    def failed_sockets(self) -> int:
+        return sum(v for k, v in self.errors.items() if k != "status")
 
 
 def _free_port() -> int:
@@ -50,39 +110,127 @@ def _free_port() -> int:
         return port
 
 
-async def _load(
-    client: httpx.AsyncClient, count: int, concurrency: int, request: Callable[[], Any]
-) -> tuple[float, list[float]]:
-    """Send ``count`` requests from ``concurrency`` workers; (wall seconds, latencies)."""
-    latencies: list[float] = []
-    remaining = count
+async def wrk(
+    base: str, concurrency: int, seconds: float, *script_args: str, threads_to_finish: int = 0
+) -> WrkResult:
+    """Run wrk with ``bench/intake.lua`` for at most ``seconds``; with
+    ``threads_to_finish``, interrupt it as soon as that many threads said they were done
+    (wrk itself would wait out its whole duration)."""
+    if shutil.which("wrk") is None:
+        raise LoadGeneratorFailed("wrk is not installed; run scripts/setup.sh (Debian package wrk)")
+    command = [
+        "wrk",
+        f"-t{min(THREADS, concurrency)}",
+        f"-c{concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "60s",  # a slow answer is a slow answer, not a lost one
+        "-s",
+        str(SCRIPT),
+        base,
+        "--",
+        *script_args,
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    lines: list[str] = []
 
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            response = await request()
-            latencies.append(time.perf_counter() - started)
-            if response.status_code not in (200, 201):
-                raise RuntimeError(f"refused: {response.status_code} {response.text[:300]}")
+    async def read() -> None:
+        finished = 0
+        assert process.stdout is not None
+        async for raw in process.stdout:
+            lines.append(raw.decode(errors="replace"))
+            if lines[-1].startswith("WRK_THREAD_DONE"):
+                finished += 1
+                if finished == threads_to_finish and process.returncode is None:
+                    process.send_signal(signal.SIGINT)  # wrk then prints its summary and exits
+        await process.wait()
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - started, latencies
+    try:
+        await asyncio.wait_for(read(), seconds + 90)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise TooSlow("wrk", seconds + 90, "it did not stop after its duration") from None
+    output = "".join(lines)
+    if process.returncode != 0:
+        raise LoadGeneratorFailed(f"wrk exited {process.returncode}:\n{output[-1500:]}")
+    return WrkResult.parse(output)
 
 
-def _report(name: str, wall: float, latencies: list[float]) -> tuple[float, float, float]:
-    """Print and return (requests/s, p50 ms, p99 ms)."""
-    rate = len(latencies) / wall
-    cuts = statistics.quantiles(latencies, n=100)
-    print(f"  {name:<42} {rate:>8,.0f} req/s   p50 {cuts[49] * 1000:6.1f} ms   p99 {cuts[98] * 1000:6.1f} ms")
-    return rate, cuts[49] * 1000, cuts[98] * 1000
+async def post_deaths(
+    base: str, token: str, events: int, first: int, concurrency: int, seconds: float, body_file: Path
+) -> WrkResult:
+    """POST ``events`` new deaths (NINOs numbered from ``first``); fail unless each was
+    answered, 201, within ``seconds``."""
+    threads = min(THREADS, concurrency)
+    result = await wrk(
+        base,
+        concurrency,
+        seconds,
+        "post",
+        str(threads),
+        token,
+        "/v1/death-registrations",
+        str(events),
+        str(first),
+        str(body_file),
+        threads_to_finish=threads,
+    )
+    if result.refused or result.failed_sockets:
+        raise LoadGeneratorFailed(
+            f"of {events:,} POSTs, {result.created:,} were accepted, {result.refused:,} refused"
+            f" (first: {result.first_refusal!r}), socket errors {result.errors}"
+        )
+    if result.created != events:
+        raise TooSlow("intake", seconds, f"{result.created:,} of {events:,} POSTs answered")
+    return result
 
 
-async def measure(settings: Settings, env: dict[str, str], events: int, concurrency: int) -> dict[str, Any]:
+async def floor(base: str, concurrency: int) -> WrkResult:
+    result = await wrk(base, concurrency, FLOOR_SECONDS, "floor")
+    require_all_arrived(
+        "floor: GET /healthz answered 200", result.requests, result.ok, f"errors {result.errors}"
+    )
+    return result
+
+
+async def generator_ceiling(concurrency: int) -> WrkResult:
+    """What the load generator sends on this machine against a server that does nothing
+    (``bench.trivial_http``, its own process): it must be far above the intake figure."""
+    port = _free_port()
+    server = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.trivial_http", str(port))
+    try:
+        await _await_service(f"http://127.0.0.1:{port}", path="/")
+        return await floor(f"http://127.0.0.1:{port}", concurrency)
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+async def _await_service(base: str, path: str = "/healthz") -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if (await client.get(path)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the intake service did not start")
+            await asyncio.sleep(0.2)
+
+
+async def measure(
+    settings: Settings, env: dict[str, str], events: int, concurrency: int, seconds: float = 600
+) -> dict[str, Any]:
+    ceiling = await generator_ceiling(concurrency)  # before the bus starts: nothing else runs
+    ceiling_per_s = ceiling.ok / ceiling.seconds
     pool = await open_pool(settings)
     server: asyncio.subprocess.Process | None = None
+    scratch = Path(tempfile.mkdtemp(prefix="tuo-intake-bench-"))
     try:
         await migrate(pool, settings)
         await load_seed(pool)
@@ -93,66 +241,79 @@ async def measure(settings: Settings, env: dict[str, str], events: int, concurre
             str(Path(sys.executable).parent / "tuo"), "run", "intake", "relay", env=env
         )
         base = f"http://127.0.0.1:{env['TUO_HTTP_PORT']}"
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(
-            base_url=base, timeout=30, limits=limits, headers={"Authorization": f"Bearer {token}"}
-        ) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the intake service did not start")
-                await asyncio.sleep(0.2)
-            # Every death another person: intake refuses the same NINO's death twice.
-            ninos = (f"CE{n % 1_000_000:06d}{'ABCD'[n // 1_000_000 % 4]}" for n in itertools.count())
-            bodies = [death_registration(deceased={**_person(), "nino": next(ninos)}) for _ in range(events)]
-            warm = min(500, events // 5)
-            await _load(client, warm, concurrency, lambda: client.get("/healthz"))
-            await _load(
-                client, warm, concurrency, lambda: client.post("/v1/death-registrations", json=bodies.pop())
-            )
-            print(f"{events} requests each, {concurrency} concurrent clients, one 2-core machine")
-            floor, _, _ = _report(
-                "floor: GET /healthz (HTTP + 1 DB round trip)",
-                *await _load(client, events, concurrency, lambda: client.get("/healthz")),
-            )
-            accepted_before = await pool.fetchval("SELECT count(*) FROM intake_record")
-            bodies = [death_registration(deceased={**_person(), "nino": next(ninos)}) for _ in range(events)]
-            wall, latencies = await _load(
-                client, events, concurrency, lambda: client.post("/v1/death-registrations", json=bodies.pop())
-            )
-            intake, p50, p99 = _report("intake: POST /v1/death-registrations", wall, latencies)
-            print(f"  ratio intake / floor: {intake / floor:.2f}")
-            accepted = await pool.fetchval("SELECT count(*) FROM intake_record") - accepted_before
-            started = time.perf_counter()
-            while await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
-                if time.perf_counter() - started > 120:
-                    raise RuntimeError("the relay did not publish every accepted event within 120 s")
-                await asyncio.sleep(0.05)
-            drained = time.perf_counter() - started
-            print(
-                f"  {accepted} events accepted and stored with their outbox rows; the relay had published"
-                f" all of them {drained:.2f} s after the last was accepted"
-            )
-            return {
-                "requests": events,
-                "concurrency": concurrency,
-                "accepted_per_s": round(intake, 1),
-                "p50_ms": round(p50, 1),
-                "p99_ms": round(p99, 1),
-                "floor_per_s": round(floor, 1),
-                "ratio": round(intake / floor, 3),
-                "relay_published_all_after_s": round(drained, 2),
-            }
+        await _await_service(base)
+        body_file = scratch / "death.json"
+        body_file.write_text(json.dumps(death_registration(deceased={**_person(), "nino": "__NINO__"})))
+
+        warm = min(500, max(events // 5, 1))
+        await post_deaths(base, token, warm, 0, concurrency, seconds, body_file)
+        floored = await floor(base, concurrency)
+        floor_per_s = floored.ok / floored.seconds
+        before = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM intake_record")}
+        posted = await post_deaths(base, token, events, warm, concurrency, seconds, body_file)
+        accepted_per_s = posted.created / posted.seconds
+
+        stored = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM intake_record")} - before
+        require_all_arrived("intake: events stored (new intake records)", posted.created, len(stored))
+        started = time.perf_counter()
+        while unpublished := await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
+            if time.perf_counter() - started > 120:
+                raise TooSlow("the relay", 120, f"{unpublished:,} outbox rows unpublished")
+            await asyncio.sleep(0.05)
+        drained = time.perf_counter() - started
+        life_events = Topics(settings.topic_prefix).life_events
+        on_topic = (await read_committed(settings, [life_events]))[life_events].ids
+        published = sum(on_topic[str(event_id)] == 1 for event_id in stored)
+        require_all_arrived("intake: stored events published once on life-events", len(stored), published)
     finally:
         if server is not None and server.returncode is None:
             server.terminate()
             await server.wait()
         await pool.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"{events:,} requests, {concurrency} connections from wrk ({THREADS} threads), one 2-core machine")
+    print(
+        f"  floor: GET /healthz (HTTP + 1 DB round trip), {FLOOR_SECONDS} s:"
+        f" {floor_per_s:>8,.0f} req/s   p50 {floored.p50_ms:6.1f} ms   p99 {floored.p99_ms:6.1f} ms"
+    )
+    print(
+        f"  intake: POST /v1/death-registrations:        {accepted_per_s:>8,.0f} req/s"
+        f"   p50 {posted.p50_ms:6.1f} ms   p99 {posted.p99_ms:6.1f} ms"
+    )
+    print(f"  ratio intake / floor: {accepted_per_s / floor_per_s:.2f}")
+    print(
+        f"  the load generator itself, against a server that only answers 200 (bench.trivial_http):"
+        f" {ceiling_per_s:,.0f} req/s"
+    )
+    print(
+        f"  {len(stored):,} events stored with their outbox rows and published once each; the relay had"
+        f" published all of them {drained:.2f} s after the last was accepted"
+    )
+    if ceiling_per_s < FLOOR_NEEDED:
+        raise LoadGeneratorFailed(
+            f"the load generator managed only {ceiling_per_s:,.0f} requests/s against a server that does"
+            f" nothing (needed: {FLOOR_NEEDED:,}): the intake figure would measure the client"
+        )
+    return {
+        "requests": events,
+        "concurrency": concurrency,
+        "load_generator": f"wrk, {THREADS} threads",
+        "sent": events,
+        "arrived": published,
+        "stored": len(stored),
+        "accepted_per_s": round(accepted_per_s, 1),
+        "p50_ms": round(posted.p50_ms, 1),
+        "p90_ms": round(posted.p90_ms, 1),
+        "p99_ms": round(posted.p99_ms, 1),
+        "floor_per_s": round(floor_per_s, 1),
+        "load_generator_per_s": round(ceiling_per_s, 1),
+        "floor_requests": floored.ok,
+        "floor_p50_ms": round(floored.p50_ms, 2),
+        "floor_p99_ms": round(floored.p99_ms, 2),
+        "ratio": round(accepted_per_s / floor_per_s, 3),
+        "relay_published_all_after_s": round(drained, 2),
+    }
 
 
 def _person() -> dict[str, str]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything Tell Us Once needs on a fresh Debian machine, idempotently:
-# OS packages (PostgreSQL server, a JDK, Maven, Chromium, npm) with apt-get, Python packages
+# OS packages (PostgreSQL server, a JDK, Maven, Chromium, npm, wrk) with apt-get, Python packages
 # into .venv with pip, GOV.UK Frontend, Swagger UI and axe-core into node_modules with npm,
 # and Apache Kafka's jars from Maven Central into .tuo/cache.
 set -euo pipefail
@@ -13,6 +13,7 @@ command -v mvn > /dev/null || need_apt+=(maven)
 python3 -c 'import venv, ensurepip' 2> /dev/null || need_apt+=(python3-venv)
 command -v chromium > /dev/null || need_apt+=(chromium)  # the browser tests drive it
 command -v npm > /dev/null || need_apt+=(nodejs npm)
+command -v wrk > /dev/null || need_apt+=(wrk)  # the intake benchmark's load generator (bench/intake.lua)
 
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -ne 0 ]]; then

@@ -33,6 +33,7 @@ from runtime.stack.processes import (
 
 HERE = Path(__file__).parent
 POM = HERE / "kafka-pom.xml"
+TOOLS_POM = HERE / "kafka-tools-pom.xml"
 LOG_CONFIG = HERE / "kafka-log4j2.properties"
 MAIN_CLASS = "kafka.Kafka"
 SUPER_USER = "broker"
@@ -47,8 +48,21 @@ def new_cluster_id() -> str:
 
 def ensure_jars(cache_dir: Path, version: str) -> Path:
     """Resolve the broker's jars with Maven once per version; later calls are free."""
+    return _resolve_jars(POM, cache_dir, f"kafka-{version}", version, f"kafka_2.13-{version}.jar")
+
+
+def ensure_tool_jars(cache_dir: Path, version: str) -> Path:
+    """Resolve Apache Kafka's command line tools (``org.apache.kafka:kafka-tools``, e.g.
+    ``ProducerPerformance``) with Maven once per version, apart from the broker's jars so
+    that the broker's classpath stays as it was."""
+    return _resolve_jars(
+        TOOLS_POM, cache_dir, f"kafka-tools-{version}", version, f"kafka-tools-{version}.jar"
+    )
+
+
+def _resolve_jars(pom: Path, cache_dir: Path, name: str, version: str, expected_jar: str) -> Path:
     # Absolute: Maven resolves a relative output directory against the POM's folder.
-    libs = cache_dir.resolve() / f"kafka-{version}" / "libs"
+    libs = cache_dir.resolve() / name / "libs"
     marker = libs.parent / "complete"
     if marker.exists():
         return libs
@@ -62,7 +76,7 @@ def ensure_jars(cache_dir: Path, version: str) -> Path:
             "-q",
             "-B",
             "-f",
-            str(POM),
+            str(pom),
             f"-Dkafka.version={version}",
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
@@ -74,10 +88,11 @@ def ensure_jars(cache_dir: Path, version: str) -> Path:
     )
     if result.returncode != 0:
         raise StackError(
-            f"Maven could not resolve Apache Kafka {version}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+            f"Maven could not resolve {pom.name} for Apache Kafka {version}:\n"
+            f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
         )
-    if not list(libs.glob(f"kafka_2.13-{version}.jar")):
-        raise StackError(f"Maven finished but put no Kafka {version} broker jar in {libs}")
+    if not (libs / expected_jar).exists():
+        raise StackError(f"Maven finished but put no {expected_jar} in {libs}")
     marker.write_text(version)
     return libs
 

@@ -147,7 +147,8 @@ def table(results: dict[str, Any]) -> str:
         lambda f: (
             f"intake: deaths accepted over HTTP ({f['concurrency']} clients)",
             f"{_n(f['accepted_per_s'])} events/s (p50 {_n(f['p50_ms'])} ms, p99 {_n(f['p99_ms'])} ms)",
-            f"GET /healthz: {_n(f['floor_per_s'])} requests/s",
+            f"GET /healthz: {_n(f['floor_per_s'])} requests/s"
+            f" (wrk's own ceiling: {_n(f.get('load_generator_per_s'))} requests/s)",
             f"{f['ratio']:.2f}",
         ),
     )
@@ -158,6 +159,17 @@ def table(results: dict[str, Any]) -> str:
             f"{_n(f['router_per_s'])} events/s",
             f"bare aiokafka pipe, same fan-out: {_n(f['bare_per_s'])} events/s",
             f"{f['ratio']:.2f}",
+        ),
+    )
+    row(
+        "router",
+        lambda f: (
+            "this broker on this machine: Kafka's ProducerPerformance,"
+            f" {f['producer_performance']['record_size']:,}-byte records (the router's mean), acks=all, SASL_SSL",
+            f"{_n(f['producer_performance']['records_per_s'])} records/s"
+            f" = {_n(f['limit_per_s'])} events/s of the router's output",
+            f"bare pipe: {_n(f['bare_per_s'])} events/s",
+            f"{f['bare_to_limit']:.2f} (bare / limit)",
         ),
     )
     row(

@@ -165,7 +165,8 @@ def table(results: dict[str, Any]) -> str:
         "router",
         lambda f: (
             "this broker on this machine: Kafka's ProducerPerformance,"
-            f" {f['producer_performance']['record_size']:,}-byte records (the router's mean), acks=all, SASL_SSL",
+            f" {f['producer_performance']['record_size']:,}-byte records (the router's mean),"
+            " acks=all, SASL_SSL",
             f"{_n(f['producer_performance']['records_per_s'])} records/s"
             f" = {_n(f['limit_per_s'])} events/s of the router's output",
             f"bare pipe: {_n(f['bare_per_s'])} events/s",

@@ -390,7 +390,7 @@ async def measure(
                 f"{exc.args[0]}; dead letters {dead[topics.dead_letters].messages:,}",
             ) from None
         templates = Templates(
-            {a: router_out[topics.agency(a)].first for a in receivers},  # type: ignore[misc]
+            {a: router_out[topics.agency(a)].first for a in receivers},
             router_out[topics.routing_decisions].samples,
         )
         messages = sum(t.messages for t in router_out.values())

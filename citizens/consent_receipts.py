@@ -253,32 +253,15 @@ class ConsentSigningKey:
 
 
 async def consent_signer(pool: asyncpg.Pool, settings: Settings) -> ConsentSigningKey:
-    key_id, private = await _active_key(pool, PayloadSealer.from_settings(settings))
-    return ConsentSigningKey(key_id, private)
+    async with pool.acquire() as conn:
+        return await consent_signer_within(conn, settings)
 
 
 async def consent_signer_within(conn: asyncpg.Connection, settings: Settings) -> ConsentSigningKey:
     """``consent_signer`` read on ``conn``, inside its caller's transaction (intake's,
     when an informant's refusal ends a consent): no second connection is taken."""
-    sealer = PayloadSealer.from_settings(settings)
-    query = "SELECT key_id, sealed_private_key FROM consent_receipt_key WHERE retired_at IS NULL"
-    row = await conn.fetchrow(query)
-    if row is None:
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _KEY_LOCK)
-        row = await conn.fetchrow(query)
-        if row is None:
-            await _insert_key(conn, sealer)
-            row = await conn.fetchrow(query)
-    assert row is not None  # made just above
-    key_id: str = row["key_id"]
-    try:
-        raw = sealer.open(bytes(row["sealed_private_key"]), key_id.encode())
-    except CannotOpen as exc:
-        raise ReceiptKeyUnavailable(
-            f"the consent receipt key {key_id} cannot be opened with the configured data keys: "
-            "add the data key it was sealed with to TUO_DATA_KEYS_PREVIOUS"
-        ) from exc
-    return ConsentSigningKey(key_id, Ed25519PrivateKey.from_private_bytes(raw))
+    key_id, private = await _active_key(conn, PayloadSealer.from_settings(settings))
+    return ConsentSigningKey(key_id, private)
 
 
 async def receipt_keys(pool: asyncpg.Pool) -> list[ReceiptKey]:

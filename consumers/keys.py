@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 import httpx
@@ -62,22 +62,27 @@ class HttpKeySource:
         self.timeout = timeout
 
     async def fetch(self) -> list[OfficeKey]:
-        try:
-            if self.client is not None:
-                response = await self.client.get(self.url, timeout=self.timeout)
-            else:
-                async with httpx.AsyncClient(timeout=self.timeout) as client:
-                    response = await client.get(self.url)
-            response.raise_for_status()
-            document = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise KeyRegistryUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        document = await _get_json(self.url, self.client, self.timeout)
         if not isinstance(document, list):
             raise KeyRegistryUnavailable(f"{self.url} did not answer with a list of keys")
         try:
             return [OfficeKey.from_json(entry) for entry in document]
         except ValueError as exc:
             raise KeyRegistryUnavailable(f"{self.url}: {exc}") from exc
+
+
+async def _get_json(url: str, client: httpx.AsyncClient | None, seconds: float) -> Any:
+    """The JSON document at ``url``; KeyRegistryUnavailable when it cannot be had."""
+    try:
+        if client is not None:
+            response = await client.get(url, timeout=seconds)
+        else:
+            async with httpx.AsyncClient(timeout=seconds) as own:
+                response = await own.get(url)
+        response.raise_for_status()
+        return response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise KeyRegistryUnavailable(f"{url}: {type(exc).__name__}: {exc}") from exc
 
 
 class ConsentKeySource:
@@ -109,16 +114,7 @@ class HttpConsentKeySource:
         self.timeout = timeout
 
     async def fetch(self) -> list[OfficeKey]:
-        try:
-            if self.client is not None:
-                response = await self.client.get(self.url, timeout=self.timeout)
-            else:
-                async with httpx.AsyncClient(timeout=self.timeout) as client:
-                    response = await client.get(self.url)
-            response.raise_for_status()
-            document = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise KeyRegistryUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        document = await _get_json(self.url, self.client, self.timeout)
         keys = document.get("keys") if isinstance(document, dict) else None
         if not isinstance(keys, list):
             raise KeyRegistryUnavailable(f"{self.url} did not answer with a JSON Web Key Set")

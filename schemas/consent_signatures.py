@@ -16,7 +16,6 @@ cannot sign a consent change, and the consent key cannot sign a life event.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Protocol
@@ -26,15 +25,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.codec import decode, encode
 from schemas.signatures import (
-    SALT_BYTES,
     KafkaHeaders,
-    Manifest,
     OfficeKey,
     SignatureRejected,
     SignedEvent,
     UnsignableValue,
-    b64encode,
     digest,
+    sign_items,
 )
 
 CONSENT_CHANGED = "ConsentChanged"
@@ -56,15 +53,7 @@ def sign_consent_change(key: ConsentSigner, record: Mapping[str, Any]) -> Signed
     """Sign a ConsentChanged record as fastavro reads it back (a UUID given as text,
     a time in another zone, sign as the agency will decode them)."""
     _, decoded = decode(encode(CONSENT_CHANGED, dict(record)))
-    salts = {name: b64encode(secrets.token_bytes(SALT_BYTES)) for name in decoded}
-    manifest = Manifest(
-        key_id=key.key_id,
-        event_id=str(decoded["change_id"]),
-        event_type=CONSENT_CHANGED,
-        digests=frozenset(digest(salts[name], name, value) for name, value in decoded.items()),
-    )
-    manifest_bytes = manifest.to_json()
-    return SignedEvent(manifest, manifest_bytes, key.private_key.sign(manifest_bytes), salts)
+    return sign_items(key.key_id, key.private_key, str(decoded["change_id"]), CONSENT_CHANGED, decoded)
 
 
 def consent_signature_headers(key: ConsentSigner, record: Mapping[str, Any]) -> KafkaHeaders:

@@ -410,16 +410,24 @@ def sign(key: Signer, event_type: str, record: Mapping[str, Any]) -> SignedEvent
     if envelope["registration_office"] != key.office:
         office = envelope["registration_office"]
         raise ValueError(f"key {key.key_id} belongs to {key.office}, but the event is for {office}")
-    values = items(event_type, record)
+    return sign_items(
+        key.key_id, key.private_key, str(envelope["event_id"]), event_type, items(event_type, record)
+    )
+
+
+def sign_items(
+    key_id: str, private_key: Ed25519PrivateKey, event_id: str, event_type: str, values: Mapping[str, Any]
+) -> SignedEvent:
+    """A fresh salt and digest for every item, and the manifest of them signed."""
     salts = {name: b64encode(secrets.token_bytes(SALT_BYTES)) for name in values}
     manifest = Manifest(
-        key_id=key.key_id,
-        event_id=str(envelope["event_id"]),
+        key_id=key_id,
+        event_id=event_id,
         event_type=event_type,
         digests=frozenset(digest(salts[name], name, value) for name, value in values.items()),
     )
     manifest_bytes = manifest.to_json()
-    return SignedEvent(manifest, manifest_bytes, key.private_key.sign(manifest_bytes), salts)
+    return SignedEvent(manifest, manifest_bytes, private_key.sign(manifest_bytes), salts)
 
 
 def signature_headers(key: Signer, event_type: str, record: dict[str, Any], event_id: str) -> KafkaHeaders:

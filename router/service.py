@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -54,7 +55,13 @@ from schemas.cloudevents import headers_for
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"
+T = TypeVar("T")
 ORIGINAL_WAIT_SECONDS = 60.0  # then a correction whose original is unknown is dead-lettered
+# A batch normally commits in well under a second. One that has not committed in this long
+# (a transaction or a fence stuck across a broker restart: aiokafka waits for ever where
+# Java's client stops at max.block.ms) fails the router, which its supervisor restarts:
+# the new producers fence the stuck transaction and the batch is routed again.
+STUCK_SECONDS = 60.0
 
 
 @dataclass
@@ -434,7 +441,7 @@ class Router:
 
     async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         try:
-            await self._take_over(assigned)
+            await _within(STUCK_SECONDS, self._take_over(assigned), "taking over partitions")
         except Exception as exc:  # noqa: BLE001 - aiokafka would only log it; make the router restart
             self.assignment_failed = exc
 
@@ -489,12 +496,18 @@ class Router:
                             if tp in self.next_offset:
                                 self.consumer.seek(tp, self.next_offset[tp])
                         continue
-                    await asyncio.gather(*(self._route(tp, records) for tp, records in batches.items()))
+                    await _within(
+                        STUCK_SECONDS,
+                        asyncio.gather(*(self._route(tp, records) for tp, records in batches.items())),
+                        "routing a batch",
+                    )
         finally:
             LAG.forget(self.consumer)
-            await self.consumer.stop()
-            for producer in self.producers.values():
-                await producer.stop()
+            for client in (self.consumer, *self.producers.values()):
+                try:
+                    await _within(STUCK_SECONDS, client.stop(), "stopping a Kafka client")
+                except RouterStuck:
+                    log.warning("router_client_not_stopped", client=type(client).__name__)
             self.producers.clear()
 
     async def _route(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
@@ -563,6 +576,17 @@ class Router:
         self.next_offset[tp] = records[-1].offset + 1
         for key in [k for k in self.waiting_since if k[0] == tp and k[1] < self.next_offset[tp]]:
             del self.waiting_since[key]
+
+
+class RouterStuck(RuntimeError):
+    """A step that should take a moment has taken ``STUCK_SECONDS``."""
+
+
+async def _within(seconds: float, step: Awaitable[T], what: str) -> T:
+    try:
+        return await asyncio.wait_for(step, timeout=seconds)
+    except TimeoutError:
+        raise RouterStuck(f"router stuck {what} for {seconds:.0f}s; restarting it") from None
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

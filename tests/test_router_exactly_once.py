@@ -17,10 +17,13 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from producers.office_keys import SigningKey
+from router import service
 from runtime.access import Principal, grant_components
 from runtime.kafka import Topics, ensure_topics
+from runtime.services import supervise
 from runtime.settings import Settings
 from tests.conftest import PROJECT
 from tests.support import (
@@ -169,3 +172,38 @@ async def test_second_router_takes_over_mid_stream_without_loss_or_duplicates(
                 router.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(router.wait, 30)
     assert counts == {agency: 300 for agency in ENTITLED}
+
+
+async def test_a_router_stuck_on_a_batch_restarts_and_then_delivers_it_exactly_once(
+    services: Settings, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka can wait for ever on a transaction across a broker restart; the router gives
+    up on a batch after STUCK_SECONDS, its supervisor starts it again, and the batch is
+    routed by the new router: late, but once."""
+    settings = await _isolated(services)
+    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
+    monkeypatch.setattr(service, "STUCK_SECONDS", 15.0)
+    route = service.Router._route
+    stuck: list[int] = []
+
+    async def stuck_the_first_time(
+        self: service.Router, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
+    ) -> None:
+        if not stuck:
+            stuck.append(len(records))
+            await asyncio.Event().wait()  # a commit that never returns
+        await route(self, tp, records)
+
+    monkeypatch.setattr(service.Router, "_route", stuck_the_first_time)
+    stop = asyncio.Event()
+    running = asyncio.create_task(
+        supervise("router", lambda stop: service.run_router(settings, pool, stop), stop)
+    )
+    try:
+        sent = await _stream(settings, count=30, per_second=30, key=await office_key(pool, services))
+        counts = await _assert_exactly_once(settings, sent)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=60)
+    assert stuck, "the router never met the stuck batch"
+    assert counts == {agency: 30 for agency in ENTITLED}

@@ -68,13 +68,13 @@ from bench.proof import WorkNotDone, count_by_ce_id, percentiles, prove
 from bench.scratch import BENCH_USER, ScratchStack, bench_client_options, deploy_bus, scratch_stack
 from consumers.agencies import handler_for, records
 from consumers.sdk import AgencyConsumer
+from devstack.demo import seed_offices
 from producers.accounts import issue_token
 from router import store as router_store
 from router.seed import load_seed
 from runtime import kafka
 from runtime.access import Principal
 from runtime.database import migrate, open_pool
-from runtime.demo import seed_offices
 from runtime.kafka import Topics
 from runtime.logging import configure_logging
 from runtime.sealing import PayloadSealer

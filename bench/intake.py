@@ -43,10 +43,10 @@ import httpx
 
 from bench.arrivals import TooSlow, read_committed, require_all_arrived
 from bench.scratch import deploy_bus, scratch_stack
+from devstack.demo import seed_offices
 from producers.accounts import issue_token
 from router.seed import load_seed
 from runtime.database import migrate, open_pool
-from runtime.demo import seed_offices
 from runtime.kafka import Topics
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings

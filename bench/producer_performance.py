@@ -27,10 +27,10 @@ from aiokafka.structs import TopicPartition
 
 from bench.arrivals import TooSlow, require_all_arrived
 from bench.scratch import BENCH_USER
+from devstack.kafka import ensure_tool_jars
 from runtime.access import Principal
 from runtime.kafka import admin, connection_options
 from runtime.settings import Settings
-from runtime.stack.kafka import ensure_tool_jars
 
 MAIN_CLASS = "org.apache.kafka.tools.ProducerPerformance"
 

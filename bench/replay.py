@@ -52,8 +52,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from bench.proof import WorkNotDone, count_by_ce_id, percentiles, prove
 from bench.scratch import ScratchStack, bench_client_options, deploy_bus, scratch_stack
+from operators import replay
 from producers.office_keys import SigningKey
-from router import replay
 from router.seed import load_seed
 from runtime.access import Principal
 from runtime.database import migrate, open_pool

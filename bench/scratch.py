@@ -25,10 +25,10 @@ from typing import Any
 
 import asyncpg
 
+from devstack import LocalStack
 from runtime import kafka
 from runtime.access import grant_components, grant_full_access, onboard_agency
 from runtime.settings import Settings
-from runtime.stack import LocalStack
 
 PROJECT = Path(__file__).resolve().parent.parent
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import asyncpg
 
-from producers.store import event_status
-from producers.web.organisations import agency_name
+from router.organisations import agency_name
 from router.rules import Condition
+from router.store import event_status
 
 EVENT_NAMES = {
     "BirthRegistered": "Birth registrations",

@@ -36,21 +36,21 @@ from jinja2 import (
 from starlette.responses import HTMLResponse, Response
 
 from citizens import data_tracker, proxies
-from citizens.consent_receipts import (
+from citizens.proxies import Appointment, NotAppointed
+from citizens.signin import Citizen, current_citizen
+from router.consent_changes import record_consent_change
+from router.consent_receipts import (
     JWKS_PATH,
     consent_signer,
     issue_consent_receipt,
     receipt_of,
     receipts_of,
 )
-from citizens.proxies import Appointment, NotAppointed
-from citizens.signin import Citizen, current_citizen
-from producers.web.organisations import agency_name
-from producers.web.pages import SERVICE_NAME, protect, redirect
-from producers.web.sessions import same_secret
-from router.consent_changes import record_consent_change
+from router.organisations import agency_name
 from router.rules import ConsentState
 from runtime.settings import Settings
+from runtime.web.pages import SERVICE_NAME, protect, redirect
+from runtime.web.sessions import same_secret
 
 log = structlog.get_logger(__name__)
 

@@ -17,10 +17,10 @@ import asyncpg
 from fastapi import APIRouter
 from starlette.responses import Response
 
-from citizens.consent_receipts import CONTROLLER, JWKS_PATH, POLICY_PATH
 from citizens.data_tracker import event_name
 from citizens.pages import render
-from producers.web.organisations import agency_name
+from router.consent_receipts import CONTROLLER, JWKS_PATH, POLICY_PATH
+from router.organisations import agency_name
 
 # How long each kind of record is kept: stated here once, shown on the notice.
 RETENTION: tuple[tuple[str, str], ...] = (

@@ -18,7 +18,7 @@ from datetime import datetime
 
 import asyncpg
 
-from producers.accept import subject_id_for
+from runtime.pseudonyms import subject_id_for
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas.validation import normalise_nino

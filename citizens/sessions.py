@@ -1,6 +1,6 @@
 """Citizens' sessions and sign-ins under way, kept in PostgreSQL.
 
-Like registrars' sessions (``producers.web.sessions``, whose token helpers these
+Like registrars' sessions (``runtime.web.sessions``, whose token helpers these
 reuse): the browser holds a random token in an HttpOnly cookie, the database only
 its SHA-256. A citizen's session knows them by pseudonymous subject id; the name
 to greet them by is sealed, bound to the session. It ends at sign-out, after
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from producers.web.sessions import Expired, new_secret
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
+from runtime.web.sessions import Expired, new_secret
 
 # How long the provider may take to send the citizen back (they may have to sign in there).
 SIGN_IN_MINUTES = 10

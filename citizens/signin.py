@@ -1,5 +1,5 @@
 """Citizens sign in through an OpenID Connect provider (GOV.UK One Login, or the
-development provider in ``citizens.dev_idp``): this service is the relying party.
+development provider in ``devstack.dev_idp``): this service is the relying party.
 
 ``/citizen/sign-in`` sends the browser to the provider with ``state``, ``nonce``
 and a PKCE challenge; ``/citizen/callback`` checks the state against the browser
@@ -33,13 +33,11 @@ from joserfc.jwk import KeySet
 from joserfc.jwt import ClaimsOption, JWTClaimsRegistry
 
 from citizens import sessions
-from citizens.dev_idp import CORE_IDENTITY_JWT, SOCIAL_SECURITY_RECORD
-from producers.accept import subject_id_for
-from producers.web.pages import redirect, render
-from producers.web.routes import CookiePolicy
-from producers.web.sessions import same_secret
+from runtime.pseudonyms import subject_id_for
 from runtime.sealing import PayloadSealer
 from runtime.settings import MissingSetting, Settings
+from runtime.web.pages import redirect, render
+from runtime.web.sessions import CookiePolicy, same_secret
 from schemas.validation import normalise_nino
 
 log = structlog.get_logger(__name__)
@@ -49,6 +47,11 @@ HOME_PATH = "/citizen"
 ACCEPTED_ALGORITHMS = ("ES256", "RS256")
 # Pages a sign-in may return to: this service's own citizen pages, nothing else.
 _RETURN_PREFIX = "/citizen/"
+
+
+# GOV.UK One Login's claims: the verified NINO, and the identity with the name.
+SOCIAL_SECURITY_RECORD = "https://vocab.account.gov.uk/v1/socialSecurityRecord"
+CORE_IDENTITY_JWT = "https://vocab.account.gov.uk/v1/coreIdentityJWT"
 
 
 @dataclass(frozen=True)

@@ -42,10 +42,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from devstack.certificates import BROKER_COMMON_NAME, issue_certificate, new_certificate_authority
+from devstack.kafka import SUPER_USER
 from runtime.access import CredentialsFile, Principal
 from runtime.kafka_admin import new_password, scram_record
-from runtime.stack.certificates import BROKER_COMMON_NAME, issue_certificate, new_certificate_authority
-from runtime.stack.kafka import SUPER_USER
 
 CA_FILE = "ca.pem"
 CREDENTIALS_FILE = "credentials.json"

@@ -45,11 +45,11 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import Counter
 
-from consumers.keys import KeyRing
 from runtime import kafka
 from runtime.access import agency_principal
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
+from runtime.keyring import KeyRing
 from runtime.metrics import DEAD_LETTERS, LAG, RECEIPTS_SENT
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models

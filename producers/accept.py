@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import json
 import secrets
 import uuid
@@ -26,7 +25,6 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from producers.accounts import Submitter
 from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
-from producers.local_authorities import local_authority
 from producers.office_keys import active_key
 from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
 from producers.store import (
@@ -46,7 +44,9 @@ from producers.store import (
 from router.consent_changes import announce
 from router.rules import SUBJECT_ADDRESSES
 from runtime.kafka import Topics
+from runtime.local_authorities import local_authority
 from runtime.metrics import EVENTS_ACCEPTED
+from runtime.pseudonyms import subject_id_for
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode, encode, models
@@ -65,14 +65,6 @@ REFERENCE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 def new_reference(now: datetime) -> str:
     chars = "".join(secrets.choice(REFERENCE_ALPHABET) for _ in range(8))
     return f"TUO-{now:%Y}-{chars[:4]}-{chars[4:]}"
-
-
-def subject_id_for(person_nino: str | None, key: bytes) -> str:
-    """Pseudonymous subject id: keyed hash of the NINO, or random when unknown."""
-    if person_nino is None:
-        return f"s-{uuid.uuid4().hex}"
-    digest = hmac.new(key, person_nino.encode(), hashlib.sha256).hexdigest()
-    return f"n-{digest[:32]}"
 
 
 class SubmissionRejected(Exception):
@@ -127,7 +119,7 @@ _DERIVED = ("local_authority",)
 REGISTRATIONS = ("BirthRegistered", "DeathRegistered", "AddressChanged")
 
 
-# The consent service's signing key, read on intake's connection (citizens.consent_receipts
+# The consent service's signing key, read on intake's connection (router.consent_receipts
 # .consent_signer_within, handed in by the app: producers do not import citizens).
 ConsentSignerSource = Callable[[asyncpg.Connection, Settings], Awaitable[ConsentSigner]]
 

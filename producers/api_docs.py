@@ -2,7 +2,7 @@
 document, with Swagger UI's script, stylesheet and icon served by this service from
 its npm package (``swagger-ui-dist``; ``npm ci`` puts it in node_modules/), not from
 a CDN. The page therefore works where the service cannot reach the internet, and
-its Content-Security-Policy (``producers.security_headers.documentation_page``)
+its Content-Security-Policy (``runtime.web.security_headers.documentation_page``)
 lets it load nothing from any other origin.
 """
 
@@ -17,8 +17,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from starlette.responses import FileResponse
 
-from producers.security_headers import ASSETS_PREFIX, documentation_page
 from runtime.settings import Settings
+from runtime.web.security_headers import ASSETS_PREFIX, documentation_page
 
 log = structlog.get_logger(__name__)
 

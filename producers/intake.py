@@ -5,14 +5,14 @@ API clients authenticate with a bearer token bound to a registration office,
 and see only their office's events; ``/metrics`` needs a monitoring token.
 Errors are RFC 9457 problem details. Nothing is written unless the whole
 request is valid (see ``producers.accept``). Every response carries the
-security headers (``producers.security_headers``), and every client has a
-request allowance (``producers.rate_limit``).
+security headers (``runtime.web.security_headers``), and every client has a
+request allowance (``runtime.web.rate_limit``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Annotated, Any
@@ -27,10 +27,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Scope
 
-from citizens.consent_receipts import ConsentReceiptIssuer, consent_receipt_keys_router, consent_signer_within
-from citizens.pages import install_citizen_pages
-from citizens.privacy import privacy_notice_router
-from citizens.signin import install_citizen_sign_in
 from producers.accept import (
     REFERENCE_ALPHABET,
     CorrectionRequest,
@@ -44,23 +40,24 @@ from producers.accounts import Submitter, TokenHolder, token_holder
 from producers.api_docs import install_api_docs
 from producers.duplicates import DuplicateRegistration
 from producers.key_registry import key_registry_router
-from producers.rate_limit import KnownClients, RateLimiter, Throttle, identify
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
-from producers.security_headers import SecurityHeaders
 from producers.store import (
     IdempotencyConflict,
     Recorded,
     consent_receipts_for_event,
     duplicate_override,
-    event_status,
 )
 from producers.web import install_web, too_many_requests_page, unavailable_page, wants_html
-from producers.web.routes import CookiePolicy
+from router.consent_receipts import ConsentReceiptIssuer, consent_receipt_keys_router, consent_signer_within
+from router.store import event_status
 from runtime.database import open_pool
 from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.metrics import receipt_metrics
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
+from runtime.web.rate_limit import KnownClients, RateLimiter, Throttle, identify
+from runtime.web.security_headers import SecurityHeaders
+from runtime.web.sessions import CookiePolicy
 from schemas.registry_api import registry_router
 
 log = structlog.get_logger(__name__)
@@ -302,7 +299,12 @@ async def _database_unreachable(request: Request, exc: Exception) -> Response:
     return response
 
 
-def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, pool: asyncpg.Pool | None = None, also: Iterable[Callable[[FastAPI], None]] = ()
+) -> FastAPI:
+    """The intake service: the API and the registrars' pages. ``also`` installs further
+    parts of the one web service (the citizens' pages) before the pages' catch-all
+    mounts; ``operators.web`` composes them."""
     PayloadSealer.from_settings(settings)  # no data key, no intake: refuse at start, not per request
     settings.require_pseudonym_key()
 
@@ -448,10 +450,8 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     app.include_router(registry_router())
     app.include_router(key_registry_router(lambda: intake().pool))
     app.include_router(consent_receipt_keys_router(lambda: intake().pool))
-    app.include_router(privacy_notice_router(lambda: intake().pool))
-    if settings.oidc_issuer and pool is not None:
-        install_citizen_sign_in(app, settings, pool)
-        install_citizen_pages(app, settings, pool)
+    for install in also:
+        install(app)
     install_web(app, intake, settings)
     app.add_middleware(JsonOnly)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)

@@ -19,18 +19,8 @@ import asyncpg
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from producers.office_keys import published_keys
+from runtime.keyring import CACHE_SECONDS, office_keys
 from schemas.signatures import OfficeKey
-
-CACHE_SECONDS = 60  # how long a client may keep an answer: a new key is fetched on demand anyway
-
-
-async def office_keys(pool: asyncpg.Pool) -> list[OfficeKey]:
-    """Every published key, ready to verify with."""
-    return [
-        OfficeKey.from_raw(k.key_id, k.office, k.public_key, k.created_at, k.retired_at)
-        for k in await published_keys(pool)
-    ]
 
 
 def _jwk(key: OfficeKey) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-from producers.local_authorities import local_authority
+from runtime.local_authorities import local_authority
 from schemas import models
 from schemas.validation import AgencyCode, Nino, PastDate, Postcode, Text, Uprn, no_control_characters
 

@@ -35,11 +35,11 @@ import asyncpg
 import structlog
 from aiokafka.structs import ConsumerRecord
 
-from consumers.keys import KeyRing
 from router.messages import Outgoing
 from router.rules import ConsentState
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
+from runtime.keyring import KeyRing
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models

@@ -1,6 +1,6 @@
 """A life-events message as the router reads it, and each agency's copy of it.
 
-Shared by the router (``router.service``) and replay (``router.replay``): both
+Shared by the router (``router.service``) and replay (``operators.replay``): both
 decide with ``router.rules`` and send an agency exactly this copy, minimised to
 the fields it is entitled to, with the office's signature disclosing only those.
 """
@@ -14,13 +14,12 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from consumers.redelivery import REDELIVER_TO, REDELIVERY_ID
 from router.minimise import event_fields, minimise, minimise_envelope
 from router.rules import SUBJECT_ADDRESSES, RoutableEvent, RoutingDecision
 from runtime.kafka import Topics
 from schemas import UndecodableMessage, decode, encode
 from schemas.catalogue import DISCLOSURE_SUFFIX, LIFE_EVENTS
-from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
+from schemas.cloudevents import REDELIVER_TO, REDELIVERY_ID, CloudEvent, MissingCloudEventHeader, headers_for
 from schemas.fieldpaths import covered
 from schemas.signatures import (
     ENVELOPE,

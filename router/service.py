@@ -23,8 +23,6 @@ from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from consumers.keys import KeyRing
-from consumers.redelivery import REDELIVER_TO, REDELIVERY_ID
 from router import messages
 from router.consent_changes import notices
 from router.messages import (
@@ -48,10 +46,11 @@ from runtime import kafka
 from runtime.access import Principal
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics, ensure_topics
+from runtime.keyring import KeyRing
 from runtime.metrics import DEAD_LETTERS, DELIVERIES, EVENTS_ROUTED, LAG, WITHHELD
 from runtime.settings import Settings
 from schemas import encode, models
-from schemas.cloudevents import headers_for
+from schemas.cloudevents import REDELIVER_TO, REDELIVERY_ID, headers_for
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -198,3 +199,96 @@ async def area_unknown_decisions(
         limit,
     )
     return [AreaUnknown(**dict(r)) for r in rows]
+
+
+async def event_status(
+    pool: asyncpg.Pool, reference: str, office: str | None = None
+) -> dict[str, Any] | None:
+    """An event and, per agency, the routing decision, when the agency received it,
+    its final (or latest) receipt, whether that is overdue, and how many times the
+    event was redelivered, replayed or repeated; with ``office``, only if that office recorded it."""
+    record = await pool.fetchrow(
+        "SELECT i.reference, i.event_id, i.event_type, i.recorded_at,"
+        "       (SELECT o.published_at FROM outbox o"  # the event's own row; later ones are redeliveries
+        "         WHERE o.event_id = i.event_id ORDER BY o.id LIMIT 1) AS published_at"
+        "  FROM intake_record i WHERE i.reference = $1 AND ($2::text IS NULL OR i.registration_office = $2)",
+        reference,
+        office,
+    )
+    if record is None:
+        return None
+    rows = await pool.fetch(
+        # The router's decision per agency; where an operator's replay sent the event to an
+        # agency the router did not deliver it to (a new agency, consent given later), the
+        # replay's delivery stands in for it, so the citizen sees every agency that was told.
+        "WITH decided AS ("
+        "  SELECT event_id, agency, outcome, legal_basis, decided_at, fields_delivered, fields_withheld"
+        "    FROM routing_decision WHERE event_id = $1),"
+        " replayed AS ("
+        "  SELECT DISTINCT ON (agency) event_id, agency, 'DELIVERED'::text AS outcome, legal_basis,"
+        "         sent_at AS decided_at, fields_delivered, '{}'::text[] AS fields_withheld"
+        "    FROM replay_delivery WHERE event_id = $1 ORDER BY agency, sent_at),"
+        " d AS ("
+        "  SELECT * FROM decided"
+        "   WHERE outcome = 'DELIVERED' OR agency NOT IN (SELECT agency FROM replayed)"
+        "  UNION ALL"
+        "  SELECT * FROM replayed"
+        "   WHERE agency NOT IN (SELECT agency FROM decided WHERE outcome = 'DELIVERED'))"
+        "SELECT d.agency, d.outcome AS decision, d.legal_basis, d.decided_at,"
+        "       d.fields_delivered, d.fields_withheld,"
+        "       r.outcome AS receipt, r.reason, r.issued_at,"
+        "       (SELECT min(x.received_at) FROM delivery_receipt x"
+        "         WHERE x.event_id = d.event_id AND x.agency = d.agency) AS received_at,"
+        "       o.due_at, o.flagged_at, (o.flagged_at IS NOT NULL AND o.receipted_at IS NULL) AS overdue,"
+        "       (SELECT count(*) FROM receipt_duplicate u"
+        "         WHERE u.event_id = d.event_id AND u.agency = d.agency) AS duplicates,"
+        "       (SELECT count(*) FROM redelivery v"
+        "         WHERE v.event_id = d.event_id AND v.agency = d.agency) AS redeliveries,"
+        "       (SELECT count(*) FROM replay_delivery p"
+        "         WHERE p.event_id = d.event_id AND p.agency = d.agency) AS replays"
+        "  FROM d"
+        "  LEFT JOIN LATERAL ("
+        "    SELECT outcome, reason, issued_at FROM delivery_receipt r"
+        "     WHERE r.event_id = d.event_id AND r.agency = d.agency"
+        "     ORDER BY (r.outcome IN ('APPLIED', 'REJECTED')) DESC, issued_at DESC, stored_at DESC"
+        "     LIMIT 1) r ON true"
+        "  LEFT JOIN receipt_overdue o ON o.event_id = d.event_id AND o.agency = d.agency"
+        " ORDER BY d.agency",
+        record["event_id"],
+    )
+    return {
+        "reference": record["reference"],
+        "event_id": str(record["event_id"]),
+        "event_type": record["event_type"],
+        "recorded_at": record["recorded_at"].isoformat(),
+        "published_at": _iso(record["published_at"]),
+        "agencies": [
+            {
+                "agency": r["agency"],
+                "decision": r["decision"].lower(),
+                "legal_basis": r["legal_basis"],
+                "decided_at": r["decided_at"].isoformat(),
+                "delivered_at": r["decided_at"].isoformat() if r["decision"] == "DELIVERED" else None,
+                "received_at": _iso(r["received_at"]),
+                "fields_delivered": list(r["fields_delivered"]),
+                "fields_withheld": list(r["fields_withheld"]),
+                "receipt": None
+                if r["receipt"] is None
+                else {
+                    "outcome": r["receipt"].lower(),
+                    "reason": r["reason"],
+                    "issued_at": r["issued_at"].isoformat(),
+                },
+                "overdue": bool(r["overdue"]),
+                "receipt_due_at": _iso(r["due_at"]),
+                "duplicates": r["duplicates"],
+                "redeliveries": r["redeliveries"],
+                "replays": r["replays"],
+            }
+            for r in rows
+        ],
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None

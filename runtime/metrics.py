@@ -8,8 +8,8 @@ deliveries whose receipt is overdue (open now, and flagged since the start).
 
 ``REGISTRY`` holds what the components of this process did since it started
 (events accepted, routed, withheld, dead-lettered, receipts, receipt latency) and
-the lag of its Kafka consumers; every process that ``runtime.services`` starts
-serves it on ``TUO_METRICS_PORT`` (see ``runtime.metrics_endpoint``). Labels name
+the lag of its Kafka consumers; every process that ``operators.services`` starts
+serves it on ``TUO_METRICS_PORT`` (see ``operators.metrics_endpoint``). Labels name
 agencies, event types, outcomes, reasons and components, never a person.
 """
 

@@ -90,3 +90,8 @@ def headers_for(
         subject=subject,
         dataschema=f"{schema_base_url.rstrip('/')}/schemas/ids/{schema_id}",
     ).headers()
+
+
+# An operator's redelivery: the one agency it is for, and its id (headers beside the ce_* ones).
+REDELIVER_TO = "tuo_redeliver_to"
+REDELIVERY_ID = "tuo_redelivery_id"

@@ -6,7 +6,7 @@ The format is the one the offices use on life events (``schemas.signatures``): t
 same three headers, a manifest of salted digests, Ed25519. Here every field of the
 record is one item and every salt is disclosed (an agency receives the whole
 message). What differs is who signs: the consent service, with the key that signs
-consent receipts (``citizens.consent_receipts``, published as a JWKS at
+consent receipts (``router.consent_receipts``, published as a JWKS at
 ``GET /consent-receipts/keys``), never an office. So the manifest's ``event_type``
 is ``ConsentChanged``, its ``event_id`` the change id, ``ce_source`` is
 ``/consent``, and the key must be one the consent key set holds (the caller passes
@@ -40,7 +40,7 @@ CONSENT_SERVICE = "consent-service"  # the owner named on consent keys in a key 
 
 
 class ConsentSigner(Protocol):
-    """The consent service's signing key (``citizens.consent_receipts.consent_signer``)."""
+    """The consent service's signing key (``router.consent_receipts.consent_signer``)."""
 
     @property
     def key_id(self) -> str: ...

@@ -49,7 +49,7 @@ fi
 echo "setup: resolving Apache Kafka jars (cached after the first run)"
 .venv/bin/python -c '
 from runtime.settings import load_settings
-from runtime.stack.kafka import ensure_jars, ensure_tool_jars
+from devstack.kafka import ensure_jars, ensure_tool_jars
 s = load_settings()
 print("setup: Kafka jars in", ensure_jars(s.cache_dir, s.kafka_version))
 # Kafka'"'"'s own ProducerPerformance, the benchmarks'"'"' physical limit (bench/producer_performance.py)

@@ -12,6 +12,8 @@ echo "test: ruff"
 .venv/bin/ruff format --check .
 echo "test: mypy"
 .venv/bin/mypy
+echo "test: layers (import-linter)"
+.venv/bin/lint-imports --no-cache
 echo "test: schema evolution"
 .venv/bin/tuo schemas check
 echo "test: pytest"

@@ -16,8 +16,8 @@ import uvicorn
 from fastapi import Depends, FastAPI
 from pydantic import SecretStr
 
-from citizens.dev_idp import DevIdentityProvider, RegisteredClient, bind_loopback, running_dev_idp
 from citizens.signin import Citizen, current_citizen, install_citizen_sign_in
+from devstack.dev_idp import DevIdentityProvider, RegisteredClient, bind_loopback, running_dev_idp
 from runtime.settings import Settings
 
 CLIENT_ID = "tuo-test"

@@ -21,16 +21,16 @@ import asyncpg
 import httpx
 import pytest
 
+from devstack import LocalStack
+from devstack.demo import seed_agency_records, seed_offices
+from devstack.processes import free_port
+from operators.services import RunningBus, start_bus
 from producers.accounts import ensure_office, issue_token
 from router.seed import load_seed
 from runtime.access import onboard_subscribed_agencies
 from runtime.database import migrate, open_pool
-from runtime.demo import seed_agency_records, seed_offices
 from runtime.sealing import PayloadSealer, new_data_key
-from runtime.services import RunningBus, start_bus
 from runtime.settings import Settings
-from runtime.stack import LocalStack
-from runtime.stack.processes import free_port
 from schemas.validation import today_in_the_uk
 from tests.support import (
     WEB_FORMS_OFFICE,

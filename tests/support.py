@@ -267,7 +267,7 @@ def tuo_cli(
     (exit code, output)."""
     from typer.testing import CliRunner
 
-    from runtime.cli import app
+    from operators.cli import app
 
     env = {
         "TUO_STATE_DIR": str(settings.state_dir),

@@ -10,8 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
+from operators.services import RunningBus
 from producers.accounts import authenticate
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from tests.support import death_registration, tuo_cli
 

@@ -22,8 +22,8 @@ import asyncpg
 import pytest
 from playwright.async_api import Page, Route, async_playwright
 
+from operators.services import RunningBus
 from producers.accounts import add_registrar
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from tests.support import random_nino, today
 from tests.test_web_forms import OFFICE, PASSWORD, records_by, serve_web

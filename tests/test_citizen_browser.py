@@ -15,11 +15,11 @@ import httpx
 import pytest
 from playwright.async_api import Page, async_playwright
 
-from citizens.consent_receipts import published_keys, verify_consent_receipt
-from citizens.dev_idp import TEST_IDENTITIES
-from producers.accept import subject_id_for
+from devstack.dev_idp import TEST_IDENTITIES
+from operators.services import RunningBus
+from router.consent_receipts import published_keys, verify_consent_receipt
 from runtime.kafka import Topics
-from runtime.services import RunningBus
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from tests.support import eventually, header, read_topic, today
 from tests.test_browser import AXE, CHROMIUM, HEADLESS_ARGS, Audit, _need

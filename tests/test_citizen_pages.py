@@ -16,16 +16,16 @@ import asyncpg
 import httpx
 import pytest
 
-from citizens.consent_receipts import (
+from citizens.pages import install_citizen_pages
+from citizens.proxies import InvalidAppointment, appoint_proxy, appoint_proxy_by_nino
+from devstack.dev_idp import TEST_IDENTITIES
+from router.consent_receipts import (
     JWKS_PATH,
     issue_consent_receipt,
     published_keys,
     verify_consent_receipt,
 )
-from citizens.dev_idp import TEST_IDENTITIES
-from citizens.pages import install_citizen_pages
-from citizens.proxies import InvalidAppointment, appoint_proxy, appoint_proxy_by_nino
-from producers.accept import subject_id_for
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from tests.citizen_browser import Stack, browser, serve_citizens, sign_in, whoami
 from tests.support import death_registration, eventually, tuo_cli

@@ -14,11 +14,11 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from citizens import dev_idp
-from citizens.dev_idp import TEST_IDENTITIES, bind_loopback, new_signing_key, s256
 from citizens.signin import install_citizen_sign_in
-from producers.accept import subject_id_for
-from runtime.services import RunningBus
+from devstack import dev_idp
+from devstack.dev_idp import TEST_IDENTITIES, bind_loopback, new_signing_key, s256
+from operators.services import RunningBus
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from tests.citizen_browser import (
     CLIENT_ID,

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from runtime.cli import app
+from operators.cli import app
 from runtime.settings import Settings
 from tests.support import death_registration, eventually, tuo_cli
 

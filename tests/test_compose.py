@@ -1,7 +1,7 @@
 """The Docker Compose deployment agrees with the code, checked without Docker.
 
 compose/docker-compose.yml names settings, components, brokers and topics that are
-defined elsewhere (runtime.settings, runtime.services, runtime.kafka); these tests fail
+defined elsewhere (runtime.settings, operators.services, runtime.kafka); these tests fail
 when the two drift apart. They also hold the file to the bus's Kafka security: SASL_SSL
 with SCRAM-SHA-512 and no plaintext listener, deny unless an ACL allows, and each
 container holding only its own password (from the volumes compose/generate_secrets.py
@@ -33,13 +33,13 @@ from cryptography.x509.oid import NameOID
 
 from compose import generate_secrets
 from compose.generate_secrets import PASSWORDS_HELD, PartialSecrets, SecretsLayout
+from devstack.certificates import BROKER_COMMON_NAME
+from operators.services import COMPONENTS
 from router.seed import read_seed
 from runtime.access import Principal
 from runtime.kafka import Topics
 from runtime.kafka_admin import salted_password
-from runtime.services import COMPONENTS
 from runtime.settings import ENV_PREFIX, Settings
-from runtime.stack.certificates import BROKER_COMMON_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "compose"

@@ -22,7 +22,11 @@ from joserfc import jwt
 from joserfc.jwk import OKPKey
 from pydantic import SecretStr
 
-from citizens.consent_receipts import (
+from operators.services import RunningBus
+from producers.accept import Intake
+from producers.accounts import Submitter
+from producers.requests import DeathRegistration
+from router.consent_receipts import (
     ALGORITHM,
     ConsentReceiptIssuer,
     InvalidConsentReceipt,
@@ -35,11 +39,8 @@ from citizens.consent_receipts import (
     rotate_receipt_key,
     verify_consent_receipt,
 )
-from producers.accept import Intake, subject_id_for
-from producers.accounts import Submitter
-from producers.requests import DeathRegistration
+from runtime.pseudonyms import subject_id_for
 from runtime.sealing import new_data_key
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from tests.support import death_registration, random_nino
 

@@ -21,16 +21,16 @@ from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 
-from citizens.consent_receipts import ConsentSigningKey, consent_receipt_keys_router, consent_signer
-from citizens.dev_idp import TEST_IDENTITIES
 from citizens.pages import install_citizen_pages
 from citizens.proxies import appoint_proxy_by_nino
-from consumers.keys import HttpConsentKeySource, KeyRegistryUnavailable, KeyRing
-from producers.accept import subject_id_for
-from producers.web.organisations import agency_name
+from devstack.dev_idp import TEST_IDENTITIES
 from router import audit
 from router.consent_changes import consent_changed_message, holders, record_consent_change
+from router.consent_receipts import ConsentSigningKey, consent_receipt_keys_router, consent_signer
+from router.organisations import agency_name
 from runtime.kafka import Topics
+from runtime.keyring import HttpConsentKeySource, KeyRegistryUnavailable, KeyRing
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from schemas import decode, encode, models
 from schemas.cloudevents import headers_for

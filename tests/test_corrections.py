@@ -11,8 +11,8 @@ import asyncpg
 import httpx
 import pytest
 
-from producers.accept import subject_id_for
 from runtime.kafka import Topics
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from schemas import decode, encode
 from schemas.cloudevents import headers_for

@@ -17,14 +17,14 @@ from aiokafka.structs import ConsumerRecord
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from operators import dead_letters as dlq
+from operators.services import RunningBus
 from producers.accept import new_reference
 from producers.accounts import ensure_office
 from producers.office_keys import SigningKey
 from producers.store import NewEvent, record_event
-from runtime import dead_letters as dlq
 from runtime.kafka import Topics
 from runtime.sealing import PayloadSealer
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from schemas.cloudevents import CloudEvent
 from tests.support import (

@@ -20,11 +20,11 @@ import asyncpg
 import httpx
 import pytest
 
+from operators.cli import _submit_demo
+from operators.services import RunningBus
 from producers.accounts import issue_token
 from producers.duplicates import registration_claims
 from producers.requests import BirthRegistration, DeathRegistration
-from runtime.cli import _submit_demo
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from tests.support import death_registration, random_nino, today
 from tests.test_web_forms import (

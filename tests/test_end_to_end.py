@@ -10,10 +10,10 @@ import asyncpg
 import httpx
 import pytest
 
-from producers.accept import subject_id_for
 from producers.accounts import issue_token
 from router.minimise import event_fields
 from runtime.kafka import Topics
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from schemas import CATALOGUE, decode
 from tests.support import death_registration, eventually, header, random_nino, read_topic

@@ -34,19 +34,19 @@ import asyncpg
 import httpx
 import pytest
 
+from devstack import LocalStack
+from devstack.demo import seed_agency_records, seed_offices
+from devstack.postgres import PostgresServer
+from devstack.processes import free_port, terminate
 from producers.accounts import issue_token
-from producers.local_authorities import local_authority
 from router import audit
 from router.seed import load_seed, read_seed
 from runtime.access import onboard_subscribed_agencies
 from runtime.database import migrate, open_pool
-from runtime.demo import seed_agency_records, seed_offices
 from runtime.kafka import Topics
+from runtime.local_authorities import local_authority
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
-from runtime.stack import LocalStack
-from runtime.stack.postgres import PostgresServer
-from runtime.stack.processes import free_port, terminate
 from tests.conftest import CACHE_DIR, KAFKA_VERSION, PROJECT, new_state_dir, processes_mentioning
 from tests.support import (
     death_registration,

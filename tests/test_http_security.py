@@ -23,14 +23,14 @@ from fastapi.routing import APIRoute
 from starlette.responses import PlainTextResponse
 from structlog.testing import capture_logs
 
+from operators.services import RunningBus
+from operators.web import create_app
 from producers.accept import Intake
 from producers.accounts import add_registrar, issue_token
-from producers.intake import create_app
-from producers.rate_limit import KnownClients, RateLimiter
-from producers.security_headers import NOTHING_ALLOWED, security_headers
 from producers.web.routes import web_routes
-from runtime.services import RunningBus
 from runtime.settings import Settings
+from runtime.web.rate_limit import KnownClients, RateLimiter
+from runtime.web.security_headers import NOTHING_ALLOWED, security_headers
 from tests.support import death_registration, tuo_cli
 from tests.test_web_forms import (
     PASSWORD,

@@ -10,9 +10,9 @@ import asyncpg
 import httpx
 import pytest
 
+from operators.services import RunningBus
 from producers.accounts import issue_token
 from runtime.kafka import Topics
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from schemas import decode
 from tests.support import death_registration, eventually, header, random_nino, read_topic

@@ -31,9 +31,9 @@ from confluent_kafka.schema_registry import SchemaRegistryClient, record_subject
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from producers.accept import subject_id_for
+from operators.services import RunningBus
 from runtime.kafka import Topics
-from runtime.services import RunningBus
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from tests.support import INSPECTOR, death_registration, eventually, header, random_nino, read_topic, today
 from tests.tools.avro_tools import ensure_avro_tools

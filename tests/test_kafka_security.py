@@ -26,6 +26,7 @@ from aiokafka.errors import (
 )
 from cryptography.hazmat.primitives import serialization
 
+from devstack.certificates import new_certificate_authority
 from router.store import set_subscription_status
 from runtime import kafka
 from runtime.access import (
@@ -39,7 +40,6 @@ from runtime.access import (
 )
 from runtime.kafka import Topics
 from runtime.settings import Settings
-from runtime.stack.certificates import new_certificate_authority
 from tests.support import inspector_producer, read_topic, tuo_cli
 
 pytestmark = pytest.mark.integration

@@ -10,11 +10,11 @@ import asyncpg
 import pytest
 from aiokafka.structs import TopicPartition
 
+from operators.lag import PartitionLag
+from operators.services import RunningBus
 from runtime import kafka
 from runtime.access import agency_principal, onboard_agency
 from runtime.kafka import Topics
-from runtime.lag import PartitionLag
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from tests.support import inspector_producer, tuo_cli
 
@@ -96,7 +96,7 @@ async def test_lag_for_an_unknown_agency_is_a_clear_error(
 
 
 def test_a_caught_up_group_on_a_transactional_topic_is_one_marker_short() -> None:
-    from runtime.lag import GroupLag, Reader
+    from operators.lag import GroupLag, Reader
 
     reader = Reader("dwp", "tuo.agency.dwp", ("tuo.agency.dwp",), frozenset({"tuo.agency.dwp"}), agency=True)
     caught_up = GroupLag(reader, [PartitionLag("tuo.agency.dwp", 0, committed=41, end=42, start=0)])

@@ -22,13 +22,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from citizens.data_tracker import consent_settings
-from producers.accept import subject_id_for
-from producers.local_authorities import local_authority
-from producers.web.organisations import organisations_to_tell
+from router.organisations import organisations_to_tell
 from router.rules import Condition, Outcome, RoutableEvent, Subscription, decide
 from router.seed import read_seed
 from router.store import record_consent
 from runtime.kafka import Topics
+from runtime.local_authorities import local_authority
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from schemas import decode
 from tests.support import death_registration, eventually, header, random_nino, read_topic, today, tuo_cli

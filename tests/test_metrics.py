@@ -23,11 +23,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from operators.services import RunningBus, start_bus
 from producers.accounts import issue_token
 from router.store import upsert_subscription
 from runtime.access import onboard_agency
 from runtime.kafka import Topics
-from runtime.services import RunningBus, start_bus
 from runtime.settings import Settings
 from tests.support import death_registration, eventually, inspector_producer, random_nino
 

@@ -17,8 +17,8 @@ from aiokafka.structs import ConsumerRecord
 
 from citizens.data_tracker import everything, received
 from consumers.agencies import records
-from producers.accept import subject_id_for
 from runtime.kafka import Topics
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from schemas import decode, models
 from tests.support import death_registration, eventually, header, random_nino, read_topic, today

@@ -31,9 +31,9 @@ import asyncpg
 import httpx
 import pytest
 
+from operators.services import start_bus
 from runtime.access import credentials_file
 from runtime.logging import configured_logging
-from runtime.services import start_bus
 from runtime.settings import Settings
 from schemas import models
 from tests.support import death_registration, eventually, known_to_every_agency, random_nino, today

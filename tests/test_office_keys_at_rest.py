@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from pydantic import SecretStr
 
+from operators.services import RunningBus
 from producers.accounts import issue_token
 from producers.office_keys import OfficeKeyUnavailable, active_key
 from runtime.database import MIGRATIONS_DIR, MigrationNeedsSettings, migrate, open_pool
 from runtime.sealing import PayloadSealer, new_data_key
-from runtime.services import RunningBus
 from runtime.settings import MissingSetting, Settings
 from schemas import decode
 from schemas.signatures import OfficeKey, office_source, read_signature, verify

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.services import RunningBus
+from operators.services import RunningBus
 from tests.support import death_registration
 
 pytestmark = pytest.mark.integration

@@ -28,6 +28,8 @@ from aiokafka.structs import TopicPartition
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
+from devstack.kafka import KafkaBroker, ensure_jars, new_cluster_id
+from devstack.processes import free_port
 from producers.office_keys import SigningKey
 from producers.relay import LedgerLost, OutboxRelay, claim_batch
 from producers.store import NewEvent, record_event
@@ -38,8 +40,6 @@ from runtime.kafka import Topics, ensure_topics
 from runtime.kafka_admin import new_password
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
-from runtime.stack.kafka import KafkaBroker, ensure_jars, new_cluster_id
-from runtime.stack.processes import free_port
 from tests.conftest import CACHE_DIR, KAFKA_VERSION, PROJECT, processes_mentioning
 from tests.support import death_message, eventually, header, kafka_env, office_key, read_topic
 

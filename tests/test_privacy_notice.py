@@ -15,7 +15,7 @@ import pytest
 from playwright.async_api import async_playwright
 
 from citizens.privacy import RETENTION
-from runtime.services import RunningBus
+from operators.services import RunningBus
 from tests.test_browser import AXE, CHROMIUM, HEADLESS_ARGS, Audit, _need
 
 pytestmark = pytest.mark.integration

@@ -24,10 +24,10 @@ from consumers.agencies.council import CouncilHandler
 from consumers.agencies.records import Resident
 from consumers.reference import apply_life_event
 from consumers.sdk import DeliveredEvent, Receipt, handle_once
+from devstack.demo import demo_submissions, seed_agency_records
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
 from router.minimise import minimise
 from router.seed import read_seed
-from runtime.demo import demo_submissions, seed_agency_records
 from schemas import decode, encode, models
 from schemas.catalogue import DISCLOSURE_SUFFIX
 from schemas.validation import today_in_the_uk

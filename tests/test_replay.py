@@ -23,14 +23,13 @@ import pytest
 
 from citizens.data_tracker import received
 from consumers.sdk import AgencyConsumer, DeliveredEvent
+from operators import replay
+from operators.replay import REPLAY_ID_HEADER, ReplayRefused, Selection
+from operators.services import RunningBus
 from producers.accounts import issue_token
-from producers.store import event_status
-from router import replay
-from router.replay import REPLAY_ID_HEADER, ReplayRefused, Selection
-from router.store import agencies, record_consent, upsert_subscription
+from router.store import agencies, event_status, record_consent, upsert_subscription
 from runtime.access import onboard_agency, suspend_agency
 from runtime.kafka import Topics
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from schemas import decode
 from tests.support import death_registration, eventually, header, kafka_env, random_nino, read_topic, tuo_cli

@@ -19,11 +19,11 @@ import asyncpg
 import pytest
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from operators.services import supervise
 from producers.office_keys import SigningKey
 from router import service
 from runtime.access import Principal, grant_components
 from runtime.kafka import Topics, ensure_topics
-from runtime.services import supervise
 from runtime.settings import Settings
 from tests.conftest import PROJECT
 from tests.support import (

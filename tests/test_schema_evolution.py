@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from runtime.cli import app
+from operators.cli import app
 from schemas.catalogue import NAMESPACE, SOURCE_DIR, TOP_LEVEL, VERSIONS_DIR, SchemaCatalogue
 from schemas.codec import decode, encode
 from tests.test_codec import _death

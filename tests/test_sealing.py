@@ -8,7 +8,7 @@ import asyncpg
 import httpx
 import pytest
 
-from producers.intake import create_app
+from operators.web import create_app
 from producers.relay import OutboxRelay
 from runtime.sealing import CannotOpen, PayloadSealer, new_data_key
 from runtime.settings import MissingSetting, Settings

@@ -21,14 +21,14 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumers.keys import HttpKeySource, KeyRing
+from operators.services import RunningBus
 from producers.key_registry import key_registry_router
 from producers.office_keys import SigningKey, create_key
 from router.messages import disclosed_items
 from router.minimise import event_fields, minimise, minimise_envelope
 from runtime.kafka import Topics
+from runtime.keyring import HttpKeySource, KeyRing
 from runtime.sealing import PayloadSealer
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode
 from schemas.catalogue import DISCLOSURE_SUFFIX, LIFE_EVENTS, MINIMISED

@@ -16,12 +16,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from devstack import LocalStack
+from devstack.kafka import KafkaBroker, ensure_jars
+from devstack.processes import free_port
 from runtime import kafka
 from runtime.access import Principal
 from runtime.kafka import Topics, ensure_topics
-from runtime.stack import LocalStack
-from runtime.stack.kafka import KafkaBroker, ensure_jars
-from runtime.stack.processes import free_port
 from tests.conftest import CACHE_DIR, KAFKA_VERSION, PROJECT, new_state_dir, processes_mentioning
 from tests.support import read_topic, settings_from_stack
 

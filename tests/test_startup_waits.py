@@ -7,7 +7,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 from structlog.testing import capture_logs
 
-from runtime import services
+from operators import services
 
 
 async def test_startup_waits_for_a_server_that_is_coming_back(monkeypatch: pytest.MonkeyPatch) -> None:

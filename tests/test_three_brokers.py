@@ -26,19 +26,19 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.structs import ConsumerRecord
 
+from devstack import LocalStack, StackError
+from devstack.demo import seed_agency_records, seed_offices
+from devstack.kafka import ControllerVoter, KafkaBroker, ensure_jars, new_cluster_id
+from devstack.processes import free_port
+from operators.services import RunningBus, start_bus
 from producers.accounts import issue_token
 from router.seed import load_seed
 from runtime import kafka
 from runtime.access import onboard_subscribed_agencies
 from runtime.database import migrate, open_pool
-from runtime.demo import seed_agency_records, seed_offices
 from runtime.kafka import Topics
 from runtime.sealing import PayloadSealer
-from runtime.services import RunningBus, start_bus
 from runtime.settings import Settings
-from runtime.stack import LocalStack, StackError
-from runtime.stack.kafka import ControllerVoter, KafkaBroker, ensure_jars, new_cluster_id
-from runtime.stack.processes import free_port
 from schemas.validation import today_in_the_uk
 from tests.conftest import CACHE_DIR, KAFKA_VERSION, new_state_dir, processes_mentioning
 from tests.support import (

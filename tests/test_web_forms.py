@@ -22,15 +22,16 @@ import pytest
 import uvicorn
 from markupsafe import escape
 
-from citizens.consent_receipts import published_keys, verify_consent_receipt
-from producers.accept import Intake, subject_id_for
+from operators.services import RunningBus
+from operators.web import create_app
+from producers.accept import Intake
 from producers.accounts import Role, add_registrar
-from producers.intake import create_app
 from producers.web import install_web
 from producers.web.forms import DEATH
-from producers.web.organisations import agency_statuses
 from producers.web.routes import return_path
-from runtime.services import RunningBus
+from router.consent_receipts import published_keys, verify_consent_receipt
+from router.organisations import agency_statuses
+from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
 from tests.support import WEB_FORMS_OFFICE, eventually, random_nino, today
 

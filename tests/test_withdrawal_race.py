@@ -11,9 +11,9 @@ from datetime import datetime
 import asyncpg
 import pytest
 
+from operators.services import RunningBus
 from router.store import record_consent
 from runtime.kafka import Topics
-from runtime.services import RunningBus
 from runtime.settings import Settings
 from tests.support import death_message, eventually, header, inspector_producer, office_key, read_topic
 

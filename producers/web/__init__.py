@@ -21,9 +21,10 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from producers.accept import Intake
-from producers.web.pages import redirect, render
-from producers.web.routes import CookiePolicy, FormNotTrusted, SignInRequired, web_routes
+from producers.web.routes import FormNotTrusted, SignInRequired, web_routes
 from runtime.settings import Settings
+from runtime.web.pages import add_templates, redirect, render
+from runtime.web.sessions import CookiePolicy
 
 __all__ = ["GOVUK_FRONTEND", "install_web", "too_many_requests_page", "wants_html"]
 
@@ -32,6 +33,7 @@ log = structlog.get_logger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 GOVUK_FRONTEND = PROJECT_ROOT / "node_modules" / "govuk-frontend" / "dist" / "govuk"
 STATIC = Path(__file__).parent / "static"
+add_templates(Path(__file__).parent / "templates")
 WEB_PATHS = ("/sign-in", "/sign-out", "/start", "/register", "/registrations", "/assets")
 
 

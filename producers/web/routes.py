@@ -27,18 +27,19 @@ from starlette.responses import Response
 from producers.accept import REFERENCE_ALPHABET, Intake, NotPermitted, SubmissionRejected
 from producers.accounts import Submitter, authenticate, registrar
 from producers.duplicates import DuplicateRegistration
-from producers.local_authorities import local_authority
-from producers.rate_limit import identify
 from producers.requests import DuplicateOverride
-from producers.store import IdempotencyConflict, consent_receipts_for_event, event_status
-from producers.web import sessions
+from producers.store import IdempotencyConflict, consent_receipts_for_event
 from producers.web.forms import FORMS, FieldError, RegistrationForm
-from producers.web.organisations import Organisation, agency_name, agency_statuses, organisations_to_tell
-from producers.web.pages import redirect, render
-from producers.web.sessions import Expired, Session
+from router.organisations import Organisation, agency_name, agency_statuses, organisations_to_tell
 from router.store import agencies as subscribing_agencies
+from router.store import event_status
+from runtime.local_authorities import local_authority
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
+from runtime.web import sessions
+from runtime.web.pages import redirect, render
+from runtime.web.rate_limit import identify
+from runtime.web.sessions import CookiePolicy, Expired, Session
 
 log = structlog.get_logger(__name__)
 
@@ -74,27 +75,6 @@ class SignInRequired(Exception):
 
 class FormNotTrusted(Exception):
     """A POST without this session's CSRF token: it may have been sent from another site."""
-
-
-@dataclass(frozen=True)
-class CookiePolicy:
-    secure: bool
-
-    @property
-    def session(self) -> str:
-        # __Host-: the browser only accepts it over HTTPS, for this host and path "/".
-        return "__Host-tuo-session" if self.secure else "tuo-session"
-
-    @property
-    def sign_in(self) -> str:
-        return "__Host-tuo-sign-in" if self.secure else "tuo-sign-in"
-
-    def set(self, response: Response, name: str, value: str) -> None:
-        # No Max-Age: the cookie goes when the browser closes; the server ends the session sooner.
-        response.set_cookie(name, value, path="/", secure=self.secure, httponly=True, samesite="lax")
-
-    def clear(self, response: Response, name: str) -> None:
-        response.delete_cookie(name, path="/", secure=self.secure, httponly=True, samesite="lax")
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,6 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 
-from consumers.keys import KeyRing
-from producers.accept import subject_id_for
 from router.messages import (
     FOLLOW_UPS,
     Incoming,
@@ -72,6 +70,8 @@ from router.store import current_consent, load_subscriptions
 from runtime import kafka
 from runtime.access import AGENCY_NAME, Principal
 from runtime.kafka import Topics
+from runtime.keyring import KeyRing
+from runtime.pseudonyms import subject_id_for
 from runtime.sealing import CannotOpen, PayloadSealer
 from runtime.settings import Settings
 from schemas.catalogue import LIFE_EVENTS

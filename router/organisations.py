@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 import asyncpg
 
-from producers.local_authorities import local_authority
 from router.rules import Condition, RoutableEvent
+from runtime.local_authorities import local_authority
 
 # Display names of the agencies in the demo subscriptions; any other agency is
 # shown by a name derived from its code.

@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
+from uuid import UUID
 
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -58,8 +59,7 @@ from joserfc import jwt
 from joserfc.errors import BadSignatureError, JoseError, SecurityWarning
 from joserfc.jwk import OKPKey
 
-from producers.key_registry import CACHE_SECONDS
-from producers.store import DeskConsent
+from runtime.keyring import CACHE_SECONDS
 from runtime.sealing import CannotOpen, PayloadSealer
 from runtime.settings import Settings
 from schemas.signatures import PUBLIC_KEY_BYTES, b64decode, b64encode
@@ -131,6 +131,20 @@ _REQUIRED_CLAIMS = (
     "sensitive",
     "consentChange",
 )
+
+
+@dataclass(frozen=True)
+class DeskConsent:
+    """A consent choice the informant made at the desk, as just stored with its event."""
+
+    consent_record_id: int
+    subject_id: str
+    agency: str
+    event_type: str
+    choice: str
+    recorded_at: datetime
+    event_id: UUID
+    channel: str  # desk, phone, online or system: how the informant gave it
 
 
 class InvalidConsentReceipt(ValueError):

@@ -336,7 +336,7 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
         deadlines = asyncio.create_task(watch_deadlines(settings, pool, stop))
         while not stop.is_set():
             if deadlines.done():
-                deadlines.result()  # a failed sweep restarts the tracker (see runtime.services)
+                deadlines.result()  # a failed sweep restarts the tracker (see operators.services)
             batches = await consumer.getmany(timeout_ms=500, max_records=500)
             for tp, records in batches.items():
                 async with pool.acquire() as conn:

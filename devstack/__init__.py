@@ -7,6 +7,6 @@ their data, logs and chosen ports under one state directory, so stopping and
 starting keeps the data and purging wipes it.
 """
 
-from runtime.stack.local import LocalStack, StackError, StackStatus
+from devstack.local import LocalStack, StackError, StackStatus
 
 __all__ = ["LocalStack", "StackError", "StackStatus"]

@@ -18,9 +18,8 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from runtime.kafka_admin import scram_record
-from runtime.stack.certificates import BrokerTls, ensure_broker_tls
-from runtime.stack.processes import (
+from devstack.certificates import BrokerTls, ensure_broker_tls
+from devstack.processes import (
     StackError,
     command_line,
     kill,
@@ -30,6 +29,7 @@ from runtime.stack.processes import (
     tail,
     terminate,
 )
+from runtime.kafka_admin import scram_record
 
 HERE = Path(__file__).parent
 POM = HERE / "kafka-pom.xml"

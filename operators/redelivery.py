@@ -18,9 +18,7 @@ import asyncpg
 
 from producers.store import OUTBOX_CHANNEL
 from runtime.kafka import Topics
-
-REDELIVER_TO = "tuo_redeliver_to"  # header naming the one agency a redelivery is for
-REDELIVERY_ID = "tuo_redelivery_id"
+from schemas.cloudevents import REDELIVER_TO, REDELIVERY_ID
 
 
 class RedeliveryRefused(ValueError):

@@ -38,13 +38,13 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from devstack.kafka import ControllerVoter, KafkaBroker, ensure_jars, new_cluster_id
+from devstack.postgres import PostgresServer, reachable_by_service_user
+from devstack.processes import StackError, free_port, port_is_free
 from runtime.access import CredentialsFile, NotInEffect, Principal, component_grants, wait_for_acls
 from runtime.kafka_admin import KafkaAdminError, create_acls, new_password, set_scram_password
 from runtime.sealing import new_data_key
 from runtime.settings import STACK_ENV_FILE
-from runtime.stack.kafka import ControllerVoter, KafkaBroker, ensure_jars, new_cluster_id
-from runtime.stack.postgres import PostgresServer, reachable_by_service_user
-from runtime.stack.processes import StackError, free_port, port_is_free
 
 __all__ = ["LocalStack", "StackError", "StackStatus"]
 

@@ -2,17 +2,19 @@
 content security policy the pages satisfy: scripts from this service only, plus
 the GOV.UK template's one inline line, allowed by a per-response nonce. (No
 caching, no framing and the other headers every response gets are set in
-``producers.security_headers``.)"""
+``runtime.web.security_headers``.)"""
 
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from typing import Any
 
 from jinja2 import (
     ChainableUndefined,
     ChoiceLoader,
     Environment,
+    FileSystemLoader,
     PackageLoader,
     PrefixLoader,
     select_autoescape,
@@ -21,17 +23,24 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 SERVICE_NAME = "Tell Us Once"
 
+_GOVUK = PrefixLoader({"govuk_frontend_jinja": PackageLoader("govuk_frontend_jinja")})
 environment = Environment(
-    loader=ChoiceLoader(
-        [
-            PackageLoader("producers.web", "templates"),
-            PrefixLoader({"govuk_frontend_jinja": PackageLoader("govuk_frontend_jinja")}),
-        ]
-    ),
+    loader=ChoiceLoader([FileSystemLoader(Path(__file__).parent / "templates"), _GOVUK]),
     autoescape=select_autoescape(["html"], default=True),
     # The GOV.UK macros read options that may be absent (params.hint.text): absent is empty.
     undefined=ChainableUndefined,
 )
+
+
+def add_templates(folder: Path) -> None:
+    """A part of the service (the registrars' pages, the citizens' pages) adds its own
+    templates; one environment renders them all, with the GOV.UK Frontend macros."""
+    loader = environment.loader
+    assert isinstance(loader, ChoiceLoader)
+    if not any(
+        isinstance(each, FileSystemLoader) and str(folder) in each.searchpath for each in loader.loaders
+    ):
+        loader.loaders = [*loader.loaders[:-1], FileSystemLoader(folder), _GOVUK]
 
 
 def content_security_policy(nonce: str) -> str:
@@ -54,7 +63,7 @@ def content_security_policy(nonce: str) -> str:
 
 def protect(response: Response, nonce: str | None = None) -> Response:
     """The page's own content security policy; the headers every response gets (no
-    caching, no framing, no referrer, ...) are added by ``producers.security_headers``."""
+    caching, no framing, no referrer, ...) are added by ``runtime.web.security_headers``."""
     response.headers["Content-Security-Policy"] = content_security_policy(nonce or secrets.token_urlsafe(16))
     return response
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from starlette.responses import Response
 
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
@@ -189,3 +190,24 @@ async def record_sign_in_failure(pool: asyncpg.Pool, username: str) -> None:
 
 async def clear_sign_in_failures(pool: asyncpg.Pool, username: str) -> None:
     await pool.execute("DELETE FROM sign_in_failure WHERE username = $1", _throttle_key(username))
+
+
+@dataclass(frozen=True)
+class CookiePolicy:
+    secure: bool
+
+    @property
+    def session(self) -> str:
+        # __Host-: the browser only accepts it over HTTPS, for this host and path "/".
+        return "__Host-tuo-session" if self.secure else "tuo-session"
+
+    @property
+    def sign_in(self) -> str:
+        return "__Host-tuo-sign-in" if self.secure else "tuo-sign-in"
+
+    def set(self, response: Response, name: str, value: str) -> None:
+        # No Max-Age: the cookie goes when the browser closes; the server ends the session sooner.
+        response.set_cookie(name, value, path="/", secure=self.secure, httponly=True, samesite="lax")
+
+    def clear(self, response: Response, name: str) -> None:
+        response.delete_cookie(name, path="/", secure=self.secure, httponly=True, samesite="lax")

@@ -137,7 +137,7 @@ class Throttle:
     """Refuse a client over its allowance with 429 and Retry-After, before the app reads
     the request. Signing in has a smaller allowance of its own, per address, so that
     guessing passwords across many usernames is slow too (each username is also locked
-    after repeated failures, see ``producers.web.sessions``)."""
+    after repeated failures, see ``runtime.web.sessions``)."""
 
     def __init__(
         self,

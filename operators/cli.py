@@ -34,32 +34,32 @@ from rich.table import Table
 from rich.text import Text
 
 from citizens import proxies
-from consumers import redelivery, tracker
+from devstack import LocalStack, StackError
+from devstack.demo import demo_submissions, seed_agency_records, seed_demo_registrar, seed_offices
+from operators import dead_letters as dlq
+from operators import lag as consumer_lag
+from operators import redelivery, replay
+from operators.services import COMPONENTS, at_startup, start_bus
 from producers import accounts
 from producers.office_keys import create_key, published_keys
-from producers.store import event_status
-from router import audit, replay
+from router import audit, tracker
 from router.seed import load_seed
 from router.store import (
     area_unknown_decisions,
+    event_status,
     list_subscriptions,
     set_subscription_status,
     upsert_subscription,
 )
 from router.subscription_request import SubscriptionRequest
 from runtime import access, kafka
-from runtime import dead_letters as dlq
-from runtime import lag as consumer_lag
 from runtime.access import Principal
 from runtime.database import migrate, open_pool
-from runtime.demo import demo_submissions, seed_agency_records, seed_demo_registrar, seed_offices
 from runtime.kafka import Topics, ensure_topics
 from runtime.kafka_admin import KafkaAdminError, describe_acls
 from runtime.logging import configure_logging
 from runtime.sealing import PayloadSealer
-from runtime.services import COMPONENTS, at_startup, start_bus
 from runtime.settings import MissingSetting, Settings, load_settings
-from runtime.stack import LocalStack, StackError
 from schemas import evolution
 from schemas.catalogue import MINIMISED, SOURCE_DIR, VERSIONS_DIR, SchemaCatalogue
 from schemas.fieldpaths import grantable_paths

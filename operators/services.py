@@ -19,18 +19,18 @@ import structlog
 import uvicorn
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError
 
-from citizens.dev_idp import DevIdentityProvider, RegisteredClient, bind_loopback, serve_dev_idp
 from citizens.signin import RelyingParty
 from consumers.agencies import handler_for
 from consumers.sdk import AgencyConsumer
-from consumers.tracker import run_tracker
-from producers.intake import create_app
+from devstack.dev_idp import DevIdentityProvider, RegisteredClient, bind_loopback, serve_dev_idp
+from operators.metrics_endpoint import metrics_app
+from operators.web import create_app
 from producers.relay import run_relay
 from router import store as router_store
 from router.service import run_router
+from router.tracker import run_tracker
 from runtime.access import Principal, agency_principal, credentials_file
 from runtime.kafka import ensure_topics
-from runtime.metrics_endpoint import metrics_app
 from runtime.settings import Settings
 from schemas.catalogue import CATALOGUE, activate
 from schemas.registry_client import bind_to_registry

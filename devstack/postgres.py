@@ -14,7 +14,7 @@ from pathlib import Path
 
 import asyncpg
 
-from runtime.stack.processes import StackError, port_accepts, tail
+from devstack.processes import StackError, port_accepts, tail
 
 SUPERUSER = "tuo"
 DATABASE = "tuo"

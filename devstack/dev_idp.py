@@ -36,10 +36,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet
 
+from citizens.signin import CORE_IDENTITY_JWT, SOCIAL_SECURITY_RECORD
+
 log = structlog.get_logger(__name__)
 
-SOCIAL_SECURITY_RECORD = "https://vocab.account.gov.uk/v1/socialSecurityRecord"
-CORE_IDENTITY_JWT = "https://vocab.account.gov.uk/v1/coreIdentityJWT"
 IDENTITY_CLAIMS = (SOCIAL_SECURITY_RECORD, CORE_IDENTITY_JWT)
 
 CODE_LIFETIME_SECONDS = 60

@@ -23,16 +23,28 @@ import asyncpg
 import httpx
 import structlog
 
-from producers.key_registry import office_keys
 from schemas.consent_signatures import CONSENT_SERVICE
 from schemas.signatures import PUBLIC_KEY_BYTES, OfficeKey, b64decode
 
 log = structlog.get_logger(__name__)
 
 SIGNING_KEYS_PATH = "/v1/signing-keys"
-# citizens.consent_receipts.KEYS_PATH: the consent service's keys, as a JWKS.
+# router.consent_receipts.KEYS_PATH: the consent service's keys, as a JWKS.
 CONSENT_KEYS_PATH = "/consent-receipts/keys"
 DEFAULT_MAX_AGE_SECONDS = 60.0
+
+CACHE_SECONDS = 60  # how long a client may keep published keys: a new key is fetched on demand anyway
+
+
+async def office_keys(pool: asyncpg.Pool) -> list[OfficeKey]:
+    """Every office's published key, ready to verify with."""
+    rows = await pool.fetch(
+        "SELECT key_id, office, public_key, created_at, retired_at FROM office_signing_key ORDER BY key_id"
+    )
+    return [
+        OfficeKey.from_raw(r["key_id"], r["office"], bytes(r["public_key"]), r["created_at"], r["retired_at"])
+        for r in rows
+    ]
 
 
 class KeyRegistryUnavailable(RuntimeError):

@@ -1,0 +1,24 @@
+"""The one web service, composed: the registrars' intake (API and pages) and the
+citizens' sign-in, consent pages and privacy notice, on one origin. Producers and
+citizens never import each other; this is where they meet."""
+
+from __future__ import annotations
+
+import asyncpg
+from fastapi import FastAPI
+
+from citizens.pages import install_citizen_pages
+from citizens.privacy import privacy_notice_router
+from citizens.signin import install_citizen_sign_in
+from producers import intake
+from runtime.settings import Settings
+
+
+def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
+    def citizens(app: FastAPI) -> None:
+        app.include_router(privacy_notice_router(lambda: app.state.intake.pool))
+        if settings.oidc_issuer and pool is not None:
+            install_citizen_sign_in(app, settings, pool)
+            install_citizen_pages(app, settings, pool)
+
+    return intake.create_app(settings, pool, also=[citizens])

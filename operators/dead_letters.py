@@ -46,10 +46,10 @@ import structlog
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from operators.redelivery import RedeliveryRefused, redeliver
-from producers.store import OUTBOX_CHANNEL
-from runtime import kafka
+from runtime import kafka, outbox
 from runtime.access import Principal
 from runtime.kafka import Topics
+from runtime.outbox import OutboxMessage
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode
 from schemas.cloudevents import REDELIVER_TO
@@ -533,14 +533,17 @@ async def _redrive_one(
         )
         if original is None:
             raise RedriveRefused(f"event {event_id} has no stored original on {topics.life_events}")
-        outbox_id = await conn.fetchval(
-            "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
-            " VALUES ($1, $2, $3, $4, $5) RETURNING id",
-            event_id,
-            topics.life_events,
-            original["message_key"],
-            original["message_value"],  # sealed, bound to this event id: the relay opens it as it is
-            original["headers"],
+        [outbox_id] = await outbox.append(
+            conn,
+            [
+                OutboxMessage(
+                    event_id,
+                    topics.life_events,
+                    original["message_key"],
+                    original["message_value"],  # sealed, bound to this event id: opened as it is
+                    original["headers"],
+                )
+            ],
         )
         await conn.execute(
             'INSERT INTO dead_letter_redrive (dead_letter, topic, partition, "offset", event_id, action,'
@@ -552,7 +555,6 @@ async def _redrive_one(
             requested_by,
             reason,
         )
-        await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
         detail = f"event {event_id} published again on {topics.life_events}; the router routes it as new"
     else:
         try:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from producers.store import OUTBOX_CHANNEL
+from runtime import outbox
 from runtime.kafka import Topics
+from runtime.outbox import OutboxMessage
 from schemas.cloudevents import REDELIVER_TO, REDELIVERY_ID
 
 
@@ -93,6 +94,7 @@ async def redeliver(
             raise RedeliveryRefused(
                 f"{len(missing)} of the events have no stored original to send (first: {min(missing)})"
             )
+        redeliveries: list[OutboxMessage] = []
         for original in originals:
             redelivery_id = await conn.fetchval(
                 "INSERT INTO redelivery (event_id, agency, requested_by, reason)"
@@ -106,14 +108,14 @@ async def redeliver(
                 [k, v] for k, v in json.loads(original["headers"]) if k not in (REDELIVER_TO, REDELIVERY_ID)
             ]
             headers += [[REDELIVER_TO, agency], [REDELIVERY_ID, str(redelivery_id)]]
-            await conn.execute(
-                "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
-                " VALUES ($1, $2, $3, $4, $5)",
-                original["event_id"],
-                topics.redeliveries,
-                original["message_key"],
-                original["message_value"],
-                json.dumps(headers),
+            redeliveries.append(
+                OutboxMessage(
+                    original["event_id"],
+                    topics.redeliveries,
+                    original["message_key"],
+                    original["message_value"],
+                    json.dumps(headers),
+                )
             )
-        await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+        await outbox.append(conn, redeliveries)
     return Redelivery(event_ids=[str(o["event_id"]) for o in originals], agency=agency)

@@ -75,7 +75,7 @@ from runtime.pseudonyms import subject_id_for
 from runtime.sealing import CannotOpen, PayloadSealer
 from runtime.settings import Settings
 from schemas.catalogue import LIFE_EVENTS
-from schemas.validation import normalise_nino
+from schemas.validation import is_reference, normalise_nino
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +87,6 @@ MAX_RATE = 1_000_000
 DEFAULT_RATE = 5_000
 BATCH_SIZE = 5_000
 _SUBJECT_ID = re.compile(r"^[ns]-[0-9a-f]{32}$")
-_REFERENCE = re.compile(r"^TUO-[0-9]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}$")
 
 
 class ReplayRefused(ValueError):
@@ -135,7 +134,7 @@ class Selection:
                 raise ReplayRefused(f"{event_id[:50]!r} is not an event id (a UUID)") from None
         refs = [r.strip().upper() for r in references]
         for ref in refs:
-            if not _REFERENCE.match(ref):
+            if not is_reference(ref):
                 raise ReplayRefused(f"{ref[:50]!r} is not a reference number, like TUO-2026-ABCD-EFGH")
         unknown = sorted(set(event_types) - set(LIFE_EVENTS))
         if unknown:

@@ -54,12 +54,9 @@ from schemas.cloudevents import headers_for
 from schemas.consent_signatures import ConsentSigner
 from schemas.fieldpaths import NINO
 from schemas.signatures import signature_headers
-from schemas.validation import Nino, PastDate, Postcode, Text, Uprn
+from schemas.validation import REFERENCE_ALPHABET, Nino, PastDate, Postcode, Text, Uprn
 
 log = structlog.get_logger(__name__)
-
-# Crockford base32 without I, L, O, U: unambiguous when read out over the phone.
-REFERENCE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 def new_reference(now: datetime) -> str:

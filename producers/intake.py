@@ -11,7 +11,6 @@ request allowance (``runtime.web.rate_limit``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -28,7 +27,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Scope
 
 from producers.accept import (
-    REFERENCE_ALPHABET,
     CorrectionRequest,
     Intake,
     NoSuchEvent,
@@ -59,11 +57,11 @@ from runtime.web.rate_limit import KnownClients, RateLimiter, Throttle, identify
 from runtime.web.security_headers import SecurityHeaders
 from runtime.web.sessions import CookiePolicy
 from schemas.registry_api import registry_router
+from schemas.validation import is_reference
 
 log = structlog.get_logger(__name__)
 
 PROBLEM = "application/problem+json"
-REFERENCE_PATTERN = re.compile(rf"^TUO-[0-9]{{4}}-[{REFERENCE_ALPHABET}]{{4}}-[{REFERENCE_ALPHABET}]{{4}}$")
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
@@ -509,7 +507,7 @@ def already_registered(exc: DuplicateRegistration) -> JSONResponse:
 
 def _reference(reference: str) -> str:
     reference = reference.strip().upper()
-    if not REFERENCE_PATTERN.match(reference):
+    if not is_reference(reference):
         raise NoSuchEvent(reference)
     return reference
 

@@ -35,10 +35,10 @@ import structlog
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 
-from producers.store import OUTBOX_CHANNEL
 from runtime import kafka
 from runtime.access import Principal
 from runtime.metrics import EVENTS_PUBLISHED
+from runtime.outbox import CHANNEL as OUTBOX_CHANNEL
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 

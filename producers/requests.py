@@ -7,7 +7,6 @@ pseudonymous subject id, provenance). Every rule names the field it concerns.
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, date, datetime, time
 from typing import Annotated, ClassVar, Literal
 
@@ -23,7 +22,16 @@ from pydantic import (
 
 from runtime.local_authorities import local_authority
 from schemas import models
-from schemas.validation import AgencyCode, Nino, PastDate, Postcode, Text, Uprn, no_control_characters
+from schemas.validation import (
+    AgencyCode,
+    Nino,
+    PastDate,
+    Postcode,
+    Text,
+    Uprn,
+    is_reference,
+    no_control_characters,
+)
 
 
 class Strict(BaseModel):
@@ -81,13 +89,9 @@ class ConsentChoice(Strict):
     choice: Literal["given", "refused"]
 
 
-# As producers.accept.new_reference makes them (Crockford base32 without I, L, O, U).
-_REFERENCE = re.compile(r"^TUO-[0-9]{4}-[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}$")
-
-
 def _a_reference(value: str) -> str:
     value = value.upper()
-    if not _REFERENCE.match(value):
+    if not is_reference(value):
         raise ValueError("must be a reference number, like TUO-2026-ABCD-EFGH")
     return value
 

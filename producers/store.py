@@ -4,7 +4,6 @@ event's status back by reference number."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,8 +14,9 @@ import asyncpg
 
 from producers.duplicates import DuplicateRegistration, NothingToOverride
 from router.consent_receipts import DeskConsent
+from runtime import outbox
+from runtime.outbox import OutboxMessage
 
-OUTBOX_CHANNEL = "tuo_outbox"
 CLAIM_HELD = "registration_claim_held"  # the unique index that refuses a second registration
 
 
@@ -286,16 +286,10 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
                 for row in consents
             ],
         )
-    await conn.execute(
-        "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
-        " VALUES ($1, $2, $3, $4, $5)",
-        event.event_id,
-        event.topic,
-        event.message_key,
-        event.message_value,
-        json.dumps([[k, v.decode()] for k, v in event.headers]),
+    await outbox.append(
+        conn,
+        [OutboxMessage(event.event_id, event.topic, event.message_key, event.message_value, event.headers)],
     )
-    await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
 
 
 async def _claim(conn: asyncpg.Connection, event: NewEvent) -> None:

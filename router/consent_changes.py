@@ -25,7 +25,6 @@ both sides makes one of them see the other's commit, so no such delivery is miss
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,9 +36,11 @@ from aiokafka.structs import ConsumerRecord
 
 from router.messages import Outgoing
 from router.rules import ConsentState
+from runtime import outbox
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.keyring import KeyRing
+from runtime.outbox import OutboxMessage
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode, encode, models
@@ -58,8 +59,6 @@ log = structlog.get_logger(__name__)
 COMPONENT = "router"
 # Choices after which an agency must stop using what it was sent under consent.
 CONSENT_ENDS: frozenset[str] = frozenset({"withdrawn", "refused"})
-# producers.store.OUTBOX_CHANNEL (the router may not import producers): wakes the relay.
-OUTBOX_CHANNEL = "tuo_outbox"
 
 
 @dataclass(frozen=True)
@@ -141,16 +140,18 @@ async def announce(
         recorded_at=recorded_at,
     )
     await conn.execute("UPDATE consent_record SET change_id = $2 WHERE id = $1", consent_record_id, change_id)
-    await conn.execute(
-        "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
-        " VALUES ($1, $2, $3, $4, $5)",
-        change_id,
-        Topics(settings.topic_prefix).consent_changes,
-        subject_id.encode(),
-        PayloadSealer.from_settings(settings).seal(value, change_id),
-        json.dumps([[k, v.decode()] for k, v in headers]),
+    await outbox.append(
+        conn,
+        [
+            OutboxMessage(
+                change_id,
+                Topics(settings.topic_prefix).consent_changes,
+                subject_id.encode(),
+                PayloadSealer.from_settings(settings).seal(value, change_id),
+                headers,
+            )
+        ],
     )
-    await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
     return change_id
 
 
@@ -308,17 +309,23 @@ async def reask_missed(conn: asyncpg.Connection, delivered: Sequence[tuple[str, 
         "                         AND c.event_type = i.event_type AND c.change_id IS NOT NULL"
         "                         AND c.recorded_at > k.decided_at"
         "    JOIN consent_notice n ON n.change_id = c.change_id AND n.agency = c.agency AND NOT n.told)"
-        " INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
-        " SELECT DISTINCT ON (o.event_id) o.event_id, o.topic, o.message_key, o.message_value, o.headers"
+        " SELECT DISTINCT ON (o.event_id) o.event_id, o.topic, o.message_key, o.message_value,"
+        "        o.headers::text AS headers"
         "   FROM outbox o JOIN missed m ON o.event_id = m.change_id"
-        "  ORDER BY o.event_id, o.id"
-        " RETURNING event_id",
+        "  ORDER BY o.event_id, o.id",
         [event_id for event_id, _, _ in delivered],
         [agency for _, agency, _ in delivered],
         [decided_at for _, _, decided_at in delivered],
     )
+    # The change's stored message, published again as it was first written.
+    await outbox.append(
+        conn,
+        [
+            OutboxMessage(r["event_id"], r["topic"], r["message_key"], r["message_value"], r["headers"])
+            for r in rows
+        ],
+    )
     if rows:
-        await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
         for row in rows:
             log.info("consent_change_asked_again", change_id=str(row["event_id"]))
     return len(rows)

@@ -19,6 +19,17 @@ _NINO = re.compile(r"^(?!BG|GB|KN|NK|NT|TN|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UPRN = re.compile(r"^[0-9]{1,12}$")
 _AGENCY = re.compile(r"^[a-z][a-z0-9-]{1,39}$")
+# A reference number: TUO-<year>-XXXX-XXXX in Crockford's base32 without I, L, O and U,
+# so that it is unambiguous when read out over the phone. The one pattern everything checks.
+REFERENCE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_REFERENCE = re.compile(rf"TUO-[0-9]{{4}}-[{REFERENCE_ALPHABET}]{{4}}-[{REFERENCE_ALPHABET}]{{4}}", re.ASCII)
+
+
+def is_reference(text: str) -> bool:
+    """Whether ``text`` is spelled as a reference number (upper case, as issued)."""
+    return _REFERENCE.fullmatch(text) is not None
+
+
 # An ONS GSS code of a local authority: the nation's letter and eight digits (E08000035,
 # Leeds); L99999999 and M99999999 are the ONS pseudo-codes of the Channel Islands and Man.
 _GSS_CODE = re.compile(r"^[ENSWLM][0-9]{8}$")

@@ -26,6 +26,7 @@ from consumers.sdk import AgencyConsumer, DeliveredEvent
 from operators import replay
 from operators.replay import REPLAY_ID_HEADER, ReplayRefused, Selection
 from operators.services import RunningBus
+from producers.accept import new_reference
 from producers.accounts import issue_token
 from router.store import agencies, event_status, record_consent, upsert_subscription
 from runtime.access import onboard_agency, suspend_agency
@@ -55,6 +56,9 @@ def test_a_replay_must_say_which_events_it_covers() -> None:
         ({"event_ids": ["not-a-uuid"]}, "is not an event id"),
         ({"event_ids": ["'; DROP TABLE replay; --"]}, "is not an event id"),
         ({"references": ["TUO-2026-../x"]}, "is not a reference number"),
+        # O, I, L and U are never issued (read aloud, they are mistaken for 0, 1 and V).
+        ({"references": ["TUO-2026-ABCO-EFGH"]}, "is not a reference number"),
+        ({"references": ["TUO-2026-ABCD-EFGU"]}, "is not a reference number"),
         ({"event_types": ["BirthdayParty"]}, "unknown event type"),
         ({"subject": "Jo Citizen"}, "subject id"),
         ({"event_ids": [str(uuid.uuid4()) for _ in range(replay.MAX_EVENT_IDS + 1)]}, "at most"),
@@ -67,6 +71,11 @@ def test_a_replay_must_say_which_events_it_covers() -> None:
 def test_bad_selections_are_refused_with_a_reason(criteria: dict[str, Any], message: str) -> None:
     with pytest.raises(ReplayRefused, match=message):
         Selection.of(**criteria)
+
+
+def test_every_reference_intake_issues_is_one_replay_accepts() -> None:
+    issued = [new_reference(datetime.now(UTC)) for _ in range(500)]
+    assert Selection.of(references=[r.lower() for r in issued]).references == tuple(issued)
 
 
 def test_a_nino_selects_its_pseudonymous_subject_and_is_not_kept() -> None:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from producers.accept import REFERENCE_ALPHABET, Intake, NotPermitted, SubmissionRejected
+from producers.accept import Intake, NotPermitted, SubmissionRejected
 from producers.accounts import Submitter, authenticate, registrar
 from producers.duplicates import DuplicateRegistration
 from producers.requests import DuplicateOverride
@@ -40,10 +40,10 @@ from runtime.web import sessions
 from runtime.web.pages import redirect, render
 from runtime.web.rate_limit import identify
 from runtime.web.sessions import CookiePolicy, Expired, Session
+from schemas.validation import is_reference
 
 log = structlog.get_logger(__name__)
 
-REFERENCE = re.compile(rf"^TUO-[0-9]{{4}}-[{REFERENCE_ALPHABET}]{{4}}-[{REFERENCE_ALPHABET}]{{4}}$")
 # Where sign-in may send the registrar back to: this service's own pages only.
 _RETURN_PATHS = re.compile(r"^/(start|register/[a-z]+(/[a-z]+)?|registrations/TUO-[0-9A-Z-]{14})$")
 _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
@@ -547,7 +547,7 @@ def web_routes(intake: Callable[[], Intake], settings: Settings) -> tuple[APIRou
 
     async def statuses(who: SignedIn, reference: str) -> dict[str, Any] | None:
         reference = reference.strip().upper()
-        if not REFERENCE.match(reference):
+        if not is_reference(reference):
             return None
         status = await event_status(pool(), reference, office=who.submitter.office)
         if status is None:

@@ -1,1 +1,2 @@
-"""What citizens see and do themselves: signing in, and receipts for their consent choices."""
+"""What citizens see and do themselves: sign in, see and change who may be told what,
+see who was told, act for someone as a proxy, and read the privacy notice."""

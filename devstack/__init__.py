@@ -1,4 +1,8 @@
-"""The local stack: a real Kafka broker and a real PostgreSQL server on loopback.
+"""For development and tests: the local stack (a real Kafka broker and a real PostgreSQL
+server on loopback), the development identity provider for citizens' sign-in
+(``dev_idp``) and the demo data (``demo``).
+
+The local stack:
 
 Kafka is assembled from Maven Central jars and runs as a single-node KRaft
 broker, or (``tuo stack up --brokers 3``) as a three-node cluster that keeps

@@ -1,7 +1,6 @@
-"""Shared runtime plumbing for Tell Us Once.
-
-Settings, Kafka and PostgreSQL client factories, SQL migrations, logging, the
-local stack (Kafka from Maven Central, PostgreSQL from Debian) and the ``tuo``
-command line. Components (producers, router, consumers, schemas) build on this
-package; nothing in here knows about routing rules or agencies.
+"""Plumbing every component shares, and nothing else: settings, PostgreSQL (pool and
+migrations) and the outbox, Kafka clients, users and ACLs, logging and its redaction,
+sealing at rest, pseudonyms, the office key ring, postcodes, metrics, the dead-letter
+writer, and the web kit (pages, sessions, security headers, rate limits). It imports
+only ``schemas``; nothing in here knows about routing rules, agencies or users.
 """

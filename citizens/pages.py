@@ -346,14 +346,7 @@ async def consent_receipt_download(receipt_id: str, scope: RequestedScope, pool:
             "There is no such receipt",
             "Check the link, or find the receipt in your list of consent receipts.",
         )
-    return Response(
-        found.token,
-        media_type="application/jwt",
-        headers={
-            "Content-Disposition": f'attachment; filename="{found.filename}"',
-            "Cache-Control": "no-store",
-        },
-    )
+    return _download(found.token, "application/jwt", found.filename)
 
 
 @router.get("/citizen/received")
@@ -378,13 +371,17 @@ async def download(scope: RequestedScope, pool: Pool) -> Response:
         for r in await receipts_of(pool, scope.subject_id, scope.agencies)
     ]
     body["downloaded_by"] = scope.recorded_by
+    return _download(
+        json.dumps(body, indent=2, ensure_ascii=False), "application/json", "tell-us-once-my-information.json"
+    )
+
+
+def _download(content: str, media_type: str, filename: str) -> Response:
+    """A file to save, never kept by a cache: it is about one person."""
     return Response(
-        json.dumps(body, indent=2, ensure_ascii=False),
-        media_type="application/json",
-        headers={
-            "Content-Disposition": 'attachment; filename="tell-us-once-my-information.json"',
-            "Cache-Control": "no-store",
-        },
+        content,
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"},
     )
 
 

@@ -60,7 +60,8 @@ class SessionStore(Generic[S]):
     """One kind of user's sessions: rows of ``table`` keyed by the token's hash, each
     with its CSRF token, when it was started and last used, and ``columns`` about the
     user. ``opened`` makes a found row (``columns`` and ``also_read``, with its hash and
-    the sealer for what is sealed to the session) into the session its pages see."""
+    the sealer for what is sealed to the session) into the session its pages see.
+    The table and column names are this code's own, never a request's."""
 
     table: str
     columns: tuple[str, ...]
@@ -144,6 +145,7 @@ async def start_session(pool: asyncpg.Pool, username: str) -> tuple[str, Session
     return token, Session(hashed, username, csrf_token, {})
 
 
+# The names the registrars' pages (producers.web.routes) call.
 find_session = REGISTRAR_SESSIONS.find
 end_session = REGISTRAR_SESSIONS.end
 forget_expired_sessions = REGISTRAR_SESSIONS.forget_expired

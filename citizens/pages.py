@@ -15,29 +15,20 @@ or a form without the session's CSRF token; nothing is written then.
 from __future__ import annotations
 
 import json
-import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 from zoneinfo import ZoneInfo
 
 import asyncpg
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from jinja2 import (
-    ChainableUndefined,
-    ChoiceLoader,
-    Environment,
-    PackageLoader,
-    PrefixLoader,
-    select_autoescape,
-)
 from starlette.responses import HTMLResponse, Response
 
 from citizens import data_tracker, proxies
 from citizens.proxies import Appointment, NotAppointed
-from citizens.signin import Citizen, current_citizen
+from citizens.signin import Citizen, CurrentCitizen
 from router.consent_changes import record_consent_change
 from router.consent_receipts import (
     JWKS_PATH,
@@ -49,7 +40,8 @@ from router.consent_receipts import (
 from router.organisations import agency_name
 from router.rules import ConsentState
 from runtime.settings import Settings
-from runtime.web.pages import SERVICE_NAME, protect, redirect
+from runtime.web import pages
+from runtime.web.pages import redirect
 from runtime.web.sessions import same_secret
 
 log = structlog.get_logger(__name__)
@@ -69,17 +61,7 @@ def _when(moment: datetime | str | None) -> str:
     return f"{local.day} {local:%B %Y} at {local:%H:%M}"
 
 
-environment = Environment(
-    loader=ChoiceLoader(
-        [
-            PackageLoader("citizens", "templates"),
-            PrefixLoader({"govuk_frontend_jinja": PackageLoader("govuk_frontend_jinja")}),
-        ]
-    ),
-    autoescape=select_autoescape(["html"], default=True),
-    undefined=ChainableUndefined,
-)
-environment.filters["when"] = _when
+pages.environment.filters["when"] = _when
 
 
 @dataclass(frozen=True)
@@ -111,17 +93,13 @@ class Scope:
 
 
 def render(template: str, scope: Scope | None, status_code: int = 200, **context: Any) -> HTMLResponse:
-    nonce = secrets.token_urlsafe(16)
-    html = environment.get_template(template).render(
-        cspNonce=nonce,
-        serviceName=SERVICE_NAME,
+    return pages.render(
+        template,
+        status_code,
         scope=scope,
         citizen=scope.citizen if scope else None,
         **context,
     )
-    response = HTMLResponse(html, status_code=status_code)
-    protect(response, nonce)
-    return response
 
 
 def refuse(scope: Scope | None, status_code: int, title: str, *lines: str) -> HTMLResponse:
@@ -129,283 +107,287 @@ def refuse(scope: Scope | None, status_code: int, title: str, *lines: str) -> HT
     return render("citizen_message.html", scope, status_code, title=title, lines=list(lines), back=back)
 
 
-def citizen_pages(settings: Settings, pool: asyncpg.Pool) -> APIRouter:
-    router = APIRouter(include_in_schema=False)
+class CannotActFor(Exception):
+    """The signed-in citizen asked to act for someone their current appointments do not name."""
 
-    async def scope_for(citizen: Citizen, acting: str | None) -> Scope:
-        if not acting:
-            return Scope(citizen, None)
+    def __init__(self, citizen: Citizen, refused: NotAppointed) -> None:
+        super().__init__(str(refused))
+        self.citizen = citizen
+        self.appointment_id = refused.appointment_id
+
+
+async def cannot_act_for(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CannotActFor)
+    log.info(
+        "citizen_proxy_refused",
+        subject_id=exc.citizen.subject_id,
+        appointment=exc.appointment_id,
+        reason="no current appointment",
+    )
+    return refuse(
+        Scope(exc.citizen, None),
+        403,
+        "You cannot act for this person",
+        "You do not hold a current appointment to act for them. It may have ended or expired.",
+        "If you think this is wrong, contact the office that recorded your appointment.",
+    )
+
+
+# The settings and the database pool, put on the app by ``install_citizen_pages``.
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.citizen_settings
+    return settings
+
+
+def _pool(request: Request) -> asyncpg.Pool:
+    pool: asyncpg.Pool = request.app.state.citizen_pool
+    return pool
+
+
+AppSettings = Annotated[Settings, Depends(_settings)]
+Pool = Annotated[asyncpg.Pool, Depends(_pool)]
+
+
+async def scope_for(pool: asyncpg.Pool, settings: Settings, citizen: Citizen, acting: str | None) -> Scope:
+    """Whose data: the citizen's own, or (``acting``: an appointment id) that of the person
+    their current appointment names; ``CannotActFor`` if it names no one."""
+    if not acting:
+        return Scope(citizen, None)
+    try:
         return Scope(citizen, await proxies.acting_for(pool, settings, citizen.subject_id, acting))
+    except NotAppointed as refused:
+        raise CannotActFor(citizen, refused) from refused
 
-    def not_appointed(citizen: Citizen, refused: NotAppointed) -> HTMLResponse:
-        log.info(
-            "citizen_proxy_refused",
-            subject_id=citizen.subject_id,
-            appointment=refused.appointment_id,
-            reason="no current appointment",
-        )
+
+async def _requested_scope(
+    citizen: CurrentCitizen,
+    pool: Pool,
+    settings: AppSettings,
+    acting: Annotated[str | None, Query(alias="for")] = None,
+) -> Scope:
+    return await scope_for(pool, settings, citizen, acting)
+
+
+# Whose data a page shows: the signed-in citizen's, or (``?for=<appointment id>``) that of
+# the person they act for.
+RequestedScope = Annotated[Scope, Depends(_requested_scope)]
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/citizen")
+async def home(citizen: CurrentCitizen, pool: Pool, settings: AppSettings) -> Response:
+    appointments = await proxies.appointments_of(pool, settings, citizen.subject_id)
+    return render(
+        "citizen_home.html", Scope(citizen, None), title="Your information", appointments=appointments
+    )
+
+
+@router.get("/citizen/act-for/{appointment_id}")
+async def act_for(
+    appointment_id: str, citizen: CurrentCitizen, pool: Pool, settings: AppSettings
+) -> Response:
+    scope = await scope_for(pool, settings, citizen, appointment_id)
+    return redirect("/citizen/consents" + scope.query)
+
+
+@router.get("/citizen/consents")
+async def consents_page(scope: RequestedScope, pool: Pool) -> Response:
+    settings_now = await data_tracker.consent_settings(pool, scope.subject_id, scope.agencies)
+    return render("citizen_consents.html", scope, title="Who may be told what", settings=settings_now)
+
+
+@router.post("/citizen/consents")
+async def change_consent(
+    request: Request, citizen: CurrentCitizen, pool: Pool, settings: AppSettings
+) -> Response:
+    form = await request.form(max_fields=MAX_FORM_FIELDS, max_files=0)
+    given = {name: value for name, value in form.items() if isinstance(value, str)}
+    if not same_secret(citizen.csrf_token, given.get("csrf_token")):
+        log.info("citizen_consent_refused", subject_id=citizen.subject_id, reason="csrf")
         return refuse(
             Scope(citizen, None),
             403,
-            "You cannot act for this person",
-            "You do not hold a current appointment to act for them. It may have ended or expired.",
-            "If you think this is wrong, contact the office that recorded your appointment.",
+            "Your choice was not saved",
+            "The form had expired or was not sent from this service. Go back and try again.",
         )
-
-    @router.get("/citizen")
-    async def home(citizen: Citizen = Depends(current_citizen)) -> Response:  # noqa: B008
-        appointments = await proxies.appointments_of(pool, settings, citizen.subject_id)
-        return render(
-            "citizen_home.html", Scope(citizen, None), title="Your information", appointments=appointments
-        )
-
-    @router.get("/citizen/act-for/{appointment_id}")
-    async def act_for(appointment_id: str, citizen: Citizen = Depends(current_citizen)) -> Response:  # noqa: B008
-        try:
-            scope = await scope_for(citizen, appointment_id)
-        except NotAppointed as refused:
-            return not_appointed(citizen, refused)
-        return redirect("/citizen/consents" + scope.query)
-
-    @router.get("/citizen/consents")
-    async def consents_page(
-        citizen: Citizen = Depends(current_citizen),  # noqa: B008
-        acting: str | None = Query(None, alias="for"),
-    ) -> Response:
-        try:
-            scope = await scope_for(citizen, acting)
-        except NotAppointed as refused:
-            return not_appointed(citizen, refused)
-        settings_now = await data_tracker.consent_settings(pool, scope.subject_id, scope.agencies)
-        return render("citizen_consents.html", scope, title="Who may be told what", settings=settings_now)
-
-    @router.post("/citizen/consents")
-    async def change_consent(request: Request, citizen: Citizen = Depends(current_citizen)) -> Response:  # noqa: B008
-        form = await request.form(max_fields=MAX_FORM_FIELDS, max_files=0)
-        given = {name: value for name, value in form.items() if isinstance(value, str)}
-        if not same_secret(citizen.csrf_token, given.get("csrf_token")):
-            log.info("citizen_consent_refused", subject_id=citizen.subject_id, reason="csrf")
-            return refuse(
-                Scope(citizen, None),
-                403,
-                "Your choice was not saved",
-                "The form had expired or was not sent from this service. Go back and try again.",
-            )
-        try:
-            scope = await scope_for(citizen, given.get("for") or None)
-        except NotAppointed as refused:
-            return not_appointed(citizen, refused)
-        if given.get("subject_id") != scope.subject_id:
-            log.info("citizen_consent_refused", subject_id=citizen.subject_id, reason="another subject")
-            return refuse(
-                scope,
-                403,
-                "Your choice was not saved",
-                "You can only change choices for yourself, or for someone you are appointed to act for.",
-            )
-        agency, event_type, choice = given.get("agency", ""), given.get("event_type", ""), given.get("choice")
-        setting = (
-            await data_tracker.consent_setting(pool, scope.subject_id, agency, event_type)
-            if scope.covers(agency)
-            else None
-        )
-        if setting is None:
-            log.info(
-                "citizen_consent_refused", subject_id=citizen.subject_id, reason="unknown or not covered"
-            )
-            return refuse(
-                scope,
-                400,
-                "Your choice was not saved",
-                "There is no sharing of that kind you can change here.",
-            )
-        if not setting.changeable:
-            return refuse(
-                scope,
-                400,
-                "This sharing cannot be changed",
-                f"The law requires us to tell {setting.agency_name} about "
-                f"{setting.event_name.lower()}: {setting.statute}. You cannot opt out of it.",
-            )
-        if choice not in _CHOICES:
-            # The form again, with an error summary linked to the question left unanswered.
-            return render(
-                "citizen_consents.html",
-                scope,
-                400,
-                title="Who may be told what",
-                settings=await data_tracker.consent_settings(pool, scope.subject_id, scope.agencies),
-                error={
-                    "id": f"choice-{setting.agency}-{setting.event_type}",
-                    "text": f"Choose Yes or No: may {setting.agency_name} be told about "
-                    f"{setting.event_name.lower()}?",
-                },
-            )
-        if choice == "no":
-            choice = "withdrawn" if setting.choice == "given" else "refused"
-        # A withdrawal (or refusal) is also written, signed, for the agencies that hold data
-        # under this consent, in the same transaction (see router.consent_changes).
-        recorded = await record_consent_change(
-            pool,
-            settings,
-            subject_id=scope.subject_id,
-            agency=agency,
-            event_type=event_type,
-            choice=cast(ConsentState, choice),
-            recorded_by=scope.recorded_by,
-            signer=await consent_signer(pool, settings),
-            appointment_id=scope.appointment.id if scope.appointment else None,
-        )
-        recorded_at = recorded.confirmed_at
-        receipt = await issue_consent_receipt(
-            pool,
-            settings,
-            subject_id=scope.subject_id,
-            agency=agency,
-            event_type=event_type,
-            choice=choice,
-            recorded_by=scope.recorded_by,
-            recorded_at=recorded_at,
-        )
-        log.info(
-            "citizen_consent_changed",
-            subject_id=scope.subject_id,
-            agency=agency,
-            event_type=event_type,
-            choice=choice,
-            recorded_by=scope.recorded_by,
-        )
-        return render(
-            "citizen_consent_saved.html",
+    scope = await scope_for(pool, settings, citizen, given.get("for") or None)
+    if given.get("subject_id") != scope.subject_id:
+        log.info("citizen_consent_refused", subject_id=citizen.subject_id, reason="another subject")
+        return refuse(
             scope,
-            title="Your choice is saved",
-            setting=setting,
-            choice=choice,
-            choice_words=data_tracker.CHOICE_WORDS[choice],
-            recorded_at=recorded_at,
-            agencies_told=recorded.change_id is not None,
-            receipt=receipt,
-            keys_path=JWKS_PATH,
+            403,
+            "Your choice was not saved",
+            "You can only change choices for yourself, or for someone you are appointed to act for.",
         )
-
-    @router.get("/citizen/history")
-    async def history(
-        citizen: Citizen = Depends(current_citizen),  # noqa: B008
-        acting: str | None = Query(None, alias="for"),
-    ) -> Response:
-        try:
-            scope = await scope_for(citizen, acting)
-        except NotAppointed as refused:
-            return not_appointed(citizen, refused)
-        changes = await data_tracker.consent_history(pool, scope.subject_id, scope.agencies)
-        return render("citizen_history.html", scope, title="Changes to your choices", changes=changes)
-
-    @router.get("/citizen/consent-receipts")
-    async def consent_receipts(
-        citizen: Citizen = Depends(current_citizen),  # noqa: B008
-        acting: str | None = Query(None, alias="for"),
-    ) -> Response:
-        try:
-            scope = await scope_for(citizen, acting)
-        except NotAppointed as refused:
-            return not_appointed(citizen, refused)
-        receipts = [
-            {
-                "receipt": receipt,
-                "agency_name": agency_name(receipt.agency),
-                "event_name": data_tracker.event_name(receipt.event_type),
-                "choice_words": data_tracker.CHOICE_WORDS.get(receipt.choice, receipt.choice),
-                "recorded_by_words": data_tracker.RECORDED_BY_WORDS.get(receipt.recorded_by, ""),
-            }
-            for receipt in await receipts_of(pool, scope.subject_id, scope.agencies)
-        ]
-        return render(
-            "citizen_consent_receipts.html",
+    agency, event_type, choice = given.get("agency", ""), given.get("event_type", ""), given.get("choice")
+    setting = (
+        await data_tracker.consent_setting(pool, scope.subject_id, agency, event_type)
+        if scope.covers(agency)
+        else None
+    )
+    if setting is None:
+        log.info("citizen_consent_refused", subject_id=citizen.subject_id, reason="unknown or not covered")
+        return refuse(
             scope,
-            title="Your consent receipts",
-            receipts=receipts,
-            keys_path=JWKS_PATH,
+            400,
+            "Your choice was not saved",
+            "There is no sharing of that kind you can change here.",
         )
-
-    @router.get("/citizen/consent-receipts/{receipt_id}")
-    async def consent_receipt_download(
-        receipt_id: str,
-        citizen: Citizen = Depends(current_citizen),  # noqa: B008
-        acting: str | None = Query(None, alias="for"),
-    ) -> Response:
-        try:
-            scope = await scope_for(citizen, acting)
-        except NotAppointed as refused:
-            return not_appointed(citizen, refused)
-        try:
-            wanted = uuid.UUID(receipt_id)
-        except ValueError:
-            wanted = None
-        # Someone else's receipt, or one outside a proxy's appointment, is as absent as a made-up one.
-        found = None if wanted is None else await receipt_of(pool, scope.subject_id, wanted, scope.agencies)
-        if found is None:
-            return refuse(
-                scope,
-                404,
-                "There is no such receipt",
-                "Check the link, or find the receipt in your list of consent receipts.",
-            )
-        return Response(
-            found.token,
-            media_type="application/jwt",
-            headers={
-                "Content-Disposition": f'attachment; filename="{found.filename}"',
-                "Cache-Control": "no-store",
+    if not setting.changeable:
+        return refuse(
+            scope,
+            400,
+            "This sharing cannot be changed",
+            f"The law requires us to tell {setting.agency_name} about "
+            f"{setting.event_name.lower()}: {setting.statute}. You cannot opt out of it.",
+        )
+    if choice not in _CHOICES:
+        # The form again, with an error summary linked to the question left unanswered.
+        return render(
+            "citizen_consents.html",
+            scope,
+            400,
+            title="Who may be told what",
+            settings=await data_tracker.consent_settings(pool, scope.subject_id, scope.agencies),
+            error={
+                "id": f"choice-{setting.agency}-{setting.event_type}",
+                "text": f"Choose Yes or No: may {setting.agency_name} be told about "
+                f"{setting.event_name.lower()}?",
             },
         )
+    if choice == "no":
+        choice = "withdrawn" if setting.choice == "given" else "refused"
+    # A withdrawal (or refusal) is also written, signed, for the agencies that hold data
+    # under this consent, in the same transaction (see router.consent_changes).
+    recorded = await record_consent_change(
+        pool,
+        settings,
+        subject_id=scope.subject_id,
+        agency=agency,
+        event_type=event_type,
+        choice=cast(ConsentState, choice),
+        recorded_by=scope.recorded_by,
+        signer=await consent_signer(pool, settings),
+        appointment_id=scope.appointment.id if scope.appointment else None,
+    )
+    recorded_at = recorded.confirmed_at
+    receipt = await issue_consent_receipt(
+        pool,
+        settings,
+        subject_id=scope.subject_id,
+        agency=agency,
+        event_type=event_type,
+        choice=choice,
+        recorded_by=scope.recorded_by,
+        recorded_at=recorded_at,
+    )
+    log.info(
+        "citizen_consent_changed",
+        subject_id=scope.subject_id,
+        agency=agency,
+        event_type=event_type,
+        choice=choice,
+        recorded_by=scope.recorded_by,
+    )
+    return render(
+        "citizen_consent_saved.html",
+        scope,
+        title="Your choice is saved",
+        setting=setting,
+        choice=choice,
+        choice_words=data_tracker.CHOICE_WORDS[choice],
+        recorded_at=recorded_at,
+        agencies_told=recorded.change_id is not None,
+        receipt=receipt,
+        keys_path=JWKS_PATH,
+    )
 
-    @router.get("/citizen/received")
-    async def received(
-        citizen: Citizen = Depends(current_citizen),  # noqa: B008
-        acting: str | None = Query(None, alias="for"),
-    ) -> Response:
-        try:
-            scope = await scope_for(citizen, acting)
-        except NotAppointed as refused:
-            return not_appointed(citizen, refused)
-        events = await data_tracker.received(pool, scope.subject_id, scope.agencies)
-        return render("citizen_received.html", scope, title="Who received your information", events=events)
 
-    @router.get("/citizen/download")
-    async def download(
-        citizen: Citizen = Depends(current_citizen),  # noqa: B008
-        acting: str | None = Query(None, alias="for"),
-    ) -> Response:
-        try:
-            scope = await scope_for(citizen, acting)
-        except NotAppointed as refused:
-            return not_appointed(citizen, refused)
-        body = await data_tracker.everything(pool, scope.subject_id, scope.agencies)
-        body["consent_receipts"] = [
-            {
-                "receipt_id": str(r.receipt_id),
-                "agency": r.agency,
-                "event_type": r.event_type,
-                "choice": r.choice,
-                "recorded_by": r.recorded_by,
-                "recorded_at": r.recorded_at.isoformat(),
-                "receipt": r.token,
-            }
-            for r in await receipts_of(pool, scope.subject_id, scope.agencies)
-        ]
-        body["downloaded_by"] = scope.recorded_by
-        return Response(
-            json.dumps(body, indent=2, ensure_ascii=False),
-            media_type="application/json",
-            headers={
-                "Content-Disposition": 'attachment; filename="tell-us-once-my-information.json"',
-                "Cache-Control": "no-store",
-            },
+@router.get("/citizen/history")
+async def history(scope: RequestedScope, pool: Pool) -> Response:
+    changes = await data_tracker.consent_history(pool, scope.subject_id, scope.agencies)
+    return render("citizen_history.html", scope, title="Changes to your choices", changes=changes)
+
+
+@router.get("/citizen/consent-receipts")
+async def consent_receipts(scope: RequestedScope, pool: Pool) -> Response:
+    receipts = [
+        {
+            "receipt": receipt,
+            "agency_name": agency_name(receipt.agency),
+            "event_name": data_tracker.event_name(receipt.event_type),
+            "choice_words": data_tracker.CHOICE_WORDS.get(receipt.choice, receipt.choice),
+            "recorded_by_words": data_tracker.RECORDED_BY_WORDS.get(receipt.recorded_by, ""),
+        }
+        for receipt in await receipts_of(pool, scope.subject_id, scope.agencies)
+    ]
+    return render(
+        "citizen_consent_receipts.html",
+        scope,
+        title="Your consent receipts",
+        receipts=receipts,
+        keys_path=JWKS_PATH,
+    )
+
+
+@router.get("/citizen/consent-receipts/{receipt_id}")
+async def consent_receipt_download(receipt_id: str, scope: RequestedScope, pool: Pool) -> Response:
+    try:
+        wanted = uuid.UUID(receipt_id)
+    except ValueError:
+        wanted = None
+    # Someone else's receipt, or one outside a proxy's appointment, is as absent as a made-up one.
+    found = None if wanted is None else await receipt_of(pool, scope.subject_id, wanted, scope.agencies)
+    if found is None:
+        return refuse(
+            scope,
+            404,
+            "There is no such receipt",
+            "Check the link, or find the receipt in your list of consent receipts.",
         )
+    return _download(found.token, "application/jwt", found.filename)
 
-    return router
+
+@router.get("/citizen/received")
+async def received(scope: RequestedScope, pool: Pool) -> Response:
+    events = await data_tracker.received(pool, scope.subject_id, scope.agencies)
+    return render("citizen_received.html", scope, title="Who received your information", events=events)
+
+
+@router.get("/citizen/download")
+async def download(scope: RequestedScope, pool: Pool) -> Response:
+    body = await data_tracker.everything(pool, scope.subject_id, scope.agencies)
+    body["consent_receipts"] = [
+        {
+            "receipt_id": str(r.receipt_id),
+            "agency": r.agency,
+            "event_type": r.event_type,
+            "choice": r.choice,
+            "recorded_by": r.recorded_by,
+            "recorded_at": r.recorded_at.isoformat(),
+            "receipt": r.token,
+        }
+        for r in await receipts_of(pool, scope.subject_id, scope.agencies)
+    ]
+    body["downloaded_by"] = scope.recorded_by
+    return _download(
+        json.dumps(body, indent=2, ensure_ascii=False), "application/json", "tell-us-once-my-information.json"
+    )
+
+
+def _download(content: str, media_type: str, filename: str) -> Response:
+    """A file to save, never kept by a cache: it is about one person."""
+    return Response(
+        content,
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"},
+    )
 
 
 def install_citizen_pages(app: FastAPI, settings: Settings, pool: asyncpg.Pool) -> None:
     """Mount the citizens' pages on ``app`` (which must have ``install_citizen_sign_in``)."""
-    app.include_router(citizen_pages(settings, pool))
+    app.state.citizen_settings = settings
+    app.state.citizen_pool = pool
+    app.include_router(router)
+    app.add_exception_handler(CannotActFor, cannot_act_for)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import Response
 
 from citizens.data_tracker import event_name
@@ -65,25 +65,30 @@ async def sharing_in_force(pool: asyncpg.Pool) -> list[Sharing]:
     return sorted(sharing, key=lambda s: (s.event_name, s.agency_name))
 
 
-def privacy_notice_router(pool: Callable[[], asyncpg.Pool]) -> APIRouter:
-    """``GET /privacy``; ``pool`` gives the database pool when a request comes."""
-    router = APIRouter(include_in_schema=False)
+router = APIRouter(include_in_schema=False)
 
-    @router.get(POLICY_PATH)
-    async def privacy_notice() -> Response:
-        sharing = await sharing_in_force(pool())
-        response = render(
-            "privacy_notice.html",
-            None,
-            title="Privacy notice",
-            controller=CONTROLLER,
-            statutory=[s for s in sharing if s.legal_basis == "statutory"],
-            by_consent=[s for s in sharing if s.legal_basis == "consent"],
-            retention=RETENTION,
-            jwks_path=JWKS_PATH,
-        )
-        # The same for everyone: shared caches may keep it for a while.
-        response.headers["Cache-Control"] = "public, max-age=300"
-        return response
 
-    return router
+@router.get(POLICY_PATH)
+async def privacy_notice(request: Request) -> Response:
+    pool_of: Callable[[], asyncpg.Pool] = request.app.state.privacy_notice_pool
+    sharing = await sharing_in_force(pool_of())
+    response = render(
+        "privacy_notice.html",
+        None,
+        title="Privacy notice",
+        controller=CONTROLLER,
+        statutory=[s for s in sharing if s.legal_basis == "statutory"],
+        by_consent=[s for s in sharing if s.legal_basis == "consent"],
+        retention=RETENTION,
+        jwks_path=JWKS_PATH,
+    )
+    # The same for everyone: shared caches may keep it for a while.
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return response
+
+
+def install_privacy_notice(app: FastAPI, pool: Callable[[], asyncpg.Pool]) -> None:
+    """Serve ``GET /privacy`` on ``app``; ``pool`` gives the database pool when a request
+    comes (the service may open it only once it has started)."""
+    app.state.privacy_notice_pool = pool
+    app.include_router(router)

@@ -1,22 +1,21 @@
 """Citizens' sessions and sign-ins under way, kept in PostgreSQL.
 
-Like registrars' sessions (``runtime.web.sessions``, whose token helpers these
-reuse): the browser holds a random token in an HttpOnly cookie, the database only
-its SHA-256. A citizen's session knows them by pseudonymous subject id; the name
-to greet them by is sealed, bound to the session. It ends at sign-out, after
-``session_idle_minutes`` without a request, or ``session_max_hours`` after sign-in.
+Sessions are kept as registrars' are, by the one ``SessionStore`` of
+``runtime.web.sessions``, in a table and a cookie of their own: the browser holds a
+random token in an HttpOnly cookie, the database only its SHA-256. A citizen's
+session knows them by pseudonymous subject id; the name to greet them by is sealed,
+bound to the session. It ends at sign-out, after ``session_idle_minutes`` without a
+request, or ``session_max_hours`` after sign-in.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import asyncpg
 
 from runtime.sealing import PayloadSealer
-from runtime.settings import Settings
-from runtime.web.sessions import Expired, new_secret
+from runtime.web.sessions import SessionStore, token_hash
 
 # How long the provider may take to send the citizen back (they may have to sign in there).
 SIGN_IN_MINUTES = 10
@@ -37,10 +36,6 @@ class PendingSignIn:
     nonce: str
     code_verifier: str
     return_to: str | None
-
-
-def token_hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
 
 
 async def begin_sign_in(
@@ -82,58 +77,19 @@ async def take_sign_in(pool: asyncpg.Pool, state: str, browser_token: str) -> Pe
     return PendingSignIn(row["nonce"], row["code_verifier"], row["return_to"])
 
 
-async def start_session(
-    pool: asyncpg.Pool, sealer: PayloadSealer, subject_id: str, display_name: str
-) -> tuple[str, CitizenSession]:
-    """A new session for a citizen who has just signed in; returns the cookie's token."""
-    token = new_secret()
-    session = CitizenSession(token_hash(token), subject_id, display_name, new_secret())
-    await pool.execute(
-        "INSERT INTO citizen_session (token_hash, subject_id, display_name, csrf_token)"
-        " VALUES ($1, $2, $3, $4)",
-        session.token_hash,
-        subject_id,
-        sealer.seal(display_name.encode(), session.token_hash),
-        session.csrf_token,
-    )
-    return token, session
-
-
-async def find_session(
-    pool: asyncpg.Pool, sealer: PayloadSealer, token: str, settings: Settings
-) -> CitizenSession | Expired | None:
-    """The session this token opens, touched so its idle time starts again."""
-    if not token or len(token) > 100:
-        return None
-    hashed = token_hash(token)
-    row = await pool.fetchrow(
-        "SELECT subject_id, display_name, csrf_token,"
-        "       last_seen_at < now() - make_interval(mins => $2)"
-        "         OR created_at < now() - make_interval(hours => $3) AS expired"
-        "  FROM citizen_session WHERE token_hash = $1",
-        hashed,
-        settings.session_idle_minutes,
-        settings.session_max_hours,
-    )
-    if row is None:
-        return None
-    if row["expired"]:
-        await end_session(pool, hashed)
-        return Expired()
-    await pool.execute("UPDATE citizen_session SET last_seen_at = now() WHERE token_hash = $1", hashed)
+def _citizen_session(row: asyncpg.Record, hashed: bytes, sealer: PayloadSealer) -> CitizenSession:
     name = sealer.open(bytes(row["display_name"]), hashed).decode()
     return CitizenSession(hashed, row["subject_id"], name, row["csrf_token"])
 
 
-async def end_session(pool: asyncpg.Pool, hashed: bytes) -> None:
-    await pool.execute("DELETE FROM citizen_session WHERE token_hash = $1", hashed)
+CITIZEN_SESSIONS = SessionStore("citizen_session", ("subject_id", "display_name"), _citizen_session)
 
 
-async def forget_expired_sessions(pool: asyncpg.Pool, settings: Settings) -> int:
-    result: str = await pool.execute(
-        "DELETE FROM citizen_session WHERE last_seen_at < now() - make_interval(mins => $1)"
-        "   OR created_at < now() - make_interval(hours => $2)",
-        settings.session_idle_minutes,
-        settings.session_max_hours,
+async def start_session(
+    pool: asyncpg.Pool, sealer: PayloadSealer, subject_id: str, display_name: str
+) -> tuple[str, CitizenSession]:
+    """A new session for a citizen who has just signed in; returns the cookie's token."""
+    token, hashed, csrf_token = await CITIZEN_SESSIONS.start(
+        pool, lambda hashed: (subject_id, sealer.seal(display_name.encode(), hashed))
     )
-    return int(result.split()[-1])
+    return token, CitizenSession(hashed, subject_id, display_name, csrf_token)

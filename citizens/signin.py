@@ -8,16 +8,16 @@ the ID token (signature against the provider's published keys, issuer, audience,
 nonce, expiry), reads the identity claims from userinfo, and starts a session that
 knows the citizen by the pseudonymous subject id derived from their National
 Insurance number. The NINO is used for that one derivation and never stored or
-logged. ``current_citizen`` is the dependency citizens' pages use.
+logged. ``current_citizen`` (``CurrentCitizen``) is the dependency citizens' pages use.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import asyncpg
@@ -25,7 +25,7 @@ import httpx
 import structlog
 from authlib.integrations.base_client.errors import OAuthError  # type: ignore[import-untyped]
 from authlib.integrations.httpx_client import AsyncOAuth2Client  # type: ignore[import-untyped]
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from joserfc import jwt
 from joserfc.errors import InvalidKeyIdError, JoseError
@@ -36,11 +36,14 @@ from citizens import sessions
 from runtime.pseudonyms import subject_id_for
 from runtime.sealing import PayloadSealer
 from runtime.settings import MissingSetting, Settings
-from runtime.web.pages import redirect, render
-from runtime.web.sessions import CookiePolicy, same_secret
+from runtime.web.pages import add_templates, redirect, render
+from runtime.web.sessions import CookiePolicy, Expired, same_secret, token_hash
 from schemas.validation import normalise_nino
 
 log = structlog.get_logger(__name__)
+
+# The citizens' pages (these messages among them) join the service's one page environment.
+add_templates(Path(__file__).parent / "templates")
 
 CALLBACK_PATH = "/citizen/callback"
 HOME_PATH = "/citizen"
@@ -258,102 +261,127 @@ class CitizenCookies(CookiePolicy):
         return "__Host-tuo-citizen-sign-in" if self.secure else "tuo-citizen-sign-in"
 
 
-CurrentCitizen = Callable[[Request], Awaitable[Citizen]]
+@dataclass(frozen=True)
+class SignInService:
+    """What the sign-in routes work with, put on the app by ``install_citizen_sign_in``."""
 
+    settings: Settings
+    pool: asyncpg.Pool
+    provider: IdentityProvider
+    cookies: CitizenCookies
+    sealer: PayloadSealer
+    pseudonym_key: bytes
 
-def citizen_routes(settings: Settings, pool: asyncpg.Pool) -> tuple[APIRouter, CurrentCitizen]:
-    """The sign-in, callback and sign-out routes, and the function that finds the
-    signed-in citizen of a request (``current_citizen`` calls it)."""
-    router = APIRouter(include_in_schema=False)
-    provider = IdentityProvider(RelyingParty.from_settings(settings))
-    cookies = CitizenCookies(settings.session_cookie_secure)
-    sealer = PayloadSealer.from_settings(settings)
-    pseudonym_key = settings.require_pseudonym_key()
-
-    @router.get("/citizen/sign-in")
-    async def sign_in(request: Request, next: str | None = None) -> Response:
-        state, nonce, browser = (secrets.token_urlsafe(32) for _ in range(3))
-        # 48 random bytes: 64 characters, within RFC 7636's 43 to 128 for a PKCE verifier.
-        verifier = secrets.token_urlsafe(48)
-        try:
-            target = await provider.authorization_url(state, nonce, verifier)
-        except PROVIDER_FAILURES as failed:
-            log.warning("citizen_sign_in_unavailable", error=type(failed).__name__)
-            return _unavailable_page(cookies)
-        await sessions.begin_sign_in(pool, state, browser, nonce, verifier, _return_path(next))
-        response = redirect(target)
-        cookies.set(response, cookies.sign_in, browser)
-        return response
-
-    @router.get(CALLBACK_PATH)
-    async def callback(
-        request: Request,
-        state: str = "",
-        code: str = "",
-        error: str | None = None,
-        iss: str | None = None,
-    ) -> Response:
-        pending = await sessions.take_sign_in(pool, state, request.cookies.get(cookies.sign_in, ""))
-        if pending is None:
-            log.info("citizen_sign_in_refused", reason="unknown, used or expired state, or another browser's")
-            return _failed_page(cookies, "The sign-in link had expired or was not started here.")
-        if error is not None:
-            log.info("citizen_sign_in_refused", reason="provider answered with an error", error=error[:100])
-            return _failed_page(cookies, "You did not finish signing in.")
-        try:
-            if iss is not None and iss != provider.party.issuer:
-                raise SignInFailed("answer from another issuer (RFC 9207)")
-            identity = await provider.sign_in(code, pending.code_verifier, pending.nonce)
-        except SignInFailed as failed:
-            log.warning("citizen_sign_in_refused", reason=failed.reason)
-            return _failed_page(cookies, "We could not confirm who you are.")
-        except PROVIDER_FAILURES as failed:  # unreachable, or an answer that is not what it should be
-            log.warning("citizen_sign_in_unavailable", error=type(failed).__name__)
-            return _unavailable_page(cookies)
-        subject_id = subject_id_for(identity.nino, pseudonym_key)
-        earlier = request.cookies.get(cookies.session)
-        if earlier:
-            await sessions.end_session(pool, sessions.token_hash(earlier))
-        await sessions.forget_expired_sessions(pool, settings)
-        token, _ = await sessions.start_session(pool, sealer, subject_id, identity.display_name)
-        log.info("citizen_signed_in", subject_id=subject_id)
-        response = redirect(pending.return_to or HOME_PATH)
-        cookies.set(response, cookies.session, token)
-        cookies.clear(response, cookies.sign_in)
-        return response
-
-    @router.post("/citizen/sign-out")
-    async def sign_out(request: Request) -> Response:
-        token = request.cookies.get(cookies.session, "")
-        found = await sessions.find_session(pool, sealer, token, settings) if token else None
-        if isinstance(found, sessions.CitizenSession):
-            form = await request.form()
-            given = form.get("csrf_token")
-            if not same_secret(found.csrf_token, given if isinstance(given, str) else None):
-                return render("message.html", 403, title="Sign-out not confirmed", lines=["Try again."])
-            await sessions.end_session(pool, found.token_hash)
-            log.info("citizen_signed_out", subject_id=found.subject_id)
-        response = redirect("/citizen/signed-out")
-        cookies.clear(response, cookies.session)
-        return response
-
-    @router.get("/citizen/signed-out")
-    async def signed_out() -> Response:
-        return render(
-            "message.html",
-            title="You have signed out",
-            lines=[],
-            link=("/citizen/sign-in", "Sign in again"),
+    @classmethod
+    def from_settings(cls, settings: Settings, pool: asyncpg.Pool) -> SignInService:
+        return cls(
+            settings,
+            pool,
+            IdentityProvider(RelyingParty.from_settings(settings)),
+            CitizenCookies(settings.session_cookie_secure),
+            PayloadSealer.from_settings(settings),
+            settings.require_pseudonym_key(),
         )
 
-    async def current(request: Request) -> Citizen:
-        token = request.cookies.get(cookies.session, "")
-        found = await sessions.find_session(pool, sealer, token, settings) if token else None
-        if not isinstance(found, sessions.CitizenSession):
-            raise SignInRequired(_return_path(request.url.path))
-        return Citizen(found.subject_id, found.display_name, found.csrf_token)
 
-    return router, current
+def sign_in_service(request: Request) -> SignInService:
+    service: SignInService | None = getattr(request.app.state, "citizen_sign_in", None)
+    if service is None:
+        raise RuntimeError("citizens' sign-in is not installed on this app (install_citizen_sign_in)")
+    return service
+
+
+SignInDep = Annotated[SignInService, Depends(sign_in_service)]
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/citizen/sign-in")
+async def sign_in(service: SignInDep, next: str | None = None) -> Response:
+    state, nonce, browser = (secrets.token_urlsafe(32) for _ in range(3))
+    # 48 random bytes: 64 characters, within RFC 7636's 43 to 128 for a PKCE verifier.
+    verifier = secrets.token_urlsafe(48)
+    try:
+        target = await service.provider.authorization_url(state, nonce, verifier)
+    except PROVIDER_FAILURES as failed:
+        log.warning("citizen_sign_in_unavailable", error=type(failed).__name__)
+        return _unavailable_page(service.cookies)
+    await sessions.begin_sign_in(service.pool, state, browser, nonce, verifier, _return_path(next))
+    response = redirect(target)
+    service.cookies.set(response, service.cookies.sign_in, browser)
+    return response
+
+
+@router.get(CALLBACK_PATH)
+async def callback(
+    request: Request,
+    service: SignInDep,
+    state: str = "",
+    code: str = "",
+    error: str | None = None,
+    iss: str | None = None,
+) -> Response:
+    pool, cookies = service.pool, service.cookies
+    pending = await sessions.take_sign_in(pool, state, request.cookies.get(cookies.sign_in, ""))
+    if pending is None:
+        log.info("citizen_sign_in_refused", reason="unknown, used or expired state, or another browser's")
+        return _failed_page(cookies, "The sign-in link had expired or was not started here.")
+    if error is not None:
+        log.info("citizen_sign_in_refused", reason="provider answered with an error", error=error[:100])
+        return _failed_page(cookies, "You did not finish signing in.")
+    try:
+        if iss is not None and iss != service.provider.party.issuer:
+            raise SignInFailed("answer from another issuer (RFC 9207)")
+        identity = await service.provider.sign_in(code, pending.code_verifier, pending.nonce)
+    except SignInFailed as failed:
+        log.warning("citizen_sign_in_refused", reason=failed.reason)
+        return _failed_page(cookies, "We could not confirm who you are.")
+    except PROVIDER_FAILURES as failed:  # unreachable, or an answer that is not what it should be
+        log.warning("citizen_sign_in_unavailable", error=type(failed).__name__)
+        return _unavailable_page(cookies)
+    subject_id = subject_id_for(identity.nino, service.pseudonym_key)
+    earlier = request.cookies.get(cookies.session)
+    if earlier:
+        await sessions.CITIZEN_SESSIONS.end(pool, token_hash(earlier))
+    await sessions.CITIZEN_SESSIONS.forget_expired(pool, service.settings)
+    token, _ = await sessions.start_session(pool, service.sealer, subject_id, identity.display_name)
+    log.info("citizen_signed_in", subject_id=subject_id)
+    response = redirect(pending.return_to or HOME_PATH)
+    cookies.set(response, cookies.session, token)
+    cookies.clear(response, cookies.sign_in)
+    return response
+
+
+@router.post("/citizen/sign-out")
+async def sign_out(request: Request, service: SignInDep) -> Response:
+    found = await _session_of(request, service)
+    if isinstance(found, sessions.CitizenSession):
+        form = await request.form()
+        given = form.get("csrf_token")
+        if not same_secret(found.csrf_token, given if isinstance(given, str) else None):
+            return render("citizen_message.html", 403, title="Sign-out not confirmed", lines=["Try again."])
+        await sessions.CITIZEN_SESSIONS.end(service.pool, found.token_hash)
+        log.info("citizen_signed_out", subject_id=found.subject_id)
+    response = redirect("/citizen/signed-out")
+    service.cookies.clear(response, service.cookies.session)
+    return response
+
+
+@router.get("/citizen/signed-out")
+async def signed_out() -> Response:
+    return render(
+        "citizen_message.html",
+        title="You have signed out",
+        lines=[],
+        link=("/citizen/sign-in", "Sign in again"),
+    )
+
+
+async def _session_of(request: Request, service: SignInService) -> sessions.CitizenSession | Expired | None:
+    token = request.cookies.get(service.cookies.session, "")
+    if not token:
+        return None
+    return await sessions.CITIZEN_SESSIONS.find(service.pool, service.sealer, token, service.settings)
 
 
 # The provider unreachable or answering nonsense: the citizen is told to try later (503),
@@ -363,7 +391,7 @@ PROVIDER_FAILURES = (httpx.HTTPError, ValueError, KeyError, TypeError)
 
 def _unavailable_page(cookies: CookiePolicy) -> Response:
     response = render(
-        "message.html",
+        "citizen_message.html",
         503,
         title="Sign-in is not available right now",
         lines=["We could not reach the service that checks who you are. Try again in a few minutes."],
@@ -375,7 +403,7 @@ def _unavailable_page(cookies: CookiePolicy) -> Response:
 
 def _failed_page(cookies: CookiePolicy, why: str) -> Response:
     response = render(
-        "message.html",
+        "citizen_message.html",
         400,
         title="You are not signed in",
         lines=[why],
@@ -388,23 +416,25 @@ def _failed_page(cookies: CookiePolicy, why: str) -> Response:
 async def current_citizen(request: Request) -> Citizen:
     """The signed-in citizen; without a session, ``SignInRequired`` (which the app answers
     with a redirect to sign in, see ``install_citizen_sign_in``)."""
-    current: CurrentCitizen | None = getattr(request.app.state, "current_citizen", None)
-    if current is None:
-        raise RuntimeError("citizens' sign-in is not installed on this app (install_citizen_sign_in)")
-    return await current(request)
+    found = await _session_of(request, sign_in_service(request))
+    if not isinstance(found, sessions.CitizenSession):
+        raise SignInRequired(_return_path(request.url.path))
+    return Citizen(found.subject_id, found.display_name, found.csrf_token)
+
+
+CurrentCitizen = Annotated[Citizen, Depends(current_citizen)]
+
+
+async def sign_in_required(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SignInRequired)
+    target = "/citizen/sign-in"
+    if exc.return_to:
+        target += "?next=" + quote(exc.return_to, safe="/")
+    return redirect(target)
 
 
 def install_citizen_sign_in(app: FastAPI, settings: Settings, pool: asyncpg.Pool) -> None:
     """Mount the sign-in routes on ``app``, and answer ``SignInRequired`` with a redirect."""
-    router, current = citizen_routes(settings, pool)
+    app.state.citizen_sign_in = SignInService.from_settings(settings, pool)
     app.include_router(router)
-    app.state.current_citizen = current
-
-    async def sign_in_required(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, SignInRequired)
-        target = "/citizen/sign-in"
-        if exc.return_to:
-            target += "?next=" + quote(exc.return_to, safe="/")
-        return redirect(target)
-
     app.add_exception_handler(SignInRequired, sign_in_required)

@@ -8,7 +8,7 @@ import asyncpg
 from fastapi import FastAPI
 
 from citizens.pages import install_citizen_pages
-from citizens.privacy import privacy_notice_router
+from citizens.privacy import install_privacy_notice
 from citizens.signin import install_citizen_sign_in
 from producers import intake
 from runtime.settings import Settings
@@ -16,7 +16,7 @@ from runtime.settings import Settings
 
 def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     def citizens(app: FastAPI) -> None:
-        app.include_router(privacy_notice_router(lambda: app.state.intake.pool))
+        install_privacy_notice(app, lambda: app.state.intake.pool)
         if settings.oidc_issuer and pool is not None:
             install_citizen_sign_in(app, settings, pool)
             install_citizen_pages(app, settings, pool)

@@ -1,11 +1,13 @@
-"""Registrars' sign-in sessions, kept in PostgreSQL, and the sign-in throttle.
+"""Sign-in sessions, kept in PostgreSQL: one ``SessionStore`` for every kind of user
+(registrars here, citizens in ``citizens.sessions``), each in its own table with its
+own cookie; and the registrars' draft answers and sign-in throttle.
 
 The browser holds a random token in an HttpOnly cookie; the database keeps only
-its SHA-256, the registrar, the CSRF token for the session's forms, and the
-draft answers between form steps. A session ends at sign-out, after
-``session_idle_minutes`` without a request, or ``session_max_hours`` after
-sign-in, whichever comes first; an ended session's row (and so its drafts) is
-deleted.
+its SHA-256, the user, and the CSRF token for the session's forms (a registrar's
+session also keeps the draft answers between form steps). A session ends at
+sign-out, after ``session_idle_minutes`` without a request, or
+``session_max_hours`` after sign-in, whichever comes first; an ended session's
+row (and so its drafts) is deleted.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 from starlette.responses import Response
@@ -29,13 +32,7 @@ from runtime.settings import Settings
 MAX_SIGN_IN_FAILURES = 5
 SIGN_IN_LOCKOUT_MINUTES = 15
 
-
-@dataclass(frozen=True)
-class Session:
-    token_hash: bytes
-    username: str
-    csrf_token: str
-    data: dict[str, Any]
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,7 @@ class Expired:
     """There was a session, but it has timed out."""
 
 
-def _hash(token: str) -> bytes:
+def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
@@ -58,74 +55,116 @@ def same_secret(expected: str, given: str | None) -> bool:
     return hmac.compare_digest(expected.encode(), given.encode())
 
 
+@dataclass(frozen=True)
+class SessionStore(Generic[S]):
+    """One kind of user's sessions: rows of ``table`` keyed by the token's hash, each
+    with its CSRF token, when it was started and last used, and ``columns`` about the
+    user. ``opened`` makes a found row (``columns`` and ``also_read``, with its hash and
+    the sealer for what is sealed to the session) into the session its pages see.
+    The table and column names are this code's own, never a request's."""
+
+    table: str
+    columns: tuple[str, ...]
+    opened: Callable[[asyncpg.Record, bytes, PayloadSealer], S]
+    also_read: tuple[str, ...] = ()
+
+    async def start(
+        self, pool: asyncpg.Pool, values: Callable[[bytes], Sequence[Any]]
+    ) -> tuple[str, bytes, str]:
+        """A new session for someone who has just signed in: the cookie's token, its hash
+        and the CSRF token. ``values`` gives ``columns`` for the hash (a value sealed to
+        the session is bound to it)."""
+        token = new_secret()
+        hashed, csrf_token = token_hash(token), new_secret()
+        names = ", ".join(("token_hash", "csrf_token", *self.columns))
+        places = ", ".join(f"${n}" for n in range(1, len(self.columns) + 3))
+        await pool.execute(
+            f"INSERT INTO {self.table} ({names}) VALUES ({places})", hashed, csrf_token, *values(hashed)
+        )
+        return token, hashed, csrf_token
+
+    async def find(
+        self, pool: asyncpg.Pool, sealer: PayloadSealer, token: str, settings: Settings
+    ) -> S | Expired | None:
+        """The session this token opens, touched so its idle time starts again."""
+        if not token or len(token) > 100:
+            return None
+        hashed = token_hash(token)
+        row = await pool.fetchrow(
+            f"SELECT csrf_token, {', '.join((*self.columns, *self.also_read))},"
+            "       last_seen_at < now() - make_interval(mins => $2)"
+            "         OR created_at < now() - make_interval(hours => $3) AS expired"
+            f"  FROM {self.table} WHERE token_hash = $1",
+            hashed,
+            settings.session_idle_minutes,
+            settings.session_max_hours,
+        )
+        if row is None:
+            return None
+        if row["expired"]:
+            await self.end(pool, hashed)
+            return Expired()
+        await pool.execute(f"UPDATE {self.table} SET last_seen_at = now() WHERE token_hash = $1", hashed)
+        return self.opened(row, hashed, sealer)
+
+    async def end(self, pool: asyncpg.Pool, hashed: bytes) -> None:
+        await pool.execute(f"DELETE FROM {self.table} WHERE token_hash = $1", hashed)
+
+    async def forget_expired(self, pool: asyncpg.Pool, settings: Settings) -> int:
+        """Delete timed-out sessions, with whatever they hold."""
+        result: str = await pool.execute(
+            f"DELETE FROM {self.table} WHERE last_seen_at < now() - make_interval(mins => $1)"
+            "   OR created_at < now() - make_interval(hours => $2)",
+            settings.session_idle_minutes,
+            settings.session_max_hours,
+        )
+        return int(result.split()[-1])
+
+
+@dataclass(frozen=True)
+class Session:
+    """A registrar's session."""
+
+    token_hash: bytes
+    username: str
+    csrf_token: str
+    data: dict[str, Any]
+
+
+def _registrar_session(row: asyncpg.Record, hashed: bytes, sealer: PayloadSealer) -> Session:
+    data = {key: _open(sealer, hashed, value) for key, value in json.loads(row["data"]).items()}
+    return Session(hashed, row["username"], row["csrf_token"], data)
+
+
+REGISTRAR_SESSIONS = SessionStore("web_session", ("username",), _registrar_session, ("data::text AS data",))
+
+
 async def start_session(pool: asyncpg.Pool, username: str) -> tuple[str, Session]:
     """A new session for a registrar who has just signed in; returns the cookie's token."""
-    token = new_secret()
-    session = Session(_hash(token), username, new_secret(), {})
-    await pool.execute(
-        "INSERT INTO web_session (token_hash, username, csrf_token) VALUES ($1, $2, $3)",
-        session.token_hash,
-        username,
-        session.csrf_token,
-    )
-    return token, session
+    token, hashed, csrf_token = await REGISTRAR_SESSIONS.start(pool, lambda _: (username,))
+    return token, Session(hashed, username, csrf_token, {})
 
 
-async def find_session(
-    pool: asyncpg.Pool, sealer: PayloadSealer, token: str, settings: Settings
-) -> Session | Expired | None:
-    """The session this token opens, touched so its idle time starts again."""
-    if not token or len(token) > 100:
-        return None
-    token_hash = _hash(token)
-    row = await pool.fetchrow(
-        "SELECT username, csrf_token, data::text AS data,"
-        "       last_seen_at < now() - make_interval(mins => $2)"
-        "         OR created_at < now() - make_interval(hours => $3) AS expired"
-        "  FROM web_session WHERE token_hash = $1",
-        token_hash,
-        settings.session_idle_minutes,
-        settings.session_max_hours,
-    )
-    if row is None:
-        return None
-    if row["expired"]:
-        await end_session(pool, token_hash)
-        return Expired()
-    await pool.execute("UPDATE web_session SET last_seen_at = now() WHERE token_hash = $1", token_hash)
-    data = {key: _open(sealer, token_hash, value) for key, value in json.loads(row["data"]).items()}
-    return Session(token_hash, row["username"], row["csrf_token"], data)
+# The names the registrars' pages (producers.web.routes) call.
+find_session = REGISTRAR_SESSIONS.find
+end_session = REGISTRAR_SESSIONS.end
+forget_expired_sessions = REGISTRAR_SESSIONS.forget_expired
+
+
+async def end_session_for_token(pool: asyncpg.Pool, token: str) -> None:
+    await end_session(pool, token_hash(token))
 
 
 # Draft answers hold names, NINOs and dates of birth: each entry is sealed, bound to
 # its session, and stored as a base64 string.
 
 
-def _seal(sealer: PayloadSealer, token_hash: bytes, value: Any) -> str:
-    return base64.b64encode(sealer.seal(json.dumps(value).encode(), token_hash)).decode()
+def _seal(sealer: PayloadSealer, hashed: bytes, value: Any) -> str:
+    return base64.b64encode(sealer.seal(json.dumps(value).encode(), hashed)).decode()
 
 
-def _open(sealer: PayloadSealer, token_hash: bytes, stored: Any) -> Any:
-    return json.loads(sealer.open(base64.b64decode(str(stored)), token_hash))
-
-
-async def end_session(pool: asyncpg.Pool, token_hash: bytes) -> None:
-    await pool.execute("DELETE FROM web_session WHERE token_hash = $1", token_hash)
-
-
-async def end_session_for_token(pool: asyncpg.Pool, token: str) -> None:
-    await end_session(pool, _hash(token))
-
-
-async def forget_expired_sessions(pool: asyncpg.Pool, settings: Settings) -> int:
-    """Delete timed-out sessions, with the draft answers they hold."""
-    result: str = await pool.execute(
-        "DELETE FROM web_session WHERE last_seen_at < now() - make_interval(mins => $1)"
-        "   OR created_at < now() - make_interval(hours => $2)",
-        settings.session_idle_minutes,
-        settings.session_max_hours,
-    )
-    return int(result.split()[-1])
+def _open(sealer: PayloadSealer, hashed: bytes, stored: Any) -> Any:
+    return json.loads(sealer.open(base64.b64decode(str(stored)), hashed))
 
 
 async def remember(pool: asyncpg.Pool, sealer: PayloadSealer, session: Session, key: str, value: Any) -> None:

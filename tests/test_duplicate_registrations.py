@@ -20,7 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from operators.cli import _submit_demo
+from operators.cli.run import _submit_demo
 from operators.services import RunningBus
 from producers.accounts import issue_token
 from producers.duplicates import registration_claims

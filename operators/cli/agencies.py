@@ -1,0 +1,123 @@
+"""`tuo agencies`: agencies' Kafka accounts (principal, ACLs, topics); onboarding and suspension."""
+
+from __future__ import annotations
+
+import getpass
+from typing import Annotated
+
+import asyncpg
+import typer
+from rich.table import Table
+
+from operators.cli.shared import command_settings, console, fail, with_pool
+from runtime import access
+from runtime.kafka_admin import KafkaAdminError
+
+agencies_app = typer.Typer(
+    help="Agencies' accounts on Kafka: principal, ACLs, topics; onboarding and suspension.",
+    no_args_is_help=True,
+)
+
+
+SUBSCRIBABLE = ("BirthRegistered", "DeathRegistered", "AddressChanged")
+
+
+@agencies_app.command("add")
+def agencies_add(
+    agency: Annotated[str, typer.Argument(help="Agency code, e.g. council-york")],
+    event_type: Annotated[
+        list[str] | None,
+        typer.Option(help="An event type for its suspended subscription skeleton (repeat); default: all"),
+    ] = None,
+    by: Annotated[str, typer.Option(help="Who onboards it (recorded).")] = "",
+    reinstate: Annotated[
+        bool,
+        typer.Option("--reinstate", help="An agency onboarded before: new password, suspension lifted."),
+    ] = False,
+) -> None:
+    """Onboard an agency: its Kafka principal and password, ACLs (read only its own topic
+    in its own group, write only its own receipts), topics, and a suspended subscription
+    per event type for `tuo subscriptions add` to fill in."""
+    settings = command_settings()
+    unknown = sorted(set(event_type or []) - set(SUBSCRIBABLE))
+    if unknown:
+        raise fail(f"not an event type agencies subscribe to: {', '.join(unknown)}")
+
+    async def onboard(pool: asyncpg.Pool) -> access.Onboarded:
+        return await access.onboard_agency(
+            settings,
+            pool,
+            agency,
+            event_type or SUBSCRIBABLE,
+            by=by.strip() or getpass.getuser(),
+            reinstate=reinstate,
+        )
+
+    try:
+        done = with_pool(onboard)
+    except (access.NotAnAgencyName, access.AgencyExists, KafkaAdminError, access.NotInEffect) as exc:
+        raise fail(str(exc)) from exc
+    console.print(
+        f"Onboarded {agency} as Kafka user [bold]{done.principal}[/] with {len(done.grants)} ACL rules:"
+    )
+    for grant in done.grants:
+        console.print(f"  {grant}")
+    if done.topics:
+        console.print(f"Created topics: {', '.join(done.topics)}")
+    if done.skeleton:
+        console.print(f"Suspended subscriptions to fill in: {', '.join(done.skeleton)}")
+    if done.stored:
+        console.print(f"Its password is in {settings.kafka_credentials_file} (the local stack's).")
+    else:
+        # Shown once, never logged: hand it to the agency over a secure channel.
+        console.print(f"Password (shown once; give it to the agency securely): {done.password}")
+
+
+@agencies_app.command("suspend")
+def agencies_suspend(
+    agency: Annotated[str, typer.Argument(help="Agency code")],
+    reason: Annotated[str, typer.Option(help="Why (recorded, 3-500 characters).")],
+    by: Annotated[str, typer.Option(help="Who suspends it (recorded).")] = "",
+) -> None:
+    """Cut an agency off at once: remove its ACLs and password, and suspend its
+    subscriptions. `tuo agencies add` gives it a new password again."""
+    settings = command_settings()
+    if not 3 <= len(reason.strip()) <= 500:
+        raise fail("give a reason of 3 to 500 characters")
+
+    async def suspend(pool: asyncpg.Pool) -> access.Suspended:
+        return await access.suspend_agency(
+            settings, pool, agency, reason=reason.strip(), by=by.strip() or getpass.getuser()
+        )
+
+    try:
+        done = with_pool(suspend)
+    except (access.NoSuchAgency, KafkaAdminError, access.NotInEffect) as exc:
+        raise fail(str(exc)) from exc
+    console.print(
+        f"Suspended {agency}: {done.acls_removed} ACL rules removed, "
+        f"password {'removed' if done.credential_removed else 'already absent'}, "
+        f"{done.subscriptions_suspended} subscription(s) suspended."
+    )
+
+
+@agencies_app.command("list")
+def agencies_list() -> None:
+    """Agencies' accounts: status, who onboarded or suspended them, and when."""
+    rows = with_pool(
+        lambda pool: pool.fetch(
+            "SELECT agency, principal, status, created_by, created_at, suspended_by, suspended_reason"
+            " FROM agency_account ORDER BY agency"
+        )
+    )
+    table = Table("agency", "Kafka user", "status", "onboarded", "suspended by", "reason")
+    for row in rows:
+        table.add_row(
+            row["agency"],
+            row["principal"],
+            row["status"],
+            f"{row['created_at']:%Y-%m-%d %H:%M} by {row['created_by']}",
+            row["suspended_by"] or "-",
+            row["suspended_reason"] or "-",
+        )
+    console.print(table)

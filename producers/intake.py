@@ -7,6 +7,10 @@ Errors are RFC 9457 problem details. Nothing is written unless the whole
 request is valid (see ``producers.accept``). Every response carries the
 security headers (``runtime.web.security_headers``), and every client has a
 request allowance (``runtime.web.rate_limit``).
+
+The API's handlers are named functions on the module-level router ``api``
+(the pages' are on ``producers.web.routes.pages``); ``create_app`` only
+assembles: the app's state, error handlers, routers and middleware.
 """
 
 from __future__ import annotations

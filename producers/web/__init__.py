@@ -1,10 +1,10 @@
 """The registrars' HTML forms, in the GOV.UK Design System style.
 
 ``install_web`` adds the pages (the router ``routes.pages``), their error pages
-and their static assets to the intake app: GOV.UK Frontend's stylesheet, script, fonts and images from its npm
-package (``npm ci`` puts it in node_modules/; scripts/setup.sh runs it), and
-this service's own small script and stylesheet. The pages live outside ``/v1/``,
-which is the JSON API's.
+and their static assets to the intake app: GOV.UK Frontend's stylesheet,
+script, fonts and images from its npm package (``npm ci`` puts it in
+node_modules/; scripts/setup.sh runs it), and this service's own small script
+and stylesheet. The pages live outside ``/v1/``, which is the JSON API's.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ Errors are RFC 9457 problem details. Nothing is written unless the whole
 request is valid (see ``producers.accept``). Every response carries the
 security headers (``runtime.web.security_headers``), and every client has a
 request allowance (``runtime.web.rate_limit``).
+
+The API's handlers are named functions on the module-level router ``api``
+(the pages' are on ``producers.web.routes.pages``); ``create_app`` only
+assembles: the app's state, error handlers, routers and middleware.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import structlog
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -36,6 +40,7 @@ from producers.accept import (
 )
 from producers.accounts import Submitter, TokenHolder, token_holder
 from producers.api_docs import install_api_docs
+from producers.dependencies import RunningIntake
 from producers.duplicates import DuplicateRegistration
 from producers.key_registry import key_registry_router
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
@@ -210,12 +215,13 @@ IdempotencyKey = Annotated[
 
 
 async def token_client(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    intake: RunningIntake,
 ) -> TokenHolder:
     """The system presenting a current bearer token, whatever its role."""
     if credentials is None:
         raise Unauthenticated
-    intake: Intake = request.app.state.intake
     holder = await token_holder(intake.pool, credentials.credentials)
     identify(request, "token", holder.client if holder is not None else None)
     if holder is None:
@@ -297,6 +303,65 @@ async def _database_unreachable(request: Request, exc: Exception) -> Response:
     return response
 
 
+# Error responses: problem details for API clients (a page for a browser where
+# ``producers.web`` says it is one), registered on the app by ``create_app``.
+
+
+async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _validation_problem(exc)
+
+
+async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    if wants_html(request.url.path, request.headers.get("accept", "")):
+        return await http_exception_handler(request, exc)
+    return _http_problem(exc)
+
+
+async def on_unauthenticated(_: Request, __: Unauthenticated) -> JSONResponse:
+    response = problem(401, "Sign-in required", "Send a current API token: Authorization: Bearer <token>.")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="tuo-intake"'
+    return response
+
+
+async def on_rejected(_: Request, exc: SubmissionRejected) -> JSONResponse:
+    return invalid(exc.errors)
+
+
+async def on_not_permitted(_: Request, exc: NotPermitted) -> JSONResponse:
+    return problem(403, "Not permitted", str(exc))
+
+
+async def on_no_such_event(_: Request, __: NoSuchEvent) -> JSONResponse:
+    return _no_such_event()
+
+
+async def on_conflict(_: Request, __: IdempotencyConflict) -> JSONResponse:
+    return problem(
+        409,
+        "Idempotency-Key already used",
+        "This Idempotency-Key was used for a different request; use a new key for a new event.",
+    )
+
+
+async def on_duplicate(_: Request, exc: DuplicateRegistration) -> JSONResponse:
+    return already_registered(exc)
+
+
+PROBLEM_HANDLERS: dict[type[Exception], Callable[[Request, Any], Awaitable[Response]]] = {
+    RequestValidationError: on_invalid,
+    StarletteHTTPException: on_http_error,
+    Unauthenticated: on_unauthenticated,
+    SubmissionRejected: on_rejected,
+    NotPermitted: on_not_permitted,
+    NoSuchEvent: on_no_such_event,
+    # PostgreSQL restarting or out of reach: a 503 with Retry-After, not a 500, so that
+    # clients (and a registrar's browser) know to send the same request again.
+    **dict.fromkeys(DATABASE_UNREACHABLE, _database_unreachable),
+    IdempotencyConflict: on_conflict,
+    DuplicateRegistration: on_duplicate,
+}
+
+
 def create_app(
     settings: Settings, pool: asyncpg.Pool | None = None, also: Iterable[Callable[[FastAPI], None]] = ()
 ) -> FastAPI:
@@ -332,125 +397,16 @@ def create_app(
         docs_url=None,  # served by producers.api_docs, from this service alone
         redoc_url=None,  # ReDoc came from a CDN too; /docs is the one documentation page
     )
-
-    def intake() -> Intake:
-        current: Intake = app.state.intake
-        return current
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_problem(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if wants_html(request.url.path, request.headers.get("accept", "")):
-            return await http_exception_handler(request, exc)
-        return _http_problem(exc)
-
-    @app.exception_handler(Unauthenticated)
-    async def on_unauthenticated(_: Request, __: Unauthenticated) -> JSONResponse:
-        response = problem(
-            401, "Sign-in required", "Send a current API token: Authorization: Bearer <token>."
-        )
-        response.headers["WWW-Authenticate"] = 'Bearer realm="tuo-intake"'
-        return response
-
-    @app.exception_handler(SubmissionRejected)
-    async def on_rejected(_: Request, exc: SubmissionRejected) -> JSONResponse:
-        return invalid(exc.errors)
-
-    @app.exception_handler(NotPermitted)
-    async def on_not_permitted(_: Request, exc: NotPermitted) -> JSONResponse:
-        return problem(403, "Not permitted", str(exc))
-
-    @app.exception_handler(NoSuchEvent)
-    async def on_no_such_event(_: Request, __: NoSuchEvent) -> JSONResponse:
-        return _no_such_event()
-
-    # PostgreSQL restarting or out of reach: a 503 with Retry-After, not a 500, so that
-    # clients (and a registrar's browser) know to send the same request again.
-    for unreachable in DATABASE_UNREACHABLE:
-        app.add_exception_handler(unreachable, _database_unreachable)
-
-    @app.exception_handler(IdempotencyConflict)
-    async def on_conflict(_: Request, __: IdempotencyConflict) -> JSONResponse:
-        return problem(
-            409,
-            "Idempotency-Key already used",
-            "This Idempotency-Key was used for a different request; use a new key for a new event.",
-        )
-
-    @app.exception_handler(DuplicateRegistration)
-    async def on_duplicate(_: Request, exc: DuplicateRegistration) -> JSONResponse:
-        return already_registered(exc)
-
-    async def submit(submission: Submission, client: Submitter, key: str | None) -> JSONResponse:
-        recorded = await intake().accept(submission, client, key)
-        # The informant's consent receipts, for the office's system to hand on to them.
-        receipts = (
-            await consent_receipts_for_event(intake().pool, recorded.event_id) if submission.consents else []
-        )
-        return _accepted(recorded, consent_receipts=receipts)
-
-    @app.post("/v1/death-registrations", status_code=201, responses=_RESPONSES)
-    async def register_death(
-        body: DeathRegistration, client: Client, idempotency_key: IdempotencyKey = None
-    ) -> JSONResponse:
-        return await submit(body, client, idempotency_key)
-
-    @app.post("/v1/birth-registrations", status_code=201, responses=_RESPONSES)
-    async def register_birth(
-        body: BirthRegistration, client: Client, idempotency_key: IdempotencyKey = None
-    ) -> JSONResponse:
-        return await submit(body, client, idempotency_key)
-
-    @app.post("/v1/address-changes", status_code=201, responses=_RESPONSES)
-    async def change_address(
-        body: AddressChange, client: Client, idempotency_key: IdempotencyKey = None
-    ) -> JSONResponse:
-        return await submit(body, client, idempotency_key)
-
-    @app.post("/v1/events/{reference}/corrections", status_code=201, responses=_RESPONSES)
-    async def correct(
-        reference: str, body: CorrectionRequest, client: Client, idempotency_key: IdempotencyKey = None
-    ) -> JSONResponse:
-        """Correct fields of an event your office recorded; each recipient gets the changes it may see."""
-        return _accepted(await intake().correct(_reference(reference), body, client, idempotency_key))
-
-    @app.post("/v1/events/{reference}/void", status_code=201, responses=_RESPONSES)
-    async def void(
-        reference: str, body: VoidRequest, client: Client, idempotency_key: IdempotencyKey = None
-    ) -> JSONResponse:
-        """Void an event registered in error (supervisors only); every recipient is told."""
-        return _accepted(await intake().void(_reference(reference), body, client, idempotency_key))
-
-    @app.get("/v1/events/{reference}", responses=_RESPONSES)
-    async def status(reference: str, client: Client) -> JSONResponse:
-        """Where an event your office recorded has got to, agency by agency."""
-        found = await event_status(intake().pool, _reference(reference), office=client.office)
-        if found is None:
-            return _no_such_event()
-        found["duplicate_override"] = await duplicate_override(intake().pool, found["reference"])
-        return JSONResponse(found)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics(_: Monitor) -> Response:
-        """Receipt figures per agency, for a monitoring system's token."""
-        return Response(await receipt_metrics(intake().pool), media_type=METRICS_CONTENT_TYPE)
-
+    for kind, handler in PROBLEM_HANDLERS.items():
+        app.add_exception_handler(kind, handler)
+    app.include_router(api)
     install_api_docs(app, settings)  # before install_web mounts /assets as a whole
-
-    @app.get("/healthz")
-    async def health() -> dict[str, str]:
-        await intake().pool.fetchval("SELECT 1")
-        return {"status": "ok"}
-
     app.include_router(registry_router())
-    app.include_router(key_registry_router(lambda: intake().pool))
-    app.include_router(consent_receipt_keys_router(lambda: intake().pool))
+    app.include_router(key_registry_router(lambda: app.state.intake.pool))
+    app.include_router(consent_receipt_keys_router(lambda: app.state.intake.pool))
     for install in also:
         install(app)
-    install_web(app, intake, settings)
+    install_web(app, settings)
     app.add_middleware(JsonOnly)
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     app.add_middleware(
@@ -484,6 +440,85 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         **_PROBLEM_SCHEMA,
     },
 }
+
+
+# The JSON API for other systems: each handler reaches the running Intake through
+# ``Depends`` (``producers.dependencies``), so the router works on any app that has one.
+api = APIRouter()
+
+
+@api.post("/v1/death-registrations", status_code=201, responses=_RESPONSES)
+async def register_death(
+    body: DeathRegistration, client: Client, intake: RunningIntake, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    return await _submit(intake, body, client, idempotency_key)
+
+
+@api.post("/v1/birth-registrations", status_code=201, responses=_RESPONSES)
+async def register_birth(
+    body: BirthRegistration, client: Client, intake: RunningIntake, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    return await _submit(intake, body, client, idempotency_key)
+
+
+@api.post("/v1/address-changes", status_code=201, responses=_RESPONSES)
+async def change_address(
+    body: AddressChange, client: Client, intake: RunningIntake, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    return await _submit(intake, body, client, idempotency_key)
+
+
+@api.post("/v1/events/{reference}/corrections", status_code=201, responses=_RESPONSES)
+async def correct(
+    reference: str,
+    body: CorrectionRequest,
+    client: Client,
+    intake: RunningIntake,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Correct fields of an event your office recorded; each recipient gets the changes it may see."""
+    return _accepted(await intake.correct(_reference(reference), body, client, idempotency_key))
+
+
+@api.post("/v1/events/{reference}/void", status_code=201, responses=_RESPONSES)
+async def void(
+    reference: str,
+    body: VoidRequest,
+    client: Client,
+    intake: RunningIntake,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """Void an event registered in error (supervisors only); every recipient is told."""
+    return _accepted(await intake.void(_reference(reference), body, client, idempotency_key))
+
+
+@api.get("/v1/events/{reference}", responses=_RESPONSES)
+async def status(reference: str, client: Client, intake: RunningIntake) -> JSONResponse:
+    """Where an event your office recorded has got to, agency by agency."""
+    found = await event_status(intake.pool, _reference(reference), office=client.office)
+    if found is None:
+        return _no_such_event()
+    found["duplicate_override"] = await duplicate_override(intake.pool, found["reference"])
+    return JSONResponse(found)
+
+
+@api.get("/metrics", include_in_schema=False)
+async def metrics(_: Monitor, intake: RunningIntake) -> Response:
+    """Receipt figures per agency, for a monitoring system's token."""
+    return Response(await receipt_metrics(intake.pool), media_type=METRICS_CONTENT_TYPE)
+
+
+@api.get("/healthz")
+async def health(intake: RunningIntake) -> dict[str, str]:
+    await intake.pool.fetchval("SELECT 1")
+    return {"status": "ok"}
+
+
+async def _submit(intake: Intake, submission: Submission, client: Submitter, key: str | None) -> JSONResponse:
+    recorded = await intake.accept(submission, client, key)
+    # The informant's consent receipts, for the office's system to hand on to them.
+    receipts = await consent_receipts_for_event(intake.pool, recorded.event_id) if submission.consents else []
+    return _accepted(recorded, consent_receipts=receipts)
 
 
 ALREADY_REGISTERED = "urn:tuo:problem:already-registered"

@@ -9,9 +9,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from operators.services import RunningBus
+from producers.accept import Intake
 from producers.accounts import issue_token
+from producers.intake import PROBLEM_HANDLERS, api
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode
@@ -243,3 +246,31 @@ async def test_a_correction_or_void_of_a_follow_up_or_unknown_event_is_refused(
         json={"changes": [{"field": "place_of_death", "value": "Home"}], "reason": "late"},
     )
     assert unknown.status_code == 404
+
+
+async def test_the_api_router_works_alone_on_a_bare_app_given_an_intake(
+    bus: RunningBus, services: Settings, pool: asyncpg.Pool, registrar_token: str
+) -> None:
+    """The handlers are named, module-level routes: the API router and its problem
+    handlers serve on any app whose state holds an Intake, without create_app."""
+    app = FastAPI()
+    app.state.intake = Intake(services, pool)
+    app.include_router(api)
+    for kind, handler in PROBLEM_HANDLERS.items():
+        app.add_exception_handler(kind, handler)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://intake") as client:
+        refused = await client.post("/v1/death-registrations", json=death_registration())
+        recorded = await client.post(
+            "/v1/death-registrations",
+            json=death_registration(),
+            headers={"Authorization": f"Bearer {registrar_token}"},
+        )
+        found = await client.get(
+            recorded.json()["status_url"], headers={"Authorization": f"Bearer {registrar_token}"}
+        )
+    assert refused.status_code == 401
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+    assert recorded.status_code == 201, recorded.text
+    assert found.status_code == 200
+    assert found.json()["reference"] == recorded.json()["reference"]

@@ -24,7 +24,6 @@ from markupsafe import escape
 
 from operators.services import RunningBus
 from operators.web import create_app
-from producers.accept import Intake
 from producers.accounts import Role, add_registrar
 from producers.web import install_web
 from producers.web.forms import DEATH
@@ -54,8 +53,7 @@ class _EmbeddedServer(uvicorn.Server):
 async def serve_web(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[str]:
     """The intake app with the forms installed, on a free port; yields its base URL."""
     app = create_app(settings, pool)
-    intake = Intake(settings, pool)
-    install_web(app, lambda: intake, settings)
+    install_web(app, settings)
     server = _EmbeddedServer(
         uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
     )

@@ -1,10 +1,10 @@
 """The registrars' HTML forms, in the GOV.UK Design System style.
 
-``install_web`` adds the pages (``routes``) and their static assets to the
-intake app: GOV.UK Frontend's stylesheet, script, fonts and images from its npm
-package (``npm ci`` puts it in node_modules/; scripts/setup.sh runs it), and
-this service's own small script and stylesheet. The pages live outside ``/v1/``,
-which is the JSON API's.
+``install_web`` adds the pages (the router ``routes.pages``), their error pages
+and their static assets to the intake app: GOV.UK Frontend's stylesheet,
+script, fonts and images from its npm package (``npm ci`` puts it in
+node_modules/; scripts/setup.sh runs it), and this service's own small script
+and stylesheet. The pages live outside ``/v1/``, which is the JSON API's.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from producers.accept import Intake
-from producers.web.routes import FormNotTrusted, SignInRequired, web_routes
+from producers.dependencies import running_intake
+from producers.web.routes import FormNotTrusted, SignInRequired, cookie_policy, pages
 from runtime.settings import Settings
 from runtime.web.pages import add_templates, redirect, render
-from runtime.web.sessions import CookiePolicy
 
 __all__ = ["GOVUK_FRONTEND", "install_web", "too_many_requests_page", "wants_html"]
 
@@ -37,15 +36,18 @@ add_templates(Path(__file__).parent / "templates")
 WEB_PATHS = ("/sign-in", "/sign-out", "/start", "/register", "/registrations", "/assets")
 
 
-def install_web(app: FastAPI, intake_getter: Callable[[], Intake], settings: Settings) -> None:
-    """Mount the registrars' pages and assets on the intake app (once; a second call does nothing)."""
+def install_web(app: FastAPI, settings: Settings) -> None:
+    """Mount the registrars' pages and assets on the intake app (once; a second call does nothing).
+    The pages use the app's ``state.intake`` (``producers.dependencies``)."""
     if getattr(app.state, "web_installed", False):
         return
     app.state.web_installed = True
-    router, cookies = web_routes(intake_getter, settings)
-    app.include_router(router)
+    app.include_router(pages)
     _install_assets(app, settings.govuk_frontend_dir or GOVUK_FRONTEND)
-    _install_error_pages(app, cookies)
+    app.add_exception_handler(SignInRequired, sign_in_required)
+    app.add_exception_handler(FormNotTrusted, form_not_trusted)
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(Exception, server_error)
 
 
 def _install_assets(app: FastAPI, govuk_frontend: Path) -> None:
@@ -122,62 +124,64 @@ def _wait(seconds: int) -> str:
     return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
-def _install_error_pages(app: FastAPI, cookies: CookiePolicy) -> None:
-    async def sign_in_required(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, SignInRequired)
-        query = {}
-        if exc.return_to:
-            query["next"] = exc.return_to
-        if exc.expired:
-            query["reason"] = "expired"
-        response = redirect("/sign-in" + (f"?{urlencode(query)}" if query else ""))
-        cookies.clear(response, cookies.session)
-        return response
+# The pages' error pages, registered by ``install_web``.
 
-    async def form_not_trusted(_: Request, __: Exception) -> Response:
-        log.warning("web_form_refused", reason="missing or wrong CSRF token")
-        return render(
-            "message.html",
-            403,
-            title="Sorry, this form could not be accepted",
-            lines=[
-                "It was out of date, or it was not sent from this service. Nothing has been recorded.",
-                "Go back to the start, then try again.",
-            ],
-            link=("/start", "Go to the start"),
-        )
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        if not _wants_html(request):
-            assert isinstance(exc, HTTPException)
-            return await http_exception_handler(request, exc)
-        return render(
-            "message.html",
-            404,
-            title="Page not found",
-            lines=[
-                "If you typed the web address, check it is correct.",
-                "If you are looking for a registration, check the reference number: "
-                "you can only see registrations your own office recorded.",
-            ],
-            link=("/start", "Go to the start"),
-        )
+async def sign_in_required(request: Request, exc: Exception) -> Response:
+    """To the sign-in page, and back here afterwards; the stale session cookie goes."""
+    assert isinstance(exc, SignInRequired)
+    query = {}
+    if exc.return_to:
+        query["next"] = exc.return_to
+    if exc.expired:
+        query["reason"] = "expired"
+    response = redirect("/sign-in" + (f"?{urlencode(query)}" if query else ""))
+    cookies = cookie_policy(running_intake(request))
+    cookies.clear(response, cookies.session)
+    return response
 
-    async def server_error(request: Request, _: Exception) -> Response:
-        if not _wants_html(request):
-            return PlainTextResponse("Internal Server Error", status_code=500)  # as without this handler
-        return render(
-            "message.html",
-            500,
-            title="Sorry, there is a problem with the service",
-            lines=[
-                "Try again in a few minutes. If you were sending a registration, sending it again "
-                "will not record it twice.",
-            ],
-            link=("/start", "Go to the start"),
-        )
 
-    app.add_exception_handler(SignInRequired, sign_in_required)
-    app.add_exception_handler(FormNotTrusted, form_not_trusted)
-    app.add_exception_handler(404, not_found)
-    app.add_exception_handler(Exception, server_error)
+async def form_not_trusted(_: Request, __: Exception) -> Response:
+    log.warning("web_form_refused", reason="missing or wrong CSRF token")
+    return render(
+        "message.html",
+        403,
+        title="Sorry, this form could not be accepted",
+        lines=[
+            "It was out of date, or it was not sent from this service. Nothing has been recorded.",
+            "Go back to the start, then try again.",
+        ],
+        link=("/start", "Go to the start"),
+    )
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    if not _wants_html(request):
+        assert isinstance(exc, HTTPException)
+        return await http_exception_handler(request, exc)
+    return render(
+        "message.html",
+        404,
+        title="Page not found",
+        lines=[
+            "If you typed the web address, check it is correct.",
+            "If you are looking for a registration, check the reference number: "
+            "you can only see registrations your own office recorded.",
+        ],
+        link=("/start", "Go to the start"),
+    )
+
+
+async def server_error(request: Request, _: Exception) -> Response:
+    if not _wants_html(request):
+        return PlainTextResponse("Internal Server Error", status_code=500)  # as without this handler
+    return render(
+        "message.html",
+        500,
+        title="Sorry, there is a problem with the service",
+        lines=[
+            "Try again in a few minutes. If you were sending a registration, sending it again "
+            "will not record it twice.",
+        ],
+        link=("/start", "Go to the start"),
+    )

@@ -1,6 +1,6 @@
 """Pydantic models that mirror the Avro schemas field by field.
 
-The ``.avsc`` files are the source of truth; ``tests/test_contract_drift.py``
+The ``.avsc`` files are the source of truth; ``tests/schemas/test_contract_drift.py``
 proves these models agree with the latest released version of each schema
 (names, order, types, optionality, enum symbols). Building a record through
 these models checks formats (NINO, postcode, UPRN), dates not in the future,

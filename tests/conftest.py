@@ -74,7 +74,7 @@ def services() -> Iterator[Settings]:
             http_port=http_port,
             public_url=f"http://127.0.0.1:{http_port}",
             overdue_check_seconds=1,
-            # Every test signs in from 127.0.0.1; tests/test_http_security.py proves the limit.
+            # Every test signs in from 127.0.0.1; tests/runtime/test_http_security.py proves the limit.
             sign_in_attempts_per_minute=10_000,
         )
         asyncio.run(grant_inspector(settings))

@@ -4,7 +4,7 @@
 
 Each vector is a Confluent-framed message (``<Name>.v<N>.bin``) and the record
 it must decode to (``<Name>.v<N>.json``). Vectors are written once, committed,
-and never regenerated: ``tests/test_golden_vectors.py`` decodes them forever.
+and never regenerated: ``tests/schemas/test_golden_vectors.py`` decodes them forever.
 """
 
 from __future__ import annotations

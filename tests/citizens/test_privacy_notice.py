@@ -16,7 +16,7 @@ from playwright.async_api import async_playwright
 
 from citizens.privacy import RETENTION
 from operators.services import RunningBus
-from tests.test_browser import AXE, CHROMIUM, HEADLESS_ARGS, Audit, _need
+from tests.producers.test_browser import AXE, CHROMIUM, HEADLESS_ARGS, Audit, _need
 
 pytestmark = pytest.mark.integration
 

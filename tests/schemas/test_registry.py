@@ -12,7 +12,7 @@ import pytest
 from schemas.catalogue import CATALOGUE
 from schemas.codec import decode, encode
 from schemas.registry_client import RegistryRefused, bind_to_registry
-from tests.test_codec import _death
+from tests.schemas.test_codec import _death
 
 REGISTRY_MEDIA = "application/vnd.schemaregistry.v1+json"
 DEATH = "uk.gov.tellusonce.DeathRegistered"

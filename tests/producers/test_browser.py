@@ -25,13 +25,13 @@ from playwright.async_api import Page, Route, async_playwright
 from operators.services import RunningBus
 from producers.accounts import add_registrar
 from runtime.settings import Settings
+from tests.producers.test_web_forms import OFFICE, PASSWORD, records_by, serve_web
 from tests.support import random_nino, today
-from tests.test_web_forms import OFFICE, PASSWORD, records_by, serve_web
 
 pytestmark = pytest.mark.integration
 
 CHROMIUM = Path("/usr/bin/chromium")
-AXE = Path(__file__).resolve().parent.parent / "node_modules" / "axe-core" / "axe.min.js"
+AXE = Path(__file__).resolve().parents[2] / "node_modules" / "axe-core" / "axe.min.js"
 HEADLESS_ARGS = ["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-extensions"]
 BLOCKING_IMPACTS = ("serious", "critical")
 _REFERENCE = re.compile(r"^TUO-[0-9]{4}-[0-9A-Z]{4}-[0-9A-Z]{4}$")

@@ -30,8 +30,7 @@ from producers.web.routes import pages
 from runtime.settings import Settings
 from runtime.web.rate_limit import KnownClients, RateLimiter
 from runtime.web.security_headers import NOTHING_ALLOWED, security_headers
-from tests.support import death_registration, tuo_cli
-from tests.test_web_forms import (
+from tests.producers.test_web_forms import (
     PASSWORD,
     csrf,
     death_answers,
@@ -44,6 +43,7 @@ from tests.test_web_forms import (
     to_check_page,
     web_settings,
 )
+from tests.support import death_registration, tuo_cli
 
 UNKNOWN_REFERENCE = "TUO-2026-0000-0000"
 _SUBMISSION_ID = re.compile(r'name="submission_id" value="([^"]+)"')

@@ -48,7 +48,7 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.integration
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 async def _subscribe(settings: Settings, pool: asyncpg.Pool, agency: str, district: str) -> None:

@@ -21,8 +21,8 @@ from router.consent_receipts import published_keys, verify_consent_receipt
 from runtime.kafka import Topics
 from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
+from tests.producers.test_browser import AXE, CHROMIUM, HEADLESS_ARGS, Audit, _need
 from tests.support import eventually, header, read_topic, today
-from tests.test_browser import AXE, CHROMIUM, HEADLESS_ARGS, Audit, _need
 
 pytestmark = pytest.mark.integration
 

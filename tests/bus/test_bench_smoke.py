@@ -24,7 +24,7 @@ import pytest
 from bench.__main__ import RECORDED, SMOKE
 from bench.proof import TimeLimitExceeded, WorkNotDone, prove, prove_figures, time_limit
 
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def bench(out: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:

@@ -274,7 +274,7 @@ async def test_a_receipt_carries_no_nino_and_no_name(pool: asyncpg.Pool, service
 
 # --- receipts from the running service, checked by libraries that are not ours -----------------
 
-NODE_VERIFIER = Path(__file__).resolve().parent / "tools" / "verify_consent_receipt.mjs"
+NODE_VERIFIER = Path(__file__).resolve().parents[1] / "tools" / "verify_consent_receipt.mjs"
 
 
 async def _node_jose(jwks_url: str, issuer: str, token: str) -> tuple[int, dict[str, Any]]:

@@ -14,7 +14,7 @@ from schemas.catalogue import CATALOGUE, CatalogueEntry
 from schemas.codec import decode, encode
 from tests.golden.jsonable import jsonable
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def _stem(entry: CatalogueEntry) -> str:

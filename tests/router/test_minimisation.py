@@ -33,10 +33,10 @@ from schemas import decode, encode
 from schemas.catalogue import MINIMISED
 from schemas.signatures import office_source, read_signature, signature_headers, verify
 from tests.golden.make_vectors import EXAMPLES
+from tests.schemas.test_signatures import KEY, OFFICE
 from tests.support import eventually, header, random_nino, read_topic, today
-from tests.test_signatures import KEY, OFFICE
 
-MIGRATION = Path(__file__).parent.parent / "runtime" / "migrations" / "0022_field_path_grants.sql"
+MIGRATION = Path(__file__).resolve().parents[2] / "runtime" / "migrations" / "0022_field_path_grants.sql"
 
 # The envelope's members that every agency receives, and its personal ones with the
 # path that grants each. Written out here, not taken from the code under test.

@@ -41,7 +41,7 @@ from runtime.kafka import Topics
 from runtime.kafka_admin import salted_password
 from runtime.settings import ENV_PREFIX, Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 KAFKA_IMAGE = "apache/kafka:"

@@ -13,7 +13,7 @@ import pytest
 
 from consumers.sdk import DeliveredEvent, handle_once
 
-GUIDE = (Path(__file__).resolve().parent.parent / "docs" / "agencies.md").read_text()
+GUIDE = (Path(__file__).resolve().parents[2] / "docs" / "agencies.md").read_text()
 
 
 def _blocks(language: str) -> list[str]:

@@ -26,8 +26,7 @@ from producers.accounts import issue_token
 from producers.duplicates import registration_claims
 from producers.requests import BirthRegistration, DeathRegistration
 from runtime.settings import Settings
-from tests.support import death_registration, random_nino, today
-from tests.test_web_forms import (
+from tests.producers.test_web_forms import (
     OFFICE,
     death_answers,
     records_by,
@@ -37,6 +36,7 @@ from tests.test_web_forms import (
     to_check_page,
     web_settings,
 )
+from tests.support import death_registration, random_nino, today
 
 pytestmark = pytest.mark.integration
 

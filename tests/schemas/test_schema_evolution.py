@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from operators.cli import app
 from schemas.catalogue import NAMESPACE, SOURCE_DIR, TOP_LEVEL, VERSIONS_DIR, SchemaCatalogue
 from schemas.codec import decode, encode
-from tests.test_codec import _death
+from tests.schemas.test_codec import _death
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from schemas import decode
 from tests.support import death_registration, eventually, header, kafka_env, random_nino, read_topic, tuo_cli
 
 TUO = str(Path(sys.executable).parent / "tuo")
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 # --- Selection: pure checks, no services ----------------------------------------------

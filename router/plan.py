@@ -49,7 +49,14 @@ from aiokafka.structs import ConsumerRecord
 from router import messages
 from router.messages import Incoming, Outgoing, UnroutableEvent, agency_copy, verify_signature
 from router.policy import POLICY
-from router.rules import ConsentState, RoutingDecision, Subscription, decide, decide_follow_up
+from router.rules import (
+    ConsentState,
+    RoutableEvent,
+    RoutingDecision,
+    Subscription,
+    decide,
+    decide_follow_up,
+)
 from router.store import OriginalEvent, current_consent, load_subscriptions, original_deliveries
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
@@ -343,12 +350,7 @@ def _route_one(
             outgoing.append(
                 _decision_message(topics, decision, incoming.record.key or b"", inputs.now, schema_base_url)
             )
-    log.debug(
-        "event_routed",
-        event_id=event.event_id,
-        event_type=event.event_type,
-        delivered=[d.agency for d in decisions if d.delivers],
-    )
+    _routed(event, decisions)
     return outgoing
 
 
@@ -389,10 +391,14 @@ def _follow_up(
         if decision.delivers:
             out.append(agency_copy(topics, incoming, decision, schema_base_url))
         out.append(_decision_message(topics, decision, record.key or b"", inputs.now, schema_base_url))
+    _routed(event, decisions)
+    return out
+
+
+def _routed(event: RoutableEvent, decisions: list[RoutingDecision]) -> None:
     log.debug(
         "event_routed",
         event_id=event.event_id,
         event_type=event.event_type,
         delivered=[d.agency for d in decisions if d.delivers],
     )
-    return out

@@ -7,9 +7,10 @@ dangerous, so a replay:
 - goes only to the one agency named, straight to its topic (``tuo-replay`` may
   write agencies' topics and nothing else);
 - is decided on today's subscriptions and consent, read again for every batch,
-  with the router's own rules (``router.rules``) and the router's own copy of
-  the event (``router.messages``): a subject who withdrew consent is not sent,
-  and the agency gets only the fields it is entitled to now;
+  through the router's own pipeline (``router.plan``: verify, read in the same
+  order, decide) and with the router's own copy of the event
+  (``router.messages``): a subject who withdrew consent is not sent, and the
+  agency gets only the fields it is entitled to now;
 - honours voids and corrections, wherever they lie (the selection may be
   narrower): a voided event is never sent, nor are its corrections; an original
   that is sent is followed at once by every correction recorded of it, in
@@ -37,7 +38,7 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -48,25 +49,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 
-from router.messages import (
-    FOLLOW_UPS,
-    Incoming,
-    Outgoing,
-    UnroutableEvent,
-    agency_copy,
-    routable,
-    verify_signature,
-)
-from router.policy import POLICY
-from router.rules import (
-    ConsentState,
-    OriginalDelivery,
-    Outcome,
-    RoutingDecision,
-    decide,
-    decide_follow_up,
-)
-from router.store import current_consent, load_subscriptions
+from router.messages import FOLLOW_UPS, Incoming, Outgoing, UnroutableEvent, agency_copy, routable
+from router.plan import DecisionInputs, decide_on, decide_on_follow_up, read_inputs, verify_signatures
+from router.rules import OriginalDelivery, Outcome, RoutingDecision
+from router.store import OriginalEvent
 from runtime import kafka
 from runtime.access import AGENCY_NAME, Principal
 from runtime.kafka import Topics
@@ -595,14 +581,11 @@ class Replayer:
 
     async def _verified(self, stored: list[_Stored]) -> list[_Stored]:
         """As the router does: an event whose office signature fails is not sent now."""
-        known = await self.keys.resolve({s.incoming.signed.manifest.key_id for s in stored if s.incoming})
+        failures = iter(await verify_signatures(self.keys, [s.incoming for s in stored if s.incoming]))
         checked = []
         for item in stored:
-            if item.incoming is not None:
-                try:
-                    verify_signature(item.incoming, known)
-                except UnroutableEvent:
-                    item = _Stored(item.event_id, item.selected, None)
+            if item.incoming is not None and next(failures) is not None:
+                item = _Stored(item.event_id, item.selected, None)
             checked.append(item)
         return checked
 
@@ -630,24 +613,13 @@ class Replayer:
         incoming = [s.incoming for s in mine if s.incoming is not None]
         follows = [i.follows[0] for i in incoming if i.follows]
         async with self.pool.acquire() as conn:
-            # Read now, for this batch: a withdrawal confirmed before this read stops delivery.
-            now: datetime = await conn.fetchval("SELECT clock_timestamp()")
-            # The agency's own subscriptions are all its decision depends on.
-            subscriptions = [s for s in await load_subscriptions(conn) if s.agency == agency]
-            voided = await _voided(conn, [*(str(i) for i in originals_here), *follows])
-            originals = await _originals(conn, follows, agency)
-            consent = await current_consent(
-                conn,
-                [
-                    (
-                        i.event.subject_id,
-                        originals[i.follows[0]][0]
-                        if i.follows and i.follows[0] in originals
-                        else i.event.event_type,
-                    )
-                    for i in incoming
-                ],
+            # Read now, for this batch, as the router reads (router.plan says why in that
+            # order): a withdrawal confirmed before this read stops delivery. The agency's
+            # own subscriptions are all its decision depends on.
+            inputs = await read_inputs(
+                conn, incoming, lambda c, ids: _originals(c, ids, agency), agency=agency
             )
+            voided = await _voided(conn, [*(str(i) for i in originals_here), *follows])
         batch = _Batch(rows[-1]["id"], [], [], 0, 0, Counter())
 
         def send(item: Incoming, decision: RoutingDecision, selected: bool) -> None:
@@ -677,20 +649,7 @@ class Replayer:
                 if event.event_id in voided:
                     batch.withheld[VOIDED] += 1 + sum(f.selected for f in fixes_of)
                     continue
-                decision = next(
-                    (
-                        d
-                        for d in decide(
-                            event,
-                            subscriptions,
-                            consent.get((event.subject_id, event.event_type), {}),
-                            now,
-                            POLICY,
-                        )
-                        if d.agency == agency
-                    ),
-                    None,
-                )
+                decision = next((d for d in decide_on(item, inputs) if d.agency == agency), None)
                 if decision is None or not decision.delivers:
                     outcome = decision.outcome.value if decision else Outcome.WITHHELD_NO_SUBSCRIPTION.value
                     batch.withheld[outcome] += 1 + sum(f.selected for f in fixes_of)
@@ -702,7 +661,9 @@ class Replayer:
                     if fix.incoming is None:
                         outcome = UNROUTABLE
                     else:
-                        follow_up = self._follow_up(fix.incoming, event.event_type, sent_now, consent)
+                        follow_up = self._follow_up(
+                            fix.incoming, OriginalEvent(event.event_type, sent_now), inputs
+                        )
                         if follow_up.delivers:
                             send(fix.incoming, follow_up, fix.selected)
                             continue
@@ -719,41 +680,31 @@ class Replayer:
                 continue
             # A void, or a correction whose original is not selected: it goes only where
             # the original is already held, and a correction of a voided event never goes.
-            original = originals.get(item.follows[0])
-            if original is None or original[0] != item.follows[1]:
+            original = inputs.originals.get(item.follows[0])
+            if original is None or original.event_type != item.follows[1]:
                 batch.withheld[UNROUTABLE] += 1
                 continue
             if event.event_type == "EventCorrected" and item.follows[0] in voided:
                 batch.withheld[VOIDED] += 1
                 continue
-            if not any(s.event_type == original[0] and s.in_force(now) for s in subscriptions):
+            if not any(
+                s.event_type == original.event_type and s.in_force(inputs.now) for s in inputs.subscriptions
+            ):
                 # No longer subscribed to what it corrects: today's subscriptions decide.
                 batch.withheld[Outcome.WITHHELD_NO_SUBSCRIPTION.value] += 1
                 continue
-            follow_up = self._follow_up(item, original[0], original[1], consent)
+            follow_up = self._follow_up(item, original, inputs)
             if not follow_up.delivers:
                 batch.withheld[follow_up.outcome.value] += 1
                 continue
             send(item, follow_up, selected=True)
         return batch
 
-    def _follow_up(
-        self,
-        item: Incoming,
-        original_type: str,
-        deliveries: list[OriginalDelivery],
-        consent: Mapping[tuple[str, str], Mapping[str, ConsentState]],
-    ) -> RoutingDecision:
+    def _follow_up(self, item: Incoming, original: OriginalEvent, inputs: DecisionInputs) -> RoutingDecision:
         """The router's decision on a correction or void for this agency: it goes only
         where the original is held, within the fields the agency got of it."""
-        (decision,) = decide_follow_up(  # one agency asked about, so one decision
-            item.event,
-            original_type,
-            deliveries,
-            [self.replay.agency],
-            consent.get((item.event.subject_id, original_type), {}),
-            POLICY,
-        )
+        # One agency asked about, so one decision.
+        (decision,) = decide_on_follow_up(item, original, [self.replay.agency], inputs)
         return decision
 
     def _open(self, sealed: bytes, event_id: uuid.UUID) -> bytes:
@@ -840,9 +791,7 @@ async def _voided(conn: asyncpg.Connection, event_ids: list[str]) -> set[str]:
     return {r["voided"] for r in rows}
 
 
-async def _originals(
-    conn: asyncpg.Connection, event_ids: list[str], agency: str
-) -> dict[str, tuple[str, list[OriginalDelivery]]]:
+async def _originals(conn: asyncpg.Connection, event_ids: list[str], agency: str) -> dict[str, OriginalEvent]:
     """For corrections and voids: each original's recorded type, and how it reached the
     agency, by the router or by any replay (none when it did not)."""
     if not event_ids:
@@ -861,12 +810,12 @@ async def _originals(
         event_ids,
         agency,
     )
-    found: dict[str, tuple[str, list[OriginalDelivery]]] = {}
+    found: dict[str, OriginalEvent] = {}
     for r in rows:
         deliveries = (
             [OriginalDelivery(agency, r["legal_basis"], frozenset(r["fields_delivered"]))]
             if r["fields_delivered"] is not None
             else []
         )
-        found[r["event_id"]] = (r["event_type"], deliveries)
+        found[r["event_id"]] = OriginalEvent(r["event_type"], deliveries)
     return found

@@ -1,5 +1,6 @@
-"""The router service: consume life events, decide, and in one Kafka transaction
-produce the agency messages, the routing decisions and the consumer offsets.
+"""The router service: consume life events, have each batch planned (``router.plan``:
+read, verify, decide), and in one Kafka transaction produce the agency messages, the
+routing decisions and the consumer offsets.
 
 Downstream readers use read_committed, so a crash at any point neither loses
 nor duplicates a delivery. There is one transactional id per input partition
@@ -13,8 +14,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import asyncpg
@@ -23,37 +23,18 @@ from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from router import messages
 from router.consent_changes import notices
-from router.messages import (
-    Incoming,
-    Outgoing,
-    UnroutableEvent,
-    agency_copy,
-    verify_signature,
-)
-from router.policy import POLICY
-from router.rules import (
-    ConsentState,
-    Outcome,
-    RoutingDecision,
-    Subscription,
-    decide,
-    decide_follow_up,
-)
-from router.store import OriginalEvent, agencies, current_consent, load_subscriptions, original_deliveries
+from router.plan import COMPONENT, BatchPlan, OriginalNotYetDecided, plan_batch
+from router.rules import Outcome, RoutingDecision
+from router.store import agencies
 from runtime import kafka
 from runtime.access import Principal
-from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics, ensure_topics
 from runtime.keyring import KeyRing
 from runtime.metrics import DEAD_LETTERS, DELIVERIES, EVENTS_ROUTED, LAG, WITHHELD
 from runtime.settings import Settings
-from schemas import encode, models
-from schemas.cloudevents import REDELIVER_TO, REDELIVERY_ID, headers_for
 
 log = structlog.get_logger(__name__)
-COMPONENT = "router"
 T = TypeVar("T")
 ORIGINAL_WAIT_SECONDS = 60.0  # then a correction whose original is unknown is dead-lettered
 # A batch normally commits in well under a second. One that has not committed in this long
@@ -82,6 +63,11 @@ class RoutingTally:
             elif not redelivery:
                 self.withheld[(decision.agency, _REASONS[decision.outcome])] += 1
 
+    def planned(self, plan: BatchPlan) -> None:
+        for decided in plan.decided:
+            self.decided(decided.event_type, decided.decisions, decided.redelivery)
+        self.dead_letters += plan.dead_letters
+
     def count(self) -> None:
         for event_type, n in self.routed.items():
             EVENTS_ROUTED.labels(event_type=event_type).inc(n)
@@ -99,283 +85,6 @@ _REASONS = {
     Outcome.WITHHELD_AREA_UNKNOWN: "area_unknown",
     Outcome.BLOCKED: "blocked",
 }
-
-
-def _decision_message(
-    topics: Topics, decision: RoutingDecision, key: bytes, at: datetime, schema_base_url: str
-) -> Outgoing:
-    value = encode(
-        "RoutingDecision",
-        models.RoutingDecision(
-            event_id=decision.event_id,
-            event_type=decision.event_type,
-            agency=decision.agency,
-            outcome=decision.outcome.value,
-            legal_basis=decision.legal_basis,
-            decided_at=at,
-            fields_delivered=sorted(decision.fields_delivered),
-            fields_withheld=sorted(decision.fields_withheld),
-        ).avro(),
-    )
-    headers = headers_for(
-        value,
-        id=f"{decision.event_id}/{decision.agency}",
-        source="/router",
-        subject=key.decode(errors="replace"),
-        time=at,
-        schema_base_url=schema_base_url,
-    )
-    return Outgoing(topics.routing_decisions, key, value, headers)
-
-
-async def plan(
-    pool: asyncpg.Pool,
-    topics: Topics,
-    records: list[ConsumerRecord[bytes, bytes]],
-    schema_base_url: str,
-    give_up_on: frozenset[int] = frozenset(),
-    *,
-    keys: KeyRing,
-    tally: RoutingTally | None = None,
-) -> list[Outgoing]:
-    """Everything one batch of life events should produce, decided now; what it
-    decided is added to ``tally``, for the caller to count once it has committed."""
-    outgoing: list[Outgoing] = []
-    decoded: list[Incoming] = []
-    tally = tally if tally is not None else RoutingTally()
-
-    def reject(record: ConsumerRecord[bytes, bytes], exc: UnroutableEvent) -> None:
-        letter = dead_letter(record, COMPONENT, str(exc))
-        outgoing.append(Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers))
-        tally.dead_letters += 1
-        log.warning(
-            "event_dead_lettered",
-            event_id=_header(record, "ce_id"),
-            partition=record.partition,
-            offset=record.offset,
-            reason=str(exc),
-        )
-
-    for record in records:
-        try:
-            incoming = messages.routable(record)
-            target = _header(record, REDELIVER_TO)
-            if (record.topic == topics.redeliveries) != (target is not None):
-                raise UnroutableEvent(
-                    f"{REDELIVER_TO} belongs on every {topics.redeliveries} message, and only there"
-                )
-            decoded.append(replace(incoming, redeliver_to=target))
-        except UnroutableEvent as exc:
-            reject(record, exc)
-    # One key registry read at most per batch, and only for a key not seen before.
-    known = await keys.resolve({i.signed.manifest.key_id for i in decoded})
-    routable: list[Incoming] = []
-    for incoming in decoded:
-        try:
-            verify_signature(incoming, known)
-        except UnroutableEvent as exc:
-            reject(incoming.record, exc)
-            continue
-        routable.append(incoming)
-    if not routable:
-        return outgoing
-    # Consent is read at decision time, inside this batch, never cached. The decision
-    # time is the database's clock, taken before the read, so any consent change the
-    # read did not see is stamped later than the decision that did not see it.
-    async with pool.acquire() as conn:
-        now: datetime = await conn.fetchval("SELECT clock_timestamp()")
-        subscriptions = await load_subscriptions(conn)
-        consent = await current_consent(
-            conn,
-            [(i.event.subject_id, i.follows[1] if i.follows else i.event.event_type) for i in routable],
-        )
-        originals = await original_deliveries(
-            conn,
-            [i.follows[0] for i in routable if i.follows]
-            + [i.event.event_id for i in routable if i.redeliver_to and not i.follows],
-        )
-        # Consent for a correction is the consent for its original's recorded type.
-        recorded_types = [
-            (i.event.subject_id, originals[i.follows[0]].event_type)
-            for i in routable
-            if i.follows and originals and i.follows[0] in originals
-        ]
-        consent.update(await current_consent(conn, recorded_types))
-    # Each line about one event names it (event_id=...) itself: binding it in contextvars
-    # for every event would cost the hot path more than the lines are worth.
-    for incoming in routable:
-        produced = _route_one(
-            incoming, topics, subscriptions, consent, originals, now, schema_base_url, give_up_on, tally
-        )
-        if incoming.redeliver_to is not None:
-            produced = _redelivery(incoming, produced, topics.agency(incoming.redeliver_to))
-        outgoing += produced
-    return outgoing
-
-
-def _header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
-    return next((v.decode(errors="replace") for k, v in record.headers if k == name), None)
-
-
-def _redelivery(incoming: Incoming, produced: list[Outgoing], topic: str) -> list[Outgoing]:
-    """An operator's redelivery: only the named agency's copy, and only if today's
-    subscriptions and consent still allow it. The first delivery's routing decision
-    stands in the audit chain; the request itself is recorded in ``redelivery``."""
-    copies = [o for o in produced if o.topic == topic]
-    log.info(
-        "event_redelivered" if copies else "redelivery_withheld",
-        event_id=incoming.event.event_id,
-        agency=incoming.redeliver_to,
-        redelivery=_header(incoming.record, REDELIVERY_ID),
-    )
-    return copies
-
-
-def _as_redelivered(
-    decisions: list[RoutingDecision], agency: str, original: OriginalEvent | None
-) -> list[RoutingDecision]:
-    """The named agency's decision only, if it is still entitled today, and never with
-    more fields than its first delivery carried (a subscription widened since then
-    does not reach back into earlier events)."""
-    first = (
-        next((d.fields_delivered for d in original.deliveries if d.agency == agency), None)
-        if original
-        else None
-    )
-    if first is None:
-        return []
-    return [
-        replace(
-            d,
-            fields_delivered=d.fields_delivered & first,
-            fields_withheld=d.fields_withheld | (d.fields_delivered - first),
-        )
-        for d in decisions
-        if d.agency == agency and d.delivers
-    ]
-
-
-def _route_one(
-    incoming: Incoming,
-    topics: Topics,
-    subscriptions: list[Subscription],
-    consent: dict[tuple[str, str], dict[str, ConsentState]],
-    originals: dict[str, OriginalEvent] | None,
-    now: datetime,
-    schema_base_url: str,
-    give_up_on: frozenset[int],
-    tally: RoutingTally,
-) -> list[Outgoing]:
-    event = incoming.event
-    if incoming.follows is not None:
-        return _follow_up(
-            topics,
-            incoming,
-            subscriptions,
-            consent,
-            originals,
-            now,
-            schema_base_url,
-            tally,
-            give_up=incoming.record.offset in give_up_on,
-        )
-    outgoing: list[Outgoing] = []
-    copies: dict[frozenset[str], Outgoing] = {}  # agencies granted the same fields share one encoding
-    decisions = decide(
-        event, subscriptions, consent.get((event.subject_id, event.event_type), {}), now, POLICY
-    )
-    if incoming.redeliver_to is not None:
-        original = originals.get(event.event_id) if originals else None
-        decisions = _as_redelivered(decisions, incoming.redeliver_to, original)
-    tally.decided(event.event_type, decisions, redelivery=incoming.redeliver_to is not None)
-    for decision in decisions:
-        if decision.delivers:
-            if decision.fields_delivered not in copies:
-                copies[decision.fields_delivered] = agency_copy(topics, incoming, decision, schema_base_url)
-            shared = copies[decision.fields_delivered]
-            outgoing.append(
-                Outgoing(topics.agency(decision.agency), shared.key, shared.value, shared.headers)
-            )
-        if incoming.redeliver_to is None:  # a redelivery is recorded in PostgreSQL, not as a new decision
-            outgoing.append(
-                _decision_message(topics, decision, incoming.record.key or b"", now, schema_base_url)
-            )
-    log.debug(
-        "event_routed",
-        event_id=event.event_id,
-        event_type=event.event_type,
-        delivered=[d.agency for d in decisions if d.delivers],
-    )
-    return outgoing
-
-
-class OriginalNotYetDecided(Exception):
-    """A correction or void arrived before its original's decisions were recorded."""
-
-    def __init__(self, offset: int) -> None:
-        super().__init__(offset)
-        self.offset = offset
-
-
-def _follow_up(
-    topics: Topics,
-    incoming: Incoming,
-    subscriptions: list[Subscription],
-    consent: dict[tuple[str, str], dict[str, ConsentState]],
-    originals: dict[str, OriginalEvent] | None,
-    now: datetime,
-    schema_base_url: str,
-    tally: RoutingTally,
-    give_up: bool,
-) -> list[Outgoing]:
-    """A correction or void: to the original's recipients only, judged on the
-    original's recorded type, within the fields (and NINO) each received."""
-    assert incoming.follows is not None and originals is not None
-    original_id, claimed_type = incoming.follows
-    event, record = incoming.event, incoming.record
-    original = originals.get(original_id)
-    if original is None and not give_up:
-        raise OriginalNotYetDecided(record.offset)
-    reason = None
-    if original is None:
-        reason = f"original event {original_id} has no recorded routing decisions"
-    elif original.event_type != claimed_type:
-        reason = f"it names the original as {claimed_type} but {original_id} was {original.event_type}"
-    if reason is not None or original is None:
-        letter = dead_letter(record, COMPONENT, reason or "unknown original")
-        tally.dead_letters += 1
-        log.warning(
-            "event_dead_lettered",
-            event_id=event.event_id,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason,
-        )
-        return [Outgoing(topics.dead_letters, letter.key, letter.value, letter.headers)]
-    decisions = decide_follow_up(
-        event,
-        original.event_type,
-        original.deliveries,
-        {s.agency for s in subscriptions},
-        consent.get((event.subject_id, original.event_type), {}),
-        POLICY,
-    )
-    if incoming.redeliver_to is None:
-        tally.decided(event.event_type, decisions, redelivery=False)
-    else:  # only the named agency's copy is sent (see _redelivery)
-        tally.decided(event.event_type, [d for d in decisions if d.agency == incoming.redeliver_to], True)
-    out: list[Outgoing] = []
-    for decision in decisions:
-        if decision.delivers:
-            out.append(agency_copy(topics, incoming, decision, schema_base_url))
-        out.append(_decision_message(topics, decision, record.key or b"", now, schema_base_url))
-    log.debug(
-        "event_routed",
-        event_id=event.event_id,
-        event_type=event.event_type,
-        delivered=[d.agency for d in decisions if d.delivers],
-    )
-    return out
 
 
 class Router:
@@ -523,15 +232,16 @@ class Router:
                     self.pool, self.topics, records, keys=self.consent_keys
                 )
             else:
-                outgoing = await plan(
+                plan = await plan_batch(
                     self.pool,
                     self.topics,
                     records,
                     self.settings.schema_base_url(),
                     self._overdue(tp),
                     keys=self.keys,
-                    tally=tally,
                 )
+                outgoing = plan.outgoing
+                tally.planned(plan)
         except OriginalNotYetDecided as waiting:
             # Its original's decisions are not recorded yet (the tracker lags, or the
             # original is earlier in this very batch): route what comes before it,

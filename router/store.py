@@ -144,11 +144,11 @@ class OriginalEvent:
 
 async def original_deliveries(
     conn: asyncpg.Pool | asyncpg.Connection, event_ids: list[str]
-) -> dict[str, OriginalEvent] | None:
+) -> dict[str, OriginalEvent]:
     """For each event id with recorded decisions: its type and the agencies it was
     delivered to (none when it reached nobody). Ids with no decisions are absent."""
     if not event_ids:
-        return None
+        return {}
     rows = await conn.fetch(
         "SELECT event_id::text AS event_id, event_type, agency, outcome, legal_basis, fields_delivered"
         "  FROM routing_decision WHERE event_id = ANY($1::uuid[])"

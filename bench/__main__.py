@@ -21,8 +21,8 @@ stages), the CPU each process used (``cpu``), the machine with the load average
 before it ran (``machine``), and the git commit (``commit``).
 
 The full run stores and replays 1,000,000 events, each signed for itself (about
-45 minutes in all on the 2-core development machine, more when it is busy);
-``--quick`` uses smaller sizes (10-15 minutes);
+20 minutes in all on the 2-core development machine, more when it is busy);
+``--quick`` uses smaller sizes (about 4 minutes);
 ``--smoke`` tiny ones, to prove the benchmarks work (tests/bus/test_bench_smoke.py), not to measure.
 """
 

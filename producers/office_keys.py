@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
 
 import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,15 +25,6 @@ class SigningKey:
     key_id: str
     office: str
     private_key: Ed25519PrivateKey
-
-
-@dataclass(frozen=True)
-class PublishedKey:
-    key_id: str
-    office: str
-    public_key: bytes  # raw 32 bytes
-    created_at: datetime
-    retired_at: datetime | None
 
 
 class NoSigningKey(LookupError):
@@ -85,13 +75,3 @@ async def active_key(
             "add the data key it was sealed with to TUO_DATA_KEYS_PREVIOUS"
         ) from exc
     return SigningKey(key_id, office, Ed25519PrivateKey.from_private_bytes(raw))
-
-
-async def published_keys(pool: asyncpg.Pool) -> list[PublishedKey]:
-    rows = await pool.fetch(
-        "SELECT key_id, office, public_key, created_at, retired_at FROM office_signing_key ORDER BY key_id"
-    )
-    return [
-        PublishedKey(r["key_id"], r["office"], bytes(r["public_key"]), r["created_at"], r["retired_at"])
-        for r in rows
-    ]

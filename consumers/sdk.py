@@ -1,19 +1,26 @@
 """The agency SDK: everything an agency needs to join the bus.
 
-``AgencyConsumer`` reads the agency's own topic (read_committed), decodes each
-event, checks the registration office's signature over the fields delivered
-(with the office's key from the key registry, so the broker need not be
-trusted; see ``schemas.signatures``), de-duplicates by event id in the
-agency's store, calls the agency's handler in the same database transaction as
-the de-duplication record, emits a ``DeliveryReceipt`` to
-``tuo.receipts.<agency>``, and commits the offset only after the receipt is
-acknowledged by the broker. A message that does not decode or whose signature
-does not hold goes to dead letters and is never handed to the handler.
+``AgencyConsumer`` reads the agency's own topic (read_committed) a poll batch at a
+time. It decodes each event, checks the registration office's signature over the
+fields delivered (with the office's key from the key registry, so the broker need
+not be trusted; see ``schemas.signatures``), and then, in **one database
+transaction per batch**, claims the events in the agency's inbox (de-duplication
+by event id, one statement for the batch) and hands the new ones to the agency's
+handler. It then emits a ``DeliveryReceipt`` per event to ``tuo.receipts.<agency>``
+and commits the offsets only after the receipts are acknowledged by the broker;
+it polls and applies the next batch meanwhile. A message that does not decode or
+whose signature does not hold goes to dead letters and is never handed over.
 
-A handler rejects an event by raising ``RejectEvent("why")``; the agency then
-sends a ``REJECTED`` receipt carrying that reason. A handler that is still
-working after ``received_after`` seconds gets a ``RECEIVED`` receipt sent for it
-meanwhile, and the consumer keeps polling (with its partitions paused) so a
+A handler is either a function of one event (``Handler``), applied to each event
+of the batch in turn, each in its own savepoint; or an object with
+``handle_batch(events, conn)`` (``BatchHandler``) that applies the batch set-wise
+and returns the events it rejects, with why. A handler rejects an event by raising
+``RejectEvent("why")`` (or, set-wise, by naming it); the agency then sends a
+``REJECTED`` receipt carrying that reason. When a batch fails any other way, it is
+applied again one event at a time, each in its own transaction and retried, so
+that only the event at fault is rejected and dead-lettered. A batch still being
+applied after ``received_after`` seconds gets a ``RECEIVED`` receipt for each of its
+events meanwhile, and the consumer keeps polling (with its partitions paused) so a
 slow handler never costs it its place in the consumer group.
 
 A ``ConsentChanged`` message (the person's consent for this agency to be told of
@@ -34,17 +41,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import asyncpg
 import structlog
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord, TopicPartition
-from prometheus_client import Counter
 
+from consumers.receipts import Receipt as Receipt  # part of the SDK's face
+from consumers.receipts import ReceiptWriter, ce_time
 from runtime import kafka
 from runtime.access import agency_principal
 from runtime.dead_letters import dead_letter
@@ -52,11 +61,11 @@ from runtime.kafka import Topics
 from runtime.keyring import KeyRing
 from runtime.metrics import DEAD_LETTERS, LAG, RECEIPTS_SENT
 from runtime.settings import Settings
-from schemas import UndecodableMessage, decode, encode, models
-from schemas.catalogue import DELIVERY_SUFFIX, DISCLOSURE_SUFFIX, NAMESPACE
-from schemas.cloudevents import CloudEvent, MissingCloudEventHeader, headers_for
+from schemas import UndecodableMessage, decode
+from schemas.catalogue import DELIVERY_SUFFIX, DISCLOSURE_SUFFIX
+from schemas.cloudevents import CloudEvent, MissingCloudEventHeader
 from schemas.consent_signatures import CONSENT_CHANGED, verify_consent_change
-from schemas.signatures import OfficeKey, SignatureRejected, key_id_of, read_signature, verify
+from schemas.signatures import OfficeKey, SignatureRejected, SignedEvent, read_signature, verify
 
 log = structlog.get_logger(__name__)
 
@@ -79,12 +88,53 @@ class DeliveredEvent:
 Handler = Callable[[DeliveredEvent, asyncpg.Connection], Awaitable[None]]
 
 
+@runtime_checkable
+class BatchHandler(Protocol):
+    """Applies ``events`` (new to the agency, in the order delivered) in the caller's
+    transaction and returns those it rejects: event id → reason. A rejected event must
+    leave no effect. Raising fails the whole batch, which is then applied one event at
+    a time (``handle_batch([event], conn)``) to find the event at fault."""
+
+    async def handle_batch(
+        self, events: Sequence[DeliveredEvent], conn: asyncpg.Connection
+    ) -> Mapping[str, str]: ...
+
+
 @dataclass(frozen=True)
-class Receipt:
-    event_id: str
-    outcome: str  # RECEIVED, APPLIED or REJECTED
-    reason: str | None
-    duplicate: bool = False  # the agency had handled and receipted this event before
+class EachInTurn:
+    """A per-event handler applied to a batch: each event in order, in its own savepoint,
+    so that a rejection undoes only that event's work."""
+
+    handler: Handler
+
+    async def handle_batch(
+        self, events: Sequence[DeliveredEvent], conn: asyncpg.Connection
+    ) -> Mapping[str, str]:
+        rejected: dict[str, str] = {}
+        for event in events:
+            try:
+                async with conn.transaction():
+                    await self.handler(event, conn)
+            except RejectEvent as rejection:
+                rejected[event.event_id] = rejection.reason
+        return rejected
+
+
+def as_batch_handler(handler: Handler | BatchHandler) -> BatchHandler:
+    return handler if isinstance(handler, BatchHandler) else EachInTurn(handler)
+
+
+def one_at_a_time(handler: BatchHandler) -> Handler:
+    """A batch handler as a handler of one event (to isolate the event a batch failed on)."""
+    if isinstance(handler, EachInTurn):
+        return handler.handler
+
+    async def handle(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+        rejected = await handler.handle_batch([event], conn)
+        if event.event_id in rejected:
+            raise RejectEvent(rejected[event.event_id])
+
+    return handle
 
 
 class NotForThisAgency(ValueError):
@@ -109,9 +159,68 @@ class HandlerFailed(Exception):
 HANDLER_ATTEMPTS = 3
 HANDLER_BACKOFF_SECONDS = 0.5
 
+# --- the inbox: each event applied once ------------------------------------------------------
+
+# Claims a batch: the rows inserted now are the events new to the agency. Ids come
+# sorted, so two consumers racing over the same events (during a rebalance) take the
+# row locks in the same order, and the second waits for the first rather than deadlock.
+_CLAIM = (
+    "INSERT INTO agency.inbox (agency, event_id, event_type, outcome, subject_id)"
+    " SELECT $1, c.event_id, c.event_type, 'APPLIED', c.subject_id"
+    "   FROM unnest($2::uuid[], $3::text[], $4::text[]) AS c(event_id, event_type, subject_id)"
+    " ON CONFLICT DO NOTHING RETURNING event_id"
+)
+_EARLIER = (
+    "SELECT event_id, outcome, reason, receipted_at FROM agency.inbox"
+    " WHERE agency = $1 AND event_id = ANY($2::uuid[])"
+)
+_REJECT = (
+    "UPDATE agency.inbox i SET outcome = 'REJECTED', reason = r.reason"
+    "  FROM unnest($2::uuid[], $3::text[]) AS r(event_id, reason)"
+    " WHERE i.agency = $1 AND i.event_id = r.event_id"
+)
+
+
+def _earlier_receipt(row: asyncpg.Record) -> Receipt:
+    # Never receipted (the consumer stopped between applying and receipting):
+    # this is the first receipt, not a duplicate.
+    return Receipt(str(row["event_id"]), row["outcome"], row["reason"], row["receipted_at"] is not None)
+
+
+async def apply_batch(
+    pool: asyncpg.Pool, agency: str, events: Sequence[DeliveredEvent], handler: BatchHandler
+) -> dict[str, Receipt]:
+    """Apply each of ``events`` (distinct ids) at most once, in one transaction: claim
+    them all in the inbox, hand the new ones to ``handler``, record its rejections.
+    Events the inbox already held get their first outcome back. Returns a receipt per
+    event id; raises whatever the handler raised (nothing is then kept)."""
+    claims = sorted((e.event_id, e.event_type, subject_of(e)) for e in events)
+    async with pool.acquire() as conn, conn.transaction():
+        claimed = {
+            str(row["event_id"])
+            for row in await conn.fetch(
+                _CLAIM, agency, [c[0] for c in claims], [c[1] for c in claims], [c[2] for c in claims]
+            )
+        }
+        receipts: dict[str, Receipt] = {}
+        if len(claimed) < len(events):
+            held = [e.event_id for e in events if e.event_id not in claimed]
+            for row in await conn.fetch(_EARLIER, agency, held):
+                receipts[str(row["event_id"])] = _earlier_receipt(row)
+        fresh = [e for e in events if e.event_id in claimed]
+        rejected = dict(await handler.handle_batch(fresh, conn)) if fresh else {}
+        if rejected:
+            await conn.execute(_REJECT, agency, list(rejected), list(rejected.values()))
+        for event in fresh:
+            reason = rejected.get(event.event_id)
+            receipts[event.event_id] = Receipt(
+                event.event_id, "APPLIED" if reason is None else "REJECTED", reason
+            )
+    return receipts
+
 
 async def handle_once(pool: asyncpg.Pool, agency: str, event: DeliveredEvent, handler: Handler) -> Receipt:
-    """Apply the event at most once, even with two consumers racing during a
+    """Apply one event at most once, even with two consumers racing during a
     rebalance: the inbox row is claimed first, in the handler's own transaction,
     so a second claimant waits on it and then finds the first receipt."""
     async with pool.acquire() as conn, conn.transaction():
@@ -124,33 +233,15 @@ async def handle_once(pool: asyncpg.Pool, agency: str, event: DeliveredEvent, ha
             subject_of(event),
         )
         if not claimed:
-            earlier = await conn.fetchrow(
-                "SELECT outcome, reason, receipted_at FROM agency.inbox WHERE agency = $1 AND event_id = $2",
-                agency,
-                event.event_id,
-            )
-            # Never receipted (the consumer stopped between applying and receipting):
-            # this is the first receipt, not a duplicate.
-            duplicate = earlier["receipted_at"] is not None
-            return Receipt(event.event_id, earlier["outcome"], earlier["reason"], duplicate)
+            [earlier] = await conn.fetch(_EARLIER, agency, [event.event_id])
+            return _earlier_receipt(earlier)
         try:
             async with conn.transaction():  # a savepoint: a rejection undoes only the handler's work
                 await handler(event, conn)
         except RejectEvent as rejection:
-            await _record_rejection(conn, agency, event, rejection.reason)
+            await conn.execute(_REJECT, agency, [event.event_id], [rejection.reason])
             return Receipt(event.event_id, "REJECTED", rejection.reason)
         return Receipt(event.event_id, "APPLIED", None)
-
-
-async def _record_rejection(
-    conn: asyncpg.Connection, agency: str, event: DeliveredEvent, reason: str
-) -> None:
-    await conn.execute(
-        "UPDATE agency.inbox SET outcome = 'REJECTED', reason = $3 WHERE agency = $1 AND event_id = $2",
-        agency,
-        event.event_id,
-        reason,
-    )
 
 
 async def handle_with_retries(
@@ -185,8 +276,9 @@ async def handle_with_retries(
     raise AssertionError("unreachable")
 
 
-RECEIVED_AFTER_SECONDS = 2.0  # a handler still busy then gets a RECEIVED receipt meanwhile
+RECEIVED_AFTER_SECONDS = 2.0  # a batch still being applied then gets RECEIVED receipts meanwhile
 KEEPALIVE_POLL_MS = 500  # how often a consumer waiting on a slow batch polls its group
+MAX_BATCH = 1000  # records per poll: one transaction and one flush of receipts
 
 
 async def mark_receipted(pool: asyncpg.Pool, agency: str, event_ids: list[str]) -> None:
@@ -205,6 +297,59 @@ async def _cancelled(task: asyncio.Future[Any]) -> None:
         await task
 
 
+# --- reading a batch ------------------------------------------------------------------------
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+
+
+@dataclass
+class Read:
+    """A message's headers, each read once: its CloudEvent and its signature. Why they
+    do not hold is kept, to be said in the order a message is checked in: envelope,
+    value, then signature."""
+
+    record: Record
+    cloud_event: CloudEvent | None = None
+    problem: str | None = None  # the CloudEvents headers do not hold: why
+    signed: SignedEvent | SignatureRejected | None = None
+
+    @classmethod
+    def of(cls, record: Record) -> Read:
+        try:
+            cloud_event = CloudEvent.from_headers(record.headers)
+        except (MissingCloudEventHeader, ValueError) as exc:
+            return cls(record, problem=str(exc))
+        try:
+            return cls(record, cloud_event, signed=read_signature(record.headers))
+        except SignatureRejected as rejected:
+            return cls(record, cloud_event, signed=rejected)
+
+    @property
+    def is_consent_change(self) -> bool:
+        return self.cloud_event is not None and self.cloud_event.type == CONSENT_CHANGED
+
+    @property
+    def key_id(self) -> str | None:
+        return self.signed.manifest.key_id if isinstance(self.signed, SignedEvent) else None
+
+    def signature(self) -> SignedEvent:
+        if not isinstance(self.signed, SignedEvent):
+            raise self.signed or SignatureRejected("the signature was not read")
+        return self.signed
+
+
+@dataclass
+class Outgoing:
+    """A batch handled and its receipts queued: what remains is to await the broker's
+    acknowledgements, then remember the receipts and commit the offsets."""
+
+    offsets: dict[TopicPartition, int]
+    sent: list[asyncio.Future[Any]] = field(default_factory=list)
+    receipted: list[str] = field(default_factory=list)  # event ids
+    counts: Counter[str] = field(default_factory=Counter)  # receipts by outcome
+    dead_letters: int = 0
+
+
 class AgencyConsumer:
     """``keys`` gives the offices' public keys: by default read from ``pool``'s database
     (an agency running beside the bus); an agency elsewhere passes
@@ -216,7 +361,7 @@ class AgencyConsumer:
         settings: Settings,
         pool: asyncpg.Pool,
         agency: str,
-        handler: Handler,
+        handler: Handler | BatchHandler,
         keys: KeyRing | None = None,
         *,
         consent_keys: KeyRing | None = None,
@@ -226,29 +371,29 @@ class AgencyConsumer:
         self.settings = settings
         self.pool = pool
         self.agency = agency
-        self.handler = handler
+        self.handler = as_batch_handler(handler)
         self.topics = Topics(settings.topic_prefix)
         self.keys = keys or KeyRing.from_database(pool)
         self.consent_keys = consent_keys or KeyRing.consent_from_database(pool)
         self.received_after = received_after
         self.consumer_options = consumer_options
+        self.receipts = ReceiptWriter(agency, settings.schema_base_url())
 
-    def _consent_change(
-        self, record: ConsumerRecord[bytes, bytes], cloud_event: CloudEvent, keys: Mapping[str, OfficeKey]
-    ) -> DeliveredEvent:
-        subject, body = decode(record.value or b"")
+    def _consent_change(self, read: Read, keys: Mapping[str, OfficeKey]) -> DeliveredEvent:
+        assert read.cloud_event is not None
+        subject, body = decode(read.record.value or b"")
         if subject != CONSENT_CHANGED:
             raise UndecodableMessage(f"ce_type says {CONSENT_CHANGED} but the value is {subject}")
         try:
-            change_id = str(uuid.UUID(cloud_event.id))
+            change_id = str(uuid.UUID(read.cloud_event.id))
         except ValueError:
             raise UndecodableMessage("ce_id is not a UUID") from None
-        signed = read_signature(record.headers)
+        signed = read.signature()
         verify_consent_change(
             signed,
             keys.get(signed.manifest.key_id),
-            event_id=cloud_event.id,
-            source=cloud_event.source,
+            event_id=read.cloud_event.id,
+            source=read.cloud_event.source,
             body=body,
         )
         if body.get("agency") != self.agency:
@@ -256,15 +401,13 @@ class AgencyConsumer:
         return DeliveredEvent(event_id=change_id, event_type=CONSENT_CHANGED, record=body)
 
     def _event(
-        self,
-        record: ConsumerRecord[bytes, bytes],
-        keys: Mapping[str, OfficeKey],
-        consent_keys: Mapping[str, OfficeKey] | None = None,
+        self, read: Read, keys: Mapping[str, OfficeKey], consent_keys: Mapping[str, OfficeKey]
     ) -> DeliveredEvent:
-        cloud_event = CloudEvent.from_headers(record.headers)
-        if cloud_event.type == CONSENT_CHANGED:
-            return self._consent_change(record, cloud_event, consent_keys or {})
-        subject, body = decode(record.value or b"")
+        if read.is_consent_change:
+            return self._consent_change(read, consent_keys)
+        cloud_event = read.cloud_event
+        assert cloud_event is not None
+        subject, body = decode(read.record.value or b"")
         forms = (
             cloud_event.type,
             f"{cloud_event.type}{DISCLOSURE_SUFFIX}",
@@ -279,7 +422,7 @@ class AgencyConsumer:
             event_id = str(uuid.UUID(cloud_event.id))
         except ValueError:
             raise UndecodableMessage("ce_id is not a UUID") from None
-        signed = read_signature(record.headers)
+        signed = read.signature()
         verify(
             signed,
             keys.get(signed.manifest.key_id),
@@ -298,34 +441,57 @@ class AgencyConsumer:
             group_id=group_id,
             principal=agency_principal(self.agency),
             client_id=f"tuo-agency-{self.agency}",
+            role="agency",
             **self.consumer_options,
         )
         producer = kafka.producer(
-            self.settings, principal=agency_principal(self.agency), client_id=f"tuo-agency-{self.agency}"
+            self.settings,
+            principal=agency_principal(self.agency),
+            client_id=f"tuo-agency-{self.agency}",
+            role="agency",
         )
         LAG.watch(group_id, consumer)
+        outgoing: Outgoing | None = None  # the previous batch, its receipts not yet acknowledged
         try:
             await producer.start()
             await consumer.start()
             log.info("agency_consumer_started", agency=self.agency)
             while not stop.is_set():
-                batches = await consumer.getmany(timeout_ms=500, max_records=200)
-                for tp, records in batches.items():
-                    if tp not in consumer.assignment():
-                        continue  # moved to another consumer while an earlier batch ran; it reads these
-                    await self._while_polling(consumer, self._process(producer, tp, records))
-                    try:
-                        await consumer.commit({tp: records[-1].offset + 1})
-                    except (CommitFailedError, IllegalStateError):
-                        # The partition moved to another consumer meanwhile; it re-reads these
-                        # records and the inbox answers them with the receipts already sent.
-                        log.warning("agency_commit_failed", agency=self.agency, partition=tp.partition)
+                # While a batch's receipts are on their way, take only what is already fetched.
+                polled = await consumer.getmany(timeout_ms=0 if outgoing else 500, max_records=MAX_BATCH)
+                assigned = consumer.assignment()
+                # A partition moved to another consumer while an earlier batch ran: it reads these.
+                records = [r for tp, batch in polled.items() if tp in assigned for r in batch]
+                handled = (
+                    await self._while_polling(consumer, self._handle(producer, records)) if records else None
+                )
+                if outgoing is not None:
+                    await self._settle(consumer, outgoing)
+                outgoing = handled
+            if outgoing is not None:
+                await self._settle(consumer, outgoing)
         finally:
             LAG.forget(consumer)
             await consumer.stop()
             await producer.stop()
 
-    async def _while_polling(self, consumer: kafka.AIOKafkaConsumer, work: Awaitable[None]) -> None:
+    async def _settle(self, consumer: kafka.AIOKafkaConsumer, outgoing: Outgoing) -> None:
+        """Once the broker holds a batch's receipts: remember them and commit its offsets."""
+        await asyncio.gather(*outgoing.sent)
+        for outcome, count in outgoing.counts.items():
+            RECEIPTS_SENT.labels(agency=self.agency, outcome=outcome.lower()).inc(count)
+        if outgoing.dead_letters:
+            DEAD_LETTERS.labels(component=f"agency:{self.agency}").inc(outgoing.dead_letters)
+        if outgoing.receipted:
+            await mark_receipted(self.pool, self.agency, outgoing.receipted)
+        try:
+            await consumer.commit(outgoing.offsets)
+        except (CommitFailedError, IllegalStateError):
+            # The partitions moved to another consumer meanwhile; it re-reads these
+            # records and the inbox answers them with the receipts already sent.
+            log.warning("agency_commit_failed", agency=self.agency, partitions=len(outgoing.offsets))
+
+    async def _while_polling(self, consumer: kafka.AIOKafkaConsumer, work: Awaitable[Outgoing]) -> Outgoing:
         """Run ``work``; if it takes a while, keep polling the group with every partition
         paused, so the broker does not count the consumer as stuck (max_poll_interval_ms)."""
         task = asyncio.ensure_future(work)
@@ -347,157 +513,150 @@ class AgencyConsumer:
             await _cancelled(task)  # never leave work running after the consumer has stopped
             raise
 
-    def _receipt(
-        self, record: ConsumerRecord[bytes, bytes], receipt: Receipt, received_at: datetime
-    ) -> tuple[bytes, list[tuple[str, bytes]]]:
-        issued_at = datetime.now(UTC)
-        value = encode(
-            "DeliveryReceipt",
-            models.DeliveryReceipt(
-                event_id=receipt.event_id,
-                agency=self.agency,
-                outcome=receipt.outcome,
-                reason=receipt.reason,
-                issued_at=issued_at,
-                received_at=received_at,
-                duplicate=receipt.duplicate,
-            ).avro(),
+    async def _handle(self, producer: kafka.AIOKafkaProducer, records: list[Record]) -> Outgoing:
+        """Handle one poll batch: read and verify every message, apply the events in one
+        transaction, queue a receipt per event and a dead letter per message refused."""
+        received_at = datetime.now(UTC)
+        reads = [Read.of(record) for record in records]
+        # One key registry read at most per batch, and only for a key not seen before.
+        # A consent change's key is the consent service's, from its own ring.
+        keys = await self.keys.resolve(r.key_id for r in reads if r.key_id and not r.is_consent_change)
+        consent_keys = await self.consent_keys.resolve(
+            r.key_id for r in reads if r.key_id and r.is_consent_change
         )
-        receipt_id = f"{receipt.event_id}/{self.agency}/{receipt.outcome}"
-        if receipt.duplicate:  # one per repeated delivery, named by where it was read
-            receipt_id += f"/repeat/{record.partition}-{record.offset}"
-        headers = headers_for(
-            value,
-            id=receipt_id,
-            source=f"/agencies/{self.agency}",
-            subject=record.key.decode(errors="replace") if record.key else None,
-            time=issued_at,
-            schema_base_url=self.settings.schema_base_url(),
-        )
-        return value, headers
+        events: dict[str, DeliveredEvent] = {}  # the batch's distinct events, in order
+        delivered: list[tuple[Read, DeliveredEvent | None]] = []  # None: to dead letters
+        for read in reads:
+            if read.problem is None:
+                try:
+                    event = self._event(read, keys, consent_keys)
+                except (UndecodableMessage, SignatureRejected, ValueError) as exc:
+                    read.problem = str(exc)
+                else:
+                    events.setdefault(event.event_id, event)
+                    delivered.append((read, event))
+                    continue
+            delivered.append((read, None))
 
-    async def _send_receipt(
-        self,
-        producer: kafka.AIOKafkaProducer,
-        record: ConsumerRecord[bytes, bytes],
-        receipt: Receipt,
-        received_at: datetime,
-    ) -> asyncio.Future[object]:
-        value, headers = self._receipt(record, receipt, received_at)
-        sent: asyncio.Future[object] = await producer.send(
-            self.topics.receipts(self.agency), value=value, key=record.key, headers=headers
-        )
-        sent.add_done_callback(
-            _counted(RECEIPTS_SENT.labels(agency=self.agency, outcome=receipt.outcome.lower()))
-        )
-        return sent
-
-    async def _handle(
-        self,
-        producer: kafka.AIOKafkaProducer,
-        record: ConsumerRecord[bytes, bytes],
-        event: DeliveredEvent,
-        received_at: datetime,
-        pending: list[asyncio.Future[object]],
-    ) -> Receipt:
-        handling = asyncio.ensure_future(handle_with_retries(self.pool, self.agency, event, self.handler))
+        outgoing = Outgoing({TopicPartition(r.topic, r.partition): r.offset + 1 for r in records})
+        applying = asyncio.ensure_future(self._apply(list(events.values())))
         try:
-            done, _ = await asyncio.wait({handling}, timeout=self.received_after)
-            if not done:  # tell the registrar the agency has it while the handler works on
-                interim = Receipt(event.event_id, "RECEIVED", None)
-                pending.append(await self._send_receipt(producer, record, interim, received_at))
-            return await handling
+            done, _ = await asyncio.wait({applying}, timeout=self.received_after)
+            if not done:  # tell the registrars the agency has them while the handler works on
+                first = {event.event_id: read.record for read, event in reversed(delivered) if event}
+                interim = [(first[e], Receipt(e, "RECEIVED", None)) for e in events]
+                await self._send_receipts(producer, interim, received_at, outgoing)
+            receipts, failed = await applying
         except BaseException:
-            await _cancelled(handling)
+            await _cancelled(applying)
             raise
 
-    async def _process(
+        letters: list[tuple[Record, str]] = []
+        final: list[tuple[Record, Receipt]] = []
+        sent_for: set[str] = set()
+        for read, copy in delivered:
+            if copy is None:
+                letters.append((read.record, read.problem or "unreadable"))
+                continue
+            if copy.event_id in failed and copy.event_id not in sent_for:
+                letters.append((read.record, failed[copy.event_id]))
+            receipt = receipts[copy.event_id]
+            if copy.event_id in sent_for:  # a second copy in this very batch
+                receipt = replace(receipt, duplicate=True)
+            final.append((read.record, receipt))
+            sent_for.add(copy.event_id)
+        await self._send_dead_letters(producer, letters, outgoing)
+        await self._send_receipts(producer, final, received_at, outgoing)
+        outgoing.receipted = list(sent_for)
+        log.info(
+            "batch_handled",
+            agency=self.agency,
+            messages=len(records),
+            events=len(events),
+            duplicates=sum(receipt.duplicate for _, receipt in final),
+            rejected=sum(receipt.outcome == "REJECTED" for _, receipt in final),
+            dead_lettered=len(letters),
+        )
+        return outgoing
+
+    async def _apply(self, events: list[DeliveredEvent]) -> tuple[dict[str, Receipt], dict[str, str]]:
+        """Receipts for ``events``, applied in one transaction; if that fails, one at a time
+        (retried), so that only an event its handler keeps failing on is rejected. Returns
+        the receipts, and the events that failed that way, with why (for dead letters)."""
+        if not events:
+            return {}, {}
+        try:
+            return await apply_batch(self.pool, self.agency, events, self.handler), {}
+        except Exception as exc:  # noqa: BLE001 - whatever it was, one at a time finds the event at fault
+            log.warning(
+                "batch_failed_applying_one_at_a_time",
+                agency=self.agency,
+                events=len(events),
+                error=type(exc).__name__,
+            )
+        handler = one_at_a_time(self.handler)
+        receipts: dict[str, Receipt] = {}
+        failed: dict[str, str] = {}
+        for event in events:
+            with structlog.contextvars.bound_contextvars(event_id=event.event_id):
+                try:
+                    receipts[event.event_id] = await handle_with_retries(
+                        self.pool, self.agency, event, handler
+                    )
+                except HandlerFailed as failure:
+                    failed[event.event_id] = str(failure)
+                    receipts[event.event_id] = Receipt(event.event_id, "REJECTED", str(failure))
+        return receipts, failed
+
+    async def _send_receipts(
         self,
         producer: kafka.AIOKafkaProducer,
-        tp: TopicPartition,
-        records: list[ConsumerRecord[bytes, bytes]],
+        receipts: list[tuple[Record, Receipt]],
+        received_at: datetime,
+        outgoing: Outgoing,
     ) -> None:
-        pending: list[asyncio.Future[object]] = []
-        receipted: list[str] = []
-
-        async def to_dead_letters(record: ConsumerRecord[bytes, bytes], reason: str) -> None:
-            component = f"agency:{self.agency}"
-            letter = dead_letter(record, component, reason)
-            sent = await producer.send(
-                self.topics.agency_dead_letters(self.agency),
-                value=letter.value,
-                key=letter.key,
-                headers=letter.headers,
+        """Queue a receipt for each message, as whole record batches."""
+        issued_at = datetime.now(UTC)
+        issued_text = ce_time(issued_at)
+        messages = []
+        for record, receipt in receipts:
+            messages.append(
+                self.receipts.message(
+                    receipt,
+                    key=record.key,
+                    repeat_at=f"{record.partition}-{record.offset}",
+                    issued_at=issued_at,
+                    issued_text=issued_text,
+                    received_at=received_at,
+                )
             )
-            sent.add_done_callback(_counted(DEAD_LETTERS.labels(component=component)))
-            pending.append(sent)
+            outgoing.counts[receipt.outcome] += 1
+        outgoing.sent += await kafka.send_many(producer, self.topics.receipts(self.agency), messages)
+
+    async def _send_dead_letters(
+        self, producer: kafka.AIOKafkaProducer, letters: list[tuple[Record, str]], outgoing: Outgoing
+    ) -> None:
+        if not letters:
+            return
+        component = f"agency:{self.agency}"
+        messages = []
+        for record, reason in letters:
+            letter = dead_letter(record, component, reason)
+            messages.append((letter.key, letter.value, letter.headers))
             log.warning(
                 "event_dead_lettered",
                 agency=self.agency,
-                partition=tp.partition,
+                event_id=_ce_id(record),
+                partition=record.partition,
                 offset=record.offset,
                 reason=reason,
             )
-
-        # One key registry read at most per batch, and only for a key not seen before.
-        # A consent change's key is the consent service's, from its own ring.
-        changes = {id(r) for r in records if _ce_type(r) == CONSENT_CHANGED}
-        keys = await self.keys.resolve(
-            k for k in map(key_id_of, (r.headers for r in records if id(r) not in changes)) if k
+        outgoing.sent += await kafka.send_many(
+            producer, self.topics.agency_dead_letters(self.agency), messages
         )
-        consent_keys = (
-            await self.consent_keys.resolve(
-                k for k in map(key_id_of, (r.headers for r in records if id(r) in changes)) if k
-            )
-            if changes
-            else {}
-        )
-        for record in records:
-            # Every line about this event, the handler's included, names it.
-            with structlog.contextvars.bound_contextvars(event_id=_ce_id(record)):
-                received_at = datetime.now(UTC)
-                try:
-                    event = self._event(record, keys, consent_keys)
-                except (MissingCloudEventHeader, UndecodableMessage, SignatureRejected, ValueError) as exc:
-                    await to_dead_letters(record, str(exc))
-                    continue
-                try:
-                    receipt = await self._handle(producer, record, event, received_at, pending)
-                except HandlerFailed as failure:
-                    await to_dead_letters(record, str(failure))
-                    receipt = Receipt(event.event_id, "REJECTED", str(failure))
-                if event.event_id in receipted:  # a second copy in this very batch
-                    receipt = replace(receipt, duplicate=True)
-                pending.append(await self._send_receipt(producer, record, receipt, received_at))
-                receipted.append(event.event_id)
-                log.info(
-                    "event_handled",
-                    agency=self.agency,
-                    event_id=event.event_id,
-                    outcome=receipt.outcome,
-                    duplicate=receipt.duplicate,
-                )
-        # Offsets are committed by the caller only after every receipt is durable.
-        await asyncio.gather(*pending)
-        if receipted:
-            await mark_receipted(self.pool, self.agency, receipted)
+        outgoing.dead_letters += len(letters)
 
 
-def _ce_id(record: ConsumerRecord[bytes, bytes]) -> str | None:
+def _ce_id(record: Record) -> str | None:
     """The event id a message claims (read before it is decoded, so a dead letter names it too)."""
     return next((bytes(v).decode(errors="replace") for k, v in record.headers if k == "ce_id"), None)
-
-
-def _ce_type(record: ConsumerRecord[bytes, bytes]) -> str | None:
-    found = next((bytes(v).decode(errors="replace") for k, v in record.headers if k == "ce_type"), None)
-    return None if found is None else found.removeprefix(f"{NAMESPACE}.")
-
-
-def _counted(counter: Counter) -> Callable[[asyncio.Future[object]], None]:
-    """A done-callback that counts a send once the broker has acknowledged it."""
-
-    def count(sent: asyncio.Future[object]) -> None:
-        if not sent.cancelled() and sent.exception() is None:
-            counter.inc()
-
-    return count

@@ -498,8 +498,7 @@ class Replayer:
             self.settings,
             principal=Principal.REPLAY,
             client_id="tuo-replay",
-            max_batch_size=1024 * 1024,
-            linger_ms=20,
+            role="replay",
         )
         await producer.start()
         try:

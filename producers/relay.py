@@ -252,6 +252,7 @@ class OutboxRelay:
             self.settings,
             principal=Principal.RELAY,
             client_id="tuo-relay",
+            role="relay",
             transactional_id=self.transactional_id,
         )
         try:

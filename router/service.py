@@ -115,6 +115,7 @@ class Router:
             principal=Principal.ROUTER,
             group_id=self.group_id,
             client_id="tuo-router",
+            role="router",
             session_timeout_ms=6000,  # the broker's minimum: a crashed router is replaced fast
             heartbeat_interval_ms=2000,
         )
@@ -161,6 +162,7 @@ class Router:
                     self.settings,
                     principal=Principal.ROUTER,
                     client_id="tuo-router",
+                    role="router",
                     transactional_id=self.transactional_id(tp),
                 )
                 await producer.start()  # InitProducerId: fences and settles the old owner

@@ -319,10 +319,13 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
         principal=Principal.TRACKER,
         group_id=group_id,
         client_id="tuo-receipt-tracker",
+        role="tracker",
         metadata_max_age_ms=5000,
     )
     consumer.subscribe(pattern=pattern)
-    dead_letters = kafka.producer(settings, principal=Principal.TRACKER, client_id="tuo-receipt-tracker")
+    dead_letters = kafka.producer(
+        settings, principal=Principal.TRACKER, client_id="tuo-receipt-tracker", role="tracker"
+    )
     deadlines: asyncio.Task[None] | None = None
     LAG.watch(group_id, consumer)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 import structlog
@@ -24,12 +25,24 @@ _MIGRATION_LOCK = 0x7475_6F00
 log = structlog.get_logger(__name__)
 
 
-async def open_pool(settings: Settings, min_size: int = 1) -> asyncpg.Pool:
+async def _release_locks(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT pg_advisory_unlock_all()")
+
+
+async def open_pool(
+    settings: Settings, min_size: int = 1, *, reset: Literal["session", "locks"] = "session"
+) -> asyncpg.Pool:
+    """``reset`` is what a connection goes through on its way back to the pool (an open
+    transaction is always rolled back): "session" is asyncpg's full reset (advisory
+    locks, cursors, LISTENs, session settings); "locks" releases only the advisory locks
+    (the relay's lock is released that way), for the long-running components, which
+    change no session state and remove their own listeners."""
     pool = await asyncpg.create_pool(
         settings.require_database_url(),
         min_size=min_size,
         max_size=settings.database_pool_size,
         command_timeout=30,
+        reset=_release_locks if reset == "locks" else None,
     )
     assert pool is not None
     return pool

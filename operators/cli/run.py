@@ -77,7 +77,7 @@ def demo_command(
 async def _run(
     settings: Settings, components: list[str], *, demo: bool, exit_after_demo: bool = False
 ) -> None:
-    pool = await at_startup("postgresql", lambda: open_pool(settings))
+    pool = await at_startup("postgresql", lambda: open_pool(settings, reset="locks"))
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -3,6 +3,7 @@ aiokafka pipe, and end-to-end latency at a steady load, in one run.
 
     .venv/bin/python -m bench.agencies [--events 5000] [--rate 100] [--seconds 60]
                                        [--only throughput|latency] [--no-records]
+                                       [--profile sdk.prof]
 
 Starts its own local stack (Kafka + PostgreSQL in a scratch state directory;
 every Kafka client over TLS with SASL/SCRAM, as the bus's), loads the demo
@@ -45,14 +46,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import cProfile
 import math
 import os
+import pstats
 import socket
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -399,9 +403,10 @@ async def throughput(
         f"rows stored {bare_stored}; receipts on {scratch} by ce_id {bare_receipts}",
     )
     consumer = AgencyConsumer(settings, pool, AGENCY, handler_for(AGENCY))
-    sdk_first, sdk_done = await _timed(
-        settings, consumer.run, f"{settings.topic_prefix}.agency.{AGENCY}", source, ends
-    )
+    with _profiled(PROFILE):
+        sdk_first, sdk_done = await _timed(
+            settings, consumer.run, f"{settings.topic_prefix}.agency.{AGENCY}", source, ends
+        )
     sdk_stored = await pool.fetchval(
         "SELECT count(*) FROM agency.inbox"
         " WHERE agency = $1 AND event_id = ANY($2::uuid[]) AND receipted_at IS NOT NULL",
@@ -443,6 +448,27 @@ async def throughput(
         "ratio": round(sdk / bare, 3),
         "receipts": outcomes,
     }
+
+
+PROFILE: Path | None = None  # --profile: where to write the SDK part's cProfile statistics
+
+
+@contextlib.contextmanager
+def _profiled(path: Path | None) -> Iterator[None]:
+    """Profile this process (the SDK and its watcher) while the SDK runs; print what took
+    the most CPU of its own, and keep the statistics at ``path`` for a closer look."""
+    if path is None:
+        yield
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        profile.dump_stats(path)
+        print(f"  profile of the SDK part (cProfile, own time; all of it in {path}):")
+        pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(25)
 
 
 # (2) Latency
@@ -760,7 +786,9 @@ if __name__ == "__main__":
         default=True,
         help="give the agencies records of every person, so events are applied (default: yes)",
     )
+    parser.add_argument("--profile", type=Path, help="profile the SDK part; statistics to this file")
     args = parser.parse_args()
+    PROFILE = args.profile
     try:
         main(args.events, args.rate, args.seconds, args.only, args.records)
     except WorkNotDone as failure:

@@ -30,7 +30,7 @@ COUNCIL_AUTHORITIES: dict[str, frozenset[str]] = {
 }
 _NATIONAL: dict[str, Handler] = {
     "hmrc": tax.handle,
-    "dwp": pensions.handle,
+    "dwp": pensions.PENSIONS,  # also applies a batch set-wise
     "dvla": licensing.handle,
 }
 

@@ -11,18 +11,24 @@
   benefit), which a pension award has no business with.
 
 Without the NINO, or with no award for it, the event is rejected.
+
+``PENSIONS`` applies a batch set-wise: each run of deaths of different people in
+it takes two statements (the awards, locked; the stops), whatever its length, and
+anything else is applied one event at a time, in order, exactly as ``handle`` would.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import date
 
 import asyncpg
 
 from consumers.agencies import delivery
 from consumers.reference import apply_life_event
-from consumers.sdk import DeliveredEvent, RejectEvent
+from consumers.sdk import DeliveredEvent, EachInTurn, RejectEvent
 
 NO_AWARD = "no pension award for this National Insurance number"
 
@@ -47,6 +53,82 @@ async def handle(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
                 await _resume(conn, voided_id)
         case _:
             await apply_life_event(event, conn)
+
+
+@dataclass(frozen=True)
+class Death:
+    event_id: uuid.UUID
+    nino: str
+    died_on: date
+
+
+class Pensions:
+    """DWP's handler: ``handle`` for one event, ``handle_batch`` for a batch (see above)."""
+
+    async def __call__(self, event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+        await handle(event, conn)
+
+    async def handle_batch(
+        self, events: Sequence[DeliveredEvent], conn: asyncpg.Connection
+    ) -> Mapping[str, str]:
+        rejected: dict[str, str] = {}
+        run: dict[str, Death] = {}  # consecutive deaths, by NINO: each of a different person
+        for event in events:
+            if event.event_type != "DeathRegistered":
+                rejected |= await _stop_on_deaths(conn, list(run.values()))
+                run = {}
+                rejected |= await EachInTurn(handle).handle_batch([event], conn)
+                continue
+            try:
+                death = Death(
+                    delivery.event_uuid(event), delivery.nino(event), delivery.day(event, "date_of_death")
+                )
+            except RejectEvent as rejection:
+                rejected[event.event_id] = rejection.reason
+                continue
+            if death.nino in run:  # the same person's award again: after the death before it
+                rejected |= await _stop_on_deaths(conn, list(run.values()))
+                run = {}
+            run[death.nino] = death
+        return rejected | await _stop_on_deaths(conn, list(run.values()))
+
+
+PENSIONS = Pensions()
+
+
+async def _stop_on_deaths(conn: asyncpg.Connection, deaths: list[Death]) -> dict[str, str]:
+    """``_stop_on_death`` for deaths of different people, in two statements; returns the
+    rejections (event id → reason)."""
+    if not deaths:
+        return {}
+    awards = {
+        row["nino"]: row
+        for row in await conn.fetch(
+            "SELECT nino, status, weekly_amount_pence, paid_until FROM agency.pension_award"
+            " WHERE nino = ANY($1::text[]) ORDER BY nino FOR UPDATE",
+            [d.nino for d in deaths],
+        )
+    }
+    stops: list[tuple[str, date, int, uuid.UUID]] = []
+    rejected: dict[str, str] = {}
+    for death in deaths:
+        award = awards.get(death.nino)
+        if award is None:
+            rejected[str(death.event_id)] = NO_AWARD
+        elif award["status"] == "in_payment":
+            owed = overpayment_pence(award["weekly_amount_pence"], award["paid_until"], death.died_on)
+            stops.append((death.nino, death.died_on, owed, death.event_id))
+    if stops:
+        await conn.execute(
+            "UPDATE agency.pension_award a"
+            "   SET status = 'stopped', stopped_on = s.died_on, overpayment_pence = s.owed,"
+            "       stopped_by_event = s.event_id"
+            "  FROM unnest($1::text[], $2::date[], $3::int[], $4::uuid[])"
+            "       AS s(nino, died_on, owed, event_id)"
+            " WHERE a.nino = s.nino",
+            *map(list, zip(*stops, strict=True)),
+        )
+    return rejected
 
 
 async def _stop_on_death(event: DeliveredEvent, conn: asyncpg.Connection) -> None:

@@ -25,6 +25,7 @@ import httpx
 import pytest
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
+from structlog.testing import capture_logs
 
 from consumers import sdk
 from consumers.sdk import AgencyConsumer, DeliveredEvent, Handler
@@ -39,6 +40,7 @@ from tests.support import (
     death_registration,
     eventually,
     header,
+    inspector_producer,
     kafka_env,
     known_to_every_agency,
     random_nino,
@@ -374,6 +376,83 @@ async def test_poison_event_is_rejected_with_its_reason_and_dead_lettered_and_la
     ]
     assert len(letters) == 1
     assert header(letters[0], "tuo_dlq_reason") == "handler failed 3 times: ValueError"
+
+
+async def test_a_batch_with_a_poison_event_and_a_duplicate_applies_the_good_event_once_and_commits_past_all(
+    services: Settings,
+    pool: asyncpg.Pool,
+    intake: httpx.AsyncClient,
+    agency_consumers: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sdk, "HANDLER_BACKOFF_SECONDS", 0.01)
+    await _subscribe(services, pool, "t-batch", "ZE5")
+    topic = Topics(services.topic_prefix).agency("t-batch")
+    effects = await _effects_table(pool, "batch_effect")
+    record = _recording("batch_effect")
+
+    async def choke_on_poison(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+        if event.record["deceased"]["family_name"] == "Poison":
+            raise ValueError("cannot parse the record for Pat Poison")
+        await record(event, conn)
+
+    good = (await _register(intake, "ZE5 9JA"))["event_id"]
+    poison = (await _register(intake, "ZE5 9JA", family_name="Poison"))["event_id"]
+    await _on_agency_topic(services, "t-batch", [good, poison])
+    # The good event delivered again behind both (as a redelivery would put it there).
+    [copy] = await _copies_on_agency_topic(services, "t-batch", good, 1)
+    producer = inspector_producer(services)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value=copy.value, key=copy.key, headers=list(copy.headers))
+    finally:
+        await producer.stop()
+    end = max(r.offset for r in await read_topic(services, topic)) + 1
+
+    with capture_logs() as logs:  # all three are on the topic before the consumer starts
+        agency_consumers("t-batch", choke_on_poison)
+        assert await _final_receipt(pool, "t-batch", poison) == "REJECTED"
+        assert await _final_receipt(pool, "t-batch", good) == "APPLIED"
+
+        async def committed_past_all() -> bool:
+            return await _committed(services, f"{services.topic_prefix}.agency.t-batch", topic) >= end
+
+        await eventually(committed_past_all, what="the group's offset past all three messages")
+    handled = [e for e in logs if e["event"] == "batch_handled" and e["agency"] == "t-batch"]
+    assert handled[0]["messages"] == 3, f"one batch of the three messages, not {handled}"
+    assert (handled[0]["events"], handled[0]["duplicates"], handled[0]["dead_lettered"]) == (2, 1, 1)
+
+    assert [await effects(good), await effects(poison)] == [1, 0]
+    sent = await _receipts_on_topic(services, "t-batch", good)
+    assert [(r["outcome"], r["duplicate"]) for r in sent] == [("APPLIED", False), ("APPLIED", True)]
+    assert [(r["outcome"], r["reason"]) for r in await _receipts_on_topic(services, "t-batch", poison)] == [
+        ("REJECTED", "handler failed 3 times: ValueError")
+    ]
+    letters = [
+        r
+        for r in await read_topic(services, Topics(services.topic_prefix).agency_dead_letters("t-batch"))
+        if header(r, "ce_id") in (good, poison)
+    ]
+    assert [header(r, "ce_id") for r in letters] == [poison]
+
+    async def duplicate_stored() -> bool:
+        return bool(
+            await pool.fetchval(
+                "SELECT 1 FROM receipt_duplicate WHERE agency = 't-batch' AND event_id = $1", uuid.UUID(good)
+            )
+        )
+
+    await eventually(duplicate_stored, what="the duplicate's receipt stored by the tracker")
+
+
+async def _committed(settings: Settings, group: str, topic: str) -> int:
+    client = kafka.admin(settings, principal=Principal.OPERATOR)
+    await client.start()
+    try:
+        offsets = await client.list_consumer_group_offsets(group)
+    finally:
+        await client.close()
+    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic)
 
 
 async def test_slow_handler_gets_a_received_receipt_and_keeps_its_place_in_the_group(

@@ -19,11 +19,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumers.agencies import handler_for, records
+from consumers.agencies import handler_for, pensions, records
 from consumers.agencies.council import CouncilHandler
 from consumers.agencies.records import Resident
 from consumers.reference import apply_life_event
-from consumers.sdk import DeliveredEvent, Receipt, handle_once
+from consumers.sdk import DeliveredEvent, Receipt, apply_batch, handle_once
 from devstack.demo import demo_submissions, seed_agency_records
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
 from router.minimise import minimise
@@ -391,6 +391,70 @@ async def test_a_birth_is_applied_at_dwp_without_effect(pool: asyncpg.Pool) -> N
 
     assert receipt.outcome == "APPLIED"
     assert await pool.fetchval("SELECT count(*) FROM agency.pension_award") == awards_before
+
+
+async def _pension_batch(pool: asyncpg.Pool) -> tuple[list[DeliveredEvent], list[str]]:
+    """Every path a batch at DWP can take, for new people: two deaths, a death without an
+    award, one whose NINO was withheld, a void of the first, a second registration of one
+    death, a birth between deaths, and one more death. Returns the events, in order, and
+    the NINOs whose awards they touch."""
+    pat, sam, nobody, twice, last = (someone() for _ in range(5))
+    for person in (pat, sam, twice, last):
+        await records.award_pension(pool, person.nino, 22110, DIED_ON + timedelta(days=10))
+    death = delivered("dwp", "DeathRegistered", death_of(pat))
+    events = [
+        death,
+        delivered("dwp", "DeathRegistered", death_of(sam)),
+        delivered("dwp", "DeathRegistered", death_of(nobody)),
+        delivered("dwp", "DeathRegistered", death_of(someone()), withhold={"nino"}),
+        delivered("dwp", "DeathRegistered", death_of(twice)),
+        void_of(death),
+        delivered("dwp", "DeathRegistered", death_of(twice)),
+        delivered("dwp", "BirthRegistered", birth()),
+        delivered("dwp", "DeathRegistered", death_of(last)),
+    ]
+    return events, [p.nino for p in (pat, sam, twice, last)]
+
+
+async def _awards(pool: asyncpg.Pool, ninos: list[str]) -> list[tuple[Any, ...]]:
+    rows = [await _award(pool, nino) for nino in ninos]
+    return [(r["status"], r["stopped_on"], r["overpayment_pence"]) for r in rows]
+
+
+async def test_dwp_applies_a_batch_set_wise_exactly_as_it_applies_each_event_in_turn(
+    pool: asyncpg.Pool,
+) -> None:
+    one_by_one, ninos = await _pension_batch(pool)
+    receipts = [await apply(pool, "dwp", event) for event in one_by_one]
+    batch, batch_ninos = await _pension_batch(pool)
+
+    applied = await apply_batch(pool, "dwp", batch, pensions.PENSIONS)
+
+    expected = [(r.outcome, r.reason) for r in receipts]
+    assert [(applied[e.event_id].outcome, applied[e.event_id].reason) for e in batch] == expected
+    assert expected == [
+        ("APPLIED", None),
+        ("APPLIED", None),
+        ("REJECTED", "no pension award for this National Insurance number"),
+        ("REJECTED", "the National Insurance number was not delivered"),
+        ("APPLIED", None),
+        ("APPLIED", None),
+        ("APPLIED", None),
+        ("APPLIED", None),
+        ("APPLIED", None),
+    ]
+    assert await _awards(pool, batch_ninos) == await _awards(pool, ninos)
+    assert await _awards(pool, ninos) == [
+        ("in_payment", None, 0),  # its death voided
+        ("stopped", DIED_ON, 31585),
+        ("stopped", DIED_ON, 31585),  # by the first of its two deaths
+        ("stopped", DIED_ON, 31585),
+    ]
+    stored = await pool.fetch(
+        "SELECT event_id, outcome FROM agency.inbox WHERE agency = 'dwp' AND event_id = ANY($1::uuid[])",
+        [e.event_id for e in batch],
+    )
+    assert sorted(r["outcome"] for r in stored) == sorted(o for o, _ in expected)
 
 
 # --- dvla: driving licences -------------------------------------------------------------------

@@ -407,7 +407,7 @@ async def test_a_batch_with_a_poison_event_and_a_duplicate_applies_the_good_even
         await producer.send_and_wait(topic, value=copy.value, key=copy.key, headers=list(copy.headers))
     finally:
         await producer.stop()
-    end = max(r.offset for r in await read_topic(services, topic)) + 1
+    end: int = max(r.offset for r in await read_topic(services, topic)) + 1
 
     with capture_logs() as logs:  # all three are on the topic before the consumer starts
         agency_consumers("t-batch", choke_on_poison)
@@ -452,7 +452,8 @@ async def _committed(settings: Settings, group: str, topic: str) -> int:
         offsets = await client.list_consumer_group_offsets(group)
     finally:
         await client.close()
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic)
+    committed: int = sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic)
+    return committed
 
 
 async def test_slow_handler_gets_a_received_receipt_and_keeps_its_place_in_the_group(

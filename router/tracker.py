@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import structlog
@@ -276,38 +277,145 @@ def _event_id(record: ConsumerRecord[bytes, bytes]) -> str | None:
     return ce_id.split("/", 1)[0] if ce_id else None
 
 
-async def _store_batch(
-    conn: asyncpg.Connection, topics: Topics, records: list[ConsumerRecord[bytes, bytes]], one_by_one: bool
+@dataclass
+class Sorted:
+    """A batch read: its routing decisions, receipts and duplicates' receipts, as rows."""
+
+    decisions: list[audit.Decision] = field(default_factory=list)
+    receipts: list[tuple[Any, str, str, str | None, datetime, datetime | None]] = field(default_factory=list)
+    duplicates: list[tuple[str, Any, str, str, datetime]] = field(default_factory=list)
+    refused: list[tuple[ConsumerRecord[bytes, bytes], str]] = field(default_factory=list)
+
+
+def _read(topics: Topics, records: list[ConsumerRecord[bytes, bytes]]) -> Sorted:
+    """Decode and check every record of a batch (what ``_store`` checks, before any SQL)."""
+    batch = Sorted()
+    for record in records:
+        try:
+            subject, body = decode(record.value or b"")
+            if record.topic == topics.routing_decisions:
+                if subject != "RoutingDecision":
+                    raise UntrustedReceipt(f"{subject} on the routing decisions topic")
+                batch.decisions.append(audit.Decision.of(body))
+                continue
+            agency = topics.agency_from_receipts_topic(record.topic)
+            if subject != "DeliveryReceipt":
+                raise UntrustedReceipt(f"{subject} on {record.topic}")
+            if body["agency"] != agency:
+                raise UntrustedReceipt(f"receipt names agency {body['agency']!r} but came from {agency!r}")
+            if body.get("duplicate"):
+                receipt_id = CloudEvent.from_headers(record.headers).id
+                batch.duplicates.append(
+                    (receipt_id, body["event_id"], agency, body["outcome"], body["issued_at"])
+                )
+            else:
+                batch.receipts.append(
+                    (
+                        body["event_id"],
+                        agency,
+                        body["outcome"],
+                        _clean_reason(body["reason"]),
+                        body["issued_at"],
+                        body.get("received_at"),
+                    )
+                )
+        except (UndecodableMessage, UntrustedReceipt, MissingCloudEventHeader, KeyError) as exc:
+            batch.refused.append((record, str(exc)))
+    return batch
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+async def _store_all(
+    conn: asyncpg.Connection, topics: Topics, records: list[ConsumerRecord[bytes, bytes]]
 ) -> tuple[list[tuple[ConsumerRecord[bytes, bytes], str]], StoredTally]:
-    """Store a batch in one transaction; return the records refused, with why, and what
-    was stored. With ``one_by_one`` each record has its own savepoint, so a value the
-    database refuses costs only that record."""
+    """Store a whole poll batch, from every partition, in one transaction and a statement
+    per kind of row: duplicates' receipts, receipts, overdue flags cleared, and the
+    decisions appended to the chain (one lock, one look-up, one pipelined append)."""
+    batch = _read(topics, records)
+    tally = StoredTally()
+    async with conn.transaction():
+        if batch.duplicates:
+            await conn.execute(
+                "INSERT INTO receipt_duplicate (receipt_id, event_id, agency, outcome, issued_at)"
+                " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])"
+                " ON CONFLICT DO NOTHING",
+                *_columns(batch.duplicates, 5),
+            )
+        if batch.receipts:
+            stored = await conn.fetch(
+                "INSERT INTO delivery_receipt (event_id, agency, outcome, reason, issued_at, received_at)"
+                " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],"
+                "                      $6::timestamptz[])"
+                " ON CONFLICT DO NOTHING RETURNING event_id, agency, outcome",
+                *_columns(batch.receipts, 6),
+            )
+            for row in stored:
+                tally.receipts[(row["agency"], row["outcome"])] += 1
+                if row["outcome"] in FINAL_OUTCOMES:
+                    tally.settled.add((row["event_id"], row["agency"]))
+            final = [r for r in batch.receipts if r[2] in FINAL_OUTCOMES]
+            if final:
+                await conn.execute(
+                    "UPDATE receipt_overdue o SET receipted_at = f.issued_at"
+                    "  FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])"
+                    "       AS f(event_id, agency, issued_at)"
+                    " WHERE o.event_id = f.event_id AND o.agency = f.agency AND o.receipted_at IS NULL",
+                    [r[0] for r in final],
+                    [r[1] for r in final],
+                    [r[4] for r in final],
+                )
+        await _chain(conn, batch.decisions, tally)
+        tally.latencies = await _receipt_latencies(conn, tally.settled)
+    return batch.refused, tally
+
+
+async def _store_one_by_one(
+    conn: asyncpg.Connection, topics: Topics, records: list[ConsumerRecord[bytes, bytes]]
+) -> tuple[list[tuple[ConsumerRecord[bytes, bytes], str]], StoredTally]:
+    """Store a batch the database refused in one transaction, each record in its own
+    savepoint, so that a value the database refuses costs only that record. Returns the
+    records refused, with why, and what was stored."""
     refused: list[tuple[ConsumerRecord[bytes, bytes], str]] = []
-    decisions: list[audit.Decision] = []  # chained together, in order, at the end of the batch
     tally = StoredTally()
     async with conn.transaction():
         for record in records:
             with structlog.contextvars.bound_contextvars(event_id=_event_id(record)):
+                mine = StoredTally()  # kept only if its savepoint is
                 try:
-                    if one_by_one:
-                        mine = StoredTally()  # kept only if its savepoint is
-                        async with conn.transaction():
-                            decision = await _store(conn, topics, record, mine)
-                            await _chain(conn, [decision] if decision else [], mine)
-                        tally.merge(mine)
-                    else:
-                        decision = await _store(conn, topics, record, tally)
-                        if decision is not None:
-                            decisions.append(decision)
+                    async with conn.transaction():
+                        decision = await _store(conn, topics, record, mine)
+                        await _chain(conn, [decision] if decision else [], mine)
+                    tally.merge(mine)
                 except (UndecodableMessage, UntrustedReceipt, MissingCloudEventHeader, KeyError) as exc:
                     refused.append((record, str(exc)))
                 except asyncpg.DataError as exc:
-                    if not one_by_one:
-                        raise
                     refused.append((record, f"the database refused it: {type(exc).__name__}"))
-        await _chain(conn, decisions, tally)
         tally.latencies = await _receipt_latencies(conn, tally.settled)
     return refused, tally
+
+
+MAX_BATCH = 2000  # records per poll, from all partitions: one transaction
+
+
+async def _dead_letter(
+    producer: kafka.AIOKafkaProducer, topics: Topics, refused: list[tuple[ConsumerRecord[bytes, bytes], str]]
+) -> None:
+    letters = [dead_letter(record, COMPONENT, reason) for record, reason in refused]
+    await asyncio.gather(
+        *await kafka.send_many(producer, topics.dead_letters, [(d.key, d.value, d.headers) for d in letters])
+    )
+    DEAD_LETTERS.labels(component=COMPONENT).inc(len(refused))
+    for record, reason in refused:
+        log.warning(
+            "receipt_dead_lettered",
+            event_id=_event_id(record),
+            topic=record.topic,
+            offset=record.offset,
+            reason=reason,
+        )
 
 
 async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
@@ -340,28 +448,19 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
         while not stop.is_set():
             if deadlines.done():
                 deadlines.result()  # a failed sweep restarts the tracker (see operators.services)
-            batches = await consumer.getmany(timeout_ms=500, max_records=500)
-            for tp, records in batches.items():
-                async with pool.acquire() as conn:
-                    try:
-                        refused, stored = await _store_batch(conn, topics, records, one_by_one=False)
-                    except asyncpg.DataError:  # find the one record at fault, keep the rest
-                        refused, stored = await _store_batch(conn, topics, records, one_by_one=True)
-                stored.count()  # committed
-                for record, reason in refused:
-                    letter = dead_letter(record, COMPONENT, reason)
-                    await dead_letters.send_and_wait(
-                        topics.dead_letters, value=letter.value, key=letter.key, headers=letter.headers
-                    )
-                    DEAD_LETTERS.labels(component=COMPONENT).inc()
-                    log.warning(
-                        "receipt_dead_lettered",
-                        event_id=_event_id(record),
-                        topic=record.topic,
-                        offset=record.offset,
-                        reason=reason,
-                    )
-                await consumer.commit({tp: records[-1].offset + 1})
+            polled = await consumer.getmany(timeout_ms=500, max_records=MAX_BATCH)
+            records = [record for batch in polled.values() for record in batch]
+            if not records:
+                continue
+            async with pool.acquire() as conn:
+                try:  # every partition's records at once
+                    refused, stored = await _store_all(conn, topics, records)
+                except asyncpg.DataError:  # find the one record at fault, keep the rest
+                    refused, stored = await _store_one_by_one(conn, topics, records)
+            stored.count()  # committed
+            if refused:
+                await _dead_letter(dead_letters, topics, refused)
+            await consumer.commit({tp: batch[-1].offset + 1 for tp, batch in polled.items() if batch})
     finally:
         LAG.forget(consumer)
         if deadlines is not None:

@@ -521,13 +521,15 @@ _DELIVERIES = """
            o.published_at - i.recorded_at AS published,
            d.decided_at - i.recorded_at AS decided,
            r.received_at - i.recorded_at AS received,
+           r.issued_at - i.recorded_at AS sent,
+           r.stored_at - r.issued_at AS tracked,
            r.stored_at - i.recorded_at AS stored
       FROM intake_record i
       JOIN routing_decision d ON d.event_id = i.event_id AND d.outcome = 'DELIVERED'
       LEFT JOIN (SELECT event_id, min(published_at) AS published_at FROM outbox
                   WHERE event_id = ANY($1::uuid[]) GROUP BY event_id) o ON o.event_id = i.event_id
       LEFT JOIN LATERAL (
-            SELECT outcome, stored_at, received_at FROM delivery_receipt r
+            SELECT outcome, stored_at, received_at, issued_at FROM delivery_receipt r
              WHERE r.event_id = d.event_id AND r.agency = d.agency AND r.outcome IN ('APPLIED', 'REJECTED')
              ORDER BY stored_at LIMIT 1) r ON true
      WHERE i.event_id = ANY($1::uuid[])
@@ -686,10 +688,13 @@ async def latency(
         ("published", "relay published (outbox)"),
         ("decided", "router decided"),
         ("received", "agency received (receipt)"),
+        ("sent", "agency sent its receipt"),
         ("stored", "receipt stored (tracker)"),
     ):
         if values := stage(name):
             print(f"    {label:<30} {_spread(values)}")
+    # The tracker's own part: from the agency issuing a receipt to the tracker's commit.
+    print(f"  receipt sent → stored (the tracker's lag): {_spread(stage('tracked'))}")
     per_event = list(slowest.values())
     print(f"  per event, its slowest agency, over {len(per_event)} complete events: {_spread(per_event)}")
     print(f"  final receipts stored: {_outcomes(outcomes)}")
@@ -703,9 +708,10 @@ async def latency(
         "intake answer (POST due → 201)": percentiles(submitted.answer_seconds),
         **{
             f"intake → {name}": percentiles(stage(name))
-            for name in ("published", "decided", "received", "stored")
+            for name in ("published", "decided", "received", "sent", "stored")
         },
         "intake → every agency's final receipt stored (per event)": percentiles(per_event),
+        "receipt sent → stored (tracker)": percentiles(stage("tracked")),
     }
     return {
         "sent": accepted + submitted.refused,

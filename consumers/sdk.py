@@ -279,6 +279,7 @@ async def handle_with_retries(
 RECEIVED_AFTER_SECONDS = 2.0  # a batch still being applied then gets RECEIVED receipts meanwhile
 KEEPALIVE_POLL_MS = 500  # how often a consumer waiting on a slow batch polls its group
 MAX_BATCH = 1000  # records per poll: one transaction and one flush of receipts
+YIELD_EVERY = 100  # messages verified between letting the event loop run others
 
 
 async def mark_receipted(pool: asyncpg.Pool, agency: str, event_ids: list[str]) -> None:
@@ -336,6 +337,17 @@ class Read:
         if not isinstance(self.signed, SignedEvent):
             raise self.signed or SignatureRejected("the signature was not read")
         return self.signed
+
+
+@dataclass
+class Batch:
+    """A poll batch read and verified: its distinct events in order, and each message
+    with the event it carries (None: it goes to dead letters)."""
+
+    records: list[Record]
+    received_at: datetime
+    events: dict[str, DeliveredEvent]
+    delivered: list[tuple[Read, DeliveredEvent | None]]
 
 
 @dataclass
@@ -451,26 +463,45 @@ class AgencyConsumer:
             role="agency",
         )
         LAG.watch(group_id, consumer)
-        outgoing: Outgoing | None = None  # the previous batch, its receipts not yet acknowledged
+        # Three batches in hand at most, each a stage behind the one after it: one being
+        # read and verified (CPU), the one before it in its transaction (database), and the
+        # one before that with its receipts on their way to the broker.
+        applying: asyncio.Future[Outgoing] | None = None
+        outgoing: Outgoing | None = None
         try:
             await producer.start()
             await consumer.start()
             log.info("agency_consumer_started", agency=self.agency)
             while not stop.is_set():
-                # While a batch's receipts are on their way, take only what is already fetched.
-                polled = await consumer.getmany(timeout_ms=0 if outgoing else 500, max_records=MAX_BATCH)
+                # While earlier batches are in hand, take only what is already fetched.
+                busy = applying is not None or outgoing is not None
+                polled = await consumer.getmany(timeout_ms=0 if busy else 500, max_records=MAX_BATCH)
                 assigned = consumer.assignment()
                 # A partition moved to another consumer while an earlier batch ran: it reads these.
                 records = [r for tp, batch in polled.items() if tp in assigned for r in batch]
-                handled = (
-                    await self._while_polling(consumer, self._handle(producer, records)) if records else None
-                )
+                read = await self._read(records) if records else None
+                if applying is not None:
+                    handled = await self._while_polling(consumer, applying)
+                    applying = None
+                    if outgoing is not None:
+                        await self._settle(consumer, outgoing)
+                    outgoing = handled
+                elif outgoing is not None and read is None:
+                    await self._settle(consumer, outgoing)
+                    outgoing = None
+                if read is not None:
+                    applying = asyncio.ensure_future(self._apply_and_receipt(producer, read))
+            if applying is not None:  # stopping: finish what is in hand, then commit it
+                handled = await self._while_polling(consumer, applying)
+                applying = None
                 if outgoing is not None:
                     await self._settle(consumer, outgoing)
                 outgoing = handled
             if outgoing is not None:
                 await self._settle(consumer, outgoing)
         finally:
+            if applying is not None:
+                await _cancelled(applying)
             LAG.forget(consumer)
             await consumer.stop()
             await producer.stop()
@@ -513,9 +544,8 @@ class AgencyConsumer:
             await _cancelled(task)  # never leave work running after the consumer has stopped
             raise
 
-    async def _handle(self, producer: kafka.AIOKafkaProducer, records: list[Record]) -> Outgoing:
-        """Handle one poll batch: read and verify every message, apply the events in one
-        transaction, queue a receipt per event and a dead letter per message refused."""
+    async def _read(self, records: list[Record]) -> Batch:
+        """Read and verify every message of a poll batch: the events to apply, in order."""
         received_at = datetime.now(UTC)
         reads = [Read.of(record) for record in records]
         # One key registry read at most per batch, and only for a key not seen before.
@@ -526,7 +556,9 @@ class AgencyConsumer:
         )
         events: dict[str, DeliveredEvent] = {}  # the batch's distinct events, in order
         delivered: list[tuple[Read, DeliveredEvent | None]] = []  # None: to dead letters
-        for read in reads:
+        for n, read in enumerate(reads, 1):
+            if n % YIELD_EVERY == 0:  # components share an event loop under `tuo run`
+                await asyncio.sleep(0)
             if read.problem is None:
                 try:
                     event = self._event(read, keys, consent_keys)
@@ -537,7 +569,17 @@ class AgencyConsumer:
                     delivered.append((read, event))
                     continue
             delivered.append((read, None))
+        return Batch(records, received_at, events, delivered)
 
+    async def _apply_and_receipt(self, producer: kafka.AIOKafkaProducer, batch: Batch) -> Outgoing:
+        """Apply a batch's events in one transaction, then queue a receipt per event and a
+        dead letter per message refused."""
+        records, received_at, events, delivered = (
+            batch.records,
+            batch.received_at,
+            batch.events,
+            batch.delivered,
+        )
         outgoing = Outgoing({TopicPartition(r.topic, r.partition): r.offset + 1 for r in records})
         applying = asyncio.ensure_future(self._apply(list(events.values())))
         try:

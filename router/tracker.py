@@ -65,57 +65,6 @@ class StoredTally:
             RECEIPT_LATENCY.labels(agency=agency).observe(max(0.0, seconds))
 
 
-async def _store(
-    conn: asyncpg.Connection, topics: Topics, record: ConsumerRecord[bytes, bytes], tally: StoredTally
-) -> audit.Decision | None:
-    """Store a receipt; a routing decision is returned, for the caller to chain."""
-    subject, body = decode(record.value or b"")
-    if record.topic == topics.routing_decisions:
-        if subject != "RoutingDecision":
-            raise UntrustedReceipt(f"{subject} on the routing decisions topic")
-        return audit.Decision.of(body)
-    agency = topics.agency_from_receipts_topic(record.topic)
-    if subject != "DeliveryReceipt":
-        raise UntrustedReceipt(f"{subject} on {record.topic}")
-    if body["agency"] != agency:
-        raise UntrustedReceipt(f"receipt names agency {body['agency']!r} but came from {agency!r}")
-    if body.get("duplicate"):
-        await conn.execute(
-            "INSERT INTO receipt_duplicate (receipt_id, event_id, agency, outcome, issued_at)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            CloudEvent.from_headers(record.headers).id,
-            body["event_id"],
-            agency,
-            body["outcome"],
-            body["issued_at"],
-        )
-        return None
-    stored = await conn.fetchval(
-        "INSERT INTO delivery_receipt (event_id, agency, outcome, reason, issued_at, received_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING true",
-        body["event_id"],
-        agency,
-        body["outcome"],
-        _clean_reason(body["reason"]),
-        body["issued_at"],
-        body.get("received_at"),
-    )
-    if stored:
-        tally.receipts[(agency, body["outcome"])] += 1
-        if body["outcome"] in FINAL_OUTCOMES:
-            tally.settled.add((uuid.UUID(str(body["event_id"])), agency))
-        log.debug("receipt_stored", event_id=str(body["event_id"]), agency=agency, outcome=body["outcome"])
-    if body["outcome"] in FINAL_OUTCOMES:
-        await conn.execute(
-            "UPDATE receipt_overdue SET receipted_at = $3"
-            " WHERE event_id = $1 AND agency = $2 AND receipted_at IS NULL",
-            body["event_id"],
-            agency,
-            body["issued_at"],
-        )
-    return None
-
-
 FINAL_OUTCOMES = ("APPLIED", "REJECTED")
 # The first sweep after start looks this far back; later sweeps look at what fell due
 # since the previous one, with an overlap for decisions the tracker stored late.
@@ -328,46 +277,51 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
+async def _store_rows(conn: asyncpg.Connection, batch: Sorted, tally: StoredTally) -> None:
+    """A statement per kind of row: duplicates' receipts, receipts, overdue flags cleared,
+    and the decisions appended to the chain (one lock, one look-up, one pipelined append)."""
+    if batch.duplicates:
+        await conn.execute(
+            "INSERT INTO receipt_duplicate (receipt_id, event_id, agency, outcome, issued_at)"
+            " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])"
+            " ON CONFLICT DO NOTHING",
+            *_columns(batch.duplicates, 5),
+        )
+    if batch.receipts:
+        stored = await conn.fetch(
+            "INSERT INTO delivery_receipt (event_id, agency, outcome, reason, issued_at, received_at)"
+            " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],"
+            "                      $6::timestamptz[])"
+            " ON CONFLICT DO NOTHING RETURNING event_id, agency, outcome",
+            *_columns(batch.receipts, 6),
+        )
+        for row in stored:
+            tally.receipts[(row["agency"], row["outcome"])] += 1
+            if row["outcome"] in FINAL_OUTCOMES:
+                tally.settled.add((row["event_id"], row["agency"]))
+        final = [r for r in batch.receipts if r[2] in FINAL_OUTCOMES]
+        if final:
+            await conn.execute(
+                "UPDATE receipt_overdue o SET receipted_at = f.issued_at"
+                "  FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])"
+                "       AS f(event_id, agency, issued_at)"
+                " WHERE o.event_id = f.event_id AND o.agency = f.agency AND o.receipted_at IS NULL",
+                [r[0] for r in final],
+                [r[1] for r in final],
+                [r[4] for r in final],
+            )
+    await _chain(conn, batch.decisions, tally)
+
+
 async def _store_all(
     conn: asyncpg.Connection, topics: Topics, records: list[ConsumerRecord[bytes, bytes]]
 ) -> tuple[list[tuple[ConsumerRecord[bytes, bytes], str]], StoredTally]:
-    """Store a whole poll batch, from every partition, in one transaction and a statement
-    per kind of row: duplicates' receipts, receipts, overdue flags cleared, and the
-    decisions appended to the chain (one lock, one look-up, one pipelined append)."""
+    """Store a whole poll batch, from every partition, in one transaction; return the
+    records refused, with why, and what was stored."""
     batch = _read(topics, records)
     tally = StoredTally()
     async with conn.transaction():
-        if batch.duplicates:
-            await conn.execute(
-                "INSERT INTO receipt_duplicate (receipt_id, event_id, agency, outcome, issued_at)"
-                " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[])"
-                " ON CONFLICT DO NOTHING",
-                *_columns(batch.duplicates, 5),
-            )
-        if batch.receipts:
-            stored = await conn.fetch(
-                "INSERT INTO delivery_receipt (event_id, agency, outcome, reason, issued_at, received_at)"
-                " SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],"
-                "                      $6::timestamptz[])"
-                " ON CONFLICT DO NOTHING RETURNING event_id, agency, outcome",
-                *_columns(batch.receipts, 6),
-            )
-            for row in stored:
-                tally.receipts[(row["agency"], row["outcome"])] += 1
-                if row["outcome"] in FINAL_OUTCOMES:
-                    tally.settled.add((row["event_id"], row["agency"]))
-            final = [r for r in batch.receipts if r[2] in FINAL_OUTCOMES]
-            if final:
-                await conn.execute(
-                    "UPDATE receipt_overdue o SET receipted_at = f.issued_at"
-                    "  FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])"
-                    "       AS f(event_id, agency, issued_at)"
-                    " WHERE o.event_id = f.event_id AND o.agency = f.agency AND o.receipted_at IS NULL",
-                    [r[0] for r in final],
-                    [r[1] for r in final],
-                    [r[4] for r in final],
-                )
-        await _chain(conn, batch.decisions, tally)
+        await _store_rows(conn, batch, tally)
         tally.latencies = await _receipt_latencies(conn, tally.settled)
     return batch.refused, tally
 
@@ -383,14 +337,13 @@ async def _store_one_by_one(
     async with conn.transaction():
         for record in records:
             with structlog.contextvars.bound_contextvars(event_id=_event_id(record)):
+                one = _read(topics, [record])
+                refused += one.refused
                 mine = StoredTally()  # kept only if its savepoint is
                 try:
                     async with conn.transaction():
-                        decision = await _store(conn, topics, record, mine)
-                        await _chain(conn, [decision] if decision else [], mine)
+                        await _store_rows(conn, one, mine)
                     tally.merge(mine)
-                except (UndecodableMessage, UntrustedReceipt, MissingCloudEventHeader, KeyError) as exc:
-                    refused.append((record, str(exc)))
                 except asyncpg.DataError as exc:
                     refused.append((record, f"the database refused it: {type(exc).__name__}"))
         tally.latencies = await _receipt_latencies(conn, tally.settled)

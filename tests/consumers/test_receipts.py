@@ -112,6 +112,18 @@ def _recording(table: str) -> Handler:
     return apply
 
 
+def _choking_on_poison(table: str) -> Handler:
+    """Records each event, but fails (as a bug would) on every event about a Poison."""
+    record = _recording(table)
+
+    async def choke_on_poison(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+        if event.record["deceased"]["family_name"] == "Poison":
+            raise ValueError("cannot parse the record for Pat Poison")
+        await record(event, conn)
+
+    return choke_on_poison
+
+
 async def _stored_receipts(pool: asyncpg.Pool, agency: str, event_id: str) -> dict[str, str | None]:
     rows = await pool.fetch(
         "SELECT outcome, reason FROM delivery_receipt WHERE agency = $1 AND event_id = $2",
@@ -344,12 +356,7 @@ async def test_poison_event_is_rejected_with_its_reason_and_dead_lettered_and_la
     monkeypatch.setattr(sdk, "HANDLER_BACKOFF_SECONDS", 0.01)
     await _subscribe(services, pool, "t-poison", "ZE3")
     effects = await _effects_table(pool, "poison_effect")
-    record = _recording("poison_effect")
-
-    async def choke_on_poison(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
-        if event.record["deceased"]["family_name"] == "Poison":
-            raise ValueError("cannot parse the record for Pat Poison")
-        await record(event, conn)
+    choke_on_poison = _choking_on_poison("poison_effect")
 
     # One at a time, so they reach the agency's one partition in this order (different
     # people may take different paths through the life-events partitions).
@@ -389,12 +396,7 @@ async def test_a_batch_with_a_poison_event_and_a_duplicate_applies_the_good_even
     await _subscribe(services, pool, "t-batch", "ZE5")
     topic = Topics(services.topic_prefix).agency("t-batch")
     effects = await _effects_table(pool, "batch_effect")
-    record = _recording("batch_effect")
-
-    async def choke_on_poison(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
-        if event.record["deceased"]["family_name"] == "Poison":
-            raise ValueError("cannot parse the record for Pat Poison")
-        await record(event, conn)
+    choke_on_poison = _choking_on_poison("batch_effect")
 
     good = (await _register(intake, "ZE5 9JA"))["event_id"]
     poison = (await _register(intake, "ZE5 9JA", family_name="Poison"))["event_id"]

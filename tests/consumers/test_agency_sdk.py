@@ -77,6 +77,29 @@ async def test_rejection_undoes_the_handlers_work_and_is_remembered(effects: asy
     assert await _effects(effects, event) == 0
 
 
+async def test_a_rejection_in_a_batch_undoes_only_that_events_work(effects: asyncpg.Pool) -> None:
+    events = [_event() for _ in range(3)]
+
+    async def reject_the_second(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+        await conn.execute("INSERT INTO test_effect VALUES ('test', $1)", uuid.UUID(event.event_id))
+        if event.event_id == events[1].event_id:
+            raise RejectEvent("no record of this person")
+
+    receipts = await sdk.apply_batch(effects, "test-agency", events, sdk.EachInTurn(reject_the_second))
+
+    assert [(receipts[e.event_id].outcome, receipts[e.event_id].reason) for e in events] == [
+        ("APPLIED", None),
+        ("REJECTED", "no record of this person"),
+        ("APPLIED", None),
+    ]
+    assert [await _effects(effects, e) for e in events] == [1, 0, 1]
+    again = await sdk.apply_batch(effects, "test-agency", events, sdk.EachInTurn(reject_the_second))
+    assert [again[e.event_id].outcome for e in events] == ["APPLIED", "REJECTED", "APPLIED"]
+    assert [await _effects(effects, e) for e in events] == [1, 0, 1], (
+        "a batch seen again is not applied again"
+    )
+
+
 async def test_failing_handler_is_retried_then_rejected_without_its_message(
     effects: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

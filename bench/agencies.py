@@ -589,7 +589,7 @@ async def _on_topics(settings: Settings, event_ids: list[str]) -> tuple[set[Deli
 def _spread(values: list[float]) -> str:
     if len(values) < 2:
         return f"{len(values)} value(s), too few for percentiles"
-    cuts = statistics.quantiles(values, n=100)
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
     return f"p50 {cuts[49] * 1000:6.0f} ms   p99 {cuts[98] * 1000:6.0f} ms   max {max(values) * 1000:6.0f} ms"
 
 
@@ -693,14 +693,23 @@ async def latency(
     ):
         if values := stage(name):
             print(f"    {label:<30} {_spread(values)}")
+    for agency in sorted({r["agency"] for r in final}):
+        mine = [r for r in final if r["agency"] == agency]
+        handled = [(r["sent"] - r["received"]).total_seconds() for r in mine if r["sent"] and r["received"]]
+        print(
+            f"    {agency:<16} receipt stored {_spread([r['stored'].total_seconds() for r in mine])};"
+            f" received → sent {_spread(handled)}"
+        )
     # The tracker's own part: from the agency issuing a receipt to the tracker's commit.
     print(f"  receipt sent → stored (the tracker's lag): {_spread(stage('tracked'))}")
     per_event = list(slowest.values())
     print(f"  per event, its slowest agency, over {len(per_event)} complete events: {_spread(per_event)}")
     print(f"  final receipts stored: {_outcomes(outcomes)}")
-    cuts = statistics.quantiles(per_event, n=100) if len(per_event) > 1 else [math.nan] * 99
+    cuts = (
+        statistics.quantiles(per_event, n=100, method="inclusive") if len(per_event) > 1 else [math.nan] * 99
+    )
     answers = (
-        statistics.quantiles(submitted.answer_seconds, n=100)
+        statistics.quantiles(submitted.answer_seconds, n=100, method="inclusive")
         if len(submitted.answer_seconds) > 1
         else [math.nan] * 99
     )

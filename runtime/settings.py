@@ -60,7 +60,7 @@ class Settings(BaseSettings):
 
     # PostgreSQL
     database_url: SecretStr | None = None
-    database_pool_size: int = Field(default=10, ge=1, le=200)
+    database_pool_size: int = Field(default=30, ge=1, le=200)
 
     # Intake HTTP service
     http_host: str = "127.0.0.1"

@@ -29,8 +29,8 @@ COUNCIL_AUTHORITIES: dict[str, frozenset[str]] = {
     "council-bradford": frozenset({"E08000032"}),
 }
 _NATIONAL: dict[str, Handler] = {
-    "hmrc": tax.handle,
-    "dwp": pensions.PENSIONS,  # also applies a batch set-wise
+    "hmrc": tax.TAX,  # also applies a batch set-wise
+    "dwp": pensions.PENSIONS,  # likewise
     "dvla": licensing.handle,
 }
 

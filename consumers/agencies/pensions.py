@@ -12,23 +12,21 @@
 
 Without the NINO, or with no award for it, the event is rejected.
 
-``PENSIONS`` applies a batch set-wise: each run of deaths of different people in
-it takes two statements (the awards, locked; the stops), whatever its length, and
-anything else is applied one event at a time, in order, exactly as ``handle`` would.
+``PENSIONS`` applies a batch set-wise (``consumers.agencies.deaths``): each run of
+deaths of different people takes two statements (the awards, locked; the stops).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import date
 
 import asyncpg
 
 from consumers.agencies import delivery
+from consumers.agencies.deaths import Death, DeathsSetWise
 from consumers.reference import apply_life_event
-from consumers.sdk import DeliveredEvent, EachInTurn, RejectEvent
+from consumers.sdk import DeliveredEvent, RejectEvent
 
 NO_AWARD = "no pension award for this National Insurance number"
 
@@ -53,47 +51,6 @@ async def handle(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
                 await _resume(conn, voided_id)
         case _:
             await apply_life_event(event, conn)
-
-
-@dataclass(frozen=True)
-class Death:
-    event_id: uuid.UUID
-    nino: str
-    died_on: date
-
-
-class Pensions:
-    """DWP's handler: ``handle`` for one event, ``handle_batch`` for a batch (see above)."""
-
-    async def __call__(self, event: DeliveredEvent, conn: asyncpg.Connection) -> None:
-        await handle(event, conn)
-
-    async def handle_batch(
-        self, events: Sequence[DeliveredEvent], conn: asyncpg.Connection
-    ) -> Mapping[str, str]:
-        rejected: dict[str, str] = {}
-        run: dict[str, Death] = {}  # consecutive deaths, by NINO: each of a different person
-        for event in events:
-            if event.event_type != "DeathRegistered":
-                rejected |= await _stop_on_deaths(conn, list(run.values()))
-                run = {}
-                rejected |= await EachInTurn(handle).handle_batch([event], conn)
-                continue
-            try:
-                death = Death(
-                    delivery.event_uuid(event), delivery.nino(event), delivery.day(event, "date_of_death")
-                )
-            except RejectEvent as rejection:
-                rejected[event.event_id] = rejection.reason
-                continue
-            if death.nino in run:  # the same person's award again: after the death before it
-                rejected |= await _stop_on_deaths(conn, list(run.values()))
-                run = {}
-            run[death.nino] = death
-        return rejected | await _stop_on_deaths(conn, list(run.values()))
-
-
-PENSIONS = Pensions()
 
 
 async def _stop_on_deaths(conn: asyncpg.Connection, deaths: list[Death]) -> dict[str, str]:
@@ -193,3 +150,6 @@ async def _resume(conn: asyncpg.Connection, stopped_by_event: uuid.UUID) -> None
         " WHERE stopped_by_event = $1",
         stopped_by_event,
     )
+
+
+PENSIONS = DeathsSetWise(handle, _stop_on_deaths)  # DWP's handler, of one event or a batch

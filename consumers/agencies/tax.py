@@ -11,6 +11,9 @@
 - Anything else (a birth, another correction) is applied with no effect.
 
 Without the NINO, or with no record for it, the event is rejected.
+
+``TAX`` applies a batch set-wise (``consumers.agencies.deaths``): each run of deaths
+of different people takes two statements (the records, locked; the closures).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from datetime import date
 import asyncpg
 
 from consumers.agencies import delivery
+from consumers.agencies.deaths import Death, DeathsSetWise
 from consumers.reference import apply_life_event
 from consumers.sdk import DeliveredEvent, RejectEvent
 from schemas import models
@@ -52,6 +56,31 @@ async def _close_on_death(event: DeliveredEvent, conn: asyncpg.Connection) -> No
         raise RejectEvent(NO_RECORD)
     if status == "open":
         await _close(conn, nino, died_on, delivery.event_uuid(event))
+
+
+async def _close_on_deaths(conn: asyncpg.Connection, deaths: list[Death]) -> dict[str, str]:
+    """``_close_on_death`` for deaths of different people, in two statements; returns the
+    rejections (event id → reason)."""
+    open_now = {
+        row["nino"]: row["status"]
+        for row in await conn.fetch(
+            "SELECT nino, status FROM agency.tax_record"
+            " WHERE nino = ANY($1::text[]) ORDER BY nino FOR UPDATE",
+            [d.nino for d in deaths],
+        )
+    }
+    closing = [d for d in deaths if open_now.get(d.nino) == "open"]
+    if closing:
+        await conn.execute(
+            "UPDATE agency.tax_record t"
+            "   SET status = 'closed', closed_on = c.died_on, closed_by_event = c.event_id"
+            "  FROM unnest($1::text[], $2::date[], $3::uuid[]) AS c(nino, died_on, event_id)"
+            " WHERE t.nino = c.nino",
+            [d.nino for d in closing],
+            [d.died_on for d in closing],
+            [d.event_id for d in closing],
+        )
+    return {str(d.event_id): NO_RECORD for d in deaths if d.nino not in open_now}
 
 
 async def _change_address(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
@@ -122,3 +151,6 @@ async def _move(conn: asyncpg.Connection, nino: str, address: models.Address, mo
         address.uprn,
         moved_on,
     )
+
+
+TAX = DeathsSetWise(handle, _close_on_deaths)  # HMRC's handler, of one event or a batch

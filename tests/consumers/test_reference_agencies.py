@@ -19,11 +19,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumers.agencies import handler_for, pensions, records
+from consumers.agencies import handler_for, pensions, records, tax
 from consumers.agencies.council import CouncilHandler
 from consumers.agencies.records import Resident
 from consumers.reference import apply_life_event
-from consumers.sdk import DeliveredEvent, Receipt, apply_batch, handle_once
+from consumers.sdk import BatchHandler, DeliveredEvent, Receipt, apply_batch, handle_once
 from devstack.demo import demo_submissions, seed_agency_records
 from producers.requests import AddressChange, BirthRegistration, DeathRegistration, Submission
 from router.minimise import minimise
@@ -393,65 +393,95 @@ async def test_a_birth_is_applied_at_dwp_without_effect(pool: asyncpg.Pool) -> N
     assert await pool.fetchval("SELECT count(*) FROM agency.pension_award") == awards_before
 
 
-async def _pension_batch(pool: asyncpg.Pool) -> tuple[list[DeliveredEvent], list[str]]:
-    """Every path a batch at DWP can take, for new people: two deaths, a death without an
-    award, one whose NINO was withheld, a void of the first, a second registration of one
-    death, a birth between deaths, and one more death. Returns the events, in order, and
-    the NINOs whose awards they touch."""
+# --- a batch set-wise, as each event in turn (dwp, hmrc) ---------------------------------------
+
+
+async def _give_record(pool: asyncpg.Pool, agency: str, person: Someone) -> None:
+    if agency == "dwp":
+        await records.award_pension(pool, person.nino, 22110, DIED_ON + timedelta(days=10))
+    else:
+        await records.open_tax_record(pool, person.nino, person.person(), person.home())
+
+
+async def _state(pool: asyncpg.Pool, agency: str, people: list[Someone]) -> list[tuple[Any, ...]]:
+    if agency == "dwp":
+        awards = [await _award(pool, p.nino) for p in people]
+        return [(r["status"], r["stopped_on"], r["overpayment_pence"]) for r in awards]
+    taxed = [await _tax_record(pool, p.nino) for p in people]
+    return [(r["status"], r["closed_on"], r["postcode"]) for r in taxed]
+
+
+async def _deaths_batch(pool: asyncpg.Pool, agency: str) -> tuple[list[DeliveredEvent], list[Someone]]:
+    """Every path a batch can take at an agency applying deaths set-wise, for new people:
+    two deaths, a death without a record, one whose NINO was withheld, a void of the
+    first, a second registration of one death, another event between deaths, and one
+    more death. Returns the events, in order, and the people with records."""
     pat, sam, nobody, twice, last = (someone() for _ in range(5))
     for person in (pat, sam, twice, last):
-        await records.award_pension(pool, person.nino, 22110, DIED_ON + timedelta(days=10))
-    death = delivered("dwp", "DeathRegistered", death_of(pat))
+        await _give_record(pool, agency, person)
+    death = delivered(agency, "DeathRegistered", death_of(pat))
+    between = (
+        delivered(agency, "BirthRegistered", birth())
+        if agency == "dwp"
+        else delivered(agency, "AddressChanged", move_of(last, an_address("LS2 7EW")))
+    )
     events = [
         death,
-        delivered("dwp", "DeathRegistered", death_of(sam)),
-        delivered("dwp", "DeathRegistered", death_of(nobody)),
-        delivered("dwp", "DeathRegistered", death_of(someone()), withhold={"nino"}),
-        delivered("dwp", "DeathRegistered", death_of(twice)),
+        delivered(agency, "DeathRegistered", death_of(sam)),
+        delivered(agency, "DeathRegistered", death_of(nobody)),
+        delivered(agency, "DeathRegistered", death_of(someone()), withhold={"nino"}),
+        delivered(agency, "DeathRegistered", death_of(twice)),
         void_of(death),
-        delivered("dwp", "DeathRegistered", death_of(twice)),
-        delivered("dwp", "BirthRegistered", birth()),
-        delivered("dwp", "DeathRegistered", death_of(last)),
+        delivered(agency, "DeathRegistered", death_of(twice)),
+        between,
+        delivered(agency, "DeathRegistered", death_of(last)),
     ]
-    return events, [p.nino for p in (pat, sam, twice, last)]
+    return events, [pat, sam, twice, last]
 
 
-async def _awards(pool: asyncpg.Pool, ninos: list[str]) -> list[tuple[Any, ...]]:
-    rows = [await _award(pool, nino) for nino in ninos]
-    return [(r["status"], r["stopped_on"], r["overpayment_pence"]) for r in rows]
-
-
-async def test_dwp_applies_a_batch_set_wise_exactly_as_it_applies_each_event_in_turn(
-    pool: asyncpg.Pool,
+@pytest.mark.parametrize(
+    ("agency", "handler", "no_record"),
+    [
+        ("dwp", pensions.PENSIONS, pensions.NO_AWARD),
+        ("hmrc", tax.TAX, tax.NO_RECORD),
+    ],
+)
+async def test_a_batch_applied_set_wise_ends_exactly_as_each_event_applied_in_turn(
+    pool: asyncpg.Pool, agency: str, handler: BatchHandler, no_record: str
 ) -> None:
-    one_by_one, ninos = await _pension_batch(pool)
-    receipts = [await apply(pool, "dwp", event) for event in one_by_one]
-    batch, batch_ninos = await _pension_batch(pool)
+    one_by_one, people = await _deaths_batch(pool, agency)
+    receipts = [await apply(pool, agency, event) for event in one_by_one]
+    batch, batch_people = await _deaths_batch(pool, agency)
 
-    applied = await apply_batch(pool, "dwp", batch, pensions.PENSIONS)
+    applied = await apply_batch(pool, agency, batch, handler)
 
     expected = [(r.outcome, r.reason) for r in receipts]
     assert [(applied[e.event_id].outcome, applied[e.event_id].reason) for e in batch] == expected
+    applied_ = ("APPLIED", None)
     assert expected == [
-        ("APPLIED", None),
-        ("APPLIED", None),
-        ("REJECTED", "no pension award for this National Insurance number"),
+        applied_,
+        applied_,
+        ("REJECTED", no_record),
         ("REJECTED", "the National Insurance number was not delivered"),
-        ("APPLIED", None),
-        ("APPLIED", None),
-        ("APPLIED", None),
-        ("APPLIED", None),
-        ("APPLIED", None),
+        applied_,
+        applied_,
+        applied_,
+        applied_,
+        applied_,
     ]
-    assert await _awards(pool, batch_ninos) == await _awards(pool, ninos)
-    assert await _awards(pool, ninos) == [
-        ("in_payment", None, 0),  # its death voided
-        ("stopped", DIED_ON, 31585),
-        ("stopped", DIED_ON, 31585),  # by the first of its two deaths
-        ("stopped", DIED_ON, 31585),
+    after = await _state(pool, agency, people)
+    assert [row[:2] for row in after] == [
+        ("in_payment" if agency == "dwp" else "open", None),  # its death voided
+        ("stopped" if agency == "dwp" else "closed", DIED_ON),
+        ("stopped" if agency == "dwp" else "closed", DIED_ON),  # by the first of its two deaths
+        ("stopped" if agency == "dwp" else "closed", DIED_ON),
     ]
+    assert await _state(pool, agency, batch_people) == after
+    if agency == "hmrc":
+        assert after[3][2] == "LS2 7EW", "the move before the last death was applied"
     stored = await pool.fetch(
-        "SELECT event_id, outcome FROM agency.inbox WHERE agency = 'dwp' AND event_id = ANY($1::uuid[])",
+        "SELECT outcome FROM agency.inbox WHERE agency = $1 AND event_id = ANY($2::uuid[])",
+        agency,
         [e.event_id for e in batch],
     )
     assert sorted(r["outcome"] for r in stored) == sorted(o for o, _ in expected)

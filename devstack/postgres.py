@@ -136,8 +136,11 @@ class PostgresServer:
             if not self.log_file.exists():
                 self.log_file.touch()
                 self._own(self.log_file)
+            # Room for every component's pool (TUO_DATABASE_POOL_SIZE, 30 by default) when each
+            # runs as its own process, and for the tests' processes beside them.
             options = (
                 f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' -c fsync=on"
+                " -c max_connections=300"
             )
             self._run(
                 [

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
 
     # PostgreSQL
     database_url: SecretStr | None = None
+    # Per process. Under `tuo run` every component shares one pool, and each agency holds
+    # a connection for a whole batch's transaction: 10 left intake waiting for one.
     database_pool_size: int = Field(default=30, ge=1, le=200)
 
     # Intake HTTP service

@@ -37,7 +37,7 @@ async def main(agency: str, crash: bool) -> None:
     settings = load_settings()
     pool = await open_pool(settings)
     if crash:
-        AgencyConsumer._send_receipts = die  # type: ignore[assignment,method-assign]
+        AgencyConsumer._send_receipts = die  # type: ignore[method-assign]
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:

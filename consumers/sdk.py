@@ -620,6 +620,14 @@ class AgencyConsumer:
         await self._send_dead_letters(producer, letters, outgoing)
         await self._send_receipts(producer, final, received_at, outgoing)
         outgoing.receipted = list(sent_for)
+        for _, receipt in final:  # a line per event at DEBUG only: one per batch below
+            log.debug(
+                "event_handled",
+                agency=self.agency,
+                event_id=receipt.event_id,
+                outcome=receipt.outcome,
+                duplicate=receipt.duplicate,
+            )
         log.info(
             "batch_handled",
             agency=self.agency,

@@ -296,6 +296,9 @@ async def _store_rows(conn: asyncpg.Connection, batch: Sorted, tally: StoredTall
             *_columns(batch.receipts, 6),
         )
         for row in stored:
+            log.debug(
+                "receipt_stored", event_id=str(row["event_id"]), agency=row["agency"], outcome=row["outcome"]
+            )
             tally.receipts[(row["agency"], row["outcome"])] += 1
             if row["outcome"] in FINAL_OUTCOMES:
                 tally.settled.add((row["event_id"], row["agency"]))

@@ -22,6 +22,9 @@ rather than reject them. Each part runs on its own topics.
             scratch topic, gathering the sends per batch and committing offsets
             after each batch — the SDK's loop minus decode, signature check,
             de-duplication, handler and database;
+        (a') the same, also decoding each message and checking its signature
+            as the SDK must: the floor for any agency that trusts only the
+            offices' keys;
         (b) the SDK: one ``AgencyConsumer`` for "dwp" with the handler the bus
             gives that agency.
       Each is timed from its start until its group's committed offset passes the
@@ -80,10 +83,13 @@ from runtime import kafka
 from runtime.access import Principal
 from runtime.database import migrate, open_pool
 from runtime.kafka import Topics
+from runtime.keyring import KeyRing
 from runtime.logging import configure_logging
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode, models
+from schemas.cloudevents import CloudEvent
+from schemas.signatures import read_signature, verify
 from tests.support import death_registration, read_topic, today
 
 AGENCY = "dwp"
@@ -299,32 +305,34 @@ async def _timed(
         await watcher.stop()
 
 
-# The bare consumer's inbox: one row per event, as the SDK's agency.inbox claims one.
-BARE_INBOX = "bench_bare_inbox"
-
-
 async def _bare_pipe(
-    settings: Settings, pool: asyncpg.Pool, source: str, output: str, stop: asyncio.Event
+    settings: Settings, pool: asyncpg.Pool, source: str, name: str, stop: asyncio.Event, *, check: bool
 ) -> None:
     """The least an agency consumer can do and still be one: per batch, one INSERT of the
     batch's event ids (one transaction), a receipt-sized message per event, then commit
     the offsets, as the SDK does; no decode, signature check, handler or de-duplication
-    beyond the primary key."""
+    beyond the primary key. With ``check``, it also decodes each message and checks its
+    signature, as the SDK must (``schemas.signatures``): the floor for any agency."""
     consumer = kafka.consumer(
-        settings, source, principal=BENCH_USER, group_id=f"{settings.topic_prefix}.bare", client_id="bare"
+        settings, source, principal=BENCH_USER, group_id=f"{settings.topic_prefix}.{name}", client_id=name
     )
-    producer = kafka.producer(settings, principal=BENCH_USER, client_id="bare")
+    producer = kafka.producer(settings, principal=BENCH_USER, client_id=name)
+    keys = KeyRing.from_database(pool)
     await producer.start()
     await consumer.start()
     try:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=500, max_records=200)
             for tp, batch in batches.items():
+                if check:
+                    await _check_signatures(keys, batch)
                 ids = [_ce_id(r) for r in batch]
                 await pool.execute(
-                    f"INSERT INTO {BARE_INBOX} (event_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING",
+                    f"INSERT INTO {name.replace('-', '_')}_inbox (event_id) SELECT unnest($1::uuid[])"
+                    " ON CONFLICT DO NOTHING",
                     ids,
                 )
+                output = f"{settings.topic_prefix}.{name}.receipts"
                 pending = [
                     await producer.send(output, RECEIPT_SIZED, key=r.key, headers=[("ce_id", i.encode())])
                     for r, i in zip(batch, ids, strict=True)
@@ -336,8 +344,66 @@ async def _bare_pipe(
         await producer.stop()
 
 
+async def _check_signatures(keys: KeyRing, batch: list[Any]) -> None:
+    signed = [read_signature(r.headers) for r in batch]
+    found = await keys.resolve(s.manifest.key_id for s in signed)
+    for record, signature in zip(batch, signed, strict=True):
+        cloud_event = CloudEvent.from_headers(record.headers)
+        _, body = decode(record.value)
+        verify(
+            signature,
+            found.get(signature.manifest.key_id),
+            event_type=cloud_event.type,
+            event_id=cloud_event.id,
+            source=cloud_event.source,
+            body=body,
+        )
+
+
 def _ce_id(record: Any) -> str:
     return next((bytes(v).decode() for k, v in record.headers if k == "ce_id"), "")
+
+
+async def _baseline(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    source: str,
+    ends: dict[int, int],
+    accepted: set[str],
+    name: str,
+    *,
+    check: bool,
+) -> tuple[float, float, int]:
+    """Run one bare pipe over ``source`` on its own scratch topic and table; prove that it
+    stored and answered every event; return (seconds to its first commit, to its last,
+    events both stored and answered)."""
+    output, table = f"{settings.topic_prefix}.{name}.receipts", f"{name.replace('-', '_')}_inbox"
+    admin = kafka.admin(settings, principal=Principal.OPERATOR)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(output, 1, 1)])
+    finally:
+        await admin.close()
+    await pool.execute(f"CREATE TABLE IF NOT EXISTS {table} (event_id uuid PRIMARY KEY)")
+    first, done = await _timed(
+        settings,
+        lambda stop: _bare_pipe(settings, pool, source, name, stop, check=check),
+        f"{settings.topic_prefix}.{name}",
+        source,
+        ends,
+    )
+    stored = await pool.fetchval(
+        f"SELECT count(*) FROM {table} WHERE event_id = ANY($1::uuid[])", list(accepted)
+    )
+    answered, _ = await count_by_ce_id(bench_client_options(settings), output, accepted)
+    prove(
+        f"agencies {name} pipe",
+        len(accepted),
+        min(stored, answered),
+        f"rows stored {stored}; receipts on {output} by ce_id {answered}",
+    )
+    arrived: int = min(stored, answered)
+    return first, done, arrived
 
 
 async def _receipted(settings: Settings, topic: str, event_ids: set[str]) -> tuple[set[str], dict[str, int]]:
@@ -359,7 +425,6 @@ async def throughput(
 ) -> dict[str, Any]:
     topics = Topics(settings.topic_prefix)
     source = topics.agency(AGENCY)
-    scratch = f"{settings.topic_prefix}.bare.receipts"
     bodies = people.registrations(events)
     seeded = await _seed_records(pool, bodies) if seed else "no agency records seeded (--no-records)"
     await deploy_bus(settings, pool, [AGENCY])
@@ -377,30 +442,11 @@ async def throughput(
     options = bench_client_options(settings)
     on_source, _ = await count_by_ce_id(options, source, accepted)
     prove("agencies fill", events, on_source, f"registrations accepted {len(accepted)}; by ce_id on {source}")
-    admin = kafka.admin(settings, principal=Principal.OPERATOR)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(scratch, 1, 1)])
-    finally:
-        await admin.close()
-    await pool.execute(f"CREATE TABLE IF NOT EXISTS {BARE_INBOX} (event_id uuid PRIMARY KEY)")
-
-    bare_first, bare_done = await _timed(
-        settings,
-        lambda stop: _bare_pipe(settings, pool, source, scratch, stop),
-        f"{settings.topic_prefix}.bare",
-        source,
-        ends,
+    bare_first, bare_done, bare_arrived = await _baseline(
+        settings, pool, source, ends, accepted, "bare", check=False
     )
-    bare_stored = await pool.fetchval(
-        f"SELECT count(*) FROM {BARE_INBOX} WHERE event_id = ANY($1::uuid[])", list(accepted)
-    )
-    bare_receipts, _ = await count_by_ce_id(options, scratch, accepted)
-    prove(
-        "agencies bare pipe",
-        events,
-        min(bare_stored, bare_receipts),
-        f"rows stored {bare_stored}; receipts on {scratch} by ce_id {bare_receipts}",
+    checked_first, checked_done, checked_arrived = await _baseline(
+        settings, pool, source, ends, accepted, "bare-checked", check=True
     )
     consumer = AgencyConsumer(settings, pool, AGENCY, handler_for(AGENCY))
     with _profiled(PROFILE):
@@ -422,7 +468,7 @@ async def throughput(
         f" {len(receipted)} ({_outcomes(outcomes)})",
     )
 
-    bare, sdk = events / bare_done, events / sdk_done
+    bare, checked, sdk = events / bare_done, events / checked_done, events / sdk_done
     print(
         f"(1) agency consumer throughput: {events} routed DeathRegistered messages on {source}"
         f" (intake+relay+router put them there in {filled_in:.1f} s); one 2-core machine"
@@ -430,10 +476,11 @@ async def throughput(
     print(f"  {seeded}")
     for label, rate, first in (
         ("bare pipe (1 INSERT + 1 small message per event + commit, per batch)", bare, bare_first),
+        ("the same + decode and signature check of each message", checked, checked_first),
         (f"AgencyConsumer + consumers.agencies.handler_for({AGENCY!r})", sdk, sdk_first),
     ):
         print(f"  {label:<68} {rate:7,.0f} events/s  (first commit after {first:.2f} s)")
-    print(f"  ratio SDK / bare: {sdk / bare:.2f}")
+    print(f"  ratio SDK / bare: {sdk / bare:.2f}; SDK / bare with the signature check: {sdk / checked:.2f}")
     print(f"  receipts on {topics.receipts(AGENCY)}: {_outcomes(outcomes)}")
     return {
         "events": events,
@@ -442,10 +489,12 @@ async def throughput(
         "arrived": min(sdk_stored, len(receipted)),
         "stages": {},
         "proof": "receipted rows in agency.inbox and final receipts on the receipts topic, per event",
-        "bare": {"sent": events, "arrived": min(bare_stored, bare_receipts)},
+        "bare": {"sent": events, "arrived": min(bare_arrived, checked_arrived)},
         "consumer_per_s": round(sdk, 1),
         "bare_per_s": round(bare, 1),
+        "bare_checked_per_s": round(checked, 1),
         "ratio": round(sdk / bare, 3),
+        "ratio_to_checked": round(sdk / checked, 3),
         "receipts": outcomes,
     }
 

@@ -227,8 +227,9 @@ def _event_id(record: ConsumerRecord[bytes, bytes]) -> str | None:
 
 
 @dataclass
-class Sorted:
-    """A batch read: its routing decisions, receipts and duplicates' receipts, as rows."""
+class ArrivedBatch:
+    """A batch as read: its routing decisions, receipts and duplicates' receipts as rows
+    to store, and the records refused, with why."""
 
     decisions: list[audit.Decision] = field(default_factory=list)
     receipts: list[tuple[Any, str, str, str | None, datetime, datetime | None]] = field(default_factory=list)
@@ -236,9 +237,10 @@ class Sorted:
     refused: list[tuple[ConsumerRecord[bytes, bytes], str]] = field(default_factory=list)
 
 
-def _read(topics: Topics, records: list[ConsumerRecord[bytes, bytes]]) -> Sorted:
-    """Decode and check every record of a batch (what ``_store`` checks, before any SQL)."""
-    batch = Sorted()
+def _read(topics: Topics, records: list[ConsumerRecord[bytes, bytes]]) -> ArrivedBatch:
+    """Decode and check every record of a batch, before any SQL: a record that is not a
+    decision, or a receipt from the agency whose topic it came from, is refused."""
+    batch = ArrivedBatch()
     for record in records:
         try:
             subject, body = decode(record.value or b"")
@@ -277,7 +279,7 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)]
 
 
-async def _store_rows(conn: asyncpg.Connection, batch: Sorted, tally: StoredTally) -> None:
+async def _store_rows(conn: asyncpg.Connection, batch: ArrivedBatch, tally: StoredTally) -> None:
     """A statement per kind of row: duplicates' receipts, receipts, overdue flags cleared,
     and the decisions appended to the chain (one lock, one look-up, one pipelined append)."""
     if batch.duplicates:

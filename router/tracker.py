@@ -12,7 +12,6 @@ and counted by the ``/metrics`` endpoint; ``tuo receipts redeliver`` sends it ag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import uuid
 from collections import Counter
@@ -423,7 +422,13 @@ async def run_tracker(settings: Settings, pool: asyncpg.Pool, stop: asyncio.Even
         LAG.forget(consumer)
         if deadlines is not None:
             deadlines.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await deadlines
-        await consumer.stop()
-        await dead_letters.stop()
+            # Settle the sweep without raising what it failed with (the loop raised that
+            # already): awaiting it would skip stopping the consumer, which would then stay
+            # in the group holding its partitions, unread, while the restarted tracker waits.
+            await asyncio.wait({deadlines})
+            if not deadlines.cancelled() and (failure := deadlines.exception()) is not None:
+                log.warning("overdue_sweep_failed", error=type(failure).__name__)
+        try:
+            await consumer.stop()
+        finally:
+            await dead_letters.stop()

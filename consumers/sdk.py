@@ -234,14 +234,7 @@ async def handle_once(pool: asyncpg.Pool, agency: str, event: DeliveredEvent, ha
     rebalance: the inbox row is claimed first, in the handler's own transaction,
     so a second claimant waits on it and then finds the first receipt."""
     async with pool.acquire() as conn, conn.transaction():
-        claimed = await conn.fetchval(
-            "INSERT INTO agency.inbox (agency, event_id, event_type, outcome, subject_id)"
-            " VALUES ($1, $2, $3, 'APPLIED', $4) ON CONFLICT DO NOTHING RETURNING true",
-            agency,
-            event.event_id,
-            event.event_type,
-            subject_of(event),
-        )
+        claimed = await conn.fetch(_CLAIM, agency, [event.event_id], [event.event_type], [subject_of(event)])
         if not claimed:
             [earlier] = await conn.fetch(_EARLIER, agency, [event.event_id])
             return _earlier_receipt(earlier)

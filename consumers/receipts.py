@@ -16,8 +16,8 @@ from typing import Any
 
 from fastavro import schemaless_writer
 
-from schemas.catalogue import NAMESPACE, active
-from schemas.cloudevents import CONTENT_TYPE, KafkaHeaders
+from schemas.catalogue import active
+from schemas.cloudevents import HeaderTemplate
 from schemas.codec import HEADER, MAGIC_BYTE
 
 RECEIPT = "DeliveryReceipt"
@@ -40,9 +40,9 @@ class ReceiptWriter:
         self.agency = agency
         self._parsed = entry.parsed
         self._framing = HEADER.pack(MAGIC_BYTE, entry.schema_id)
-        self._type = f"{NAMESPACE}.{entry.name}".encode()
-        self._source = f"/agencies/{agency}".encode()
-        self._dataschema = f"{schema_base_url.rstrip('/')}/schemas/ids/{entry.schema_id}".encode()
+        self._type = entry.name
+        self._source = f"/agencies/{agency}"
+        self._dataschema = f"{schema_base_url.rstrip('/')}/schemas/ids/{entry.schema_id}"
 
     def value(self, receipt: Receipt, issued_at: datetime, received_at: datetime) -> bytes:
         record: dict[str, Any] = {
@@ -59,20 +59,11 @@ class ReceiptWriter:
         schemaless_writer(buffer, self._parsed, record)
         return buffer.getvalue()
 
-    def headers(self, receipt_id: str, subject: str | None, issued_at: str) -> KafkaHeaders:
-        """``issued_at`` as ``ce_time`` text, made once for a whole batch."""
-        headers: KafkaHeaders = [
-            ("ce_specversion", b"1.0"),
-            ("ce_id", receipt_id.encode()),
-            ("ce_type", self._type),
-            ("ce_source", self._source),
-            ("content-type", CONTENT_TYPE.encode()),
-            ("ce_time", issued_at.encode()),
-        ]
-        if subject is not None:
-            headers.append(("ce_subject", subject.encode()))
-        headers.append(("ce_dataschema", self._dataschema))
-        return headers
+    def headers(self, issued_at: datetime) -> HeaderTemplate:
+        """The ``ce_*`` headers of receipts issued at ``issued_at``, made once for a whole batch."""
+        return HeaderTemplate(
+            type=self._type, source=self._source, time=issued_at, dataschema=self._dataschema
+        )
 
     def message(
         self,
@@ -81,8 +72,8 @@ class ReceiptWriter:
         key: bytes | None,
         repeat_at: str | None,
         issued_at: datetime,
-        issued_text: str,
         received_at: datetime,
+        headers: HeaderTemplate,
     ) -> tuple[bytes | None, bytes, Sequence[tuple[str, bytes]]]:
         """(key, value, headers) of one receipt. A duplicate's id names where the repeated
         delivery was read (``repeat_at``, "<partition>-<offset>"): one receipt per repeat."""
@@ -90,13 +81,4 @@ class ReceiptWriter:
         if receipt.duplicate:
             receipt_id += f"/repeat/{repeat_at}"
         subject = key.decode(errors="replace") if key else None
-        return (
-            key,
-            self.value(receipt, issued_at, received_at),
-            self.headers(receipt_id, subject, issued_text),
-        )
-
-
-def ce_time(moment: datetime) -> str:
-    """A time as ``ce_time`` carries it (as ``CloudEvent.headers`` writes it)."""
-    return moment.isoformat().replace("+00:00", "Z")
+        return key, self.value(receipt, issued_at, received_at), headers.headers(receipt_id, subject)

@@ -53,7 +53,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from consumers.receipts import Receipt as Receipt  # part of the SDK's face
-from consumers.receipts import ReceiptWriter, ce_time
+from consumers.receipts import ReceiptWriter
 from runtime import kafka
 from runtime.access import agency_principal
 from runtime.dead_letters import dead_letter
@@ -670,7 +670,7 @@ class AgencyConsumer:
     ) -> None:
         """Queue a receipt for each message, as whole record batches."""
         issued_at = datetime.now(UTC)
-        issued_text = ce_time(issued_at)
+        headers = self.receipts.headers(issued_at)
         messages = []
         for record, receipt in receipts:
             messages.append(
@@ -679,8 +679,8 @@ class AgencyConsumer:
                     key=record.key,
                     repeat_at=f"{record.partition}-{record.offset}",
                     issued_at=issued_at,
-                    issued_text=issued_text,
                     received_at=received_at,
+                    headers=headers,
                 )
             )
             outgoing.counts[receipt.outcome] += 1

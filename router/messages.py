@@ -56,6 +56,7 @@ class Incoming:
     signed: SignedEvent  # the office's signature, verified before the event is routed
     follows: tuple[str, str] | None = None  # (original event id, its type) for corrections and voids
     redeliver_to: str | None = None  # an operator's redelivery: the one agency it is for
+    time: datetime | None = None  # ce_time: when the event happened, as the office said
 
 
 FOLLOW_UPS = {
@@ -112,7 +113,13 @@ def routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
         id_field, type_field = FOLLOW_UPS[subject]
         event = RoutableEvent(event_id=cloud_event.id, event_type=subject, subject_id=subject_id)
         return Incoming(
-            record, event, body, cloud_event.source, signed, follows=(str(body[id_field]), body[type_field])
+            record,
+            event,
+            body,
+            cloud_event.source,
+            signed,
+            follows=(str(body[id_field]), body[type_field]),
+            time=cloud_event.time,
         )
     authorities = _local_authorities(subject, body)
     event = RoutableEvent(
@@ -124,7 +131,7 @@ def routable(record: ConsumerRecord[bytes, bytes]) -> Incoming:
         local_authorities=frozenset(code for code in authorities if code is not None),
         area_unknown=None in authorities,
     )
-    return Incoming(record, event, body, cloud_event.source, signed)
+    return Incoming(record, event, body, cloud_event.source, signed, time=cloud_event.time)
 
 
 def verify_signature(incoming: Incoming, keys: Mapping[str, OfficeKey]) -> None:
@@ -156,14 +163,13 @@ def agency_copy(
     else:
         copy, disclosed = _follow_up(incoming, decision.fields_delivered)
     value = encode(f"{event.event_type}{DISCLOSURE_SUFFIX}", copy)
-    original = CloudEvent.from_headers(incoming.record.headers)
     headers = headers_for(
         value,
         id=event.event_id,
         type=event.event_type,
-        source=original.source,
+        source=incoming.source,
         subject=event.subject_id,
-        time=original.time or datetime.now(UTC),
+        time=incoming.time or datetime.now(UTC),
         schema_base_url=schema_base_url,
     )
     # The office's signature travels on, with the salts of the delivered items only:

@@ -61,11 +61,14 @@ from router.store import OriginalEvent, current_consent, load_subscriptions, ori
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.keyring import KeyRing
-from schemas import encode, models
-from schemas.cloudevents import REDELIVER_TO, REDELIVERY_ID, headers_for
+from schemas import encode
+from schemas.catalogue import active
+from schemas.cloudevents import REDELIVER_TO, REDELIVERY_ID, HeaderTemplate
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"  # what the router's dead letters are written by
+DECISION = "RoutingDecision"
+DECISION_SOURCE = "/router"
 
 # Reads the originals of these event ids: the router's recorded decisions, or for a
 # replay, how the original reached the one agency replayed to.
@@ -242,8 +245,9 @@ async def plan_batch(
         inputs = await read_inputs(conn, routable, original_deliveries)
     # Each line about one event names it (event_id=...) itself: binding it in contextvars
     # for every event would cost the hot path more than the lines are worth.
+    writer = DecisionWriter(topics, inputs.now, schema_base_url)
     for incoming in routable:
-        produced = _route_one(plan, incoming, topics, inputs, schema_base_url, give_up_on)
+        produced = _route_one(plan, incoming, topics, inputs, writer, give_up_on)
         if incoming.redeliver_to is not None:
             produced = _redelivery(incoming, produced, topics.agency(incoming.redeliver_to))
         plan.outgoing += produced
@@ -254,31 +258,39 @@ def _header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
     return next((v.decode(errors="replace") for k, v in record.headers if k == name), None)
 
 
-def _decision_message(
-    topics: Topics, decision: RoutingDecision, key: bytes, at: datetime, schema_base_url: str
-) -> Outgoing:
-    value = encode(
-        "RoutingDecision",
-        models.RoutingDecision(
-            event_id=decision.event_id,
-            event_type=decision.event_type,
-            agency=decision.agency,
-            outcome=decision.outcome.value,
-            legal_basis=decision.legal_basis,
-            decided_at=at,
-            fields_delivered=sorted(decision.fields_delivered),
-            fields_withheld=sorted(decision.fields_withheld),
-        ).avro(),
-    )
-    headers = headers_for(
-        value,
-        id=f"{decision.event_id}/{decision.agency}",
-        source="/router",
-        subject=key.decode(errors="replace"),
-        time=at,
-        schema_base_url=schema_base_url,
-    )
-    return Outgoing(topics.routing_decisions, key, value, headers)
+class DecisionWriter:
+    """A batch's routing-decision messages, all stamped with its decision time: the
+    ``ce_*`` headers made once, each value encoded without a pydantic model (the bytes
+    are what ``models.RoutingDecision(...).avro()`` encodes; a test holds them side by side)."""
+
+    def __init__(self, topics: Topics, at: datetime, schema_base_url: str) -> None:
+        entry = active().latest(DECISION)
+        self.topic = topics.routing_decisions
+        self.at = at
+        self.schema_base_url = schema_base_url
+        self.headers = HeaderTemplate(
+            type=entry.name,
+            source=DECISION_SOURCE,
+            time=at,
+            dataschema=f"{schema_base_url.rstrip('/')}/schemas/ids/{entry.schema_id}",
+        )
+
+    def message(self, decision: RoutingDecision, key: bytes) -> Outgoing:
+        value = encode(
+            DECISION,
+            {
+                "event_id": decision.event_id,
+                "event_type": decision.event_type,
+                "agency": decision.agency,
+                "outcome": decision.outcome.value,
+                "legal_basis": decision.legal_basis,
+                "decided_at": self.at,
+                "fields_delivered": sorted(decision.fields_delivered),
+                "fields_withheld": sorted(decision.fields_withheld),
+            },
+        )
+        headers = self.headers.headers(f"{decision.event_id}/{decision.agency}", key.decode(errors="replace"))
+        return Outgoing(self.topic, key, value, headers)
 
 
 def _redelivery(incoming: Incoming, produced: list[Outgoing], topic: str) -> list[Outgoing]:
@@ -324,13 +336,13 @@ def _route_one(
     incoming: Incoming,
     topics: Topics,
     inputs: DecisionInputs,
-    schema_base_url: str,
+    writer: DecisionWriter,
     give_up_on: frozenset[int],
 ) -> list[Outgoing]:
     event = incoming.event
     if incoming.follows is not None:
         return _follow_up(
-            plan, topics, incoming, inputs, schema_base_url, give_up=incoming.record.offset in give_up_on
+            plan, topics, incoming, inputs, writer, give_up=incoming.record.offset in give_up_on
         )
     outgoing: list[Outgoing] = []
     copies: dict[frozenset[str], Outgoing] = {}  # agencies granted the same fields share one encoding
@@ -341,15 +353,14 @@ def _route_one(
     for decision in decisions:
         if decision.delivers:
             if decision.fields_delivered not in copies:
-                copies[decision.fields_delivered] = agency_copy(topics, incoming, decision, schema_base_url)
+                copy = agency_copy(topics, incoming, decision, writer.schema_base_url)
+                copies[decision.fields_delivered] = copy
             shared = copies[decision.fields_delivered]
             outgoing.append(
                 Outgoing(topics.agency(decision.agency), shared.key, shared.value, shared.headers)
             )
         if incoming.redeliver_to is None:  # a redelivery is recorded in PostgreSQL, not as a new decision
-            outgoing.append(
-                _decision_message(topics, decision, incoming.record.key or b"", inputs.now, schema_base_url)
-            )
+            outgoing.append(writer.message(decision, incoming.record.key or b""))
     _routed(event, decisions)
     return outgoing
 
@@ -359,7 +370,7 @@ def _follow_up(
     topics: Topics,
     incoming: Incoming,
     inputs: DecisionInputs,
-    schema_base_url: str,
+    writer: DecisionWriter,
     give_up: bool,
 ) -> list[Outgoing]:
     """A correction or void: to the original's recipients only, judged on the
@@ -389,8 +400,8 @@ def _follow_up(
     out: list[Outgoing] = []
     for decision in decisions:
         if decision.delivers:
-            out.append(agency_copy(topics, incoming, decision, schema_base_url))
-        out.append(_decision_message(topics, decision, record.key or b"", inputs.now, schema_base_url))
+            out.append(agency_copy(topics, incoming, decision, writer.schema_base_url))
+        out.append(writer.message(decision, record.key or b""))
     _routed(event, decisions)
     return out
 

@@ -15,12 +15,11 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from router.consent_changes import notices
@@ -255,27 +254,15 @@ class Router:
             self.consumer.seek(tp, waiting.offset)
             await asyncio.sleep(0.5)
             return
-        hashed: dict[tuple[int, bytes | None], int] = {}  # one key is hashed once, not once per copy
-        sent: list[asyncio.Future[object]] = []
+        by_topic: dict[str, list[kafka.Message]] = {}  # in order within each topic
+        for message in outgoing:
+            by_topic.setdefault(message.topic, []).append((message.key, message.value, message.headers))
+        sent: list[asyncio.Future[Any]] = []
         try:
             async with producer.transaction():
-                for message in outgoing:
-                    count = await self._partition_count(producer, message.topic)
-                    if (count, message.key) not in hashed:
-                        hashed[(count, message.key)] = (
-                            0
-                            if count == 1 or message.key is None
-                            else (murmur2(message.key) & 0x7FFFFFFF) % count
-                        )
-                    sent.append(
-                        await producer.send(
-                            message.topic,
-                            value=message.value,
-                            key=message.key,
-                            headers=message.headers,
-                            partition=hashed[(count, message.key)],
-                        )
-                    )
+                for topic, messages in by_topic.items():
+                    count = await self._partition_count(producer, topic)
+                    sent += await kafka.send_many(producer, topic, messages, partitions=count)
                 await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.group_id)
         finally:
             # The commit (or the abort) has settled every send; a failed one is reported by

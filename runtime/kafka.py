@@ -200,18 +200,25 @@ _partitioner = DefaultPartitioner()
 
 
 async def send_many(
-    producer: AIOKafkaProducer, topic: str, messages: Sequence[Message]
+    producer: AIOKafkaProducer, topic: str, messages: Sequence[Message], *, partitions: int | None = None
 ) -> list[asyncio.Future[Any]]:
     """Queue ``messages`` for ``topic`` as whole record batches, partitioned by key as
-    ``send`` would (murmur2, computed once per message, none for a one-partition topic)
-    and in order within each partition. Returns one future per batch, done when the
-    broker has acknowledged it. Much cheaper per message than ``send``."""
-    partitions = sorted(await producer.partitions_for(topic))
+    ``send`` would (murmur2, computed once per distinct key, none for a one-partition
+    topic) and in order within each partition. ``partitions``: how many to spread over
+    (default: as many as the topic has now). Returns one future per batch, done when
+    the broker has acknowledged it. Much cheaper per message than ``send``."""
+    available = sorted(await producer.partitions_for(topic))
+    spread = available if partitions is None else list(range(partitions))
     by_partition: dict[int, list[Message]] = {}
+    hashed: dict[bytes, int] = {}
     for message in messages:
         key = message[0]
-        single = len(partitions) == 1 or key is None
-        partition = partitions[0] if single else _partitioner(key, partitions, partitions)
+        if len(spread) == 1 or key is None:
+            partition = spread[0]
+        elif key in hashed:
+            partition = hashed[key]
+        else:
+            partition = hashed[key] = _partitioner(key, spread, spread)
         by_partition.setdefault(partition, []).append(message)
     sent: list[asyncio.Future[Any]] = []
     for partition, queued in by_partition.items():

@@ -67,6 +67,23 @@ class CloudEvent:
         )
 
 
+class HeaderTemplate:
+    """The ``ce_*`` headers that many messages share (type, source, time, schema), encoded
+    once: ``headers(id, subject)`` is exactly ``CloudEvent(id, …, subject, …).headers()``."""
+
+    def __init__(
+        self, *, type: str, source: str, time: datetime | None = None, dataschema: str | None = None
+    ) -> None:
+        shared = CloudEvent(id="", type=type, source=source, time=time, dataschema=dataschema).headers()
+        self._first = shared[:1]  # ce_specversion; then ce_id
+        self._middle = [h for h in shared[2:] if h[0] != "ce_dataschema"]  # type … time; then ce_subject
+        self._last = [h for h in shared if h[0] == "ce_dataschema"]
+
+    def headers(self, id: str, subject: str | None = None) -> KafkaHeaders:
+        subjects = [] if subject is None else [("ce_subject", subject.encode())]
+        return [*self._first, ("ce_id", id.encode()), *self._middle, *subjects, *self._last]
+
+
 def headers_for(
     value: bytes,
     *,

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consumers.receipts import Receipt, ReceiptWriter, ce_time
+from consumers.receipts import Receipt, ReceiptWriter
 from schemas import decode, encode, models
 from schemas.cloudevents import headers_for
 
@@ -27,13 +27,14 @@ SCHEMA_BASE = "http://127.0.0.1:8080"
 def test_a_receipt_from_the_template_is_what_the_contract_writes(receipt: Receipt) -> None:
     issued_at = datetime.now(UTC)
     received_at = issued_at - timedelta(seconds=2)
-    key, value, headers = ReceiptWriter("dwp", SCHEMA_BASE).message(
+    writer = ReceiptWriter("dwp", SCHEMA_BASE)
+    key, value, headers = writer.message(
         receipt,
         key=b"s-subject",
         repeat_at="0-41",
         issued_at=issued_at,
-        issued_text=ce_time(issued_at),
         received_at=received_at,
+        headers=writer.headers(issued_at),
     )
 
     expected = encode(

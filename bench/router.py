@@ -14,7 +14,7 @@ same broker and the same input:
       minimise, re-encode per agency; agency copies, routing decisions and the
       consumer offsets in one Kafka transaction per batch.
   (b) bare pipe: the same consume → produce shape without the work. It reads the
-      same input (read_committed, up to 500 records per poll, one transactional
+      same input (read_committed, up to as many records per poll as the router, one transactional
       producer per input partition) and writes, per event, a copy of the router's own
       output for that agency (same value bytes, same headers, this event's ce_id) to
       each agency that received one, and one routing decision per agency, with the
@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -51,7 +54,7 @@ from bench import producer_performance
 from bench.arrivals import NotAllArrived, TooSlow, TopicTally, ce_id, read_committed
 from bench.scratch import bench_client_options, deploy_bus, scratch_stack
 from router.seed import load_seed
-from router.service import Router
+from router.service import MAX_BATCH, Router
 from router.store import agencies, load_subscriptions
 from runtime.access import Principal
 from runtime.database import migrate, open_pool
@@ -62,7 +65,7 @@ from tests.golden.make_vectors import EXAMPLES
 from tests.support import death_message, office_key
 
 EVENT_TYPE = "DeathRegistered"
-POLL_RECORDS = 500  # as the router polls
+POLL_RECORDS = MAX_BATCH  # as the router polls
 MIB = 1024 * 1024
 # Kafka's tool needs some seconds to warm up (JVM, batches filling): never fewer records.
 PERF_MIN_RECORDS = 150_000
@@ -189,6 +192,34 @@ async def _router(settings: Settings, pool: asyncpg.Pool, events: int, seconds: 
     finally:
         stop.set()
         await running
+
+
+async def _router_processes(
+    settings: Settings, env: dict[str, str], processes: int, events: int, seconds: float
+) -> Pace:
+    """The router as ``processes`` separate `tuo run router` processes in one consumer
+    group, as a deployment scales it; timed like the one in this process."""
+    topic = Topics(settings.topic_prefix).life_events
+    partitions = [TopicPartition(topic, p) for p in range(settings.life_events_partitions)]
+    tuo = str(Path(sys.executable).parent / "tuo")
+    running = [
+        await asyncio.create_subprocess_exec(tuo, "run", "router", env=env, stdout=asyncio.subprocess.DEVNULL)
+        for _ in range(processes)
+    ]
+
+    async def exited() -> None:
+        codes = await asyncio.gather(*(p.wait() for p in running))
+        raise RuntimeError(f"`tuo run router` exited early with {codes}")
+
+    try:
+        return await _committed_rate(
+            settings, f"{settings.topic_prefix}.router", partitions, events, exited(), seconds
+        )
+    finally:
+        for process in running:
+            if process.returncode is None:
+                process.send_signal(signal.SIGINT)
+        await asyncio.gather(*(p.wait() for p in running))
 
 
 async def _forever(task: asyncio.Future[None]) -> None:
@@ -339,8 +370,16 @@ async def measure(
     batch_size: int = MIB,
     seconds: float = 900,
     perf_min_records: int = PERF_MIN_RECORDS,
+    *,
+    processes: int = 0,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Router, bare pipe and ProducerPerformance on one stack; every output proved."""
+    """Router, bare pipe and ProducerPerformance on one stack; every output proved.
+    ``processes``: run the router as that many `tuo run router` processes (with ``env``)
+    rather than in this one."""
+    if processes and env is None:
+        raise ValueError("the router's processes need the stack's environment")
+    env = env or {}
     topics = Topics(settings.topic_prefix)
     pool = await open_pool(settings)
     try:
@@ -367,7 +406,10 @@ async def measure(
         await client.close()
         sent = await _fill(settings, events, pool, consent_based)
 
-        routed = await _router(settings, pool, events, seconds)
+        if processes:
+            routed = await _router_processes(settings, env, processes, events, seconds)
+        else:
+            routed = await _router(settings, pool, events, seconds)
         router_out = await read_committed(
             settings, [topics.agency(a) for a in names] + [topics.routing_decisions], sample_by="/"
         )
@@ -433,7 +475,8 @@ async def measure(
         f" decisions {decision_size:,}; key, value and headers)"
     )
     print(f"  every event reached all {len(receivers)} entitled agencies once, with one decision per agency")
-    print(f"  router (transactions, consent, signatures, minimising): {_pace(routed)}")
+    where = f"{processes} `tuo run router` processes" if processes else "in this process"
+    print(f"  router (transactions, consent, signatures, minimising; {where}): {_pace(routed)}")
     print(f"  bare aiokafka pipe, same bytes, transactions, {batch_size / MIB:g} MiB batches: {_pace(bare)}")
     print(
         f"  this broker on this machine (Kafka ProducerPerformance, {limit['sent']:,} records"
@@ -455,6 +498,7 @@ async def measure(
         "copy_bytes_mean": copy_size,
         "decision_bytes_mean": decision_size,
         "router_bytes": router_bytes,
+        "router_processes": processes or 1,
         "router_per_s": round(routed.per_s, 1),
         "router_wall_s": round(routed.wall_s, 2),
         "router_steady_per_s": _round(routed.steady_per_s),
@@ -483,11 +527,17 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def main(events: int, batch_mib: float = 1.0) -> dict[str, Any]:
+def main(
+    events: int, batch_mib: float = 1.0, processes: int = 0, partitions: int | None = None
+) -> dict[str, Any]:
     with scratch_stack() as stack:
         settings = stack.settings("bench")
+        env = stack.service_env("bench", http_port=0)
+        if partitions is not None:
+            settings = settings.model_copy(update={"life_events_partitions": partitions})
+            env["TUO_LIFE_EVENTS_PARTITIONS"] = str(partitions)
         configure_logging(settings)
-        return asyncio.run(measure(settings, events, int(batch_mib * MIB)))
+        return asyncio.run(measure(settings, events, int(batch_mib * MIB), processes=processes, env=env))
 
 
 if __name__ == "__main__":
@@ -496,5 +546,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--batch-mib", type=float, default=1.0, help="the bare pipe's record batch size")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="run the router as this many `tuo run router` processes (default: in the benchmark's own)",
+    )
+    parser.add_argument("--partitions", type=int, help="life-events partitions (default: the bus's setting)")
     args = parser.parse_args()
-    main(args.events, args.batch_mib)
+    main(args.events, args.batch_mib, args.processes, args.partitions)

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
-from router.minimise import event_fields, minimise, minimise_envelope
+from router.minimise import Copies, event_fields, minimise_envelope
 from router.rules import SUBJECT_ADDRESSES, RoutableEvent, RoutingDecision
 from runtime.kafka import Topics
 from schemas import UndecodableMessage, decode, encode
@@ -151,18 +151,23 @@ def verify_signature(incoming: Incoming, keys: Mapping[str, OfficeKey]) -> None:
 
 
 def agency_copy(
-    topics: Topics, incoming: Incoming, decision: RoutingDecision, schema_base_url: str
+    topics: Topics,
+    incoming: Incoming,
+    decision: RoutingDecision,
+    schema_base_url: str,
+    copies: Copies | None = None,
 ) -> Outgoing:
     """The agency's message: the event, or the correction or void, as a disclosure
     carrying only the paths ``decision`` delivers, with the office's signature
-    disclosing only those."""
+    disclosing only those. ``copies``: the event's other copies so far, whose fields
+    this one shares where it can (a life event's only)."""
     event = incoming.event
     if incoming.follows is None:
-        copy = minimise(event.event_type, incoming.body, decision.fields_delivered)
+        copy, value = (copies or Copies(event.event_type, incoming.body)).copy(decision.fields_delivered)
         disclosed = disclosed_items(event.event_type, copy)
     else:
         copy, disclosed = _follow_up(incoming, decision.fields_delivered)
-    value = encode(f"{event.event_type}{DISCLOSURE_SUFFIX}", copy)
+        value = encode(f"{event.event_type}{DISCLOSURE_SUFFIX}", copy)
     headers = headers_for(
         value,
         id=event.event_id,

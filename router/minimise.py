@@ -13,14 +13,15 @@ type, not once per event: an agency's grants change rarely, its events often.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.catalogue import CATALOGUE
+from schemas.catalogue import CATALOGUE, DISCLOSURE_SUFFIX
+from schemas.codec import FieldWriter
 from schemas.fieldpaths import ENVELOPE_PATHS, NINO, covered, grantable_paths, split_fields
 
-__all__ = ["NINO", "Cut", "cut", "event_fields", "minimise", "minimise_envelope"]
+__all__ = ["NINO", "Copies", "Cut", "cut", "event_fields", "minimise", "minimise_envelope"]
 
 WITHHELD_FIELDS = "withheld_fields"
 
@@ -84,20 +85,66 @@ def minimise(event_type: str, record: Mapping[str, Any], delivered: frozenset[st
     kept = cut(event_type, delivered)
     minimised: dict[str, Any] = {"envelope": _envelope(record["envelope"], kept)}
     for name, value in record.items():
-        if name in ("envelope", WITHHELD_FIELDS):
-            continue
-        parts = kept.parts.get(name)
-        if parts is None:
-            minimised[name] = value if kept.keeps(name, delivered) else None
-        elif not parts or value is None:
-            minimised[name] = None
-        elif isinstance(value, list):
-            minimised[name] = [_keep(element, parts) for element in value] if value else None
-        else:
-            minimised[name] = _keep(value, parts)
+        if name not in ("envelope", WITHHELD_FIELDS):
+            minimised[name] = _field(name, value, kept, delivered)
     minimised[WITHHELD_FIELDS] = list(kept.withheld)
     return minimised
 
 
+def _field(name: str, value: Any, kept: Cut, delivered: frozenset[str]) -> Any:
+    parts = kept.parts.get(name)
+    if parts is None:
+        return value if kept.keeps(name, delivered) else None
+    if not parts or value is None:
+        return None
+    if isinstance(value, list):
+        return [_keep(element, parts) for element in value] if value else None
+    return _keep(value, parts)
+
+
+def _variant(name: str, kept: Cut, delivered: frozenset[str]) -> Hashable:
+    """What a field's cut depends on: two grants with the same variant cut it alike."""
+    if name == "envelope":
+        return kept.envelope_withheld
+    if name == WITHHELD_FIELDS:
+        return tuple(kept.withheld)
+    parts = kept.parts.get(name)
+    return parts if parts is not None else kept.keeps(name, delivered)
+
+
 def _keep(person: Mapping[str, Any], parts: tuple[str, ...]) -> dict[str, Any]:
     return {part: (value if part in parts else None) for part, value in person.items()}
+
+
+class Copies:
+    """One life event's copies for the agencies it goes to, minimised and encoded as
+    ``encode(<type>Disclosure, minimise(...))`` would, but with each field cut and encoded
+    once per distinct cut of it: agencies granted the same parts of a field share its
+    bytes, however their grants differ elsewhere."""
+
+    def __init__(self, event_type: str, record: Mapping[str, Any]) -> None:
+        self.event_type = event_type
+        self.record = record
+        self.writer = FieldWriter(f"{event_type}{DISCLOSURE_SUFFIX}")
+        self._cut: dict[tuple[str, Hashable], tuple[Any, bytes]] = {}
+
+    def copy(self, delivered: frozenset[str]) -> tuple[dict[str, Any], bytes]:
+        """The copy that carries only ``delivered``, and its encoding."""
+        kept = cut(self.event_type, delivered)
+        values: dict[str, Any] = {}
+        chunks: list[bytes] = []
+        for name in self.writer.names:
+            variant = (name, _variant(name, kept, delivered))
+            if variant not in self._cut:
+                value = self._value(name, kept, delivered)
+                self._cut[variant] = (value, self.writer.field(name, value))
+            values[name], encoded = self._cut[variant]
+            chunks.append(encoded)
+        return values, self.writer.join(chunks)
+
+    def _value(self, name: str, kept: Cut, delivered: frozenset[str]) -> Any:
+        if name == "envelope":
+            return _envelope(self.record["envelope"], kept)
+        if name == WITHHELD_FIELDS:
+            return list(kept.withheld)
+        return _field(name, self.record.get(name), kept, delivered)

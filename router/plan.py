@@ -48,6 +48,7 @@ from aiokafka.structs import ConsumerRecord
 
 from router import messages
 from router.messages import Incoming, Outgoing, UnroutableEvent, agency_copy, verify_signature
+from router.minimise import Copies
 from router.policy import POLICY
 from router.rules import (
     ConsentState,
@@ -346,6 +347,7 @@ def _route_one(
         )
     outgoing: list[Outgoing] = []
     copies: dict[frozenset[str], Outgoing] = {}  # agencies granted the same fields share one encoding
+    cut = Copies(event.event_type, incoming.body)  # and agencies granted the same part of a field, its bytes
     decisions = decide_on(incoming, inputs)
     if incoming.redeliver_to is not None:
         decisions = _as_redelivered(decisions, incoming.redeliver_to, inputs.originals.get(event.event_id))
@@ -353,7 +355,7 @@ def _route_one(
     for decision in decisions:
         if decision.delivers:
             if decision.fields_delivered not in copies:
-                copy = agency_copy(topics, incoming, decision, writer.schema_base_url)
+                copy = agency_copy(topics, incoming, decision, writer.schema_base_url, cut)
                 copies[decision.fields_delivered] = copy
             shared = copies[decision.fields_delivered]
             outgoing.append(

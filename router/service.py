@@ -41,6 +41,7 @@ ORIGINAL_WAIT_SECONDS = 60.0  # then a correction whose original is unknown is d
 # Java's client stops at max.block.ms) fails the router, which its supervisor restarts:
 # the new producers fence the stuck transaction and the batch is routed again.
 STUCK_SECONDS = 60.0
+MAX_BATCH = 2000  # records per poll, across partitions: one transaction per partition per poll
 
 
 @dataclass
@@ -192,7 +193,7 @@ class Router:
             log.info("router_started", group_id=self.group_id)
             while not stop.is_set():
                 epoch = self.assignments
-                batches = await self.consumer.getmany(timeout_ms=500, max_records=500)
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=MAX_BATCH)
                 if self.assignment_failed is not None:
                     raise self.assignment_failed
                 if not batches:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
@@ -29,6 +30,58 @@ def encode(name: str, record: dict[str, Any], catalogue: SchemaCatalogue | None 
     buffer.write(HEADER.pack(MAGIC_BYTE, entry.schema_id))
     schemaless_writer(buffer, entry.parsed, record)
     return buffer.getvalue()
+
+
+class FieldWriter:
+    """Writes records of one schema a top-level field at a time. Avro's binary form of a
+    record is its fields' forms one after another, so records that share a field's value
+    can share its bytes: ``join`` of each field's ``field`` bytes, in ``names`` order, is
+    exactly what ``encode`` writes for the whole record."""
+
+    def __init__(self, name: str, catalogue: SchemaCatalogue | None = None) -> None:
+        entry = (catalogue or active()).latest(name)
+        self._framing = HEADER.pack(MAGIC_BYTE, entry.schema_id)
+        named = entry.parsed["__named_schemas"]
+        # Each field as a record of that one field: the same bytes as the field alone.
+        self._fields = {
+            field["name"]: {
+                "type": "record",
+                "name": f"{entry.name}.{field['name']}",
+                "fields": [field],
+                "__fastavro_parsed": True,
+                "__named_schemas": named,
+            }
+            for field in entry.parsed["fields"]
+        }
+        self.names = tuple(self._fields)
+        # A field that is a record or null: name its branch, which spares fastavro from
+        # validating the whole record against each branch to find which it is.
+        self._branch = {
+            field["name"]: branch
+            for field in entry.parsed["fields"]
+            if (branch := _record_or_null(field["type"], named))
+        }
+
+    def field(self, name: str, value: Any) -> bytes:
+        branch = self._branch.get(name)
+        buffer = io.BytesIO()
+        schemaless_writer(
+            buffer, self._fields[name], {name: value if branch is None or value is None else (branch, value)}
+        )
+        return buffer.getvalue()
+
+    def join(self, fields: Iterable[bytes]) -> bytes:
+        return self._framing + b"".join(fields)
+
+
+def _record_or_null(schema: Any, named: dict[str, Any]) -> str | None:
+    """The record's full name, if ``schema`` is a union of null and one record."""
+    if not isinstance(schema, list) or len(schema) != 2 or "null" not in schema:
+        return None
+    other = schema[1] if schema[0] == "null" else schema[0]
+    if isinstance(other, str):
+        other = named.get(other)
+    return other["name"] if isinstance(other, dict) and other.get("type") == "record" else None
 
 
 def schema_id_of(value: bytes) -> int:

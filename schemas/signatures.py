@@ -423,11 +423,15 @@ class SignedEvent:
     signature: bytes
     salts: Mapping[str, str]  # item name → base64url salt
 
+    @functools.cached_property
+    def _signature_header(self) -> bytes:  # one event's copies all carry it
+        return b64encode(self.signature).encode()
+
     def headers(self, disclose: Iterable[str] | None = None) -> KafkaHeaders:
         """The three headers, with the salts of ``disclose`` only (default: all)."""
         names = sorted(self.salts) if disclose is None else sorted(set(disclose) & set(self.salts))
         return [
-            (SIG_HEADER, b64encode(self.signature).encode()),
+            (SIG_HEADER, self._signature_header),
             (MANIFEST_HEADER, self.manifest_bytes),
             (SALTS_HEADER, canonical_json({name: self.salts[name] for name in names})),
         ]

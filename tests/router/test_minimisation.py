@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.messages import disclosed_items
-from router.minimise import event_fields, minimise
+from router.minimise import Copies, event_fields, minimise
 from router.seed import BadSeed, read_seed
 from router.subscription_request import SubscriptionRequest
 from runtime.kafka import Topics
@@ -404,3 +404,22 @@ async def test_a_whole_related_person_granted_before_paths_is_spelled_out_part_b
         ]
     finally:
         await pool.execute("DELETE FROM subscription WHERE agency = $1", agency)
+
+
+@given(event=life_events(), data=st.data())
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_copies_that_share_fields_are_the_bytes_each_would_be_alone(
+    event: tuple[str, dict[str, Any]], data: st.DataObject
+) -> None:
+    """The router encodes a field once per distinct cut of it and splices each agency's
+    copy from those bytes: each copy must be exactly the copy minimised and encoded alone."""
+    event_type, record = event
+    body = decode(encode(event_type, record))[1]
+    paths = sorted(event_fields(event_type))
+    grants = data.draw(st.lists(st.frozensets(st.sampled_from(paths)), min_size=1, max_size=6))
+    copies = Copies(event_type, body)
+    for granted in grants:
+        values, value = copies.copy(granted)
+        alone = minimise(event_type, body, granted)
+        assert values == alone
+        assert value == encode(f"{event_type}Disclosure", alone)

@@ -198,10 +198,19 @@ class Bus:
             await asyncio.sleep(0.2)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU the bus process has used so far (Linux)."""
+        """User + system CPU the bus has used so far: its process and the child processes
+        it runs its further routers in (Linux)."""
         assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid = int(stat.parent.name)
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+            if pid == self.process.pid or int(fields[1]) == self.process.pid:
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     async def stop(self) -> None:
         if self.process is None or self.process.returncode is not None:

@@ -197,29 +197,30 @@ async def _router(settings: Settings, pool: asyncpg.Pool, events: int, seconds: 
 async def _router_processes(
     settings: Settings, env: dict[str, str], processes: int, events: int, seconds: float
 ) -> Pace:
-    """The router as ``processes`` separate `tuo run router` processes in one consumer
-    group, as a deployment scales it; timed like the one in this process."""
+    """The router as a deployment runs it: `tuo run router` with ``TUO_ROUTER_PROCESSES``,
+    that many router processes in one consumer group (this one and its children);
+    timed like the one in this process, start-up included."""
     topic = Topics(settings.topic_prefix).life_events
     partitions = [TopicPartition(topic, p) for p in range(settings.life_events_partitions)]
-    tuo = str(Path(sys.executable).parent / "tuo")
-    running = [
-        await asyncio.create_subprocess_exec(tuo, "run", "router", env=env, stdout=asyncio.subprocess.DEVNULL)
-        for _ in range(processes)
-    ]
+    running = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "tuo"),
+        "run",
+        "router",
+        env={**env, "TUO_ROUTER_PROCESSES": str(processes)},
+        stdout=asyncio.subprocess.DEVNULL,
+    )
 
     async def exited() -> None:
-        codes = await asyncio.gather(*(p.wait() for p in running))
-        raise RuntimeError(f"`tuo run router` exited early with {codes}")
+        raise RuntimeError(f"`tuo run router` exited early with {await running.wait()}")
 
     try:
         return await _committed_rate(
             settings, f"{settings.topic_prefix}.router", partitions, events, exited(), seconds
         )
     finally:
-        for process in running:
-            if process.returncode is None:
-                process.send_signal(signal.SIGINT)
-        await asyncio.gather(*(p.wait() for p in running))
+        if running.returncode is None:
+            running.send_signal(signal.SIGINT)
+        await running.wait()
 
 
 async def _forever(task: asyncio.Future[None]) -> None:
@@ -375,8 +376,8 @@ async def measure(
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Router, bare pipe and ProducerPerformance on one stack; every output proved.
-    ``processes``: run the router as that many `tuo run router` processes (with ``env``)
-    rather than in this one."""
+    ``processes``: run the router as `tuo run router` (with ``env``) in that many
+    processes rather than in this one."""
     if processes and env is None:
         raise ValueError("the router's processes need the stack's environment")
     env = env or {}
@@ -475,7 +476,7 @@ async def measure(
         f" decisions {decision_size:,}; key, value and headers)"
     )
     print(f"  every event reached all {len(receivers)} entitled agencies once, with one decision per agency")
-    where = f"{processes} `tuo run router` processes" if processes else "in this process"
+    where = f"`tuo run router` in {processes} processes" if processes else "in this process"
     print(f"  router (transactions, consent, signatures, minimising; {where}): {_pace(routed)}")
     print(f"  bare aiokafka pipe, same bytes, transactions, {batch_size / MIB:g} MiB batches: {_pace(bare)}")
     print(
@@ -550,7 +551,7 @@ if __name__ == "__main__":
         "--processes",
         type=int,
         default=0,
-        help="run the router as this many `tuo run router` processes (default: in the benchmark's own)",
+        help="run the router as `tuo run router` with this many processes (default: in the benchmark's own)",
     )
     parser.add_argument("--partitions", type=int, help="life-events partitions (default: the bus's setting)")
     args = parser.parse_args()

@@ -38,6 +38,7 @@ metrics. ``router.service`` sends them in one Kafka transaction.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -68,6 +69,7 @@ from schemas.cloudevents import REDELIVER_TO, REDELIVERY_ID, HeaderTemplate
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"  # what the router's dead letters are written by
+YIELD_EVERY = 100  # events
 DECISION = "RoutingDecision"
 DECISION_SOURCE = "/router"
 
@@ -94,7 +96,8 @@ async def verify_signatures(keys: KeyRing, incoming: Sequence[Incoming]) -> list
     registry read at most, and only for a key not seen before."""
     known = await keys.resolve({i.signed.manifest.key_id for i in incoming})
     failures: list[UnroutableEvent | None] = []
-    for item in incoming:
+    for n, item in enumerate(incoming, 1):
+        await _now_and_then(n)
         try:
             verify_signature(item, known)
         except UnroutableEvent as exc:
@@ -220,7 +223,8 @@ async def plan_batch(
     (they are dead-lettered rather than raising ``OriginalNotYetDecided`` again)."""
     plan = BatchPlan()
     decoded: list[Incoming] = []
-    for record in records:
+    for n, record in enumerate(records, 1):
+        await _now_and_then(n)
         try:
             incoming = messages.routable(record)
             target = _header(record, REDELIVER_TO)
@@ -247,12 +251,20 @@ async def plan_batch(
     # Each line about one event names it (event_id=...) itself: binding it in contextvars
     # for every event would cost the hot path more than the lines are worth.
     writer = DecisionWriter(topics, inputs.now, schema_base_url)
-    for incoming in routable:
+    for n, incoming in enumerate(routable, 1):
+        await _now_and_then(n)
         produced = _route_one(plan, incoming, topics, inputs, writer, give_up_on)
         if incoming.redeliver_to is not None:
             produced = _redelivery(incoming, produced, topics.agency(incoming.redeliver_to))
         plan.outgoing += produced
     return plan
+
+
+async def _now_and_then(n: int) -> None:
+    """Let the event loop run between events: a batch is seconds of CPU, and the Kafka
+    consumer's heartbeats must go on meanwhile, or the group counts the router as dead."""
+    if n % YIELD_EVERY == 0:
+        await asyncio.sleep(0)
 
 
 def _header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:

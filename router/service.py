@@ -11,6 +11,7 @@ with aiokafka: several routers may share the consumer group.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable
@@ -23,6 +24,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from router.consent_changes import notices
+from router.messages import Outgoing
 from router.plan import COMPONENT, BatchPlan, OriginalNotYetDecided, plan_batch
 from router.rules import Outcome, RoutingDecision
 from router.store import agencies
@@ -31,6 +33,7 @@ from runtime.access import Principal
 from runtime.kafka import Topics, ensure_topics
 from runtime.keyring import KeyRing
 from runtime.metrics import DEAD_LETTERS, DELIVERIES, EVENTS_ROUTED, LAG, WITHHELD
+from runtime.offsets import stable_committed
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -110,6 +113,9 @@ class Router:
         self.consent_keys = KeyRing.consent_from_database(pool)  # to verify every consent change
         self.lock = asyncio.Lock()  # a rebalance waits for the batch in hand
         self.assignments = 0  # bumps on every assignment: batches fetched before it are stale
+        self.in_flight: asyncio.Future[Any] | None = None  # the last batch's transactions
+        self.failure: Exception | None = None  # they failed (seen by a rebalance callback)
+        self.retry_soon = False  # a correction waits for its original: poll again in a while
         self.consumer = kafka.consumer(
             settings,
             principal=Principal.ROUTER,
@@ -141,6 +147,8 @@ class Router:
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:
+            with contextlib.suppress(Exception):  # kept in self.failure, raised by the loop
+                await self._settle()  # the batch in flight commits before its partitions go
             for tp in revoked:
                 self.next_offset.pop(tp, None)
                 producer = self.producers.pop(tp, None)
@@ -156,6 +164,8 @@ class Router:
 
     async def _take_over(self, assigned: set[TopicPartition]) -> None:
         async with self.lock:
+            with contextlib.suppress(Exception):  # kept in self.failure, raised by the loop
+                await self._settle()
             self.assignments += 1
             for tp in assigned - set(self.producers):
                 producer = kafka.producer(
@@ -167,14 +177,16 @@ class Router:
                 )
                 await producer.start()  # InitProducerId: fences and settles the old owner
                 self.producers[tp] = producer
+            # Read after the fence, and only once stable: the old owner's last transaction
+            # has settled and its offset commit is applied, so this includes its offsets
+            # (an offset fetched earlier, or read as that commit is applied, could predate them).
+            committed = await stable_committed(self.consumer, self.group_id, assigned)
             for tp in assigned:
-                # Read after the fence: the old owner's last transaction has settled, so this
-                # includes its offsets (an offset fetched earlier could predate them).
-                committed = await self.consumer.committed(tp)
-                if committed is None:
-                    committed = (await self.consumer.beginning_offsets([tp]))[tp]
-                self.next_offset[tp] = committed
-                self.consumer.seek(tp, committed)
+                offset = committed[tp]
+                if offset is None:
+                    offset = (await self.consumer.beginning_offsets([tp]))[tp]
+                self.next_offset[tp] = offset
+                self.consumer.seek(tp, offset)
             log.info("router_partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -193,10 +205,15 @@ class Router:
             log.info("router_started", group_id=self.group_id)
             while not stop.is_set():
                 epoch = self.assignments
-                batches = await self.consumer.getmany(timeout_ms=500, max_records=MAX_BATCH)
+                # While a batch's transactions are in flight, take only what is already fetched.
+                busy = self.in_flight is not None
+                batches = await self.consumer.getmany(timeout_ms=0 if busy else 500, max_records=MAX_BATCH)
                 if self.assignment_failed is not None:
                     raise self.assignment_failed
+                if self.failure is not None:
+                    raise self.failure
                 if not batches:
+                    await self._settle()
                     continue
                 async with self.lock:
                     if epoch != self.assignments:
@@ -206,12 +223,24 @@ class Router:
                             if tp in self.next_offset:
                                 self.consumer.seek(tp, self.next_offset[tp])
                         continue
-                    await _within(
-                        STUCK_SECONDS,
-                        asyncio.gather(*(self._route(tp, records) for tp, records in batches.items())),
-                        "routing a batch",
+                    # This batch is decided while the one before it commits; its own
+                    # transactions begin once those have committed (in order per partition).
+                    planned = await _within(STUCK_SECONDS, self._plan_all(batches), "routing a batch")
+                    await self._settle()
+                    self.in_flight = asyncio.ensure_future(
+                        _within(
+                            STUCK_SECONDS,
+                            asyncio.gather(*(self._commit(p) for p in planned)),
+                            "committing a batch",
+                        )
                     )
+                if self.retry_soon:  # a correction waits for its original's decisions
+                    self.retry_soon = False
+                    await asyncio.sleep(0.5)
+            await self._settle()
         finally:
+            if self.in_flight is not None and not self.in_flight.done():
+                self.in_flight.cancel()  # failing or stopping: the producers below abort it
             LAG.forget(self.consumer)
             for client in (self.consumer, *self.producers.values()):
                 try:
@@ -220,13 +249,37 @@ class Router:
                     log.warning("router_client_not_stopped", client=type(client).__name__)
             self.producers.clear()
 
-    async def _route(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        producer = self.producers.get(tp)
-        if producer is None or tp not in self.next_offset:
-            return  # no longer ours; the new owner reads from the committed offset
+    async def _settle(self) -> None:
+        """Wait for the transactions in flight to commit. The loop and a rebalance callback
+        may both wait; if they failed, ``failure`` keeps why, for the loop to raise (aiokafka
+        would only log it from a callback)."""
+        in_flight = self.in_flight
+        if in_flight is None:
+            return
+        try:
+            await in_flight
+        except Exception as exc:
+            self.failure = exc
+            raise
+        finally:
+            if self.in_flight is in_flight:
+                self.in_flight = None
+
+    async def _plan_all(
+        self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+    ) -> list[Planned]:
+        planned: list[Planned] = []
+        for tp, records in batches.items():
+            planned += await self._plan(tp, records)
+        return planned
+
+    async def _plan(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> list[Planned]:
+        """What one partition's batch produces; nothing if the partition is no longer ours."""
+        if self.producers.get(tp) is None or tp not in self.next_offset:
+            return []  # no longer ours; the new owner reads from the committed offset
         records = [r for r in records if r.offset >= self.next_offset[tp]]  # never route twice
         if not records:
-            return
+            return []
         tally = RoutingTally()
         try:
             if tp.topic == self.topics.consent_changes:
@@ -250,13 +303,17 @@ class Router:
             # then rewind to it and try again shortly.
             self.waiting_since.setdefault((tp, waiting.offset), time.monotonic())
             before = [r for r in records if r.offset < waiting.offset]
-            if before:
-                await self._route(tp, before)
+            planned = await self._plan(tp, before) if before else []
             self.consumer.seek(tp, waiting.offset)
-            await asyncio.sleep(0.5)
-            return
+            self.retry_soon = True
+            return planned
+        return [Planned(tp, records[-1].offset + 1, outgoing, tally)]
+
+    async def _commit(self, planned: Planned) -> None:
+        """A partition's planned batch and its input offsets, in one Kafka transaction."""
+        tp, producer = planned.tp, self.producers[planned.tp]
         by_topic: dict[str, list[kafka.Message]] = {}  # in order within each topic
-        for message in outgoing:
+        for message in planned.outgoing:
             by_topic.setdefault(message.topic, []).append((message.key, message.value, message.headers))
         sent: list[asyncio.Future[Any]] = []
         try:
@@ -264,17 +321,27 @@ class Router:
                 for topic, messages in by_topic.items():
                     count = await self._partition_count(producer, topic)
                     sent += await kafka.send_many(producer, topic, messages, partitions=count)
-                await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.group_id)
+                await producer.send_offsets_to_transaction({tp: planned.next_offset}, self.group_id)
         finally:
             # The commit (or the abort) has settled every send; a failed one is reported by
             # the transaction itself, so only mark its error as seen (no "never retrieved").
             for future in sent:
                 if future.done() and not future.cancelled():
                     future.exception()
-        tally.count()  # committed
-        self.next_offset[tp] = records[-1].offset + 1
+        planned.tally.count()  # committed
+        self.next_offset[tp] = planned.next_offset
         for key in [k for k in self.waiting_since if k[0] == tp and k[1] < self.next_offset[tp]]:
             del self.waiting_since[key]
+
+
+@dataclass
+class Planned:
+    """One partition's batch, decided, waiting for its transaction."""
+
+    tp: TopicPartition
+    next_offset: int  # the input offset its transaction commits
+    outgoing: list[Outgoing]
+    tally: RoutingTally
 
 
 class RouterStuck(RuntimeError):

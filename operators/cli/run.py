@@ -4,9 +4,11 @@ everything, submits events and shows each agency's receipts."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -18,7 +20,8 @@ from operators.cli.database import prepare
 from operators.cli.shared import clear_errors, command_settings, console, fail
 from operators.cli.stack import local_stack
 from operators.cli.status import print_event_status
-from operators.services import COMPONENTS, at_startup, start_bus
+from operators.processes import child_process, die_with_parent
+from operators.services import COMPONENTS, RunningBus, at_startup, start_bus, supervise
 from producers import accounts
 from runtime.database import migrate, open_pool
 from runtime.logging import configure_logging
@@ -33,6 +36,7 @@ def run_command(
     ] = None,
 ) -> None:
     """Run the bus's services until Ctrl-C."""
+    die_with_parent()  # a child of another `tuo run` stops with it
     chosen = components or list(COMPONENTS)
     unknown = sorted(set(chosen) - set(COMPONENTS))
     if unknown:
@@ -85,6 +89,8 @@ async def _run(
     try:
         await at_startup("database migrations", lambda: migrate(pool, settings))
         bus = await start_bus(settings, pool, components)
+        if "router" in components:
+            _more_routers(settings, bus, log_file=settings.state_dir / "bus.log" if demo else None)
         try:
             base = f"http://{settings.http_host}:{bus.http_port}"
             console.print(f"Bus running: {', '.join(components)}; intake at {base}/docs")
@@ -112,6 +118,18 @@ async def _run(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await pool.close()
+
+
+def _more_routers(settings: Settings, bus: RunningBus, log_file: Path | None) -> None:
+    """Routers beyond the one in this process, each in a child process of its own, in the
+    same consumer group (one per core unless ``TUO_ROUTER_PROCESSES`` says otherwise)."""
+    wanted = settings.router_processes or os.cpu_count() or 1
+    env = {**os.environ, "TUO_ROUTER_PROCESSES": "1"}  # a child runs only itself
+    for n in range(2, wanted + 1):
+        name = f"router-{n}"
+        bus.tasks.append(
+            asyncio.create_task(supervise(name, child_process("router", env, log_file), bus.stop), name=name)
+        )
 
 
 async def _submit_demo(base: str, token: str, wait_seconds: float = 60.0) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from operators.services import supervise
 from producers.office_keys import SigningKey
@@ -183,18 +182,16 @@ async def test_a_router_stuck_on_a_batch_restarts_and_then_delivers_it_exactly_o
     settings = await _isolated(services)
     await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
     monkeypatch.setattr(service, "STUCK_SECONDS", 15.0)
-    route = service.Router._route
+    commit = service.Router._commit
     stuck: list[int] = []
 
-    async def stuck_the_first_time(
-        self: service.Router, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]
-    ) -> None:
+    async def stuck_the_first_time(self: service.Router, planned: service.Planned) -> None:
         if not stuck:
-            stuck.append(len(records))
+            stuck.append(len(planned.outgoing))
             await asyncio.Event().wait()  # a commit that never returns
-        await route(self, tp, records)
+        await commit(self, planned)
 
-    monkeypatch.setattr(service.Router, "_route", stuck_the_first_time)
+    monkeypatch.setattr(service.Router, "_commit", stuck_the_first_time)
     stop = asyncio.Event()
     running = asyncio.create_task(
         supervise("router", lambda stop: service.run_router(settings, pool, stop), stop)

@@ -151,9 +151,9 @@ class Router:
                 await self._settle()  # the batch in flight commits before its partitions go
             for tp in revoked:
                 self.next_offset.pop(tp, None)
-                producer = self.producers.pop(tp, None)
-                if producer is not None:
-                    await producer.stop()
+            # All at once: the group waits for this callback, and a slow one gets the
+            # member dropped (session timeout), which starts another rebalance.
+            await asyncio.gather(*(p.stop() for tp in revoked if (p := self.producers.pop(tp, None))))
             log.info("router_partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -167,27 +167,39 @@ class Router:
             with contextlib.suppress(Exception):  # kept in self.failure, raised by the loop
                 await self._settle()
             self.assignments += 1
-            for tp in assigned - set(self.producers):
-                producer = kafka.producer(
+            started = time.monotonic()
+            new = {
+                tp: kafka.producer(
                     self.settings,
                     principal=Principal.ROUTER,
                     client_id="tuo-router",
                     role="router",
                     transactional_id=self.transactional_id(tp),
                 )
-                await producer.start()  # InitProducerId: fences and settles the old owner
-                self.producers[tp] = producer
+                for tp in assigned - set(self.producers)
+            }
+            self.producers.update(new)  # stopped with the rest, even if one fails to start
+            # InitProducerId fences and settles each partition's old owner; all at once,
+            # as a slow callback gets this member dropped from the group.
+            await asyncio.gather(*(producer.start() for producer in new.values()))
+            fenced = time.monotonic()
             # Read after the fence, and only once stable: the old owner's last transaction
             # has settled and its offset commit is applied, so this includes its offsets
             # (an offset fetched earlier, or read as that commit is applied, could predate them).
             committed = await stable_committed(self.consumer, self.group_id, assigned)
+            unread = [tp for tp in assigned if committed[tp] is None]
+            beginning = await self.consumer.beginning_offsets(unread) if unread else {}
             for tp in assigned:
-                offset = committed[tp]
-                if offset is None:
-                    offset = (await self.consumer.beginning_offsets([tp]))[tp]
+                offset = committed[tp] if committed[tp] is not None else beginning[tp]
+                assert offset is not None
                 self.next_offset[tp] = offset
                 self.consumer.seek(tp, offset)
-            log.info("router_partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+            log.info(
+                "router_partitions_assigned",
+                partitions=sorted(tp.partition for tp in assigned),
+                fence_seconds=round(fenced - started, 2),
+                offsets_seconds=round(time.monotonic() - fenced, 2),
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         self.consumer.subscribe(

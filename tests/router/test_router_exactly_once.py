@@ -17,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 from operators.services import supervise
 from producers.office_keys import SigningKey
@@ -25,6 +26,7 @@ from runtime.access import Principal, grant_components
 from runtime.kafka import Topics, ensure_topics
 from runtime.settings import Settings
 from tests.conftest import PROJECT
+from tests.router.test_tracker_failure import _members
 from tests.support import (
     death_message,
     eventually,
@@ -67,9 +69,10 @@ async def _stream(settings: Settings, count: int, per_second: float, key: Signin
     return sent
 
 
-def _start_router(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def _start_router(settings: Settings, log: Path, processes: int | None = None) -> subprocess.Popen[bytes]:
     assert settings.database_url is not None and settings.pseudonym_key is not None
     env = {
+        **({} if processes is None else {"TUO_ROUTER_PROCESSES": str(processes)}),
         **os.environ,
         **kafka_env(settings),
         "TUO_DATABASE_URL": settings.database_url.get_secret_value(),
@@ -204,3 +207,50 @@ async def test_a_router_stuck_on_a_batch_restarts_and_then_delivers_it_exactly_o
         await asyncio.wait_for(running, timeout=60)
     assert stuck, "the router never met the stuck batch"
     assert counts == {agency: 30 for agency in ENTITLED}
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+async def test_tuo_run_routes_in_several_processes_which_die_with_it(
+    services: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """`tuo run router` with TUO_ROUTER_PROCESSES=2: a second router in a child process, in
+    the same group, sharing the work exactly once; a SIGKILL of `tuo run` takes it too."""
+    settings = await _isolated(services)
+    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
+    parent = _start_router(settings, tmp_path / "router.log", processes=2)
+    try:
+
+        async def two_routers_in_the_group() -> bool:
+            try:
+                state, members = await _members(settings, f"{settings.topic_prefix}.router")
+            except GroupCoordinatorNotAvailableError:
+                return False  # no member has joined yet
+            return state == "Stable" and len(members) == 2
+
+        await eventually(two_routers_in_the_group, timeout=90, what="two routers in the router's group")
+        [child] = _children(parent.pid)
+        sent = await _stream(settings, count=120, per_second=60, key=await office_key(pool, services))
+        counts = await _assert_exactly_once(settings, sent)
+        assert counts == {agency: 120 for agency in ENTITLED}
+
+        parent.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(parent.wait)
+
+        async def child_gone() -> bool:
+            return not Path(f"/proc/{child}").exists()
+
+        await eventually(child_gone, timeout=15, what="the child router to die with `tuo run`")
+    finally:
+        if parent.poll() is None:
+            parent.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(parent.wait, 30)

@@ -11,7 +11,6 @@ with aiokafka: several routers may share the consumer group.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable
@@ -113,8 +112,6 @@ class Router:
         self.consent_keys = KeyRing.consent_from_database(pool)  # to verify every consent change
         self.lock = asyncio.Lock()  # a rebalance waits for the batch in hand
         self.assignments = 0  # bumps on every assignment: batches fetched before it are stale
-        self.in_flight: asyncio.Future[Any] | None = None  # the last batch's transactions
-        self.failure: Exception | None = None  # they failed (seen by a rebalance callback)
         self.retry_soon = False  # a correction waits for its original: poll again in a while
         self.consumer = kafka.consumer(
             settings,
@@ -147,8 +144,6 @@ class Router:
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self.lock:
-            with contextlib.suppress(Exception):  # kept in self.failure, raised by the loop
-                await self._settle()  # the batch in flight commits before its partitions go
             for tp in revoked:
                 self.next_offset.pop(tp, None)
             # All at once: the group waits for this callback, and a slow one gets the
@@ -164,8 +159,6 @@ class Router:
 
     async def _take_over(self, assigned: set[TopicPartition]) -> None:
         async with self.lock:
-            with contextlib.suppress(Exception):  # kept in self.failure, raised by the loop
-                await self._settle()
             self.assignments += 1
             started = time.monotonic()
             new = {
@@ -217,15 +210,10 @@ class Router:
             log.info("router_started", group_id=self.group_id)
             while not stop.is_set():
                 epoch = self.assignments
-                # While a batch's transactions are in flight, take only what is already fetched.
-                busy = self.in_flight is not None
-                batches = await self.consumer.getmany(timeout_ms=0 if busy else 500, max_records=MAX_BATCH)
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=MAX_BATCH)
                 if self.assignment_failed is not None:
                     raise self.assignment_failed
-                if self.failure is not None:
-                    raise self.failure
                 if not batches:
-                    await self._settle()
                     continue
                 async with self.lock:
                     if epoch != self.assignments:
@@ -235,24 +223,16 @@ class Router:
                             if tp in self.next_offset:
                                 self.consumer.seek(tp, self.next_offset[tp])
                         continue
-                    # This batch is decided while the one before it commits; its own
-                    # transactions begin once those have committed (in order per partition).
                     planned = await _within(STUCK_SECONDS, self._plan_all(batches), "routing a batch")
-                    await self._settle()
-                    self.in_flight = asyncio.ensure_future(
-                        _within(
-                            STUCK_SECONDS,
-                            asyncio.gather(*(self._commit(p) for p in planned)),
-                            "committing a batch",
-                        )
+                    await _within(
+                        STUCK_SECONDS,
+                        asyncio.gather(*(self._commit(p) for p in planned)),
+                        "committing a batch",
                     )
                 if self.retry_soon:  # a correction waits for its original's decisions
                     self.retry_soon = False
                     await asyncio.sleep(0.5)
-            await self._settle()
         finally:
-            if self.in_flight is not None and not self.in_flight.done():
-                self.in_flight.cancel()  # failing or stopping: the producers below abort it
             LAG.forget(self.consumer)
             for client in (self.consumer, *self.producers.values()):
                 try:
@@ -260,22 +240,6 @@ class Router:
                 except RouterStuck:
                     log.warning("router_client_not_stopped", client=type(client).__name__)
             self.producers.clear()
-
-    async def _settle(self) -> None:
-        """Wait for the transactions in flight to commit. The loop and a rebalance callback
-        may both wait; if they failed, ``failure`` keeps why, for the loop to raise (aiokafka
-        would only log it from a callback)."""
-        in_flight = self.in_flight
-        if in_flight is None:
-            return
-        try:
-            await in_flight
-        except Exception as exc:
-            self.failure = exc
-            raise
-        finally:
-            if self.in_flight is in_flight:
-                self.in_flight = None
 
     async def _plan_all(
         self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]

@@ -163,8 +163,9 @@ def agency_copy(
     this one shares where it can (a life event's only)."""
     event = incoming.event
     if incoming.follows is None:
-        copy, value = (copies or Copies(event.event_type, incoming.body)).copy(decision.fields_delivered)
-        disclosed = disclosed_items(event.event_type, copy)
+        copies = copies or Copies(event.event_type, incoming.body)
+        _, value = copies.copy(decision.fields_delivered)
+        disclosed = copies.disclosed(decision.fields_delivered)
     else:
         copy, disclosed = _follow_up(incoming, decision.fields_delivered)
         value = encode(f"{event.event_type}{DISCLOSURE_SUFFIX}", copy)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.catalogue import CATALOGUE, DISCLOSURE_SUFFIX
-from schemas.codec import FieldWriter
+from schemas.codec import field_writer
 from schemas.fieldpaths import ENVELOPE_PATHS, NINO, covered, grantable_paths, split_fields
+from schemas.signatures import ENVELOPE, items
 
 __all__ = ["NINO", "Copies", "Cut", "cut", "event_fields", "minimise", "minimise_envelope"]
 
@@ -112,6 +113,17 @@ def _variant(name: str, kept: Cut, delivered: frozenset[str]) -> Hashable:
     return parts if parts is not None else kept.keeps(name, delivered)
 
 
+def _item_field(name: str) -> tuple[str, str | None]:
+    """(field, part) of a signed item: ``next_of_kin/0.nino`` → (next_of_kin, nino);
+    the envelope's own items → (envelope, None) for its core, (envelope, path) for the rest."""
+    if name == ENVELOPE or name in ENVELOPE_PATHS:
+        return ENVELOPE, None if name == ENVELOPE else name
+    if "." in name:
+        field, part = name.split(".", 1)
+        return field.split("/", 1)[0], part
+    return name, None
+
+
 def _keep(person: Mapping[str, Any], parts: tuple[str, ...]) -> dict[str, Any]:
     return {part: (value if part in parts else None) for part, value in person.items()}
 
@@ -125,8 +137,31 @@ class Copies:
     def __init__(self, event_type: str, record: Mapping[str, Any]) -> None:
         self.event_type = event_type
         self.record = record
-        self.writer = FieldWriter(f"{event_type}{DISCLOSURE_SUFFIX}")
+        self.writer = field_writer(f"{event_type}{DISCLOSURE_SUFFIX}")
         self._cut: dict[tuple[str, Hashable], tuple[Any, bytes]] = {}
+        # The event's signed items that have a value, each with what a grant must keep
+        # for a copy to carry it: an envelope field, a related person's part, or a field.
+        self._valued = [
+            (name, _item_field(name))
+            for name, value in items(event_type, record).items()
+            if value not in (None, [])
+        ]
+
+    def disclosed(self, delivered: frozenset[str]) -> set[str]:
+        """The signed items ``copy(delivered)`` carries, whose salts it discloses: what
+        ``disclosed_items`` of that copy gives, without taking the copy apart again."""
+        kept = cut(self.event_type, delivered)
+        found = {ENVELOPE}
+        for name, (field, part) in self._valued:
+            if field == ENVELOPE:
+                if ENVELOPE_PATHS.get(name) not in kept.envelope_withheld:
+                    found.add(name)
+            elif part is not None:
+                if part in kept.parts.get(field, ()):
+                    found.add(name)
+            elif kept.keeps(field, delivered):
+                found.add(name)
+        return found
 
     def copy(self, delivered: frozenset[str]) -> tuple[dict[str, Any], bytes]:
         """The copy that carries only ``delivered``, and its encoding."""

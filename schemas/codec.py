@@ -39,7 +39,8 @@ class FieldWriter:
     exactly what ``encode`` writes for the whole record."""
 
     def __init__(self, name: str, catalogue: SchemaCatalogue | None = None) -> None:
-        entry = (catalogue or active()).latest(name)
+        self.catalogue = catalogue or active()
+        entry = self.catalogue.latest(name)
         self._framing = HEADER.pack(MAGIC_BYTE, entry.schema_id)
         named = entry.parsed["__named_schemas"]
         # Each field as a record of that one field: the same bytes as the field alone.
@@ -72,6 +73,18 @@ class FieldWriter:
 
     def join(self, fields: Iterable[bytes]) -> bytes:
         return self._framing + b"".join(fields)
+
+
+_FIELD_WRITERS: dict[str, FieldWriter] = {}
+
+
+def field_writer(name: str) -> FieldWriter:
+    """The active catalogue's ``FieldWriter`` for ``name``, made once."""
+    catalogue = active()
+    writer = _FIELD_WRITERS.get(name)
+    if writer is None or writer.catalogue is not catalogue:
+        writer = _FIELD_WRITERS[name] = FieldWriter(name, catalogue)
+    return writer
 
 
 def _record_or_null(schema: Any, named: dict[str, Any]) -> str | None:

@@ -412,7 +412,8 @@ def test_copies_that_share_fields_are_the_bytes_each_would_be_alone(
     event: tuple[str, dict[str, Any]], data: st.DataObject
 ) -> None:
     """The router encodes a field once per distinct cut of it and splices each agency's
-    copy from those bytes: each copy must be exactly the copy minimised and encoded alone."""
+    copy from those bytes, and names the items it discloses from the cut: each copy must be
+    exactly the copy minimised and encoded alone, disclosing exactly what that one carries."""
     event_type, record = event
     body = decode(encode(event_type, record))[1]
     paths = sorted(event_fields(event_type))
@@ -423,3 +424,4 @@ def test_copies_that_share_fields_are_the_bytes_each_would_be_alone(
         alone = minimise(event_type, body, granted)
         assert values == alone
         assert value == encode(f"{event_type}Disclosure", alone)
+        assert copies.disclosed(granted) == disclosed_items(event_type, alone)

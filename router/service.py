@@ -32,7 +32,7 @@ from runtime.access import Principal
 from runtime.kafka import Topics, ensure_topics
 from runtime.keyring import KeyRing
 from runtime.metrics import DEAD_LETTERS, DELIVERIES, EVENTS_ROUTED, LAG, WITHHELD
-from runtime.offsets import stable_committed
+from runtime.offsets import UnstableOffsets, stable_committed
 from runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -179,7 +179,14 @@ class Router:
             # Read after the fence, and only once stable: the old owner's last transaction
             # has settled and its offset commit is applied, so this includes its offsets
             # (an offset fetched earlier, or read as that commit is applied, could predate them).
-            committed = await stable_committed(self.consumer, self.group_id, assigned)
+            try:
+                committed = await stable_committed(self.consumer, self.group_id, assigned)
+            except UnstableOffsets as exc:
+                # The broker has not settled a transaction in that long: go on with the offsets
+                # committed so far rather than stop routing; a delivery may then repeat, which
+                # the agencies' inboxes answer as a duplicate.
+                log.warning("router_offsets_not_stable", detail=str(exc))
+                committed = {tp: await self.consumer.committed(tp) for tp in assigned}
             unread = [tp for tp in assigned if committed[tp] is None]
             beginning = await self.consumer.beginning_offsets(unread) if unread else {}
             for tp in assigned:

@@ -36,7 +36,7 @@ from aiokafka.structs import TopicPartition
 UNSTABLE_OFFSET_COMMIT = 88
 COORDINATOR_MOVED = (15, 16)  # COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR; retried like 14, LOAD_IN_PROGRESS
 RETRY_SECONDS = 0.05
-PATIENCE_SECONDS = 60.0  # a transaction the broker has not settled in this long is stuck
+PATIENCE_SECONDS = 20.0  # a transaction the broker has not settled in this long is stuck
 
 
 class UnstableOffsets(RuntimeError):

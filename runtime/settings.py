@@ -56,12 +56,13 @@ class Settings(BaseSettings):
     )
     topic_prefix: str = Field(default="tuo", pattern=r"^[a-zA-Z0-9._-]{1,40}$")
     life_events_partitions: int = Field(default=3, ge=1, le=1000)
-    router_processes: int | None = Field(
-        default=None,
+    router_processes: int = Field(
+        default=1,
         ge=1,
         le=64,
-        description="How many router processes `tuo run` runs in the router's consumer group;"
-        " unset: one per core. More than there are life-events partitions leaves some idle.",
+        description="How many router processes `tuo run` runs in the router's consumer group"
+        " (one in itself, the rest as child processes). More than there are life-events"
+        " partitions leaves some idle.",
     )
     topic_replication_factor: int = Field(default=1, ge=1, le=10)
 

@@ -122,8 +122,8 @@ async def _run(
 
 def _more_routers(settings: Settings, bus: RunningBus, log_file: Path | None) -> None:
     """Routers beyond the one in this process, each in a child process of its own, in the
-    same consumer group (one per core unless ``TUO_ROUTER_PROCESSES`` says otherwise)."""
-    wanted = settings.router_processes or os.cpu_count() or 1
+    same consumer group (``TUO_ROUTER_PROCESSES`` in all)."""
+    wanted = settings.router_processes
     env = {**os.environ, "TUO_ROUTER_PROCESSES": "1"}  # a child runs only itself
     for n in range(2, wanted + 1):
         name = f"router-{n}"

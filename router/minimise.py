@@ -48,18 +48,12 @@ class Cut:
 
 @functools.lru_cache(maxsize=4096)
 def cut(event_type: str, delivered: frozenset[str]) -> Cut:
-    """What ``delivered`` keeps of an ``event_type`` (one that is not a life event has no
-    related persons and no grantable paths: only its envelope's core and what is named)."""
-    try:
-        split = split_fields(event_type)
-        names = [f["name"] for f in CATALOGUE.latest(event_type).schema["fields"]]
-        grantable: frozenset[str] = event_fields(event_type)
-    except LookupError:
-        split, names, grantable = {}, [], frozenset()
+    """What ``delivered`` keeps of an ``event_type``."""
+    split = split_fields(event_type)
+    names = [f["name"] for f in CATALOGUE.latest(event_type).schema["fields"]]
+    grantable = event_fields(event_type)
     return Cut(
-        envelope_withheld=tuple(
-            member for path, member in ENVELOPE_PATHS.items() if not covered(path, delivered)
-        ),
+        envelope_withheld=_envelope_withheld(delivered),
         whole=frozenset(n for n in names if n not in split and covered(n, delivered)),
         parts={
             name: tuple(part for part in parts if covered(f"{name}.{part}", delivered))
@@ -69,13 +63,19 @@ def cut(event_type: str, delivered: frozenset[str]) -> Cut:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _envelope_withheld(delivered: frozenset[str]) -> tuple[tuple[str, str], ...]:
+    """(member, its field) of each of the envelope's personal fields ``delivered`` leaves out."""
+    return tuple(member for path, member in ENVELOPE_PATHS.items() if not covered(path, delivered))
+
+
 def minimise_envelope(envelope: Mapping[str, Any], delivered: frozenset[str]) -> dict[str, Any]:
-    return _envelope(envelope, cut("", delivered))
+    return _envelope(envelope, _envelope_withheld(delivered))
 
 
-def _envelope(envelope: Mapping[str, Any], kept: Cut) -> dict[str, Any]:
+def _envelope(envelope: Mapping[str, Any], withheld: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     minimised = dict(envelope)
-    for outer, inner in kept.envelope_withheld:
+    for outer, inner in withheld:
         if isinstance(minimised.get(outer), Mapping):
             minimised[outer] = {**minimised[outer], inner: None}
     return minimised
@@ -84,7 +84,7 @@ def _envelope(envelope: Mapping[str, Any], kept: Cut) -> dict[str, Any]:
 def minimise(event_type: str, record: Mapping[str, Any], delivered: frozenset[str]) -> dict[str, Any]:
     """The copy of ``record`` (a whole event of ``event_type``) that carries only ``delivered``."""
     kept = cut(event_type, delivered)
-    minimised: dict[str, Any] = {"envelope": _envelope(record["envelope"], kept)}
+    minimised: dict[str, Any] = {"envelope": _envelope(record["envelope"], kept.envelope_withheld)}
     for name, value in record.items():
         if name not in ("envelope", WITHHELD_FIELDS):
             minimised[name] = _field(name, value, kept, delivered)
@@ -179,7 +179,7 @@ class Copies:
 
     def _value(self, name: str, kept: Cut, delivered: frozenset[str]) -> Any:
         if name == "envelope":
-            return _envelope(self.record["envelope"], kept)
+            return _envelope(self.record["envelope"], kept.envelope_withheld)
         if name == WITHHELD_FIELDS:
             return list(kept.withheld)
         return _field(name, self.record.get(name), kept, delivered)

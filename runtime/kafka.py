@@ -207,8 +207,7 @@ async def send_many(
     topic) and in order within each partition. ``partitions``: how many to spread over
     (default: as many as the topic has now). Returns one future per batch, done when
     the broker has acknowledged it. Much cheaper per message than ``send``."""
-    available = sorted(await producer.partitions_for(topic))
-    spread = available if partitions is None else list(range(partitions))
+    spread = sorted(await producer.partitions_for(topic)) if partitions is None else list(range(partitions))
     by_partition: dict[int, list[Message]] = {}
     hashed: dict[bytes, int] = {}
     for message in messages:

@@ -3,7 +3,7 @@ aiokafka pipe, and end-to-end latency at a steady load, in one run.
 
     .venv/bin/python -m bench.agencies [--events 5000] [--rate 100] [--seconds 60]
                                        [--only throughput|latency] [--no-records]
-                                       [--profile sdk.prof]
+                                       [--profile sdk.prof] [--processes 1]
 
 Starts its own local stack (Kafka + PostgreSQL in a scratch state directory;
 every Kafka client over TLS with SASL/SCRAM, as the bus's), loads the demo
@@ -29,6 +29,9 @@ rather than reject them. Each part runs on its own topics.
             gives that agency.
       Each is timed from its start until its group's committed offset passes the
       N-th message (both commit only once the batch's output is acknowledged).
+      With ``--processes P`` the DWP's topic has P partitions and each of (a),
+      (a') and (b) runs as P processes in one consumer group (the Kafka way an
+      agency goes faster); with 1, the default, each runs in this process.
       Prints events/s for both, the ratio, and the outcomes on the receipts topic.
   (2) latency: `tuo run` with every component runs as a separate process and
       registrations are submitted over HTTP on a schedule (request i due at
@@ -52,6 +55,7 @@ import asyncio
 import contextlib
 import cProfile
 import math
+import multiprocessing
 import os
 import pstats
 import socket
@@ -62,6 +66,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +74,7 @@ import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import NewTopic
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import TopicPartition
 
 from bench.proof import WorkNotDone, count_by_ce_id, percentiles, prove
@@ -347,7 +353,12 @@ async def _bare_pipe(
                     for r, i in zip(batch, ids, strict=True)
                 ]
                 await asyncio.gather(*pending)
-                await consumer.commit({tp: batch[-1].offset + 1})
+                try:
+                    await consumer.commit({tp: batch[-1].offset + 1})
+                except (CommitFailedError, IllegalStateError):
+                    # Rebalanced away meanwhile (another process of the group joined):
+                    # its new owner reads the batch again, as it would from the SDK.
+                    continue
     finally:
         await consumer.stop()
         await producer.stop()
@@ -373,6 +384,93 @@ def _ce_id(record: Any) -> str:
     return next((bytes(v).decode() for k, v in record.headers if k == "ce_id"), "")
 
 
+SDK = "sdk"  # _consume's name for the AgencyConsumer; any other name is a bare pipe's
+
+
+async def _in_processes(
+    processes: int, settings: Settings, source: str, name: str
+) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+    """Start ``processes`` child processes that will each consume ``source`` as ``name``
+    (one consumer group); once every one has imported its code and opened its pool,
+    return ``run(stop)`` for ``_timed``, which lets them go, so Python's start-up is not
+    timed (an in-process consumer has none). ``run`` fails if a child exits early."""
+    context = multiprocessing.get_context("spawn")  # a fresh Python, as `tuo run` starts
+    go, stopping = context.Event(), context.Event()
+    ready = [context.Event() for _ in range(processes)]
+    children = [
+        context.Process(
+            target=_consumer_process, args=(settings, source, name, ready[n], go, stopping), daemon=True
+        )
+        for n in range(processes)
+    ]
+    for child in children:
+        child.start()
+    for child, is_ready in zip(children, ready, strict=True):
+        while not await asyncio.to_thread(is_ready.wait, 0.5):
+            if not child.is_alive():
+                raise RuntimeError(f"a {name} consumer process exited with {child.exitcode} at start")
+
+    async def run(stop: asyncio.Event) -> None:
+        go.set()
+        try:
+            while not stop.is_set():
+                for child in children:
+                    if not child.is_alive():
+                        raise RuntimeError(f"a {name} consumer process exited with {child.exitcode}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)
+        finally:
+            stopping.set()
+            go.set()
+            for child in children:
+                await asyncio.to_thread(child.join, 60)
+                if child.is_alive():
+                    child.kill()
+
+    return run
+
+
+def _consumer_process(
+    settings: Settings,
+    source: str,
+    name: str,
+    ready: ProcessEvent,
+    go: ProcessEvent,
+    stopping: ProcessEvent,
+) -> None:
+    configure_logging(settings)
+    asyncio.run(_consume(settings, source, name, ready, go, stopping))
+
+
+async def _consume(
+    settings: Settings,
+    source: str,
+    name: str,
+    ready: ProcessEvent,
+    go: ProcessEvent,
+    stopping: ProcessEvent,
+) -> None:
+    pool = await open_pool(settings)
+    ready.set()
+    await asyncio.to_thread(go.wait)
+    stop = asyncio.Event()
+
+    async def until_stopped() -> None:
+        await asyncio.to_thread(stopping.wait)
+        stop.set()
+
+    watching = asyncio.create_task(until_stopped())
+    try:
+        if name == SDK:
+            await AgencyConsumer(settings, pool, AGENCY, handler_for(AGENCY)).run(stop)
+        else:
+            await _bare_pipe(settings, pool, source, name, stop, check=name == "bare-checked")
+    finally:
+        stopping.set()  # ends the thread waiting on it, if this ends first
+        await watching
+        await pool.close()
+
+
 async def _baseline(
     settings: Settings,
     pool: asyncpg.Pool,
@@ -382,6 +480,7 @@ async def _baseline(
     name: str,
     *,
     check: bool,
+    processes: int,
 ) -> tuple[float, float, int]:
     """Run one bare pipe over ``source`` on its own scratch topic and table; prove that it
     stored and answered every event; return (seconds to its first commit, to its last,
@@ -396,7 +495,11 @@ async def _baseline(
     await pool.execute(f"CREATE TABLE IF NOT EXISTS {table} (event_id uuid PRIMARY KEY)")
     first, done = await _timed(
         settings,
-        lambda stop: _bare_pipe(settings, pool, source, name, stop, check=check),
+        (
+            await _in_processes(processes, settings, source, name)
+            if processes > 1
+            else lambda stop: _bare_pipe(settings, pool, source, name, stop, check=check)
+        ),
         f"{settings.topic_prefix}.{name}",
         source,
         ends,
@@ -430,7 +533,13 @@ async def _receipted(settings: Settings, topic: str, event_ids: set[str]) -> tup
 
 
 async def throughput(
-    settings: Settings, env: dict[str, str], pool: asyncpg.Pool, people: People, events: int, seed: bool
+    settings: Settings,
+    env: dict[str, str],
+    pool: asyncpg.Pool,
+    people: People,
+    events: int,
+    seed: bool,
+    processes: int = 1,
 ) -> dict[str, Any]:
     topics = Topics(settings.topic_prefix)
     source = topics.agency(AGENCY)
@@ -452,15 +561,19 @@ async def throughput(
     on_source, _ = await count_by_ce_id(options, source, accepted)
     prove("agencies fill", events, on_source, f"registrations accepted {len(accepted)}; by ce_id on {source}")
     bare_first, bare_done, bare_arrived = await _baseline(
-        settings, pool, source, ends, accepted, "bare", check=False
+        settings, pool, source, ends, accepted, "bare", check=False, processes=processes
     )
     checked_first, checked_done, checked_arrived = await _baseline(
-        settings, pool, source, ends, accepted, "bare-checked", check=True
+        settings, pool, source, ends, accepted, "bare-checked", check=True, processes=processes
     )
     consumer = AgencyConsumer(settings, pool, AGENCY, handler_for(AGENCY))
-    with _profiled(PROFILE):
+    with _profiled(PROFILE if processes == 1 else None):
         sdk_first, sdk_done = await _timed(
-            settings, consumer.run, f"{settings.topic_prefix}.agency.{AGENCY}", source, ends
+            settings,
+            await _in_processes(processes, settings, source, SDK) if processes > 1 else consumer.run,
+            f"{settings.topic_prefix}.agency.{AGENCY}",
+            source,
+            ends,
         )
     sdk_stored = await pool.fetchval(
         "SELECT count(*) FROM agency.inbox"
@@ -482,6 +595,8 @@ async def throughput(
         f"(1) agency consumer throughput: {events} routed DeathRegistered messages on {source}"
         f" (intake+relay+router put them there in {filled_in:.1f} s); one 2-core machine"
     )
+    where = "in this process" if processes == 1 else f"each in {processes} processes, one group"
+    print(f"  {source} has {len(ends)} partition(s); every consumer below runs {where}")
     print(f"  {seeded}")
     for label, rate, first in (
         ("bare pipe (1 INSERT + 1 small message per event + commit, per batch)", bare, bare_first),
@@ -499,6 +614,7 @@ async def throughput(
         "stages": {},
         "proof": "receipted rows in agency.inbox and final receipts on the receipts topic, per event",
         "bare": {"sent": events, "arrived": min(bare_arrived, checked_arrived)},
+        "processes": processes,
         "consumer_per_s": round(sdk, 1),
         "bare_per_s": round(bare, 1),
         "bare_checked_per_s": round(checked, 1),
@@ -807,7 +923,13 @@ def _settings(stack: ScratchStack, http_port: int, prefix: str) -> tuple[Setting
 
 
 async def measure(
-    stack: ScratchStack, events: int, rate: float, seconds: float, only: str | None, seed: bool
+    stack: ScratchStack,
+    events: int,
+    rate: float,
+    seconds: float,
+    only: str | None,
+    seed: bool,
+    processes: int = 1,
 ) -> dict[str, Any]:
     settings = stack.settings("bench")
     http_port = _free_port()
@@ -820,8 +942,15 @@ async def measure(
         await seed_offices(pool, PayloadSealer.from_settings(settings))
         # Each part on its own topics: the throughput part leaves the other agencies' messages unread.
         if only in (None, "throughput"):
+            settings_, env = _settings(stack, http_port, "bench-throughput")
             figures["throughput"] = await throughput(
-                *_settings(stack, http_port, "bench-throughput"), pool, people, events, seed
+                settings_.model_copy(update={"agency_partitions": processes}),
+                env | {"TUO_AGENCY_PARTITIONS": str(processes)},
+                pool,
+                people,
+                events,
+                seed,
+                processes,
             )
         if only in (None, "latency"):
             figures["latency"] = await latency(
@@ -839,10 +968,12 @@ async def measure(
     return figures
 
 
-def main(events: int, rate: float, seconds: float, only: str | None, seed: bool) -> dict[str, Any]:
+def main(
+    events: int, rate: float, seconds: float, only: str | None, seed: bool, processes: int = 1
+) -> dict[str, Any]:
     with scratch_stack() as stack:
         configure_logging(stack.settings("bench"))
-        return asyncio.run(measure(stack, events, rate, seconds, only, seed))
+        return asyncio.run(measure(stack, events, rate, seconds, only, seed, processes))
 
 
 if __name__ == "__main__":
@@ -860,9 +991,15 @@ if __name__ == "__main__":
         help="give the agencies records of every person, so events are applied (default: yes)",
     )
     parser.add_argument("--profile", type=Path, help="profile the SDK part; statistics to this file")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="partitions of the agency's topic, and consumer processes on each side (default 1: in this one)",
+    )
     args = parser.parse_args()
     PROFILE = args.profile
     try:
-        main(args.events, args.rate, args.seconds, args.only, args.records)
+        main(args.events, args.rate, args.seconds, args.only, args.records, args.processes)
     except WorkNotDone as failure:
         raise SystemExit(f"FAILED: {failure}") from None

@@ -262,7 +262,7 @@ async def ensure_topics(
             topics.relay_ledger: 1,
         }
     for agency in agencies:
-        wanted[topics.agency(agency)] = 1
+        wanted[topics.agency(agency)] = settings.agency_partitions
         if receipts:
             wanted[topics.receipts(agency)] = 1
             wanted[topics.agency_dead_letters(agency)] = 1

@@ -64,6 +64,14 @@ class Settings(BaseSettings):
         " (one in itself, the rest as child processes). More than there are life-events"
         " partitions leaves some idle.",
     )
+    agency_partitions: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Partitions of each agency's topic when it is created: an agency runs as"
+        " many consumer processes as it has partitions, in one consumer group, to go faster"
+        " (one person's events stay on one partition, in order).",
+    )
     topic_replication_factor: int = Field(default=1, ge=1, le=10)
 
     # PostgreSQL

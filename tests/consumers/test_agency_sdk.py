@@ -177,3 +177,71 @@ async def test_topic_creation_refused_by_the_broker_is_an_error_not_silence(serv
     )
     with pytest.raises(TopicCreationFailed, match="replication factor"):
         await ensure_topics(impossible, ["dwp"], principal=Principal.OPERATOR)
+
+
+async def test_an_agency_on_several_partitions_applies_each_event_once_across_its_consumers(
+    services: Settings, pool: asyncpg.Pool, effects: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    """TUO_AGENCY_PARTITIONS: an agency's topic with two partitions, read by two consumers
+    in its one group (the Kafka way an agency goes faster): every event applied once and
+    receipted, whichever consumer had its partition."""
+    split = services.model_copy(update={"agency_partitions": 2})
+    topics = Topics(split.topic_prefix)
+    agency = "test-split-" + uuid.uuid4().hex[:6]
+    await onboard_agency(split, pool, agency, [], by="tests")
+    wanted = set()
+    for _ in range(6):
+        answer = await intake.post("/v1/death-registrations", json=death_registration())
+        assert answer.status_code == 201, answer.text
+        wanted.add(answer.json()["event_id"])
+
+    async def delivered_to_dwp() -> list[Any] | None:
+        found = [r for r in await read_topic(services, topics.agency("dwp")) if header(r, "ce_id") in wanted]
+        return found if len(found) == len(wanted) else None
+
+    messages = await eventually(delivered_to_dwp, what="six events on dwp's topic")
+    producer = inspector_producer(services)
+    await producer.start()
+    try:
+        for n, message in enumerate(messages):  # three on each partition
+            await producer.send_and_wait(
+                topics.agency(agency),
+                value=message.value,
+                key=message.key,
+                headers=list(message.headers),
+                partition=n % 2,
+            )
+    finally:
+        await producer.stop()
+
+    def recorded_by(consumer: str) -> Any:
+        async def record(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+            await conn.execute("INSERT INTO test_effect VALUES ($1, $2)", consumer, uuid.UUID(event.event_id))
+
+        return record
+
+    stop = asyncio.Event()
+    consumers = [
+        asyncio.create_task(AgencyConsumer(split, pool, agency, recorded_by(name)).run(stop))
+        for name in ("first", "second")
+    ]
+    try:
+
+        async def all_receipted() -> set[str] | None:
+            found = set()
+            for record in await read_topic(services, topics.receipts(agency)):
+                receipt = decode(record.value or b"")[1]
+                if receipt["outcome"] == "APPLIED":
+                    found.add(str(receipt["event_id"]))
+            return found if found >= wanted else None
+
+        await eventually(all_receipted, timeout=60, what="an APPLIED receipt for each event")
+    finally:
+        stop.set()
+        await asyncio.gather(*consumers)
+    applied = await pool.fetch(
+        "SELECT event_id::text, count(*) AS times FROM test_effect WHERE event_id = ANY($1::uuid[])"
+        " GROUP BY event_id",
+        list(wanted),
+    )
+    assert {row["event_id"]: row["times"] for row in applied} == dict.fromkeys(wanted, 1)

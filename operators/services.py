@@ -44,6 +44,9 @@ Component = Callable[[asyncio.Event], Awaitable[None]]
 
 
 async def supervise(name: str, component: Component, stop: asyncio.Event) -> None:
+    """Run ``component`` until ``stop``, restarting it with backoff when it fails. Its
+    log lines carry ``component`` (each task has its own context)."""
+    structlog.contextvars.bind_contextvars(component=name)
     failures = 0
     while not stop.is_set():
         try:
@@ -146,6 +149,7 @@ async def _serve_metrics(
 
 
 async def _serve(config: uvicorn.Config, what: str, stop: asyncio.Event, ready: asyncio.Future[int]) -> None:
+    structlog.contextvars.bind_contextvars(component=what)  # its requests' log lines too
     server = _EmbeddedServer(config)
     serving = asyncio.create_task(server.serve())
     while not server.started:

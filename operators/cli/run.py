@@ -88,12 +88,13 @@ async def _run(
         loop.add_signal_handler(sig, stop_requested.set)
     try:
         await at_startup("database migrations", lambda: migrate(pool, settings))
-        bus = await start_bus(settings, pool, components)
-        if "router" in components:
-            _more_routers(settings, bus, log_file=settings.state_dir / "bus.log" if demo else None)
+        here, apart = placement(components)
+        bus = await start_bus(settings, pool, here)
+        _start_children(settings, bus, here, apart, log_file=settings.state_dir / "bus.log" if demo else None)
         try:
             base = f"http://{settings.http_host}:{bus.http_port}"
-            console.print(f"Bus running: {', '.join(components)}; intake at {base}/docs")
+            where = f"; intake at {base}/docs" if bus.http_port is not None else ""
+            console.print(f"Bus running: {', '.join(components)}{where}")
             if demo:
                 sign_in = await seed_demo_registrar(pool, settings.state_dir)
                 await seed_agency_records(pool, today_in_the_uk())
@@ -120,16 +121,45 @@ async def _run(
         await pool.close()
 
 
-def _more_routers(settings: Settings, bus: RunningBus, log_file: Path | None) -> None:
-    """Routers beyond the one in this process, each in a child process of its own, in the
-    same consumer group (``TUO_ROUTER_PROCESSES`` in all)."""
-    wanted = settings.router_processes
-    env = {**os.environ, "TUO_ROUTER_PROCESSES": "1"}  # a child runs only itself
-    for n in range(2, wanted + 1):
-        name = f"router-{n}"
-        bus.tasks.append(
-            asyncio.create_task(supervise(name, child_process("router", env, log_file), bus.stop), name=name)
-        )
+def placement(components: list[str]) -> tuple[list[str], list[str]]:
+    """(the components this process runs, those that each run in a child process of its
+    own). One component runs here; of several, intake (and the development identity
+    provider and metrics that go with this process) stays here and each other one is a
+    child, so a burst of CPU in one (a router's batch) never stalls another's I/O."""
+    if len(components) == 1:
+        return components, []
+    return [c for c in components if c == "intake"], [c for c in components if c != "intake"]
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of a child: this one's, with each router child only itself, and a
+    metrics port of its own (any free one: it logs which) when this process serves one."""
+    env = {**os.environ, "TUO_ROUTER_PROCESSES": "1"}
+    if settings.metrics_port is not None:
+        env["TUO_METRICS_PORT"] = "0"
+    return env
+
+
+def _start_children(
+    settings: Settings, bus: RunningBus, here: list[str], apart: list[str], log_file: Path | None
+) -> None:
+    """Start the ``apart`` components as children, supervised as the bus's own tasks
+    (restarted with backoff if one stops; stopped with the bus). The router runs in
+    ``TUO_ROUTER_PROCESSES`` processes in all, in its one consumer group: here and in
+    children when it runs here, else all in children."""
+    env = child_env(settings)
+    wanted = [(c, settings.router_processes if c == "router" else 1) for c in apart]
+    if "router" in here:
+        wanted.append(("router", settings.router_processes - 1))
+    for component, copies in wanted:
+        first = 2 if component in here else 1
+        for n in range(first, first + copies):
+            name = component if (n, copies) == (1, 1) else f"{component}-{n}"
+            bus.tasks.append(
+                asyncio.create_task(
+                    supervise(name, child_process(component, env, log_file), bus.stop), name=name
+                )
+            )
 
 
 async def _submit_demo(base: str, token: str, wait_seconds: float = 60.0) -> None:

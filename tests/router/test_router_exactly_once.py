@@ -69,7 +69,9 @@ async def _stream(settings: Settings, count: int, per_second: float, key: Signin
     return sent
 
 
-def _start_router(settings: Settings, log: Path, processes: int | None = None) -> subprocess.Popen[bytes]:
+def _start_router(
+    settings: Settings, log: Path, processes: int | None = None, components: tuple[str, ...] = ("router",)
+) -> subprocess.Popen[bytes]:
     assert settings.database_url is not None and settings.pseudonym_key is not None
     env = {
         **({} if processes is None else {"TUO_ROUTER_PROCESSES": str(processes)}),
@@ -83,7 +85,7 @@ def _start_router(settings: Settings, log: Path, processes: int | None = None) -
     }
     tuo = str(Path(sys.executable).parent / "tuo")
     return subprocess.Popen(
-        [tuo, "run", "router"], cwd=PROJECT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+        [tuo, "run", *components], cwd=PROJECT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
     )
 
 
@@ -250,6 +252,57 @@ async def test_tuo_run_routes_in_several_processes_which_die_with_it(
             return not Path(f"/proc/{child}").exists()
 
         await eventually(child_gone, timeout=15, what="the child router to die with `tuo run`")
+    finally:
+        if parent.poll() is None:
+            parent.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(parent.wait, 30)
+
+
+def _command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""  # gone meanwhile
+
+
+async def test_tuo_run_gives_each_component_a_child_it_restarts_and_stops_on_ctrl_c(
+    services: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """`tuo run router tracker`: each component in a child process of its own. A router
+    child SIGKILLed mid-stream is started again by `tuo run`, and every event still
+    reaches every entitled agency exactly once; Ctrl-C then stops every child."""
+    settings = await _isolated(services)
+    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
+    parent = _start_router(settings, tmp_path / "bus.log", components=("router", "tracker"))
+    try:
+
+        async def routers() -> list[int] | None:
+            found = [pid for pid in _children(parent.pid) if b"router" in _command_line(pid)]
+            return found or None
+
+        async def both_children() -> list[int] | None:
+            found = _children(parent.pid)
+            return found if len(found) == 2 else None
+
+        children = await eventually(both_children, timeout=60, what="a child for the router and the tracker")
+        [router] = await eventually(routers, what="the router's child")
+        key = await office_key(pool, services)
+        sent = await _stream(settings, count=40, per_second=40, key=key)
+        os.kill(router, signal.SIGKILL)
+
+        async def another_router() -> list[int] | None:
+            found = [pid for pid in await routers() or [] if pid != router]
+            return found or None
+
+        [restarted] = await eventually(another_router, timeout=60, what="`tuo run` to start the router again")
+        sent += await _stream(settings, count=40, per_second=40, key=key)
+        counts = await _assert_exactly_once(settings, sent)
+        assert counts == {agency: 80 for agency in ENTITLED}
+
+        parent.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(parent.wait, 60) == 0
+        left = [pid for pid in [*children, restarted] if pid != router and Path(f"/proc/{pid}").exists()]
+        assert not left, f"processes {left} outlived `tuo run`"
     finally:
         if parent.poll() is None:
             parent.send_signal(signal.SIGTERM)

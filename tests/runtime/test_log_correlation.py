@@ -3,7 +3,8 @@
 A death is registered at intake and goes through the relay, the router, each
 entitled agency's consumer and the receipt tracker of the session's bus. Every
 line written about it, in every component, names it under the one key
-``event_id``; at DEBUG each component has at least one such line.
+``event_id``; at DEBUG each component has at least one such line, tagged with
+the component that wrote it.
 """
 
 from __future__ import annotations
@@ -78,3 +79,13 @@ async def test_every_components_log_lines_about_an_event_carry_its_id_as_event_i
     assert agencies("decision_stored") == decided, "the tracker, for each routing decision"
     assert agencies("receipt_stored") >= delivered, "the tracker, for each receipt"
     assert len({e["event_id"] for e in about}) == 1
+
+    def components(event: str) -> set[str]:
+        return {e.get("component", "none") for e in about if e["event"] == event}
+
+    # Which component wrote each line, as `tuo run` tags them (each in a process of its own).
+    assert components("event_accepted") == {"intake"}
+    assert components("event_published") == {"relay"}
+    assert components("event_routed") == {"router"}
+    assert components("event_handled") == {f"agency:{agency}" for agency in delivered}
+    assert components("decision_stored") == {"tracker"}

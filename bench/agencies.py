@@ -4,6 +4,7 @@ aiokafka pipe, and end-to-end latency at a steady load, in one run.
     .venv/bin/python -m bench.agencies [--events 5000] [--rate 100] [--seconds 60]
                                        [--only throughput|latency] [--no-records]
                                        [--profile sdk.prof] [--processes 1]
+                                       [--process-per-component]
 
 Starts its own local stack (Kafka + PostgreSQL in a scratch state directory;
 every Kafka client over TLS with SASL/SCRAM, as the bus's), loads the demo
@@ -834,7 +835,7 @@ async def latency(
         f" events complete {len(complete)}",
     )
     print(
-        f"(2) end-to-end latency: the whole bus in one `tuo run` process, new person per event,"
+        f"(2) end-to-end latency: the whole bus as `tuo run` ({_layout(env)}), new person per event,"
         f" target {rate:g} events/s for {seconds:g} s; one 2-core machine"
     )
     print(f"  {seeded}")
@@ -917,9 +918,21 @@ async def latency(
 # Both
 
 
+PROCESS_PER_COMPONENT = False  # --process-per-component: `tuo run` with TUO_PROCESS_PER_COMPONENT
+
+
 def _settings(stack: ScratchStack, http_port: int, prefix: str) -> tuple[Settings, dict[str, str]]:
     """Settings for this process and the environment for `tuo run`, on topics under ``prefix``."""
-    return stack.settings(prefix), stack.service_env(prefix, http_port)
+    env = stack.service_env(prefix, http_port)
+    if PROCESS_PER_COMPONENT:
+        env["TUO_PROCESS_PER_COMPONENT"] = "true"
+    return stack.settings(prefix), env
+
+
+def _layout(env: dict[str, str]) -> str:
+    if env.get("TUO_PROCESS_PER_COMPONENT") == "true":
+        return "intake in its process, every other component in a child process of its own"
+    return "every component in its one process"
 
 
 async def measure(
@@ -992,6 +1005,11 @@ if __name__ == "__main__":
     )
     parser.add_argument("--profile", type=Path, help="profile the SDK part; statistics to this file")
     parser.add_argument(
+        "--process-per-component",
+        action="store_true",
+        help="run the bus with TUO_PROCESS_PER_COMPONENT=true (each component but intake in a child process)",
+    )
+    parser.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -999,6 +1017,7 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     PROFILE = args.profile
+    PROCESS_PER_COMPONENT = args.process_per_component
     try:
         main(args.events, args.rate, args.seconds, args.only, args.records, args.processes)
     except WorkNotDone as failure:

@@ -1,6 +1,6 @@
-"""Components that `tuo run` runs as child processes of its own (every one but intake
-when it runs several, and further routers with ``TUO_ROUTER_PROCESSES``): each its own
-Python, so one's CPU never stalls another's I/O.
+"""Components that `tuo run` runs as child processes of its own (further routers with
+``TUO_ROUTER_PROCESSES``; with ``TUO_PROCESS_PER_COMPONENT``, every component but intake
+when it runs several): each its own Python, so one's CPU never stalls another's I/O.
 
 A child is `tuo run <component>` with ``TUO_PARENT_PID`` set. It asks the kernel to
 kill it when its parent dies, however the parent dies (``die_with_parent``), so a

@@ -88,7 +88,7 @@ async def _run(
         loop.add_signal_handler(sig, stop_requested.set)
     try:
         await at_startup("database migrations", lambda: migrate(pool, settings))
-        here, apart = placement(components)
+        here, apart = placement(components) if settings.process_per_component else (components, [])
         bus = await start_bus(settings, pool, here)
         _start_children(settings, bus, here, apart, log_file=settings.state_dir / "bus.log" if demo else None)
         try:
@@ -122,10 +122,11 @@ async def _run(
 
 
 def placement(components: list[str]) -> tuple[list[str], list[str]]:
-    """(the components this process runs, those that each run in a child process of its
-    own). One component runs here; of several, intake (and the development identity
-    provider and metrics that go with this process) stays here and each other one is a
-    child, so a burst of CPU in one (a router's batch) never stalls another's I/O."""
+    """With ``TUO_PROCESS_PER_COMPONENT``: (the components this process runs, those that
+    each run in a child process of its own). One component runs here; of several, intake
+    (and the development identity provider and metrics that go with this process) stays
+    here and each other one is a child, so a burst of CPU in one (a router's batch) never
+    stalls another's I/O."""
     if len(components) == 1:
         return components, []
     return [c for c in components if c == "intake"], [c for c in components if c != "intake"]

@@ -75,6 +75,7 @@ def _start_router(
     assert settings.database_url is not None and settings.pseudonym_key is not None
     env = {
         **({} if processes is None else {"TUO_ROUTER_PROCESSES": str(processes)}),
+        **({} if len(components) == 1 else {"TUO_PROCESS_PER_COMPONENT": "true"}),
         **os.environ,
         **kafka_env(settings),
         "TUO_DATABASE_URL": settings.database_url.get_secret_value(),
@@ -268,7 +269,8 @@ def _command_line(pid: int) -> bytes:
 async def test_tuo_run_gives_each_component_a_child_it_restarts_and_stops_on_ctrl_c(
     services: Settings, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    """`tuo run router tracker`: each component in a child process of its own. A router
+    """`tuo run router tracker` with TUO_PROCESS_PER_COMPONENT: each component in a child
+    process of its own. A router
     child SIGKILLed mid-stream is started again by `tuo run`, and every event still
     reaches every entitled agency exactly once; Ctrl-C then stops every child."""
     settings = await _isolated(services)

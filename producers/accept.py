@@ -23,7 +23,7 @@ import asyncpg
 import structlog
 from pydantic import Field, TypeAdapter, ValidationError
 
-from producers.accounts import Submitter
+from producers.accounts import Submitter, TokenCache
 from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
 from producers.office_keys import active_key
 from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
@@ -139,6 +139,11 @@ class Intake:
     @functools.cached_property  # once per app, not per event (works on a frozen dataclass)
     def sealer(self) -> PayloadSealer:
         return PayloadSealer.from_settings(self.settings)
+
+    @functools.cached_property
+    def tokens(self) -> TokenCache:
+        """API tokens remembered while the app listens for changes (``TokenCache.listen``)."""
+        return TokenCache(self.pool)
 
     async def accept(
         self,

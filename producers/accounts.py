@@ -12,6 +12,7 @@ look up events.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import uuid
@@ -20,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import asyncpg
+import structlog
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
@@ -32,6 +34,8 @@ TokenRole = Literal["registrar", "supervisor", "monitoring"]
 TOKEN_ROLES: tuple[TokenRole, ...] = (*ROLES, "monitoring")
 TOKEN_PREFIX = "tuo_"  # noqa: S105 (a marker, not a secret)
 MIN_PASSWORD_LENGTH = 12
+
+log = structlog.get_logger(__name__)
 
 _hasher = PasswordHasher()
 # Verified against when the username is unknown, so a wrong username takes as long as a wrong password.
@@ -205,17 +209,125 @@ class TokenHolder:
 
 async def token_holder(pool: asyncpg.Pool, token: str) -> TokenHolder | None:
     """The system holding this token, if it is current."""
+    found = await _current_token(pool, token)
+    return None if found is None else found[0]
+
+
+async def _current_token(pool: asyncpg.Pool, token: str) -> tuple[TokenHolder, datetime] | None:
+    """(its holder, when it expires) for a current token."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     row = await pool.fetchrow(
-        "SELECT t.label, t.office, o.name AS office_name, t.role"
+        "SELECT t.label, t.office, o.name AS office_name, t.role, t.expires_at"
         "  FROM api_token t JOIN registration_office o ON o.code = t.office"
         " WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now()",
         _token_hash(token),
     )
     if row is None:
         return None
-    return TokenHolder(row["label"], row["office"], row["office_name"], row["role"])
+    return TokenHolder(row["label"], row["office"], row["office_name"], row["role"]), row["expires_at"]
+
+
+TOKENS_CHANNEL = "tuo_api_tokens"  # migration 0025's triggers NOTIFY here
+LISTEN_RETRY_SECONDS = 1.0
+
+
+class TokenCache:
+    """Current API tokens by hash, so a request costs no database look-up.
+
+    It remembers only while it listens on ``TOKENS_CHANNEL``: every change to a token
+    or an office (a revocation, from any process) makes it forget everything, within
+    the moment PostgreSQL takes to deliver the notice. When its listening connection
+    is lost it forgets everything and asks the database every time until it listens
+    again. A token it did not find is never remembered, so a new one works at once."""
+
+    def __init__(self, pool: asyncpg.Pool, max_entries: int = 10_000) -> None:
+        self.pool = pool
+        self.max_entries = max_entries
+        self.lookups = 0  # database look-ups made (the rest came from memory)
+        self._entries: dict[bytes, tuple[TokenHolder, datetime]] = {}
+        self._connection: asyncpg.Connection | None = None
+        self._changes = 0  # notices heard so far: a look-up that spans one is not kept
+        self._listening: asyncio.Task[None] | None = None
+        self._started = self._closed = False  # listen() called; close() called
+
+    async def holder(self, token: str) -> TokenHolder | None:
+        """The system holding this token, if it is current (as ``token_holder``)."""
+        digest = _token_hash(token)
+        if self.listening:
+            held = self._entries.get(digest)
+            if held is not None and held[1] > datetime.now(UTC):
+                return held[0]
+        else:
+            self._listen_soon()
+        changes = self._changes
+        self.lookups += 1
+        found = await _current_token(self.pool, token)
+        if found is None:
+            return None
+        if self.listening and changes == self._changes:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[digest] = found
+        return found[0]
+
+    @property
+    def listening(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed()
+
+    async def listen(self) -> None:
+        """Start listening (the app's start-up; ``close`` at its end); if PostgreSQL cannot
+        be reached, the cache asks it every time and tries again on the next request. A
+        cache never started never listens, and never holds a connection."""
+        self._started = True
+        try:
+            await self._listen()
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("token_cache_not_listening", error=type(exc).__name__)
+
+    async def _listen(self) -> None:
+        connection = await self.pool.acquire()
+        if self._closed:  # closed while it waited for the connection
+            await self.pool.release(connection)
+            return
+        try:
+            connection.add_termination_listener(self._lost)
+            await connection.add_listener(TOKENS_CHANNEL, self._changed)
+        except BaseException:
+            await self.pool.release(connection)
+            raise
+        self._entries.clear()  # anything learnt before listening may be stale
+        self._connection = connection
+
+    def _listen_soon(self) -> None:
+        if not self._started or self._closed or (self._listening is not None and not self._listening.done()):
+            return
+
+        async def again() -> None:
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+            await self.listen()
+
+        self._listening = asyncio.get_running_loop().create_task(again())
+
+    def _changed(self, *_: object) -> None:
+        self._changes += 1
+        self._entries.clear()
+
+    def _lost(self, *_: object) -> None:
+        self._connection = None
+        self._changes += 1
+        self._entries.clear()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._listening is not None:
+            self._listening.cancel()
+        connection, self._connection = self._connection, None
+        self._entries.clear()
+        if connection is not None and not connection.is_closed():
+            connection.remove_termination_listener(self._lost)
+            await connection.remove_listener(TOKENS_CHANNEL, self._changed)  # UNLISTEN
+            await self.pool.release(connection)
 
 
 async def revoke_tokens(pool: asyncpg.Pool, label: str) -> int:

@@ -38,7 +38,7 @@ from producers.accept import (
     SubmissionRejected,
     VoidRequest,
 )
-from producers.accounts import Submitter, TokenHolder, token_holder
+from producers.accounts import Submitter, TokenHolder
 from producers.api_docs import install_api_docs
 from producers.dependencies import RunningIntake
 from producers.duplicates import DuplicateRegistration
@@ -222,7 +222,7 @@ async def token_client(
     """The system presenting a current bearer token, whatever its role."""
     if credentials is None:
         raise Unauthenticated
-    holder = await token_holder(intake.pool, credentials.credentials)
+    holder = await intake.tokens.holder(credentials.credentials)
     identify(request, "token", holder.client if holder is not None else None)
     if holder is None:
         raise Unauthenticated
@@ -381,9 +381,11 @@ def create_app(
             receipts=ConsentReceiptIssuer(settings),
             consent_signer=consent_signer_within,
         )
+        await app.state.intake.tokens.listen()
         try:
             yield
         finally:
+            await app.state.intake.tokens.close()
             if owned:
                 await app.state.intake.pool.close()
 

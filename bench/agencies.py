@@ -400,7 +400,9 @@ async def _in_processes(
     ready = [context.Event() for _ in range(processes)]
     children = [
         context.Process(
-            target=_consumer_process, args=(settings, source, name, ready[n], go, stopping), daemon=True
+            target=_consumer_process,
+            args=(settings, source, name, _Cues(ready[n], go, stopping)),
+            daemon=True,
         )
         for n in range(processes)
     ]
@@ -431,33 +433,29 @@ async def _in_processes(
     return run
 
 
-def _consumer_process(
-    settings: Settings,
-    source: str,
-    name: str,
-    ready: ProcessEvent,
-    go: ProcessEvent,
-    stopping: ProcessEvent,
-) -> None:
+@dataclass(frozen=True)
+class _Cues:
+    """Between the benchmark and one consumer process: the child is ready (imported,
+    pool open), it may go, it must stop."""
+
+    ready: ProcessEvent
+    go: ProcessEvent
+    stopping: ProcessEvent
+
+
+def _consumer_process(settings: Settings, source: str, name: str, cues: _Cues) -> None:
     configure_logging(settings)
-    asyncio.run(_consume(settings, source, name, ready, go, stopping))
+    asyncio.run(_consume(settings, source, name, cues))
 
 
-async def _consume(
-    settings: Settings,
-    source: str,
-    name: str,
-    ready: ProcessEvent,
-    go: ProcessEvent,
-    stopping: ProcessEvent,
-) -> None:
+async def _consume(settings: Settings, source: str, name: str, cues: _Cues) -> None:
     pool = await open_pool(settings)
-    ready.set()
-    await asyncio.to_thread(go.wait)
+    cues.ready.set()
+    await asyncio.to_thread(cues.go.wait)
     stop = asyncio.Event()
 
     async def until_stopped() -> None:
-        await asyncio.to_thread(stopping.wait)
+        await asyncio.to_thread(cues.stopping.wait)
         stop.set()
 
     watching = asyncio.create_task(until_stopped())
@@ -467,7 +465,7 @@ async def _consume(
         else:
             await _bare_pipe(settings, pool, source, name, stop, check=name == "bare-checked")
     finally:
-        stopping.set()  # ends the thread waiting on it, if this ends first
+        cues.stopping.set()  # ends the thread waiting on it, if this ends first
         await watching
         await pool.close()
 
@@ -596,8 +594,8 @@ async def throughput(
         f"(1) agency consumer throughput: {events} routed DeathRegistered messages on {source}"
         f" (intake+relay+router put them there in {filled_in:.1f} s); one 2-core machine"
     )
-    where = "in this process" if processes == 1 else f"each in {processes} processes, one group"
-    print(f"  {source} has {len(ends)} partition(s); every consumer below runs {where}")
+    where = "in this process" if processes == 1 else f"as {processes} processes of one group"
+    print(f"  {source} has {len(ends)} partition(s); each consumer below runs {where}")
     print(f"  {seeded}")
     for label, rate, first in (
         ("bare pipe (1 INSERT + 1 small message per event + commit, per batch)", bare, bare_first),

@@ -23,11 +23,12 @@ import asyncpg
 import structlog
 from pydantic import Field, TypeAdapter, ValidationError
 
-from producers.accounts import Submitter, TokenCache
+from producers.accounts import TOKENS_CHANNEL, Submitter, TokenCache
 from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
-from producers.office_keys import active_key
+from producers.office_keys import OFFICE_KEYS_CHANNEL, ActiveKeys
 from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
 from producers.store import (
+    SUBSCRIPTIONS_CHANNEL,
     ConsentReceipts,
     EndOfConsent,
     NewEvent,
@@ -46,6 +47,7 @@ from router.rules import SUBJECT_ADDRESSES
 from runtime.kafka import Topics
 from runtime.local_authorities import local_authority
 from runtime.metrics import EVENTS_ACCEPTED
+from runtime.notices import NoticedCache, Notices
 from runtime.pseudonyms import subject_id_for
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
@@ -141,9 +143,23 @@ class Intake:
         return PayloadSealer.from_settings(self.settings)
 
     @functools.cached_property
+    def notices(self) -> Notices:
+        """What the caches below listen on (``listen`` at the app's start-up, ``close`` at
+        its end); without it they ask the database every time."""
+        return Notices(self.pool, (TOKENS_CHANNEL, SUBSCRIPTIONS_CHANNEL, OFFICE_KEYS_CHANNEL))
+
+    @functools.cached_property
     def tokens(self) -> TokenCache:
-        """API tokens remembered while the app listens for changes (``TokenCache.listen``)."""
-        return TokenCache(self.pool)
+        return TokenCache(self.pool, self.notices)
+
+    @functools.cached_property
+    def signing_keys(self) -> ActiveKeys:
+        return ActiveKeys(self.pool, self.sealer, self.notices)
+
+    @functools.cached_property
+    def consent_agencies(self) -> NoticedCache[str, frozenset[str]]:
+        """Agencies an informant may give consent to, by event type."""
+        return self.notices.cache(SUBSCRIPTIONS_CHANNEL, functools.partial(consent_agencies, self.pool))
 
     async def accept(
         self,
@@ -162,7 +178,7 @@ class Intake:
             raise SubmissionRejected(
                 [{"field": "registration_office", "message": "is not the office your credentials are for"}]
             )
-        allowed = await consent_agencies(self.pool, submission.event_type)
+        allowed = await self.consent_agencies.get(submission.event_type) or frozenset()
         errors = [
             {
                 "field": f"consents.{i}.agency",
@@ -440,7 +456,7 @@ class Intake:
         )
         record = body(envelope)
         value = encode(event_type, record)
-        key = await active_key(self.pool, submitter.office, self.sealer)
+        key = await self.signing_keys.of(submitter.office)
         headers = headers_for(
             value,
             id=str(event_id),

@@ -12,7 +12,7 @@ look up events.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import secrets
 import uuid
@@ -26,6 +26,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from producers.office_keys import create_key
+from runtime.notices import NoticedCache, Notices
 from runtime.sealing import PayloadSealer
 
 Role = Literal["registrar", "supervisor"]
@@ -215,13 +216,21 @@ async def token_holder(pool: asyncpg.Pool, token: str) -> TokenHolder | None:
 
 async def _current_token(pool: asyncpg.Pool, token: str) -> tuple[TokenHolder, datetime] | None:
     """(its holder, when it expires) for a current token."""
-    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+    if not _may_be_token(token):
         return None
+    return await _current_token_by_hash(pool, _token_hash(token))
+
+
+def _may_be_token(token: str) -> bool:
+    return token.startswith(TOKEN_PREFIX) and len(token) <= 200
+
+
+async def _current_token_by_hash(pool: asyncpg.Pool, digest: bytes) -> tuple[TokenHolder, datetime] | None:
     row = await pool.fetchrow(
         "SELECT t.label, t.office, o.name AS office_name, t.role, t.expires_at"
         "  FROM api_token t JOIN registration_office o ON o.code = t.office"
         " WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now()",
-        _token_hash(token),
+        digest,
     )
     if row is None:
         return None
@@ -229,105 +238,32 @@ async def _current_token(pool: asyncpg.Pool, token: str) -> tuple[TokenHolder, d
 
 
 TOKENS_CHANNEL = "tuo_api_tokens"  # migration 0025's triggers NOTIFY here
-LISTEN_RETRY_SECONDS = 1.0
 
 
 class TokenCache:
-    """Current API tokens by hash, so a request costs no database look-up.
+    """Current API tokens by hash, so a request costs no database look-up: remembered
+    while ``notices`` listens on ``TOKENS_CHANNEL`` (``runtime.notices``), on which every
+    change to a token or an office (a revocation, from any process) is announced. A
+    token that was not found is never remembered, so a new one works at once."""
 
-    It remembers only while it listens on ``TOKENS_CHANNEL``: every change to a token
-    or an office (a revocation, from any process) makes it forget everything, within
-    the moment PostgreSQL takes to deliver the notice. When its listening connection
-    is lost it forgets everything and asks the database every time until it listens
-    again. A token it did not find is never remembered, so a new one works at once."""
+    def __init__(self, pool: asyncpg.Pool, notices: Notices) -> None:
+        self._cache: NoticedCache[bytes, tuple[TokenHolder, datetime]] = notices.cache(
+            TOKENS_CHANNEL,
+            functools.partial(_current_token_by_hash, pool),
+            fresh=lambda held: held[1] > datetime.now(UTC),
+        )
 
-    def __init__(self, pool: asyncpg.Pool, max_entries: int = 10_000) -> None:
-        self.pool = pool
-        self.max_entries = max_entries
-        self.lookups = 0  # database look-ups made (the rest came from memory)
-        self._entries: dict[bytes, tuple[TokenHolder, datetime]] = {}
-        self._connection: asyncpg.Connection | None = None
-        self._changes = 0  # notices heard so far: a look-up that spans one is not kept
-        self._listening: asyncio.Task[None] | None = None
-        self._started = self._closed = False  # listen() called; close() called
+    @property
+    def lookups(self) -> int:
+        """Database look-ups made (the rest came from memory)."""
+        return self._cache.lookups
 
     async def holder(self, token: str) -> TokenHolder | None:
         """The system holding this token, if it is current (as ``token_holder``)."""
-        digest = _token_hash(token)
-        if self.listening:
-            held = self._entries.get(digest)
-            if held is not None and held[1] > datetime.now(UTC):
-                return held[0]
-        else:
-            self._listen_soon()
-        changes = self._changes
-        self.lookups += 1
-        found = await _current_token(self.pool, token)
-        if found is None:
+        if not _may_be_token(token):
             return None
-        if self.listening and changes == self._changes:
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()
-            self._entries[digest] = found
-        return found[0]
-
-    @property
-    def listening(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed()
-
-    async def listen(self) -> None:
-        """Start listening (the app's start-up; ``close`` at its end); if PostgreSQL cannot
-        be reached, the cache asks it every time and tries again on the next request. A
-        cache never started never listens, and never holds a connection."""
-        self._started = True
-        try:
-            await self._listen()
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("token_cache_not_listening", error=type(exc).__name__)
-
-    async def _listen(self) -> None:
-        connection = await self.pool.acquire()
-        if self._closed:  # closed while it waited for the connection
-            await self.pool.release(connection)
-            return
-        try:
-            connection.add_termination_listener(self._lost)
-            await connection.add_listener(TOKENS_CHANNEL, self._changed)
-        except BaseException:
-            await self.pool.release(connection)
-            raise
-        self._entries.clear()  # anything learnt before listening may be stale
-        self._connection = connection
-
-    def _listen_soon(self) -> None:
-        if not self._started or self._closed or (self._listening is not None and not self._listening.done()):
-            return
-
-        async def again() -> None:
-            await asyncio.sleep(LISTEN_RETRY_SECONDS)
-            await self.listen()
-
-        self._listening = asyncio.get_running_loop().create_task(again())
-
-    def _changed(self, *_: object) -> None:
-        self._changes += 1
-        self._entries.clear()
-
-    def _lost(self, *_: object) -> None:
-        self._connection = None
-        self._changes += 1
-        self._entries.clear()
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._listening is not None:
-            self._listening.cancel()
-        connection, self._connection = self._connection, None
-        self._entries.clear()
-        if connection is not None and not connection.is_closed():
-            connection.remove_termination_listener(self._lost)
-            await connection.remove_listener(TOKENS_CHANNEL, self._changed)  # UNLISTEN
-            await self.pool.release(connection)
+        found = await self._cache.get(_token_hash(token))
+        return None if found is None else found[0]
 
 
 async def revoke_tokens(pool: asyncpg.Pool, label: str) -> int:

@@ -381,11 +381,11 @@ def create_app(
             receipts=ConsentReceiptIssuer(settings),
             consent_signer=consent_signer_within,
         )
-        await app.state.intake.tokens.listen()
+        await app.state.intake.notices.listen()
         try:
             yield
         finally:
-            await app.state.intake.tokens.close()
+            await app.state.intake.notices.close()
             if owned:
                 await app.state.intake.pool.close()
 

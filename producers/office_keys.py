@@ -10,6 +10,7 @@ registry.
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import asyncpg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
+from runtime.notices import NoticedCache, Notices
 from runtime.sealing import CannotOpen, PayloadSealer
 
 
@@ -60,12 +62,21 @@ async def create_key(conn: asyncpg.Connection, office: str, sealer: PayloadSeale
 async def active_key(
     pool: asyncpg.Pool | asyncpg.Connection, office: str, sealer: PayloadSealer
 ) -> SigningKey:
+    key = await _active_key(pool, office, sealer)
+    if key is None:
+        raise NoSigningKey(office)
+    return key
+
+
+async def _active_key(
+    pool: asyncpg.Pool | asyncpg.Connection, office: str, sealer: PayloadSealer
+) -> SigningKey | None:
     row = await pool.fetchrow(
         "SELECT key_id, sealed_private_key FROM office_signing_key WHERE office = $1 AND retired_at IS NULL",
         office,
     )
     if row is None:
-        raise NoSigningKey(office)
+        return None
     key_id: str = row["key_id"]
     try:
         raw = sealer.open(bytes(row["sealed_private_key"]), key_id.encode())
@@ -75,3 +86,27 @@ async def active_key(
             "add the data key it was sealed with to TUO_DATA_KEYS_PREVIOUS"
         ) from exc
     return SigningKey(key_id, office, Ed25519PrivateKey.from_private_bytes(raw))
+
+
+OFFICE_KEYS_CHANNEL = "tuo_office_keys"  # migration 0026's trigger NOTIFYs here
+
+
+class ActiveKeys:
+    """Each office's active key, opened and parsed once and remembered while ``notices``
+    listens on ``OFFICE_KEYS_CHANNEL``: a rotation (from any process) is announced there,
+    so the next event is signed with the new key."""
+
+    def __init__(self, pool: asyncpg.Pool, sealer: PayloadSealer, notices: Notices) -> None:
+        self._cache: NoticedCache[str, SigningKey] = notices.cache(
+            OFFICE_KEYS_CHANNEL, functools.partial(_active_key, pool, sealer=sealer)
+        )
+
+    @property
+    def lookups(self) -> int:
+        return self._cache.lookups
+
+    async def of(self, office: str) -> SigningKey:
+        key = await self._cache.get(office)
+        if key is None:
+            raise NoSigningKey(office)
+        return key

@@ -391,10 +391,13 @@ async def _consents_ending(conn: asyncpg.Connection, event: NewEvent) -> list[st
     return [r["agency"] for r in rows]
 
 
-async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> set[str]:
+SUBSCRIPTIONS_CHANNEL = "tuo_subscriptions"  # migration 0026's trigger NOTIFYs here on any change
+
+
+async def consent_agencies(pool: asyncpg.Pool, event_type: str) -> frozenset[str]:
     """Agencies an informant may give consent to for this event type."""
     rows = await pool.fetch(
         "SELECT agency FROM subscription WHERE event_type = $1 AND legal_basis = 'consent'",
         event_type,
     )
-    return {r["agency"] for r in rows}
+    return frozenset(r["agency"] for r in rows)

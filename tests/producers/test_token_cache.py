@@ -1,10 +1,12 @@
-"""Intake remembers current API tokens (no look-up per request) and still refuses a
-revoked one within a second: PostgreSQL tells it of every change to a token, and
-when it cannot be told it remembers nothing."""
+"""Intake remembers current API tokens, the agencies that take consent and each
+office's signing key (no look-up per request), and still sees a change within a
+second: PostgreSQL tells it of every change (runtime.notices), and when it cannot be
+told it remembers nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,8 +19,11 @@ from fastapi import FastAPI
 
 from producers.accounts import issue_token, revoke_tokens
 from producers.intake import create_app
+from producers.office_keys import create_key
+from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
-from tests.support import eventually
+from schemas.signatures import key_id_of
+from tests.support import death_registration, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -71,12 +76,12 @@ async def test_with_its_notices_cut_off_intake_asks_the_database_every_time(
     label = f"uncached system {uuid.uuid4().hex[:8]}"
     token = await issue_token(pool, "leeds", "registrar", label)
     async with _intake(services, pool) as (app, client):
-        tokens = app.state.intake.tokens
+        tokens, notices = app.state.intake.tokens, app.state.intake.notices
         assert await _status(client, token) == 404  # remembered
-        await pool.execute("SELECT pg_terminate_backend($1)", tokens._connection.get_server_pid())
+        await pool.execute("SELECT pg_terminate_backend($1)", notices.connection.get_server_pid())
 
         async def deaf() -> bool:
-            return not tokens.listening
+            return not notices.listening
 
         await eventually(deaf, timeout=5, what="the cache to notice its connection is gone")
         before = tokens.lookups
@@ -86,10 +91,76 @@ async def test_with_its_notices_cut_off_intake_asks_the_database_every_time(
         assert await _status(client, token) == 401
 
         async def listening_again() -> bool:
-            return bool(tokens.listening)
+            return bool(notices.listening)
 
         await eventually(listening_again, timeout=10, what="the cache to listen again")
         other = await issue_token(pool, "leeds", "registrar", label + " 2")
         assert [await _status(client, other) for _ in range(2)] == [404, 404]
         await revoke_tokens(pool, label + " 2")
         await _refused_within_a_second(client, other)
+
+
+async def _register(client: httpx.AsyncClient, token: str, **overrides: object) -> httpx.Response:
+    return await client.post(
+        "/v1/death-registrations",
+        json=death_registration(**overrides),
+        headers={"Authorization": f"Bearer {token}", "Idempotency-Key": uuid.uuid4().hex},
+    )
+
+
+async def _signed_with(pool: asyncpg.Pool, response: httpx.Response) -> str | None:
+    assert response.status_code == 201, response.text
+    headers = await pool.fetchval(
+        "SELECT headers FROM outbox WHERE event_id = $1", uuid.UUID(response.json()["event_id"])
+    )
+    return key_id_of([(name, value.encode()) for name, value in json.loads(headers)])
+
+
+async def test_a_rotated_signing_key_signs_the_next_event_though_keys_are_cached(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    token = await issue_token(pool, "leeds", "registrar", f"signing system {uuid.uuid4().hex[:8]}")
+    async with _intake(services, pool) as (app, client):
+        keys = app.state.intake.signing_keys
+        first = [await _signed_with(pool, await _register(client, token)) for _ in range(3)]
+        assert len(set(first)) == 1 and first[0] is not None
+        assert keys.lookups == 1, "the office's key was read and opened once, then remembered"
+
+        async with pool.acquire() as conn:  # another connection, as `tuo offices rotate-key`
+            rotated = await create_key(conn, "leeds", PayloadSealer.from_settings(services))
+        started = time.monotonic()
+        while (signed := await _signed_with(pool, await _register(client, token))) != rotated:
+            assert signed == first[0], f"signed with {signed}, neither the old key nor the new"
+            assert time.monotonic() - started < 1.0, "still signing with the retired key a second later"
+            await asyncio.sleep(0.02)
+
+
+async def test_an_agency_newly_taking_consent_is_offered_it_within_a_second_though_cached(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    agency = f"consent-{uuid.uuid4().hex[:8]}"
+    consents = [{"agency": agency, "choice": "given"}]
+    token = await issue_token(pool, "leeds", "registrar", f"consenting system {uuid.uuid4().hex[:8]}")
+    async with _intake(services, pool) as (app, client):
+        refused = await _register(client, token, consents=consents)
+        assert refused.status_code == 422
+        assert f"{agency} does not receive DeathRegistered on consent" in refused.text
+        cached = app.state.intake.consent_agencies
+        before = cached.lookups
+        assert (await _register(client, token, consents=consents)).status_code == 422
+        assert cached.lookups == before, "the agencies taking consent were remembered"
+        try:
+            # Suspended: the router delivers nothing to it, so no other test is disturbed.
+            await pool.execute(
+                "INSERT INTO subscription (agency, event_type, fields, legal_basis, status)"
+                " VALUES ($1, 'DeathRegistered', '{}', 'consent', 'suspended')",
+                agency,
+            )
+            started = time.monotonic()
+            while (await _register(client, token, consents=consents)).status_code != 201:
+                assert time.monotonic() - started < 1.0, (
+                    "the new consent agency was still refused a second later"
+                )
+                await asyncio.sleep(0.02)
+        finally:
+            await pool.execute("DELETE FROM subscription WHERE agency = $1", agency)

@@ -25,6 +25,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from producers.accounts import TOKENS_CHANNEL, Submitter, TokenCache
 from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
+from producers.group_commit import GroupCommit
 from producers.office_keys import OFFICE_KEYS_CHANNEL, ActiveKeys
 from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
 from producers.store import (
@@ -40,7 +41,6 @@ from producers.store import (
     earlier_submission,
     latest_link,
     original_event,
-    record_event,
 )
 from router.consent_changes import announce
 from router.rules import SUBJECT_ADDRESSES
@@ -55,7 +55,7 @@ from schemas import decode, encode, models
 from schemas.cloudevents import headers_for
 from schemas.consent_signatures import ConsentSigner
 from schemas.fieldpaths import NINO
-from schemas.signatures import signature_headers
+from schemas.signatures import value_signature_headers
 from schemas.validation import REFERENCE_ALPHABET, Nino, PastDate, Postcode, Text, Uprn
 
 log = structlog.get_logger(__name__)
@@ -155,6 +155,11 @@ class Intake:
     @functools.cached_property
     def signing_keys(self) -> ActiveKeys:
         return ActiveKeys(self.pool, self.sealer, self.notices)
+
+    @functools.cached_property
+    def group_commit(self) -> GroupCommit:
+        """Registrations arriving together share one transaction (``close`` at the app's end)."""
+        return GroupCommit(self.pool, self.receipts)
 
     @functools.cached_property
     def consent_agencies(self) -> NoticedCache[str, frozenset[str]]:
@@ -465,12 +470,10 @@ class Intake:
             time=now,
             schema_base_url=self.settings.schema_base_url(),
         )
-        headers += signature_headers(key, event_type, record, str(event_id))
+        headers += value_signature_headers(key, event_type, value, str(event_id))
         fingerprint = _fingerprint(event_type, submitter.office, fingerprint_of)
-        recorded = await record_event(
-            self.pool,
-            receipts=self.receipts,
-            event=NewEvent(
+        recorded = await self.group_commit.record(
+            NewEvent(
                 reference=reference,
                 event_id=event_id,
                 event_type=event_type,

@@ -385,6 +385,7 @@ def create_app(
         try:
             yield
         finally:
+            await app.state.intake.group_commit.close()
             await app.state.intake.notices.close()
             if owned:
                 await app.state.intake.pool.close()

@@ -207,7 +207,7 @@ async def record_event(
                     await _insert(conn, event, receipts)
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == CLAIM_HELD:
-                    holder = await _holder(conn, event.claims)
+                    holder = await claim_holder(conn, event.claims)
                     if holder is None and attempt == 1:
                         continue
                     if holder is None:
@@ -333,7 +333,7 @@ async def _claim(conn: asyncpg.Connection, event: NewEvent) -> None:
     )
 
 
-async def _holder(conn: asyncpg.Connection, claims: tuple[str, ...]) -> tuple[str, str] | None:
+async def claim_holder(conn: asyncpg.Connection, claims: tuple[str, ...]) -> tuple[str, str] | None:
     """The reference and office of the registration holding any of these claims."""
     row = await conn.fetchrow(
         "SELECT i.reference, i.registration_office"

@@ -467,7 +467,13 @@ def signature_headers(key: Signer, event_type: str, record: dict[str, Any], even
     """The signature headers for an event about to be published. ``record`` is the
     Avro-ready dict that is encoded; it is signed as fastavro reads it back, so a
     UUID given as text or a datetime in another zone signs as the agency will see it."""
-    _, decoded = decode(encode(event_type, record))
+    return value_signature_headers(key, event_type, encode(event_type, record), event_id)
+
+
+def value_signature_headers(key: Signer, event_type: str, value: bytes, event_id: str) -> KafkaHeaders:
+    """``signature_headers`` for an event already encoded (``value``, as it is published):
+    read back once, not encoded again."""
+    _, decoded = decode(value)
     if str(decoded[ENVELOPE]["event_id"]) != event_id:
         raise ValueError(f"event id {event_id} is not the envelope's {decoded[ENVELOPE]['event_id']}")
     return sign(key, event_type, decoded).headers()

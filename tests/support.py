@@ -9,14 +9,17 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, TopicPartition
+from fastapi import FastAPI
 
 from producers.office_keys import SigningKey
 from runtime import kafka
@@ -293,3 +296,18 @@ async def known_to_every_agency(pool: asyncpg.Pool, nino: str, person: Any, part
         await records.register_household(
             conn, "council-leeds", home, [records.Resident(person), records.Resident(partner)]
         )
+
+
+@asynccontextmanager
+async def intake_in_process(
+    services: Settings, pool: asyncpg.Pool
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The intake app started in this process (to look at its state), with a client."""
+    from producers.intake import create_app
+
+    app = create_app(services.model_copy(update={"session_cookie_secure": False}), pool)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://intake") as client,
+    ):
+        yield app, client

@@ -9,36 +9,21 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from producers.accounts import issue_token, revoke_tokens
-from producers.intake import create_app
 from producers.office_keys import create_key
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas.signatures import key_id_of
-from tests.support import death_registration, eventually
+from tests.support import death_registration, eventually, intake_in_process
 
 pytestmark = pytest.mark.integration
 
 NO_SUCH_EVENT = "/v1/events/TUO-2026-ABCD-EFGH"  # 404 to a current token, 401 to any other
-
-
-@asynccontextmanager
-async def _intake(services: Settings, pool: asyncpg.Pool) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(services.model_copy(update={"session_cookie_secure": False}), pool)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://intake") as client,
-    ):
-        yield app, client
 
 
 async def _status(client: httpx.AsyncClient, token: str) -> int:
@@ -59,7 +44,7 @@ async def test_a_revoked_token_is_refused_within_a_second_though_tokens_are_cach
 ) -> None:
     label = f"cached system {uuid.uuid4().hex[:8]}"
     token = await issue_token(pool, "leeds", "registrar", label)
-    async with _intake(services, pool) as (app, client):
+    async with intake_in_process(services, pool) as (app, client):
         tokens = app.state.intake.tokens
         assert [await _status(client, token) for _ in range(3)] == [404, 404, 404]
         assert tokens.lookups == 1, "the token was looked up once, then remembered"
@@ -75,7 +60,7 @@ async def test_with_its_notices_cut_off_intake_asks_the_database_every_time(
     remembers nothing, so a token revoked meanwhile is refused at once."""
     label = f"uncached system {uuid.uuid4().hex[:8]}"
     token = await issue_token(pool, "leeds", "registrar", label)
-    async with _intake(services, pool) as (app, client):
+    async with intake_in_process(services, pool) as (app, client):
         tokens, notices = app.state.intake.tokens, app.state.intake.notices
         assert await _status(client, token) == 404  # remembered
         await pool.execute("SELECT pg_terminate_backend($1)", notices.connection.get_server_pid())
@@ -120,7 +105,7 @@ async def test_a_rotated_signing_key_signs_the_next_event_though_keys_are_cached
     services: Settings, pool: asyncpg.Pool
 ) -> None:
     token = await issue_token(pool, "leeds", "registrar", f"signing system {uuid.uuid4().hex[:8]}")
-    async with _intake(services, pool) as (app, client):
+    async with intake_in_process(services, pool) as (app, client):
         keys = app.state.intake.signing_keys
         first = [await _signed_with(pool, await _register(client, token)) for _ in range(3)]
         assert len(set(first)) == 1 and first[0] is not None
@@ -141,7 +126,7 @@ async def test_an_agency_newly_taking_consent_is_offered_it_within_a_second_thou
     agency = f"consent-{uuid.uuid4().hex[:8]}"
     consents = [{"agency": agency, "choice": "given"}]
     token = await issue_token(pool, "leeds", "registrar", f"consenting system {uuid.uuid4().hex[:8]}")
-    async with _intake(services, pool) as (app, client):
+    async with intake_in_process(services, pool) as (app, client):
         refused = await _register(client, token, consents=consents)
         assert refused.status_code == 422
         assert f"{agency} does not receive DeathRegistered on consent" in refused.text

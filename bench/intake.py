@@ -1,7 +1,7 @@
 """Intake API throughput and latency, outbox included, against a floor measured
 in the same run, with a load generator that is not the bottleneck.
 
-    .venv/bin/python -m bench.intake [--events 5000] [--concurrency 32]
+    .venv/bin/python -m bench.intake [--events 5000] [--concurrency 32] [--processes 1]
 
 Starts its own local stack (Kafka + PostgreSQL in a scratch state directory;
 Kafka over TLS with SASL/SCRAM, as the bus uses it) and runs `tuo run intake
@@ -50,7 +50,7 @@ from runtime.database import migrate, open_pool
 from runtime.kafka import Topics
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
-from tests.support import death_registration
+from tests.support import death_registration, listening_sockets
 
 SCRIPT = Path(__file__).with_name("intake.lua")
 FLOOR_NEEDED = 2_000  # requests/s the load generator must reach against a server doing nothing
@@ -223,6 +223,15 @@ async def _await_service(base: str, path: str = "/healthz") -> None:
             await asyncio.sleep(0.2)
 
 
+async def _await_listeners(port: int, processes: int, seconds: float = 60) -> None:
+    """Until every intake process listens: the first answers before the others have started."""
+    deadline = time.perf_counter() + seconds
+    while (found := listening_sockets(port)) < processes:
+        if time.perf_counter() > deadline:
+            raise LoadGeneratorFailed(f"{found} of {processes} intake processes listen after {seconds:.0f} s")
+        await asyncio.sleep(0.2)
+
+
 async def measure(
     settings: Settings, env: dict[str, str], events: int, concurrency: int, seconds: float = 600
 ) -> dict[str, Any]:
@@ -242,6 +251,7 @@ async def measure(
         )
         base = f"http://127.0.0.1:{env['TUO_HTTP_PORT']}"
         await _await_service(base)
+        await _await_listeners(int(env["TUO_HTTP_PORT"]), int(env.get("TUO_INTAKE_PROCESSES", "1")))
         body_file = scratch / "death.json"
         body_file.write_text(json.dumps(death_registration(deceased={**_person(), "nino": "__NINO__"})))
 
@@ -272,7 +282,11 @@ async def measure(
         await pool.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"{events:,} requests, {concurrency} connections from wrk ({THREADS} threads), one 2-core machine")
+    processes = int(env.get("TUO_INTAKE_PROCESSES", "1"))
+    print(
+        f"{events:,} requests, {concurrency} connections from wrk ({THREADS} threads), one 2-core machine;"
+        f" intake in {processes} process{'es' if processes > 1 else ''}"
+    )
     print(
         f"  floor: GET /healthz (HTTP + 1 DB round trip), {FLOOR_SECONDS} s:"
         f" {floor_per_s:>8,.0f} req/s   p50 {floored.p50_ms:6.1f} ms   p99 {floored.p99_ms:6.1f} ms"
@@ -298,6 +312,7 @@ async def measure(
     return {
         "requests": events,
         "concurrency": concurrency,
+        "intake_processes": processes,
         "load_generator": f"wrk, {THREADS} threads",
         "sent": events,
         "arrived": published,
@@ -320,9 +335,9 @@ def _person() -> dict[str, str]:
     return {"given_names": "Pat", "family_name": "Example", "date_of_birth": "1941-03-02"}
 
 
-def main(events: int, concurrency: int) -> dict[str, Any]:
+def main(events: int, concurrency: int, processes: int = 1) -> dict[str, Any]:
     with scratch_stack() as stack:
-        env = stack.service_env("bench", _free_port())
+        env = {**stack.service_env("bench", _free_port()), "TUO_INTAKE_PROCESSES": str(processes)}
         settings = stack.settings("bench")
         return asyncio.run(measure(settings, env, events, concurrency))
 
@@ -333,5 +348,8 @@ if __name__ == "__main__":
     )
     parser.add_argument("--events", type=int, default=5_000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--processes", type=int, default=1, help="intake processes `tuo run` runs (TUO_INTAKE_PROCESSES)"
+    )
     args = parser.parse_args()
-    main(args.events, args.concurrency)
+    main(args.events, args.concurrency, args.processes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
@@ -121,6 +122,9 @@ class _EmbeddedServer(uvicorn.Server):
 async def _serve_http(
     settings: Settings, pool: asyncpg.Pool, stop: asyncio.Event, ready: asyncio.Future[int]
 ) -> None:
+    sockets = None
+    if settings.http_reuse_port or settings.intake_processes > 1:  # intake processes share the port
+        sockets = [_reusable_socket(settings.http_host, settings.http_port)]
     config = uvicorn.Config(
         create_app(settings, pool),
         host=settings.http_host,
@@ -131,7 +135,23 @@ async def _serve_http(
         proxy_headers=bool(settings.http_forwarded_allow_ips),
         forwarded_allow_ips=settings.http_forwarded_allow_ips or None,
     )
-    await _serve(config, "intake", stop, ready)
+    await _serve(config, "intake", stop, ready, sockets)
+
+
+def _reusable_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other processes may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named, or asyncio leaves Nagle on for its connections (40 ms stalls).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
 
 
 async def _serve_metrics(
@@ -148,10 +168,16 @@ async def _serve_metrics(
     await _serve(config, "metrics", stop, ready)
 
 
-async def _serve(config: uvicorn.Config, what: str, stop: asyncio.Event, ready: asyncio.Future[int]) -> None:
+async def _serve(
+    config: uvicorn.Config,
+    what: str,
+    stop: asyncio.Event,
+    ready: asyncio.Future[int],
+    sockets: list[socket.socket] | None = None,
+) -> None:
     structlog.contextvars.bind_contextvars(component=what)  # its requests' log lines too
     server = _EmbeddedServer(config)
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets))
     while not server.started:
         if serving.done():
             await serving
@@ -257,7 +283,7 @@ async def start_bus(
         )
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
-    if settings.dev_idp_port is not None and "intake" in components:
+    if settings.dev_idp_port is not None and "intake" in components and not settings.http_reuse_port:
         tasks.append(await _start_dev_idp(settings, stop))
 
     def add(name: str, component: Component) -> None:

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
         " that also runs Kafka and PostgreSQL it cut intake to 77 registrations/s at a 100/s"
         " load (receipts came sooner); worth it where there are cores to spare.",
     )
+    intake_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="How many intake processes `tuo run` runs on the one HTTP port (one in"
+        " itself, the rest as child processes; the kernel spreads connections among them).",
+    )
     topic_replication_factor: int = Field(default=1, ge=1, le=10)
 
     # PostgreSQL
@@ -90,6 +97,12 @@ class Settings(BaseSettings):
     # Intake HTTP service
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    http_reuse_port: bool = Field(
+        default=False,
+        description="Set by `tuo run` for the intake processes it adds (TUO_INTAKE_PROCESSES):"
+        " they listen on the first one's port beside it, and leave the development identity"
+        " provider to it.",
+    )
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
     # Requests a minute per client (an API token's holder or a signed-in registrar, else an
     # address), a minute's worth at once at most; and sign-in attempts a minute per address,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -311,3 +312,27 @@ async def intake_in_process(
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://intake") as client,
     ):
         yield app, client
+
+
+def listening_sockets(port: int) -> int:
+    """Sockets listening on this TCP port: one per process that shares it (SO_REUSEPORT)."""
+    listening = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                listening += fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port
+    return listening
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return found

@@ -147,20 +147,29 @@ def _start_children(
     """Start the ``apart`` components as children, supervised as the bus's own tasks
     (restarted with backoff if one stops; stopped with the bus). The router runs in
     ``TUO_ROUTER_PROCESSES`` processes in all, in its one consumer group: here and in
-    children when it runs here, else all in children."""
+    children when it runs here, else all in children. Intake, when it runs here, runs
+    in ``TUO_INTAKE_PROCESSES`` in all, on this one's port."""
     env = child_env(settings)
-    wanted = [(c, settings.router_processes if c == "router" else 1) for c in apart]
+    wanted = [(c, settings.router_processes if c == "router" else 1, env) for c in apart]
     if "router" in here:
-        wanted.append(("router", settings.router_processes - 1))
-    for component, copies in wanted:
+        wanted.append(("router", settings.router_processes - 1, env))
+    if "intake" in here and bus.http_port is not None:
+        wanted.append(("intake", settings.intake_processes - 1, intake_child_env(env, bus.http_port)))
+    for component, copies, its_env in wanted:
         first = 2 if component in here else 1
         for n in range(first, first + copies):
             name = component if (n, copies) == (1, 1) else f"{component}-{n}"
             bus.tasks.append(
                 asyncio.create_task(
-                    supervise(name, child_process(component, env, log_file), bus.stop), name=name
+                    supervise(name, child_process(component, its_env, log_file), bus.stop), name=name
                 )
             )
+
+
+def intake_child_env(env: dict[str, str], port: int) -> dict[str, str]:
+    """An added intake process: on the first one's port (any free one it was given), one
+    process itself, without a second development identity provider."""
+    return {**env, "TUO_INTAKE_PROCESSES": "1", "TUO_HTTP_REUSE_PORT": "true", "TUO_HTTP_PORT": str(port)}
 
 
 async def _submit_demo(base: str, token: str, wait_seconds: float = 60.0) -> None:

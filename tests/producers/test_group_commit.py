@@ -31,13 +31,14 @@ def _death() -> dict[str, Any]:
 
 
 async def _stored(pool: asyncpg.Pool, references: list[str]) -> list[asyncpg.Record]:
-    return await pool.fetch(
+    rows: list[asyncpg.Record] = await pool.fetch(
         "SELECT i.reference, i.xmin::text AS transaction,"
         "       (SELECT count(*) FROM outbox o WHERE o.event_id = i.event_id) AS outbox_rows,"
         "       (SELECT count(*) FROM consent_receipt r WHERE r.event_id = i.event_id) AS receipts"
         "  FROM intake_record i WHERE i.reference = ANY($1::text[])",
         references,
     )
+    return rows
 
 
 async def test_registrations_sent_together_share_transactions_and_each_is_stored_whole(

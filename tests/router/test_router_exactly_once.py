@@ -28,6 +28,7 @@ from runtime.settings import Settings
 from tests.conftest import PROJECT
 from tests.router.test_tracker_failure import _members
 from tests.support import (
+    child_pids,
     death_message,
     eventually,
     header,
@@ -212,17 +213,6 @@ async def test_a_router_stuck_on_a_batch_restarts_and_then_delivers_it_exactly_o
     assert counts == {agency: 30 for agency in ENTITLED}
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-    return found
-
-
 async def test_tuo_run_routes_in_several_processes_which_die_with_it(
     services: Settings, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
@@ -241,7 +231,7 @@ async def test_tuo_run_routes_in_several_processes_which_die_with_it(
             return state == "Stable" and len(members) == 2
 
         await eventually(two_routers_in_the_group, timeout=90, what="two routers in the router's group")
-        [child] = _children(parent.pid)
+        [child] = child_pids(parent.pid)
         sent = await _stream(settings, count=120, per_second=60, key=await office_key(pool, services))
         counts = await _assert_exactly_once(settings, sent)
         assert counts == {agency: 120 for agency in ENTITLED}
@@ -279,11 +269,11 @@ async def test_tuo_run_gives_each_component_a_child_it_restarts_and_stops_on_ctr
     try:
 
         async def routers() -> list[int] | None:
-            found = [pid for pid in _children(parent.pid) if b"router" in _command_line(pid)]
+            found = [pid for pid in child_pids(parent.pid) if b"router" in _command_line(pid)]
             return found or None
 
         async def both_children() -> list[int] | None:
-            found = _children(parent.pid)
+            found = child_pids(parent.pid)
             return found if len(found) == 2 else None
 
         children = await eventually(both_children, timeout=60, what="a child for the router and the tracker")

@@ -1,0 +1,123 @@
+"""`tuo run intake` with TUO_INTAKE_PROCESSES: several intake processes on one port,
+each taking its share of the registrations; one that dies is started again, and
+Ctrl-C stops them all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from producers.accounts import issue_token
+from runtime.settings import Settings
+from tests.support import (
+    child_pids,
+    death_registration,
+    eventually,
+    kafka_env,
+    listening_sockets,
+    random_nino,
+)
+
+pytestmark = pytest.mark.integration
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _start_intake(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+    assert settings.database_url and settings.pseudonym_key and settings.data_key
+    env = {
+        **os.environ,
+        **kafka_env(settings),
+        "TUO_DATABASE_URL": settings.database_url.get_secret_value(),
+        "TUO_PSEUDONYM_KEY": settings.pseudonym_key.get_secret_value(),
+        "TUO_DATA_KEY": settings.data_key.get_secret_value(),
+        "TUO_TOPIC_PREFIX": settings.topic_prefix,
+        "TUO_STATE_DIR": str(log.parent / "no-stack"),
+        "TUO_HTTP_PORT": str(port),
+        "TUO_INTAKE_PROCESSES": "2",
+        "TUO_LOG_LEVEL": "INFO",
+    }
+    tuo = str(Path(sys.executable).parent / "tuo")
+    return subprocess.Popen(
+        [tuo, "run", "intake"], cwd=PROJECT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+
+
+async def _register(base: str, token: str, count: int) -> list[int]:
+    """``count`` registrations, each on a new connection (the kernel picks a process per connection)."""
+
+    async def one() -> int:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            response = await client.post(
+                "/v1/death-registrations",
+                json=death_registration(
+                    deceased={"given_names": "Kit", "family_name": "Two", "nino": random_nino()}
+                ),
+                headers={"Authorization": f"Bearer {token}", "Idempotency-Key": uuid.uuid4().hex},
+            )
+            return response.status_code
+
+    statuses: list[int] = []
+    for _ in range(0, count, 10):
+        statuses += await asyncio.gather(*(one() for _ in range(10)))
+    return statuses
+
+
+async def test_tuo_run_serves_intake_from_two_processes_on_one_port_and_restarts_one_killed(
+    services: Settings, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    token = await issue_token(pool, "leeds", "registrar", f"two processes {uuid.uuid4().hex[:8]}")
+    parent = _start_intake(services, port, tmp_path / "bus.log")
+    try:
+
+        async def two_listening() -> bool:
+            return listening_sockets(port) == 2
+
+        await eventually(two_listening, timeout=60, what="two intake processes listening on the port")
+        [child] = child_pids(parent.pid)
+        before = _cpu_seconds(child), _cpu_seconds(parent.pid)
+        assert await _register(base, token, 120) == [201] * 120
+        worked = _cpu_seconds(child) - before[0], _cpu_seconds(parent.pid) - before[1]
+        assert min(worked) >= 0.1, f"CPU seconds spent on 120 registrations (child, parent): {worked}"
+
+        os.kill(child, signal.SIGKILL)
+
+        async def restarted() -> list[int] | None:
+            found = [pid for pid in child_pids(parent.pid) if pid != child]
+            return found if found and listening_sockets(port) == 2 else None
+
+        [again] = await eventually(restarted, timeout=60, what="`tuo run` to start the intake child again")
+        assert await _register(base, token, 20) == [201] * 20
+
+        parent.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(parent.wait, 60) == 0
+        assert not Path(f"/proc/{again}").exists(), "the intake child outlived `tuo run`"
+        assert listening_sockets(port) == 0
+    finally:
+        if parent.poll() is None:
+            parent.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(parent.wait, 30)

@@ -59,7 +59,6 @@ import math
 import multiprocessing
 import os
 import pstats
-import socket
 import statistics
 import sys
 import time
@@ -83,6 +82,7 @@ from bench.scratch import BENCH_USER, ScratchStack, bench_client_options, deploy
 from consumers.agencies import handler_for, records
 from consumers.sdk import AgencyConsumer
 from devstack.demo import seed_offices
+from devstack.processes import free_port
 from producers.accounts import issue_token
 from router import store as router_store
 from router.seed import load_seed
@@ -105,13 +105,6 @@ FILL_CONCURRENCY = 32
 SETTLE_SECONDS = 60.0
 LOAD_CONNECTIONS = 32  # requests in flight at most in the latency part
 COUNCIL = "council-leeds"  # the registrations' addresses are in Leeds (LS)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class People:
@@ -943,7 +936,7 @@ async def measure(
     processes: int = 1,
 ) -> dict[str, Any]:
     settings = stack.settings("bench")
-    http_port = _free_port()
+    http_port = free_port()
     pool = await open_pool(settings)
     people = People()
     figures: dict[str, Any] = {}

@@ -31,7 +31,6 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ import httpx
 from bench.arrivals import TooSlow, read_committed, require_all_arrived
 from bench.scratch import deploy_bus, scratch_stack
 from devstack.demo import seed_offices
+from devstack.processes import free_port
 from producers.accounts import issue_token
 from router.seed import load_seed
 from runtime.database import migrate, open_pool
@@ -101,13 +101,6 @@ class WrkResult:
     @property
     def failed_sockets(self) -> int:
         return sum(v for k, v in self.errors.items() if k != "status")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def wrk(
@@ -199,7 +192,7 @@ async def floor(base: str, concurrency: int) -> WrkResult:
 async def generator_ceiling(concurrency: int) -> WrkResult:
     """What the load generator sends on this machine against a server that does nothing
     (``bench.trivial_http``, its own process): it must be far above the intake figure."""
-    port = _free_port()
+    port = free_port()
     server = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.trivial_http", str(port))
     try:
         await _await_service(f"http://127.0.0.1:{port}", path="/")
@@ -337,7 +330,7 @@ def _person() -> dict[str, str]:
 
 def main(events: int, concurrency: int, processes: int = 1) -> dict[str, Any]:
     with scratch_stack() as stack:
-        env = {**stack.service_env("bench", _free_port()), "TUO_INTAKE_PROCESSES": str(processes)}
+        env = {**stack.service_env("bench", free_port()), "TUO_INTAKE_PROCESSES": str(processes)}
         settings = stack.settings("bench")
         return asyncio.run(measure(settings, env, events, concurrency))
 

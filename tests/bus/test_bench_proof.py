@@ -22,12 +22,12 @@ from bench.intake import (
     LoadGeneratorFailed,
     WrkResult,
     _await_service,
-    _free_port,
     generator_ceiling,
     post_deaths,
 )
 from bench.producer_performance import ProducerPerformanceFailed, parse_summary
 from bench.scratch import BENCH_USER
+from devstack.processes import free_port
 from runtime.access import grant_full_access
 from runtime.settings import Settings
 from tests.support import death_message
@@ -119,7 +119,7 @@ def test_wrk_output_without_a_result_fails() -> None:
 @pytest.fixture
 async def do_nothing_server() -> AsyncIterator[str]:
     """``bench.trivial_http``: answers every request 200 and stores nothing."""
-    port = _free_port()
+    port = free_port()
     server = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.trivial_http", str(port))
     base = f"http://127.0.0.1:{port}"
     try:

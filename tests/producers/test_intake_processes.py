@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -17,6 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
+from devstack.processes import free_port
 from producers.accounts import issue_token
 from runtime.settings import Settings
 from tests.support import (
@@ -31,13 +31,6 @@ from tests.support import (
 pytestmark = pytest.mark.integration
 
 PROJECT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -88,7 +81,7 @@ async def _register(base: str, token: str, count: int) -> list[int]:
 async def test_tuo_run_serves_intake_from_two_processes_on_one_port_and_restarts_one_killed(
     services: Settings, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     token = await issue_token(pool, "leeds", "registrar", f"two processes {uuid.uuid4().hex[:8]}")
     parent = _start_intake(services, port, tmp_path / "bus.log")

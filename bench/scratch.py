@@ -70,6 +70,7 @@ class ScratchStack:
             # One load generator with one token is the whole load: a per-client limit it
             # never reaches, so the limiter runs but refuses nothing.
             "TUO_HTTP_RATE_LIMIT_PER_MINUTE": "1000000",
+            "TUO_API_RATE_LIMIT_PER_MINUTE": "1000000",
         }
 
 

@@ -415,6 +415,7 @@ def create_app(
     app.add_middleware(
         Throttle,  # outermost: a refused request is not read
         requests=RateLimiter(settings.http_rate_limit_per_minute),
+        systems=RateLimiter(settings.api_rate_limit_per_minute),
         sign_ins=RateLimiter(settings.sign_in_attempts_per_minute),
         clients=KnownClients(),
         session_cookie=CookiePolicy(settings.session_cookie_secure).session,

@@ -104,10 +104,20 @@ class Settings(BaseSettings):
         " provider to it.",
     )
     max_request_bytes: int = Field(default=64 * 1024, ge=1024)
-    # Requests a minute per client (an API token's holder or a signed-in registrar, else an
-    # address), a minute's worth at once at most; and sign-in attempts a minute per address,
+    # Requests a minute per client (a signed-in registrar, else an address; API tokens'
+    # holders have api_rate_limit_per_minute), a minute's worth at once at most, in each
+    # intake process; and sign-in attempts a minute per address,
     # far fewer, against password guessing across usernames.
     http_rate_limit_per_minute: int = Field(default=3000, ge=1, le=1_000_000)
+    api_rate_limit_per_minute: int = Field(
+        default=30_000,
+        ge=1,
+        le=10_000_000,
+        description="Requests a minute per API token's holder (a system submitting events), a"
+        " minute's worth at once at most, in each intake process. The default, 500/s, is about"
+        " what intake takes on a 2-core machine: one system may submit a backlog as fast as"
+        " intake can record it, and cannot run unbounded.",
+    )
     sign_in_attempts_per_minute: int = Field(default=20, ge=1, le=10_000)
     # Addresses of reverse proxies whose X-Forwarded-For is believed (comma-separated, "*"
     # for any). Unset: none, so no client can choose the address its rate limit counts.

@@ -35,6 +35,7 @@ SIGN_IN_PATH = "/sign-in"
 CITIZEN_SIGN_IN_PATH = "/citizen/sign-in"  # each GET starts a sign-in (a database row)
 SIGN_IN_REQUESTS = (("POST", SIGN_IN_PATH), ("GET", CITIZEN_SIGN_IN_PATH))
 _CLIENT_STATE = "rate_limit_client"
+SYSTEM_CLIENT = "api:"  # how ``identify`` names an API token's holder
 
 Credential = Literal["token", "session"]
 
@@ -137,7 +138,8 @@ class Throttle:
     """Refuse a client over its allowance with 429 and Retry-After, before the app reads
     the request. Signing in has a smaller allowance of its own, per address, so that
     guessing passwords across many usernames is slow too (each username is also locked
-    after repeated failures, see ``runtime.web.sessions``)."""
+    after repeated failures, see ``runtime.web.sessions``). Systems holding an API token
+    have an allowance of their own (``systems``), larger than a person needs."""
 
     def __init__(
         self,
@@ -145,6 +147,7 @@ class Throttle:
         *,
         requests: RateLimiter,
         sign_ins: RateLimiter,
+        systems: RateLimiter | None = None,
         clients: KnownClients,
         session_cookie: str,
         refuse: Callable[[Scope, int], Response],
@@ -152,6 +155,7 @@ class Throttle:
         self.app = app
         self.requests = requests
         self.sign_ins = sign_ins
+        self.systems = systems if systems is not None else requests  # a limiter with no clients is falsy
         self.clients = clients
         self.session_cookie = session_cookie
         self.refuse = refuse
@@ -164,7 +168,9 @@ class Throttle:
         known = (self.clients.client(c) for c in presented.values())
         client = next((k for k in known if k is not None), None)
         address = f"address:{scope['client'][0] if scope.get('client') else 'unknown'}"
-        refusal = self.requests.admit(f"client:{client}" if client else address)
+        # A system holding an API token may submit a backlog at once: its own allowance.
+        limiter = self.systems if client is not None and client.startswith(SYSTEM_CLIENT) else self.requests
+        refusal = limiter.admit(f"client:{client}" if client else address)
         limit = "requests"
         signing_in = (scope["method"], scope["path"]) in (
             ("POST", SIGN_IN_PATH),

@@ -428,7 +428,7 @@ async def test_an_api_client_over_its_allowance_gets_429_and_others_are_still_se
 ) -> None:
     first = await issue_token(pool, "leeds", "registrar", f"busy {uuid.uuid4().hex[:8]}")
     second = await issue_token(pool, "leeds", "registrar", f"quiet {uuid.uuid4().hex[:8]}")
-    async with web_server(services, pool, http_rate_limit_per_minute=5) as base_url:
+    async with web_server(services, pool, api_rate_limit_per_minute=5) as base_url:
         with rate_limit_log() as refusals:
             async with httpx.AsyncClient(
                 base_url=base_url, headers={"Authorization": f"Bearer {first}"}
@@ -457,6 +457,21 @@ async def test_an_api_client_over_its_allowance_gets_429_and_others_are_still_se
             "retry_after": retry_after,
         }
     ]
+
+
+async def test_a_system_with_a_token_has_a_larger_allowance_than_a_person_or_an_address(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    """A system submitting a backlog is not held to what a registrar at a desk needs."""
+    token = await issue_token(pool, "leeds", "registrar", f"backlog {uuid.uuid4().hex[:8]}")
+    async with web_server(services, pool, http_rate_limit_per_minute=3, api_rate_limit_per_minute=12) as base:
+        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}) as system:
+            # The first counts against the address: the token is not known until accepted.
+            by_system = [(await system.get(f"/v1/events/{UNKNOWN_REFERENCE}")).status_code for _ in range(14)]
+        async with httpx.AsyncClient(base_url=base) as anonymous:
+            by_address = [(await anonymous.get("/v1/events/x")).status_code for _ in range(3)]
+    assert by_system == [404] * 13 + [429], "1 against the address, then the token's 12"
+    assert by_address == [401, 401, 429], "the address had used 1 of its 3"
 
 
 async def test_made_up_tokens_share_their_addresss_allowance(services: Settings, pool: asyncpg.Pool) -> None:

@@ -1,5 +1,5 @@
 -- wrk script for bench/intake.py. Arguments (after wrk's "--"):
---   post <threads> <token> <path> <total> <first> <body file>
+--   post <threads> <token> <path> <total> <first> <body file> [<rate> <connections>]
 --       POST <total> requests to <path>, shared among wrk's threads, each a new person
 --       (the body file's __NINO__ replaced by a NINO of its own, numbered from <first>)
 --       with its own Idempotency-Key. A thread stops once all of its POSTs are answered;
@@ -8,6 +8,11 @@
 --       (but for a few GET /healthz when there are fewer POSTs than connections).
 --       Once every thread is done wrk is interrupted; POSTs are timed from the first
 --       sent to the last answered ("posting_us").
+--       With a <rate> (POSTs a second in all, over <connections>), each thread sends its
+--       POSTs on a fixed schedule instead of back to back, to see answer times at a
+--       steady load: a connection's first request, which wrk sends at once, is then a
+--       GET /healthz (one per connection in wrk's latency figures), and each later one
+--       waits for the thread's next slot.
 --   floor
 --       GET /healthz until wrk's duration is up.
 -- At the end it prints one line, "WRK_RESULT {json}", with what was answered how.
@@ -49,6 +54,11 @@ function init(args)
       budget = share + ((id < total % thread_count) and 1 or 0)
       first = start + id * share + math.min(id, total % thread_count)
       posted = 0
+      local rate = tonumber(args[8] or "0")
+      -- Microseconds between this thread's POSTs; 0: back to back.
+      interval_us = rate > 0 and (1000000 * thread_count / rate) or 0
+      openers = rate > 0 and math.floor(tonumber(args[9]) / thread_count) or 0
+      scheduled = 0
       -- Defined only here: wrk looks for a delay() after init, and in floor mode the
       -- requests go back to back.
       delay = post_delay
@@ -68,6 +78,10 @@ end
 function request()
    if verifying then
       verifying = false
+      return wrk.format("GET", "/healthz")
+   end
+   if mode == "post" and openers > 0 then
+      openers = openers - 1 -- a connection's first request, sent at once: not a POST
       return wrk.format("GET", "/healthz")
    end
    if mode == "post" and posted < budget then
@@ -100,7 +114,18 @@ end
 -- Milliseconds a connection waits before its next request: none while this thread has
 -- POSTs to send, then longer than any run, so the idle ones send nothing more.
 function post_delay()
-   if posted < budget then
+   if openers > 0 then
+      return 0 -- the request this delays is a connection's first: a GET /healthz, not a slot
+   end
+   if interval_us > 0 and scheduled < budget then
+      if scheduled == 0 then
+         schedule_us = now_us()
+      end
+      local due = schedule_us + scheduled * interval_us
+      scheduled = scheduled + 1
+      return math.max(0, math.floor((due - now_us()) / 1000))
+   end
+   if interval_us == 0 and posted < budget then
       return 0
    end
    if budget == 0 then

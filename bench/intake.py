@@ -55,6 +55,7 @@ from tests.support import death_registration, listening_sockets
 SCRIPT = Path(__file__).with_name("intake.lua")
 FLOOR_NEEDED = 2_000  # requests/s the load generator must reach against a server doing nothing
 FLOOR_SECONDS = 5
+STEADY_SECONDS = 20
 THREADS = 2  # one per core of the development machine; the server shares them
 
 
@@ -153,10 +154,17 @@ async def wrk(
 
 
 async def post_deaths(
-    base: str, token: str, events: int, first: int, concurrency: int, seconds: float, body_file: Path
+    base: str,
+    token: str,
+    events: int,
+    first: int,
+    concurrency: int,
+    seconds: float,
+    body_file: Path,
+    rate: float | None = None,
 ) -> WrkResult:
-    """POST ``events`` new deaths (NINOs numbered from ``first``); fail unless each was
-    answered, 201, within ``seconds``."""
+    """POST ``events`` new deaths (NINOs numbered from ``first``), back to back or at a
+    steady ``rate`` a second; fail unless each was answered, 201, within ``seconds``."""
     threads = min(THREADS, concurrency)
     result = await wrk(
         base,
@@ -169,6 +177,7 @@ async def post_deaths(
         str(events),
         str(first),
         str(body_file),
+        *(() if rate is None else (str(rate), str(concurrency))),
         threads_to_finish=threads,
     )
     if result.refused or result.failed_sockets:
@@ -226,7 +235,12 @@ async def _await_listeners(port: int, processes: int, seconds: float = 60) -> No
 
 
 async def measure(
-    settings: Settings, env: dict[str, str], events: int, concurrency: int, seconds: float = 600
+    settings: Settings,
+    env: dict[str, str],
+    events: int,
+    concurrency: int,
+    seconds: float = 600,
+    rates: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     ceiling = await generator_ceiling(concurrency)  # before the bus starts: nothing else runs
     ceiling_per_s = ceiling.ok / ceiling.seconds
@@ -258,6 +272,18 @@ async def measure(
 
         stored = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM intake_record")} - before
         require_all_arrived("intake: events stored (new intake records)", posted.created, len(stored))
+        steady: list[tuple[float, WrkResult]] = []
+        every = set(stored)
+        first = warm + events
+        for rate in rates:
+            count = max(1, round(rate * STEADY_SECONDS))
+            known = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM intake_record")}
+            paced = await post_deaths(base, token, count, first, concurrency, seconds, body_file, rate=rate)
+            first += count
+            new = {r["event_id"] for r in await pool.fetch("SELECT event_id FROM intake_record")} - known
+            require_all_arrived(f"intake at {rate:g}/s: events stored", paced.created, len(new))
+            every |= new
+            steady.append((rate, paced))
         started = time.perf_counter()
         while unpublished := await pool.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL"):
             if time.perf_counter() - started > 120:
@@ -266,8 +292,8 @@ async def measure(
         drained = time.perf_counter() - started
         life_events = Topics(settings.topic_prefix).life_events
         on_topic = (await read_committed(settings, [life_events]))[life_events].ids
-        published = sum(on_topic[str(event_id)] == 1 for event_id in stored)
-        require_all_arrived("intake: stored events published once on life-events", len(stored), published)
+        published = sum(on_topic[str(event_id)] == 1 for event_id in every)
+        require_all_arrived("intake: stored events published once on life-events", len(every), published)
     finally:
         if server is not None and server.returncode is None:
             server.terminate()
@@ -289,12 +315,18 @@ async def measure(
         f"   p50 {posted.p50_ms:6.1f} ms   p99 {posted.p99_ms:6.1f} ms"
     )
     print(f"  ratio intake / floor: {accepted_per_s / floor_per_s:.2f}")
+    for rate, paced in steady:
+        print(
+            f"  at a steady {rate:,.0f}/s for {STEADY_SECONDS} s ({paced.created:,} POSTs,"
+            f" {paced.created / paced.seconds:,.0f}/s): p50 {paced.p50_ms:6.1f} ms"
+            f"   p99 {paced.p99_ms:6.1f} ms"
+        )
     print(
         f"  the load generator itself, against a server that only answers 200 (bench.trivial_http):"
         f" {ceiling_per_s:,.0f} req/s"
     )
     print(
-        f"  {len(stored):,} events stored with their outbox rows and published once each; the relay had"
+        f"  {len(every):,} events stored with their outbox rows and published once each; the relay had"
         f" published all of them {drained:.2f} s after the last was accepted"
     )
     if ceiling_per_s < FLOOR_NEEDED:
@@ -321,6 +353,15 @@ async def measure(
         "floor_p99_ms": round(floored.p99_ms, 2),
         "ratio": round(accepted_per_s / floor_per_s, 3),
         "relay_published_all_after_s": round(drained, 2),
+        "steady": [
+            {
+                "rate": rate,
+                "posts": paced.created,
+                "p50_ms": round(paced.p50_ms, 1),
+                "p99_ms": round(paced.p99_ms, 1),
+            }
+            for rate, paced in steady
+        ],
     }
 
 
@@ -328,11 +369,11 @@ def _person() -> dict[str, str]:
     return {"given_names": "Pat", "family_name": "Example", "date_of_birth": "1941-03-02"}
 
 
-def main(events: int, concurrency: int, processes: int = 1) -> dict[str, Any]:
+def main(events: int, concurrency: int, processes: int = 1, rates: tuple[float, ...] = ()) -> dict[str, Any]:
     with scratch_stack() as stack:
         env = {**stack.service_env("bench", free_port()), "TUO_INTAKE_PROCESSES": str(processes)}
         settings = stack.settings("bench")
-        return asyncio.run(measure(settings, env, events, concurrency))
+        return asyncio.run(measure(settings, env, events, concurrency, rates=rates))
 
 
 if __name__ == "__main__":
@@ -344,5 +385,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--processes", type=int, default=1, help="intake processes `tuo run` runs (TUO_INTAKE_PROCESSES)"
     )
+    parser.add_argument(
+        "--steady",
+        default="100,300",
+        help="rates (POSTs a second, comma-separated) each held for a while after the throughput run,"
+        " to see answer times at a steady load; '' for none",
+    )
     args = parser.parse_args()
-    main(args.events, args.concurrency, args.processes)
+    main(args.events, args.concurrency, args.processes, tuple(float(r) for r in args.steady.split(",") if r))

@@ -18,6 +18,8 @@ What each request gets is what ``record_event`` would have given it alone:
 - if the group's transaction fails for any other reason, nothing of it is stored and
   every registration in it is recorded on its own, with its own answer.
 Corrections, voids, NINO corrections and overrides always go through ``record_event``.
+A request abandoned after its registration joined a group (the client hung up) is
+still recorded: its retry finds it by idempotency key, or is refused as a duplicate.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ whole request is valid.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -35,6 +36,7 @@ from producers.store import (
     NewEvent,
     Override,
     Recorded,
+    StaleSigningKey,
     SubjectLink,
     SubjectMovedMeanwhile,
     consent_agencies,
@@ -462,7 +464,7 @@ class Intake:
         record = body(envelope)
         value = encode(event_type, record)
         key = await self.signing_keys.of(submitter.office)
-        headers = headers_for(
+        cloud_events = headers_for(
             value,
             id=str(event_id),
             source="/offices/" + quote(submitter.office, safe=""),
@@ -470,37 +472,47 @@ class Intake:
             time=now,
             schema_base_url=self.settings.schema_base_url(),
         )
-        headers += value_signature_headers(key, event_type, value, str(event_id))
         fingerprint = _fingerprint(event_type, submitter.office, fingerprint_of)
-        recorded = await self.group_commit.record(
-            NewEvent(
-                reference=reference,
-                event_id=event_id,
-                event_type=event_type,
-                subject_id=subject.subject_id,
-                registration_office=submitter.office,
-                recorded_by=submitter.recorded_by,
-                recorded_at=now,
-                idempotency_key=None if idempotency_key is None else f"{submitter.office}:{idempotency_key}",
-                request_fingerprint=fingerprint,
-                consents=[(c.agency, c.choice) for c in consents],
-                follows_event_id=follows,
-                claims=claims,
-                override=override,
-                # A voided registration no longer stands in the way of a new one.
-                releases_claims_of=follows if event_type == "EventVoided" else None,
-                channel=channel,
-                local_authorities=_subject_authorities(event_type, record)
-                if event_type in SUBJECT_ADDRESSES
-                else local_authorities,
-                subject_link=link,
-                end_of_consent=self._end_of_consent(subject.subject_id, event_type),
-                topic=self.topics.life_events,
-                message_key=subject.subject_id.encode(),
-                message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest
-                headers=headers,
-            ),
+        event = NewEvent(
+            reference=reference,
+            event_id=event_id,
+            event_type=event_type,
+            subject_id=subject.subject_id,
+            registration_office=submitter.office,
+            recorded_by=submitter.recorded_by,
+            recorded_at=now,
+            idempotency_key=None if idempotency_key is None else f"{submitter.office}:{idempotency_key}",
+            request_fingerprint=fingerprint,
+            consents=[(c.agency, c.choice) for c in consents],
+            follows_event_id=follows,
+            claims=claims,
+            override=override,
+            # A voided registration no longer stands in the way of a new one.
+            releases_claims_of=follows if event_type == "EventVoided" else None,
+            channel=channel,
+            local_authorities=_subject_authorities(event_type, record)
+            if event_type in SUBJECT_ADDRESSES
+            else local_authorities,
+            subject_link=link,
+            end_of_consent=self._end_of_consent(subject.subject_id, event_type),
+            topic=self.topics.life_events,
+            message_key=subject.subject_id.encode(),
+            message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest
+            headers=cloud_events + value_signature_headers(key, event_type, value, str(event_id)),
+            signing_key_id=key.key_id,
         )
+        try:
+            recorded = await self.group_commit.record(event)
+        except StaleSigningKey:  # the key was rotated before this process heard: sign again
+            self.signing_keys.forget()
+            key = await self.signing_keys.of(submitter.office)
+            recorded = await self.group_commit.record(
+                dataclasses.replace(
+                    event,
+                    headers=cloud_events + value_signature_headers(key, event_type, value, str(event_id)),
+                    signing_key_id=key.key_id,
+                )
+            )
         if recorded.created:  # committed with its outbox row; a repeated request adds nothing
             EVENTS_ACCEPTED.labels(event_type=recorded.event_type).inc()
         log.info(

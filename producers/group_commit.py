@@ -11,7 +11,8 @@ registration waits for nobody. Each request is answered only after its group com
 What each request gets is what ``record_event`` would have given it alone:
 - a repeated idempotency key gets the first submission (or ``IdempotencyConflict``);
 - a registration whose claim is held is refused (``DuplicateRegistration``), and
-  nothing of it is stored;
+  nothing of it is stored; so is one signed with a key retired meanwhile
+  (``StaleSigningKey``: intake signs it again);
 - two registrations of one subject, or with one idempotency key, are never in one
   group: the later waits for the next, so it sees the earlier committed, exactly as
   it would have one at a time;
@@ -40,8 +41,10 @@ from producers.store import (
     IdempotencyConflict,
     NewEvent,
     Recorded,
+    StaleSigningKey,
     claim_holder,
     record_event,
+    stale_signing_keys,
 )
 from router.consent_receipts import DeskConsent
 from runtime import outbox
@@ -206,6 +209,13 @@ async def _record_group(
     if not fresh:
         return outcome
     async with conn.transaction():
+        stale = await stale_signing_keys(
+            conn, {k for w in fresh if (k := w.event.signing_key_id) is not None}
+        )
+        outcome.answered += [
+            (w, StaleSigningKey(w.event.signing_key_id)) for w in fresh if w.event.signing_key_id in stale
+        ]
+        fresh = [w for w in fresh if w.event.signing_key_id not in stale]
         stored = await _insert_records(conn, [w.event for w in fresh])
         # Not stored: a request with its idempotency key, outside the group, was first.
         outcome.alone = [w for w in fresh if w.event.event_id not in stored]

@@ -44,7 +44,10 @@ async def create_key(conn: asyncpg.Connection, office: str, sealer: PayloadSeale
     raw_private = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     async with conn.transaction():
         await conn.execute(
-            "UPDATE office_signing_key SET retired_at = now() WHERE office = $1 AND retired_at IS NULL",
+            # clock_timestamp(), not the transaction's start: an event whose recording held
+            # the old key (store.stale_signing_keys) is then always recorded before it retired.
+            "UPDATE office_signing_key SET retired_at = clock_timestamp()"
+            " WHERE office = $1 AND retired_at IS NULL",
             office,
         )
         await conn.execute(
@@ -94,7 +97,9 @@ OFFICE_KEYS_CHANNEL = "tuo_office_keys"  # migration 0026's trigger NOTIFYs here
 class ActiveKeys:
     """Each office's active key, opened and parsed once and remembered while ``notices``
     listens on ``OFFICE_KEYS_CHANNEL``: a rotation (from any process) is announced there,
-    so the next event is signed with the new key."""
+    so the next event is signed with the new key. An event signed with a key retired
+    before its notice arrived is refused when it is stored (``store.StaleSigningKey``)
+    and signed again, so none is ever recorded after its key's retirement."""
 
     def __init__(self, pool: asyncpg.Pool, sealer: PayloadSealer, notices: Notices) -> None:
         self._cache: NoticedCache[str, SigningKey] = notices.cache(
@@ -104,6 +109,10 @@ class ActiveKeys:
     @property
     def lookups(self) -> int:
         return self._cache.lookups
+
+    def forget(self) -> None:
+        """Drop every remembered key (one was found retired before its notice arrived)."""
+        self._cache.forget()
 
     async def of(self, office: str) -> SigningKey:
         key = await self._cache.get(office)

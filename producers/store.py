@@ -32,6 +32,11 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before for a different submission."""
 
 
+class StaleSigningKey(Exception):
+    """The event was signed with an office key retired meanwhile: sign it again; nothing
+    of it is stored (an agency would refuse a signature recorded after its key retired)."""
+
+
 class SubjectMovedMeanwhile(Exception):
     """Another correction changed the subject's NINO after this one read it."""
 
@@ -85,6 +90,7 @@ class NewEvent:
     local_authorities: list[str] | None = None
     subject_link: SubjectLink | None = None  # set when a correction fixes the subject's NINO
     end_of_consent: EndOfConsent | None = None  # None: refusals are only recorded
+    signing_key_id: str | None = None  # checked still active when stored, and kept so until commit
 
 
 class ConsentReceipts(Protocol):
@@ -224,7 +230,22 @@ async def record_event(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+async def stale_signing_keys(conn: asyncpg.Connection, key_ids: set[str]) -> set[str]:
+    """Of these office keys, those retired; the others are locked (FOR SHARE) until the
+    caller's transaction ends, so a rotation waits for it and retires them after it."""
+    if not key_ids:
+        return set()
+    rows = await conn.fetch(
+        "SELECT key_id FROM office_signing_key"
+        " WHERE key_id = ANY($1::text[]) AND retired_at IS NULL FOR SHARE",
+        sorted(key_ids),
+    )
+    return key_ids - {r["key_id"] for r in rows}
+
+
 async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentReceipts | None) -> None:
+    if event.signing_key_id is not None and await stale_signing_keys(conn, {event.signing_key_id}):
+        raise StaleSigningKey(event.signing_key_id)
     if event.subject_link is not None:
         # Lock the corrected registration before this correction's own row refers to it:
         # two NINO corrections at once then queue here, instead of each holding the key-share

@@ -94,11 +94,18 @@ async def _register(client: httpx.AsyncClient, token: str, **overrides: object) 
 
 
 async def _signed_with(pool: asyncpg.Pool, response: httpx.Response) -> str | None:
+    """The key the event was signed with, which must not have retired before it was recorded
+    (agencies would refuse it)."""
     assert response.status_code == 201, response.text
-    headers = await pool.fetchval(
-        "SELECT headers FROM outbox WHERE event_id = $1", uuid.UUID(response.json()["event_id"])
+    row = await pool.fetchrow(
+        "SELECT o.headers, i.recorded_at FROM outbox o JOIN intake_record i USING (event_id)"
+        " WHERE o.event_id = $1",
+        uuid.UUID(response.json()["event_id"]),
     )
-    return key_id_of([(name, value.encode()) for name, value in json.loads(headers)])
+    key_id = key_id_of([(name, value.encode()) for name, value in json.loads(row["headers"])])
+    retired = await pool.fetchval("SELECT retired_at FROM office_signing_key WHERE key_id = $1", key_id)
+    assert retired is None or row["recorded_at"] < retired, f"recorded after its key {key_id} retired"
+    return key_id
 
 
 async def test_a_rotated_signing_key_signs_the_next_event_though_keys_are_cached(
@@ -118,6 +125,24 @@ async def test_a_rotated_signing_key_signs_the_next_event_though_keys_are_cached
             assert signed == first[0], f"signed with {signed}, neither the old key nor the new"
             assert time.monotonic() - started < 1.0, "still signing with the retired key a second later"
             await asyncio.sleep(0.02)
+
+
+async def test_an_event_signed_with_a_key_rotated_unheard_of_is_signed_again_with_the_new_key(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    """Were a rotation's notice late, an event signed with the retired key would be refused
+    by every agency: intake finds the key retired when it stores the event, and signs again."""
+    token = await issue_token(pool, "leeds", "registrar", f"late notice {uuid.uuid4().hex[:8]}")
+    async with intake_in_process(services, pool) as (app, client):
+        old = await _signed_with(pool, await _register(client, token))
+        async with pool.acquire() as conn, conn.transaction():
+            # Rotated unannounced, as if its notice were still on its way to intake.
+            await conn.execute("ALTER TABLE office_signing_key DISABLE TRIGGER office_signing_key_changed")
+            rotated = await create_key(conn, "leeds", PayloadSealer.from_settings(services))
+            await conn.execute("ALTER TABLE office_signing_key ENABLE TRIGGER office_signing_key_changed")
+        lookups = app.state.intake.signing_keys.lookups
+        assert await _signed_with(pool, await _register(client, token)) == rotated != old
+        assert app.state.intake.signing_keys.lookups == lookups + 1, "the remembered key was dropped"
 
 
 async def test_an_agency_newly_taking_consent_is_offered_it_within_a_second_though_cached(

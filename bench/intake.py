@@ -50,7 +50,7 @@ from runtime.database import migrate, open_pool
 from runtime.kafka import Topics
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
-from tests.support import death_registration, listening_sockets
+from tests.support import accepting_processes, death_registration
 
 SCRIPT = Path(__file__).with_name("intake.lua")
 FLOOR_NEEDED = 2_000  # requests/s the load generator must reach against a server doing nothing
@@ -226,11 +226,11 @@ async def _await_service(base: str, path: str = "/healthz") -> None:
 
 
 async def _await_listeners(port: int, processes: int, seconds: float = 60) -> None:
-    """Until every intake process listens: the first answers before the others have started."""
+    """Until every intake process accepts: the first answers before the others have started."""
     deadline = time.perf_counter() + seconds
-    while (found := listening_sockets(port)) < processes:
+    while (found := accepting_processes(port)) < processes:
         if time.perf_counter() > deadline:
-            raise LoadGeneratorFailed(f"{found} of {processes} intake processes listen after {seconds:.0f} s")
+            raise LoadGeneratorFailed(f"{found} of {processes} intake processes accept after {seconds:.0f} s")
         await asyncio.sleep(0.2)
 
 

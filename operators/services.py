@@ -124,7 +124,9 @@ async def _serve_http(
 ) -> None:
     sockets = None
     if settings.http_reuse_port or settings.intake_processes > 1:  # intake processes share the port
-        sockets = [_reusable_socket(settings.http_host, settings.http_port)]
+        sockets = [
+            _reusable_socket(settings.http_host, settings.http_port, first=not settings.http_reuse_port)
+        ]
     config = uvicorn.Config(
         create_app(settings, pool),
         host=settings.http_host,
@@ -138,18 +140,29 @@ async def _serve_http(
     await _serve(config, "intake", stop, ready, sockets)
 
 
-def _reusable_socket(host: str, port: int) -> socket.socket:
-    """A listening socket that other processes may bind too (SO_REUSEPORT)."""
+def _reusable_socket(host: str, port: int, *, first: bool) -> socket.socket:
+    """A listening socket that the other intake processes bind too (SO_REUSEPORT: the
+    kernel spreads new connections evenly among them, where one shared socket would let
+    whichever accepts first take a whole burst). The ``first`` process makes sure nothing
+    else listens there already, so a second bus on the port fails instead of sharing it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if first:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise RuntimeError(f"intake service could not listen on port {port}: {exc.strerror}") from exc
+            port = probe.getsockname()[1]  # port 0: the free one found, then shared
     # IPPROTO_TCP named, or asyncio leaves Nagle on for its connections (40 ms stalls).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise RuntimeError(f"intake service could not listen on port {port}: {exc.strerror}") from exc
     sock.set_inheritable(False)
     return sock
 

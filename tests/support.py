@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -314,16 +315,30 @@ async def intake_in_process(
         yield app, client
 
 
-def listening_sockets(port: int) -> int:
-    """Sockets listening on this TCP port: one per process that shares it (SO_REUSEPORT)."""
-    listening = 0
+def accepting_processes(port: int) -> int:
+    """Processes accepting connections on this TCP port: holding its listening socket and
+    waiting on it in their event loop (an epoll set that holds it, per /proc/<pid>/fdinfo),
+    so a process that only inherited the socket and has not started serving is not counted."""
+    inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(FileNotFoundError), open(table) as lines:
             next(lines)
             for line in lines:
                 fields = line.split()
-                listening += fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port
-    return listening
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    accepting = 0
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            held = {fd.name for fd in (process / "fd").iterdir() if os.readlink(fd) in inodes}
+            if held and any(
+                re.search(rf"^tfd:\s+({'|'.join(held)})\s", info.read_text(), re.MULTILINE)
+                for info in (process / "fdinfo").iterdir()
+            ):
+                accepting += 1
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return accepting
 
 
 def child_pids(pid: int) -> list[int]:

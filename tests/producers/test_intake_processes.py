@@ -1,6 +1,6 @@
-"""`tuo run intake` with TUO_INTAKE_PROCESSES: several intake processes on one port,
-each taking its share of the registrations; one that dies is started again, and
-Ctrl-C stops them all."""
+"""`tuo run intake` with TUO_INTAKE_PROCESSES: several intake processes accepting on
+one listening socket, each taking its share of the registrations; one that dies is
+started again while the others go on, and Ctrl-C stops them all."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from devstack.processes import free_port
 from producers.accounts import issue_token
 from runtime.settings import Settings
 from tests.support import (
+    accepting_processes,
     child_pids,
     death_registration,
     eventually,
     kafka_env,
-    listening_sockets,
     random_nino,
 )
 
@@ -59,7 +59,7 @@ def _start_intake(settings: Settings, port: int, log: Path) -> subprocess.Popen[
 
 
 async def _register(base: str, token: str, count: int) -> list[int]:
-    """``count`` registrations, each on a new connection (the kernel picks a process per connection)."""
+    """``count`` registrations, each on a new connection (taken by whichever process accepts first)."""
 
     async def one() -> int:
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
@@ -78,7 +78,7 @@ async def _register(base: str, token: str, count: int) -> list[int]:
     return statuses
 
 
-async def test_tuo_run_serves_intake_from_two_processes_on_one_port_and_restarts_one_killed(
+async def test_tuo_run_serves_intake_from_two_processes_on_one_socket_and_restarts_one_killed(
     services: Settings, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     port = free_port()
@@ -87,10 +87,15 @@ async def test_tuo_run_serves_intake_from_two_processes_on_one_port_and_restarts
     parent = _start_intake(services, port, tmp_path / "bus.log")
     try:
 
-        async def two_listening() -> bool:
-            return listening_sockets(port) == 2
+        async def two_accepting() -> bool:
+            return accepting_processes(port) == 2
 
-        await eventually(two_listening, timeout=60, what="two intake processes listening on the port")
+        await eventually(two_accepting, timeout=60, what="two intake processes accepting on the port")
+        intruder = _start_intake(services, port, tmp_path / "second.log")
+        assert await asyncio.to_thread(intruder.wait, 60) != 0, (
+            "a second bus on the port must fail, not share it"
+        )
+        assert b"could not listen on port" in (tmp_path / "second.log").read_bytes()
         [child] = child_pids(parent.pid)
         before = _cpu_seconds(child), _cpu_seconds(parent.pid)
         assert await _register(base, token, 120) == [201] * 120
@@ -98,10 +103,11 @@ async def test_tuo_run_serves_intake_from_two_processes_on_one_port_and_restarts
         assert min(worked) >= 0.1, f"CPU seconds spent on 120 registrations (child, parent): {worked}"
 
         os.kill(child, signal.SIGKILL)
+        assert await _register(base, token, 20) == [201] * 20, "the other process goes on alone"
 
         async def restarted() -> list[int] | None:
             found = [pid for pid in child_pids(parent.pid) if pid != child]
-            return found if found and listening_sockets(port) == 2 else None
+            return found if found and accepting_processes(port) == 2 else None
 
         [again] = await eventually(restarted, timeout=60, what="`tuo run` to start the intake child again")
         assert await _register(base, token, 20) == [201] * 20
@@ -109,7 +115,13 @@ async def test_tuo_run_serves_intake_from_two_processes_on_one_port_and_restarts
         parent.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(parent.wait, 60) == 0
         assert not Path(f"/proc/{again}").exists(), "the intake child outlived `tuo run`"
-        assert listening_sockets(port) == 0
+        assert accepting_processes(port) == 0, "the port is free again"
+        second = _start_intake(services, port, tmp_path / "bus.log")  # proof: it can be taken again
+        try:
+            await eventually(two_accepting, timeout=60, what="a new `tuo run` on the freed port")
+        finally:
+            second.send_signal(signal.SIGINT)
+            assert await asyncio.to_thread(second.wait, 60) == 0
     finally:
         if parent.poll() is None:
             parent.send_signal(signal.SIGTERM)

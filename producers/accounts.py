@@ -237,7 +237,7 @@ async def _current_token_by_hash(pool: asyncpg.Pool, digest: bytes) -> tuple[Tok
     return TokenHolder(row["label"], row["office"], row["office_name"], row["role"]), row["expires_at"]
 
 
-TOKENS_CHANNEL = "tuo_api_tokens"  # migration 0025's triggers NOTIFY here
+TOKENS_CHANNEL = "tuo_api_tokens"  # the triggers of migrations 0025 and 0026 NOTIFY here
 
 
 class TokenCache:

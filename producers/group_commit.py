@@ -43,10 +43,10 @@ from producers.store import (
     Recorded,
     StaleSigningKey,
     claim_holder,
+    record_consents,
     record_event,
     stale_signing_keys,
 )
-from router.consent_receipts import DeskConsent
 from runtime import outbox
 from runtime.outbox import OutboxMessage
 
@@ -223,7 +223,7 @@ async def _record_group(
         refused = await _claim(conn, [w.event for w in fresh])
         outcome.refused = [w for w in fresh if w.event.event_id in refused]
         kept = [w for w in fresh if w.event.event_id not in refused]
-        await _consents(conn, [w.event for w in kept], receipts)
+        await record_consents(conn, [w.event for w in kept], receipts)
         await outbox.append(
             conn,
             [
@@ -285,74 +285,3 @@ async def _claim(conn: asyncpg.Connection, events: list[NewEvent]) -> set[UUID]:
         await conn.execute("DELETE FROM registration_claim WHERE event_id = ANY($1::uuid[])", list(refused))
         await conn.execute("DELETE FROM intake_record WHERE event_id = ANY($1::uuid[])", list(refused))
     return refused
-
-
-async def _consents(
-    conn: asyncpg.Connection, events: list[NewEvent], receipts: ConsentReceipts | None
-) -> None:
-    """The informant's choices, each with its receipt; a refusal that ends a consent given
-    before is passed on (as ``record_event`` does, read before any choice is added)."""
-    choices = [(e, agency, choice) for e in events for agency, choice in e.consents]
-    if not choices:
-        return
-    ending = await _consents_ending(conn, choices)
-    rows = await conn.fetch(
-        "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
-        " SELECT subject_id, agency, event_type, choice, 'informant'"
-        "   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY"
-        "        AS c (subject_id, agency, event_type, choice, n)"
-        "  ORDER BY n"
-        " RETURNING id, recorded_at",
-        [e.subject_id for e, _, _ in choices],
-        [agency for _, agency, _ in choices],
-        [e.event_type for e, _, _ in choices],
-        [choice for _, _, choice in choices],
-    )
-    # bigserial, assigned in the SELECT's order: sorted by id, the rows are the choices'.
-    stored = sorted((r["id"], r["recorded_at"]) for r in rows)
-    desk: list[DeskConsent] = []
-    for i, ((event, agency, choice), (record_id, recorded_at)) in enumerate(
-        zip(choices, stored, strict=True)
-    ):
-        if i in ending:
-            assert event.end_of_consent is not None  # only then is anything ending
-            await event.end_of_consent(conn, record_id, agency, recorded_at)
-        desk.append(
-            DeskConsent(
-                consent_record_id=record_id,
-                subject_id=event.subject_id,
-                agency=agency,
-                event_type=event.event_type,
-                choice=choice,
-                recorded_at=recorded_at,
-                event_id=event.event_id,
-                channel=event.channel,
-            )
-        )
-    if receipts is not None:
-        await receipts.issue_for_desk(conn, desk)
-
-
-async def _consents_ending(conn: asyncpg.Connection, choices: list[tuple[NewEvent, str, str]]) -> set[int]:
-    """Which refusals (by index into ``choices``) end a consent that had been given."""
-    asked = [
-        (i, event.subject_id, event.event_type, agency)
-        for i, (event, agency, choice) in enumerate(choices)
-        if choice == "refused" and event.end_of_consent is not None
-    ]
-    if not asked:
-        return set()
-    rows = await conn.fetch(
-        "SELECT r.i FROM unnest($1::int[], $2::text[], $3::text[], $4::text[])"
-        "                AS r (i, subject_id, event_type, agency)"
-        " CROSS JOIN LATERAL (SELECT c.choice FROM consent_record c"
-        "                      WHERE c.subject_id = r.subject_id AND c.agency = r.agency"
-        "                        AND c.event_type = r.event_type"
-        "                      ORDER BY c.id DESC LIMIT 1) latest"
-        " WHERE latest.choice = 'given'",
-        [i for i, *_ in asked],
-        [subject for _, subject, _, _ in asked],
-        [event_type for _, _, event_type, _ in asked],
-        [agency for *_, agency in asked],
-    )
-    return {r["i"] for r in rows}

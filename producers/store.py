@@ -274,39 +274,7 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
     if event.subject_link is not None:
         await _link_subject(conn, event.event_id, event.subject_link)
     await _claim(conn, event)
-    ending = await _consents_ending(conn, event)  # read before this event's choices are added
-    consents = await conn.fetch(
-        "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
-        " SELECT $1, agency, $2, choice, 'informant'"
-        "   FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS c (agency, choice, n)"
-        "  ORDER BY n"
-        " RETURNING id, agency, choice, recorded_at",
-        event.subject_id,
-        event.event_type,
-        [agency for agency, _ in event.consents],
-        [choice for _, choice in event.consents],
-    )
-    for row in consents:
-        if row["agency"] in ending and row["choice"] == "refused":
-            assert event.end_of_consent is not None  # only then is anything ending
-            await event.end_of_consent(conn, row["id"], row["agency"], row["recorded_at"])
-    if receipts is not None and consents:
-        await receipts.issue_for_desk(
-            conn,
-            [
-                DeskConsent(
-                    consent_record_id=row["id"],
-                    subject_id=event.subject_id,
-                    agency=row["agency"],
-                    event_type=event.event_type,
-                    choice=row["choice"],
-                    recorded_at=row["recorded_at"],
-                    event_id=event.event_id,
-                    channel=event.channel,
-                )
-                for row in consents
-            ],
-        )
+    await record_consents(conn, [event], receipts)
     await outbox.append(
         conn,
         [OutboxMessage(event.event_id, event.topic, event.message_key, event.message_value, event.headers)],
@@ -396,20 +364,78 @@ async def consent_receipts_for_event(pool: asyncpg.Pool, event_id: UUID) -> list
     ]
 
 
-async def _consents_ending(conn: asyncpg.Connection, event: NewEvent) -> list[str]:
-    """Agencies the informant refuses now that had been given consent for this person
-    and event type: they are told (``end_of_consent``), if the caller can tell them."""
-    refused = [agency for agency, choice in event.consents if choice == "refused"]
-    if event.end_of_consent is None or not refused:
-        return []
+async def record_consents(
+    conn: asyncpg.Connection, events: Sequence[NewEvent], receipts: ConsentReceipts | None
+) -> None:
+    """The informant's choices made with these events, each with its receipt, in one
+    statement; a refusal that ends a consent given before (read before any choice is
+    added) is passed on through the event's ``end_of_consent``."""
+    choices = [(e, agency, choice) for e in events for agency, choice in e.consents]
+    if not choices:
+        return
+    ending = await _refusals_ending_consent(conn, choices)
     rows = await conn.fetch(
-        "SELECT agency FROM current_consent WHERE subject_id = $1 AND event_type = $2"
-        " AND agency = ANY($3::text[]) AND choice = 'given' ORDER BY agency",
-        event.subject_id,
-        event.event_type,
-        refused,
+        "INSERT INTO consent_record (subject_id, agency, event_type, choice, recorded_by)"
+        " SELECT subject_id, agency, event_type, choice, 'informant'"
+        "   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY"
+        "        AS c (subject_id, agency, event_type, choice, n)"
+        "  ORDER BY n"
+        " RETURNING id, recorded_at",
+        [e.subject_id for e, _, _ in choices],
+        [agency for _, agency, _ in choices],
+        [e.event_type for e, _, _ in choices],
+        [choice for _, _, choice in choices],
     )
-    return [r["agency"] for r in rows]
+    # bigserial, assigned in the SELECT's order: sorted by id, the rows are the choices'.
+    stored = sorted((r["id"], r["recorded_at"]) for r in rows)
+    desk: list[DeskConsent] = []
+    for i, ((event, agency, choice), (record_id, recorded_at)) in enumerate(
+        zip(choices, stored, strict=True)
+    ):
+        if i in ending:
+            assert event.end_of_consent is not None  # only then is anything ending
+            await event.end_of_consent(conn, record_id, agency, recorded_at)
+        desk.append(
+            DeskConsent(
+                consent_record_id=record_id,
+                subject_id=event.subject_id,
+                agency=agency,
+                event_type=event.event_type,
+                choice=choice,
+                recorded_at=recorded_at,
+                event_id=event.event_id,
+                channel=event.channel,
+            )
+        )
+    if receipts is not None:
+        await receipts.issue_for_desk(conn, desk)
+
+
+async def _refusals_ending_consent(
+    conn: asyncpg.Connection, choices: list[tuple[NewEvent, str, str]]
+) -> set[int]:
+    """Which refusals (by index into ``choices``) end a consent that had been given."""
+    asked = [
+        (i, event.subject_id, event.event_type, agency)
+        for i, (event, agency, choice) in enumerate(choices)
+        if choice == "refused" and event.end_of_consent is not None
+    ]
+    if not asked:
+        return set()
+    rows = await conn.fetch(
+        "SELECT r.i FROM unnest($1::int[], $2::text[], $3::text[], $4::text[])"
+        "                AS r (i, subject_id, event_type, agency)"
+        " CROSS JOIN LATERAL (SELECT c.choice FROM consent_record c"
+        "                      WHERE c.subject_id = r.subject_id AND c.agency = r.agency"
+        "                        AND c.event_type = r.event_type"
+        "                      ORDER BY c.id DESC LIMIT 1) latest"
+        " WHERE latest.choice = 'given'",
+        [i for i, *_ in asked],
+        [subject for _, subject, _, _ in asked],
+        [event_type for _, _, event_type, _ in asked],
+        [agency for *_, agency in asked],
+    )
+    return {r["i"] for r in rows}
 
 
 SUBSCRIPTIONS_CHANNEL = "tuo_subscriptions"  # migration 0026's trigger NOTIFYs here on any change

@@ -18,3 +18,16 @@ CREATE TRIGGER subscription_changed
 CREATE TRIGGER office_signing_key_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON office_signing_key
     FOR EACH STATEMENT EXECUTE FUNCTION notify_changed('tuo_office_keys');
+
+-- One notifying function for every cache: 0025's token triggers move onto it.
+DROP TRIGGER api_token_changed ON api_token;
+DROP TRIGGER registration_office_changed ON registration_office;
+DROP FUNCTION notify_api_tokens_changed();
+
+CREATE TRIGGER api_token_changed
+    AFTER UPDATE OR DELETE OR TRUNCATE ON api_token
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_changed('tuo_api_tokens');
+
+CREATE TRIGGER registration_office_changed
+    AFTER UPDATE OR DELETE OR TRUNCATE ON registration_office
+    FOR EACH STATEMENT EXECUTE FUNCTION notify_changed('tuo_api_tokens');

@@ -85,6 +85,7 @@ async def test_tuo_run_serves_intake_from_two_processes_on_one_socket_and_restar
     base = f"http://127.0.0.1:{port}"
     token = await issue_token(pool, "leeds", "registrar", f"two processes {uuid.uuid4().hex[:8]}")
     parent = _start_intake(services, port, tmp_path / "bus.log")
+    started = [parent]  # every `tuo run` this test starts, stopped at the end whatever happens
     try:
 
         async def two_accepting() -> bool:
@@ -92,6 +93,7 @@ async def test_tuo_run_serves_intake_from_two_processes_on_one_socket_and_restar
 
         await eventually(two_accepting, timeout=60, what="two intake processes accepting on the port")
         intruder = _start_intake(services, port, tmp_path / "second.log")
+        started.append(intruder)
         assert await asyncio.to_thread(intruder.wait, 60) != 0, (
             "a second bus on the port must fail, not share it"
         )
@@ -117,12 +119,12 @@ async def test_tuo_run_serves_intake_from_two_processes_on_one_socket_and_restar
         assert not Path(f"/proc/{again}").exists(), "the intake child outlived `tuo run`"
         assert accepting_processes(port) == 0, "the port is free again"
         second = _start_intake(services, port, tmp_path / "bus.log")  # proof: it can be taken again
-        try:
-            await eventually(two_accepting, timeout=60, what="a new `tuo run` on the freed port")
-        finally:
-            second.send_signal(signal.SIGINT)
-            assert await asyncio.to_thread(second.wait, 60) == 0
+        started.append(second)
+        await eventually(two_accepting, timeout=60, what="a new `tuo run` on the freed port")
+        second.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(second.wait, 60) == 0
     finally:
-        if parent.poll() is None:
-            parent.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(parent.wait, 30)
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(process.wait, 30)

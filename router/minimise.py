@@ -18,11 +18,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.catalogue import CATALOGUE, DISCLOSURE_SUFFIX
-from schemas.codec import field_writer
-from schemas.fieldpaths import ENVELOPE_PATHS, NINO, covered, grantable_paths, split_fields
+from schemas.codec import HEADER, field_writer
+from schemas.fieldpaths import ENVELOPE_PATHS, NINO, SPLIT_TYPE, covered, grantable_paths, split_fields
 from schemas.signatures import ENVELOPE, items
+from schemas.spans import NotSpliceable, Spans
 
-__all__ = ["NINO", "Copies", "Cut", "cut", "event_fields", "minimise", "minimise_envelope"]
+__all__ = [
+    "NINO",
+    "Copies",
+    "Cut",
+    "cut",
+    "disclosed",
+    "event_fields",
+    "minimise",
+    "minimise_envelope",
+    "splice",
+    "valued_items",
+]
 
 WITHHELD_FIELDS = "withheld_fields"
 
@@ -139,29 +151,12 @@ class Copies:
         self.record = record
         self.writer = field_writer(f"{event_type}{DISCLOSURE_SUFFIX}")
         self._cut: dict[tuple[str, Hashable], tuple[Any, bytes]] = {}
-        # The event's signed items that have a value, each with what a grant must keep
-        # for a copy to carry it: an envelope field, a related person's part, or a field.
-        self._valued = [
-            (name, _item_field(name))
-            for name, value in items(event_type, record).items()
-            if value not in (None, [])
-        ]
+        self._valued = valued_items(event_type, record)
 
     def disclosed(self, delivered: frozenset[str]) -> set[str]:
         """The signed items ``copy(delivered)`` carries, whose salts it discloses: what
         ``disclosed_items`` of that copy gives, without taking the copy apart again."""
-        kept = cut(self.event_type, delivered)
-        found = {ENVELOPE}
-        for name, (field, part) in self._valued:
-            if field == ENVELOPE:
-                if ENVELOPE_PATHS.get(name) not in kept.envelope_withheld:
-                    found.add(name)
-            elif part is not None:
-                if part in kept.parts.get(field, ()):
-                    found.add(name)
-            elif kept.keeps(field, delivered):
-                found.add(name)
-        return found
+        return set(disclosed(self.event_type, delivered, self._valued))
 
     def copy(self, delivered: frozenset[str]) -> tuple[dict[str, Any], bytes]:
         """The copy that carries only ``delivered``, and its encoding."""
@@ -183,3 +178,156 @@ class Copies:
         if name == WITHHELD_FIELDS:
             return list(kept.withheld)
         return _field(name, self.record.get(name), kept, delivered)
+
+
+def valued_items(event_type: str, record: Mapping[str, Any]) -> tuple[str, ...]:
+    """The event's signed items that have a value (a withheld or null item needs no salt)."""
+    return tuple(name for name, value in items(event_type, record).items() if value not in (None, []))
+
+
+@functools.lru_cache(maxsize=4096)
+def disclosed(event_type: str, delivered: frozenset[str], valued: tuple[str, ...]) -> frozenset[str]:
+    """The signed items a copy carrying ``delivered`` discloses the salts of, given the
+    event's ``valued`` items: the envelope, and each valued item the grant keeps (an
+    envelope field, a related person's part, or a field)."""
+    kept = cut(event_type, delivered)
+    found = {ENVELOPE}
+    for name in valued:
+        field, part = _item_field(name)
+        if field == ENVELOPE:
+            if ENVELOPE_PATHS.get(name) not in kept.envelope_withheld:
+                found.add(name)
+        elif part is not None:
+            if part in kept.parts.get(field, ()):
+                found.add(name)
+        elif kept.keeps(field, delivered):
+            found.add(name)
+    return frozenset(found)
+
+
+# Splicing a copy from the event's own bytes (see ``schemas.spans``): a part the
+# disclosure makes optional gains the union index of its value when kept; a part
+# withheld becomes the null branch.
+_VALUE, _NULL = b"\x02", b"\x00"
+
+
+@dataclass(frozen=True)
+class _Splice:
+    """What one grant does to each located part of one event type: ``None`` keeps the
+    bytes as they are, ``_VALUE`` puts a union index before them, ``_NULL`` replaces them."""
+
+    framing: bytes
+    fields: tuple[bytes | None, ...]  # per top-level field (the envelope's: None)
+    envelope_at: int  # the envelope's place among the fields
+    envelope: tuple[bytes | None, ...]  # per personal field of the envelope
+    people: Mapping[int, tuple[str, tuple[bytes | None, ...]]]  # field index → (name, per part)
+    withheld: bytes  # the copy's withheld_fields, encoded
+
+
+@functools.lru_cache(maxsize=64)
+def _optional(event_type: str) -> tuple[tuple[bool, ...], tuple[bool, ...], tuple[bool, ...]]:
+    """Whether each top-level field, each of the envelope's personal fields and each part
+    of a related person is optional already in the event's schema; the disclosure makes
+    the others so. Any other union is refused: its branches would shift."""
+    entry = CATALOGUE.latest(event_type)
+    named = entry.parsed["__named_schemas"]
+
+    def resolve(schema: Any) -> Any:
+        return named.get(schema, schema) if isinstance(schema, str) else schema
+
+    def optional(schema: Any) -> bool:
+        if isinstance(schema, list):
+            if schema[0] != "null":
+                raise NotSpliceable(f"{event_type} has a union whose first branch is not null")
+            return True
+        return False
+
+    fields = entry.parsed["fields"]
+    envelope = resolve(next(f["type"] for f in fields if f["name"] == ENVELOPE))
+    inner = {
+        (outer["name"], f["name"]): f["type"]
+        for outer in envelope["fields"]
+        if isinstance(resolve(outer["type"]), dict) and resolve(outer["type"]).get("type") == "record"
+        for f in resolve(outer["type"])["fields"]
+    }
+    person = named.get(SPLIT_TYPE)
+    return (
+        tuple(optional(f["type"]) for f in fields),
+        tuple(optional(inner[member]) for member in ENVELOPE_PATHS.values()),
+        tuple(optional(f["type"]) for f in person["fields"]) if person else (),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _splice(event_type: str, delivered: frozenset[str]) -> _Splice:
+    kept = cut(event_type, delivered)
+    writer = field_writer(f"{event_type}{DISCLOSURE_SUFFIX}")
+    top, envelope, parts = _optional(event_type)
+    entry = CATALOGUE.latest(event_type)
+    names = [f["name"] for f in entry.parsed["fields"]]
+    person = entry.parsed["__named_schemas"].get(SPLIT_TYPE, {"fields": []})
+    part_names = [f["name"] for f in person["fields"]]
+
+    def action(keep: bool, optional: bool) -> bytes | None:
+        return (None if optional else _VALUE) if keep else _NULL
+
+    fields: list[bytes | None] = []
+    people: dict[int, tuple[str, tuple[bytes | None, ...]]] = {}
+    for index, name in enumerate(names):
+        if name == ENVELOPE:
+            fields.append(None)
+        elif name in kept.parts:
+            kept_parts = kept.parts[name]
+            fields.append(action(bool(kept_parts), top[index]))
+            if kept_parts:
+                people[index] = (
+                    name,
+                    tuple(action(p in kept_parts, o) for p, o in zip(part_names, parts, strict=True)),
+                )
+        else:
+            fields.append(action(kept.keeps(name, delivered), top[index]))
+    return _Splice(
+        framing=writer.join(()),
+        fields=tuple(fields),
+        envelope_at=names.index(ENVELOPE),
+        envelope=tuple(
+            action(member not in kept.envelope_withheld, optional)
+            for member, optional in zip(ENVELOPE_PATHS.values(), envelope, strict=True)
+        ),
+        people=people,
+        withheld=writer.field(WITHHELD_FIELDS, list(kept.withheld)),
+    )
+
+
+def splice(event_type: str, value: bytes, spans: Spans, delivered: frozenset[str]) -> bytes:
+    """The copy of ``value`` (an encoded ``event_type`` located as ``spans``) that carries
+    only ``delivered``: byte for byte what ``Copies(...).copy(delivered)`` encodes, cut
+    from the event's own bytes without decoding them."""
+    plan = _splice(event_type, delivered)
+    pieces = [plan.framing]
+    pos = HEADER.size
+
+    def at(span: tuple[int, int], change: bytes | None) -> None:
+        nonlocal pos
+        if change is not None:
+            pieces.append(value[pos : span[0]])
+            pieces.append(change)
+            pos = span[0] if change is _VALUE else span[1]
+
+    for index, span in enumerate(spans.fields):
+        if index == plan.envelope_at:
+            for member_span, member_change in zip(spans.envelope, plan.envelope, strict=True):
+                at(member_span, member_change)
+        elif index in plan.people:
+            name, per_part = plan.people[index]
+            persons = spans.people[name]
+            if persons:  # else null or an empty list, whose byte is the null's already
+                at(span, plan.fields[index])
+                for person in persons:
+                    for part_span, part_change in zip(person, per_part, strict=True):
+                        at(part_span, part_change)
+        else:
+            at(span, plan.fields[index])
+    pieces.append(value[pos:])
+    pieces.append(plan.withheld)
+    return b"".join(pieces)

@@ -429,12 +429,20 @@ class SignedEvent:
 
     def headers(self, disclose: Iterable[str] | None = None) -> KafkaHeaders:
         """The three headers, with the salts of ``disclose`` only (default: all)."""
-        names = sorted(self.salts) if disclose is None else sorted(set(disclose) & set(self.salts))
-        return [
-            (SIG_HEADER, self._signature_header),
-            (MANIFEST_HEADER, self.manifest_bytes),
-            (SALTS_HEADER, canonical_json({name: self.salts[name] for name in names})),
-        ]
+        return disclosing(self._signature_header, self.manifest_bytes, self.salts, disclose)
+
+
+def disclosing(
+    signature: bytes, manifest: bytes, salts: Mapping[str, str], disclose: Iterable[str] | None = None
+) -> KafkaHeaders:
+    """An event's signature headers (``signature`` as its header carries it, base64url),
+    with the salts of ``disclose`` only (default: all)."""
+    names = sorted(salts) if disclose is None else sorted(set(disclose) & set(salts))
+    return [
+        (SIG_HEADER, signature),
+        (MANIFEST_HEADER, manifest),
+        (SALTS_HEADER, canonical_json({name: salts[name] for name in names})),
+    ]
 
 
 def sign(key: Signer, event_type: str, record: Mapping[str, Any]) -> SignedEvent:

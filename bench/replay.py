@@ -54,6 +54,7 @@ from bench.proof import WorkNotDone, count_by_ce_id, percentiles, prove
 from bench.scratch import ScratchStack, bench_client_options, deploy_bus, scratch_stack
 from operators import replay
 from producers.office_keys import SigningKey
+from router import facts as routing_facts
 from router.seed import load_seed
 from runtime.access import Principal
 from runtime.database import migrate, open_pool
@@ -91,9 +92,9 @@ def _signed_rows(
         stored_headers = json.dumps([[k, v.decode()] for k, v in headers])
         reference = f"TUO-BENCH-{event.hex[:12].upper()}"
         records.append((reference, event, "DeathRegistered", subject_id, office, "bench", now))
-        outbox.append(
-            (event, topic, subject_id.encode(), sealer.seal(value, event), stored_headers, now, now)
-        )
+        message_key = subject_id.encode()
+        facts = routing_facts.seal(sealer, event, message_key, value, headers)  # as intake keeps them
+        outbox.append((event, topic, message_key, sealer.seal(value, event), stored_headers, facts, now, now))
     return records, outbox
 
 
@@ -122,6 +123,7 @@ async def _copy(pool: asyncpg.Pool, rows: Rows) -> None:
                 "message_key",
                 "message_value",
                 "headers",
+                "routing_facts",
                 "created_at",
                 "published_at",
             ],

@@ -28,17 +28,26 @@ dangerous, so a replay:
 The stored events are the outbox's originals (sealed at rest, opened here), in
 the order they were recorded: one subject's events stay in order on the
 agency's topic because the key chooses the partition, as the router's does.
+
+An original recorded with its routing facts (``router.facts``: read from the
+event as the router reads it, its signature as the office made it, where each
+part lies in its bytes) is decided on those facts and its copy spliced from its
+bytes: no decode, no signature check, no encode. Anything else (corrections,
+voids, events recorded before the facts were kept) is read, verified and
+encoded as the router does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -49,8 +58,17 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 
+from router import facts as routing_facts
+from router.facts import RoutingFacts
 from router.messages import FOLLOW_UPS, Incoming, Outgoing, UnroutableEvent, agency_copy, routable
-from router.plan import DecisionInputs, decide_on, decide_on_follow_up, read_inputs, verify_signatures
+from router.plan import (
+    Decidable,
+    DecisionInputs,
+    decide_on,
+    decide_on_follow_up,
+    read_inputs,
+    verify_signatures,
+)
 from router.rules import OriginalDelivery, Outcome, RoutingDecision
 from router.store import OriginalEvent
 from runtime import kafka
@@ -60,7 +78,7 @@ from runtime.keyring import KeyRing
 from runtime.pseudonyms import subject_id_for
 from runtime.sealing import CannotOpen, PayloadSealer
 from runtime.settings import Settings
-from schemas.catalogue import LIFE_EVENTS
+from schemas.catalogue import LIFE_EVENTS, active
 from schemas.validation import is_reference, normalise_nino
 
 log = structlog.get_logger(__name__)
@@ -389,11 +407,13 @@ class _Batch:
 @dataclass(frozen=True)
 class _Stored:
     """A stored event as this batch decides on it: its row, and the event when it can be
-    read and its office's signature verifies (``None``: not routable)."""
+    read and its office's signature verifies (``None``: not routable), as the router
+    reads it or as its routing facts keep it (with its bytes, to splice copies from)."""
 
     event_id: str
     selected: bool  # in the replay's selection (counted), or brought along (a later correction)
-    incoming: Incoming | None
+    incoming: Incoming | RoutingFacts | None
+    value: bytes = b""  # the event's bytes, for routing facts
 
 
 class Replayer:
@@ -409,9 +429,10 @@ class Replayer:
         self.sealer = PayloadSealer.from_settings(settings)
         self.schema_base_url = settings.schema_base_url()
         self.replay_header = (REPLAY_ID_HEADER, replay.id.encode())
-        self.keys = KeyRing.from_database(
-            pool
-        )  # the offices' keys: every event is verified, as the router does
+        # The offices' keys: every event without routing facts is verified, as the router does.
+        self.keys = KeyRing.from_database(pool)
+        self.dataschemas: dict[str, bytes] = {}  # event type → its copies' ce_dataschema
+        self.facts_used = 0  # events decided on their routing facts (the rest: read and verified)
 
     async def run(
         self, on_progress: Callable[[Tally], None] | None = None, stop: asyncio.Event | None = None
@@ -431,7 +452,8 @@ class Replayer:
                         f"replay {self.replay.id} has finished; start a new one to send again"
                     )
                 await _refuse_if_suspended(guard, self.replay.agency)
-                await self._run(on_progress, stop)
+                with _fewer_collections():
+                    await self._run(on_progress, stop)
             finally:
                 await guard.execute("SELECT pg_advisory_unlock(hashtextextended($1, 7))", self.replay.id)
         return await find(self.pool, self.replay.id)
@@ -485,6 +507,7 @@ class Replayer:
                 sent=tally.sent,
                 withheld=dict(tally.withheld),
                 dry_run=replay.dry_run,
+                read_from_routing_facts=self.facts_used,
             )
         finally:
             if pending is not None:  # a fetch started ahead is not wanted after a stop or failure
@@ -516,7 +539,8 @@ class Replayer:
         where, args = replay.selection.where(5)
         with_original, original_args = replay.selection.where(5 + len(args), o="fo", i="fi")
         rows: list[asyncpg.Record] = await self.pool.fetch(
-            "SELECT o.id, o.event_id, o.message_key, o.message_value, o.headers, i.event_type,"
+            "SELECT o.id, o.event_id, o.message_key, o.message_value, o.headers, o.routing_facts,"
+            "  i.event_type,"
             # A correction whose original is selected too is decided with that original.
             "  CASE WHEN i.event_type = 'EventCorrected' THEN EXISTS ("
             "    SELECT 1 FROM outbox fo JOIN intake_record fi USING (event_id)"
@@ -542,7 +566,7 @@ class Replayer:
             return []
         where, args = self.replay.selection.where(4)
         rows: list[asyncpg.Record] = await conn.fetch(
-            "SELECT o.id, o.event_id, o.message_key, o.message_value, o.headers,"
+            "SELECT o.id, o.event_id, o.message_key, o.message_value, o.headers, NULL AS routing_facts,"
             "  i.follows_event_id::text AS original, ("
             f"{_storable()} AND {where}) AS selected"
             "  FROM outbox o JOIN intake_record i USING (event_id)"
@@ -556,6 +580,27 @@ class Replayer:
             *args,
         )
         return rows
+
+    def _stored(self, row: asyncpg.Record, selected: bool) -> _Stored:
+        """The stored event as its routing facts keep it, or else as the router reads it."""
+        event_id = str(row["event_id"])
+        if row["routing_facts"] is not None:
+            try:
+                kept = routing_facts.opened(self.sealer, row["event_id"], row["routing_facts"])
+            except (CannotOpen, ValueError, KeyError, TypeError) as exc:
+                # Read the router's way instead, which verifies the office's signature.
+                log.warning("replay_routing_facts_unread", event_id=event_id, error=type(exc).__name__)
+            else:
+                event_type = kept.event.event_type
+                if (
+                    kept.event.event_id == event_id
+                    and kept.spans.schema_id == active().latest(event_type).schema_id
+                ):
+                    self.facts_used += 1
+                    return _Stored(
+                        event_id, selected, kept, self._open(row["message_value"], row["event_id"])
+                    )
+        return _Stored(event_id, selected, self._read(row))
 
     def _read(self, row: asyncpg.Record) -> Incoming | None:
         """The stored event as the router reads it, or ``None`` when the router could not
@@ -579,11 +624,13 @@ class Replayer:
             return None
 
     async def _verified(self, stored: list[_Stored]) -> list[_Stored]:
-        """As the router does: an event whose office signature fails is not sent now."""
-        failures = iter(await verify_signatures(self.keys, [s.incoming for s in stored if s.incoming]))
+        """As the router does: an event whose office signature fails is not sent now. (An
+        event decided on its routing facts was read from what intake signed itself.)"""
+        read = [s.incoming for s in stored if isinstance(s.incoming, Incoming)]
+        failures = iter(await verify_signatures(self.keys, read))
         checked = []
         for item in stored:
-            if item.incoming is not None and next(failures) is not None:
+            if isinstance(item.incoming, Incoming) and next(failures) is not None:
                 item = _Stored(item.event_id, item.selected, None)
             checked.append(item)
         return checked
@@ -602,8 +649,7 @@ class Replayer:
         async with self.pool.acquire() as conn:
             correction_rows = await self._corrections(conn, originals_here)
         stored = await self._verified(
-            [_Stored(str(r["event_id"]), True, self._read(r)) for r in own]
-            + [_Stored(str(r["event_id"]), r["selected"], self._read(r)) for r in correction_rows]
+            [self._stored(r, True) for r in own] + [self._stored(r, r["selected"]) for r in correction_rows]
         )
         mine, fixes = stored[: len(own)], stored[len(own) :]
         corrections: dict[str, list[_Stored]] = {}
@@ -621,11 +667,11 @@ class Replayer:
             voided = await _voided(conn, [*(str(i) for i in originals_here), *follows])
         batch = _Batch(rows[-1]["id"], [], [], 0, 0, Counter())
 
-        def send(item: Incoming, decision: RoutingDecision, selected: bool) -> None:
+        def send(item: _Stored, decision: RoutingDecision, selected: bool) -> None:
             batch.copies.append(self._copy(item, decision))
             batch.delivered.append(
                 (
-                    uuid.UUID(item.event.event_id),
+                    uuid.UUID(item.event_id),
                     agency,
                     decision.legal_basis or "",
                     sorted(decision.fields_delivered),
@@ -653,7 +699,7 @@ class Replayer:
                     outcome = decision.outcome.value if decision else Outcome.WITHHELD_NO_SUBSCRIPTION.value
                     batch.withheld[outcome] += 1 + sum(f.selected for f in fixes_of)
                     continue
-                send(item, decision, selected=True)
+                send(entry, decision, selected=True)
                 # Its corrections, in recorded order, right behind it on the same partition.
                 sent_now = [OriginalDelivery(agency, decision.legal_basis, decision.fields_delivered)]
                 for fix in fixes_of:
@@ -664,7 +710,7 @@ class Replayer:
                             fix.incoming, OriginalEvent(event.event_type, sent_now), inputs
                         )
                         if follow_up.delivers:
-                            send(fix.incoming, follow_up, fix.selected)
+                            send(fix, follow_up, fix.selected)
                             continue
                         outcome = follow_up.outcome.value
                     if fix.selected:
@@ -696,10 +742,10 @@ class Replayer:
             if not follow_up.delivers:
                 batch.withheld[follow_up.outcome.value] += 1
                 continue
-            send(item, follow_up, selected=True)
+            send(entry, follow_up, selected=True)
         return batch
 
-    def _follow_up(self, item: Incoming, original: OriginalEvent, inputs: DecisionInputs) -> RoutingDecision:
+    def _follow_up(self, item: Decidable, original: OriginalEvent, inputs: DecisionInputs) -> RoutingDecision:
         """The router's decision on a correction or void for this agency: it goes only
         where the original is held, within the fields the agency got of it."""
         # One agency asked about, so one decision.
@@ -714,7 +760,17 @@ class Replayer:
                 f"{exc}; if the data key was rotated, give the earlier key in TUO_DATA_KEYS_PREVIOUS"
             ) from exc
 
-    def _copy(self, item: Incoming, decision: RoutingDecision) -> Outgoing:
+    def _copy(self, stored: _Stored, decision: RoutingDecision) -> Outgoing:
+        item = stored.incoming
+        if isinstance(item, RoutingFacts):
+            event_type = item.event.event_type
+            dataschema = self.dataschemas.get(event_type)
+            if dataschema is None:
+                dataschema = self.dataschemas[event_type] = routing_facts.dataschema(
+                    self.schema_base_url, event_type
+                )
+            return item.copy(self.topic, stored.value, decision, dataschema, [self.replay_header])
+        assert item is not None  # only a routable event is sent
         copy = agency_copy(self.topics, item, decision, self.schema_base_url)
         return Outgoing(copy.topic, copy.key, copy.value, [*copy.headers, self.replay_header])
 
@@ -769,6 +825,20 @@ class Replayer:
                 json.dumps(dict(batch.withheld)),
                 batch.corrections_sent,
             )
+
+
+@contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Collect garbage less often while a replay runs. Each batch makes thousands of
+    short-lived objects, and by default every 700 allocations start a collection that
+    also walks the young survivors: a fifth of a replay's time was spent so (measured
+    with bench.replay: 6,199 against 7,977 events/s). Memory stays bounded by the batch."""
+    before = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 async def _refuse_if_suspended(conn: asyncpg.Connection, agency: str) -> None:

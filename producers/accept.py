@@ -27,7 +27,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from producers.accounts import TOKENS_CHANNEL, Submitter, TokenCache
 from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
 from producers.group_commit import GroupCommit
-from producers.office_keys import OFFICE_KEYS_CHANNEL, ActiveKeys
+from producers.office_keys import OFFICE_KEYS_CHANNEL, ActiveKeys, SigningKey
 from producers.requests import ConsentChoice, DuplicateOverride, Strict, Submission
 from producers.store import (
     SUBSCRIPTIONS_CHANNEL,
@@ -44,6 +44,7 @@ from producers.store import (
     latest_link,
     original_event,
 )
+from router import facts as routing_facts
 from router.consent_changes import announce
 from router.rules import SUBJECT_ADDRESSES
 from runtime.kafka import Topics
@@ -473,6 +474,17 @@ class Intake:
             schema_base_url=self.settings.schema_base_url(),
         )
         fingerprint = _fingerprint(event_type, submitter.office, fingerprint_of)
+        message_key = subject.subject_id.encode()
+
+        def signed(key: SigningKey) -> dict[str, Any]:
+            headers = cloud_events + value_signature_headers(key, event_type, value, str(event_id))
+            return {
+                "headers": headers,
+                "signing_key_id": key.key_id,
+                # What a replay needs, read from the message as the router reads it.
+                "routing_facts": routing_facts.seal(self.sealer, event_id, message_key, value, headers),
+            }
+
         event = NewEvent(
             reference=reference,
             event_id=event_id,
@@ -496,23 +508,16 @@ class Intake:
             subject_link=link,
             end_of_consent=self._end_of_consent(subject.subject_id, event_type),
             topic=self.topics.life_events,
-            message_key=subject.subject_id.encode(),
+            message_key=message_key,
             message_value=self.sealer.seal(value, event_id),  # personal data: sealed at rest
-            headers=cloud_events + value_signature_headers(key, event_type, value, str(event_id)),
-            signing_key_id=key.key_id,
+            **signed(key),
         )
         try:
             recorded = await self.group_commit.record(event)
         except StaleSigningKey:  # the key was rotated before this process heard: sign again
             self.signing_keys.forget()
             key = await self.signing_keys.of(submitter.office)
-            recorded = await self.group_commit.record(
-                dataclasses.replace(
-                    event,
-                    headers=cloud_events + value_signature_headers(key, event_type, value, str(event_id)),
-                    signing_key_id=key.key_id,
-                )
-            )
+            recorded = await self.group_commit.record(dataclasses.replace(event, **signed(key)))
         if recorded.created:  # committed with its outbox row; a repeated request adds nothing
             EVENTS_ACCEPTED.labels(event_type=recorded.event_type).inc()
         log.info(

@@ -227,7 +227,7 @@ async def _record_group(
         await outbox.append(
             conn,
             [
-                OutboxMessage(e.event_id, e.topic, e.message_key, e.message_value, e.headers)
+                OutboxMessage(e.event_id, e.topic, e.message_key, e.message_value, e.headers, e.routing_facts)
                 for e in (w.event for w in kept)
             ],
         )

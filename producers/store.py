@@ -91,6 +91,7 @@ class NewEvent:
     subject_link: SubjectLink | None = None  # set when a correction fixes the subject's NINO
     end_of_consent: EndOfConsent | None = None  # None: refusals are only recorded
     signing_key_id: str | None = None  # checked still active when stored, and kept so until commit
+    routing_facts: bytes | None = None  # sealed, for replay (router.facts); None for follow-ups
 
 
 class ConsentReceipts(Protocol):
@@ -277,7 +278,16 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
     await record_consents(conn, [event], receipts)
     await outbox.append(
         conn,
-        [OutboxMessage(event.event_id, event.topic, event.message_key, event.message_value, event.headers)],
+        [
+            OutboxMessage(
+                event.event_id,
+                event.topic,
+                event.message_key,
+                event.message_value,
+                event.headers,
+                event.routing_facts,
+            )
+        ],
     )
 
 

@@ -307,27 +307,30 @@ def splice(event_type: str, value: bytes, spans: Spans, delivered: frozenset[str
     pieces = [plan.framing]
     pos = HEADER.size
 
-    def at(span: tuple[int, int], change: bytes | None) -> None:
+    def at(start: int, end: int, change: bytes | None) -> None:
         nonlocal pos
         if change is not None:
-            pieces.append(value[pos : span[0]])
+            pieces.append(value[pos:start])
             pieces.append(change)
-            pos = span[0] if change is _VALUE else span[1]
+            pos = start if change is _VALUE else end
 
-    for index, span in enumerate(spans.fields):
+    fields = spans.fields
+    for index, change in enumerate(plan.fields):
+        start, end = fields[2 * index], fields[2 * index + 1]
         if index == plan.envelope_at:
-            for member_span, member_change in zip(spans.envelope, plan.envelope, strict=True):
-                at(member_span, member_change)
+            members = spans.envelope
+            for n, member_change in enumerate(plan.envelope):
+                at(members[2 * n], members[2 * n + 1], member_change)
         elif index in plan.people:
             name, per_part = plan.people[index]
             persons = spans.people[name]
             if persons:  # else null or an empty list, whose byte is the null's already
-                at(span, plan.fields[index])
+                at(start, end, change)
                 for person in persons:
-                    for part_span, part_change in zip(person, per_part, strict=True):
-                        at(part_span, part_change)
+                    for n, part_change in enumerate(per_part):
+                        at(person[2 * n], person[2 * n + 1], part_change)
         else:
-            at(span, plan.fields[index])
+            at(start, end, change)
     pieces.append(value[pos:])
     pieces.append(plan.withheld)
     return b"".join(pieces)

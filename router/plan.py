@@ -42,6 +42,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Protocol
 
 import asyncpg
 import structlog
@@ -78,6 +79,20 @@ DECISION_SOURCE = "/router"
 OriginalsReader = Callable[[asyncpg.Connection, list[str]], Awaitable[dict[str, OriginalEvent]]]
 
 
+class Decidable(Protocol):
+    """An event as a decision sees it: ``router.messages.Incoming`` as the router reads
+    it, or ``router.facts.RoutingFacts`` as a replay keeps it."""
+
+    @property
+    def event(self) -> RoutableEvent: ...
+
+    @property
+    def follows(self) -> tuple[str, str] | None: ...
+
+    @property
+    def redeliver_to(self) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class DecisionInputs:
     """What a batch's decisions are made on, read by ``read_inputs`` in the order above."""
@@ -107,7 +122,7 @@ async def verify_signatures(keys: KeyRing, incoming: Sequence[Incoming]) -> list
     return failures
 
 
-def _judged_as(incoming: Incoming, originals: Mapping[str, OriginalEvent]) -> str:
+def _judged_as(incoming: Decidable, originals: Mapping[str, OriginalEvent]) -> str:
     """The event type consent is read for: a correction's or void's original's recorded type."""
     if incoming.follows is not None and incoming.follows[0] in originals:
         return originals[incoming.follows[0]].event_type
@@ -116,7 +131,7 @@ def _judged_as(incoming: Incoming, originals: Mapping[str, OriginalEvent]) -> st
 
 async def read_inputs(
     conn: asyncpg.Connection,
-    incoming: Sequence[Incoming],
+    incoming: Sequence[Decidable],
     originals_of: OriginalsReader,
     *,
     agency: str | None = None,
@@ -136,7 +151,7 @@ async def read_inputs(
     return DecisionInputs(now, subscriptions, originals, consent)
 
 
-def decide_on(incoming: Incoming, inputs: DecisionInputs) -> list[RoutingDecision]:
+def decide_on(incoming: Decidable, inputs: DecisionInputs) -> list[RoutingDecision]:
     """One decision per subscribed agency: whether it gets the event, and which fields."""
     event = incoming.event
     return decide(
@@ -149,7 +164,7 @@ def decide_on(incoming: Incoming, inputs: DecisionInputs) -> list[RoutingDecisio
 
 
 def decide_on_follow_up(
-    incoming: Incoming, original: OriginalEvent, agencies: Iterable[str], inputs: DecisionInputs
+    incoming: Decidable, original: OriginalEvent, agencies: Iterable[str], inputs: DecisionInputs
 ) -> list[RoutingDecision]:
     """A correction or void, judged on its original's recorded type: one decision per
     agency asked about; it goes only where the original went, within what it carried."""

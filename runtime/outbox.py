@@ -28,6 +28,7 @@ class OutboxMessage:
     key: bytes
     value: bytes  # sealed for this event id: the relay opens it as it publishes
     headers: Headers
+    routing_facts: bytes | None = None  # sealed too (router.facts): for replay, never published
 
 
 def _json(headers: Headers) -> str:
@@ -41,10 +42,10 @@ async def append(conn: asyncpg.Connection, messages: Sequence[OutboxMessage]) ->
     if not messages:
         return []
     rows = await conn.fetch(
-        "INSERT INTO outbox (event_id, topic, message_key, message_value, headers)"
-        " SELECT event_id, topic, message_key, message_value, headers::jsonb"
-        "   FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::text[]) WITH ORDINALITY"
-        "        AS m(event_id, topic, message_key, message_value, headers, n)"
+        "INSERT INTO outbox (event_id, topic, message_key, message_value, headers, routing_facts)"
+        " SELECT event_id, topic, message_key, message_value, headers::jsonb, routing_facts"
+        "   FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::bytea[], $5::text[], $6::bytea[])"
+        "        WITH ORDINALITY AS m(event_id, topic, message_key, message_value, headers, routing_facts, n)"
         "  ORDER BY n"
         " RETURNING id",
         [m.event_id for m in messages],
@@ -52,6 +53,7 @@ async def append(conn: asyncpg.Connection, messages: Sequence[OutboxMessage]) ->
         [m.key for m in messages],
         [m.value for m in messages],
         [_json(m.headers) for m in messages],
+        [m.routing_facts for m in messages],
     )
     await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
     return sorted(r["id"] for r in rows)  # bigserial, assigned in the SELECT's order

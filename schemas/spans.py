@@ -16,6 +16,7 @@ related person.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,37 +35,30 @@ class NotSpliceable(ValueError):
 
 @dataclass(frozen=True)
 class Spans:
-    """Where each withholdable part of one encoded event lies."""
+    """Where each withholdable part of one encoded event lies, as flat runs of offsets
+    (start, end, start, end, …): read back from storage as they are, with no pairing up."""
 
     schema_id: int  # the schema the bytes were written with (the type's latest, when located)
-    fields: tuple[Span, ...]  # each top-level field, in the schema's order
-    envelope: tuple[Span, ...]  # each of the envelope's personal fields, in ``ENVELOPE_PATHS`` order
-    people: dict[str, tuple[tuple[Span, ...], ...]]  # related-person field → per person → each part
+    fields: Sequence[int]  # each top-level field, in the schema's order
+    envelope: Sequence[int]  # each of the envelope's personal fields, in ``ENVELOPE_PATHS`` order
+    people: Mapping[str, Sequence[Sequence[int]]]  # related-person field → per person: each part
 
     def as_json(self) -> list[Any]:
         return [
             self.schema_id,
-            [n for span in self.fields for n in span],
-            [n for span in self.envelope for n in span],
-            {
-                name: [[n for span in person for n in span] for person in group]
-                for name, group in self.people.items()
-            },
+            list(self.fields),
+            list(self.envelope),
+            {k: list(v) for k, v in self.people.items()},
         ]
 
     @classmethod
     def from_json(cls, data: list[Any]) -> Spans:
         schema_id, fields, envelope, people = data
-        return cls(
-            schema_id,
-            _pairs(fields),
-            _pairs(envelope),
-            {name: tuple(_pairs(person) for person in group) for name, group in people.items()},
-        )
+        return cls(schema_id, fields, envelope, people)
 
 
-def _pairs(flat: list[int]) -> tuple[Span, ...]:
-    return tuple(zip(flat[::2], flat[1::2], strict=True))
+def _flat(spans: Iterable[Span]) -> list[int]:
+    return [n for span in spans for n in span]
 
 
 def locate(event_type: str, value: bytes) -> Spans:
@@ -97,7 +91,12 @@ def locate(event_type: str, value: bytes) -> Spans:
         raise NotSpliceable(f"the {event_type} has {len(value) - pos} bytes after its last field")
     if len(envelope) != len(ENVELOPE_PATHS):
         raise NotSpliceable(f"the {event_type}'s envelope lacks a personal field")
-    return Spans(entry.schema_id, tuple(fields), tuple(envelope[path] for path in ENVELOPE_PATHS), people)
+    return Spans(
+        entry.schema_id,
+        _flat(fields),
+        _flat(envelope[path] for path in ENVELOPE_PATHS),
+        {name: [_flat(person) for person in group] for name, group in people.items()},
+    )
 
 
 class _Walker:

@@ -844,3 +844,94 @@ async def test_a_correction_of_a_voided_event_is_not_replayed_and_corrections_fo
     row = await pool.fetchrow("SELECT * FROM replay WHERE id = $1", uuid.UUID(replay_id))
     assert (row["examined"], row["sent"], row["corrections_sent"]) == (5, 3, 0)
     assert json.loads(row["withheld"]) == {"VOIDED": 2}
+
+
+@pytest.mark.integration
+async def test_a_replay_from_routing_facts_sends_what_reading_each_event_the_routers_way_sends(
+    bus: RunningBus,
+    services: Settings,
+    pool: asyncpg.Pool,
+    intake: httpx.AsyncClient,
+    onboarded: list[str],
+) -> None:
+    """Intake keeps each registration's routing facts; a replay decides on them and splices
+    each copy from the stored bytes. Byte for byte, header for header, it must send what a
+    replay that decodes, verifies and encodes each event sends, and the agency's own
+    consumer (the SDK: signature and every disclosed item checked) must apply each."""
+    events = []
+    for n in range(4):
+        executor = {"given_names": "Sam", "family_name": "Executor", "relationship": "solicitor"}
+        body = death_registration(
+            deceased={"given_names": "Pat", "family_name": "Example", "nino": random_nino()},
+            executor={**executor, "nino": random_nino()} if n % 2 else None,  # with a part, and null
+            consents=[],
+        )
+        response = await intake.post("/v1/death-registrations", json=body)
+        assert response.status_code == 201, response.text
+        events.append(response.json())
+    await _published(pool, events)
+    ids = [uuid.UUID(e["event_id"]) for e in events]
+    kept = await pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE event_id = ANY($1::uuid[]) AND routing_facts IS NOT NULL", ids
+    )
+    assert kept == len(events)
+    agency = _agency_name()
+    onboarded.append(agency)
+    await onboard_agency(services, pool, agency, ["DeathRegistered"], by="tests")
+    # Some of the deceased's details, part of the executor, none of the informant's.
+    granted = ["date_of_death", "deceased", "executor.person", "nino"]
+    await upsert_subscription(
+        pool,
+        agency=agency,
+        event_type="DeathRegistered",
+        legal_basis="statutory",
+        statute="a test statute",
+        fields=granted,
+        condition=None,
+    )
+    selection = Selection.of(references=[e["reference"] for e in events])
+
+    async def run_replay() -> tuple[str, int]:
+        started = await replay.start(
+            pool, services, agency=agency, selection=selection, reason="tests", requested_by="tests"
+        )
+        replayer = replay.Replayer(services, pool, started)
+        done = await replayer.run()
+        assert done.tally.sent == len(events), done.tally
+        return started.id, replayer.facts_used
+
+    from_facts, facts_used = await run_replay()
+    assert facts_used == len(events)
+    await pool.execute("UPDATE outbox SET routing_facts = NULL WHERE event_id = ANY($1::uuid[])", ids)
+    read_again, facts_used = await run_replay()
+    assert facts_used == 0
+
+    records = await read_topic(services, Topics(services.topic_prefix).agency(agency))
+
+    def sent_by(replay_id: str) -> dict[str, tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]:
+        return {
+            header(r, "ce_id") or "": (r.key, r.value, [h for h in r.headers if h[0] != REPLAY_ID_HEADER])
+            for r in records
+            if header(r, REPLAY_ID_HEADER) == replay_id
+        }
+
+    spliced = sent_by(from_facts)
+    assert sorted(spliced) == sorted(e["event_id"] for e in events)
+    assert spliced == sent_by(read_again)
+    executors = []
+    for _, value, _ in spliced.values():
+        copy = decode(value or b"")[1]
+        assert copy["envelope"]["informant"]["name"] is None and copy["last_address"] is None
+        executors.append(copy["executor"])
+    assert len([e for e in executors if e is not None]) == 2
+    for kept_executor in (e for e in executors if e is not None):
+        assert kept_executor["person"]["family_name"] == "Executor"
+        assert kept_executor["relationship"] is None and kept_executor["nino"] is None
+    # The SDK applies only what verifies: the office's signature over every disclosed item.
+    async with _agency_consumer(services, pool, agency) as applied:
+
+        async def all_applied() -> bool | None:
+            return True if len(applied) == len(events) else None
+
+        await eventually(all_applied, timeout=60, what="every copy applied by the agency's consumer")
+    assert set(applied) == set(spliced)

@@ -80,6 +80,15 @@ async def count_by_ce_id(
 ) -> tuple[int, int]:
     """Messages committed on ``topic`` now (read_committed, from the start):
     (distinct ``ce_id`` values, among ``among`` when given; messages read)."""
+    seen, read = await ce_ids_on(options, topic, among)
+    return len(seen), read
+
+
+async def ce_ids_on(
+    options: dict[str, Any], topic: str, among: Iterable[str] | None = None
+) -> tuple[set[str], int]:
+    """Messages committed on ``topic`` now (read_committed, from the start): (their
+    distinct ``ce_id`` values, among ``among`` when given; messages read)."""
     wanted = None if among is None else set(among)
     consumer = AIOKafkaConsumer(
         topic,
@@ -109,7 +118,7 @@ async def count_by_ce_id(
                     ce_id = next((bytes(v).decode() for k, v in record.headers if k == "ce_id"), None)
                     if ce_id is not None and (wanted is None or ce_id in wanted):
                         seen.add(ce_id)
-        return len(seen), read
+        return seen, read
     finally:
         await consumer.stop()
 

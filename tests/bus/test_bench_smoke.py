@@ -66,9 +66,14 @@ def test_replay_sends_every_stored_signed_event(tmp_path: Path) -> None:
     assert figures["bare"]["arrived"] == events
     assert_every_key(figures)
     assert set(figures["stages"]) == {
-        "replay batch (read, open, verify, decide, send, record)",
+        "replay batch (read, open, decide, splice, send, record)",
         "bare pipe batch (read, send)",
     }
+    # Consent withdrawn mid-replay: every consented event arrived, none of those who withdrew.
+    withdrawal = figures["withdrawal_mid_replay"]
+    assert withdrawal["withdrawn"] > 0 and withdrawal["consented"] == events // 2
+    assert withdrawal["sent"] == withdrawal["arrived"] == withdrawal["consented"] - withdrawal["withdrawn"]
+    assert withdrawal["withdrawal_confirmed_after_events"] < events * 4 // 5
     # Its own process signs, replays and reads the topic; the broker and PostgreSQL serve it.
     processes = figures["cpu"]["processes"]
     assert {"kafka broker (java)", "postgresql"} <= set(processes), processes

@@ -163,8 +163,8 @@ def agency_copy(
     this one shares where it can (a life event's only)."""
     event = incoming.event
     if incoming.follows is None:
-        copies = copies or Copies(event.event_type, incoming.body)
-        _, value = copies.copy(decision.fields_delivered)
+        copies = copies or Copies(event.event_type, incoming.body, incoming.record.value)
+        value = copies.encoded(decision.fields_delivered)
         disclosed = copies.disclosed(decision.fields_delivered)
     else:
         copy, disclosed = _follow_up(incoming, decision.fields_delivered)

@@ -21,7 +21,7 @@ from schemas.catalogue import CATALOGUE, DISCLOSURE_SUFFIX
 from schemas.codec import HEADER, field_writer
 from schemas.fieldpaths import ENVELOPE_PATHS, NINO, SPLIT_TYPE, covered, grantable_paths, split_fields
 from schemas.signatures import ENVELOPE, items
-from schemas.spans import NotSpliceable, Spans
+from schemas.spans import NotSpliceable, Spans, locate
 
 __all__ = [
     "NINO",
@@ -144,14 +144,29 @@ class Copies:
     """One life event's copies for the agencies it goes to, minimised and encoded as
     ``encode(<type>Disclosure, minimise(...))`` would, but with each field cut and encoded
     once per distinct cut of it: agencies granted the same parts of a field share its
-    bytes, however their grants differ elsewhere."""
+    bytes, however their grants differ elsewhere. Given the event's own bytes (``value``,
+    as ``record`` was decoded from), ``encoded`` splices each copy from them instead."""
 
-    def __init__(self, event_type: str, record: Mapping[str, Any]) -> None:
+    def __init__(self, event_type: str, record: Mapping[str, Any], value: bytes | None = None) -> None:
         self.event_type = event_type
         self.record = record
         self.writer = field_writer(f"{event_type}{DISCLOSURE_SUFFIX}")
         self._cut: dict[tuple[str, Hashable], tuple[Any, bytes]] = {}
         self._valued = valued_items(event_type, record)
+        self._bytes = value
+        self._spans: Spans | None = None
+        if value is not None:
+            try:
+                self._spans = locate(event_type, value)
+            except NotSpliceable:  # an older schema version: cut and encoded instead
+                pass
+
+    def encoded(self, delivered: frozenset[str]) -> bytes:
+        """The encoding of ``copy(delivered)``: spliced from the event's bytes when they
+        were given and could be located, else cut and encoded."""
+        if self._spans is not None and self._bytes is not None:
+            return splice(self.event_type, self._bytes, self._spans, delivered)
+        return self.copy(delivered)[1]
 
     def disclosed(self, delivered: frozenset[str]) -> set[str]:
         """The signed items ``copy(delivered)`` carries, whose salts it discloses: what

@@ -374,7 +374,7 @@ def _route_one(
         )
     outgoing: list[Outgoing] = []
     copies: dict[frozenset[str], Outgoing] = {}  # agencies granted the same fields share one encoding
-    cut = Copies(event.event_type, incoming.body)  # and agencies granted the same part of a field, its bytes
+    cut = Copies(event.event_type, incoming.body, incoming.record.value)  # spliced from the event's bytes
     decisions = decide_on(incoming, inputs)
     if incoming.redeliver_to is not None:
         decisions = _as_redelivered(decisions, incoming.redeliver_to, inputs.originals.get(event.event_id))

@@ -16,15 +16,14 @@ related person.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from schemas.catalogue import active
+from schemas.catalogue import SchemaCatalogue, active
 from schemas.codec import HEADER, schema_id_of
 from schemas.fieldpaths import ENVELOPE_PATHS, split_fields
-
-Span = tuple[int, int]  # [start, end) in the framed value
 
 
 class NotSpliceable(ValueError):
@@ -57,162 +56,212 @@ class Spans:
         return cls(schema_id, fields, envelope, people)
 
 
-def _flat(spans: Iterable[Span]) -> list[int]:
-    return [n for span in spans for n in span]
-
-
 def locate(event_type: str, value: bytes) -> Spans:
     """The spans of ``value``, an encoded ``event_type`` written with its latest schema."""
-    entry = active().latest(event_type)
-    if schema_id_of(value) != entry.schema_id:
+    layout = _layout(event_type)
+    if schema_id_of(value) != layout.schema_id:
         raise NotSpliceable(f"written with schema {schema_id_of(value)}, not {event_type}'s latest")
-    walker = _Walker(value, entry.parsed["__named_schemas"])
-    split = split_fields(event_type)
-    members = {member: path for path, member in ENVELOPE_PATHS.items()}
-    fields: list[Span] = []
-    envelope: dict[str, Span] = {}
-    people: dict[str, tuple[tuple[Span, ...], ...]] = {}
+    fields: list[int] = []
+    envelope = [0] * (2 * len(ENVELOPE_PATHS))
+    people: dict[str, list[list[int]]] = {}
     pos = HEADER.size
     try:
-        for field in entry.parsed["fields"]:
-            start, kind = pos, field["type"]
-            if field["name"] == "envelope":
-                pos = walker.record(
-                    kind, pos, lambda outer, sub, at: walker.members(outer, sub, at, members, envelope)
-                )
-            elif field["name"] in split:
-                pos, people[field["name"]] = walker.people(kind, pos)
+        for name, envelope_steps, person, skip in layout.fields:
+            fields.append(pos)
+            if envelope_steps is not None:
+                for step, slot in envelope_steps:
+                    end = step(value, pos)
+                    if slot >= 0:
+                        envelope[2 * slot], envelope[2 * slot + 1] = pos, end
+                    pos = end
+            elif person is not None:
+                pos, people[name] = _people(value, pos, person, many=skip is None)
             else:
-                pos = walker.skip(kind, pos)
-            fields.append((start, pos))
+                assert skip is not None
+                pos = skip(value, pos)
+            fields.append(pos)
     except IndexError:
         raise NotSpliceable(f"the {event_type} ends early") from None
     if pos != len(value):
         raise NotSpliceable(f"the {event_type} has {len(value) - pos} bytes after its last field")
-    if len(envelope) != len(ENVELOPE_PATHS):
-        raise NotSpliceable(f"the {event_type}'s envelope lacks a personal field")
-    return Spans(
-        entry.schema_id,
-        _flat(fields),
-        _flat(envelope[path] for path in ENVELOPE_PATHS),
-        {name: [_flat(person) for person in group] for name, group in people.items()},
-    )
+    return Spans(layout.schema_id, fields, envelope, people)
 
 
-class _Walker:
-    """Reads past Avro values in ``data`` without decoding them."""
+Skip = Callable[[bytes, int], int]  # reads past one value at a position; where it ends
 
-    _FIXED: ClassVar[dict[str, int]] = {"null": 0, "boolean": 1, "float": 4, "double": 8}
 
-    def __init__(self, data: bytes, named: dict[str, Any]) -> None:
-        self.data = data
-        self.named = named
+@dataclass(frozen=True)
+class _Layout:
+    """How to walk one event type's bytes, worked out once from its latest schema."""
 
-    def long(self, pos: int) -> tuple[int, int]:
-        byte = self.data[pos]
-        n, shift, pos = byte & 0x7F, 7, pos + 1
-        while byte & 0x80:
-            byte = self.data[pos]
-            n |= (byte & 0x7F) << shift
-            shift, pos = shift + 7, pos + 1
-        return (n >> 1) ^ -(n & 1), pos
+    schema_id: int
+    # Per top-level field: (name, the envelope's steps, a related person's parts, a skip).
+    # The envelope's steps read past each member, or each field of a member holding a
+    # personal field, with that field's place in ENVELOPE_PATHS (-1: not one). A related
+    # person is one or null (its skip is that of the null) or a list (no skip).
+    fields: tuple[tuple[str, tuple[tuple[Skip, int], ...] | None, tuple[Skip, ...] | None, Skip | None], ...]
 
-    def resolve(self, schema: Any) -> Any:
-        return self.named[schema] if isinstance(schema, str) and schema in self.named else schema
 
-    def skip(self, schema: Any, pos: int) -> int:
-        schema = self.resolve(schema)
-        if isinstance(schema, str):
-            if schema in self._FIXED:
-                return pos + self._FIXED[schema]
-            if schema in ("int", "long"):
-                return self.long(pos)[1]
-            if schema in ("string", "bytes"):
-                size, pos = self.long(pos)
-                return pos + size
+def _layout(event_type: str) -> _Layout:
+    return _layout_in(active(), event_type)
+
+
+@functools.cache
+def _layout_in(catalogue: SchemaCatalogue, event_type: str) -> _Layout:
+    entry = catalogue.latest(event_type)
+    named: dict[str, Any] = entry.parsed["__named_schemas"]
+    split = split_fields(event_type)
+    slots = {member: n for n, member in enumerate(ENVELOPE_PATHS.values())}
+
+    def resolve(schema: Any) -> Any:
+        return named.get(schema, schema) if isinstance(schema, str) else schema
+
+    def record(schema: Any) -> dict[str, Any]:
+        schema = resolve(schema)
+        if not isinstance(schema, dict) or schema.get("type") != "record":
+            raise NotSpliceable(f"{event_type}: expected a record")
+        return schema
+
+    fields: list[tuple[str, tuple[tuple[Skip, int], ...] | None, tuple[Skip, ...] | None, Skip | None]] = []
+    for field in entry.parsed["fields"]:
+        name, kind = field["name"], field["type"]
+        if name == "envelope":
+            steps: list[tuple[Skip, int]] = []
+            for member in record(kind)["fields"]:
+                if any(outer == member["name"] for outer, _ in slots):
+                    for inner in record(member["type"])["fields"]:
+                        steps.append(
+                            (_skipper(inner["type"], named), slots.get((member["name"], inner["name"]), -1))
+                        )
+                else:
+                    steps.append((_skipper(member["type"], named), -1))
+            if sorted(slot for _, slot in steps if slot >= 0) != list(range(len(slots))):
+                raise NotSpliceable(f"{event_type}'s envelope lacks a personal field")
+            fields.append((name, tuple(steps), None, None))
+        elif name in split:
+            kind = resolve(kind)
+            if isinstance(kind, list) and len(kind) == 2 and kind[0] == "null":
+                person, skip = kind[1], _skipper("null", named)
+            elif isinstance(kind, dict) and kind.get("type") == "array":
+                person, skip = kind["items"], None
+            else:
+                raise NotSpliceable(f"{event_type}.{name} is neither a person or null nor a list of people")
+            parts = tuple(_skipper(part["type"], named) for part in record(person)["fields"])
+            fields.append((name, None, parts, skip))
+        else:
+            fields.append((name, None, None, _skipper(kind, named)))
+    return _Layout(entry.schema_id, tuple(fields))
+
+
+def _long(data: bytes, pos: int) -> tuple[int, int]:
+    """A zig-zag varint: its value, and where it ends."""
+    byte = data[pos]
+    n, shift, pos = byte & 0x7F, 7, pos + 1
+    while byte & 0x80:
+        byte = data[pos]
+        n |= (byte & 0x7F) << shift
+        shift, pos = shift + 7, pos + 1
+    return (n >> 1) ^ -(n & 1), pos
+
+
+def _skip_long(data: bytes, pos: int) -> int:
+    while data[pos] & 0x80:
+        pos += 1
+    return pos + 1
+
+
+def _skip_bytes(data: bytes, pos: int) -> int:
+    size, pos = _long(data, pos)
+    return pos + size
+
+
+def _fixed(size: int) -> Skip:
+    return lambda data, pos: pos + size
+
+
+_PRIMITIVE: dict[str, Skip] = {
+    "null": _fixed(0),
+    "boolean": _fixed(1),
+    "float": _fixed(4),
+    "double": _fixed(8),
+    "int": _skip_long,
+    "long": _skip_long,
+    "string": _skip_bytes,
+    "bytes": _skip_bytes,
+}
+
+
+def _skipper(schema: Any, named: dict[str, Any]) -> Skip:
+    """A function that reads past a value of ``schema`` (a fastavro parsed schema)."""
+    if isinstance(schema, str):
+        if schema in _PRIMITIVE:
+            return _PRIMITIVE[schema]
+        if schema not in named:
             raise NotSpliceable(f"unknown Avro type {schema!r}")
-        if isinstance(schema, list):
-            index, pos = self.long(pos)
-            return self.skip(schema[index], pos)
-        kind = schema["type"]
-        if kind == "record":
-            for field in schema["fields"]:
-                pos = self.skip(field["type"], pos)
+        return _skipper(named[schema], named)  # no type of ours holds itself
+    if isinstance(schema, list):
+        branches = tuple(_skipper(branch, named) for branch in schema)
+
+        def union(data: bytes, pos: int) -> int:
+            index, pos = _long(data, pos)
+            return branches[index](data, pos)
+
+        return union
+    kind = schema["type"]
+    if kind == "record":
+        members = tuple(_skipper(field["type"], named) for field in schema["fields"])
+
+        def record(data: bytes, pos: int) -> int:
+            for member in members:
+                pos = member(data, pos)
             return pos
-        if kind == "enum":
-            return self.long(pos)[1]
-        if kind == "fixed":
-            return pos + int(schema["size"])
-        if kind in ("array", "map"):
+
+        return record
+    if kind == "enum":
+        return _skip_long
+    if kind == "fixed":
+        return _fixed(int(schema["size"]))
+    if kind in ("array", "map"):
+        item = _skipper(schema["items"] if kind == "array" else schema["values"], named)
+        key = _skip_bytes if kind == "map" else _PRIMITIVE["null"]
+
+        def blocks(data: bytes, pos: int) -> int:
             while True:
-                count, pos = self.long(pos)
+                count, pos = _long(data, pos)
                 if count == 0:
                     return pos
                 if count < 0:  # a block that gives its size in bytes
-                    size, pos = self.long(pos)
+                    size, pos = _long(data, pos)
                     pos += size
                     continue
                 for _ in range(count):
-                    if kind == "map":
-                        pos = self.skip("string", pos)
-                    pos = self.skip(schema["items"] if kind == "array" else schema["values"], pos)
-        return self.skip(kind, pos)  # a primitive with a logical type
+                    pos = item(data, key(data, pos))
 
-    def record(self, schema: Any, pos: int, each: Any) -> int:
-        """Walk a record, giving ``each(field name, field type, position)`` every field to
-        read past; it returns where the field ends."""
-        schema = self.resolve(schema)
-        if not isinstance(schema, dict) or schema.get("type") != "record":
-            raise NotSpliceable("expected a record")
-        for field in schema["fields"]:
-            pos = each(field["name"], field["type"], pos)
+        return blocks
+    return _skipper(kind, named)  # a primitive with a logical type
+
+
+def _people(data: bytes, pos: int, parts: tuple[Skip, ...], *, many: bool) -> tuple[int, list[list[int]]]:
+    """A related-person field: one person or null, or a list of people; each person's parts."""
+    found: list[list[int]] = []
+
+    def person(pos: int) -> int:
+        spans = []
+        for part in parts:
+            spans.append(pos)
+            pos = part(data, pos)
+            spans.append(pos)
+        found.append(spans)
         return pos
 
-    def members(
-        self, outer: str, schema: Any, pos: int, wanted: dict[tuple[str, str], str], found: dict[str, Span]
-    ) -> int:
-        """An envelope member: the span of each of its fields that is a personal field."""
-        if not any(member[0] == outer for member in wanted):
-            return self.skip(schema, pos)
-
-        def inner(name: str, kind: Any, at: int) -> int:
-            end = self.skip(kind, at)
-            if (outer, name) in wanted:
-                found[wanted[outer, name]] = (at, end)
-            return end
-
-        return self.record(schema, pos, inner)
-
-    def person(self, schema: Any, pos: int) -> tuple[int, tuple[Span, ...]]:
-        parts: list[Span] = []
-
-        def part(_: str, kind: Any, at: int) -> int:
-            end = self.skip(kind, at)
-            parts.append((at, end))
-            return end
-
-        return self.record(schema, pos, part), tuple(parts)
-
-    def people(self, schema: Any, pos: int) -> tuple[int, tuple[tuple[Span, ...], ...]]:
-        """A related-person field: a person or null, or a list of people."""
-        schema = self.resolve(schema)
-        if isinstance(schema, list):
-            if schema[0] != "null" or len(schema) != 2:
-                raise NotSpliceable("a related person that is not a person or null")
-            index, pos = self.long(pos)
-            if index == 0:
-                return pos, ()
-            pos, parts = self.person(schema[1], pos)
-            return pos, (parts,)
-        if not isinstance(schema, dict) or schema.get("type") != "array":
-            raise NotSpliceable("a related-person field that is neither optional nor a list")
-        found: list[tuple[Span, ...]] = []
-        while True:
-            count, pos = self.long(pos)
-            if count == 0:
-                return pos, tuple(found)
-            if count < 0:
-                raise NotSpliceable("a list of people written in sized blocks")
-            for _ in range(count):
-                pos, parts = self.person(schema["items"], pos)
-                found.append(parts)
+    if not many:
+        index, pos = _long(data, pos)
+        return (person(pos) if index == 1 else pos), found
+    while True:
+        count, pos = _long(data, pos)
+        if count == 0:
+            return pos, found
+        if count < 0:
+            raise NotSpliceable("a list of people written in sized blocks")
+        for _ in range(count):
+            pos = person(pos)

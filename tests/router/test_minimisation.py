@@ -32,8 +32,8 @@ from runtime.settings import Settings
 from schemas import decode, encode
 from schemas.catalogue import MINIMISED, active
 from schemas.codec import schema_id_of
-from schemas.spans import NotSpliceable, Spans, locate
 from schemas.signatures import office_source, read_signature, signature_headers, verify
+from schemas.spans import NotSpliceable, Spans, locate
 from tests.golden.make_vectors import EXAMPLES
 from tests.schemas.test_signatures import KEY, OFFICE
 from tests.support import eventually, header, random_nino, read_topic, today
@@ -443,9 +443,12 @@ def test_a_copy_spliced_from_the_stored_bytes_is_the_copy_minimised_and_encoded(
     spans = Spans.from_json(json.loads(json.dumps(locate(event_type, value).as_json())))
     valued = valued_items(event_type, body)
     paths = sorted(event_fields(event_type))
+    routers = Copies(event_type, body, value)  # the router's, given the event's bytes too
     for granted in data.draw(st.lists(st.frozensets(st.sampled_from(paths)), min_size=1, max_size=6)):
         alone = minimise(event_type, body, granted)
-        assert splice(event_type, value, spans, granted) == encode(f"{event_type}Disclosure", alone)
+        encoded = encode(f"{event_type}Disclosure", alone)
+        assert splice(event_type, value, spans, granted) == encoded
+        assert routers.encoded(granted) == encoded
         assert disclosed(event_type, granted, valued) == disclosed_items(event_type, alone)
 
 

@@ -438,11 +438,21 @@ def disclosing(
     """An event's signature headers (``signature`` as its header carries it, base64url),
     with the salts of ``disclose`` only (default: all)."""
     names = sorted(salts) if disclose is None else sorted(set(disclose) & set(salts))
-    return [
-        (SIG_HEADER, signature),
-        (MANIFEST_HEADER, manifest),
-        (SALTS_HEADER, canonical_json({name: salts[name] for name in names})),
-    ]
+    return [(SIG_HEADER, signature), (MANIFEST_HEADER, manifest), (SALTS_HEADER, _salts_json(names, salts))]
+
+
+# Characters that need no escaping in JSON: item names and base64url salts are made of them.
+_PLAIN = re.compile(r"[A-Za-z0-9_./\-]*")
+
+
+def _salts_json(names: list[str], salts: Mapping[str, str]) -> bytes:
+    """``canonical_json`` of ``{name: salts[name]}`` for ``names`` (sorted), written
+    directly when no name or salt needs escaping: a copy's salts header is made for
+    every agency of every event."""
+    values = [salts[name] for name in names]
+    if not _PLAIN.fullmatch("".join(names) + "".join(values)):
+        return canonical_json(dict(zip(names, values, strict=True)))
+    return ("{" + ",".join(f'"{n}":"{v}"' for n, v in zip(names, values, strict=True)) + "}").encode()
 
 
 def sign(key: Signer, event_type: str, record: Mapping[str, Any]) -> SignedEvent:

@@ -8,6 +8,7 @@ tampered messages on ``tuo.life-events`` and on an agency's own topic."""
 from __future__ import annotations
 
 import copy
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -45,6 +46,7 @@ from schemas.signatures import (
     b64encode,
     canonical,
     canonical_json,
+    disclosing,
     item_path,
     office_source,
     read_signature,
@@ -667,3 +669,22 @@ async def test_a_tampered_message_on_an_agency_topic_is_dead_lettered_by_the_sdk
         lambda: _receipts(services, "hmpo", event_id), timeout=60, what="hmpo's receipt for the genuine copy"
     )
     assert outcomes == ["APPLIED"], "one receipt, for the genuine copy; none for the tampered one"
+
+
+@given(
+    salts=st.dictionaries(
+        st.sampled_from(["envelope", "next_of_kin/0.nino", "informant.name"]) | st.text(min_size=1),
+        st.text(max_size=24) | st.binary(min_size=16, max_size=16).map(b64encode),
+        max_size=8,
+    ),
+    data=st.data(),
+)
+def test_the_salts_header_is_canonical_json_of_the_disclosed_salts(
+    salts: dict[str, str], data: st.DataObject
+) -> None:
+    """Written directly when nothing needs escaping, and the general way otherwise: the
+    same bytes as ``canonical_json`` either way, for any names and salts."""
+    disclose = data.draw(st.sets(st.sampled_from(sorted(salts)) if salts else st.nothing()))
+    headers = dict(disclosing(b"sig", b"manifest", salts, disclose))
+    assert headers[SALTS_HEADER] == canonical_json({name: salts[name] for name in disclose})
+    assert json.loads(headers[SALTS_HEADER]) == {name: salts[name] for name in disclose}

@@ -42,10 +42,16 @@ async def current_consent(
     wanted = sorted(set(pairs))
     if not wanted:
         return {}
+    # Each wanted pair looked up by the index, as the current_consent view would answer it
+    # (the latest choice per agency). Joining the view instead reads every consent record
+    # ever made, on every batch: 800 ms for 5,000 subjects among 500,000 records, not 30.
     rows = await conn.fetch(
-        "SELECT c.subject_id, c.event_type, c.agency, c.choice FROM current_consent c"
-        "  JOIN unnest($1::text[], $2::text[]) AS w(subject_id, event_type)"
-        "    USING (subject_id, event_type)",
+        "SELECT w.subject_id, w.event_type, c.agency, c.choice"
+        "  FROM unnest($1::text[], $2::text[]) AS w(subject_id, event_type)"
+        "  CROSS JOIN LATERAL ("
+        "    SELECT DISTINCT ON (r.agency) r.agency, r.choice FROM consent_record r"
+        "     WHERE r.subject_id = w.subject_id AND r.event_type = w.event_type"
+        "     ORDER BY r.agency, r.id DESC) AS c",
         [s for s, _ in wanted],
         [t for _, t in wanted],
     )

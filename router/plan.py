@@ -42,7 +42,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 import structlog
@@ -64,9 +64,9 @@ from router.store import OriginalEvent, current_consent, load_subscriptions, ori
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.keyring import KeyRing
-from schemas import encode
 from schemas.catalogue import active
 from schemas.cloudevents import REDELIVER_TO, REDELIVERY_ID, HeaderTemplate
+from schemas.codec import avro_string, field_writer
 
 log = structlog.get_logger(__name__)
 COMPONENT = "router"  # what the router's dead letters are written by
@@ -288,8 +288,10 @@ def _header(record: ConsumerRecord[bytes, bytes], name: str) -> str | None:
 
 class DecisionWriter:
     """A batch's routing-decision messages, all stamped with its decision time: the
-    ``ce_*`` headers made once, each value encoded without a pydantic model (the bytes
-    are what ``models.RoutingDecision(...).avro()`` encodes; a test holds them side by side)."""
+    ``ce_*`` headers made once, and each value without a pydantic model (the bytes are
+    what ``models.RoutingDecision(...).avro()`` encodes; a test holds them side by side).
+    A decision's record is its event id, then fields that many decisions of the batch
+    share (type, agency, outcome, basis, time, fields): those are encoded once per batch."""
 
     def __init__(self, topics: Topics, at: datetime, schema_base_url: str) -> None:
         entry = active().latest(DECISION)
@@ -302,12 +304,24 @@ class DecisionWriter:
             time=at,
             dataschema=f"{schema_base_url.rstrip('/')}/schemas/ids/{entry.schema_id}",
         )
+        self._writer = field_writer(DECISION)
+        if self._writer.names[0] != "event_id":
+            raise ValueError(f"{DECISION} no longer begins with its event id; DecisionWriter must change")
+        self._framing = self._writer.join(())
+        self._rest: dict[tuple[Any, ...], bytes] = {}
 
     def message(self, decision: RoutingDecision, key: bytes) -> Outgoing:
-        value = encode(
-            DECISION,
-            {
-                "event_id": decision.event_id,
+        shared = (
+            decision.event_type,
+            decision.agency,
+            decision.outcome,
+            decision.legal_basis,
+            decision.fields_delivered,
+            decision.fields_withheld,
+        )
+        rest = self._rest.get(shared)
+        if rest is None:
+            values = {
                 "event_type": decision.event_type,
                 "agency": decision.agency,
                 "outcome": decision.outcome.value,
@@ -315,8 +329,11 @@ class DecisionWriter:
                 "decided_at": self.at,
                 "fields_delivered": sorted(decision.fields_delivered),
                 "fields_withheld": sorted(decision.fields_withheld),
-            },
-        )
+            }
+            rest = self._rest[shared] = b"".join(
+                self._writer.field(n, values[n]) for n in self._writer.names[1:]
+            )
+        value = self._framing + avro_string(decision.event_id) + rest
         headers = self.headers.headers(f"{decision.event_id}/{decision.agency}", key.decode(errors="replace"))
         return Outgoing(self.topic, key, value, headers)
 

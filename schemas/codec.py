@@ -75,6 +75,18 @@ class FieldWriter:
         return self._framing + b"".join(fields)
 
 
+def avro_string(text: str) -> bytes:
+    """Avro's binary form of a string: its UTF-8 length as a zig-zag varint, then the bytes."""
+    data = text.encode()
+    n = len(data) << 1  # zig-zag of a length, never negative
+    length = bytearray()
+    while n > 0x7F:
+        length.append((n & 0x7F) | 0x80)
+        n >>= 7
+    length.append(n)
+    return bytes(length) + data
+
+
 _FIELD_WRITERS: dict[str, FieldWriter] = {}
 
 

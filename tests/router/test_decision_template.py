@@ -3,16 +3,19 @@ the contract's own path (the pydantic model, ``schemas.encode``, ``headers_for``
 
 from __future__ import annotations
 
+import io
 import uuid
 from datetime import UTC, datetime
 
 import pytest
+from fastavro import schemaless_writer
 
 from router.plan import DecisionWriter
 from router.rules import Outcome, RoutingDecision
 from runtime.kafka import Topics
 from schemas import decode, encode, models
 from schemas.cloudevents import CloudEvent, HeaderTemplate, headers_for
+from schemas.codec import avro_string
 
 SCHEMA_BASE = "http://127.0.0.1:8080/"
 
@@ -92,3 +95,25 @@ def test_a_header_template_gives_what_the_cloud_event_gives(
         dataschema=dataschema,
     )
     assert template.headers("e-1", subject) == event.headers()
+
+
+def test_decisions_that_share_all_but_their_event_share_bytes_and_keep_their_own_event() -> None:
+    """The fields after the event id are encoded once per batch and shape: a second event
+    decided alike must still carry its own id (and an id of any length encodes as Avro's)."""
+    at = datetime(2026, 12, 6, 14, 30, 1, tzinfo=UTC)
+    writer = DecisionWriter(Topics("tuo"), at, SCHEMA_BASE)
+    first, second = (
+        RoutingDecision(str(uuid.uuid4()), "DeathRegistered", "dvla", Outcome.WITHHELD_NO_CONSENT, None)
+        for _ in range(2)
+    )
+    for decision in (first, second, first):
+        assert decode(writer.message(decision, b"s").value or b"")[1]["event_id"] == uuid.UUID(
+            decision.event_id
+        )
+
+
+@pytest.mark.parametrize("text", ["", "a", "x" * 63, "x" * 64, "é" * 40, "long " * 5_000])
+def test_an_avro_string_is_what_fastavro_writes(text: str) -> None:
+    buffer = io.BytesIO()
+    schemaless_writer(buffer, "string", text)
+    assert avro_string(text) == buffer.getvalue()

@@ -29,6 +29,7 @@ from router.rules import Outcome, RoutingDecision
 from router.store import agencies
 from runtime import kafka
 from runtime.access import Principal
+from runtime.garbage import fewer_collections
 from runtime.kafka import Topics, ensure_topics
 from runtime.keyring import KeyRing
 from runtime.metrics import DEAD_LETTERS, DELIVERIES, EVENTS_ROUTED, LAG, WITHHELD
@@ -215,30 +216,31 @@ class Router:
             )
             await self.consumer.start()
             log.info("router_started", group_id=self.group_id)
-            while not stop.is_set():
-                epoch = self.assignments
-                batches = await self.consumer.getmany(timeout_ms=500, max_records=MAX_BATCH)
-                if self.assignment_failed is not None:
-                    raise self.assignment_failed
-                if not batches:
-                    continue
-                async with self.lock:
-                    if epoch != self.assignments:
-                        # Fetched across a rebalance: drop it and rewind, since getmany has
-                        # already moved the position past these records.
-                        for tp in batches:
-                            if tp in self.next_offset:
-                                self.consumer.seek(tp, self.next_offset[tp])
+            with fewer_collections():  # a batch is thousands of short-lived objects
+                while not stop.is_set():
+                    epoch = self.assignments
+                    batches = await self.consumer.getmany(timeout_ms=500, max_records=MAX_BATCH)
+                    if self.assignment_failed is not None:
+                        raise self.assignment_failed
+                    if not batches:
                         continue
-                    planned = await _within(STUCK_SECONDS, self._plan_all(batches), "routing a batch")
-                    await _within(
-                        STUCK_SECONDS,
-                        asyncio.gather(*(self._commit(p) for p in planned)),
-                        "committing a batch",
-                    )
-                if self.retry_soon:  # a correction waits for its original's decisions
-                    self.retry_soon = False
-                    await asyncio.sleep(0.5)
+                    async with self.lock:
+                        if epoch != self.assignments:
+                            # Fetched across a rebalance: drop it and rewind, since getmany has
+                            # already moved the position past these records.
+                            for tp in batches:
+                                if tp in self.next_offset:
+                                    self.consumer.seek(tp, self.next_offset[tp])
+                            continue
+                        planned = await _within(STUCK_SECONDS, self._plan_all(batches), "routing a batch")
+                        await _within(
+                            STUCK_SECONDS,
+                            asyncio.gather(*(self._commit(p) for p in planned)),
+                            "committing a batch",
+                        )
+                    if self.retry_soon:  # a correction waits for its original's decisions
+                        self.retry_soon = False
+                        await asyncio.sleep(0.5)
         finally:
             LAG.forget(self.consumer)
             for client in (self.consumer, *self.producers.values()):

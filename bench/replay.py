@@ -263,15 +263,7 @@ async def run(stack: ScratchStack, events: int, fixture: Fixture = "signed") -> 
         prove("replay bare pipe", events, bare_on_topic, f"rows read {piped:,}; distinct ce_id on {scratch}")
         print(f"bare pipe (stored bytes → Kafka): {events / bare:,.0f} events/s ({bare:.1f} s)", flush=True)
 
-        chosen = await replay.start(
-            pool,
-            settings,
-            agency=AGENCY,
-            selection=replay.Selection.of(everything=True),
-            reason="benchmark",
-            requested_by="bench",
-            rate=replay.MAX_RATE,
-        )
+        chosen = await _everything(pool, settings, AGENCY, "benchmark")
         batches: list[float] = []
         last = time.perf_counter()
 
@@ -323,6 +315,19 @@ async def run(stack: ScratchStack, events: int, fixture: Fixture = "signed") -> 
         await pool.close()
 
 
+async def _everything(pool: asyncpg.Pool, settings: Settings, agency: str, reason: str) -> replay.Replay:
+    """A replay of every stored event to ``agency``, recorded and unthrottled."""
+    return await replay.start(
+        pool,
+        settings,
+        agency=agency,
+        selection=replay.Selection.of(everything=True),
+        reason=reason,
+        requested_by="bench",
+        rate=replay.MAX_RATE,
+    )
+
+
 async def _withdrawal_mid_replay(settings: Settings, pool: asyncpg.Pool) -> dict[str, Any]:
     """A replay of every stored event to an agency told only on the informant's consent:
     consent given for every other subject, then withdrawn for some of those while the
@@ -352,15 +357,7 @@ async def _withdrawal_mid_replay(settings: Settings, pool: asyncpg.Pool) -> dict
         f" {len(consented):,}; {len(withdrawing):,} of those withdraw once a fifth is decided…",
         flush=True,
     )
-    chosen = await replay.start(
-        pool,
-        settings,
-        agency=CONSENT_AGENCY,
-        selection=replay.Selection.of(everything=True),
-        reason="benchmark: withdrawal mid-replay",
-        requested_by="bench",
-        rate=replay.MAX_RATE,
-    )
+    chosen = await _everything(pool, settings, CONSENT_AGENCY, "benchmark: withdrawal mid-replay")
     examined = 0
     due = asyncio.Event()
     confirmed_at: list[int] = []  # events decided when the withdrawal committed

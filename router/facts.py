@@ -37,7 +37,7 @@ from router.rules import RoutableEvent, RoutingDecision
 from runtime.sealing import CannotOpen, PayloadSealer
 from schemas.catalogue import DISCLOSURE_SUFFIX, active
 from schemas.cloudevents import CONTENT_TYPE, NAMESPACE, KafkaHeaders
-from schemas.signatures import SIG_HEADER, disclosing
+from schemas.signatures import b64encode, disclosing
 from schemas.spans import NotSpliceable, Spans, locate
 
 VERSION = 1
@@ -141,7 +141,7 @@ def seal(
         "time": incoming.time.isoformat().replace("+00:00", "Z"),
         "spans": spans.as_json(),
         "valued": valued,
-        "sig": dict(incoming.signed.headers(disclose=()))[SIG_HEADER].decode(),
+        "sig": b64encode(incoming.signed.signature),  # as the tuo_sig header carries it
         # The salt of each valued item (the only ones a copy discloses), in their order.
         "salts": [incoming.signed.salts[name] for name in valued],
     }

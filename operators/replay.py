@@ -430,7 +430,7 @@ class Replayer:
         self.replay_header = (REPLAY_ID_HEADER, replay.id.encode())
         # The offices' keys: every event without routing facts is verified, as the router does.
         self.keys = KeyRing.from_database(pool)
-        self.dataschemas: dict[str, bytes] = {}  # event type → its copies' ce_dataschema
+        self.dataschemas: dict[str, str] = {}  # event type → its copies' ce_dataschema
         self.facts_used = 0  # events decided on their routing facts (the rest: read and verified)
 
     async def run(

@@ -27,6 +27,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from aiokafka.structs import ConsumerRecord
@@ -36,7 +37,7 @@ from router.minimise import disclosed, event_fields, splice, valued_items
 from router.rules import RoutableEvent, RoutingDecision
 from runtime.sealing import CannotOpen, PayloadSealer
 from schemas.catalogue import DISCLOSURE_SUFFIX, active
-from schemas.cloudevents import CONTENT_TYPE, NAMESPACE, KafkaHeaders
+from schemas.cloudevents import CloudEvent, KafkaHeaders
 from schemas.signatures import b64encode, disclosing
 from schemas.spans import NotSpliceable, Spans, locate
 
@@ -52,7 +53,7 @@ class RoutingFacts:
 
     event: RoutableEvent
     source: str  # ce_source
-    time: str  # ce_time, as every copy carries it
+    time: datetime  # ce_time: when the event happened, as the office said
     spans: Spans
     valued: tuple[str, ...]  # the signed items that have a value
     signature: bytes  # the tuo_sig header, as the office signed
@@ -66,7 +67,7 @@ class RoutingFacts:
         topic: str,
         value: bytes,
         decision: RoutingDecision,
-        dataschema: bytes,
+        dataschema: str,
         extra: Sequence[tuple[str, bytes]] = (),
     ) -> Outgoing:
         """The agency's copy of the event whose bytes are ``value``: what
@@ -74,29 +75,26 @@ class RoutingFacts:
         ``dataschema``: the disclosure schema's URL."""
         event = self.event
         fields = decision.fields_delivered
-        headers: KafkaHeaders = [
-            ("ce_specversion", b"1.0"),
-            ("ce_id", event.event_id.encode()),
-            ("ce_type", f"{NAMESPACE}.{event.event_type}".encode()),
-            ("ce_source", self.source.encode()),
-            ("content-type", CONTENT_TYPE.encode()),
-            ("ce_time", self.time.encode()),
-            ("ce_subject", event.subject_id.encode()),
-            ("ce_dataschema", dataschema),
-            *disclosing(
-                self.signature, self.manifest, self.salts, disclosed(event.event_type, fields, self.valued)
-            ),
-            *extra,
-        ]
-        return Outgoing(
-            topic, event.subject_id.encode(), splice(event.event_type, value, self.spans, fields), headers
+        headers = CloudEvent(
+            id=event.event_id,
+            type=event.event_type,
+            source=self.source,
+            time=self.time,
+            subject=event.subject_id,
+            dataschema=dataschema,
+        ).headers()
+        headers += disclosing(
+            self.signature, self.manifest, self.salts, disclosed(event.event_type, fields, self.valued)
         )
+        headers += extra
+        value = splice(event.event_type, value, self.spans, fields)
+        return Outgoing(topic, event.subject_id.encode(), value, headers)
 
 
-def dataschema(schema_base_url: str, event_type: str) -> bytes:
+def dataschema(schema_base_url: str, event_type: str) -> str:
     """The ``ce_dataschema`` of an agency's copy of an ``event_type``."""
     schema_id = active().latest(f"{event_type}{DISCLOSURE_SUFFIX}").schema_id
-    return f"{schema_base_url.rstrip('/')}/schemas/ids/{schema_id}".encode()
+    return f"{schema_base_url.rstrip('/')}/schemas/ids/{schema_id}"
 
 
 def seal(
@@ -138,7 +136,7 @@ def seal(
         "authorities": sorted(event.local_authorities),
         "area_unknown": event.area_unknown,
         "source": incoming.source,
-        "time": incoming.time.isoformat().replace("+00:00", "Z"),
+        "time": incoming.time.isoformat(),
         "spans": spans.as_json(),
         "valued": valued,
         "sig": b64encode(incoming.signed.signature),  # as the tuo_sig header carries it
@@ -169,7 +167,7 @@ def opened(sealer: PayloadSealer, event_id: uuid.UUID, sealed: bytes) -> Routing
             area_unknown=data["area_unknown"],
         ),
         source=data["source"],
-        time=data["time"],
+        time=datetime.fromisoformat(data["time"]),
         spans=Spans.from_json(data["spans"]),
         valued=tuple(data["valued"]),
         signature=data["sig"].encode(),

@@ -66,19 +66,18 @@ def locate(event_type: str, value: bytes) -> Spans:
     people: dict[str, list[list[int]]] = {}
     pos = HEADER.size
     try:
-        for name, envelope_steps, person, skip in layout.fields:
+        for field in layout.fields:
             fields.append(pos)
-            if envelope_steps is not None:
-                for step, slot in envelope_steps:
+            if field.envelope is not None:
+                for step, slot in field.envelope:
                     end = step(value, pos)
                     if slot >= 0:
                         envelope[2 * slot], envelope[2 * slot + 1] = pos, end
                     pos = end
-            elif person is not None:
-                pos, people[name] = _people(value, pos, person, many=skip is None)
+            elif field.person is not None:
+                pos, people[field.name] = _people(value, pos, field.person, many=field.many)
             else:
-                assert skip is not None
-                pos = skip(value, pos)
+                pos = field.skip(value, pos)
             fields.append(pos)
     except IndexError:
         raise NotSpliceable(f"the {event_type} ends early") from None
@@ -91,15 +90,25 @@ Skip = Callable[[bytes, int], int]  # reads past one value at a position; where 
 
 
 @dataclass(frozen=True)
+class _Field:
+    """How to walk one top-level field: the envelope by its steps, a related-person field
+    by each person's parts, any other by its skip."""
+
+    name: str
+    skip: Skip
+    # The envelope's steps read past each member, or each field of a member holding a
+    # personal field, with that field's place in ENVELOPE_PATHS (-1: not one).
+    envelope: tuple[tuple[Skip, int], ...] | None = None
+    person: tuple[Skip, ...] | None = None  # a related person's parts
+    many: bool = False  # a list of people, rather than one or null
+
+
+@dataclass(frozen=True)
 class _Layout:
     """How to walk one event type's bytes, worked out once from its latest schema."""
 
     schema_id: int
-    # Per top-level field: (name, the envelope's steps, a related person's parts, a skip).
-    # The envelope's steps read past each member, or each field of a member holding a
-    # personal field, with that field's place in ENVELOPE_PATHS (-1: not one). A related
-    # person is one or null (its skip is that of the null) or a list (no skip).
-    fields: tuple[tuple[str, tuple[tuple[Skip, int], ...] | None, tuple[Skip, ...] | None, Skip | None], ...]
+    fields: tuple[_Field, ...]
 
 
 def _layout(event_type: str) -> _Layout:
@@ -122,7 +131,7 @@ def _layout_in(catalogue: SchemaCatalogue, event_type: str) -> _Layout:
             raise NotSpliceable(f"{event_type}: expected a record")
         return schema
 
-    fields: list[tuple[str, tuple[tuple[Skip, int], ...] | None, tuple[Skip, ...] | None, Skip | None]] = []
+    fields: list[_Field] = []
     for field in entry.parsed["fields"]:
         name, kind = field["name"], field["type"]
         if name == "envelope":
@@ -137,19 +146,19 @@ def _layout_in(catalogue: SchemaCatalogue, event_type: str) -> _Layout:
                     steps.append((_skipper(member["type"], named), -1))
             if sorted(slot for _, slot in steps if slot >= 0) != list(range(len(slots))):
                 raise NotSpliceable(f"{event_type}'s envelope lacks a personal field")
-            fields.append((name, tuple(steps), None, None))
+            fields.append(_Field(name, _skipper(kind, named), envelope=tuple(steps)))
         elif name in split:
             kind = resolve(kind)
             if isinstance(kind, list) and len(kind) == 2 and kind[0] == "null":
-                person, skip = kind[1], _skipper("null", named)
+                person, many = kind[1], False
             elif isinstance(kind, dict) and kind.get("type") == "array":
-                person, skip = kind["items"], None
+                person, many = kind["items"], True
             else:
                 raise NotSpliceable(f"{event_type}.{name} is neither a person or null nor a list of people")
             parts = tuple(_skipper(part["type"], named) for part in record(person)["fields"])
-            fields.append((name, None, parts, skip))
+            fields.append(_Field(name, _skipper(kind, named), person=parts, many=many))
         else:
-            fields.append((name, None, None, _skipper(kind, named)))
+            fields.append(_Field(name, _skipper(kind, named)))
     return _Layout(entry.schema_id, tuple(fields))
 
 

@@ -55,14 +55,14 @@ FULL: dict[str, dict[str, Any]] = {
     "codec": {"records": 50_000, "rounds": 5},
     "intake": {"events": 5_000, "concurrency": 32},
     "router": {"events": 20_000},
-    "agencies": {"events": 5_000, "rate": 100.0, "seconds": 60.0},
+    "agencies": {"events": 5_000, "rate": 100.0, "seconds": 60.0, "warm_up": 20.0},
     "replay": {"events": 1_000_000},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "codec": {"records": 10_000, "rounds": 3},
     "intake": {"events": 1_000, "concurrency": 32},
     "router": {"events": 5_000},
-    "agencies": {"events": 1_000, "rate": 20.0, "seconds": 30.0},
+    "agencies": {"events": 1_000, "rate": 20.0, "seconds": 30.0, "warm_up": 10.0},
     "replay": {"events": 100_000},
 }
 # A few hundred events at most: proves each benchmark does its work, measures nothing.
@@ -70,7 +70,7 @@ SMOKE: dict[str, dict[str, Any]] = {
     "codec": {"records": 300, "rounds": 1},
     "intake": {"events": 200, "concurrency": 8},
     "router": {"events": 200},
-    "agencies": {"events": 100, "rate": 20.0, "seconds": 5.0},
+    "agencies": {"events": 100, "rate": 20.0, "seconds": 5.0, "warm_up": 0.0},
     "replay": {"events": 300},
 }
 # Seconds each benchmark may run (its stack's start and stop included) before it fails.
@@ -91,7 +91,9 @@ def _runs(
         "codec": lambda: codec.run(c["records"], c["rounds"]),
         "intake": lambda: intake.main(i["events"], i["concurrency"]),
         "router": lambda: router.main(r["events"]),
-        "agencies": lambda: agencies.main(a["events"], a["rate"], a["seconds"], None, True),
+        "agencies": lambda: agencies.main(
+            a["events"], a["rate"], a["seconds"], None, True, warm_up=a["warm_up"]
+        ),
         "replay": lambda: replay.measure(p["events"], fixture),
     }
 

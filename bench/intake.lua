@@ -2,7 +2,8 @@
 --   post <threads> <token> <path> <total> <first> <body file> [<rate> <connections>]
 --       POST <total> requests to <path>, shared among wrk's threads, each a new person
 --       (the body file's __NINO__ replaced by a NINO of its own, numbered from <first>)
---       with its own Idempotency-Key. A thread stops once all of its POSTs are answered;
+--       with its own Idempotency-Key. A body file named *.jsonl instead holds one body a
+--       line, a person each: POST n (numbered from <first>) sends line n - <first> + 1. A thread stops once all of its POSTs are answered;
 --       while its last ones are in flight its idle connections wait (delay()), so no
 --       thread sends more POSTs than its share and wrk's latency figures are the POSTs'
 --       (but for a few GET /healthz when there are fewer POSTs than connections).
@@ -12,7 +13,10 @@
 --       POSTs on a fixed schedule instead of back to back, to see answer times at a
 --       steady load: a connection's first request, which wrk sends at once, is then a
 --       GET /healthz (one per connection in wrk's latency figures), and each later one
---       waits for the thread's next slot.
+--       waits for the thread's next slot. A POST that could not be sent when its slot
+--       came (every connection of the thread still waiting for an answer) is counted
+--       late, with the longest lateness: wrk times a request from when it is sent, so
+--       its latency figures hide that wait.
 --   floor
 --       GET /healthz until wrk's duration is up.
 -- At the end it prints one line, "WRK_RESULT {json}", with what was answered how.
@@ -46,13 +50,25 @@ function init(args)
       local thread_count = tonumber(args[2])
       token, path = args[3], args[4]
       local total, start = tonumber(args[5]), tonumber(args[6])
-      local file = assert(io.open(args[7]))
-      template = file:read("*a")
-      file:close()
       -- This thread's share of the numbers: [first, first + budget).
       local share = math.floor(total / thread_count)
       budget = share + ((id < total % thread_count) and 1 or 0)
       first = start + id * share + math.min(id, total % thread_count)
+      local file = assert(io.open(args[7]))
+      if args[7]:sub(-6) == ".jsonl" then
+         bodies = {} -- this thread's lines only: bodies[k] is POST first + k - 1
+         local line_number = 0
+         for line in file:lines() do
+            line_number = line_number + 1
+            if line_number > first - start and line_number <= first - start + budget then
+               table.insert(bodies, line)
+            end
+         end
+         assert(#bodies == budget, "the body file has fewer lines than POSTs")
+      else
+         template = file:read("*a")
+      end
+      file:close()
       posted = 0
       local rate = tonumber(args[8] or "0")
       -- Microseconds between this thread's POSTs; 0: back to back.
@@ -64,6 +80,7 @@ function init(args)
       delay = post_delay
    end
    started_us, finished_us = 0, 0
+   late, late_max_us = 0, 0
    -- wrk calls the first thread's request() once before any connection opens, only to
    -- check what it returns (wrk.c, script_verify_request): that call must not use up
    -- one of the thread's POSTs, or the thread would wait for an answer never asked for.
@@ -95,7 +112,8 @@ function request()
          ["Content-Type"] = "application/json",
          ["Idempotency-Key"] = "bench-" .. n,
       }
-      return wrk.format("POST", path, headers, (template:gsub("__NINO__", nino(n))))
+      local body = bodies and bodies[posted] or (template:gsub("__NINO__", nino(n)))
+      return wrk.format("POST", path, headers, body)
    end
    return wrk.format("GET", "/healthz")
 end
@@ -123,7 +141,12 @@ function post_delay()
       end
       local due = schedule_us + scheduled * interval_us
       scheduled = scheduled + 1
-      return math.max(0, math.floor((due - now_us()) / 1000))
+      local wait_us = due - now_us()
+      if wait_us < -1000 then -- its slot passed while every connection waited for an answer
+         late = late + 1
+         late_max_us = math.max(late_max_us, -wait_us)
+      end
+      return math.max(0, math.floor(wait_us / 1000))
    end
    if interval_us == 0 and posted < budget then
       return 0
@@ -166,7 +189,10 @@ end
 function done(summary, latency, requests)
    local created_all, ok_all, refused_all, refusal = 0, 0, 0, ""
    local started, finished = nil, 0
+   local late_all, late_max = 0, 0
    for _, thread in ipairs(threads) do
+      late_all = late_all + thread:get("late")
+      late_max = math.max(late_max, thread:get("late_max_us"))
       created_all = created_all + thread:get("created")
       ok_all = ok_all + thread:get("ok")
       refused_all = refused_all + thread:get("refused")
@@ -179,10 +205,11 @@ function done(summary, latency, requests)
    io.write(string.format(
       'WRK_RESULT {"created": %d, "ok": %d, "refused": %d, "first_refusal": "%s", "requests": %d,'
          .. ' "duration_us": %d, "posting_us": %d, "errors": {"connect": %d, "read": %d, "write": %d, "status": %d,'
-         .. ' "timeout": %d}, "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\n',
+         .. ' "timeout": %d}, "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d, "late": %d, "late_max_us": %d}\n',
       created_all, ok_all, refused_all, escape(refusal), summary.requests, summary.duration,
       (started and finished > started) and (finished - started) or 0,
       e.connect, e.read, e.write, e.status, e.timeout,
-      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max
+      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+      late_all, late_max
    ))
 end

@@ -78,6 +78,8 @@ class WrkResult:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    late: int  # paced POSTs sent after their slot (every connection busy), and by how much
+    late_max_ms: float
 
     @classmethod
     def parse(cls, output: str) -> WrkResult:
@@ -97,6 +99,8 @@ class WrkResult:
             p90_ms=found["p90_us"] / 1000,
             p99_ms=found["p99_us"] / 1000,
             max_ms=found["max_us"] / 1000,
+            late=found["late"],
+            late_max_ms=found["late_max_us"] / 1000,
         )
 
     @property
@@ -319,7 +323,8 @@ async def measure(
         print(
             f"  at a steady {rate:,.0f}/s for {STEADY_SECONDS} s ({paced.created:,} POSTs,"
             f" {paced.created / paced.seconds:,.0f}/s): p50 {paced.p50_ms:6.1f} ms"
-            f"   p99 {paced.p99_ms:6.1f} ms"
+            f"   p99 {paced.p99_ms:6.1f} ms; sent after their slot {paced.late}"
+            f" (by {paced.late_max_ms:,.0f} ms at most)"
         )
     print(
         f"  the load generator itself, against a server that only answers 200 (bench.trivial_http):"

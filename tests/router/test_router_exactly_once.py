@@ -299,3 +299,31 @@ async def test_tuo_run_gives_each_component_a_child_it_restarts_and_stops_on_ctr
         if parent.poll() is None:
             parent.send_signal(signal.SIGTERM)
             await asyncio.to_thread(parent.wait, 30)
+
+
+async def test_records_handed_out_again_by_the_consumer_are_not_routed_twice(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    """aiokafka can hand out records it has handed out before: seen when an assignment is
+    repeated at start-up (each time it seeks to the committed offset) while a batch is
+    still being committed. The router routes from its own next offset, so such records
+    are skipped, not sent again."""
+    settings = await _isolated(services)
+    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
+    key = await office_key(pool, services)
+    router = service.Router(settings, pool)
+    stop = asyncio.Event()
+    running = asyncio.create_task(router.run(stop))
+    try:
+        first = await _stream(settings, count=20, per_second=50, key=key)
+        await _assert_exactly_once(settings, first)
+        assigned = router.consumer.assignment()
+        assert assigned, "the router holds no partition"
+        for tp in assigned:
+            router.consumer.seek(tp, 0)  # every record of the partition, handed out again
+        later = await _stream(settings, count=10, per_second=50, key=key)
+        counts = await _assert_exactly_once(settings, first + later)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=60)
+    assert counts == {agency: 30 for agency in ENTITLED}

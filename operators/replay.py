@@ -468,38 +468,33 @@ class Replayer:
         log.info("replay_started", replay_id=replay.id, agency=replay.agency, position=replay.position)
         producer = None if replay.dry_run else await self._producer()
         pending: asyncio.Future[list[asyncpg.Record]] | None = None
-        finishing: asyncio.Future[_Batch] | None = None
         try:
             position, started, sent_here = replay.position, time.monotonic(), 0
             pending = asyncio.ensure_future(self._fetch(position))
             while True:
                 rows = await pending
-                if rows:
-                    position = rows[-1]["id"]
-                    pending = asyncio.ensure_future(self._fetch(position))  # the next batch, meanwhile
-                # Decided while the batch before is acknowledged and saved (the broker's and
-                # the database's time, not this process's CPU); sent only after it, in order.
-                batch = await self._decide(rows) if rows else None
-                if finishing is not None:
-                    done, finishing = await finishing, None
-                    tally.examined += done.examined
-                    tally.sent += done.sent
-                    tally.corrections_sent += done.corrections_sent
-                    tally.withheld.update(done.withheld)
-                    sent_here += done.examined + done.corrections_sent
-                    if on_progress is not None:
-                        on_progress(tally)
-                    if stop is not None and stop.is_set():
-                        # The batch decided meanwhile is not sent; the saved position is before it.
-                        log.info("replay_paused", replay_id=replay.id, examined=tally.examined)
-                        return
-                    # The rate limit: no faster than ``rate`` stored events a second, on average.
-                    ahead = sent_here / replay.rate - (time.monotonic() - started)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
-                if batch is None:
+                if not rows:
                     break
-                finishing = asyncio.ensure_future(self._finish(producer, batch))
+                position = rows[-1]["id"]
+                pending = asyncio.ensure_future(self._fetch(position))  # the next batch, meanwhile
+                batch = await self._decide(rows)
+                if producer is not None:
+                    await self._send(producer, batch.copies)
+                await self._save(batch)
+                tally.examined += batch.examined
+                tally.sent += batch.sent
+                tally.corrections_sent += batch.corrections_sent
+                tally.withheld.update(batch.withheld)
+                sent_here += batch.examined + batch.corrections_sent
+                if on_progress is not None:
+                    on_progress(tally)
+                if stop is not None and stop.is_set():
+                    log.info("replay_paused", replay_id=replay.id, examined=tally.examined)
+                    return
+                # The rate limit: no faster than ``rate`` stored events a second, on average.
+                ahead = sent_here / replay.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             await self.pool.execute(
                 "UPDATE replay SET status = 'finished', finished_at = clock_timestamp() WHERE id = $1",
                 uuid.UUID(replay.id),
@@ -517,17 +512,8 @@ class Replayer:
             if pending is not None:  # a fetch started ahead is not wanted after a stop or failure
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
-            if finishing is not None:  # failed meanwhile: whatever it saved stands, resumable
-                await asyncio.gather(finishing, return_exceptions=True)
             if producer is not None:
                 await producer.stop()
-
-    async def _finish(self, producer: AIOKafkaProducer | None, batch: _Batch) -> _Batch:
-        """Send a decided batch (unless a dry run), then save what it sent and its position."""
-        if producer is not None:
-            await self._send(producer, batch.copies)
-        await self._save(batch)
-        return batch
 
     async def _producer(self) -> AIOKafkaProducer:
         producer = kafka.producer(

@@ -665,7 +665,7 @@ async def _paced(
     before = {row[0] for row in await pool.fetch("SELECT event_id::text FROM intake_record")}
     with tempfile.TemporaryDirectory(prefix="bench-bodies-") as scratch:
         body_file = Path(scratch) / "registrations.jsonl"
-        body_file.write_text("".join(json.dumps(body, default=str) + "\n" for body in bodies))
+        body_file.write_text("".join(json.dumps(body) + "\n" for body in bodies))
         cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
         answers = await post_deaths(
             f"http://127.0.0.1:{env['TUO_HTTP_PORT']}",

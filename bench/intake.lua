@@ -3,9 +3,10 @@
 --       POST <total> requests to <path>, shared among wrk's threads, each a new person
 --       (the body file's __NINO__ replaced by a NINO of its own, numbered from <first>)
 --       with its own Idempotency-Key. A body file named *.jsonl instead holds one body a
---       line, a person each: POST n (numbered from <first>) sends line n - <first> + 1. A thread stops once all of its POSTs are answered;
---       while its last ones are in flight its idle connections wait (delay()), so no
---       thread sends more POSTs than its share and wrk's latency figures are the POSTs'
+--       line, a person each: POST n (numbered from <first>) sends line n - <first> + 1.
+--       A thread stops once all of its POSTs are answered; while its last ones are in
+--       flight its idle connections wait (delay()), so no thread sends more POSTs than
+--       its share and wrk's latency figures are the POSTs'
 --       (but for a few GET /healthz when there are fewer POSTs than connections).
 --       Once every thread is done wrk is interrupted; POSTs are timed from the first
 --       sent to the last answered ("posting_us").

@@ -31,7 +31,7 @@ COUNCIL_AUTHORITIES: dict[str, frozenset[str]] = {
 _NATIONAL: dict[str, Handler] = {
     "hmrc": tax.TAX,  # also applies a batch set-wise
     "dwp": pensions.PENSIONS,  # likewise
-    "dvla": licensing.handle,
+    "dvla": licensing.LICENSING,  # likewise
 }
 
 

@@ -24,7 +24,7 @@ from datetime import date
 import asyncpg
 
 from consumers.agencies import delivery
-from consumers.agencies.deaths import Death, DeathsSetWise
+from consumers.agencies.deaths import Death, DeathsSetWise, by_nino, read_death
 from consumers.reference import apply_life_event
 from consumers.sdk import DeliveredEvent, RejectEvent
 
@@ -152,4 +152,6 @@ async def _resume(conn: asyncpg.Connection, stopped_by_event: uuid.UUID) -> None
     )
 
 
-PENSIONS = DeathsSetWise(handle, _stop_on_deaths)  # DWP's handler, of one event or a batch
+PENSIONS = DeathsSetWise(
+    handle, read_death, _stop_on_deaths, by_nino
+)  # DWP's handler, of one event or a batch

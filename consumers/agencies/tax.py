@@ -24,7 +24,7 @@ from datetime import date
 import asyncpg
 
 from consumers.agencies import delivery
-from consumers.agencies.deaths import Death, DeathsSetWise
+from consumers.agencies.deaths import Death, DeathsSetWise, by_nino, read_death
 from consumers.reference import apply_life_event
 from consumers.sdk import DeliveredEvent, RejectEvent
 from schemas import models
@@ -153,4 +153,4 @@ async def _move(conn: asyncpg.Connection, nino: str, address: models.Address, mo
     )
 
 
-TAX = DeathsSetWise(handle, _close_on_deaths)  # HMRC's handler, of one event or a batch
+TAX = DeathsSetWise(handle, read_death, _close_on_deaths, by_nino)  # HMRC's handler, of one event or a batch

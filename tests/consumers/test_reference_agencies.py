@@ -11,15 +11,15 @@ from __future__ import annotations
 import random
 import string
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 
-from consumers.agencies import handler_for, pensions, records, tax
+from consumers.agencies import COUNCIL_AUTHORITIES, council, handler_for, licensing, pensions, records, tax
 from consumers.agencies.council import CouncilHandler
 from consumers.agencies.records import Resident
 from consumers.reference import apply_life_event
@@ -393,7 +393,7 @@ async def test_a_birth_is_applied_at_dwp_without_effect(pool: asyncpg.Pool) -> N
     assert await pool.fetchval("SELECT count(*) FROM agency.pension_award") == awards_before
 
 
-# --- a batch set-wise, as each event in turn (dwp, hmrc) ---------------------------------------
+# --- a batch set-wise, as each event in turn -----------------------------------------------------
 
 
 async def _give_record(pool: asyncpg.Pool, agency: str, person: Someone) -> None:
@@ -439,6 +439,35 @@ async def _deaths_batch(pool: asyncpg.Pool, agency: str) -> tuple[list[Delivered
     return events, [pat, sam, twice, last]
 
 
+T = TypeVar("T")
+
+
+async def _in_turn_and_as_a_batch(
+    pool: asyncpg.Pool,
+    agency: str,
+    handler: BatchHandler,
+    build: Callable[[asyncpg.Pool], Awaitable[tuple[list[DeliveredEvent], list[T]]]],
+) -> tuple[list[tuple[str, str | None]], list[T], list[T]]:
+    """Builds the same story twice, for different people; applies one copy event by
+    event and the other as one batch, and checks each event had the same outcome in
+    both. Returns the outcomes and the records each copy touched."""
+    one_by_one, touched = await build(pool)
+    receipts = [await apply(pool, agency, event) for event in one_by_one]
+    batch, batch_touched = await build(pool)
+
+    applied = await apply_batch(pool, agency, batch, handler)
+
+    expected = [(r.outcome, r.reason) for r in receipts]
+    assert [(applied[e.event_id].outcome, applied[e.event_id].reason) for e in batch] == expected
+    stored = await pool.fetch(
+        "SELECT outcome FROM agency.inbox WHERE agency = $1 AND event_id = ANY($2::uuid[])",
+        agency,
+        [e.event_id for e in batch],
+    )
+    assert sorted(r["outcome"] for r in stored) == sorted(o for o, _ in expected), "each kept in the inbox"
+    return expected, touched, batch_touched
+
+
 @pytest.mark.parametrize(
     ("agency", "handler", "no_record"),
     [
@@ -449,14 +478,9 @@ async def _deaths_batch(pool: asyncpg.Pool, agency: str) -> tuple[list[Delivered
 async def test_a_batch_applied_set_wise_ends_exactly_as_each_event_applied_in_turn(
     pool: asyncpg.Pool, agency: str, handler: BatchHandler, no_record: str
 ) -> None:
-    one_by_one, people = await _deaths_batch(pool, agency)
-    receipts = [await apply(pool, agency, event) for event in one_by_one]
-    batch, batch_people = await _deaths_batch(pool, agency)
-
-    applied = await apply_batch(pool, agency, batch, handler)
-
-    expected = [(r.outcome, r.reason) for r in receipts]
-    assert [(applied[e.event_id].outcome, applied[e.event_id].reason) for e in batch] == expected
+    expected, people, batch_people = await _in_turn_and_as_a_batch(
+        pool, agency, handler, lambda pool: _deaths_batch(pool, agency)
+    )
     applied_ = ("APPLIED", None)
     assert expected == [
         applied_,
@@ -479,12 +503,6 @@ async def test_a_batch_applied_set_wise_ends_exactly_as_each_event_applied_in_tu
     assert await _state(pool, agency, batch_people) == after
     if agency == "hmrc":
         assert after[3][2] == "LS2 7EW", "the move before the last death was applied"
-    stored = await pool.fetch(
-        "SELECT outcome FROM agency.inbox WHERE agency = $1 AND event_id = ANY($2::uuid[])",
-        agency,
-        [e.event_id for e in batch],
-    )
-    assert sorted(r["outcome"] for r in stored) == sorted(o for o, _ in expected)
 
 
 # --- dvla: driving licences -------------------------------------------------------------------
@@ -579,6 +597,79 @@ async def test_two_licences_matching_the_deceased_are_left_for_a_person_to_check
     assert [(await _licence(pool, n))["status"] for n in (first, second)] == ["valid", "valid"]
 
 
+async def _dvla_deaths_batch(pool: asyncpg.Pool) -> tuple[list[DeliveredEvent], list[str]]:
+    """Every path a batch of deaths can take at DVLA, for new people: deaths matched by
+    date of birth and by postcode, a death matching no licence, one matching two, one
+    that cannot be matched at all, two deaths of one person, a void of the first, a
+    move between deaths, and one more death. Returns the events, in order, and the
+    licences they touch."""
+    pat, sam, undated, nobody, twins, twice, last = (someone() for _ in range(7))
+    licences = [
+        await records.issue_driving_licence(pool, p.person(), p.home())
+        for p in (pat, sam, undated, twice, last)
+    ]
+    first_twin = await records.issue_driving_licence(pool, twins.person(), twins.home())
+    await records.issue_driving_licence(pool, twins.person(), twins.home(), first_twin[:-3] + "8AA")
+    death = delivered("dvla", "DeathRegistered", death_of(pat))
+    events = [
+        death,
+        delivered("dvla", "DeathRegistered", death_of(sam)),
+        delivered("dvla", "DeathRegistered", death_of(replace(undated, date_of_birth=None))),
+        delivered("dvla", "DeathRegistered", death_of(nobody)),
+        delivered("dvla", "DeathRegistered", death_of(twins)),
+        delivered(
+            "dvla",
+            "DeathRegistered",
+            death_of(replace(someone(), date_of_birth=None)),
+            withhold={"last_address"},
+        ),
+        delivered("dvla", "DeathRegistered", death_of(twice)),
+        delivered("dvla", "DeathRegistered", death_of(twice, died_on=DIED_ON + timedelta(days=1))),
+        void_of(death),
+        delivered("dvla", "AddressChanged", move_of(last, an_address("LS2 7EW"))),
+        delivered("dvla", "DeathRegistered", death_of(last)),
+    ]
+    return events, [*licences, first_twin]
+
+
+async def _licence_states(pool: asyncpg.Pool, driver_numbers: list[str]) -> list[tuple[Any, ...]]:
+    held = [await _licence(pool, n) for n in driver_numbers]
+    return [(r["status"], r["cancelled_on"], r["cancellation_reason"], r["postcode"]) for r in held]
+
+
+async def test_a_batch_of_deaths_at_dvla_ends_exactly_as_each_event_applied_in_turn(
+    pool: asyncpg.Pool,
+) -> None:
+    expected, licences, batch_licences = await _in_turn_and_as_a_batch(
+        pool, "dvla", licensing.LICENSING, _dvla_deaths_batch
+    )
+    applied_ = ("APPLIED", None)
+    assert expected == [
+        applied_,
+        applied_,
+        applied_,
+        ("REJECTED", licensing.NO_MATCH_BY_BIRTH),
+        ("REJECTED", licensing.AMBIGUOUS),
+        ("REJECTED", licensing.UNFINDABLE),
+        applied_,
+        applied_,  # the licence is already cancelled: nothing changes
+        applied_,
+        applied_,
+        applied_,
+    ]
+    after = await _licence_states(pool, licences)
+    assert [row[:2] for row in after] == [
+        ("valid", None),  # its death voided
+        ("cancelled", DIED_ON),
+        ("cancelled", DIED_ON),  # matched by postcode
+        ("cancelled", DIED_ON),  # by the first of its two deaths
+        ("cancelled", DIED_ON),
+        ("valid", None),  # one of two that matched: left for a person
+    ]
+    assert after[4][3] == "LS2 7EW", "the move before the last death was applied"
+    assert await _licence_states(pool, batch_licences) == after
+
+
 # --- councils: households, the discount, the electoral register -------------------------------
 
 
@@ -657,6 +748,112 @@ async def test_a_death_outside_the_councils_areas_is_applied_there_without_effec
 
     assert receipt.outcome == "APPLIED"
     assert (await _residents(pool, household))["Pat"]["left_on"] is None
+
+
+async def _council_deaths_batch(pool: asyncpg.Pool) -> tuple[list[DeliveredEvent], list[int]]:
+    """Every path a batch of deaths can take at a council, for new households: deaths
+    in one household (the second of one person twice), matched without a UPRN, at an
+    address the council does not hold, of someone it never knew there, of one of two
+    namesakes, outside its areas, without the last address, a void, a move out of a
+    household between deaths, and one more death there. Returns the events, in order,
+    and the households."""
+    pat = someone()
+    chris, robin = _family(pat, "Chris")[0], _family(pat, "Robin", born=date(2012, 5, 1))[0]
+    home = await records.register_household(
+        pool,
+        "council-leeds",
+        pat.home(),
+        [Resident(pat.person()), Resident(chris.person()), Resident(robin.person(), adult=False)],
+    )
+    jo = someone(uprn=False, given_names="Jo")
+    jos = await records.register_household(pool, "council-leeds", jo.home(), [Resident(jo.person())])
+    sam = someone(given_names="Sam")
+    namesakes = await records.register_household(
+        pool, "council-leeds", sam.home(), [Resident(sam.person()), Resident(sam.person())]
+    )
+    kim = someone(given_names="Kim")
+    lee = _family(kim, "Lee")[0]
+    kims = await records.register_household(
+        pool, "council-leeds", kim.home(), [Resident(kim.person()), Resident(lee.person())]
+    )
+    death = delivered("council-leeds", "DeathRegistered", death_of(pat))
+    events = [
+        death,
+        delivered("council-leeds", "DeathRegistered", death_of(jo)),
+        delivered("council-leeds", "DeathRegistered", death_of(pat, died_on=DIED_ON + timedelta(days=1))),
+        delivered("council-leeds", "DeathRegistered", death_of(someone())),
+        delivered("council-leeds", "DeathRegistered", death_of(replace(jo, given_names="Alex"))),
+        delivered("council-leeds", "DeathRegistered", death_of(sam)),
+        delivered("council-leeds", "DeathRegistered", death_of(someone("BD1 1AA"))),
+        delivered("council-leeds", "DeathRegistered", death_of(someone()), withhold={"last_address"}),
+        delivered("council-leeds", "DeathRegistered", death_of(chris)),
+        void_of(death),
+        delivered("council-leeds", "AddressChanged", move_of(lee, an_address("BD1 1AA"))),
+        delivered("council-leeds", "DeathRegistered", death_of(kim)),
+    ]
+    return events, [home, jos, namesakes, kims]
+
+
+async def _council_states(pool: asyncpg.Pool, households: list[int]) -> list[tuple[Any, ...]]:
+    states = []
+    for household in households:
+        residents = await pool.fetch(
+            "SELECT given_names, left_on, left_because FROM agency.council_resident"
+            " WHERE household_id = $1 ORDER BY id",
+            household,
+        )
+        register = await pool.fetch(
+            "SELECT given_names, status, removed_on FROM agency.electoral_register"
+            " WHERE household_id = $1 ORDER BY id",
+            household,
+        )
+        states.append(
+            (
+                (await _household(pool, household))["single_person_discount"],
+                [tuple(r) for r in residents],
+                [tuple(r) for r in register],
+            )
+        )
+    return states
+
+
+async def test_a_batch_of_deaths_at_a_council_ends_exactly_as_each_event_applied_in_turn(
+    pool: asyncpg.Pool,
+) -> None:
+    leeds = CouncilHandler("council-leeds", COUNCIL_AUTHORITIES["council-leeds"])
+    expected, households, batch_households = await _in_turn_and_as_a_batch(
+        pool, "council-leeds", leeds, _council_deaths_batch
+    )
+    applied_ = ("APPLIED", None)
+    assert expected == [
+        applied_,
+        applied_,  # matched by postcode and first line
+        applied_,  # the second death of one person changes nothing
+        ("REJECTED", council.NO_HOUSEHOLD),
+        ("REJECTED", council.NO_RECORD_OF_DECEASED),
+        ("REJECTED", council.AMBIGUOUS),
+        applied_,  # outside Leeds
+        ("REJECTED", "the last address was not delivered"),
+        applied_,
+        applied_,  # a void: the council keeps no link to undo
+        applied_,
+        applied_,
+    ]
+    after = await _council_states(pool, households)
+    home, jos, namesakes, kims = after
+    assert home == (
+        False,  # no adult left
+        [("Pat", DIED_ON, "died"), ("Chris", DIED_ON, "died"), ("Robin", None, None)],
+        [("Pat", "removed", DIED_ON), ("Chris", "removed", DIED_ON)],
+    )
+    assert jos == (False, [("Jo", DIED_ON, "died")], [("Jo", "removed", DIED_ON)])
+    assert namesakes[1] == [("Sam", None, None), ("Sam", None, None)], "left for a person to check"
+    assert kims == (
+        False,
+        [("Kim", DIED_ON, "died"), ("Lee", MOVED_ON, "moved away")],
+        [("Kim", "removed", DIED_ON), ("Lee", "removed", MOVED_ON)],
+    )
+    assert await _council_states(pool, batch_households) == after
 
 
 async def test_moving_out_leaves_the_household_and_the_register_matched_without_a_uprn(

@@ -294,15 +294,17 @@ async def _bare_pipe(
                     (record.key, value, _as_for(headers, f"{identity}/{agency}", record.key))
                 )
         async with producer.transaction():
+            sent = []
             for (topic, partition), messages in out.items():
                 batch = producer.create_batch()
                 for key, value, headers in messages:
                     if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                        await producer.send_batch(batch, topic, partition=partition)
+                        sent.append(await producer.send_batch(batch, topic, partition=partition))
                         batch = producer.create_batch()
                         if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                             raise RuntimeError(f"one message does not fit a {batch_size:,}-byte batch")
-                await producer.send_batch(batch, topic, partition=partition)
+                sent.append(await producer.send_batch(batch, topic, partition=partition))
+            await asyncio.gather(*sent)  # before the offsets join, as the router does (runtime/kafka.py)
             await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, group)
 
     async def work() -> None:

@@ -253,10 +253,10 @@ class Router:
     async def _plan_all(
         self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     ) -> list[Planned]:
-        planned: list[Planned] = []
-        for tp, records in batches.items():
-            planned += await self._plan(tp, records)
-        return planned
+        # Each partition's plan reads the database on its own connection, so their round
+        # trips overlap; each has its own clock, consent and transaction.
+        plans = await asyncio.gather(*(self._plan(tp, records) for tp, records in batches.items()))
+        return [p for plan in plans for p in plan]
 
     async def _plan(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> list[Planned]:
         """What one partition's batch produces; nothing if the partition is no longer ours."""

@@ -38,11 +38,13 @@ MiB = 1024 * 1024
 # move batches (router, replay, an agency's receipts) write producer batches of up to
 # a MiB (the broker's default message.max.bytes) instead of aiokafka's 16 KiB; a poll
 # fetches up to 4 MiB per partition. linger_ms stays a few ms: each batch of work ends
-# by waiting for its acknowledgements, so a longer linger only adds latency.
+# by waiting for its acknowledgements, so a longer linger only adds latency. The relay
+# and the router linger not at all: a transaction queues all its writes, then waits for
+# them to be acknowledged before its offsets (below), so a linger is only a wait.
 Role = Literal["relay", "router", "replay", "agency", "tracker", "tool"]
 _PRODUCER_TUNING: dict[str, dict[str, Any]] = {
-    "relay": {"linger_ms": 5},
-    "router": {"linger_ms": 5, "max_batch_size": MiB},
+    "relay": {"linger_ms": 0},
+    "router": {"linger_ms": 0, "max_batch_size": MiB},
     "replay": {"linger_ms": 20, "max_batch_size": MiB},
     "agency": {"linger_ms": 2, "max_batch_size": MiB},
     "tracker": {"linger_ms": 5},

@@ -254,9 +254,17 @@ class Router:
         self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
     ) -> list[Planned]:
         # Each partition's plan reads the database on its own connection, so their round
-        # trips overlap; each has its own clock, consent and transaction.
-        plans = await asyncio.gather(*(self._plan(tp, records) for tp, records in batches.items()))
-        return [p for plan in plans for p in plan]
+        # trips overlap; each has its own clock, consent and transaction. If one fails,
+        # the others are stopped before the failure goes on (none is left running).
+        plans = [asyncio.ensure_future(self._plan(tp, records)) for tp, records in batches.items()]
+        try:
+            await asyncio.gather(*plans)
+        except BaseException:
+            for plan in plans:
+                plan.cancel()
+            await asyncio.gather(*plans, return_exceptions=True)
+            raise
+        return [p for plan in plans for p in plan.result()]
 
     async def _plan(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> list[Planned]:
         """What one partition's batch produces; nothing if the partition is no longer ours."""

@@ -91,7 +91,7 @@ async def _cancel_on_death(event: DeliveredEvent, conn: asyncpg.Connection) -> N
 
 
 async def _cancel_on_deaths(conn: asyncpg.Connection, deaths: list[HolderDeath]) -> dict[str, str]:
-    """``_cancel_on_death`` for a run of deaths, in two statements; returns the
+    """``_cancel_on_death`` for a run of deaths, in two or three statements; returns the
     rejections (event id → reason). A death only cancels, and matching reads no
     column a cancellation writes, so the matches read at once are those each death
     would find in turn; only the status can differ, when an earlier death in the run

@@ -4,7 +4,7 @@ aiokafka pipe, and end-to-end latency at a steady load, in one run.
     .venv/bin/python -m bench.agencies [--events 5000] [--rate 100] [--seconds 60] [--warm-up 20]
                                        [--only throughput|latency] [--no-records]
                                        [--profile sdk.prof] [--processes 1]
-                                       [--process-per-component]
+                                       [--process-per-component] [--intake-processes 1]
 
 Starts its own local stack (Kafka + PostgreSQL in a scratch state directory;
 every Kafka client over TLS with SASL/SCRAM, as the bus's), loads the demo
@@ -935,6 +935,7 @@ async def latency(
 
 
 PROCESS_PER_COMPONENT = False  # --process-per-component: `tuo run` with TUO_PROCESS_PER_COMPONENT
+INTAKE_PROCESSES = 1  # --intake-processes: `tuo run` with TUO_INTAKE_PROCESSES
 
 
 def _settings(stack: ScratchStack, http_port: int, prefix: str) -> tuple[Settings, dict[str, str]]:
@@ -942,13 +943,16 @@ def _settings(stack: ScratchStack, http_port: int, prefix: str) -> tuple[Setting
     env = stack.service_env(prefix, http_port)
     if PROCESS_PER_COMPONENT:
         env["TUO_PROCESS_PER_COMPONENT"] = "true"
+    env["TUO_INTAKE_PROCESSES"] = str(INTAKE_PROCESSES)
     return stack.settings(prefix), env
 
 
 def _layout(env: dict[str, str]) -> str:
+    intake = int(env.get("TUO_INTAKE_PROCESSES", "1"))
+    also = f", and {intake - 1} more intake process{'es' if intake > 2 else ''}" if intake > 1 else ""
     if env.get("TUO_PROCESS_PER_COMPONENT") == "true":
-        return "intake in its process, every other component in a child process of its own"
-    return "every component in its one process"
+        return f"intake in its process, every other component in a child process of its own{also}"
+    return f"every component in its one process{also}"
 
 
 async def measure(
@@ -1043,9 +1047,18 @@ if __name__ == "__main__":
         default=1,
         help="partitions of the agency's topic, and consumer processes on each side (default 1: in this one)",
     )
+    parser.add_argument(
+        "--intake-processes",
+        type=int,
+        default=1,
+        help="run the bus with TUO_INTAKE_PROCESSES (the shell's TUO_* settings never reach it)",
+    )
     args = parser.parse_args()
+    if args.intake_processes < 1:
+        parser.error("--intake-processes must be at least 1")
     PROFILE = args.profile
     PROCESS_PER_COMPONENT = args.process_per_component
+    INTAKE_PROCESSES = args.intake_processes
     try:
         main(args.events, args.rate, args.seconds, args.only, args.records, args.processes, args.warm_up)
     except WorkNotDone as failure:

@@ -40,7 +40,8 @@ MiB = 1024 * 1024
 # fetches up to 4 MiB per partition. linger_ms stays a few ms: each batch of work ends
 # by waiting for its acknowledgements, so a longer linger only adds latency. The relay
 # and the router linger not at all: a transaction queues all its writes, then waits for
-# them to be acknowledged before its offsets (below), so a linger is only a wait.
+# them to be acknowledged before its offsets (see above ``Message``), so a linger is
+# only a wait.
 Role = Literal["relay", "router", "replay", "agency", "tracker", "tool"]
 _PRODUCER_TUNING: dict[str, dict[str, Any]] = {
     "relay": {"linger_ms": 0},
@@ -51,8 +52,9 @@ _PRODUCER_TUNING: dict[str, dict[str, Any]] = {
     "tool": {"linger_ms": 5},
 }
 # The router's fetches wait 50 ms for new events, not aiokafka's 500: with 500, an event
-# the relay had committed sometimes waited out most of it (the router's read_committed
-# fetch not answered when the relay's transaction committed), and relay → router took
+# the relay had committed sometimes waited out most of it (as if the broker did not
+# answer the router's read_committed fetch when the relay's transaction committed; not
+# seen at the agencies, whose fetches 50 ms did not speed up), and relay → router took
 # p99 ~360 ms at 100 events/s, against ~130 ms with 50 (bench.agencies --only latency).
 _CONSUMER_TUNING: dict[str, dict[str, Any]] = {
     "router": {"max_partition_fetch_bytes": 4 * MiB, "fetch_max_wait_ms": 50},
@@ -206,8 +208,9 @@ def consumer(
 # transaction with the transaction coordinator, and while the coordinator is busy adding
 # the offsets to the same transaction it answers CONCURRENT_TRANSACTIONS, which it reports
 # to clients of aiokafka's protocol version as NOT_ENOUGH_REPLICAS (KIP-890); aiokafka
-# then retries the write after retry_backoff_ms (100 ms). At 100 events/s that cost
-# about 8 transactions a second 100 ms each, one round trip more per transaction none.
+# then retries the write after retry_backoff_ms (100 ms). At 100 events/s about 8
+# writes a second waited those 100 ms; waiting for the acknowledgements first costs
+# each transaction one round trip instead.
 
 Message = tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]  # key, value, headers
 _partitioner = DefaultPartitioner()

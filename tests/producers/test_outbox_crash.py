@@ -293,6 +293,30 @@ async def _read_uncommitted(world: World) -> dict[str, list[tuple[int, int]]]:
     return found
 
 
+async def test_relay_transactions_are_never_made_to_wait_for_a_broker_retry(world: World) -> None:
+    # Each event is its own Kafka transaction. Had the relay let its ledger offset join a
+    # transaction while the broker was still checking its writes with the transaction
+    # coordinator, the broker would have answered "not enough replicas" to some of them
+    # (KIP-890), and each would have waited 100 ms to be sent again, with a warning.
+    relay = await start_relay(world)
+    recorded: list[str] = []
+    try:
+        for n in range(150):
+            event = new_event(world, n)
+            await record_event(world.pool, event)
+            recorded.append(str(event.event_id))
+            await eventually(lambda: all_published(world), timeout=30, what="the event published")
+        exit_code = await stop(relay)
+    finally:
+        await stop(relay)
+    assert exit_code == 0, f"the relay did not stop cleanly; see {world.relay_log}"
+    assert await assert_each_exactly_once_in_outbox_order(world, recorded) == len(recorded)
+    batches = relay_log_events(world, "outbox_published")
+    assert len(batches) >= len(recorded) - 5, "the events should have gone one transaction each"
+    retried = [line for line in world.relay_log.read_text().splitlines() if "NotEnoughReplicas" in line]
+    assert not retried, f"{len(retried)} writes retried, e.g. {retried[0]}"
+
+
 async def test_relay_killed_at_random_and_broker_restarted_publishes_each_event_exactly_once(
     world: World, broker: KafkaBroker
 ) -> None:

@@ -6,6 +6,7 @@ to exactly once (counted by ce_id, read_committed) and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -327,3 +328,29 @@ async def test_records_handed_out_again_by_the_consumer_are_not_routed_twice(
         stop.set()
         await asyncio.wait_for(running, timeout=60)
     assert counts == {agency: 30 for agency in ENTITLED}
+
+
+async def test_router_transactions_are_never_made_to_wait_for_a_broker_retry(
+    services: Settings, pool: asyncpg.Pool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events one or two at a time, so each batch is its own transaction. Had the router
+    let the input offsets join a transaction while the broker was still checking its
+    writes with the transaction coordinator, the broker would have answered "not enough
+    replicas" to some of them (KIP-890), and each would have waited 100 ms to be sent
+    again, with a warning."""
+    caplog.set_level(logging.WARNING, logger="aiokafka")
+    settings = await _isolated(services)
+    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
+    key = await office_key(pool, services)
+    router = service.Router(settings, pool)
+    stop = asyncio.Event()
+    running = asyncio.create_task(router.run(stop))
+    try:
+        sent = await _stream(settings, count=150, per_second=40, key=key)
+        counts = await _assert_exactly_once(settings, sent)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=60)
+    assert counts == {agency: len(sent) for agency in ENTITLED}
+    retried = [r.getMessage() for r in caplog.records if "NotEnoughReplicas" in r.getMessage()]
+    assert not retried, f"{len(retried)} writes retried, e.g. {retried[0]}"

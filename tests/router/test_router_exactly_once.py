@@ -14,6 +14,8 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -302,13 +304,12 @@ async def test_tuo_run_gives_each_component_a_child_it_restarts_and_stops_on_ctr
             await asyncio.to_thread(parent.wait, 30)
 
 
-async def test_records_handed_out_again_by_the_consumer_are_not_routed_twice(
+@asynccontextmanager
+async def _router_in_this_process(
     services: Settings, pool: asyncpg.Pool
-) -> None:
-    """aiokafka can hand out records it has handed out before: seen when an assignment is
-    repeated at start-up (each time it seeks to the committed offset) while a batch is
-    still being committed. The router routes from its own next offset, so such records
-    are skipped, not sent again."""
+) -> AsyncIterator[tuple[Settings, SigningKey, service.Router]]:
+    """A router running in this process on topics of its own: their settings, an office's
+    key to sign events with, and the router; stopped at the end."""
     settings = await _isolated(services)
     await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
     key = await office_key(pool, services)
@@ -316,6 +317,20 @@ async def test_records_handed_out_again_by_the_consumer_are_not_routed_twice(
     stop = asyncio.Event()
     running = asyncio.create_task(router.run(stop))
     try:
+        yield settings, key, router
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=60)
+
+
+async def test_records_handed_out_again_by_the_consumer_are_not_routed_twice(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    """aiokafka can hand out records it has handed out before: seen when an assignment is
+    repeated at start-up (each time it seeks to the committed offset) while a batch is
+    still being committed. The router routes from its own next offset, so such records
+    are skipped, not sent again."""
+    async with _router_in_this_process(services, pool) as (settings, key, router):
         first = await _stream(settings, count=20, per_second=50, key=key)
         await _assert_exactly_once(settings, first)
         assigned = router.consumer.assignment()
@@ -324,9 +339,6 @@ async def test_records_handed_out_again_by_the_consumer_are_not_routed_twice(
             router.consumer.seek(tp, 0)  # every record of the partition, handed out again
         later = await _stream(settings, count=10, per_second=50, key=key)
         counts = await _assert_exactly_once(settings, first + later)
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, timeout=60)
     assert counts == {agency: 30 for agency in ENTITLED}
 
 
@@ -339,18 +351,9 @@ async def test_router_transactions_are_never_made_to_wait_for_a_broker_retry(
     replicas" to some of them (KIP-890), and each would have waited 100 ms to be sent
     again, with a warning."""
     caplog.set_level(logging.WARNING, logger="aiokafka")
-    settings = await _isolated(services)
-    await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
-    key = await office_key(pool, services)
-    router = service.Router(settings, pool)
-    stop = asyncio.Event()
-    running = asyncio.create_task(router.run(stop))
-    try:
+    async with _router_in_this_process(services, pool) as (settings, key, _):
         sent = await _stream(settings, count=150, per_second=40, key=key)
         counts = await _assert_exactly_once(settings, sent)
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, timeout=60)
     assert counts == {agency: len(sent) for agency in ENTITLED}
     retried = [r.getMessage() for r in caplog.records if "NotEnoughReplicas" in r.getMessage()]
     assert not retried, f"{len(retried)} writes retried, e.g. {retried[0]}"

@@ -59,7 +59,7 @@ from router.store import agencies, load_subscriptions
 from runtime.access import Principal
 from runtime.database import migrate, open_pool
 from runtime.garbage import fewer_collections
-from runtime.kafka import Topics, admin, ensure_topics
+from runtime.kafka import Topics, admin, ensure_topics, offsets_after_writes
 from runtime.logging import configure_logging
 from runtime.settings import Settings
 from tests.golden.make_vectors import EXAMPLES
@@ -304,8 +304,7 @@ async def _bare_pipe(
                         if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                             raise RuntimeError(f"one message does not fit a {batch_size:,}-byte batch")
                 sent.append(await producer.send_batch(batch, topic, partition=partition))
-            await asyncio.gather(*sent)  # before the offsets join, as the router does (runtime/kafka.py)
-            await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, group)
+            await offsets_after_writes(producer, sent, {tp: records[-1].offset + 1}, group)
 
     async def work() -> None:
         await consumer.start()

@@ -278,10 +278,8 @@ class OutboxRelay:
                 )
                 for row in rows
             ]
-            # Acknowledged before the ledger joins the transaction (see runtime/kafka.py).
-            await asyncio.gather(*futures)
-            await producer.send_offsets_to_transaction(
-                {self.ledger_partition: (batch, LEDGER_NOTE)}, self.ledger_group
+            await kafka.offsets_after_writes(
+                producer, futures, {self.ledger_partition: (batch, LEDGER_NOTE)}, self.ledger_group
             )
         self._ledger_written(batch)
         EVENTS_PUBLISHED.inc(len(rows))

@@ -314,8 +314,7 @@ class Router:
                 for topic, messages in by_topic.items():
                     count = await self._partition_count(producer, topic)
                     sent += await kafka.send_many(producer, topic, messages, partitions=count)
-                await asyncio.gather(*sent)  # before the offsets join (see runtime/kafka.py)
-                await producer.send_offsets_to_transaction({tp: planned.next_offset}, self.group_id)
+                await kafka.offsets_after_writes(producer, sent, {tp: planned.next_offset}, self.group_id)
         finally:
             # The commit (or the abort) has settled every send; a failed one is reported by
             # the transaction itself, so only mark its error as seen (no "never retrieved").

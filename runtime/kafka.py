@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import TopicPartition
 
 from runtime.settings import Settings
 
@@ -29,6 +30,7 @@ __all__ = [
     "connection_options",
     "consumer",
     "ensure_topics",
+    "offsets_after_writes",
     "producer",
     "send_many",
 ]
@@ -40,8 +42,8 @@ MiB = 1024 * 1024
 # fetches up to 4 MiB per partition. linger_ms stays a few ms: each batch of work ends
 # by waiting for its acknowledgements, so a longer linger only adds latency. The relay
 # and the router linger not at all: a transaction queues all its writes, then waits for
-# them to be acknowledged before its offsets (see above ``Message``), so a linger is
-# only a wait.
+# them to be acknowledged before its offsets (``offsets_after_writes``), so a linger
+# is only a wait.
 Role = Literal["relay", "router", "replay", "agency", "tracker", "tool"]
 _PRODUCER_TUNING: dict[str, dict[str, Any]] = {
     "relay": {"linger_ms": 0},
@@ -203,15 +205,6 @@ def consumer(
     )
 
 
-# A transaction's writes are acknowledged before its consumer offsets join it (the relay's
-# ledger, the router's input): the broker checks the first write to each partition of a
-# transaction with the transaction coordinator, and while the coordinator is busy adding
-# the offsets to the same transaction it answers CONCURRENT_TRANSACTIONS, which it reports
-# to clients of aiokafka's protocol version as NOT_ENOUGH_REPLICAS (KIP-890); aiokafka
-# then retries the write after retry_backoff_ms (100 ms). At 100 events/s about 8
-# writes a second waited those 100 ms; waiting for the acknowledgements first costs
-# each transaction one round trip instead.
-
 Message = tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]  # key, value, headers
 _partitioner = DefaultPartitioner()
 
@@ -248,6 +241,25 @@ async def send_many(
         if batch.record_count():
             sent.append(await producer.send_batch(batch, topic, partition=partition))
     return sent
+
+
+async def offsets_after_writes(
+    producer: AIOKafkaProducer,
+    writes: Sequence[asyncio.Future[Any]],
+    offsets: dict[TopicPartition, Any],
+    group_id: str,
+) -> None:
+    """Add consumer ``offsets`` (the relay's ledger, the router's input) to the open
+    transaction once its ``writes`` are acknowledged, not while they are in flight.
+
+    The broker checks the first write to each partition of a transaction with the
+    transaction coordinator, and while the coordinator is busy adding the offsets to the
+    same transaction it answers CONCURRENT_TRANSACTIONS, which it reports to clients of
+    aiokafka's protocol version as NOT_ENOUGH_REPLICAS (KIP-890); aiokafka then retries
+    the write after retry_backoff_ms (100 ms). At 100 events/s about 8 writes a second
+    waited those 100 ms; waiting for the acknowledgements costs one round trip instead."""
+    await asyncio.gather(*writes)
+    await producer.send_offsets_to_transaction(offsets, group_id)
 
 
 def admin(settings: Settings, *, principal: str) -> AIOKafkaAdminClient:

@@ -239,21 +239,8 @@ _SAME_ELECTOR_OF_D = "agency.same_name(given_names, family_name, d.given_names, 
 
 
 async def household_at(conn: asyncpg.Connection, council: str, address: models.Address) -> int | None:
-    """The council's household at ``address``, if it holds one."""
-    household: int | None = await conn.fetchval(
-        "SELECT id FROM agency.council_household"
-        " WHERE council = $1"
-        # What agency.same_address needs, in a form the indexes serve:
-        "   AND (uprn = $4 OR (postcode = $3 AND agency.match_key(address_lines[1]) = agency.match_key($5)))"
-        "   AND agency.same_address(address_lines, postcode, uprn, $2, $3, $4)"
-        " ORDER BY id LIMIT 1 FOR UPDATE",
-        council,
-        address.lines,
-        address.postcode,
-        address.uprn,
-        address.lines[0],
-    )
-    return household
+    """The council's household at ``address``, if it holds one (locked)."""
+    return (await _households_at(conn, council, [(0, address)])).get(0)
 
 
 async def new_household(conn: asyncpg.Connection, council: str, address: models.Address) -> int:
@@ -286,8 +273,8 @@ async def recompute_discounts(conn: asyncpg.Connection, households: list[int]) -
 async def _households_at(
     conn: asyncpg.Connection, council: str, addresses: list[tuple[int, models.Address]]
 ) -> dict[int, int]:
-    """``household_at`` for many addresses (by their place in a run) in one statement;
-    addresses the council holds no household at are left out."""
+    """The council's household at each address (by its place in ``addresses``), locked,
+    in one statement; addresses it holds no household at are left out."""
     if not addresses:
         return {}
     rows = await conn.fetch(
@@ -296,6 +283,7 @@ async def _households_at(
         " CROSS JOIN LATERAL ("
         "   SELECT id FROM agency.council_household"
         "    WHERE council = $1"
+        # What agency.same_address needs, in a form the indexes serve:
         "      AND (uprn = d.uprn OR (postcode = d.postcode"
         "           AND agency.match_key(address_lines[1]) = agency.match_key(d.lines[1])))"
         "      AND agency.same_address(address_lines, postcode, uprn, d.lines, d.postcode, d.uprn)"

@@ -96,7 +96,7 @@ async def _cancel_on_deaths(conn: asyncpg.Connection, deaths: list[HolderDeath])
     column a cancellation writes, so the matches read at once are those each death
     would find in turn; only the status can differ, when an earlier death in the run
     cancelled the same licence (it then stays as that one left it)."""
-    matches = await _licences_of(conn, deaths)
+    matches = await _licences_of(conn, [(d.holder, d.held_postcode) for d in deaths])
     rejected: dict[str, str] = {}
     cancelled: dict[str, tuple[date, uuid.UUID]] = {}  # by driver number, in order
     for at, death in enumerate(deaths):
@@ -135,14 +135,11 @@ async def _matching_licence(
 ) -> asyncpg.Record:
     """The one licence for ``holder``; ``held_address`` is the address the licence
     would hold, used only when the date of birth is unknown."""
-    if holder.date_of_birth is not None:
-        found = await _by_name_and_birth(conn, holder, holder.date_of_birth)
-        missing = NO_MATCH_BY_BIRTH
-    elif held_address is not None:
-        found = await _by_name_and_postcode(conn, holder, held_address.postcode)
-        missing = NO_MATCH_BY_POSTCODE
-    else:
+    if holder.date_of_birth is None and held_address is None:
         raise RejectEvent(UNFINDABLE)
+    postcode = None if held_address is None else held_address.postcode
+    found = (await _licences_of(conn, [(holder, postcode)])).get(0, [])
+    missing = NO_MATCH_BY_BIRTH if holder.date_of_birth is not None else NO_MATCH_BY_POSTCODE
     if not found:
         raise RejectEvent(missing)
     if len(found) > 1:
@@ -152,44 +149,16 @@ async def _matching_licence(
 
 # --- queries -----------------------------------------------------------------------------------
 
-_COLUMNS = "SELECT driver_number, status FROM agency.driving_licence"
-
-
-async def _by_name_and_birth(
-    conn: asyncpg.Connection, holder: models.Person, born: date
-) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await conn.fetch(
-        f"{_COLUMNS} WHERE agency.match_key(family_name) = agency.match_key($2) AND date_of_birth = $3"
-        "   AND agency.same_name(given_names, family_name, $1, $2) FOR UPDATE",
-        holder.given_names,
-        holder.family_name,
-        born,
-    )
-    return rows
-
-
-async def _by_name_and_postcode(
-    conn: asyncpg.Connection, holder: models.Person, postcode: str
-) -> list[asyncpg.Record]:
-    rows: list[asyncpg.Record] = await conn.fetch(
-        f"{_COLUMNS} WHERE agency.match_key(family_name) = agency.match_key($2) AND postcode = $3"
-        "   AND agency.same_name(given_names, family_name, $1, $2) FOR UPDATE",
-        holder.given_names,
-        holder.family_name,
-        postcode,
-    )
-    return rows
-
 
 async def _licences_of(
-    conn: asyncpg.Connection, deaths: list[HolderDeath]
+    conn: asyncpg.Connection, holders: list[tuple[models.Person, str | None]]
 ) -> dict[int, list[asyncpg.Record]]:
-    """The licences each death matches (by its place in ``deaths``), locked, as
-    ``_matching_licence`` finds them one at a time: by date of birth where it was
-    delivered, else by postcode (a statement each, so that each uses its index)."""
+    """The licences each (holder, postcode the licence would hold) matches, by its place
+    in ``holders``, locked: by surname, first forename and date of birth where the date
+    of birth is known, else by postcode (a statement each, so that each uses its index)."""
     matches: dict[int, list[asyncpg.Record]] = {}
-    dated = [(at, d.holder, d.holder.date_of_birth) for at, d in enumerate(deaths) if d.holder.date_of_birth]
-    undated = [(at, d.holder, d.held_postcode) for at, d in enumerate(deaths) if not d.holder.date_of_birth]
+    dated = [(at, h, h.date_of_birth) for at, (h, _) in enumerate(holders) if h.date_of_birth is not None]
+    undated = [(at, h, postcode) for at, (h, postcode) in enumerate(holders) if h.date_of_birth is None]
     for column, held_type, group in (("date_of_birth", "date", dated), ("postcode", "text", undated)):
         if not group:
             continue

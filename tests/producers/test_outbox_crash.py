@@ -165,6 +165,27 @@ def relay_log_events(world: World, event: str) -> list[dict[str, object]]:
     return found
 
 
+def relay_timeline(world: World, batches: set[int]) -> str:
+    """The relays' starts, failures and settlements, the batches near ``batches``, and
+    each distinct aiokafka complaint once (with a count): what a failed run leaves to
+    explain itself, since CI keeps no temporary files."""
+    near = {b + d for b in batches for d in range(-2, 3)}
+    lines: list[str] = []
+    complaints: Counter[str] = Counter()
+    for line in world.relay_log.read_text().splitlines():
+        if not line.startswith("{"):
+            if line.startswith(("WARNING:", "ERROR:")):
+                complaints[line[:200]] += 1
+                if complaints[line[:200]] == 1:
+                    lines.append(line[:200])
+            continue
+        entry = json.loads(line)
+        if entry.get("event") != "outbox_published" or entry.get("batch") in near:
+            lines.append(line[:300])
+    repeated = [f"({n} times) {text}" for text, n in complaints.items() if n > 1]
+    return "\n".join(lines + repeated)
+
+
 def new_event(world: World, n: int) -> NewEvent:
     subject_id = f"s-{uuid.uuid4().hex}"
     event_id, value, headers = death_message(subject_id, key=world.key)
@@ -254,6 +275,8 @@ async def assert_each_exactly_once_in_outbox_order(
                 f" uncommitted at {raw.get(str(r['event_id']))}"
                 for r in rows
             )
+            + "\nthe relays' log around those batches:\n"
+            + relay_timeline(world, {r["relay_batch"] for r in rows})
         )
     extra = set(counted) - set(recorded)
     assert not extra, f"{len(extra)} events on the topic were never recorded"

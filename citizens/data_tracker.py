@@ -335,7 +335,8 @@ def _receipt_words(decision: str, receipt: dict[str, Any] | None, overdue: bool)
     return "Waiting for them to confirm they have it."
 
 
-def _delivery(row: dict[str, Any]) -> Delivery:
+def delivery(row: dict[str, Any]) -> Delivery:
+    """One agency's row of ``router.store.event_status``, in the citizen's words."""
     receipt = row["receipt"]
     return Delivery(
         agency=row["agency"],
@@ -388,7 +389,7 @@ async def received(
         if status is None:  # cannot happen: the row was just read, and intake rows are never deleted
             continue
         deliveries = sorted(
-            (_delivery(row) for row in status["agencies"] if agencies is None or row["agency"] in agencies),
+            (delivery(row) for row in status["agencies"] if agencies is None or row["agency"] in agencies),
             key=lambda d: (not d.told, d.agency_name),
         )
         if agencies is not None and not deliveries:

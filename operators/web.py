@@ -1,5 +1,5 @@
 """The one web service, composed: the registrars' intake (API and pages) and the
-citizens' sign-in, consent pages and privacy notice, on one origin. Producers and
+citizens' sign-in, consent pages and privacy notice, and the informants' journey, on one origin. Producers and
 citizens never import each other; this is where they meet."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncpg
 from fastapi import FastAPI
 
+from citizens.informants import install_informant_journey
 from citizens.pages import install_citizen_pages
 from citizens.privacy import install_privacy_notice
 from citizens.signin import install_citizen_sign_in
@@ -17,6 +18,8 @@ from runtime.settings import Settings
 def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     def citizens(app: FastAPI) -> None:
         install_privacy_notice(app, lambda: app.state.intake.pool)
+        if pool is not None:
+            install_informant_journey(app, settings, pool)
         if settings.oidc_issuer and pool is not None:
             install_citizen_sign_in(app, settings, pool)
             install_citizen_pages(app, settings, pool)

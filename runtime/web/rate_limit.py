@@ -33,7 +33,8 @@ log = structlog.get_logger(__name__)
 MAX_CLIENTS = 10_000
 SIGN_IN_PATH = "/sign-in"
 CITIZEN_SIGN_IN_PATH = "/citizen/sign-in"  # each GET starts a sign-in (a database row)
-SIGN_IN_REQUESTS = (("POST", SIGN_IN_PATH), ("GET", CITIZEN_SIGN_IN_PATH))
+INFORMANT_SIGN_IN_PATH = "/tell-us-once/reference"  # a reference and a date of birth, checked
+SIGN_IN_REQUESTS = (("POST", SIGN_IN_PATH), ("GET", CITIZEN_SIGN_IN_PATH), ("POST", INFORMANT_SIGN_IN_PATH))
 _CLIENT_STATE = "rate_limit_client"
 SYSTEM_CLIENT = "api:"  # how ``identify`` names an API token's holder
 
@@ -172,10 +173,7 @@ class Throttle:
         limiter = self.systems if client is not None and client.startswith(SYSTEM_CLIENT) else self.requests
         refusal = limiter.admit(f"client:{client}" if client else address)
         limit = "requests"
-        signing_in = (scope["method"], scope["path"]) in (
-            ("POST", SIGN_IN_PATH),
-            ("GET", CITIZEN_SIGN_IN_PATH),
-        )
+        signing_in = (scope["method"], scope["path"]) in SIGN_IN_REQUESTS
         if refusal is None and signing_in:
             refusal = self.sign_ins.admit(address)
             limit = "sign-in attempts"

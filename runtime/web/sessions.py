@@ -244,6 +244,11 @@ class CookiePolicy:
     def sign_in(self) -> str:
         return "__Host-tuo-sign-in" if self.secure else "tuo-sign-in"
 
+    @property
+    def informant(self) -> str:
+        """The informant's journey (citizens.informants): a session of its own."""
+        return "__Host-tuo-informant" if self.secure else "tuo-informant"
+
     def set(self, response: Response, name: str, value: str) -> None:
         # No Max-Age: the cookie goes when the browser closes; the server ends the session sooner.
         response.set_cookie(name, value, path="/", secure=self.secure, httponly=True, samesite="lax")

@@ -1,0 +1,252 @@
+"""The informant's journey at /tell-us-once over real HTTP, against the real PostgreSQL
+and the running bus: registrations are recorded through intake's API (as a register
+office's system would) and routed by the bus; the informant comes in with the
+reference and the date of birth, in a browser of their own (an httpx cookie jar)."""
+
+from __future__ import annotations
+
+import html
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+
+from citizens.informants import MAX_WRONG_ANSWERS, install_informant_journey, unlock
+from producers.accounts import issue_token
+from runtime.settings import Settings
+from tests.citizen_browser import Stack, browser, serve_citizens
+from tests.support import death_registration, eventually
+
+pytestmark = pytest.mark.integration
+
+BORN = {"born-day": "2", "born-month": "3", "born-year": "1941"}  # death_registration()'s deceased
+WRONG_BORN = {"born-day": "3", "born-month": "3", "born-year": "1941"}
+
+
+@pytest.fixture(scope="module")
+async def stack(services: Settings, pool: asyncpg.Pool) -> AsyncIterator[Stack]:
+    async with serve_citizens(services, pool, install_informant_journey) as (base_url, idp, settings):
+        yield Stack(base_url, idp, settings)
+
+
+async def registered(intake: httpx.AsyncClient) -> str:
+    answer = await intake.post("/v1/death-registrations", json=death_registration())
+    assert answer.status_code == 201, answer.text
+    reference: str = answer.json()["reference"]
+    return reference
+
+
+async def enter(
+    client: httpx.AsyncClient, stack: Stack, reference: str, born: dict[str, str]
+) -> httpx.Response:
+    return await client.post(
+        f"{stack.base_url}/tell-us-once/reference", data={"reference": reference, **born}
+    )
+
+
+def text_of(page: str) -> str:
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page)))
+
+
+def error_links(page: str) -> dict[str, str]:
+    """The error summary's messages, by the field each links to."""
+    summary = page.split('class="govuk-error-summary"', 1)[1].split("</ul>", 1)[0]
+    return {
+        href: html.unescape(text).strip()
+        for href, text in re.findall(r'<a href="#([\w-]+)">\s*([^<]+?)\s*</a>', summary)
+    }
+
+
+async def wrong_answers(pool: asyncpg.Pool, reference: str) -> int | None:
+    failures: int | None = await pool.fetchval(
+        "SELECT failures FROM informant_reference_lock WHERE reference = $1", reference
+    )
+    return failures
+
+
+async def test_the_reference_and_date_of_birth_open_the_registration_and_show_who_was_told(
+    stack: Stack, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    async with browser() as client:
+        start = await client.get(f"{stack.base_url}/tell-us-once")
+        assert start.status_code == 200 and "Start now" in start.text
+        assert 'href="/tell-us-once/reference"' in start.text
+
+        # Typed as people type it: lower case, with spaces.
+        typed = reference.lower().replace("-", " - ")
+        opened = await enter(client, stack, typed, BORN)
+        assert opened.status_code == 303, text_of(opened.text)
+        assert opened.headers["location"] == "/tell-us-once/registration"
+
+        async def told() -> str | None:
+            page = await client.get(f"{stack.base_url}/tell-us-once/registration")
+            assert page.status_code == 200, page.text
+            words = text_of(page.text)
+            return words if words.count("They were told.") >= 2 else None
+
+        page = await eventually(told, timeout=30, what="the statutory agencies told, on the informant's page")
+    assert f"Reference {reference}" in page
+    assert "The death you registered" in page
+    for statutory in ("HM Revenue and Customs", "Department for Work and Pensions"):
+        assert re.search(rf"{re.escape(statutory)} They were told\.", page), statutory
+    # The desk consents (DVLA given, the Passport Office refused) are the informant's choices so far.
+    choices = page.split("Who can be told if you agree", 1)[1]
+    assert re.search(r"Driver and Vehicle Licensing Agency\s+Yes, they may be told", choices)
+    assert re.search(r"HM Passport Office\s+No, they may not be told", choices)
+    # Nothing about the person beyond the kind of registration: no name, no date of birth.
+    assert "Example" not in page and "1941" not in page
+
+
+async def test_a_reference_from_another_office_opens_the_journey(
+    stack: Stack, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    token = await issue_token(pool, "bradford", "registrar", "informant journey test")
+    async with httpx.AsyncClient(
+        base_url=str(intake.base_url), headers={"Authorization": f"Bearer {token}"}, timeout=10
+    ) as bradford:
+        reference = await registered(bradford)
+    office = await pool.fetchval(
+        "SELECT registration_office FROM intake_record WHERE reference = $1", reference
+    )
+    assert office == "bradford"
+    async with browser() as client:
+        assert (await enter(client, stack, reference, BORN)).status_code == 303
+
+
+async def test_five_wrong_dates_of_birth_lock_the_reference_until_the_office_unlocks_it(
+    stack: Stack, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    async with browser() as client:
+        for n in range(1, MAX_WRONG_ANSWERS):
+            wrong = await enter(client, stack, reference, WRONG_BORN)
+            assert wrong.status_code == 400
+            assert error_links(wrong.text) == {
+                "reference": "The reference or the date of birth is not right:"
+                " check both against the registrar's letter"
+            }
+            assert await wrong_answers(pool, reference) == n
+        locked = await enter(client, stack, reference, WRONG_BORN)
+        assert locked.status_code == 403 and "This reference is locked" in locked.text
+        # Now even the right date of birth is refused, and no session is started.
+        still = await enter(client, stack, reference, BORN)
+        assert still.status_code == 403 and "This reference is locked" in still.text
+        assert "tuo-informant" not in still.headers.get("set-cookie", "")
+        assert await wrong_answers(pool, reference) == MAX_WRONG_ANSWERS
+
+        assert await unlock(pool, reference)
+        assert (await enter(client, stack, reference, BORN)).status_code == 303
+        assert await wrong_answers(pool, reference) is None
+
+
+async def test_an_unknown_reference_gets_the_same_answer_as_a_wrong_date_of_birth(
+    stack: Stack, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    unknown = f"TUO-2026-{uuid.uuid4().hex[:4].upper()}-{uuid.uuid4().hex[:4].upper()}"
+    async with browser() as client:
+        wrong_birth = await enter(client, stack, reference, WRONG_BORN)
+        wrong_reference = await enter(client, stack, unknown, BORN)
+    assert wrong_birth.status_code == wrong_reference.status_code == 400
+    assert error_links(wrong_birth.text) == error_links(wrong_reference.text)
+    assert (
+        await pool.fetchval("SELECT count(*) FROM informant_reference_lock WHERE reference = $1", unknown)
+        == 0
+    )
+
+
+async def test_an_expired_reference_is_refused_with_a_page_that_says_what_to_do(
+    stack: Stack, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    await pool.execute(
+        "UPDATE intake_record SET recorded_at = now() - interval '29 days' WHERE reference = $1", reference
+    )
+    async with browser() as client:
+        expired = await enter(client, stack, reference, BORN)
+        assert expired.status_code == 410
+        words = text_of(expired.text)
+        assert "This reference has expired" in words and "28 days after the registration" in words
+        assert "tuo-informant" not in expired.headers.get("set-cookie", "")
+        # A wrong date of birth is still only "not right": expiry is told only to who knows it.
+        assert (await enter(client, stack, reference, WRONG_BORN)).status_code == 400
+
+
+async def test_malformed_missing_and_oversized_answers_get_linked_field_errors_and_change_nothing(
+    stack: Stack, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    cases: list[tuple[dict[str, str], dict[str, str]]] = [
+        (
+            {},
+            {"reference": "Enter the reference from the registrar", "born-day": "Enter their date of birth"},
+        ),
+        (
+            {"reference": reference, "born-day": "2", "born-year": "1941"},
+            {"born-month": "Date of birth must include a month"},
+        ),
+        (
+            {"reference": reference, "born-day": "31", "born-month": "2", "born-year": "1941"},
+            {"born-day": "Date of birth must be a real date, like 27 3 1950"},
+        ),
+        (
+            {"reference": reference, "born-day": "1", "born-month": "1", "born-year": "2999"},
+            {"born-day": "Date of birth must be in the past"},
+        ),
+        (
+            {"reference": "x" * 100_000, **BORN},
+            {"reference": "Enter the reference as it is on the registrar's letter, like TUO-2026-ABCD-1234"},
+        ),
+        (
+            {"reference": "TUO'; DROP TABLE intake_record; --", **BORN},
+            {"reference": "Enter the reference as it is on the registrar's letter, like TUO-2026-ABCD-1234"},
+        ),
+        (
+            {"reference": reference, "born-day": "<script>", "born-month": "3", "born-year": "1941"},
+            {"born-day": "Date of birth must be a real date, like 27 3 1950"},
+        ),
+    ]
+    async with browser() as client:
+        for form, expected in cases:
+            answer = await client.post(f"{stack.base_url}/tell-us-once/reference", data=form)
+            assert answer.status_code == 400, form
+            assert error_links(answer.text) == expected, form
+            assert "<script>" not in answer.text, "what was typed is shown back escaped"
+            for field in expected:  # each message is also beside its field
+                assert (
+                    f'id="{field}-error"' in answer.text or f'id="{field.split("-")[0]}-error"' in answer.text
+                )
+    assert await wrong_answers(pool, reference) is None, "a form that could not be read is not a wrong answer"
+
+
+async def test_the_journey_has_its_own_session_which_signs_out_only_with_its_csrf_token(
+    stack: Stack, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    async with browser() as stranger:
+        nowhere = await stranger.get(f"{stack.base_url}/tell-us-once/registration")
+        assert nowhere.status_code == 303 and nowhere.headers["location"] == "/tell-us-once/reference"
+        stranger.cookies.set("tuo-session", "a-citizens-or-registrars-token")
+        assert (await stranger.get(f"{stack.base_url}/tell-us-once/registration")).status_code == 303
+    async with browser() as client:
+        assert (await enter(client, stack, reference, BORN)).status_code == 303
+        token = client.cookies.get("tuo-informant")
+        assert token
+        # The informant's session opens nothing of a citizen's.
+        assert (await client.get(f"{stack.base_url}/citizen/me")).status_code in (303, 401)
+        page = await client.get(f"{stack.base_url}/tell-us-once/registration")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert csrf
+        refused = await client.post(f"{stack.base_url}/tell-us-once/sign-out", data={"csrf_token": "guess"})
+        assert refused.status_code == 403
+        assert (await client.get(f"{stack.base_url}/tell-us-once/registration")).status_code == 200
+        out = await client.post(f"{stack.base_url}/tell-us-once/sign-out", data={"csrf_token": csrf.group(1)})
+        assert out.status_code == 200 and "You have signed out" in out.text
+    async with browser() as replaying:
+        replaying.cookies.set("tuo-informant", token)
+        gone = await replaying.get(f"{stack.base_url}/tell-us-once/registration")
+        assert gone.status_code == 303, "a signed-out session's token opens nothing"

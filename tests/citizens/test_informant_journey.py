@@ -250,3 +250,20 @@ async def test_the_journey_has_its_own_session_which_signs_out_only_with_its_csr
         replaying.cookies.set("tuo-informant", token)
         gone = await replaying.get(f"{stack.base_url}/tell-us-once/registration")
         assert gone.status_code == 303, "a signed-out session's token opens nothing"
+
+
+async def test_after_a_correction_the_corrected_date_of_birth_opens_the_registration(
+    stack: Stack, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    corrected = await intake.post(
+        f"/v1/events/{reference}/corrections",
+        json={"changes": [{"field": "deceased.date_of_birth", "value": "1941-03-12"}], "reason": "misread"},
+    )
+    assert corrected.status_code == 201, corrected.text
+    async with browser() as client:
+        assert (await enter(client, stack, reference, BORN)).status_code == 400, "the date as first recorded"
+        new_born = {**BORN, "born-day": "12"}
+        assert (await enter(client, stack, reference, new_born)).status_code == 303
+        # The correction's own reference is not a registration: it opens nothing.
+        assert (await enter(client, stack, corrected.json()["reference"], new_born)).status_code == 400

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -55,6 +56,7 @@ class World:
     database: str
     key: SigningKey  # a registration office's, to sign the events as intake would
     home: Path  # relay logs, and a state dir with no stack.env in it
+    broker: KafkaBroker
 
     @property
     def topic(self) -> str:
@@ -112,7 +114,7 @@ async def world(
         try:
             await migrate(own, settings)
             await ensure_topics(settings, [], principal=Principal.OPERATOR)
-            yield World(settings, own, database, await office_key(own, settings), tmp_path)
+            yield World(settings, own, database, await office_key(own, settings), tmp_path, broker)
         finally:
             await own.close()
     finally:
@@ -184,6 +186,46 @@ def relay_timeline(world: World, batches: set[int]) -> str:
             lines.append(line[:300])
     repeated = [f"({n} times) {text}" for text, n in complaints.items() if n > 1]
     return "\n".join(lines + repeated)
+
+
+async def broker_evidence(world: World, locations: list[tuple[int, int]]) -> str:
+    """Kafka's own dump of the batches, transaction markers and aborted ranges near each
+    (partition, offset), and the broker's transaction log lines: which producer epoch
+    wrote the record, and which marker (COMMIT or ABORT, at which epoch) closed its range."""
+    tools = CACHE_DIR / f"kafka-tools-{KAFKA_VERSION}" / "libs"
+    lines: list[str] = []
+    for partition, offset in locations:
+        folder = world.broker.data_dir / f"{world.topic}-{partition}"
+        files = sorted(str(f) for f in folder.glob("*") if f.suffix in (".log", ".txnindex"))
+        dump = await asyncio.create_subprocess_exec(
+            *("java", "-cp", f"{tools}/*", "org.apache.kafka.tools.DumpLogSegments", "--deep-iteration"),
+            *("--files", ",".join(files)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await dump.communicate()
+        near = range(offset - 12, offset + 13)
+        for line in out.decode(errors="replace").splitlines():
+            batch = re.match(r"baseOffset: (\d+) lastOffset: (\d+)", line)
+            marker = re.match(r"\| offset: (\d+) .*endTxnMarker", line)
+            aborted = re.search(r"firstOffset: (\d+) lastOffset: (\d+)", line)
+            if line.startswith("Dumping") or line.startswith("Error") or "Exception" in line:
+                lines.append(line[:300])
+            elif batch and int(batch.group(1)) <= near.stop and int(batch.group(2)) >= near.start:
+                lines.append(line[:300])
+            elif marker and int(marker.group(1)) in near:
+                lines.append(line[:300])
+            elif aborted and int(aborted.group(1)) <= near.stop and int(aborted.group(2)) >= near.start:
+                lines.append("aborted range: " + line[:300])
+    server_log = world.broker.log_dir / "server.log"
+    if server_log.exists():
+        prefix = world.settings.topic_prefix  # this test's transactional id and topics; not the config dump
+        lines += [
+            line[:300]
+            for line in server_log.read_text().splitlines()
+            if line.startswith("[") and (" WARN " in line or " ERROR " in line or prefix in line)
+        ][-40:]
+    return "\n".join(lines)
 
 
 def new_event(world: World, n: int) -> NewEvent:
@@ -277,6 +319,8 @@ async def assert_each_exactly_once_in_outbox_order(
             )
             + "\nthe relays' log around those batches:\n"
             + relay_timeline(world, {r["relay_batch"] for r in rows})
+            + "\nthe broker's log segments around them:\n"
+            + await broker_evidence(world, [where for r in rows for where in raw.get(str(r["event_id"]), [])])
         )
     extra = set(counted) - set(recorded)
     assert not extra, f"{len(extra)} events on the topic were never recorded"

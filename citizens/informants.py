@@ -1,7 +1,7 @@
 """The informant's own journey at ``/tell-us-once``: the reference the registrar gave
 them, with the date of birth of the person registered, opens the registration for 28
-days, so that the family can see which organisations were told and what each did,
-and which more can be told with their consent.
+days (``informant_reference_days``), so that the family can see which organisations
+were told and what each did, and which more can be told with their consent.
 
 Getting in is guarded as a sign-in is: five wrong answers for a reference lock it
 (the register office can unlock it); a wrong reference and a wrong date of birth get
@@ -41,7 +41,7 @@ from runtime.web.pages import redirect
 from runtime.web.rate_limit import INFORMANT_SIGN_IN_PATH
 from runtime.web.sessions import CookiePolicy, Expired, SessionStore, same_secret, token_hash
 from schemas.codec import decode
-from schemas.validation import today_in_the_uk
+from schemas.validation import is_reference, today_in_the_uk
 
 log = structlog.get_logger(__name__)
 
@@ -49,12 +49,10 @@ pages.add_templates(Path(__file__).parent / "templates")
 
 START_PATH = "/tell-us-once"
 OVERVIEW_PATH = "/tell-us-once/registration"
-REFERENCE_DAYS = 28  # a reference opens the journey for this long after the registration
 MAX_WRONG_ANSWERS = 5
 # Whose date of birth the informant is asked for, by the kind of registration.
 PERSON_REGISTERED = {"DeathRegistered": "deceased", "BirthRegistered": "child"}
 REGISTERED_WHAT = {"DeathRegistered": "death", "BirthRegistered": "birth"}
-_REFERENCE = re.compile(r"[A-Z0-9-]{4,40}")
 
 
 class Outcome(Enum):
@@ -75,9 +73,8 @@ class Registration:
     voided: bool
     locked: bool
 
-    @property
-    def expired(self) -> bool:
-        return self.recorded_at < datetime.now(UTC) - timedelta(days=REFERENCE_DAYS)
+    def expired(self, settings: Settings) -> bool:
+        return self.recorded_at < datetime.now(UTC) - timedelta(days=settings.informant_reference_days)
 
 
 @dataclass(frozen=True)
@@ -168,7 +165,7 @@ async def unlock(pool: asyncpg.Pool, reference: str) -> bool:
 
 
 async def check_answer(
-    pool: asyncpg.Pool, sealer: PayloadSealer, reference: str, born: date
+    pool: asyncpg.Pool, sealer: PayloadSealer, settings: Settings, reference: str, born: date
 ) -> tuple[Outcome, Registration | None]:
     found = await registration(pool, reference)
     if found is None or found.voided:
@@ -177,7 +174,7 @@ async def check_answer(
         return Outcome.LOCKED, found
     if await registered_date_of_birth(pool, sealer, found) != born:
         return (Outcome.LOCKED if await record_wrong_answer(pool, reference) else Outcome.WRONG), found
-    if found.expired:
+    if found.expired(settings):
         return Outcome.EXPIRED, found
     await clear_wrong_answers(pool, reference)
     return Outcome.OPENED, found
@@ -213,7 +210,7 @@ def read_answer(form: dict[str, str]) -> tuple[str, date | None, list[FieldError
     reference = normalised_reference(form.get("reference", "")[:100])
     if not reference:
         errors.append(FieldError("reference", "Enter the reference from the registrar"))
-    elif not _REFERENCE.fullmatch(reference):
+    elif not is_reference(reference):
         errors.append(
             FieldError(
                 "reference", "Enter the reference as it is on the registrar's letter, like TUO-2026-ABCD-1234"
@@ -269,8 +266,9 @@ def message(status_code: int, title: str, *lines: str, link: tuple[str, str] | N
 
 
 @router.get(START_PATH)
-async def start() -> Response:
-    return render("informant_start.html", title="Use the reference from the registrar", days=REFERENCE_DAYS)
+async def start(service: Service) -> Response:
+    days = service.settings.informant_reference_days
+    return render("informant_start.html", title="Use the reference from the registrar", days=days)
 
 
 WRONG_ANSWER = FieldError(
@@ -300,7 +298,7 @@ async def enter_reference(request: Request, service: Service) -> Response:
     reference, born, errors = read_answer(form)
     if errors or born is None:
         return _reference_form(400, errors, form)
-    outcome, found = await check_answer(service.pool, service.sealer, reference, born)
+    outcome, found = await check_answer(service.pool, service.sealer, service.settings, reference, born)
     # The event id, never the reference: a log line must not say which reference was guessed.
     event_id = str(found.event_id) if found else None
     log.info("informant_reference_tried", outcome=outcome.value, event_id=event_id)
@@ -315,10 +313,11 @@ async def enter_reference(request: Request, service: Service) -> Response:
             " to you unlocks it. Contact them, and have the letter from the registrar with you.",
         )
     if outcome is Outcome.EXPIRED:
+        days = service.settings.informant_reference_days
         return message(
             410,
             "This reference has expired",
-            f"A reference can be used for {REFERENCE_DAYS} days after the registration.",
+            f"A reference can be used for {days} days after the registration.",
             "To tell an organisation now, contact it directly, or ask the register office for help.",
         )
     assert found is not None
@@ -352,7 +351,7 @@ async def overview(request: Request, service: Service) -> Response:
     if found_session is None:
         return redirect(INFORMANT_SIGN_IN_PATH)
     found = await registration(service.pool, found_session.reference)
-    if found is None or found.voided or found.locked or found.expired:
+    if found is None or found.voided or found.locked or found.expired(service.settings):
         await INFORMANT_SESSIONS.end(service.pool, found_session.token_hash)
         return message(
             410,
@@ -373,7 +372,7 @@ async def overview(request: Request, service: Service) -> Response:
         "informant_registration.html",
         title=f"The {REGISTERED_WHAT[found.event_type]} you registered",
         reference=found.reference,
-        expires=(found.recorded_at + timedelta(days=REFERENCE_DAYS)).date(),
+        expires=(found.recorded_at + timedelta(days=service.settings.informant_reference_days)).date(),
         told=told,
         choosable=choosable,
         signOut={"action": "/tell-us-once/sign-out", "csrfToken": found_session.csrf_token},

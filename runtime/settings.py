@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     session_cookie_secure: bool = True
     session_idle_minutes: int = Field(default=30, ge=1, le=24 * 60)
     session_max_hours: int = Field(default=10, ge=1, le=24)
+    # The informant's journey (/tell-us-once): how long after a registration its
+    # reference opens it.
+    informant_reference_days: int = Field(default=28, ge=1, le=366)
     govuk_frontend_dir: Path | None = Field(
         default=None,
         description="GOV.UK Frontend's dist/govuk folder; unset: node_modules/ in the project (npm ci).",

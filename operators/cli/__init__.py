@@ -13,6 +13,7 @@ from operators.cli.accounts import offices_app, tokens_app, users_app
 from operators.cli.agencies import agencies_app
 from operators.cli.audit import audit_app
 from operators.cli.dlq import dlq_app
+from operators.cli.informants import informants_app
 from operators.cli.proxies import proxies_app
 from operators.cli.receipts import receipts_app
 from operators.cli.replay import replay_app
@@ -42,6 +43,7 @@ app.add_typer(proxies_app, name="proxies")
 app.add_typer(access_app, name="access")
 app.add_typer(replay_app, name="replay")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(informants_app, name="informants")
 
 
 def main() -> None:

@@ -585,6 +585,10 @@ async def statuses(intake: Intake, who: SignedIn, reference: str) -> dict[str, A
         "reference": status["reference"],
         "event_id": uuid.UUID(status["event_id"]),
         "heading": EVENT_HEADINGS.get(status["event_type"], "Event recorded"),
+        # A birth's or a death's reference also opens the informant's journey (/tell-us-once).
+        "informant_journey": intake.settings.informant_reference_days
+        if status["event_type"] in ("BirthRegistered", "DeathRegistered")
+        else None,
         "agencies": agencies,
         "settled": bool(decided) and expected <= decided and all(a.settled for a in agencies),
     }

@@ -1,6 +1,6 @@
 -- The informant's own journey (citizens.informants): the registrar's reference and a
 -- second fact the registrar recorded (the date of birth of the person registered)
--- open it at /tell-us-once, for 28 days after the registration.
+-- open it at /tell-us-once, for 28 days after the registration (a setting).
 --
 -- Wrong answers are counted per reference: after five the reference is locked, and
 -- the informant is told to ask the register office. A right answer resets the count.

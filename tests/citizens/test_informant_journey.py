@@ -5,6 +5,7 @@ reference and the date of birth, in a browser of their own (an httpx cookie jar)
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 import uuid
@@ -14,11 +15,11 @@ import asyncpg
 import httpx
 import pytest
 
-from citizens.informants import MAX_WRONG_ANSWERS, install_informant_journey, unlock
+from citizens.informants import MAX_WRONG_ANSWERS, install_informant_journey
 from producers.accounts import issue_token
 from runtime.settings import Settings
 from tests.citizen_browser import Stack, browser, serve_citizens
-from tests.support import death_registration, eventually
+from tests.support import death_registration, eventually, tuo_cli
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +119,7 @@ async def test_a_reference_from_another_office_opens_the_journey(
 
 
 async def test_five_wrong_dates_of_birth_lock_the_reference_until_the_office_unlocks_it(
-    stack: Stack, pool: asyncpg.Pool, intake: httpx.AsyncClient
+    stack: Stack, services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
 ) -> None:
     reference = await registered(intake)
     async with browser() as client:
@@ -138,7 +139,12 @@ async def test_five_wrong_dates_of_birth_lock_the_reference_until_the_office_unl
         assert "tuo-informant" not in still.headers.get("set-cookie", "")
         assert await wrong_answers(pool, reference) == MAX_WRONG_ANSWERS
 
-        assert await unlock(pool, reference)
+        # The register office, having checked who is asking, unlocks it (typed as read out).
+        unlock = ("informants", "unlock", reference.lower(), "--by", "Leeds office")
+        code, output = await asyncio.to_thread(tuo_cli, services, *unlock)
+        assert code == 0 and f"{reference} can be used again" in output, output
+        code, output = await asyncio.to_thread(tuo_cli, services, *unlock)
+        assert code == 1 and "is not locked" in output, output
         assert (await enter(client, stack, reference, BORN)).status_code == 303
         assert await wrong_answers(pool, reference) is None
 

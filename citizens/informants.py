@@ -25,7 +25,6 @@ from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
-from uuid import UUID
 
 import asyncpg
 import structlog
@@ -33,7 +32,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
 from citizens import data_tracker
-from router.store import event_status
+from router.store import StoredEvent, event_status, original_event
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from runtime.web import pages
@@ -64,17 +63,11 @@ class Outcome(Enum):
 
 @dataclass(frozen=True)
 class Registration:
-    reference: str
-    event_id: UUID
-    event_type: str
-    subject_id: str
-    recorded_at: datetime
-    sealed_value: bytes
-    voided: bool
+    event: StoredEvent
     locked: bool
 
     def expired(self, settings: Settings) -> bool:
-        return self.recorded_at < datetime.now(UTC) - timedelta(days=settings.informant_reference_days)
+        return self.event.recorded_at < datetime.now(UTC) - timedelta(days=settings.informant_reference_days)
 
 
 @dataclass(frozen=True)
@@ -89,39 +82,21 @@ class InformantSession:
 
 async def registration(pool: asyncpg.Pool, reference: str) -> Registration | None:
     """The registration a reference names, if it is one the journey can open."""
-    row = await pool.fetchrow(
-        "SELECT i.reference, i.event_id, i.event_type, i.subject_id, i.recorded_at, o.message_value,"
-        "       EXISTS (SELECT 1 FROM intake_record v WHERE v.follows_event_id = i.event_id"
-        "                  AND v.event_type = 'EventVoided') AS voided,"
-        "       l.locked_at IS NOT NULL AS locked"
-        "  FROM intake_record i"
-        "  JOIN LATERAL (SELECT message_value FROM outbox WHERE event_id = i.event_id"
-        "                 ORDER BY id LIMIT 1) o ON true"
-        "  LEFT JOIN informant_reference_lock l ON l.reference = i.reference"
-        " WHERE i.reference = $1 AND i.event_type = ANY($2::text[])",
-        reference,
-        sorted(PERSON_REGISTERED),
-    )
-    if row is None:
+    found = await original_event(pool, reference)
+    if found is None or found.event_type not in PERSON_REGISTERED or found.voided:
         return None
-    return Registration(
-        row["reference"],
-        row["event_id"],
-        row["event_type"],
-        row["subject_id"],
-        row["recorded_at"],
-        bytes(row["message_value"]),
-        row["voided"],
-        bool(row["locked"]),
+    locked = await pool.fetchval(
+        "SELECT locked_at IS NOT NULL FROM informant_reference_lock WHERE reference = $1", reference
     )
+    return Registration(found, bool(locked))
 
 
 async def registered_date_of_birth(
     pool: asyncpg.Pool, sealer: PayloadSealer, found: Registration
 ) -> date | None:
     """The date of birth the registration holds now: as recorded, or as last corrected."""
-    person = PERSON_REGISTERED[found.event_type]
-    _, body = decode(sealer.open(found.sealed_value, found.event_id))
+    person = PERSON_REGISTERED[found.event.event_type]
+    _, body = decode(sealer.open(found.event.value, found.event.event_id))
     born: date | None = (body.get(person) or {}).get("date_of_birth")
     corrections = await pool.fetch(
         "SELECT c.event_id, o.message_value FROM intake_record c"
@@ -129,7 +104,7 @@ async def registered_date_of_birth(
         "                 ORDER BY id LIMIT 1) o ON true"
         " WHERE c.follows_event_id = $1 AND c.event_type = 'EventCorrected'"
         " ORDER BY c.recorded_at, c.reference",
-        found.event_id,
+        found.event.event_id,
     )
     for correction in corrections:
         _, corrected = decode(sealer.open(bytes(correction["message_value"]), correction["event_id"]))
@@ -168,7 +143,7 @@ async def check_answer(
     pool: asyncpg.Pool, sealer: PayloadSealer, settings: Settings, reference: str, born: date
 ) -> tuple[Outcome, Registration | None]:
     found = await registration(pool, reference)
-    if found is None or found.voided:
+    if found is None:
         return Outcome.WRONG, None
     if found.locked:
         return Outcome.LOCKED, found
@@ -300,7 +275,7 @@ async def enter_reference(request: Request, service: Service) -> Response:
         return _reference_form(400, errors, form)
     outcome, found = await check_answer(service.pool, service.sealer, service.settings, reference, born)
     # The event id, never the reference: a log line must not say which reference was guessed.
-    event_id = str(found.event_id) if found else None
+    event_id = str(found.event.event_id) if found else None
     log.info("informant_reference_tried", outcome=outcome.value, event_id=event_id)
     if outcome is Outcome.WRONG:
         return _reference_form(400, [WRONG_ANSWER], form)
@@ -325,7 +300,7 @@ async def enter_reference(request: Request, service: Service) -> Response:
     if earlier:
         await INFORMANT_SESSIONS.end(service.pool, token_hash(earlier))
     await INFORMANT_SESSIONS.forget_expired(service.pool, service.settings)
-    token, _, _ = await INFORMANT_SESSIONS.start(service.pool, lambda _: (found.reference,))
+    token, _, _ = await INFORMANT_SESSIONS.start(service.pool, lambda _: (found.event.reference,))
     response = redirect(OVERVIEW_PATH)
     service.cookies.set(response, service.cookies.informant, token)
     return response
@@ -351,28 +326,29 @@ async def overview(request: Request, service: Service) -> Response:
     if found_session is None:
         return redirect(INFORMANT_SIGN_IN_PATH)
     found = await registration(service.pool, found_session.reference)
-    if found is None or found.voided or found.locked or found.expired(service.settings):
+    if found is None or found.locked or found.expired(service.settings):
         await INFORMANT_SESSIONS.end(service.pool, found_session.token_hash)
         return message(
             410,
             "This registration can no longer be opened here",
             "Contact the register office that gave you the reference.",
         )
-    status = await event_status(service.pool, found.reference)
+    event = found.event
+    status = await event_status(service.pool, event.reference)
     told = sorted(
         (data_tracker.delivery(row) for row in (status or {}).get("agencies", [])),
         key=lambda d: (not d.told, d.agency_name),
     )
     choosable = [
         setting
-        for setting in await data_tracker.consent_settings(service.pool, found.subject_id, None)
-        if setting.event_type == found.event_type and setting.changeable
+        for setting in await data_tracker.consent_settings(service.pool, event.subject_id, None)
+        if setting.event_type == event.event_type and setting.changeable
     ]
     return render(
         "informant_registration.html",
-        title=f"The {REGISTERED_WHAT[found.event_type]} you registered",
-        reference=found.reference,
-        expires=(found.recorded_at + timedelta(days=service.settings.informant_reference_days)).date(),
+        title=f"The {REGISTERED_WHAT[event.event_type]} you registered",
+        reference=event.reference,
+        expires=(event.recorded_at + timedelta(days=service.settings.informant_reference_days)).date(),
         told=told,
         choosable=choosable,
         signOut={"action": "/tell-us-once/sign-out", "csrfToken": found_session.csrf_token},

@@ -42,11 +42,11 @@ from producers.store import (
     consent_agencies,
     earlier_submission,
     latest_link,
-    original_event,
 )
 from router import facts as routing_facts
 from router.consent_changes import announce
 from router.rules import SUBJECT_ADDRESSES
+from router.store import original_event
 from runtime.kafka import Topics
 from runtime.local_authorities import local_authority
 from runtime.metrics import EVENTS_ACCEPTED

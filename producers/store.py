@@ -103,41 +103,6 @@ class ConsentReceipts(Protocol):
 
 
 @dataclass(frozen=True)
-class StoredEvent:
-    reference: str
-    event_id: UUID
-    event_type: str
-    subject_id: str
-    office: str
-    value: bytes  # the Avro message as published
-    voided: bool
-
-
-async def original_event(pool: asyncpg.Pool, reference: str) -> StoredEvent | None:
-    """An event as recorded, for a correction or void to refer to."""
-    row = await pool.fetchrow(
-        "SELECT i.reference, i.event_id, i.event_type, i.subject_id, i.registration_office,"
-        "       o.message_value,"
-        "       EXISTS (SELECT 1 FROM intake_record v WHERE v.follows_event_id = i.event_id"
-        "                  AND v.event_type = 'EventVoided') AS voided"
-        "  FROM intake_record i JOIN outbox o ON o.event_id = i.event_id"
-        " WHERE i.reference = $1",
-        reference,
-    )
-    if row is None:
-        return None
-    return StoredEvent(
-        row["reference"],
-        row["event_id"],
-        row["event_type"],
-        row["subject_id"],
-        row["registration_office"],
-        bytes(row["message_value"]),
-        row["voided"],
-    )
-
-
-@dataclass(frozen=True)
 class LatestLink:
     correction_event_id: UUID
     new_subject_id: str

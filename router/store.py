@@ -207,6 +207,44 @@ async def area_unknown_decisions(
     return [AreaUnknown(**dict(r)) for r in rows]
 
 
+@dataclass(frozen=True)
+class StoredEvent:
+    reference: str
+    event_id: UUID
+    event_type: str
+    subject_id: str
+    office: str
+    recorded_at: datetime
+    value: bytes  # the Avro message as published, sealed at rest (runtime.sealing)
+    voided: bool
+
+
+async def original_event(pool: asyncpg.Pool, reference: str) -> StoredEvent | None:
+    """An event as intake recorded it: for a correction or void to refer to, or for an
+    informant's reference (citizens.informants) to open."""
+    row = await pool.fetchrow(
+        "SELECT i.reference, i.event_id, i.event_type, i.subject_id, i.registration_office, i.recorded_at,"
+        "       o.message_value,"
+        "       EXISTS (SELECT 1 FROM intake_record v WHERE v.follows_event_id = i.event_id"
+        "                  AND v.event_type = 'EventVoided') AS voided"
+        "  FROM intake_record i JOIN outbox o ON o.event_id = i.event_id"
+        " WHERE i.reference = $1",
+        reference,
+    )
+    if row is None:
+        return None
+    return StoredEvent(
+        row["reference"],
+        row["event_id"],
+        row["event_type"],
+        row["subject_id"],
+        row["registration_office"],
+        row["recorded_at"],
+        bytes(row["message_value"]),
+        row["voided"],
+    )
+
+
 async def event_status(
     pool: asyncpg.Pool, reference: str, office: str | None = None
 ) -> dict[str, Any] | None:

@@ -335,7 +335,8 @@ async def test_a_death_registration_gets_a_reference_and_each_agencys_status(
     assert "govuk-panel--confirmation" in confirmation.text
     assert reference in confirmation.text
     # What the informant can do with it: their own journey, for 28 days.
-    assert "at /tell-us-once, which organisations were told and what each did, for 28 days" in confirmation.text
+    told = "at /tell-us-once, which organisations were told and what each did, for 28 days"
+    assert told in confirmation.text
     assert await records_by(pool, username) == 1
     channel = await pool.fetchval("SELECT recorded_by FROM intake_record WHERE reference = $1", reference)
     assert channel == f"registrar:{username}"

@@ -105,6 +105,7 @@ class ConsentSetting:
     choice_words: str
     recorded_by: str | None
     recorded_at: datetime | None
+    fields: list[str] | None  # what the agency is told, in words (field_words); None: everything
 
     @property
     def changeable(self) -> bool:
@@ -120,8 +121,8 @@ async def consent_settings(
     (so that they can always withdraw it); the other councils are not theirs to choose."""
     theirs = await local_authorities_of(pool, subject_id)
     rows = await pool.fetch(
-        "SELECT s.agency, s.event_type, s.legal_basis, s.statute, c.choice, c.recorded_by, c.recorded_at,"
-        "       s.condition::text AS condition"
+        "SELECT s.agency, s.event_type, s.legal_basis, s.statute, s.fields,"
+        "       c.choice, c.recorded_by, c.recorded_at, s.condition::text AS condition"
         "  FROM subscription s"
         "  LEFT JOIN current_consent c"
         "    ON c.subject_id = $1 AND c.agency = s.agency AND c.event_type = s.event_type"
@@ -144,6 +145,7 @@ async def consent_settings(
             choice_words=CHOICE_WORDS.get(r["choice"], str(r["choice"])),
             recorded_by=r["recorded_by"],
             recorded_at=r["recorded_at"],
+            fields=None if r["fields"] is None else field_words(list(r["fields"])),
         )
         for r in rows
         if r["choice"] is not None

@@ -98,6 +98,9 @@ async def test_the_reference_and_date_of_birth_open_the_registration_and_show_wh
     choices = page.split("Who can be told if you agree", 1)[1]
     assert re.search(r"Driver and Vehicle Licensing Agency\s+Yes, they may be told", choices)
     assert re.search(r"HM Passport Office\s+No, they may not be told", choices)
+    # What each would be told, from its subscription (the Passport Office: the deceased and the death).
+    hmpo = choices.split("HM Passport Office", 1)[1].split("They would be told:", 1)[1][:200]
+    assert hmpo.startswith(" date of death, name and date of birth of the person who died "), hmpo
     # Nothing about the person beyond the kind of registration: no name, no date of birth.
     assert "Example" not in page and "1941" not in page
 

@@ -1,6 +1,6 @@
 """The one web service, composed: the registrars' intake (API and pages) and the
-citizens' sign-in, consent pages and privacy notice, and the informants' journey, on one origin. Producers and
-citizens never import each other; this is where they meet."""
+citizens' sign-in, consent pages, privacy notice and the informants' journey, on one
+origin. Producers and citizens never import each other; this is where they meet."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from datetime import timedelta
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -176,7 +176,8 @@ async def _submit_demo(base: str, token: str, wait_seconds: float = 60.0) -> Non
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=base, timeout=10, headers=headers) as client:
         references = []
-        for path, body in demo_submissions(today_in_the_uk()):
+        submissions = list(demo_submissions(today_in_the_uk()))
+        for path, body in submissions:
             response = await client.post(path, json=body)
             if response.status_code == 409 and "existing_reference" in response.text:
                 # A demo run on data kept from an earlier one: the same death and birth are
@@ -196,6 +197,13 @@ async def _submit_demo(base: str, token: str, wait_seconds: float = 60.0) -> Non
                 await asyncio.sleep(0.2)
             print_event_status(found)
             console.print(f"  {base}/v1/events/{reference}")
+        for (path, body), reference in zip(submissions, references, strict=True):
+            if path == "/v1/death-registrations":  # what the informant was given, to try
+                born = date.fromisoformat(body["deceased"]["date_of_birth"])
+                console.print(
+                    f"Informant's journey: {base}/tell-us-once — reference [bold]{reference}[/],"
+                    f" date of birth {born.day} {born.month} {born.year}"
+                )
 
 
 def _settled(found: dict[str, Any]) -> bool:

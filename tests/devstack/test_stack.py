@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from devstack import LocalStack
@@ -128,6 +130,14 @@ def test_demo_serves_until_ctrl_c_and_then_leaves_nothing_running() -> None:
         assert text.count("applied") >= 7, "receipts for death (4), birth (1), address change (2)"
         assert "awaiting" not in text
         assert processes_mentioning(str(state_dir)), "the stack runs while the demo serves"
+        # The informant's journey, with what the demo printed for it, opens the death.
+        printed = r"Informant's journey: (\S+) — reference (\S+), date of birth (\d+) (\d+) (\d+)"
+        found = re.search(printed, text)
+        assert found, text
+        journey, reference, day, month, year = found.groups()
+        answer = {"reference": reference, "born-day": day, "born-month": month, "born-year": year}
+        opened = httpx.post(f"{journey}/reference", data=answer, timeout=10)
+        assert opened.status_code == 303 and opened.headers["location"] == "/tell-us-once/registration"
 
         demo.send_signal(signal.SIGINT)
         rest, _ = demo.communicate(timeout=90)

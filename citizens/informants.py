@@ -182,7 +182,7 @@ def normalised_reference(typed: str) -> str:
 
 def read_answer(form: dict[str, str]) -> tuple[str, date | None, list[FieldError]]:
     errors: list[FieldError] = []
-    reference = normalised_reference(form.get("reference", "")[:100])
+    reference = normalised_reference(form.get("reference", ""))
     if not reference:
         errors.append(FieldError("reference", "Enter the reference from the registrar"))
     elif not is_reference(reference):
@@ -191,7 +191,7 @@ def read_answer(form: dict[str, str]) -> tuple[str, date | None, list[FieldError
                 "reference", "Enter the reference as it is on the registrar's letter, like TUO-2026-ABCD-1234"
             )
         )
-    parts = {name: form.get(f"born-{name}", "").strip()[:10] for name in ("day", "month", "year")}
+    parts = {name: form.get(f"born-{name}", "").strip() for name in ("day", "month", "year")}
     born: date | None = None
     missing = [name for name, value in parts.items() if not value]
     if len(missing) == 3:
@@ -269,7 +269,14 @@ async def reference_form() -> Response:
 
 @router.post(INFORMANT_SIGN_IN_PATH)
 async def enter_reference(request: Request, service: Service) -> Response:
-    form = {key: value for key, value in (await request.form()).items() if isinstance(value, str)}
+    # Only the fields asked for, each cut to what any right answer could be: an oversized
+    # one is refused as malformed, and never shown back whole.
+    given = await request.form()
+    form = {
+        name: value[:100]
+        for name in ("reference", "born-day", "born-month", "born-year")
+        if isinstance(value := given.get(name, ""), str)
+    }
     reference, born, errors = read_answer(form)
     if errors or born is None:
         return _reference_form(400, errors, form)

@@ -225,6 +225,7 @@ async def test_malformed_missing_and_oversized_answers_get_linked_field_errors_a
             assert answer.status_code == 400, form
             assert error_links(answer.text) == expected, form
             assert "<script>" not in answer.text, "what was typed is shown back escaped"
+            assert len(answer.text) < 40_000, "what was typed is never shown back whole"
             for field in expected:  # each message is also beside its field
                 assert (
                     f'id="{field}-error"' in answer.text or f'id="{field.split("-")[0]}-error"' in answer.text

@@ -25,6 +25,7 @@ EVENT_NAMES = {
     "AddressChanged": "Changes of address",
     "EventCorrected": "Corrections to a registration",
     "EventVoided": "Cancelled registrations",
+    "ServicesRequested": "Requests to tell more organisations",
 }
 EVENT_TITLES = {
     "BirthRegistered": "Birth registered",
@@ -32,6 +33,7 @@ EVENT_TITLES = {
     "AddressChanged": "Change of address",
     "EventCorrected": "Registration corrected",
     "EventVoided": "Registration cancelled",
+    "ServicesRequested": "More organisations asked to be told",
 }
 CHOICE_WORDS = {
     "given": "Yes, they may be told",
@@ -64,6 +66,13 @@ FIELD_WORDS = {
     "informant.name": "name of the person who gave the information",
     "informant.relationship": "how the person who gave the information is related",
     "recorded_by": "who recorded it",
+    "requested_event_type": "what kind of registration it follows",
+    "requests_event_id": "which registration it follows",
+    "requests_reference": "the registration's reference",
+    "address": "address",
+    "driving_licence_number": "driving licence number",
+    "passport_number": "passport number",
+    "blue_badge_number": "Blue Badge number",
 }
 # The parts of a related person (``surviving_partner.nino``), see schemas/fieldpaths.py.
 PART_WORDS = {

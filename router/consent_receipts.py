@@ -95,11 +95,13 @@ PII_CATEGORIES: dict[str, list[str]] = {
     "BirthRegistered": ["1 - Biographical", "2 - Contact"],
     "DeathRegistered": ["1 - Biographical", "2 - Contact", "8 - Official ID"],
     "AddressChanged": ["1 - Biographical", "2 - Contact", "8 - Official ID"],
+    "ServicesRequested": ["1 - Biographical", "2 - Contact", "8 - Official ID"],
 }
 EVENT_NAMES: dict[str, str] = {
     "BirthRegistered": "birth registrations",
     "DeathRegistered": "death registrations",
     "AddressChanged": "changes of address",
+    "ServicesRequested": "the informant's requests to tell more organisations",
 }
 # Placeholder contact details: to be replaced with the service's published ones.
 CONTROLLER: dict[str, Any] = {

@@ -100,6 +100,7 @@ SUBJECT_ADDRESSES = {
     "BirthRegistered": ("home_address",),
     "DeathRegistered": ("last_address",),
     "AddressChanged": ("old_address", "new_address"),
+    "ServicesRequested": ("address",),
 }
 
 

@@ -27,15 +27,25 @@ VERSIONS_DIR = Path(__file__).parent / "versions"
 CATALOGUE_FILE = "catalogue.json"
 
 # The top-level schemas: one per event type, plus the bus's own messages.
-LIFE_EVENTS = ("BirthRegistered", "DeathRegistered", "AddressChanged", "EventCorrected", "EventVoided")
+LIFE_EVENTS = (
+    "BirthRegistered",
+    "DeathRegistered",
+    "AddressChanged",
+    "EventCorrected",
+    "EventVoided",
+    "ServicesRequested",
+)
 BUS_MESSAGES = ("DeliveryReceipt", "RoutingDecision", "ConsentChanged")
-# What an agency receives of an event: derived mechanically from the event's schema
-# (see ``delivery_schema``), so it cannot drift from it.
-MINIMISED = ("BirthRegistered", "DeathRegistered", "AddressChanged")
-# Superseded by the disclosures: agencies' copies minimised by top-level field only.
+# The event types agencies subscribe to, each cut down per agency to what it is granted;
+# the follow-ups (corrections, voids) go to whoever received what they follow.
+MINIMISED = ("BirthRegistered", "DeathRegistered", "AddressChanged", "ServicesRequested")
+# Superseded by the disclosures: agencies' copies minimised by top-level field only,
+# derived mechanically from the event's schema (``delivery_schema``).
 # Still released (messages written with them must stay readable), no longer written.
 DELIVERY_SUFFIX = "Delivery"
-DELIVERIES = tuple(f"{name}{DELIVERY_SUFFIX}" for name in MINIMISED)
+DELIVERIES = tuple(
+    f"{name}{DELIVERY_SUFFIX}" for name in ("BirthRegistered", "DeathRegistered", "AddressChanged")
+)
 # What an agency receives of any life event, minimised by field path (see
 # ``schemas.fieldpaths``); derived mechanically from the event's schema.
 DISCLOSURE_SUFFIX = "Disclosure"

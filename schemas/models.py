@@ -160,6 +160,19 @@ class EventVoided(Record):
     reason: str
 
 
+class ServicesRequested(Record):
+    envelope: Envelope
+    requests_event_id: UUID
+    requests_reference: str
+    requested_event_type: str
+    person: Person
+    date_of_death: PastDate | None = None
+    address: Address | None = None
+    driving_licence_number: str | None = None
+    passport_number: str | None = None
+    blue_badge_number: str | None = None
+
+
 class DeliveryReceipt(Record):
     event_id: UUID
     agency: AgencyCode
@@ -199,6 +212,7 @@ TOP_LEVEL_MODELS: dict[str, type[Record]] = {
         AddressChanged,
         EventCorrected,
         EventVoided,
+        ServicesRequested,
         DeliveryReceipt,
         RoutingDecision,
         ConsentChanged,

@@ -34,6 +34,7 @@ _DESCRIBED = {
     "voided_event_type": "voided event's type",
     "corrects_event_id": "corrected event's id",
     "corrected_event_type": "corrected event's type",
+    "requested_event_type": "type of registration the request follows",
 }
 
 
@@ -84,6 +85,13 @@ def day(event: DeliveredEvent, field: str) -> date:
     value = _granted(event, field)
     if not isinstance(value, date):
         raise RejectEvent(f"the {_described(field)} delivered is not a date")
+    return value
+
+
+def text(event: DeliveredEvent, field: str) -> str:
+    value = _granted(event, field)
+    if not isinstance(value, str) or not value.strip():
+        raise RejectEvent(f"the {_described(field)} delivered is empty")
     return value
 
 

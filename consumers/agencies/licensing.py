@@ -11,6 +11,9 @@ moving, where delivered). No match, or more than one, rejects the event.
 - AddressChanged: the licence takes the new address, unless it already holds
   one that took effect later.
 - EventVoided of a death: the licence that death cancelled is valid again.
+- ServicesRequested after a death, with the licence number the informant gave: that
+  licence is cancelled on the date of death, if it is the named person's (surname and
+  forename match); a number DVLA does not know, or another person's, rejects the request.
 - Anything else is applied with no effect.
 
 ``LICENSING`` applies a batch set-wise (``consumers.agencies.deaths``): a run of
@@ -38,6 +41,8 @@ NO_MATCH_BY_BIRTH = "no driving licence matches the name and date of birth"
 NO_MATCH_BY_POSTCODE = "no driving licence matches the name and postcode"
 UNFINDABLE = "the driving licence cannot be found without the date of birth or the address it is held at"
 AMBIGUOUS = "more than one driving licence matches; the licence needs checking by hand"
+NO_SUCH_LICENCE = "no driving licence has the number given"
+ANOTHER_HOLDER = "the driving licence with the number given is another person's"
 
 
 async def handle(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
@@ -50,6 +55,8 @@ async def handle(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
             voided_id, voided_type = delivery.voided(event)
             if voided_type == "DeathRegistered":
                 await _reinstate(conn, voided_id)
+        case "ServicesRequested" if delivery.text(event, "requested_event_type") == "DeathRegistered":
+            await _cancel_by_number(event, conn)
         case _:
             await apply_life_event(event, conn)
 
@@ -88,6 +95,27 @@ async def _cancel_on_death(event: DeliveredEvent, conn: asyncpg.Connection) -> N
     licence = await _matching_licence(conn, deceased, delivery.address_if_delivered(event, "last_address"))
     if licence["status"] == "valid":
         await _cancel(conn, licence["driver_number"], died_on, delivery.event_uuid(event))
+
+
+async def _cancel_by_number(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
+    """The informant gave the licence number: that licence, if it is the named person's."""
+    holder = delivery.person(event, "person")
+    died_on = delivery.day(event, "date_of_death")
+    number = delivery.text(event, "driving_licence_number")
+    licence = await conn.fetchrow(
+        "SELECT driver_number, status,"
+        "       agency.same_name(given_names, family_name, $2, $3) AS same_holder"
+        "  FROM agency.driving_licence WHERE driver_number = $1 FOR UPDATE",
+        number,
+        holder.given_names,
+        holder.family_name,
+    )
+    if licence is None:
+        raise RejectEvent(NO_SUCH_LICENCE)
+    if not licence["same_holder"]:
+        raise RejectEvent(ANOTHER_HOLDER)
+    if licence["status"] == "valid":
+        await _cancel(conn, number, died_on, delivery.event_uuid(event))
 
 
 async def _cancel_on_deaths(conn: asyncpg.Connection, deaths: list[HolderDeath]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import asyncpg
 
 from consumers.agencies import council
 from schemas import models
+from schemas.identity_documents import birth_code, surname_code
 from schemas.validation import normalise_nino
 
 
@@ -50,15 +51,13 @@ async def award_pension(
 
 
 def driver_number_for(holder: models.Person) -> str:
-    """A driver number in DVLA's shape: surname (5, padded with 9s), birth date as
-    decade digit, month, day and year digit, two initials, then fixed digits."""
+    """A driver number in DVLA's shape (``schemas.identity_documents``), as a man's,
+    ending in fixed characters."""
     born = holder.date_of_birth
     if born is None:
         raise ValueError("a driving licence holder's date of birth is needed for their driver number")
-    surname = "".join(c for c in holder.family_name.upper() if "A" <= c <= "Z")[:5].ljust(5, "9")
     initials = "".join(name[0] for name in holder.given_names.upper().split() if "A" <= name[0] <= "Z")
-    year = f"{born.year:04d}"
-    return f"{surname}{year[2]}{born.month:02d}{born.day:02d}{year[3]}{initials[:2].ljust(2, '9')}9AA"
+    return f"{surname_code(holder.family_name)}{birth_code(born)}{initials[:2].ljust(2, '9')}9AA"
 
 
 async def issue_driving_licence(

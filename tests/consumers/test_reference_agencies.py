@@ -597,6 +597,68 @@ async def test_two_licences_matching_the_deceased_are_left_for_a_person_to_check
     assert [(await _licence(pool, n))["status"] for n in (first, second)] == ["valid", "valid"]
 
 
+def request_about(who: Someone, agency: str, **details: str) -> DeliveredEvent:
+    """An informant's request after ``who``'s death, as ``agency`` receives it."""
+    event_id = uuid.uuid4()
+    envelope = models.Envelope(
+        event_id=event_id,
+        reference="TUO-2026-TEST-0002",
+        occurred_at=datetime.now(UTC),
+        recorded_at=datetime.now(UTC),
+        subject=models.SubjectIdentifiers(subject_id=f"s-{uuid.uuid4().hex}", nino=who.nino),
+        informant=models.Informant(name="Alex Example", relationship="daughter"),
+        channel="ONLINE",
+        registration_office="online",
+        provenance=models.Provenance(source_system="tuo-intake", recorded_by="informant:online"),
+    )
+    event = models.ServicesRequested(
+        envelope=envelope,
+        requests_event_id=uuid.uuid4(),
+        requests_reference="TUO-2026-TEST-0001",
+        requested_event_type="DeathRegistered",
+        person=who.person(),
+        date_of_death=DIED_ON,
+        address=who.home(),
+        **details,
+    ).avro()
+    granted = GRANTED[(agency, "ServicesRequested")]
+    value = encode(f"ServicesRequested{DISCLOSURE_SUFFIX}", minimise("ServicesRequested", event, granted))
+    return DeliveredEvent(event_id=str(event_id), event_type="ServicesRequested", record=decode(value)[1])
+
+
+async def test_the_licence_number_the_informant_gave_finds_the_licence_a_name_alone_cannot(
+    pool: asyncpg.Pool,
+) -> None:
+    pat = someone()
+    first = await records.issue_driving_licence(pool, pat.person(), pat.home())
+    second = await records.issue_driving_licence(pool, pat.person(), pat.home(), first[:-3] + "8AA")
+    # By name and date of birth the death matches both licences, and is left for a person...
+    death = await apply(pool, "dvla", delivered("dvla", "DeathRegistered", death_of(pat)))
+    assert death.outcome == "REJECTED"
+    # ...but the number the informant gave names one of them.
+    receipt = await apply(pool, "dvla", request_about(pat, "dvla", driving_licence_number=second))
+    assert receipt.outcome == "APPLIED", receipt.reason
+    held = [await _licence(pool, n) for n in (first, second)]
+    assert [(h["status"], h["cancelled_on"]) for h in held] == [("valid", None), ("cancelled", DIED_ON)]
+
+
+async def test_a_licence_number_dvla_does_not_hold_or_of_another_person_is_rejected(
+    pool: asyncpg.Pool,
+) -> None:
+    pat, jo = someone(), someone(given_names="Jo")
+    jos = await records.issue_driving_licence(pool, jo.person(), jo.home())
+    unknown = await apply(pool, "dvla", request_about(pat, "dvla", driving_licence_number=jos[:-3] + "7ZZ"))
+    another = await apply(pool, "dvla", request_about(pat, "dvla", driving_licence_number=jos))
+    assert (unknown.outcome, unknown.reason) == ("REJECTED", licensing.NO_SUCH_LICENCE)
+    assert (another.outcome, another.reason) == ("REJECTED", licensing.ANOTHER_HOLDER)
+    assert (await _licence(pool, jos))["status"] == "valid"
+
+
+async def test_the_passport_office_applies_a_request_it_is_sent(pool: asyncpg.Pool) -> None:
+    receipt = await apply(pool, "hmpo", request_about(someone(), "hmpo", passport_number="123456789"))
+    assert receipt.outcome == "APPLIED"
+
+
 async def _dvla_deaths_batch(pool: asyncpg.Pool) -> tuple[list[DeliveredEvent], list[str]]:
     """Every path a batch of deaths can take at DVLA, for new people: deaths matched by
     date of birth and by postcode, a death matching no licence, one matching two, one

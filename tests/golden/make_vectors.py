@@ -97,6 +97,18 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "voided_event_type": "BirthRegistered",
         "reason": "Registered twice in error",
     },
+    "ServicesRequested": {
+        "envelope": {**ENVELOPE, "channel": "ONLINE"},
+        "requests_event_id": "5a3e8f2c-1111-4c2b-8d2e-0c5a3e8f2c11",
+        "requests_reference": "TUO-2026-AAAA-BBBB",
+        "requested_event_type": "DeathRegistered",
+        "person": PERSON,
+        "date_of_death": date(2026, 11, 18),
+        "address": ADDRESS,
+        "driving_licence_number": "EXAMP403021PJ9XY",
+        "passport_number": "123456789",
+        "blue_badge_number": None,
+    },
     "DeliveryReceipt": {
         "event_id": ENVELOPE["event_id"],
         "agency": "dwp",
@@ -162,6 +174,12 @@ EXAMPLES["AddressChangedDisclosure"] = minimise(
     "AddressChanged",
     EXAMPLES["AddressChanged"],
     frozenset({"person", "new_address", "effective_date", "nino", "moving_with.person"}),
+)
+# The Passport Office's copy: the person and the passport number, not the licence.
+EXAMPLES["ServicesRequestedDisclosure"] = minimise(
+    "ServicesRequested",
+    EXAMPLES["ServicesRequested"],
+    frozenset({"person", "date_of_death", "passport_number"}),
 )
 EXAMPLES["EventCorrectedDisclosure"] = {
     **EXAMPLES["EventCorrected"],

@@ -136,7 +136,13 @@ def life_events(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         "DeathRegistered": {"surviving_partner": "one", "executor": "one", "next_of_kin": "many"},
         "BirthRegistered": {"parents": "many"},
         "AddressChanged": {"moving_with": "many"},
+        "ServicesRequested": {},
     }[event_type]
+    if event_type == "ServicesRequested":  # each service's details, and the death, maybe absent
+        for name in ("driving_licence_number", "passport_number", "blue_badge_number"):
+            record[name] = draw(st.none() | _text)
+        record["date_of_death"] = draw(st.none() | st.just(record["date_of_death"]))
+        record["address"] = draw(st.none() | st.just(record["address"]))
     for name, kind in people.items():
         if kind == "one":
             record[name] = draw(st.none() | _related)

@@ -12,19 +12,32 @@ its own, separate from registrars' and citizens': it opens that one registration
 nothing else. The journey is the informant's, not the office's: any office's
 reference works.
 
-Choosing more organisations, the details each needs and the confirmation by email
-are the next steps of this journey; they are not built yet.
+From there the informant chooses more organisations to tell (those subscribed to
+``ServicesRequested`` on consent, whose condition holds for the registration), gives
+the details each needs (a driving licence number checked against the surname and date
+of birth registered, a passport number), confirms they have the permission of the
+people whose details they give, checks their answers and confirms: the request is
+recorded by intake (``RequestServices``, handed in by ``operators.web``: citizens do not
+import producers) as the informant's consent to each, with a consent receipt, and one
+``ServicesRequested`` event that each chosen organisation receives cut to its own
+details. Each organisation is asked once per registration.
+
+The phone agent's way through the same journey and the confirmation by email are the
+next steps; they are not built yet.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Protocol
 
 import asyncpg
 import structlog
@@ -32,6 +45,18 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
 from citizens import data_tracker
+from router.organisations import agency_name
+from router.registrations import (
+    DETAIL_NAMES,
+    ONLINE_OFFICE,
+    PERSON_REGISTERED,
+    SERVICE_DETAILS,
+    RequestRefused,
+    Service,
+    as_corrected,
+    request_problems,
+    services,
+)
 from router.store import StoredEvent, event_status, original_event
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
@@ -39,7 +64,6 @@ from runtime.web import pages
 from runtime.web.pages import redirect
 from runtime.web.rate_limit import INFORMANT_SIGN_IN_PATH
 from runtime.web.sessions import CookiePolicy, Expired, SessionStore, same_secret, token_hash
-from schemas.codec import decode
 from schemas.validation import is_reference, today_in_the_uk
 
 log = structlog.get_logger(__name__)
@@ -49,8 +73,8 @@ pages.add_templates(Path(__file__).parent / "templates")
 START_PATH = "/tell-us-once"
 OVERVIEW_PATH = "/tell-us-once/registration"
 MAX_WRONG_ANSWERS = 5
-# Whose date of birth the informant is asked for, by the kind of registration.
-PERSON_REGISTERED = {"DeathRegistered": "deceased", "BirthRegistered": "child"}
+SERVICES_PATH = "/tell-us-once/services"
+CONFIRM_PATH = "/tell-us-once/services/confirm"
 REGISTERED_WHAT = {"DeathRegistered": "death", "BirthRegistered": "birth"}
 
 
@@ -95,22 +119,8 @@ async def registered_date_of_birth(
     pool: asyncpg.Pool, sealer: PayloadSealer, found: Registration
 ) -> date | None:
     """The date of birth the registration holds now: as recorded, or as last corrected."""
-    person = PERSON_REGISTERED[found.event.event_type]
-    _, body = decode(sealer.open(found.event.value, found.event.event_id))
-    born: date | None = (body.get(person) or {}).get("date_of_birth")
-    corrections = await pool.fetch(
-        "SELECT c.event_id, o.message_value FROM intake_record c"
-        "  JOIN LATERAL (SELECT message_value FROM outbox WHERE event_id = c.event_id"
-        "                 ORDER BY id LIMIT 1) o ON true"
-        " WHERE c.follows_event_id = $1 AND c.event_type = 'EventCorrected'"
-        " ORDER BY c.recorded_at, c.reference",
-        found.event.event_id,
-    )
-    for correction in corrections:
-        _, corrected = decode(sealer.open(bytes(correction["message_value"]), correction["event_id"]))
-        for change in corrected.get("changes", []):
-            if change["field"] == f"{person}.date_of_birth":
-                born = date.fromisoformat(json.loads(change["new_value_json"]))
+    body = await as_corrected(pool, sealer, found.event)
+    born: date | None = body[PERSON_REGISTERED[found.event.event_type]]["date_of_birth"]
     return born
 
 
@@ -153,6 +163,28 @@ async def check_answer(
         return Outcome.EXPIRED, found
     await clear_wrong_answers(pool, reference)
     return Outcome.OPENED, found
+
+
+async def requested_before(pool: asyncpg.Pool, event: StoredEvent) -> dict[str, datetime]:
+    """The organisations already asked to be told of this registration, and when."""
+    rows = await pool.fetch(
+        "SELECT c.agency, min(i.recorded_at) AS asked_at FROM intake_record i"
+        "  JOIN consent_receipt c ON c.event_id = i.event_id"
+        " WHERE i.follows_event_id = $1 AND i.event_type = 'ServicesRequested'"
+        " GROUP BY c.agency",
+        event.event_id,
+    )
+    return {r["agency"]: r["asked_at"] for r in rows}
+
+
+async def requests_made(pool: asyncpg.Pool, event: StoredEvent) -> list[str]:
+    """The references of the requests made about this registration, oldest first."""
+    rows = await pool.fetch(
+        "SELECT reference FROM intake_record WHERE follows_event_id = $1 AND event_type = 'ServicesRequested'"
+        " ORDER BY recorded_at, reference",
+        event.event_id,
+    )
+    return [r["reference"] for r in rows]
 
 
 def _informant_session(row: asyncpg.Record, hashed: bytes, sealer: PayloadSealer) -> InformantSession:
@@ -215,12 +247,36 @@ def read_answer(form: dict[str, str]) -> tuple[str, date | None, list[FieldError
 # The pages.
 
 
+class RecordedRequest(Protocol):
+    @property
+    def event_id(self) -> uuid.UUID: ...
+
+    @property
+    def reference(self) -> str: ...
+
+
+class RequestServices(Protocol):
+    """Intake's ``Intake.request_services``: records the request, or raises ``RequestRefused``."""
+
+    async def __call__(
+        self,
+        reference: str,
+        agencies: Sequence[str],
+        details: Mapping[str, str],
+        *,
+        channel: Literal["online", "phone"],
+        recorded_by: str,
+        idempotency_key: str,
+    ) -> RecordedRequest: ...
+
+
 @dataclass(frozen=True)
 class JourneyService:
     settings: Settings
     pool: asyncpg.Pool
     sealer: PayloadSealer
     cookies: CookiePolicy
+    request_services: RequestServices
 
 
 def _service(request: Request) -> JourneyService:
@@ -228,7 +284,7 @@ def _service(request: Request) -> JourneyService:
     return service
 
 
-Service = Annotated[JourneyService, Depends(_service)]
+Journey = Annotated[JourneyService, Depends(_service)]
 router = APIRouter()
 
 
@@ -241,7 +297,7 @@ def message(status_code: int, title: str, *lines: str, link: tuple[str, str] | N
 
 
 @router.get(START_PATH)
-async def start(service: Service) -> Response:
+async def start(service: Journey) -> Response:
     days = service.settings.informant_reference_days
     return render("informant_start.html", title="Use the reference from the registrar", days=days)
 
@@ -268,7 +324,7 @@ async def reference_form() -> Response:
 
 
 @router.post(INFORMANT_SIGN_IN_PATH)
-async def enter_reference(request: Request, service: Service) -> Response:
+async def enter_reference(request: Request, service: Journey) -> Response:
     # Only the fields asked for, each cut to what any right answer could be: an oversized
     # one is refused as malformed, and never shown back whole.
     given = await request.form()
@@ -320,16 +376,19 @@ async def _session(request: Request, service: JourneyService) -> InformantSessio
     return await INFORMANT_SESSIONS.find(service.pool, service.sealer, token, service.settings)
 
 
-@router.get(OVERVIEW_PATH)
-async def overview(request: Request, service: Service) -> Response:
+SESSION_ENDED = (
+    "Your session has ended",
+    "For your security, enter the reference again after a while without using the service.",
+)
+
+
+async def _opened(
+    request: Request, service: JourneyService
+) -> tuple[InformantSession, StoredEvent] | Response:
+    """The informant's session and the registration it opens, or the page saying why not."""
     found_session = await _session(request, service)
     if isinstance(found_session, Expired):
-        return message(
-            401,
-            "Your session has ended",
-            "For your security, enter the reference again after a while without using the service.",
-            link=(INFORMANT_SIGN_IN_PATH, "Enter the reference again"),
-        )
+        return message(401, *SESSION_ENDED, link=(INFORMANT_SIGN_IN_PATH, "Enter the reference again"))
     if found_session is None:
         return redirect(INFORMANT_SIGN_IN_PATH)
     found = await registration(service.pool, found_session.reference)
@@ -340,30 +399,269 @@ async def overview(request: Request, service: Service) -> Response:
             "This registration can no longer be opened here",
             "Contact the register office that gave you the reference.",
         )
-    event = found.event
-    status = await event_status(service.pool, event.reference)
-    told = sorted(
-        (data_tracker.delivery(row) for row in (status or {}).get("agencies", [])),
-        key=lambda d: (not d.told, d.agency_name),
-    )
-    choosable = [
-        setting
-        for setting in await data_tracker.consent_settings(service.pool, event.subject_id, None)
-        if setting.event_type == event.event_type and setting.changeable
+    return found_session, found.event
+
+
+@dataclass(frozen=True)
+class Offer:
+    """An organisation the informant may ask to tell, in their words."""
+
+    agency: str
+    agency_name: str
+    told_words: list[str]  # what it would be told
+    details: list[tuple[str, str]]  # (form field, words) of what the informant must give
+    asked_at: datetime | None  # when it was asked already, through this journey
+
+
+async def _offers(service: JourneyService, event: StoredEvent) -> tuple[list[Offer], dict[str, Any]]:
+    body = await as_corrected(service.pool, service.sealer, event)
+    asked = await requested_before(service.pool, event)
+    offers = [
+        Offer(
+            s.agency,
+            agency_name(s.agency),
+            data_tracker.field_words(sorted(s.fields - set(SERVICE_DETAILS) - {"requested_event_type"})),
+            [(d, DETAIL_NAMES[d]) for d in s.details],
+            asked.get(s.agency),
+        )
+        for s in await services(service.pool, event, body, datetime.now(UTC))
     ]
+    return offers, body
+
+
+@router.get(OVERVIEW_PATH)
+async def overview(request: Request, service: Journey) -> Response:
+    opened = await _opened(request, service)
+    if isinstance(opened, Response):
+        return opened
+    found_session, event = opened
+    status = await event_status(service.pool, event.reference)
+    told = [data_tracker.delivery(row) for row in (status or {}).get("agencies", [])]
+    for reference in await requests_made(service.pool, event):
+        # Of a request, only who was sent it: the others were not asked.
+        status = await event_status(service.pool, reference)
+        told += [d for row in (status or {}).get("agencies", []) if (d := data_tracker.delivery(row)).told]
+    # An organisation told of both the registration and a request shows each answer.
+    told.sort(key=lambda d: (not d.told, d.agency_name))
+    offers, _ = await _offers(service, event)
     return render(
         "informant_registration.html",
         title=f"The {REGISTERED_WHAT[event.event_type]} you registered",
         reference=event.reference,
         expires=(event.recorded_at + timedelta(days=service.settings.informant_reference_days)).date(),
         told=told,
-        choosable=choosable,
-        signOut={"action": "/tell-us-once/sign-out", "csrfToken": found_session.csrf_token},
+        offers=offers,
+        signOut=_sign_out(found_session),
     )
 
 
+# Choosing organisations, the details each needs, and the permission to give them.
+
+
+@dataclass(frozen=True)
+class Answers:
+    agencies: list[str]
+    details: dict[str, str]
+    permission: bool
+
+    @property
+    def hidden(self) -> list[tuple[str, str]]:
+        """The answers as hidden form fields, carried to the check page and back."""
+        fields = [("agencies", agency) for agency in self.agencies]
+        fields += [(name, value) for name, value in self.details.items() if value]
+        return fields + ([("permission", "yes")] if self.permission else [])
+
+
+async def read_answers(request: Request) -> tuple[Answers, str | None]:
+    """What the form says, each value cut to a size no right answer exceeds; and its CSRF token."""
+    form = await request.form()
+    agencies = [a[:50] for a in form.getlist("agencies")[:20] if isinstance(a, str)]
+    details = {
+        name: normalised_reference(value[:100])
+        for name in SERVICE_DETAILS
+        if isinstance(value := form.get(name, ""), str) and value.strip()
+    }
+    token = form.get("csrf_token")
+    return Answers(agencies, details, form.get("permission") == "yes"), token if isinstance(
+        token, str
+    ) else None
+
+
+def answer_problems(
+    answers: Answers, offers: list[Offer], body: dict[str, Any], event: StoredEvent
+) -> list[FieldError]:
+    """The request's problems (``request_problems``) and the permission, by form field;
+    an organisation asked before is not offered again."""
+    still_open = {
+        o.agency: Service(o.agency, frozenset(d for d, _ in o.details)) for o in offers if o.asked_at is None
+    }
+    errors = []
+    for problem in request_problems(
+        answers.agencies, answers.details, still_open, body[PERSON_REGISTERED[event.event_type]]
+    ):
+        field = problem["field"]
+        if field.startswith("agencies."):  # not one offered: whatever was sent, the list is the answer
+            errors.append(FieldError("agencies", "Choose the organisations to tell from the list"))
+        elif field == "agencies":
+            errors.append(FieldError("agencies", problem["message"]))
+        else:
+            errors.append(FieldError(field.removeprefix("details."), problem["message"]))
+    if not answers.permission:
+        errors.append(
+            FieldError("permission", "Confirm that you have permission to give these details, to continue")
+        )
+    unique = {e.field: e for e in reversed(errors)}  # the first message for each field
+    return [unique[f] for f in dict.fromkeys(e.field for e in errors)]
+
+
+def _services_form(
+    status_code: int,
+    session: InformantSession,
+    offers: list[Offer],
+    answers: Answers,
+    errors: list[FieldError],
+) -> Response:
+    return render(
+        "informant_services.html",
+        status_code,
+        title="Which organisations do you want to tell?",
+        back=OVERVIEW_PATH,
+        offers=[o for o in offers if o.asked_at is None],
+        answers=answers,
+        errors=errors,
+        csrfToken=session.csrf_token,
+        signOut=_sign_out(session),
+    )
+
+
+@router.get(SERVICES_PATH)
+async def services_form(request: Request, service: Journey) -> Response:
+    opened = await _opened(request, service)
+    if isinstance(opened, Response):
+        return opened
+    session, event = opened
+    offers, _ = await _offers(service, event)
+    if not any(o.asked_at is None for o in offers):
+        return message(
+            200,
+            "There are no more organisations to tell",
+            "Every organisation that can be told of this registration with your agreement has been asked.",
+            link=(OVERVIEW_PATH, "See who has been told"),
+        )
+    return _services_form(200, session, offers, Answers([], {}, False), [])
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A posted form of the journey's: whose session, about which registration, saying what."""
+
+    session: InformantSession
+    event: StoredEvent
+    answers: Answers
+    offers: list[Offer]
+    body: dict[str, Any]  # the registration as corrected
+
+    @property
+    def chosen(self) -> list[Offer]:
+        return [o for o in self.offers if o.agency in self.answers.agencies]
+
+    def problems(self) -> list[FieldError]:
+        return answer_problems(self.answers, self.offers, self.body, self.event)
+
+    def form_again(self, status_code: int, errors: list[FieldError]) -> Response:
+        return _services_form(status_code, self.session, self.offers, self.answers, errors)
+
+
+async def _answered(request: Request, service: JourneyService) -> Answered | Response:
+    """The posted answers, in an open session and with its CSRF token; or the page saying why not."""
+    opened = await _opened(request, service)
+    if isinstance(opened, Response):
+        return opened
+    session, event = opened
+    answers, token = await read_answers(request)
+    if not same_secret(session.csrf_token, token):
+        return message(
+            403, "Your answers were not sent", "Go back, and try again.", link=(SERVICES_PATH, "Try again")
+        )
+    offers, body = await _offers(service, event)
+    return Answered(session, event, answers, offers, body)
+
+
+@router.post(SERVICES_PATH)
+async def check_answers(request: Request, service: Journey) -> Response:
+    answered = await _answered(request, service)
+    if isinstance(answered, Response):
+        return answered
+    if (await request.form()).get("change") == "yes":  # "Change" on the check page: the form again
+        return answered.form_again(200, [])
+    errors = answered.problems()
+    if errors:
+        return answered.form_again(400, errors)
+    session, answers, chosen = answered.session, answered.answers, answered.chosen
+    return render(
+        "informant_check.html",
+        title="Check your answers before telling these organisations",
+        back=SERVICES_PATH,
+        chosen=chosen,
+        answers=answers,
+        csrfToken=session.csrf_token,
+        signOut=_sign_out(session),
+    )
+
+
+@router.post(CONFIRM_PATH)
+async def confirm(request: Request, service: Journey) -> Response:
+    answered = await _answered(request, service)
+    if isinstance(answered, Response):
+        return answered
+    session, event, answers = answered.session, answered.event, answered.answers
+    # The same answers sent twice in this session (a double click, a refresh) are one request.
+    fingerprint = hashlib.sha256(
+        json.dumps([session.token_hash.hex(), sorted(answers.agencies), answers.details]).encode()
+    ).hexdigest()
+    earlier = await service.pool.fetchval(
+        "SELECT reference FROM intake_record WHERE idempotency_key = $1",
+        f"{ONLINE_OFFICE}:informant:{fingerprint}",
+    )
+    if earlier is not None:
+        return _requested(session, earlier, answered.chosen)
+    errors = answered.problems()
+    if errors:
+        return answered.form_again(400, errors)
+    try:
+        recorded = await service.request_services(
+            event.reference,
+            answers.agencies,
+            answers.details,
+            channel="online",
+            recorded_by="informant:online",
+            idempotency_key=f"informant:{fingerprint}",
+        )
+    except RequestRefused as refused:  # the organisations offered changed in the meantime
+        log.info("informant_request_refused", event_id=str(event.event_id), problems=len(refused.errors))
+        again = await _answered(request, service)
+        return again if isinstance(again, Response) else again.form_again(400, again.problems())
+    log.info("informant_request_recorded", event_id=str(event.event_id), request_id=str(recorded.event_id))
+    return _requested(session, recorded.reference, answered.chosen)
+
+
+def _requested(session: InformantSession, request_reference: str, chosen: list[Offer]) -> Response:
+    return render(
+        "informant_requested.html",
+        title="Your request has been sent",
+        request_reference=request_reference,
+        chosen=chosen,
+        overview=OVERVIEW_PATH,
+        signOut=_sign_out(session),
+    )
+
+
+def _sign_out(session: InformantSession) -> dict[str, str]:
+    return {"action": "/tell-us-once/sign-out", "csrfToken": session.csrf_token}
+
+
 @router.post("/tell-us-once/sign-out")
-async def sign_out(request: Request, service: Service) -> Response:
+async def sign_out(request: Request, service: Journey) -> Response:
     found = await _session(request, service)
     if isinstance(found, InformantSession):
         given = (await request.form()).get("csrf_token")
@@ -375,9 +673,15 @@ async def sign_out(request: Request, service: Service) -> Response:
     return response
 
 
-def install_informant_journey(app: FastAPI, settings: Settings, pool: asyncpg.Pool) -> None:
-    """Mount the informant's journey on ``app``."""
+def install_informant_journey(
+    app: FastAPI, settings: Settings, pool: asyncpg.Pool, request_services: RequestServices
+) -> None:
+    """Mount the informant's journey on ``app``; ``request_services`` records what they ask."""
     app.state.informant_journey = JourneyService(
-        settings, pool, PayloadSealer.from_settings(settings), CookiePolicy(settings.session_cookie_secure)
+        settings,
+        pool,
+        PayloadSealer.from_settings(settings),
+        CookiePolicy(settings.session_cookie_secure),
+        request_services,
     )
     app.include_router(router)

@@ -4,22 +4,36 @@ origin. Producers and citizens never import each other; this is where they meet.
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 from fastapi import FastAPI
 
-from citizens.informants import install_informant_journey
+from citizens.informants import RequestServices, install_informant_journey
 from citizens.pages import install_citizen_pages
 from citizens.privacy import install_privacy_notice
 from citizens.signin import install_citizen_sign_in
 from producers import intake
+from producers.accept import Intake
+from producers.store import Recorded
 from runtime.settings import Settings
+
+
+def _through_intake(app: FastAPI) -> RequestServices:
+    """The informant's requests, recorded by the intake that the app starts."""
+
+    async def request_services(*args: Any, **kwargs: Any) -> Recorded:
+        running: Intake = app.state.intake
+        return await running.request_services(*args, **kwargs)
+
+    return request_services
 
 
 def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     def citizens(app: FastAPI) -> None:
         install_privacy_notice(app, lambda: app.state.intake.pool)
         if pool is not None:
-            install_informant_journey(app, settings, pool)
+            install_informant_journey(app, settings, pool, _through_intake(app))
         if settings.oidc_issuer and pool is not None:
             install_citizen_sign_in(app, settings, pool)
             install_citizen_pages(app, settings, pool)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -24,7 +24,7 @@ import asyncpg
 import structlog
 from pydantic import Field, TypeAdapter, ValidationError
 
-from producers.accounts import TOKENS_CHANNEL, Submitter, TokenCache
+from producers.accounts import TOKENS_CHANNEL, AccountError, Submitter, TokenCache, ensure_office
 from producers.duplicates import DuplicateRegistration, NothingToOverride, registration_claims
 from producers.group_commit import GroupCommit
 from producers.office_keys import OFFICE_KEYS_CHANNEL, ActiveKeys, SigningKey
@@ -45,8 +45,20 @@ from producers.store import (
 )
 from router import facts as routing_facts
 from router.consent_changes import announce
+from router.registrations import (
+    ONLINE_OFFICE,
+    PERSON_REGISTERED,
+    SERVICE_DETAILS,
+    SERVICES_REQUESTED,
+    RequestRefused,
+    as_corrected,
+    patch,
+    request_problems,
+    services,
+    services_requested_fields,
+)
 from router.rules import SUBJECT_ADDRESSES
-from router.store import original_event
+from router.store import StoredEvent, original_event
 from runtime.kafka import Topics
 from runtime.local_authorities import local_authority
 from runtime.metrics import EVENTS_ACCEPTED
@@ -280,7 +292,7 @@ class Intake:
                     link = self._new_subject(original, value, link)
                     patched["envelope"]["subject"]["nino"] = value
                 else:
-                    _patch(patched, change.field, value)
+                    patch(patched, change.field, value)
             except (ValueError, ValidationError) as exc:
                 errors.append({"field": f"changes.{i}", "message": _message(exc)})
                 continue
@@ -356,6 +368,62 @@ class Intake:
             },
         )
 
+    async def ensure_online_office(self) -> None:
+        """The office whose key signs informants' requests, made with its first key if new."""
+        try:
+            await ensure_office(self.pool, ONLINE_OFFICE, "Tell Us Once online service", self.sealer)
+        except AccountError:  # another intake process made it meanwhile
+            pass
+
+    async def request_services(
+        self,
+        reference: str,
+        agencies: Sequence[str],
+        details: Mapping[str, str],
+        *,
+        channel: Literal["online", "phone"],
+        recorded_by: str,
+        idempotency_key: str,
+    ) -> Recorded:
+        """The informant (online, or by phone through an agent) asks more organisations
+        to be told of a registration, any office's, with the details each needs: their
+        consent to each, with its receipt, and a ``ServicesRequested`` that only the
+        chosen organisations are sent (each its own details), in one transaction. It is
+        signed as the online service's, keyed by the registration's subject, so it
+        reaches the agencies after the registration."""
+        found = await original_event(self.pool, reference)
+        if found is None or found.event_type not in PERSON_REGISTERED or found.voided:
+            raise RequestRefused(
+                [{"field": "reference", "message": "is not a registration that can be opened"}]
+            )
+        body = await as_corrected(self.pool, self.sealer, found)
+        offered = {s.agency: s for s in await services(self.pool, found, body, datetime.now(UTC))}
+        errors = request_problems(agencies, details, offered, body[PERSON_REGISTERED[found.event_type]])
+        if errors:
+            raise RequestRefused(errors)
+        original = await self._as_original(found)
+        submitter = Submitter(
+            ONLINE_OFFICE, "Tell Us Once online service", "registrar", recorded_by, recorded_by
+        )
+        chosen = sorted(set(agencies))
+        return await self._record(
+            event_type=SERVICES_REQUESTED,
+            submitter=submitter,
+            idempotency_key=idempotency_key,
+            fingerprint_of={"original": found.reference, "agencies": chosen, "details": dict(details)},
+            subject=models.SubjectIdentifiers(subject_id=original.subject_id, nino=original.nino),
+            occurred_at=datetime.now(UTC),
+            informant=models.Informant(**body["envelope"]["informant"]),
+            channel=channel,
+            body=lambda envelope: {
+                "envelope": envelope.avro(),
+                **services_requested_fields(found, body),
+                **{name: details.get(name) for name in SERVICE_DETAILS},
+            },
+            consents=[ConsentChoice(agency=agency, choice="given") for agency in chosen],
+            follows=found.event_id,
+        )
+
     async def _original(self, reference: str, submitter: Submitter) -> _Original:
         found = await original_event(self.pool, reference)
         if found is None or found.office != submitter.office:
@@ -366,6 +434,9 @@ class Intake:
             )
         if found.voided:
             raise SubmissionRejected([{"field": "reference", "message": "this event has been voided"}])
+        return await self._as_original(found)
+
+    async def _as_original(self, found: StoredEvent) -> _Original:
         _, body = decode(self.sealer.open(found.value, found.event_id))
         person, nino = found.subject_id, body["envelope"]["subject"].get("nino")
         latest = await latest_link(self.pool, found.event_id)
@@ -616,32 +687,3 @@ def _relocated(patched: Any, original: Any) -> Iterator[tuple[str, str | None]]:
             for i, value in enumerate(node):
                 inner = before[i] if isinstance(before, list) and i < len(before) else None
                 pending.append((value, inner, f"{path}{i}."))
-
-
-def _patch(record: dict[str, Any], path: str, value: Any) -> None:
-    """Set ``value`` at the dotted ``path``, which must already exist in the event."""
-    *parents, last = path.split(".")
-    node: Any = record
-    for part in parents:
-        node = _child(node, part, path)
-        if node is None:
-            raise ValueError(f"{path} is not in the original event (its parent is empty)")
-    if isinstance(node, list):
-        index = int(last)
-        if index >= len(node):
-            raise ValueError(f"{path} is not in the original event")
-        node[index] = value
-    elif isinstance(node, dict) and last in node:
-        node[last] = value
-    elif last == NINO:
-        raise ValueError(f"{path} is not a field of the original event; the subject's own is the field nino")
-    else:
-        raise ValueError(f"{path} is not a field of the original event")
-
-
-def _child(node: Any, part: str, path: str) -> Any:
-    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-        return node[int(part)]
-    if isinstance(node, dict) and part in node:
-        return node[part]
-    raise ValueError(f"{path} is not a field of the original event")

@@ -382,6 +382,7 @@ def create_app(
             consent_signer=consent_signer_within,
         )
         await app.state.intake.notices.listen()
+        await app.state.intake.ensure_online_office()
         try:
             yield
         finally:

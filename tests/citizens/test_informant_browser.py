@@ -1,6 +1,7 @@
 """The informant's journey in a real browser (Debian's Chromium, driven by Playwright),
 by keyboard only, against the running bus: from the start page, through a wrong date of
-birth and its error summary, to the registration's page and out again — checked with
+birth and its error summary, to the registration's page, through asking one more
+organisation to be told (with a detail left out, then given), and out again — checked with
 axe-core and the content security policy on every page."""
 
 from __future__ import annotations
@@ -77,6 +78,36 @@ async def test_an_informant_opens_the_registration_by_keyboard_on_accessible_pag
             await audit.check("the registration")
             main = await page.locator("main").inner_text()
             assert f"Reference {reference}" in main and "Who has been told" in main
+
+            # Asking the Passport Office to be told: a detail left out, then put right.
+            await _tab_to(page, "a.govuk-button[href='/tell-us-once/services']")
+            async with page.expect_navigation():
+                await page.keyboard.press("Enter")
+            await audit.check("which organisations to tell")
+            await _tab_to(page, "#agencies-hmpo")
+            await page.keyboard.press("Space")
+            await _tab_to(page, "#permission")
+            await page.keyboard.press("Space")
+            await _tab_to(page, "form button.govuk-button")
+            async with page.expect_navigation():
+                await page.keyboard.press("Enter")
+            await audit.check("which organisations to tell, with an error")
+            summary = page.locator(".govuk-error-summary")
+            assert "Enter the passport number" in await summary.inner_text()
+            await _tab_to(page, ".govuk-error-summary a")
+            await page.keyboard.press("Enter")
+            assert await page.evaluate("document.activeElement.id") == "passport_number"
+            await page.keyboard.type("123456789")
+            async with page.expect_navigation():
+                await page.keyboard.press("Enter")
+            await audit.check("check your answers")
+            assert "Passport number: 123456789" in await page.locator("main").inner_text()
+            await _tab_to(page, "form[action='/tell-us-once/services/confirm'] button")
+            async with page.expect_navigation():
+                await page.keyboard.press("Enter")
+            await audit.check("request sent")
+            sent = await page.locator("main").inner_text()
+            assert "Your request has been sent" in sent and "HM Passport Office" in sent
 
             await _tab_to(page, "form.tuo-sign-out button")
             async with page.expect_navigation():

@@ -10,16 +10,22 @@ import html
 import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from citizens.informants import MAX_WRONG_ANSWERS, install_informant_journey
+from producers.accept import Intake
 from producers.accounts import issue_token
+from router.consent_receipts import ConsentReceiptIssuer, consent_signer_within
+from runtime.kafka import Topics
 from runtime.settings import Settings
+from schemas import decode
 from tests.citizen_browser import Stack, browser, serve_citizens
-from tests.support import death_registration, eventually, tuo_cli
+from tests.support import death_registration, eventually, header, read_topic, tuo_cli
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +33,17 @@ BORN = {"born-day": "2", "born-month": "3", "born-year": "1941"}  # death_regist
 WRONG_BORN = {"born-day": "3", "born-month": "3", "born-year": "1941"}
 
 
+def install_with_intake(app: FastAPI, settings: Settings, pool: asyncpg.Pool) -> None:
+    """The journey as ``operators.web`` composes it: requests recorded by intake."""
+    recorder = Intake(
+        settings, pool, receipts=ConsentReceiptIssuer(settings), consent_signer=consent_signer_within
+    )
+    install_informant_journey(app, settings, pool, recorder.request_services)
+
+
 @pytest.fixture(scope="module")
 async def stack(services: Settings, pool: asyncpg.Pool) -> AsyncIterator[Stack]:
-    async with serve_citizens(services, pool, install_informant_journey) as (base_url, idp, settings):
+    async with serve_citizens(services, pool, install_with_intake) as (base_url, idp, settings):
         yield Stack(base_url, idp, settings)
 
 
@@ -95,12 +109,21 @@ async def test_the_reference_and_date_of_birth_open_the_registration_and_show_wh
     for statutory in ("HM Revenue and Customs", "Department for Work and Pensions"):
         assert re.search(rf"{re.escape(statutory)} They were told\.", page), statutory
     # The desk consents (DVLA given, the Passport Office refused) are the informant's choices so far.
+    # The desk's choices (DVLA given, the Passport Office refused) decided who was told of the death.
+    assert re.search(r"Driver and Vehicle Licensing Agency They were told\.", page)
+    assert not re.search(r"HM Passport Office They were told\.", page)
+    # Who can be asked now, and what each would be told, from its subscription.
     choices = page.split("Who can be told if you agree", 1)[1]
-    assert re.search(r"Driver and Vehicle Licensing Agency\s+Yes, they may be told", choices)
-    assert re.search(r"HM Passport Office\s+No, they may not be told", choices)
-    # What each would be told, from its subscription (the Passport Office: the deceased and the death).
-    hmpo = choices.split("HM Passport Office", 1)[1].split("They would be told:", 1)[1][:200]
-    assert hmpo.startswith(" date of death, name and date of birth of the person who died "), hmpo
+    hmpo = choices.split("HM Passport Office", 1)[1]
+    assert hmpo.startswith(
+        " Not asked yet. They would be told: date of death, name and date of birth;"
+        " and from you, the passport number."
+    ), hmpo[:200]
+    dvla = choices.split("Driver and Vehicle Licensing Agency", 1)[1]
+    assert dvla.startswith(
+        " Not asked yet. They would be told: address, date of death, name and date of birth;"
+        " and from you, the driving licence number."
+    ), dvla[:200]
     # Nothing about the person beyond the kind of registration: no name, no date of birth.
     assert "Example" not in page and "1941" not in page
 
@@ -277,3 +300,237 @@ async def test_after_a_correction_the_corrected_date_of_birth_opens_the_registra
         assert (await enter(client, stack, reference, new_born)).status_code == 303
         # The correction's own reference is not a registration: it opens nothing.
         assert (await enter(client, stack, corrected.json()["reference"], new_born)).status_code == 400
+
+
+# Choosing more organisations to tell.
+
+LICENCE = "EXAMP403021PJ9AB"  # death_registration()'s Pat Example, born 2 March 1941
+PASSPORT = "123456789"
+NOT_A_PASSPORT = "Enter the passport number as it is on the passport: 9 numbers, like 123456789"
+
+
+async def opened(client: httpx.AsyncClient, stack: Stack, intake: httpx.AsyncClient) -> tuple[str, str]:
+    """A new death's reference, opened in ``client``; and the services form's CSRF token."""
+    reference = await registered(intake)
+    assert (await enter(client, stack, reference, BORN)).status_code == 303
+    form = await client.get(f"{stack.base_url}/tell-us-once/services")
+    assert form.status_code == 200, form.text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+    assert token
+    return reference, token.group(1)
+
+
+async def test_the_informant_asks_the_passport_office_which_alone_is_sent_the_passport_number(
+    stack: Stack, services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    async with browser() as client:
+        reference, csrf = await opened(client, stack, intake)
+        answers = {
+            "csrf_token": csrf,
+            "agencies": "hmpo",
+            "passport_number": " 1234 56789 ",
+            "permission": "yes",
+        }
+        check = await client.post(f"{stack.base_url}/tell-us-once/services", data=answers)
+        assert check.status_code == 200, text_of(check.text)
+        words = text_of(check.text)
+        assert "Check your answers" in words and "Passport number: 123456789" in words
+        assert "Driver and Vehicle Licensing Agency" not in words
+        sent = await client.post(f"{stack.base_url}/tell-us-once/services/confirm", data=answers)
+        assert sent.status_code == 200, text_of(sent.text)
+        request_reference = re.search(
+            r"TUO-\d{4}-[0-9A-Z]{4}-[0-9A-Z]{4}", text_of(sent.text).split("reference", 1)[1]
+        )
+        assert request_reference and request_reference.group(0) != reference
+        # The same answers sent again (a double click) are the same request.
+        again = await client.post(f"{stack.base_url}/tell-us-once/services/confirm", data=answers)
+        assert request_reference.group(0) in again.text
+
+        request = await pool.fetchrow(
+            "SELECT event_id, event_type, registration_office, follows_event_id IS NOT NULL AS follows"
+            " FROM intake_record WHERE reference = $1",
+            request_reference.group(0),
+        )
+        assert dict(request) | {"event_id": None} == {
+            "event_id": None,
+            "event_type": "ServicesRequested",
+            "registration_office": "online",
+            "follows": True,
+        }
+        assert (
+            await pool.fetchval(
+                "SELECT count(*) FROM intake_record WHERE event_type = 'ServicesRequested'"
+                " AND follows_event_id = (SELECT event_id FROM intake_record WHERE reference = $1)",
+                reference,
+            )
+            == 1
+        )
+        # The choice is the informant's consent, with a consent receipt, online.
+        consent = await pool.fetch(
+            "SELECT r.agency, r.event_type, r.choice, r.recorded_by FROM consent_record r"
+            " JOIN consent_receipt c ON c.consent_record_id = r.id WHERE c.event_id = $1",
+            request["event_id"],
+        )
+        assert [dict(c) for c in consent] == [
+            {
+                "agency": "hmpo",
+                "event_type": "ServicesRequested",
+                "choice": "given",
+                "recorded_by": "informant",
+            }
+        ]
+
+        # The Passport Office is sent the person, the death and the passport number; nothing else.
+        topics = Topics(services.topic_prefix)
+
+        async def copy_for(agency: str) -> dict[str, Any] | None:
+            for record in await read_topic(services, topics.agency(agency)):
+                if header(record, "ce_id") == str(request["event_id"]):
+                    return decode(record.value or b"")[1]
+            return None
+
+        async def hmpo_copy() -> dict[str, Any] | None:
+            return await copy_for("hmpo")
+
+        sent_to_hmpo = await eventually(
+            hmpo_copy, timeout=60, what="the request on the Passport Office's topic"
+        )
+        assert sent_to_hmpo["passport_number"] == PASSPORT
+        assert sent_to_hmpo["person"]["family_name"] == "Example"
+        assert sent_to_hmpo["driving_licence_number"] is None and sent_to_hmpo["address"] is None
+        assert sent_to_hmpo["envelope"]["channel"] == "ONLINE"
+        assert sent_to_hmpo["envelope"]["informant"]["name"] is None
+        # DVLA did not agree to this request: it is not sent it.
+        decisions = await eventually(
+            lambda: _decisions(pool, request["event_id"]), timeout=30, what="the request's routing decisions"
+        )
+        subscribed = {
+            agency: outcome for agency, outcome in decisions.items() if "SUBSCRIPTION" not in outcome
+        }
+        assert subscribed == {"dvla": "WITHHELD_NO_CONSENT", "hmpo": "DELIVERED"}
+        assert await copy_for("dvla") is None
+
+        # The informant's page shows the Passport Office told, and offers only DVLA now.
+        async def told() -> str | None:
+            page = text_of((await client.get(f"{stack.base_url}/tell-us-once/registration")).text)
+            return (
+                page
+                if re.search(r"HM Passport Office They were told\. They (confirmed|could)", page)
+                else None
+            )
+
+        page = await eventually(told, timeout=60, what="the Passport Office's answer on the informant's page")
+        assert "HM Passport Office They were told. They confirmed they have updated their records." in page
+        assert "HM Passport Office You asked them to be told on" in page
+        form = text_of((await client.get(f"{stack.base_url}/tell-us-once/services")).text)
+        assert "Driver and Vehicle Licensing Agency" in form and "HM Passport Office" not in form
+
+
+async def _decisions(pool: asyncpg.Pool, event_id: uuid.UUID) -> dict[str, str] | None:
+    rows = await pool.fetch("SELECT agency, outcome FROM routing_decision WHERE event_id = $1", event_id)
+    return {r["agency"]: r["outcome"] for r in rows} or None
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        (
+            {},
+            {
+                "agencies": "Choose at least one organisation to tell",
+                "permission": "Confirm that you have permission to give these details, to continue",
+            },
+        ),
+        (
+            {"agencies": "dvla", "permission": "yes"},
+            {"driving_licence_number": "Enter the driving licence number"},
+        ),
+        (
+            {"agencies": "dvla", "driving_licence_number": "SMITH403021PJ9AB", "permission": "yes"},
+            {
+                "driving_licence_number": "The driving licence number does not match the surname registered:"
+                " check the licence"
+            },
+        ),
+        (
+            {"agencies": "dvla", "driving_licence_number": "EXAMP403031PJ9AB", "permission": "yes"},
+            {
+                "driving_licence_number": "The driving licence number does not match"
+                " the date of birth registered: check the licence"
+            },
+        ),
+        (
+            {"agencies": "hmpo", "passport_number": "<script>alert(1)</script>", "permission": "yes"},
+            {"passport_number": NOT_A_PASSPORT},
+        ),
+        (
+            {"agencies": "hmpo", "passport_number": "9" * 100_000, "permission": "yes"},
+            {"passport_number": NOT_A_PASSPORT},
+        ),
+        (
+            {
+                "agencies": "hmpo",
+                "passport_number": PASSPORT,
+                "driving_licence_number": LICENCE,
+                "permission": "yes",
+            },
+            {"driving_licence_number": "No organisation chosen needs it"},
+        ),
+        (
+            {"agencies": "hmrc", "permission": "yes"},
+            {"agencies": "Choose the organisations to tell from the list"},
+        ),
+        (
+            {"agencies": "dvla' OR 1=1 --", "permission": "yes"},
+            {"agencies": "Choose the organisations to tell from the list"},
+        ),
+        (
+            {"agencies": "hmpo", "passport_number": PASSPORT},
+            {"permission": "Confirm that you have permission to give these details, to continue"},
+        ),
+    ],
+)
+async def test_wrong_missing_oversized_and_hostile_answers_get_linked_errors_and_tell_no_one(
+    stack: Stack,
+    pool: asyncpg.Pool,
+    intake: httpx.AsyncClient,
+    answers: dict[str, str],
+    expected: dict[str, str],
+) -> None:
+    async with browser() as client:
+        reference, csrf = await opened(client, stack, intake)
+        for path in ("/tell-us-once/services", "/tell-us-once/services/confirm"):
+            refused = await client.post(f"{stack.base_url}{path}", data={"csrf_token": csrf, **answers})
+            assert refused.status_code == 400, text_of(refused.text)
+            assert error_links(refused.text) == expected
+            assert len(refused.text) < 40_000, "an oversized answer is not echoed back whole"
+        # The right answers without the session's CSRF token are refused too.
+        forged = await client.post(
+            f"{stack.base_url}/tell-us-once/services/confirm",
+            data={
+                "csrf_token": "guess",
+                "agencies": "hmpo",
+                "passport_number": PASSPORT,
+                "permission": "yes",
+            },
+        )
+        assert forged.status_code == 403
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM intake_record WHERE follows_event_id ="
+            " (SELECT event_id FROM intake_record WHERE reference = $1)",
+            reference,
+        )
+        == 0
+    )
+
+
+async def test_without_an_informant_session_the_services_pages_ask_for_the_reference(stack: Stack) -> None:
+    async with browser() as client:
+        form = await client.get(f"{stack.base_url}/tell-us-once/services")
+        assert form.status_code == 303 and form.headers["location"] == "/tell-us-once/reference"
+        sent = await client.post(
+            f"{stack.base_url}/tell-us-once/services/confirm",
+            data={"agencies": "hmpo", "passport_number": PASSPORT, "permission": "yes"},
+        )
+        assert sent.status_code == 303 and sent.headers["location"] == "/tell-us-once/reference"

@@ -22,12 +22,14 @@ import producers) as the informant's consent to each, with a consent receipt, an
 ``ServicesRequested`` event that each chosen organisation receives cut to its own
 details. Each organisation is asked once per registration.
 
-The phone agent's way through the same journey and the confirmation by email are the
-next steps; they are not built yet.
+Where the service has a mail server, the informant may give an email address for two
+confirmations (``citizens.emails``). The phone agent's way through the same journey is
+the next step; it is not built yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -38,13 +40,14 @@ from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import urlencode
 
 import asyncpg
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, Request
 from starlette.responses import Response
 
-from citizens import data_tracker
+from citizens import data_tracker, emails
 from router.organisations import agency_name
 from router.registrations import (
     DETAIL_NAMES,
@@ -63,7 +66,16 @@ from runtime.settings import Settings
 from runtime.web import pages
 from runtime.web.pages import redirect
 from runtime.web.rate_limit import INFORMANT_SIGN_IN_PATH
-from runtime.web.sessions import CookiePolicy, Expired, SessionStore, same_secret, token_hash
+from runtime.web.sessions import (
+    PHONE_JOURNEY_PATH,
+    REGISTRAR_SESSIONS,
+    CookiePolicy,
+    Expired,
+    Session,
+    SessionStore,
+    same_secret,
+    token_hash,
+)
 from schemas.validation import is_reference, today_in_the_uk
 
 log = structlog.get_logger(__name__)
@@ -99,6 +111,7 @@ class InformantSession:
     token_hash: bytes
     reference: str
     csrf_token: str
+    agent: str | None = None  # the contact-centre agent who opened it on the telephone
 
 
 # Queries.
@@ -188,10 +201,41 @@ async def requests_made(pool: asyncpg.Pool, event: StoredEvent) -> list[str]:
 
 
 def _informant_session(row: asyncpg.Record, hashed: bytes, sealer: PayloadSealer) -> InformantSession:
-    return InformantSession(hashed, row["reference"], row["csrf_token"])
+    return InformantSession(hashed, row["reference"], row["csrf_token"], row["agent"])
 
 
-INFORMANT_SESSIONS = SessionStore("informant_session", ("reference",), _informant_session)
+INFORMANT_SESSIONS = SessionStore("informant_session", ("reference", "agent"), _informant_session)
+
+
+@dataclass(frozen=True)
+class Agent:
+    username: str
+    display_name: str
+
+
+async def agent_signed_in(request: Request, service: JourneyService) -> Agent | Response:
+    """The contact-centre agent whose session (a registrar's, of role agent) the request
+    carries; otherwise the page to go to instead."""
+    token = request.cookies.get(service.cookies.session, "")
+    found = (
+        await REGISTRAR_SESSIONS.find(service.pool, service.sealer, token, service.settings)
+        if token
+        else None
+    )
+    if not isinstance(found, Session):
+        return redirect(f"/sign-in?{urlencode({'next': PHONE_JOURNEY_PATH})}")
+    row = await service.pool.fetchrow(
+        "SELECT display_name FROM registrar WHERE username = $1 AND role = 'agent' AND disabled_at IS NULL",
+        found.username,
+    )
+    if row is None:
+        return message(
+            403,
+            "Only contact-centre agents can use this page",
+            "Informants use the reference themselves at Tell Us Once online.",
+            link=(START_PATH, "Go to the informant's start page"),
+        )
+    return Agent(found.username, row["display_name"])
 
 
 # The form: what the informant typed, checked.
@@ -307,14 +351,18 @@ WRONG_ANSWER = FieldError(
 )
 
 
-def _reference_form(status_code: int, errors: list[FieldError], values: dict[str, str]) -> Response:
+def _reference_form(
+    status_code: int, errors: list[FieldError], values: dict[str, str], agent: Agent | None = None
+) -> Response:
     return render(
         "informant_reference.html",
         status_code,
         title="Enter the reference",
-        back=START_PATH,
+        back=None if agent else START_PATH,
         errors=errors,
         values=values,
+        action=PHONE_JOURNEY_PATH if agent else INFORMANT_SIGN_IN_PATH,
+        agent=agent,
     )
 
 
@@ -325,6 +373,24 @@ async def reference_form() -> Response:
 
 @router.post(INFORMANT_SIGN_IN_PATH)
 async def enter_reference(request: Request, service: Journey) -> Response:
+    return await _enter(request, service, None)
+
+
+@router.get(PHONE_JOURNEY_PATH)
+async def phone_form(request: Request, service: Journey) -> Response:
+    agent = await agent_signed_in(request, service)
+    return agent if isinstance(agent, Response) else _reference_form(200, [], {}, agent)
+
+
+@router.post(PHONE_JOURNEY_PATH)
+async def phone_reference(request: Request, service: Journey) -> Response:
+    """An agent on the telephone enters what the informant reads out: the same checks,
+    the same lock, and a session that names the agent."""
+    agent = await agent_signed_in(request, service)
+    return agent if isinstance(agent, Response) else await _enter(request, service, agent)
+
+
+async def _enter(request: Request, service: JourneyService, agent: Agent | None) -> Response:
     # Only the fields asked for, each cut to what any right answer could be: an oversized
     # one is refused as malformed, and never shown back whole.
     given = await request.form()
@@ -335,13 +401,18 @@ async def enter_reference(request: Request, service: Journey) -> Response:
     }
     reference, born, errors = read_answer(form)
     if errors or born is None:
-        return _reference_form(400, errors, form)
+        return _reference_form(400, errors, form, agent)
     outcome, found = await check_answer(service.pool, service.sealer, service.settings, reference, born)
     # The event id, never the reference: a log line must not say which reference was guessed.
     event_id = str(found.event.event_id) if found else None
-    log.info("informant_reference_tried", outcome=outcome.value, event_id=event_id)
+    log.info(
+        "informant_reference_tried",
+        outcome=outcome.value,
+        event_id=event_id,
+        agent=agent.username if agent else None,
+    )
     if outcome is Outcome.WRONG:
-        return _reference_form(400, [WRONG_ANSWER], form)
+        return _reference_form(400, [WRONG_ANSWER], form, agent)
     if outcome is Outcome.LOCKED:
         return message(
             403,
@@ -363,7 +434,9 @@ async def enter_reference(request: Request, service: Journey) -> Response:
     if earlier:
         await INFORMANT_SESSIONS.end(service.pool, token_hash(earlier))
     await INFORMANT_SESSIONS.forget_expired(service.pool, service.settings)
-    token, _, _ = await INFORMANT_SESSIONS.start(service.pool, lambda _: (found.event.reference,))
+    token, _, _ = await INFORMANT_SESSIONS.start(
+        service.pool, lambda _: (found.event.reference, agent.username if agent else None)
+    )
     response = redirect(OVERVIEW_PATH)
     service.cookies.set(response, service.cookies.informant, token)
     return response
@@ -391,6 +464,16 @@ async def _opened(
         return message(401, *SESSION_ENDED, link=(INFORMANT_SIGN_IN_PATH, "Enter the reference again"))
     if found_session is None:
         return redirect(INFORMANT_SIGN_IN_PATH)
+    if found_session.agent is not None:  # opened on the telephone: only while that agent is signed in
+        agent = await agent_signed_in(request, service)
+        if isinstance(agent, Response) or agent.username != found_session.agent:
+            await INFORMANT_SESSIONS.end(service.pool, found_session.token_hash)
+            return message(
+                401,
+                "Sign in again as the agent who took this call",
+                "The informant's answers were not sent.",
+                link=(PHONE_JOURNEY_PATH, "Start the call's journey again"),
+            )
     found = await registration(service.pool, found_session.reference)
     if found is None or found.locked or found.expired(service.settings):
         await INFORMANT_SESSIONS.end(service.pool, found_session.token_hash)
@@ -463,12 +546,14 @@ class Answers:
     agencies: list[str]
     details: dict[str, str]
     permission: bool
+    email: str = ""  # where to send the confirmations, if anywhere
 
     @property
     def hidden(self) -> list[tuple[str, str]]:
         """The answers as hidden form fields, carried to the check page and back."""
         fields = [("agencies", agency) for agency in self.agencies]
         fields += [(name, value) for name, value in self.details.items() if value]
+        fields += [("email", self.email)] if self.email else []
         return fields + ([("permission", "yes")] if self.permission else [])
 
 
@@ -482,9 +567,10 @@ async def read_answers(request: Request) -> tuple[Answers, str | None]:
         if isinstance(value := form.get(name, ""), str) and value.strip()
     }
     token = form.get("csrf_token")
-    return Answers(agencies, details, form.get("permission") == "yes"), token if isinstance(
-        token, str
-    ) else None
+    permission = form.get("permission") == "yes"
+    email = form.get("email", "")
+    email = email[: emails.MAX_ADDRESS + 1].strip() if isinstance(email, str) else ""
+    return Answers(agencies, details, permission, email), token if isinstance(token, str) else None
 
 
 def answer_problems(
@@ -506,6 +592,8 @@ def answer_problems(
             errors.append(FieldError("agencies", problem["message"]))
         else:
             errors.append(FieldError(field.removeprefix("details."), problem["message"]))
+    if answers.email and (wrong_address := emails.address_problem(answers.email)):
+        errors.append(FieldError("email", wrong_address))
     if not answers.permission:
         errors.append(
             FieldError("permission", "Confirm that you have permission to give these details, to continue")
@@ -520,6 +608,7 @@ def _services_form(
     offers: list[Offer],
     answers: Answers,
     errors: list[FieldError],
+    email_offered: bool,
 ) -> Response:
     return render(
         "informant_services.html",
@@ -529,6 +618,7 @@ def _services_form(
         offers=[o for o in offers if o.asked_at is None],
         answers=answers,
         errors=errors,
+        emailOffered=email_offered,
         csrfToken=session.csrf_token,
         signOut=_sign_out(session),
     )
@@ -548,7 +638,7 @@ async def services_form(request: Request, service: Journey) -> Response:
             "Every organisation that can be told of this registration with your agreement has been asked.",
             link=(OVERVIEW_PATH, "See who has been told"),
         )
-    return _services_form(200, session, offers, Answers([], {}, False), [])
+    return _services_form(200, session, offers, Answers([], {}, False), [], _email_offered(service))
 
 
 @dataclass(frozen=True)
@@ -560,6 +650,7 @@ class Answered:
     answers: Answers
     offers: list[Offer]
     body: dict[str, Any]  # the registration as corrected
+    email_offered: bool
 
     @property
     def chosen(self) -> list[Offer]:
@@ -569,7 +660,9 @@ class Answered:
         return answer_problems(self.answers, self.offers, self.body, self.event)
 
     def form_again(self, status_code: int, errors: list[FieldError]) -> Response:
-        return _services_form(status_code, self.session, self.offers, self.answers, errors)
+        return _services_form(
+            status_code, self.session, self.offers, self.answers, errors, self.email_offered
+        )
 
 
 async def _answered(request: Request, service: JourneyService) -> Answered | Response:
@@ -584,7 +677,13 @@ async def _answered(request: Request, service: JourneyService) -> Answered | Res
             403, "Your answers were not sent", "Go back, and try again.", link=(SERVICES_PATH, "Try again")
         )
     offers, body = await _offers(service, event)
-    return Answered(session, event, answers, offers, body)
+    if not _email_offered(service):
+        answers = dataclasses.replace(answers, email="")
+    return Answered(session, event, answers, offers, body, _email_offered(service))
+
+
+def _email_offered(service: JourneyService) -> bool:
+    return service.settings.smtp_host is not None
 
 
 @router.post(SERVICES_PATH)
@@ -619,12 +718,14 @@ async def confirm(request: Request, service: Journey) -> Response:
     fingerprint = hashlib.sha256(
         json.dumps([session.token_hash.hex(), sorted(answers.agencies), answers.details]).encode()
     ).hexdigest()
-    earlier = await service.pool.fetchval(
-        "SELECT reference FROM intake_record WHERE idempotency_key = $1",
+    earlier = await service.pool.fetchrow(
+        "SELECT event_id, reference FROM intake_record WHERE idempotency_key = $1",
         f"{ONLINE_OFFICE}:informant:{fingerprint}",
     )
     if earlier is not None:
-        return _requested(session, earlier, answered.chosen)
+        if answers.email and emails.address_problem(answers.email) is None:
+            await emails.remember(service.pool, service.sealer, earlier["event_id"], answers.email)
+        return _requested(session, earlier["reference"], answered)
     errors = answered.problems()
     if errors:
         return answered.form_again(400, errors)
@@ -633,8 +734,8 @@ async def confirm(request: Request, service: Journey) -> Response:
             event.reference,
             answers.agencies,
             answers.details,
-            channel="online",
-            recorded_by="informant:online",
+            channel="phone" if session.agent else "online",
+            recorded_by=f"agent:{session.agent}" if session.agent else "informant:online",
             idempotency_key=f"informant:{fingerprint}",
         )
     except RequestRefused as refused:  # the organisations offered changed in the meantime
@@ -642,15 +743,18 @@ async def confirm(request: Request, service: Journey) -> Response:
         again = await _answered(request, service)
         return again if isinstance(again, Response) else again.form_again(400, again.problems())
     log.info("informant_request_recorded", event_id=str(event.event_id), request_id=str(recorded.event_id))
-    return _requested(session, recorded.reference, answered.chosen)
+    if answers.email:
+        await emails.remember(service.pool, service.sealer, recorded.event_id, answers.email)
+    return _requested(session, recorded.reference, answered)
 
 
-def _requested(session: InformantSession, request_reference: str, chosen: list[Offer]) -> Response:
+def _requested(session: InformantSession, request_reference: str, answered: Answered) -> Response:
     return render(
         "informant_requested.html",
         title="Your request has been sent",
         request_reference=request_reference,
-        chosen=chosen,
+        chosen=answered.chosen,
+        emailed=bool(answered.answers.email),
         overview=OVERVIEW_PATH,
         signOut=_sign_out(session),
     )

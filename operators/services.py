@@ -20,6 +20,7 @@ import structlog
 import uvicorn
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError
 
+from citizens.emails import run_informant_emails
 from citizens.signin import RelyingParty
 from consumers.agencies import handler_for
 from consumers.sdk import AgencyConsumer
@@ -312,6 +313,8 @@ async def start_bus(
             add(f"agency:{agency}", consumer.run)
     if "tracker" in components:
         add("tracker", lambda s: run_tracker(settings, pool, s))
+        # Beside the receipts it waits on: the informants' confirmations by email.
+        add("informant-emails", lambda s: run_informant_emails(settings, pool, s))
     http_port: int | None = None
     if "intake" in components:
         http_port = await _listening("intake", _serve_http, settings, pool, stop, tasks)

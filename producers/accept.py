@@ -368,8 +368,9 @@ class Intake:
             },
         )
 
-    async def ensure_online_office(self) -> None:
-        """The office whose key signs informants' requests, made with its first key if new."""
+    async def _ensure_online_office(self) -> None:
+        """The office whose key signs informants' requests, made with its first key if new
+        (asked per request, not at start-up: intake starts while the database is away)."""
         try:
             await ensure_office(self.pool, ONLINE_OFFICE, "Tell Us Once online service", self.sealer)
         except AccountError:  # another intake process made it meanwhile
@@ -402,6 +403,7 @@ class Intake:
         if errors:
             raise RequestRefused(errors)
         original = await self._as_original(found)
+        await self._ensure_online_office()
         submitter = Submitter(
             ONLINE_OFFICE, "Tell Us Once online service", "registrar", recorded_by, recorded_by
         )

@@ -29,10 +29,12 @@ from producers.office_keys import create_key
 from runtime.notices import NoticedCache, Notices
 from runtime.sealing import PayloadSealer
 
-Role = Literal["registrar", "supervisor"]
-ROLES: tuple[Role, ...] = ("registrar", "supervisor")
+# An agent is a contact-centre agent: signs in, but only to take informants through their
+# journey by telephone (citizens.informants); they record nothing at the desk.
+Role = Literal["registrar", "supervisor", "agent"]
+ROLES: tuple[Role, ...] = ("registrar", "supervisor", "agent")
 TokenRole = Literal["registrar", "supervisor", "monitoring"]
-TOKEN_ROLES: tuple[TokenRole, ...] = (*ROLES, "monitoring")
+TOKEN_ROLES: tuple[TokenRole, ...] = ("registrar", "supervisor", "monitoring")
 TOKEN_PREFIX = "tuo_"  # noqa: S105 (a marker, not a secret)
 MIN_PASSWORD_LENGTH = 12
 

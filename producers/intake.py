@@ -382,7 +382,6 @@ def create_app(
             consent_signer=consent_signer_within,
         )
         await app.state.intake.notices.listen()
-        await app.state.intake.ensure_online_office()
         try:
             yield
         finally:

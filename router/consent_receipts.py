@@ -86,7 +86,7 @@ COLLECTION_METHODS: dict[str, str] = {
 # The informant's choices come through the registration, by its channel.
 INFORMANT_CHANNELS: dict[str, str] = {
     "desk": COLLECTION_METHODS["informant"],
-    "phone": "By telephone, by the informant to a registrar",
+    "phone": "By telephone, by the informant (to a registrar, or to a contact-centre agent)",
     "online": "Online, by the informant in the registration service",
     "system": "By the informant, sent by the register office's system",
 }

@@ -130,6 +130,14 @@ class Settings(BaseSettings):
     # The informant's journey (/tell-us-once): how long after a registration its
     # reference opens it.
     informant_reference_days: int = Field(default=28, ge=1, le=366)
+    # Its confirmations by email (citizens.emails): unset host, no email is offered.
+    smtp_host: str | None = None
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_starttls: bool = Field(default=True, description="Off only for a mail server on this machine.")
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_sender: str = "Tell Us Once <no-reply@tell-us-once.example>"
+    informant_email_check_seconds: float = Field(default=5.0, gt=0, le=3600)
     govuk_frontend_dir: Path | None = Field(
         default=None,
         description="GOV.UK Frontend's dist/govuk folder; unset: node_modules/ in the project (npm ci).",

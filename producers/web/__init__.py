@@ -21,9 +21,10 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from producers.dependencies import running_intake
-from producers.web.routes import FormNotTrusted, SignInRequired, cookie_policy, pages
+from producers.web.routes import AgentsTakeCalls, FormNotTrusted, SignInRequired, cookie_policy, pages
 from runtime.settings import Settings
 from runtime.web.pages import add_templates, redirect, render
+from runtime.web.sessions import PHONE_JOURNEY_PATH
 
 __all__ = ["GOVUK_FRONTEND", "install_web", "too_many_requests_page", "wants_html"]
 
@@ -45,6 +46,7 @@ def install_web(app: FastAPI, settings: Settings) -> None:
     app.include_router(pages)
     _install_assets(app, settings.govuk_frontend_dir or GOVUK_FRONTEND)
     app.add_exception_handler(SignInRequired, sign_in_required)
+    app.add_exception_handler(AgentsTakeCalls, to_the_phone_journey)
     app.add_exception_handler(FormNotTrusted, form_not_trusted)
     app.add_exception_handler(404, not_found)
     app.add_exception_handler(Exception, server_error)
@@ -101,6 +103,11 @@ def too_many_requests_page(path: str, retry_after: int) -> Response:
         ],
         link=("/start", "Go to the start"),
     )
+
+
+async def to_the_phone_journey(request: Request, exc: Exception) -> Response:
+    """An agent's session on a registrar's page: their own are the telephone journey's."""
+    return redirect(PHONE_JOURNEY_PATH)
 
 
 def unavailable_page(retry_after: int) -> Response:

@@ -36,7 +36,7 @@ from runtime.local_authorities import local_authority
 from runtime.web import sessions
 from runtime.web.pages import redirect, render
 from runtime.web.rate_limit import identify
-from runtime.web.sessions import CookiePolicy, Expired, Session
+from runtime.web.sessions import PHONE_JOURNEY_PATH, CookiePolicy, Expired, Session
 from schemas.validation import is_reference
 
 log = structlog.get_logger(__name__)
@@ -68,6 +68,10 @@ class SignInRequired(Exception):
         super().__init__("sign-in required")
         self.return_to = return_to
         self.expired = expired
+
+
+class AgentsTakeCalls(Exception):
+    """A contact-centre agent's session: their pages are the telephone journey's."""
 
 
 class FormNotTrusted(Exception):
@@ -137,6 +141,8 @@ async def signed_in(request: Request, intake: RunningIntake, cookies: Cookies) -
     if submitter is None:  # disabled since signing in
         await sessions.end_session(pool, found.token_hash)
         raise SignInRequired(return_to, expired=False)
+    if submitter.role == "agent":
+        raise AgentsTakeCalls
     return SignedIn(found, submitter)
 
 
@@ -258,7 +264,7 @@ async def sign_in(request: Request, intake: RunningIntake, cookies: Cookies) -> 
         await sessions.end_session_for_token(pool, earlier)
     new_token, _ = await sessions.start_session(pool, submitter.recorded_by.removeprefix("registrar:"))
     log.info("web_signed_in", recorded_by=submitter.recorded_by, office=submitter.office)
-    response = redirect(next_path or "/start")
+    response = redirect(PHONE_JOURNEY_PATH if submitter.role == "agent" else next_path or "/start")
     cookies.set(response, cookies.session, new_token)
     cookies.clear(response, cookies.sign_in)
     return response

@@ -137,6 +137,9 @@ def _registrar_session(row: asyncpg.Record, hashed: bytes, sealer: PayloadSealer
 
 
 REGISTRAR_SESSIONS = SessionStore("web_session", ("username",), _registrar_session, ("data::text AS data",))
+# Where a contact-centre agent's session leads: the informant's journey by telephone
+# (citizens.informants); an agent records nothing at the desk.
+PHONE_JOURNEY_PATH = "/tell-us-once/phone"
 
 
 async def start_session(pool: asyncpg.Pool, username: str) -> tuple[str, Session]:

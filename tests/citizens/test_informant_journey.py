@@ -426,6 +426,16 @@ async def test_the_informant_asks_the_passport_office_which_alone_is_sent_the_pa
         assert "Driver and Vehicle Licensing Agency" in form and "HM Passport Office" not in form
 
 
+async def follow_ups(pool: asyncpg.Pool, reference: str) -> int:
+    """How many events were recorded after a registration, about it (requests, corrections)."""
+    count: int = await pool.fetchval(
+        "SELECT count(*) FROM intake_record WHERE follows_event_id ="
+        " (SELECT event_id FROM intake_record WHERE reference = $1)",
+        reference,
+    )
+    return count
+
+
 async def _decisions(pool: asyncpg.Pool, event_id: uuid.UUID) -> dict[str, str] | None:
     rows = await pool.fetch("SELECT agency, outcome FROM routing_decision WHERE event_id = $1", event_id)
     return {r["agency"]: r["outcome"] for r in rows} or None
@@ -515,14 +525,7 @@ async def test_wrong_missing_oversized_and_hostile_answers_get_linked_errors_and
             },
         )
         assert forged.status_code == 403
-    assert (
-        await pool.fetchval(
-            "SELECT count(*) FROM intake_record WHERE follows_event_id ="
-            " (SELECT event_id FROM intake_record WHERE reference = $1)",
-            reference,
-        )
-        == 0
-    )
+    assert await follow_ups(pool, reference) == 0
 
 
 async def test_without_an_informant_session_the_services_pages_ask_for_the_reference(stack: Stack) -> None:

@@ -103,7 +103,9 @@ def test_an_informants_receipt_says_how_the_choice_came_and_no_one_else_has_a_ch
             channel=channel,
         )
 
-    assert claims("informant", "phone")["collectionMethod"] == "By telephone, by the informant to a registrar"
+    assert claims("informant", "phone")["collectionMethod"] == (
+        "By telephone, by the informant (to a registrar, or to a contact-centre agent)"
+    )
     assert claims("informant", "desk")["collectionMethod"] == claims("informant", None)["collectionMethod"]
     for recorded_by, channel in (("citizen", "phone"), ("informant", "carrier pigeon"), ("proxy", "desk")):
         with pytest.raises(ValueError, match="channel"):

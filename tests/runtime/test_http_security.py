@@ -409,7 +409,7 @@ async def test_tuo_tokens_issues_a_monitoring_token_that_reads_the_metrics(
         *("--password-stdin",),
         input=PASSWORD + "\n",
     )
-    assert code != 0 and "role must be one of: registrar, supervisor" in output  # people cannot be monitors
+    assert code != 0 and "role must be one of: registrar, supervisor, agent" in output  # not monitors
 
 
 # A request allowance per client

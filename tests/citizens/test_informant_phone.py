@@ -1,0 +1,115 @@
+"""The informant's journey by telephone: a contact-centre agent (a registrar account of
+role agent) signs in at the registrars' sign-in and takes the informant through the same
+journey, in the one web service as ``tuo run`` composes it, against the real PostgreSQL
+and the running bus. What is asked for is recorded as by telephone, through that agent."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+
+from operators.services import RunningBus
+from router.store import original_event
+from runtime.sealing import PayloadSealer
+from runtime.settings import Settings
+from schemas import decode
+from tests.citizens.test_informant_journey import BORN, PASSPORT, registered, text_of
+from tests.producers.test_web_forms import csrf, new_registrar, serve_web, sign_in, web_settings
+
+pytestmark = pytest.mark.integration
+
+PHONE = "/tell-us-once/phone"
+
+
+@pytest.fixture(scope="module")
+async def web(services: Settings, pool: asyncpg.Pool, bus: RunningBus) -> AsyncIterator[str]:
+    async with serve_web(web_settings(services), pool) as base_url:
+        yield base_url
+
+
+def client_of(web: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=web, timeout=20, follow_redirects=False)
+
+
+async def agent_signed_in(client: httpx.AsyncClient, pool: asyncpg.Pool) -> str:
+    username = await new_registrar(pool, "agent")
+    signed = await sign_in(client, username)
+    assert signed.status_code == 303 and signed.headers["location"] == PHONE, signed.text
+    return username
+
+
+async def test_an_agent_takes_the_call_and_the_request_is_recorded_as_by_telephone_through_them(
+    web: str, services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    async with client_of(web) as agent:
+        username = await agent_signed_in(agent, pool)
+        # The desk's pages are not an agent's: they lead to the telephone journey.
+        desk = await agent.get("/start")
+        assert desk.status_code == 303 and desk.headers["location"] == PHONE
+        form = await agent.get(PHONE)
+        assert form.status_code == 200
+        assert "By telephone, for the informant – Ada Registrar" in text_of(form.text)
+        opened = await agent.post(PHONE, data={"reference": reference, **BORN})
+        assert opened.status_code == 303 and opened.headers["location"] == "/tell-us-once/registration"
+        overview = await agent.get("/tell-us-once/registration")
+        # The agent sees what the journey needs, not what the registrar recorded.
+        assert overview.status_code == 200 and "Example" not in overview.text and "1941" not in overview.text
+        answers = {
+            "csrf_token": csrf(await agent.get("/tell-us-once/services")),
+            "agencies": "hmpo",
+            "passport_number": PASSPORT,
+            "permission": "yes",
+        }
+        sent = await agent.post("/tell-us-once/services/confirm", data=answers)
+        assert sent.status_code == 200, text_of(sent.text)
+        found = re.search(r"TUO-\d{4}-[0-9A-Z]{4}-[0-9A-Z]{4}", text_of(sent.text).split("reference", 1)[1])
+        assert found
+    request = await original_event(pool, found.group(0))
+    assert request is not None and request.event_type == "ServicesRequested"
+    _, body = decode(PayloadSealer.from_settings(services).open(request.value, request.event_id))
+    assert body["envelope"]["channel"] == "PHONE"
+    assert body["envelope"]["provenance"]["recorded_by"] == f"agent:{username}"
+    consent = await pool.fetchrow(
+        "SELECT r.agency, r.recorded_by FROM consent_receipt c"
+        "  JOIN consent_record r ON r.id = c.consent_record_id WHERE c.event_id = $1",
+        request.event_id,
+    )
+    assert dict(consent) == {"agency": "hmpo", "recorded_by": "informant"}, "the consent is the informant's"
+
+
+async def test_only_a_signed_in_agent_opens_the_telephone_journey(
+    web: str, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    async with client_of(web) as nobody:
+        page = await nobody.get(PHONE)
+        assert page.status_code == 303 and page.headers["location"] == "/sign-in?next=%2Ftell-us-once%2Fphone"
+        refused = await nobody.post(PHONE, data={"reference": reference, **BORN})
+        assert refused.status_code == 303 and "tuo-informant" not in refused.cookies
+    async with client_of(web) as registrar:
+        signed = await sign_in(registrar, await new_registrar(pool, "registrar"))
+        assert signed.headers["location"] == "/start"
+        page = await registrar.get(PHONE)
+        assert page.status_code == 403 and "Only contact-centre agents" in page.text
+        refused = await registrar.post(PHONE, data={"reference": reference, **BORN})
+        assert refused.status_code == 403 and "tuo-informant" not in refused.cookies
+
+
+async def test_the_calls_journey_closes_when_the_agent_is_no_longer_signed_in(
+    web: str, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)
+    async with client_of(web) as agent:
+        username = await agent_signed_in(agent, pool)
+        assert (await agent.post(PHONE, data={"reference": reference, **BORN})).status_code == 303
+        assert (await agent.get("/tell-us-once/registration")).status_code == 200
+        await pool.execute("DELETE FROM web_session WHERE username = $1", username)  # signed out, or expired
+        closed = await agent.get("/tell-us-once/registration")
+        assert closed.status_code == 401 and "Sign in again as the agent who took this call" in closed.text
+        # The informant's session it opened has ended too.
+        assert await pool.fetchval("SELECT count(*) FROM informant_session WHERE agent = $1", username) == 0

@@ -18,6 +18,8 @@ import asyncpg
 from router.organisations import agency_name
 from router.rules import Condition
 from router.store import event_status
+from runtime.web.i18n import N_
+from runtime.web.i18n import gettext as _
 
 EVENT_NAMES = {
     "BirthRegistered": "Birth registrations",
@@ -47,39 +49,39 @@ RECORDED_BY_WORDS = {
     "proxy": "Someone appointed to act for you, online",
 }
 FIELD_WORDS = {
-    "nino": "National Insurance number",
-    "deceased": "name and date of birth of the person who died",
-    "child": "the child's details",
-    "parents": "the parents' details",
-    "person": "name and date of birth",
-    "date_of_death": "date of death",
-    "place_of_death": "place of death",
-    "last_address": "last address",
-    "home_address": "home address",
-    "new_address": "new address",
-    "old_address": "previous address",
-    "effective_date": "date of the move",
-    "moving_with": "who moved too",
-    "surviving_partner": "surviving partner",
-    "executor": "executor",
-    "next_of_kin": "next of kin",
-    "informant.name": "name of the person who gave the information",
-    "informant.relationship": "how the person who gave the information is related",
-    "recorded_by": "who recorded it",
-    "requested_event_type": "what kind of registration it follows",
-    "requests_event_id": "which registration it follows",
-    "requests_reference": "the registration's reference",
-    "address": "address",
-    "driving_licence_number": "driving licence number",
-    "passport_number": "passport number",
-    "blue_badge_number": "Blue Badge number",
+    "nino": N_("National Insurance number"),
+    "deceased": N_("name and date of birth of the person who died"),
+    "child": N_("the child's details"),
+    "parents": N_("the parents' details"),
+    "person": N_("name and date of birth"),
+    "date_of_death": N_("date of death"),
+    "place_of_death": N_("place of death"),
+    "last_address": N_("last address"),
+    "home_address": N_("home address"),
+    "new_address": N_("new address"),
+    "old_address": N_("previous address"),
+    "effective_date": N_("date of the move"),
+    "moving_with": N_("who moved too"),
+    "surviving_partner": N_("surviving partner"),
+    "executor": N_("executor"),
+    "next_of_kin": N_("next of kin"),
+    "informant.name": N_("name of the person who gave the information"),
+    "informant.relationship": N_("how the person who gave the information is related"),
+    "recorded_by": N_("who recorded it"),
+    "requested_event_type": N_("what kind of registration it follows"),
+    "requests_event_id": N_("which registration it follows"),
+    "requests_reference": N_("the registration's reference"),
+    "address": N_("address"),
+    "driving_licence_number": N_("driving licence number"),
+    "passport_number": N_("passport number"),
+    "blue_badge_number": N_("Blue Badge number"),
 }
 # The parts of a related person (``surviving_partner.nino``), see schemas/fieldpaths.py.
 PART_WORDS = {
-    "person": "name and date of birth",
-    "relationship": "relationship",
-    "nino": "National Insurance number",
-    "address": "address",
+    "person": N_("name and date of birth"),
+    "relationship": N_("relationship"),
+    "nino": N_("National Insurance number"),
+    "address": N_("address"),
 }
 
 
@@ -93,10 +95,10 @@ def field_words(fields: list[str]) -> list[str]:
 
 def _field_word(path: str) -> str:
     if path in FIELD_WORDS:
-        return FIELD_WORDS[path]
-    field, _, part = path.partition(".")
+        return _(FIELD_WORDS[path])
+    field, _dot, part = path.partition(".")
     if part in PART_WORDS:
-        return f"{_field_word(field)}: {PART_WORDS[part]}"
+        return f"{_field_word(field)}: {_(PART_WORDS[part])}"
     return path.replace("_", " ").replace(".", ": ")
 
 
@@ -320,30 +322,33 @@ def _legal_basis_words(basis: str | None) -> str:
     return basis
 
 
+WHY_WORDS = {
+    "delivered": N_("They were told."),
+    "withheld_no_consent": N_("Not told: they may only be told with consent, and consent was not given."),
+    "withheld_no_subscription": N_("Not told: they do not receive this kind of information."),
+    "withheld_area_unknown": N_("Not told: we could not work out which council the address is in."),
+    "blocked": N_("Not told: the rules forbid sharing this with them, whatever anyone agrees."),
+}
+
+
 def _why(decision: str) -> str:
-    return {
-        "delivered": "They were told.",
-        "withheld_no_consent": "Not told: they may only be told with consent, and consent was not given.",
-        "withheld_no_subscription": "Not told: they do not receive this kind of information.",
-        "withheld_area_unknown": "Not told: we could not work out which council the address is in.",
-        "blocked": "Not told: the rules forbid sharing this with them, whatever anyone agrees.",
-    }.get(decision, "Not told.")
+    return _(WHY_WORDS.get(decision, N_("Not told.")))
 
 
 def _receipt_words(decision: str, receipt: dict[str, Any] | None, overdue: bool) -> str:
     if decision != "delivered":
-        return "Nothing was sent, so there is nothing to confirm."
+        return _("Nothing was sent, so there is nothing to confirm.")
     outcome = receipt["outcome"] if receipt else None
     if outcome == "applied":
-        return "They confirmed they have updated their records."
-    if outcome == "rejected":
-        reason = receipt["reason"] if receipt and receipt["reason"] else "they gave no reason"
-        return f"They could not use it: {reason}."
+        return _("They confirmed they have updated their records.")
+    if outcome == "rejected":  # the agency's reason is in its own words
+        reason = receipt["reason"] if receipt and receipt["reason"] else _("they gave no reason")
+        return _("They could not use it: %(reason)s.") % {"reason": reason}
     if overdue:
-        return "They have not confirmed in time; our operators have been alerted."
+        return _("They have not confirmed in time; our operators have been alerted.")
     if outcome == "received":
-        return "They confirmed they have it and are dealing with it."
-    return "Waiting for them to confirm they have it."
+        return _("They confirmed they have it and are dealing with it.")
+    return _("Waiting for them to confirm they have it.")
 
 
 def delivery(row: dict[str, Any]) -> Delivery:

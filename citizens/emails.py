@@ -34,6 +34,7 @@ from router.organisations import agency_name
 from router.store import event_status
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
+from runtime.web.i18n import gettext as _
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +47,7 @@ MAX_DELAY = timedelta(hours=1)
 
 def address_problem(typed: str) -> str | None:
     if len(typed) > MAX_ADDRESS or _ADDRESS.fullmatch(typed) is None:
-        return "Enter an email address in the correct format, like name@example.com"
+        return _("Enter an email address in the correct format, like name@example.com")
     return None
 
 

@@ -64,6 +64,8 @@ from router.store import StoredEvent, event_status, original_event
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from runtime.web import pages
+from runtime.web.i18n import N_, LanguageChoice, add_catalogue
+from runtime.web.i18n import gettext as _
 from runtime.web.pages import redirect
 from runtime.web.rate_limit import INFORMANT_SIGN_IN_PATH
 from runtime.web.sessions import (
@@ -81,13 +83,17 @@ from schemas.validation import is_reference, today_in_the_uk
 log = structlog.get_logger(__name__)
 
 pages.add_templates(Path(__file__).parent / "templates")
+add_catalogue(Path(__file__).parent / "locale")  # its Welsh
 
 START_PATH = "/tell-us-once"
 OVERVIEW_PATH = "/tell-us-once/registration"
 MAX_WRONG_ANSWERS = 5
 SERVICES_PATH = "/tell-us-once/services"
 CONFIRM_PATH = "/tell-us-once/services/confirm"
-REGISTERED_WHAT = {"DeathRegistered": "death", "BirthRegistered": "birth"}
+REGISTERED_TITLES = {
+    "DeathRegistered": N_("The death you registered"),
+    "BirthRegistered": N_("The birth you registered"),
+}
 
 
 class Outcome(Enum):
@@ -231,9 +237,9 @@ async def agent_signed_in(request: Request, service: JourneyService) -> Agent | 
     if row is None:
         return message(
             403,
-            "Only contact-centre agents can use this page",
-            "Informants use the reference themselves at Tell Us Once online.",
-            link=(START_PATH, "Go to the informant's start page"),
+            _("Only contact-centre agents can use this page"),
+            _("Informants use the reference themselves at Tell Us Once online."),
+            link=(START_PATH, _("Go to the informant's start page")),
         )
     return Agent(found.username, row["display_name"])
 
@@ -260,30 +266,36 @@ def read_answer(form: dict[str, str]) -> tuple[str, date | None, list[FieldError
     errors: list[FieldError] = []
     reference = normalised_reference(form.get("reference", ""))
     if not reference:
-        errors.append(FieldError("reference", "Enter the reference from the registrar"))
+        errors.append(FieldError("reference", _("Enter the reference from the registrar")))
     elif not is_reference(reference):
         errors.append(
             FieldError(
-                "reference", "Enter the reference as it is on the registrar's letter, like TUO-2026-ABCD-1234"
+                "reference",
+                _("Enter the reference as it is on the registrar's letter, like TUO-2026-ABCD-1234"),
             )
         )
     parts = {name: form.get(f"born-{name}", "").strip() for name in ("day", "month", "year")}
     born: date | None = None
     missing = [name for name, value in parts.items() if not value]
     if len(missing) == 3:
-        errors.append(FieldError("born-day", "Enter their date of birth"))
+        errors.append(FieldError("born-day", _("Enter their date of birth")))
     elif missing:
-        errors.append(FieldError(f"born-{missing[0]}", f"Date of birth must include a {missing[0]}"))
+        include = {
+            "day": N_("Date of birth must include a day"),
+            "month": N_("Date of birth must include a month"),
+            "year": N_("Date of birth must include a year"),
+        }
+        errors.append(FieldError(f"born-{missing[0]}", _(include[missing[0]])))
     elif not all(value.isdigit() for value in parts.values()) or len(parts["year"]) != 4:
-        errors.append(FieldError("born-day", "Date of birth must be a real date, like 27 3 1950"))
+        errors.append(FieldError("born-day", _("Date of birth must be a real date, like 27 3 1950")))
     else:
         try:
             born = date(int(parts["year"]), int(parts["month"]), int(parts["day"]))
         except ValueError:
-            errors.append(FieldError("born-day", "Date of birth must be a real date, like 27 3 1950"))
+            errors.append(FieldError("born-day", _("Date of birth must be a real date, like 27 3 1950")))
         else:
             if born > today_in_the_uk():
-                errors.append(FieldError("born-day", "Date of birth must be in the past"))
+                errors.append(FieldError("born-day", _("Date of birth must be in the past")))
                 born = None
     return reference, born, errors
 
@@ -343,12 +355,14 @@ def message(status_code: int, title: str, *lines: str, link: tuple[str, str] | N
 @router.get(START_PATH)
 async def start(service: Journey) -> Response:
     days = service.settings.informant_reference_days
-    return render("informant_start.html", title="Use the reference from the registrar", days=days)
+    return render("informant_start.html", title=_("Use the reference from the registrar"), days=days)
 
 
-WRONG_ANSWER = FieldError(
-    "reference", "The reference or the date of birth is not right: check both against the registrar's letter"
-)
+def wrong_answer() -> FieldError:
+    return FieldError(
+        "reference",
+        _("The reference or the date of birth is not right: check both against the registrar's letter"),
+    )
 
 
 def _reference_form(
@@ -357,7 +371,7 @@ def _reference_form(
     return render(
         "informant_reference.html",
         status_code,
-        title="Enter the reference",
+        title=_("Enter the reference"),
         back=None if agent else START_PATH,
         errors=errors,
         values=values,
@@ -412,29 +426,31 @@ async def _enter(request: Request, service: JourneyService, agent: Agent | None)
         agent=agent.username if agent else None,
     )
     if outcome is Outcome.WRONG:
-        return _reference_form(400, [WRONG_ANSWER], form, agent)
+        return _reference_form(400, [wrong_answer()], form, agent)
     if outcome is Outcome.LOCKED:
         return message(
             403,
-            "This reference is locked",
-            "It was tried too many times with a date of birth that is not the one registered.",
-            "To keep the family's information safe, it cannot be used until the register office that gave it"
-            " to you unlocks it. Contact them, and have the letter from the registrar with you.",
+            _("This reference is locked"),
+            _("It was tried too many times with a date of birth that is not the one registered."),
+            _(
+                "To keep the family's information safe, it cannot be used until the register office that gave"
+                " it to you unlocks it. Contact them, and have the letter from the registrar with you."
+            ),
         )
     if outcome is Outcome.EXPIRED:
         days = service.settings.informant_reference_days
         return message(
             410,
-            "This reference has expired",
-            f"A reference can be used for {days} days after the registration.",
-            "To tell an organisation now, contact it directly, or ask the register office for help.",
+            _("This reference has expired"),
+            _("A reference can be used for %(days)s days after the registration.") % {"days": days},
+            _("To tell an organisation now, contact it directly, or ask the register office for help."),
         )
     assert found is not None
     earlier = request.cookies.get(service.cookies.informant)
     if earlier:
         await INFORMANT_SESSIONS.end(service.pool, token_hash(earlier))
     await INFORMANT_SESSIONS.forget_expired(service.pool, service.settings)
-    token, _, _ = await INFORMANT_SESSIONS.start(
+    token, _hash, _csrf = await INFORMANT_SESSIONS.start(
         service.pool, lambda _: (found.event.reference, agent.username if agent else None)
     )
     response = redirect(OVERVIEW_PATH)
@@ -450,8 +466,8 @@ async def _session(request: Request, service: JourneyService) -> InformantSessio
 
 
 SESSION_ENDED = (
-    "Your session has ended",
-    "For your security, enter the reference again after a while without using the service.",
+    N_("Your session has ended"),
+    N_("For your security, enter the reference again after a while without using the service."),
 )
 
 
@@ -461,7 +477,11 @@ async def _opened(
     """The informant's session and the registration it opens, or the page saying why not."""
     found_session = await _session(request, service)
     if isinstance(found_session, Expired):
-        return message(401, *SESSION_ENDED, link=(INFORMANT_SIGN_IN_PATH, "Enter the reference again"))
+        return message(
+            401,
+            *(_(line) for line in SESSION_ENDED),
+            link=(INFORMANT_SIGN_IN_PATH, _("Enter the reference again")),
+        )
     if found_session is None:
         return redirect(INFORMANT_SIGN_IN_PATH)
     if found_session.agent is not None:  # opened on the telephone: only while that agent is signed in
@@ -470,17 +490,17 @@ async def _opened(
             await INFORMANT_SESSIONS.end(service.pool, found_session.token_hash)
             return message(
                 401,
-                "Sign in again as the agent who took this call",
-                "The informant's answers were not sent.",
-                link=(PHONE_JOURNEY_PATH, "Start the call's journey again"),
+                _("Sign in again as the agent who took this call"),
+                _("The informant's answers were not sent."),
+                link=(PHONE_JOURNEY_PATH, _("Start the call's journey again")),
             )
     found = await registration(service.pool, found_session.reference)
     if found is None or found.locked or found.expired(service.settings):
         await INFORMANT_SESSIONS.end(service.pool, found_session.token_hash)
         return message(
             410,
-            "This registration can no longer be opened here",
-            "Contact the register office that gave you the reference.",
+            _("This registration can no longer be opened here"),
+            _("Contact the register office that gave you the reference."),
         )
     return found_session, found.event
 
@@ -502,9 +522,9 @@ async def _offers(service: JourneyService, event: StoredEvent) -> tuple[list[Off
     offers = [
         Offer(
             s.agency,
-            agency_name(s.agency),
+            _(agency_name(s.agency)),
             data_tracker.field_words(sorted(s.fields - set(SERVICE_DETAILS) - {"requested_event_type"})),
-            [(d, DETAIL_NAMES[d]) for d in s.details],
+            [(d, _(DETAIL_NAMES[d])) for d in s.details],
             asked.get(s.agency),
         )
         for s in await services(service.pool, event, body, datetime.now(UTC))
@@ -526,10 +546,10 @@ async def overview(request: Request, service: Journey) -> Response:
         told += [d for row in (status or {}).get("agencies", []) if (d := data_tracker.delivery(row)).told]
     # An organisation told of both the registration and a request shows each answer.
     told.sort(key=lambda d: (not d.told, d.agency_name))
-    offers, _ = await _offers(service, event)
+    offers, _body = await _offers(service, event)
     return render(
         "informant_registration.html",
-        title=f"The {REGISTERED_WHAT[event.event_type]} you registered",
+        title=_(REGISTERED_TITLES[event.event_type]),
         reference=event.reference,
         expires=(event.recorded_at + timedelta(days=service.settings.informant_reference_days)).date(),
         told=told,
@@ -587,16 +607,16 @@ def answer_problems(
     ):
         field = problem["field"]
         if field.startswith("agencies."):  # not one offered: whatever was sent, the list is the answer
-            errors.append(FieldError("agencies", "Choose the organisations to tell from the list"))
+            errors.append(FieldError("agencies", _("Choose the organisations to tell from the list")))
         elif field == "agencies":
-            errors.append(FieldError("agencies", problem["message"]))
+            errors.append(FieldError("agencies", _(problem["message"])))
         else:
-            errors.append(FieldError(field.removeprefix("details."), problem["message"]))
+            errors.append(FieldError(field.removeprefix("details."), _(problem["message"])))
     if answers.email and (wrong_address := emails.address_problem(answers.email)):
         errors.append(FieldError("email", wrong_address))
     if not answers.permission:
         errors.append(
-            FieldError("permission", "Confirm that you have permission to give these details, to continue")
+            FieldError("permission", _("Confirm that you have permission to give these details, to continue"))
         )
     unique = {e.field: e for e in reversed(errors)}  # the first message for each field
     return [unique[f] for f in dict.fromkeys(e.field for e in errors)]
@@ -613,7 +633,7 @@ def _services_form(
     return render(
         "informant_services.html",
         status_code,
-        title="Which organisations do you want to tell?",
+        title=_("Which organisations do you want to tell?"),
         back=OVERVIEW_PATH,
         offers=[o for o in offers if o.asked_at is None],
         answers=answers,
@@ -630,13 +650,13 @@ async def services_form(request: Request, service: Journey) -> Response:
     if isinstance(opened, Response):
         return opened
     session, event = opened
-    offers, _ = await _offers(service, event)
+    offers, _body = await _offers(service, event)
     if not any(o.asked_at is None for o in offers):
         return message(
             200,
-            "There are no more organisations to tell",
-            "Every organisation that can be told of this registration with your agreement has been asked.",
-            link=(OVERVIEW_PATH, "See who has been told"),
+            _("There are no more organisations to tell"),
+            _("Every organisation that can be told of this registration with your agreement has been asked."),
+            link=(OVERVIEW_PATH, _("See who has been told")),
         )
     return _services_form(200, session, offers, Answers([], {}, False), [], _email_offered(service))
 
@@ -674,7 +694,10 @@ async def _answered(request: Request, service: JourneyService) -> Answered | Res
     answers, token = await read_answers(request)
     if not same_secret(session.csrf_token, token):
         return message(
-            403, "Your answers were not sent", "Go back, and try again.", link=(SERVICES_PATH, "Try again")
+            403,
+            _("Your answers were not sent"),
+            _("Go back, and try again."),
+            link=(SERVICES_PATH, _("Try again")),
         )
     offers, body = await _offers(service, event)
     if not _email_offered(service):
@@ -699,7 +722,7 @@ async def check_answers(request: Request, service: Journey) -> Response:
     session, answers, chosen = answered.session, answered.answers, answered.chosen
     return render(
         "informant_check.html",
-        title="Check your answers before telling these organisations",
+        title=_("Check your answers before telling these organisations"),
         back=SERVICES_PATH,
         chosen=chosen,
         answers=answers,
@@ -751,7 +774,7 @@ async def confirm(request: Request, service: Journey) -> Response:
 def _requested(session: InformantSession, request_reference: str, answered: Answered) -> Response:
     return render(
         "informant_requested.html",
-        title="Your request has been sent",
+        title=_("Your request has been sent"),
         request_reference=request_reference,
         chosen=answered.chosen,
         emailed=bool(answered.answers.email),
@@ -770,9 +793,9 @@ async def sign_out(request: Request, service: Journey) -> Response:
     if isinstance(found, InformantSession):
         given = (await request.form()).get("csrf_token")
         if not same_secret(found.csrf_token, given if isinstance(given, str) else None):
-            return message(403, "Sign-out not confirmed", "Try again.")
+            return message(403, _("Sign-out not confirmed"), _("Try again."))
         await INFORMANT_SESSIONS.end(service.pool, found.token_hash)
-    response = message(200, "You have signed out", link=(START_PATH, "Start again"))
+    response = message(200, _("You have signed out"), link=(START_PATH, _("Start again")))
     service.cookies.clear(response, service.cookies.informant)
     return response
 
@@ -788,4 +811,5 @@ def install_informant_journey(
         CookiePolicy(settings.session_cookie_secure),
         request_services,
     )
+    app.add_middleware(LanguageChoice, prefix=START_PATH)
     app.include_router(router)

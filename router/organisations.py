@@ -20,16 +20,17 @@ import asyncpg
 
 from router.rules import Condition, RoutableEvent
 from runtime.local_authorities import local_authority
+from runtime.web.i18n import N_
 
 # Display names of the agencies in the demo subscriptions; any other agency is
 # shown by a name derived from its code.
 AGENCY_NAMES = {
-    "hmrc": "HM Revenue and Customs",
-    "dwp": "Department for Work and Pensions",
-    "dvla": "Driver and Vehicle Licensing Agency",
-    "hmpo": "HM Passport Office",
-    "council-leeds": "Leeds City Council",
-    "council-bradford": "City of Bradford Metropolitan District Council",
+    "hmrc": N_("HM Revenue and Customs"),
+    "dwp": N_("Department for Work and Pensions"),
+    "dvla": N_("Driver and Vehicle Licensing Agency"),
+    "hmpo": N_("HM Passport Office"),
+    "council-leeds": N_("Leeds City Council"),
+    "council-bradford": N_("City of Bradford Metropolitan District Council"),
 }
 
 

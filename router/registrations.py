@@ -18,6 +18,7 @@ from router.minimise import event_fields
 from router.rules import RoutableEvent
 from router.store import StoredEvent, load_subscriptions
 from runtime.sealing import PayloadSealer
+from runtime.web.i18n import N_
 from schemas import decode, models
 from schemas.fieldpaths import NINO
 from schemas.identity_documents import driving_licence_problem, passport_problem
@@ -31,9 +32,14 @@ ADDRESS_REGISTERED = {"DeathRegistered": "last_address", "BirthRegistered": "hom
 # The details an informant may give, each for the organisations granted it.
 SERVICE_DETAILS = ("driving_licence_number", "passport_number", "blue_badge_number")
 DETAIL_NAMES = {
-    "driving_licence_number": "driving licence number",
-    "passport_number": "passport number",
-    "blue_badge_number": "Blue Badge number",
+    "driving_licence_number": N_("driving licence number"),
+    "passport_number": N_("passport number"),
+    "blue_badge_number": N_("Blue Badge number"),
+}
+_MISSING = {
+    "driving_licence_number": N_("Enter the driving licence number"),
+    "passport_number": N_("Enter the passport number"),
+    "blue_badge_number": N_("Enter the Blue Badge number"),
 }
 
 
@@ -171,21 +177,21 @@ def request_problems(
         if agency not in offered
     ]
     if not agencies:
-        errors.append({"field": "agencies", "message": "Choose at least one organisation to tell"})
+        errors.append({"field": "agencies", "message": N_("Choose at least one organisation to tell")})
     needed = {d for agency in agencies if agency in offered for d in offered[agency].details}
     for name in sorted(set(details) | needed):
         value = details.get(name, "")
         problem = None
         if name not in needed:
-            problem = "No organisation chosen needs it" if value else None
+            problem = N_("No organisation chosen needs it") if value else None
         elif not value:
-            problem = f"Enter the {DETAIL_NAMES.get(name, name)}"
+            problem = _MISSING.get(name, N_("Enter the number"))
         elif name == "driving_licence_number":
             problem = driving_licence_problem(value, person["family_name"], person["date_of_birth"])
         elif name == "passport_number":
             problem = passport_problem(value)
         elif len(value) > 40:
-            problem = f"The {DETAIL_NAMES.get(name, name)} is longer than any such number"
+            problem = N_("It is longer than any such number")
         if problem:
             errors.append({"field": f"details.{name[:50]}", "message": problem})
     return errors

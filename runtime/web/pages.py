@@ -21,7 +21,9 @@ from jinja2 import (
 )
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-SERVICE_NAME = "Tell Us Once"
+from runtime.web import i18n
+
+SERVICE_NAME = i18n.N_("Tell Us Once")
 
 _GOVUK = PrefixLoader({"govuk_frontend_jinja": PackageLoader("govuk_frontend_jinja")})
 environment = Environment(
@@ -29,7 +31,11 @@ environment = Environment(
     autoescape=select_autoescape(["html"], default=True),
     # The GOV.UK macros read options that may be absent (params.hint.text): absent is empty.
     undefined=ChainableUndefined,
+    extensions=["jinja2.ext.i18n"],
 )
+# _() in a template: in the language of the request being served (runtime.web.i18n).
+environment.install_gettext_callables(i18n.gettext, i18n.ngettext, newstyle=True)  # type: ignore[attr-defined]
+environment.filters["long_date"] = i18n.long_date
 
 
 def add_templates(folder: Path) -> None:
@@ -70,7 +76,9 @@ def protect(response: Response, nonce: str | None = None) -> Response:
 
 def render(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     nonce = secrets.token_urlsafe(16)
-    html = environment.get_template(template).render(cspNonce=nonce, serviceName=SERVICE_NAME, **context)
+    html = environment.get_template(template).render(
+        cspNonce=nonce, serviceName=SERVICE_NAME, htmlLang=i18n.language.get(), **context
+    )
     response = HTMLResponse(html, status_code=status_code)
     protect(response, nonce)
     return response

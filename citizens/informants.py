@@ -58,6 +58,7 @@ from router.registrations import (
     Service,
     as_corrected,
     request_problems,
+    requests_following,
     services,
 )
 from router.store import StoredEvent, event_status, original_event
@@ -162,12 +163,6 @@ async def clear_wrong_answers(pool: asyncpg.Pool, reference: str) -> None:
     )
 
 
-async def unlock(pool: asyncpg.Pool, reference: str) -> bool:
-    """The register office vouches for the informant: the reference may be tried again."""
-    result: str = await pool.execute("DELETE FROM informant_reference_lock WHERE reference = $1", reference)
-    return result != "DELETE 0"
-
-
 async def check_answer(
     pool: asyncpg.Pool, sealer: PayloadSealer, settings: Settings, reference: str, born: date
 ) -> tuple[Outcome, Registration | None]:
@@ -194,16 +189,6 @@ async def requested_before(pool: asyncpg.Pool, event: StoredEvent) -> dict[str, 
         event.event_id,
     )
     return {r["agency"]: r["asked_at"] for r in rows}
-
-
-async def requests_made(pool: asyncpg.Pool, event: StoredEvent) -> list[str]:
-    """The references of the requests made about this registration, oldest first."""
-    rows = await pool.fetch(
-        "SELECT reference FROM intake_record WHERE follows_event_id = $1 AND event_type = 'ServicesRequested'"
-        " ORDER BY recorded_at, reference",
-        event.event_id,
-    )
-    return [r["reference"] for r in rows]
 
 
 def _informant_session(row: asyncpg.Record, hashed: bytes, sealer: PayloadSealer) -> InformantSession:
@@ -540,9 +525,9 @@ async def overview(request: Request, service: Journey) -> Response:
     found_session, event = opened
     status = await event_status(service.pool, event.reference)
     told = [data_tracker.delivery(row) for row in (status or {}).get("agencies", [])]
-    for reference in await requests_made(service.pool, event):
+    for asked in await requests_following(service.pool, event.event_id):
         # Of a request, only who was sent it: the others were not asked.
-        status = await event_status(service.pool, reference)
+        status = await event_status(service.pool, asked.reference)
         told += [d for row in (status or {}).get("agencies", []) if (d := data_tracker.delivery(row)).told]
     # An organisation told of both the registration and a request shows each answer.
     told.sort(key=lambda d: (not d.told, d.agency_name))

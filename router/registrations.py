@@ -68,6 +68,33 @@ def services_requested_fields(event: StoredEvent, body: dict[str, Any]) -> dict[
     }
 
 
+@dataclass(frozen=True)
+class InformantRequest:
+    """A request to tell more organisations, made after a registration."""
+
+    reference: str
+    recorded_at: datetime
+    by_phone: bool  # through a contact-centre agent, not online by the informant
+
+
+async def requests_following(pool: asyncpg.Pool, event_id: UUID) -> list[InformantRequest]:
+    """The requests made about a registration, oldest first."""
+    rows = await pool.fetch(
+        "SELECT reference, recorded_at, recorded_by LIKE 'agent:%' AS by_phone FROM intake_record"
+        " WHERE follows_event_id = $1 AND event_type = 'ServicesRequested'"
+        " ORDER BY recorded_at, reference",
+        event_id,
+    )
+    return [InformantRequest(r["reference"], r["recorded_at"], r["by_phone"]) for r in rows]
+
+
+async def unlock_reference(pool: asyncpg.Pool, reference: str) -> bool:
+    """The register office vouches for an informant whose wrong answers locked their
+    reference (``citizens.informants``): it may be tried again. False if it was not locked."""
+    result: str = await pool.execute("DELETE FROM informant_reference_lock WHERE reference = $1", reference)
+    return result != "DELETE 0"
+
+
 async def services(
     pool: asyncpg.Pool, event: StoredEvent, body: dict[str, Any], at: datetime
 ) -> list[Service]:

@@ -11,6 +11,7 @@ import typer
 
 from citizens import informants
 from operators.cli.shared import console, fail, with_pool
+from router.registrations import unlock_reference
 
 log = structlog.get_logger(__name__)
 
@@ -26,7 +27,7 @@ def unlock(
     wanted = informants.normalised_reference(reference)
 
     async def run(pool: asyncpg.Pool) -> bool:
-        return await informants.unlock(pool, wanted)
+        return await unlock_reference(pool, wanted)
 
     if not with_pool(run):
         raise fail(f"{wanted!r} is not locked (or is not a reference): nothing to unlock.")

@@ -30,8 +30,9 @@ from producers.requests import DuplicateOverride
 from producers.store import IdempotencyConflict, consent_receipts_for_event
 from producers.web.forms import FORMS, FieldError, RegistrationForm
 from router.organisations import Organisation, agency_name, agency_statuses, organisations_to_tell
+from router.registrations import requests_following, unlock_reference
 from router.store import agencies as subscribing_agencies
-from router.store import event_status
+from router.store import event_status, original_event
 from runtime.local_authorities import local_authority
 from runtime.web import sessions
 from runtime.web.pages import redirect, render
@@ -606,13 +607,100 @@ async def consent_receipts(intake: Intake, found: dict[str, Any]) -> list[dict[s
     return [{**r, "agency_name": agency_name(r["agency"])} for r in receipts]
 
 
+async def informant_requests(intake: Intake, found: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the informant asked for since (online, or by phone), and where each
+    organisation they chose has got to: those it was sent to only."""
+    asked = []
+    for request in await requests_following(intake.pool, found["event_id"]):
+        status = await event_status(intake.pool, request.reference)
+        sent = [row for row in (status or {}).get("agencies", []) if row["decision"] == "delivered"]
+        asked.append(
+            {
+                "reference": request.reference,
+                "on": request.recorded_at.date(),
+                "by_phone": request.by_phone,
+                "agencies": agency_statuses({"agencies": sent}),
+            }
+        )
+    return asked
+
+
 @pages.get("/registrations/{reference}")
 async def confirmation(reference: str, who: Registrar, intake: RunningIntake) -> Response:
     found = await statuses(intake, who, reference)
     if found is None:
         raise HTTPException(404)
     receipts = await consent_receipts(intake, found)
-    return page("confirmation.html", who, title=found["heading"], consent_receipts=receipts, **found)
+    requests = await informant_requests(intake, found)
+    return page(
+        "confirmation.html",
+        who,
+        title=found["heading"],
+        consent_receipts=receipts,
+        informant_requests=requests,
+        **found,
+    )
+
+
+# An informant's reference locked by wrong answers (the journey at /tell-us-once)
+
+UNLOCK_PATH = "/informant-references/unlock"
+
+
+def unlock_page(who: SignedIn, status_code: int, errors: list[FieldError], reference: str) -> Response:
+    return page(
+        "unlock.html",
+        who,
+        status_code,
+        title="Unlock an informant’s reference",
+        errors=errors,
+        reference=reference,
+    )
+
+
+@pages.get(UNLOCK_PATH)
+async def unlock_form(who: Registrar) -> Response:
+    return unlock_page(who, 200, [], "")
+
+
+@pages.post(UNLOCK_PATH)
+async def unlock_informant_reference(request: Request, who: Registrar, intake: RunningIntake) -> Response:
+    """The office that gave a reference, having checked who is asking, lets it be tried again."""
+    values = await posted(request, who.csrf_token)
+    reference = re.sub(r"\s+", "", values.get("reference", "")[:100]).upper()
+    errors = []
+    if not is_reference(reference):
+        errors.append(
+            FieldError(
+                "Enter the reference as it is on the registrar’s letter, like TUO-2026-ABCD-1234",
+                None,
+                "#reference",
+            )
+        )
+    if values.get("checked") != "yes":
+        errors.append(FieldError("Confirm that you have checked who is asking", None, "#checked"))
+    found = await original_event(intake.pool, reference) if not errors else None
+    if not errors and (found is None or found.office != who.submitter.office):
+        errors.append(FieldError("This is not a reference your office gave", None, "#reference"))
+    if errors or found is None:
+        return unlock_page(who, 422, errors, reference)
+    unlocked = await unlock_reference(intake.pool, reference)
+    log.info(
+        "informant_reference_unlocked" if unlocked else "informant_reference_not_locked",
+        event_id=str(found.event_id),
+        by=who.submitter.recorded_by,
+    )
+    return page(
+        "message.html",
+        who,
+        title="The reference can be used again" if unlocked else "This reference is not locked",
+        lines=[
+            f"The informant can use {reference} at /tell-us-once again."
+            if unlocked
+            else f"{reference} can be used at /tell-us-once: nothing needed unlocking."
+        ],
+        link=("/start", "Go to the start"),
+    )
 
 
 @pages.get("/registrations/{reference}/consent-receipts/{receipt_id}")

@@ -1,24 +1,30 @@
 """The informant's journey by telephone: a contact-centre agent (a registrar account of
 role agent) signs in at the registrars' sign-in and takes the informant through the same
 journey, in the one web service as ``tuo run`` composes it, against the real PostgreSQL
-and the running bus. What is asked for is recorded as by telephone, through that agent."""
+and the running bus. What is asked for is recorded as by telephone, through that agent.
+And the register office's side: its page for the registration shows what was asked
+for, and it unlocks a reference that wrong dates of birth locked."""
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
 import pytest
 
+from citizens.informants import MAX_WRONG_ANSWERS
 from operators.services import RunningBus
+from producers.accounts import add_registrar
 from router.store import original_event
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from schemas import decode
-from tests.citizens.test_informant_journey import BORN, PASSPORT, registered, text_of
-from tests.producers.test_web_forms import csrf, new_registrar, serve_web, sign_in, web_settings
+from tests.citizens.test_informant_journey import BORN, PASSPORT, WRONG_BORN, registered, text_of
+from tests.producers.test_web_forms import PASSWORD, csrf, new_registrar, serve_web, sign_in, web_settings
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +87,26 @@ async def test_an_agent_takes_the_call_and_the_request_is_recorded_as_by_telepho
     )
     assert dict(consent) == {"agency": "hmpo", "recorded_by": "informant"}, "the consent is the informant's"
 
+    # The registrar's page for the registration shows what the informant asked for, and
+    # where the Passport Office has got to with it.
+    username = f"leeds-{username}"[:40]
+    await add_registrar(pool, username, "Lee Registrar", "leeds", "registrar", PASSWORD)
+    async with client_of(web) as registrar:
+        assert (await sign_in(registrar, username)).headers["location"] == "/start"
+
+        async def shown() -> str | None:
+            page = text_of((await registrar.get(f"/registrations/{reference}")).text)
+            return (
+                page
+                if "HM Passport Office Done" in page.split("Asked for by the informant since", 1)[-1]
+                else None
+            )
+
+        page = await eventually(shown, timeout=60, what="the request on the registrar's page")
+    asked = page.split("Asked for by the informant since", 1)[1].split("Consent receipts", 1)[0]
+    assert f", by telephone (reference {found.group(0)})" in asked
+    assert "Driver and Vehicle Licensing Agency" not in asked, "only the organisations the informant chose"
+
 
 async def test_only_a_signed_in_agent_opens_the_telephone_journey(
     web: str, pool: asyncpg.Pool, intake: httpx.AsyncClient
@@ -113,3 +139,51 @@ async def test_the_calls_journey_closes_when_the_agent_is_no_longer_signed_in(
         assert closed.status_code == 401 and "Sign in again as the agent who took this call" in closed.text
         # The informant's session it opened has ended too.
         assert await pool.fetchval("SELECT count(*) FROM informant_session WHERE agent = $1", username) == 0
+
+
+async def test_the_office_that_gave_a_locked_reference_unlocks_it_on_its_page(
+    web: str, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    reference = await registered(intake)  # by Leeds
+    async with client_of(web) as informant:
+        for _ in range(MAX_WRONG_ANSWERS):
+            await informant.post("/tell-us-once/reference", data={"reference": reference, **WRONG_BORN})
+        locked = await informant.post("/tell-us-once/reference", data={"reference": reference, **BORN})
+        assert locked.status_code == 403 and "This reference is locked" in locked.text
+
+    async def unlock(client: httpx.AsyncClient, **answers: str) -> httpx.Response:
+        token = csrf(await client.get("/informant-references/unlock"))
+        return await client.post("/informant-references/unlock", data={"csrf_token": token, **answers})
+
+    async with client_of(web) as elsewhere:  # a registrar of another office
+        await sign_in(elsewhere, await new_registrar(pool, "registrar"))
+        refused = await unlock(elsewhere, reference=reference, checked="yes")
+        assert refused.status_code == 422 and "This is not a reference your office gave" in refused.text
+    username = f"leeds-{uuid.uuid4().hex[:12]}"
+    await add_registrar(pool, username, "Lee Registrar", "leeds", "registrar", PASSWORD)
+    async with client_of(web) as leeds:
+        await sign_in(leeds, username)
+        start = await leeds.get("/start")
+        assert 'href="/informant-references/unlock"' in start.text
+        for answers, message in (
+            ({"reference": reference}, "Confirm that you have checked who is asking"),
+            ({"reference": "<script>alert(1)</script>", "checked": "yes"}, "Enter the reference as it is"),
+            ({"reference": "x" * 5_000, "checked": "yes"}, "Enter the reference as it is"),
+        ):
+            wrong = await unlock(leeds, **answers)
+            assert wrong.status_code == 422 and message in wrong.text and "<script>alert" not in wrong.text
+        forged = await leeds.post(
+            "/informant-references/unlock",
+            data={"csrf_token": "guess", "reference": reference, "checked": "yes"},
+        )
+        assert forged.status_code == 403
+        assert await pool.fetchval(
+            "SELECT locked_at IS NOT NULL FROM informant_reference_lock WHERE reference = $1", reference
+        )
+        done = await unlock(leeds, reference=reference.lower(), checked="yes")
+        assert done.status_code == 200 and "The reference can be used again" in done.text
+        again = await unlock(leeds, reference=reference, checked="yes")
+        assert "This reference is not locked" in again.text
+    async with client_of(web) as informant:
+        opened = await informant.post("/tell-us-once/reference", data={"reference": reference, **BORN})
+        assert opened.status_code == 303

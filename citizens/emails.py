@@ -4,7 +4,9 @@ server (``smtp_host``):
 
 1. at once, which organisations are being told, and the request's reference;
 2. when every organisation chosen has answered (applied or rejected), or is overdue,
-   what each did, in the words of the informant's page.
+   what each did, in the words of the informant's page;
+
+each in the language of the page the informant gave their address on (English or Welsh).
 
 The address is sealed at rest with the data key (``runtime.sealing``) and erased once
 the second email is sent; it is never logged. The emails name no one: only the
@@ -34,7 +36,9 @@ from router.organisations import agency_name
 from router.store import event_status
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
+from runtime.web.i18n import Language, language
 from runtime.web.i18n import gettext as _
+from runtime.web.pages import SERVICE_NAME
 
 log = structlog.get_logger(__name__)
 
@@ -54,12 +58,14 @@ def address_problem(typed: str) -> str | None:
 async def remember(
     conn: asyncpg.Pool | asyncpg.Connection, sealer: PayloadSealer, request_event_id: UUID, address: str
 ) -> None:
-    """Keep the address for the request's two emails (the first is sent at once)."""
+    """Keep the address for the request's two emails (the first is sent at once), and the
+    language of the page the informant gave it on, which the emails are written in."""
     await conn.execute(
-        "INSERT INTO informant_email (request_event_id, sealed_address) VALUES ($1, $2)"
+        "INSERT INTO informant_email (request_event_id, sealed_address, language) VALUES ($1, $2, $3)"
         " ON CONFLICT (request_event_id) DO NOTHING",
         request_event_id,
         sealer.seal(address.encode(), request_event_id),
+        language.get(),
     )
 
 
@@ -70,23 +76,24 @@ class Due:
     address: str
     listed: bool  # the first email has been sent
     attempts: int
+    language: Language
 
 
 def listing(reference: str, agencies: list[str], sender: str, to: str) -> EmailMessage:
-    names = sorted(agency_name(a) for a in agencies)
+    names = sorted(_(agency_name(a)) for a in agencies)
     return _message(
         sender,
         to,
-        f"We are telling {len(names)} organisation{'s' if len(names) != 1 else ''} – {reference}",
+        _("We are telling the organisations you chose – %(reference)s") % {"reference": reference},
         [
-            "You asked Tell Us Once to tell these organisations:",
+            _("You asked Tell Us Once to tell these organisations:"),
             "",
             *(f"- {name}" for name in names),
             "",
-            "Your agreement to each has been recorded, with a consent receipt.",
-            "We will email you again when each one has answered.",
+            _("Your agreement to each has been recorded, with a consent receipt."),
+            _("We will email you again when each one has answered."),
             "",
-            f"Your request reference: {reference}",
+            _("Your request reference: %(reference)s") % {"reference": reference},
         ],
     )
 
@@ -95,15 +102,15 @@ def answered(reference: str, deliveries: list[data_tracker.Delivery], sender: st
     return _message(
         sender,
         to,
-        f"Every organisation has answered – {reference}",
+        _("Every organisation has answered – %(reference)s") % {"reference": reference},
         [
-            "The organisations you asked Tell Us Once to tell have answered:",
+            _("The organisations you asked Tell Us Once to tell have answered:"),
             "",
-            *(f"- {d.agency_name}: {d.receipt_words}" for d in deliveries),
+            *(f"- {_(d.agency_name)}: {d.receipt_words}" for d in deliveries),
             "",
-            "To see this again, use the reference from the registrar's letter in Tell Us Once online.",
+            _("To see this again, use the reference from the registrar's letter in Tell Us Once online."),
             "",
-            f"Your request reference: {reference}",
+            _("Your request reference: %(reference)s") % {"reference": reference},
         ],
     )
 
@@ -112,7 +119,7 @@ def _message(sender: str, to: str, subject: str, lines: list[str]) -> EmailMessa
     message = EmailMessage()
     message["From"] = sender
     message["To"] = to
-    message["Subject"] = f"Tell Us Once: {subject}"
+    message["Subject"] = f"{_(SERVICE_NAME)}: {subject}"
     message.set_content("\n".join(lines) + "\n")
     return message
 
@@ -158,7 +165,7 @@ async def send_due(settings: Settings, pool: asyncpg.Pool, sealer: PayloadSealer
             async with conn.transaction():
                 row = await conn.fetchrow(
                     "SELECT e.request_event_id, e.sealed_address, e.listed_at IS NOT NULL AS listed,"
-                    "       e.attempts, i.reference"
+                    "       e.attempts, e.language, i.reference"
                     "  FROM informant_email e JOIN intake_record i ON i.event_id = e.request_event_id"
                     " WHERE e.answered_at IS NULL AND e.next_attempt_at <= now()"
                     " ORDER BY e.next_attempt_at LIMIT 1 FOR UPDATE OF e SKIP LOCKED"
@@ -171,8 +178,13 @@ async def send_due(settings: Settings, pool: asyncpg.Pool, sealer: PayloadSealer
                     sealer.open(bytes(row["sealed_address"]), row["request_event_id"]).decode(),
                     row["listed"],
                     row["attempts"],
+                    row["language"],
                 )
-                sent += await _send_one(settings, pool, conn, due)
+                written_in = language.set(due.language)  # the emails' words, and the data tracker's
+                try:
+                    sent += await _send_one(settings, pool, conn, due)
+                finally:
+                    language.reset(written_in)
 
 
 async def _send_one(settings: Settings, pool: asyncpg.Pool, conn: asyncpg.Connection, due: Due) -> int:
@@ -193,7 +205,7 @@ async def _send_one(settings: Settings, pool: asyncpg.Pool, conn: asyncpg.Connec
     try:
         await asyncio.to_thread(send, settings, message)
     except (OSError, smtplib.SMTPException) as exc:
-        delay = min(timedelta(seconds=5 * 2**due.attempts), MAX_DELAY)
+        delay = min(timedelta(seconds=5 * 2 ** min(due.attempts, 20)), MAX_DELAY)  # 20: no overflow
         await conn.execute(
             "UPDATE informant_email SET attempts = attempts + 1, last_error = $2,"
             "       next_attempt_at = now() + $3 WHERE request_event_id = $1",

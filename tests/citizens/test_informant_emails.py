@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Iterator
-from email import message_from_bytes
+from email import message_from_bytes, policy
 from email.message import Message
 from typing import Any
 
@@ -46,7 +46,7 @@ class Mailbox:
         self.messages: list[Message] = []
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(message_from_bytes(envelope.content))
+        self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
         return "250 Message accepted for delivery"
 
 
@@ -124,7 +124,7 @@ async def test_the_informant_is_emailed_who_is_told_then_what_each_did_and_the_a
                 )
 
             async def listing() -> Message | None:
-                return mail_about("We are telling 1 organisation")
+                return mail_about("We are telling the organisations you chose")
 
             first = await eventually(listing, timeout=30, what="the email saying who is being told")
             assert first["To"] == ADDRESS
@@ -217,3 +217,32 @@ async def test_a_wrong_or_hostile_email_address_gets_a_linked_error_and_records_
             }
             assert len(refused.text) < 40_000
     assert await follow_ups(pool, reference) == 0
+
+
+async def test_an_informant_who_used_the_journey_in_welsh_is_emailed_in_welsh(
+    stack: Stack,
+    mail_settings: Settings,
+    pool: asyncpg.Pool,
+    intake: httpx.AsyncClient,
+    mailbox: tuple[Mailbox, Controller],
+) -> None:
+    async with browser() as client:
+        assert (await client.get(f"{stack.base_url}/tell-us-once?lang=cy")).status_code == 200
+        _, csrf = await opened(client, stack, intake)
+        answers = {"csrf_token": csrf, "agencies": "hmpo", "passport_number": PASSPORT, "permission": "yes"}
+        sent = await client.post(
+            f"{stack.base_url}/tell-us-once/services/confirm", data={**answers, "email": ADDRESS}
+        )
+        assert sent.status_code == 200 and "Byddwn yn anfon e-bost atoch nawr" in sent.text
+        found = re.search(
+            r"TUO-\d{4}-[0-9A-Z]{4}-[0-9A-Z]{4}", text_of(sent.text).split("Cyfeirnod eich cais", 1)[1]
+        )
+        assert found
+    assert await send_due(mail_settings, pool, PayloadSealer.from_settings(mail_settings)) >= 1
+    welsh = next(m for m in mailbox[0].messages if found.group(0) in m["Subject"])
+    assert welsh["Subject"].startswith(
+        "Dweud Wrthym Unwaith: Rydym yn rhoi gwybod i’r sefydliadau a ddewisoch"
+    )
+    assert "- Swyddfa Pasbort EF" in body_of(welsh) and f"Cyfeirnod eich cais: {found.group(0)}" in body_of(
+        welsh
+    )

@@ -238,6 +238,7 @@ async def test_every_form_refuses_a_post_without_the_right_csrf_token_and_writes
 ) -> None:
     forms = form_routes()
     assert forms == [
+        "/informant-references/unlock",
         "/register/{slug}",
         "/register/{slug}/check",
         "/register/{slug}/organisations",
@@ -256,6 +257,7 @@ async def test_every_form_refuses_a_post_without_the_right_csrf_token_and_writes
     sign_in_token = csrf(await browser.get("/sign-in"))
     right = {"/sign-in": sign_in_token}
     bodies: dict[str, dict[str, str]] = {
+        "/informant-references/unlock": {"reference": "TUO-2026-AAAA-BBBB", "checked": "yes"},
         "/register/{slug}": death_answers(),
         "/register/{slug}/check": {"submission_id": submission.group(1)},
         "/register/{slug}/organisations": {"consent.dvla": "given", "consent.hmpo": "given"},

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ from runtime.web.sessions import (
     same_secret,
     token_hash,
 )
-from schemas.validation import is_reference, today_in_the_uk
+from schemas.validation import as_printed, is_reference, today_in_the_uk
 
 log = structlog.get_logger(__name__)
 
@@ -242,14 +241,9 @@ class FieldError:
         return f"#{self.field}"
 
 
-def normalised_reference(typed: str) -> str:
-    """As printed on the registrar's letter, whatever the case and spacing typed."""
-    return re.sub(r"\s+", "", typed).upper()
-
-
 def read_answer(form: dict[str, str]) -> tuple[str, date | None, list[FieldError]]:
     errors: list[FieldError] = []
-    reference = normalised_reference(form.get("reference", ""))
+    reference = as_printed(form.get("reference", ""))
     if not reference:
         errors.append(FieldError("reference", _("Enter the reference from the registrar")))
     elif not is_reference(reference):
@@ -567,7 +561,7 @@ async def read_answers(request: Request) -> tuple[Answers, str | None]:
     form = await request.form()
     agencies = [a[:50] for a in form.getlist("agencies")[:20] if isinstance(a, str)]
     details = {
-        name: normalised_reference(value[:100])
+        name: as_printed(value[:100])
         for name in SERVICE_DETAILS
         if isinstance(value := form.get(name, ""), str) and value.strip()
     }

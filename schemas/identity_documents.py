@@ -16,11 +16,6 @@ _PASSPORT = re.compile(r"^[0-9]{9}$")
 LICENCE_EXAMPLE = "MORGA753116SM9IJ"
 
 
-def normalised(typed: str) -> str:
-    """As printed on the document, whatever the case and spacing typed."""
-    return re.sub(r"\s+", "", typed).upper()
-
-
 def surname_code(family_name: str) -> str:
     """The first five characters of a licence number for this surname: its letters only,
     a leading MAC written MC, padded with 9s."""

@@ -25,6 +25,11 @@ REFERENCE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _REFERENCE = re.compile(rf"TUO-[0-9]{{4}}-[{REFERENCE_ALPHABET}]{{4}}-[{REFERENCE_ALPHABET}]{{4}}", re.ASCII)
 
 
+def as_printed(typed: str) -> str:
+    """A reference or a document number as printed, whatever the case and spacing typed."""
+    return re.sub(r"\s+", "", typed).upper()
+
+
 def is_reference(text: str) -> bool:
     """Whether ``text`` is spelled as a reference number (upper case, as issued)."""
     return _REFERENCE.fullmatch(text) is not None

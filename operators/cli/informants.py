@@ -9,9 +9,9 @@ import asyncpg
 import structlog
 import typer
 
-from citizens import informants
 from operators.cli.shared import console, fail, with_pool
 from router.registrations import unlock_reference
+from schemas.validation import as_printed
 
 log = structlog.get_logger(__name__)
 
@@ -24,7 +24,7 @@ def unlock(
     by: Annotated[str, typer.Option(help="Who vouched for the informant (for the log).")],
 ) -> None:
     """Let a locked reference be tried again, once the office has checked who is asking."""
-    wanted = informants.normalised_reference(reference)
+    wanted = as_printed(reference)
 
     async def run(pool: asyncpg.Pool) -> bool:
         return await unlock_reference(pool, wanted)

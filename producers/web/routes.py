@@ -38,7 +38,7 @@ from runtime.web import sessions
 from runtime.web.pages import redirect, render
 from runtime.web.rate_limit import identify
 from runtime.web.sessions import PHONE_JOURNEY_PATH, CookiePolicy, Expired, Session
-from schemas.validation import is_reference
+from schemas.validation import as_printed, is_reference
 
 log = structlog.get_logger(__name__)
 
@@ -667,7 +667,7 @@ async def unlock_form(who: Registrar) -> Response:
 async def unlock_informant_reference(request: Request, who: Registrar, intake: RunningIntake) -> Response:
     """The office that gave a reference, having checked who is asking, lets it be tried again."""
     values = await posted(request, who.csrf_token)
-    reference = re.sub(r"\s+", "", values.get("reference", "")[:100]).upper()
+    reference = as_printed(values.get("reference", "")[:100])
     errors = []
     if not is_reference(reference):
         errors.append(

@@ -242,6 +242,15 @@ class KafkaBroker:
                     f"share.coordinator.state.topic.replication.factor={self.replicas}",
                     f"share.coordinator.state.topic.min.isr={self.min_insync_replicas}",
                     "group.initial.rebalance.delay.ms=0",
+                    # A single node has no one to hand its partitions to: a controlled shutdown
+                    # only makes every partition leaderless and unloads the transaction and
+                    # group coordinators while producers are still committing, and the broker
+                    # then stops anyway. In the fault tests a transaction straddling that window
+                    # has twice ended with a partition's records closed by the wrong marker (a
+                    # committed event read as aborted; a routed batch read twice). No Kafka bug
+                    # report matches: this avoids the window, it does not explain it. Without
+                    # it a SIGTERM still flushes and closes every log cleanly.
+                    f"controlled.shutdown.enable={'true' if self.voters else 'false'}",
                     "",
                 ]
             )
@@ -283,6 +292,11 @@ class KafkaBroker:
             quorum,
             # "=" form: a generated id may begin with "-", which argparse takes for a flag.
             f"--cluster-id={self.cluster_id}",
+            # The transaction protocol aiokafka speaks (EndTxn below v5): without KIP-890
+            # part 2 (level 2, finalized by default since 4.0) the coordinator's own aborts
+            # and markers follow the same rules as the clients' transactions.
+            "--feature",
+            "transaction.version=1",
             # The broker's own SCRAM credential must exist before it can talk to itself.
             # The salted form lets one log in as well as the password does, so it goes
             # through a 0600 argument file, not the command line (which others can read).

@@ -351,3 +351,60 @@ def child_pids(pid: int) -> list[int]:
         except (OSError, ValueError):
             continue  # gone meanwhile
     return found
+
+
+async def kafka_log_evidence(
+    tools: Path,
+    data_dir: Path,
+    server_log: Path,
+    locations: list[tuple[str, int, int]],
+    *,
+    mention: tuple[str, ...],
+) -> str:
+    """Kafka's own dump of the batches, transaction markers and aborted ranges near each
+    (topic, partition, offset), the marker that closed the transaction holding it, and the
+    broker's warnings and the log lines that ``mention`` any of some strings: which
+    producer and epoch wrote a record, and which marker (COMMIT or ABORT, at which epoch)
+    closed its transaction's range."""
+    lines: list[str] = []
+    for topic, partition, offset in locations:
+        folder = data_dir / f"{topic}-{partition}"
+        files = sorted(str(f) for f in folder.glob("*") if f.suffix in (".log", ".txnindex"))
+        dump = await asyncio.create_subprocess_exec(
+            *("java", "-cp", f"{tools}/*", "org.apache.kafka.tools.DumpLogSegments", "--deep-iteration"),
+            *("--files", ",".join(files)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await dump.communicate()
+        near = range(offset - 12, offset + 13)
+        lines.append(f"{topic}-{partition} near offset {offset}:")
+        producer = holder = None  # the producer of the batch being read; of the one holding ``offset``
+        closed = False
+        for line in out.decode(errors="replace").splitlines():
+            batch = re.match(r"baseOffset: (\d+) lastOffset: (\d+) .*producerId: (-?\d+)", line)
+            marker = re.match(r"\| offset: (\d+) .*endTxnMarker", line)
+            aborted = re.search(r"firstOffset: (\d+) lastOffset: (\d+)", line)
+            if batch:
+                producer = batch.group(3)
+                if int(batch.group(1)) <= offset <= int(batch.group(2)):
+                    holder = producer
+            if line.startswith("Error") or "Exception" in line:
+                lines.append(line[:300])
+            elif batch and int(batch.group(1)) < near.stop and int(batch.group(2)) >= near.start:
+                lines.append(line[:300])
+            elif marker and int(marker.group(1)) in near:
+                lines.append(f"producerId {producer} {line[:300]}")
+            elif marker and not closed and int(marker.group(1)) > offset and producer == holder:
+                lines.append(f"the marker closing it: producerId {producer} {line[:300]}")
+                closed = True
+            elif aborted and int(aborted.group(1)) <= near.stop and int(aborted.group(2)) >= near.start:
+                lines.append("aborted range: " + line[:300])
+    if server_log.exists():
+        lines += [
+            line[:300]
+            for line in server_log.read_text().splitlines()
+            if line.startswith("[")
+            and (" WARN " in line or " ERROR " in line or any(m in line for m in mention))
+        ][-40:]
+    return "\n".join(lines)

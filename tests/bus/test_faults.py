@@ -36,6 +36,7 @@ import pytest
 
 from devstack import LocalStack
 from devstack.demo import seed_agency_records, seed_offices
+from devstack.kafka import ensure_tool_jars
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port, terminate
 from producers.accounts import issue_token
@@ -53,6 +54,7 @@ from tests.support import (
     eventually,
     grant_inspector,
     header,
+    kafka_log_evidence,
     read_topic,
     settings_from_stack,
     today,
@@ -450,11 +452,50 @@ def log_lines(world: FaultWorld, event_id: str) -> list[str]:
     return lines
 
 
+# Where each (event, agency) delivery sits on the agency's topic: (partition, offset) each time.
+Positions = dict[tuple[str, str], list[tuple[int, int]]]
+
+
+def warnings_of(world: FaultWorld, components: tuple[str, ...] = ("router", "relay")) -> list[str]:
+    """Each distinct warning or error the router and the relay logged, with how often and
+    when first: the failures around which a delivery can be lost or repeated."""
+    seen: dict[tuple[str, str], tuple[str, int]] = {}
+    for name in components:
+        for line in world.processes[name].log.read_text(errors="replace").splitlines():
+            if line.startswith(("WARNING:", "ERROR:")):  # aiokafka's own, through the logging module
+                key = (name, line[:200])
+                first, n = seen.get(key, ("", 0))
+                seen[key] = (first, n + 1)
+                continue
+            if not line.startswith("{"):
+                continue
+            entry = json.loads(line)
+            if entry.get("level") not in ("warning", "error", "critical"):
+                continue
+            raised = str(entry.get("exception", "")).strip().splitlines()[-1:]  # log.exception's last line
+            what = (
+                f"{entry.get('event')} {entry.get('error', '')} {entry.get('detail', '')} {' '.join(raised)}"
+            )
+            key = (name, what[:300])
+            first, n = seen.get(key, (entry.get("timestamp", "?"), 0))
+            seen[key] = (first, n + 1)
+    return [f"[{name}] {n}x from {first}: {what}" for (name, what), (first, n) in seen.items()]
+
+
 async def evidence(
-    world: FaultWorld, pairs: list[tuple[str, str]], on_topics: dict[str, Counter[str]]
+    world: FaultWorld,
+    pairs: list[tuple[str, str]],
+    on_topics: dict[str, Counter[str]],
+    positions: Positions | None = None,
 ) -> str:
-    """What each store holds about these (event, agency) pairs."""
+    """What each store holds about these (event, agency) pairs; for deliveries on a topic
+    more than once, where each copy is and how often the life event itself is on its topic."""
     out = []
+    life_events: dict[str, list[tuple[int, int]]] = {}
+    if positions is not None:
+        records = await read_topic(world.settings, Topics(world.settings.topic_prefix).life_events)
+        for r in records:
+            life_events.setdefault(header(r, "ce_id") or "", []).append((r.partition, r.offset))
     for event_id, agency in pairs[:10]:
         decisions = await world.pool.fetch(
             "SELECT seq, outcome, decided_at FROM routing_decision WHERE event_id = $1 AND agency = $2",
@@ -479,9 +520,34 @@ async def evidence(
             f" decisions {[dict(r) for r in decisions]}; on topic {on_topics[agency][event_id]}x;"
             f" inbox {[dict(r) for r in inbox]}; receipts {[dict(r) for r in receipts]}"
         )
+        if positions is not None:
+            out.append(
+                f"\n    at (partition, offset) {positions.get((event_id, agency), [])} of the agency's topic;"
+                f" the life event at {life_events.get(event_id, [])} of its topic"
+            )
         out.extend(f"\n    {line}" for line in log_lines(world, event_id)[:20])
     if len(pairs) > 10:
         out.append(f"\n  … and {len(pairs) - 10} more")
+    out.append("\n  warnings and errors of the router and the relay:")
+    out.extend(f"\n    {line}" for line in warnings_of(world)[:40])
+    if positions is not None:
+        topics = Topics(world.settings.topic_prefix)
+        kafka_home = world.stack.state_dir / "kafka"
+        locations = [
+            (topics.agency(agency), partition, offset)
+            for event_id, agency in pairs[:3]
+            for partition, offset in positions.get((event_id, agency), [])
+        ] + [
+            (topics.life_events, p, o) for event_id, _ in pairs[:1] for p, o in life_events.get(event_id, [])
+        ]
+        dump = await kafka_log_evidence(
+            await asyncio.to_thread(ensure_tool_jars, CACHE_DIR, KAFKA_VERSION),
+            kafka_home / "data",
+            kafka_home / "logs" / "server.log",
+            locations,
+            mention=("TransactionCoordinator", "TransactionMarker", "router."),
+        )
+        out.append("\n  Kafka's log around them:\n    " + dump.replace("\n", "\n    "))
     return "".join(out)
 
 
@@ -501,9 +567,12 @@ async def assert_exactly_once_with_one_final_receipt(world: FaultWorld, accepted
 
     # On each agency's topic (read_committed): each entitled event once, nothing else.
     on_topics: dict[str, Counter[str]] = {}
+    positions: Positions = {}
     for agency in subscribed_agencies():
         records = await read_topic(world.settings, topics.agency(agency))
         on_topics[agency] = Counter(header(r, "ce_id") or "" for r in records)
+        for r in records:
+            positions.setdefault((header(r, "ce_id") or "", agency), []).append((r.partition, r.offset))
     delivered = {(event_id, agency) for agency, seen in on_topics.items() for event_id in seen}
     twice = sorted((e, a) for a, seen in on_topics.items() for e, n in seen.items() if n > 1)
     missing = sorted(expected - delivered)
@@ -515,7 +584,7 @@ async def assert_exactly_once_with_one_final_receipt(world: FaultWorld, accepted
         await evidence(world, unentitled, on_topics)
     )
     assert not twice, f"{len(twice)} deliveries are on the agency's topic more than once:" + (
-        await evidence(world, twice, on_topics)
+        await evidence(world, twice, on_topics, positions)
     )
 
     # In each agency's inbox: applied (or rejected) once, and only what it was entitled to.

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import signal
 import sys
 import time
@@ -29,7 +28,7 @@ from aiokafka.structs import TopicPartition
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
-from devstack.kafka import KafkaBroker, ensure_jars, new_cluster_id
+from devstack.kafka import KafkaBroker, ensure_jars, ensure_tool_jars, new_cluster_id
 from devstack.processes import free_port
 from producers.office_keys import SigningKey
 from producers.relay import LedgerLost, OutboxRelay, claim_batch
@@ -42,7 +41,15 @@ from runtime.kafka_admin import new_password
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
 from tests.conftest import CACHE_DIR, KAFKA_VERSION, PROJECT, processes_mentioning
-from tests.support import death_message, eventually, header, kafka_env, office_key, read_topic
+from tests.support import (
+    death_message,
+    eventually,
+    header,
+    kafka_env,
+    kafka_log_evidence,
+    office_key,
+    read_topic,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -189,43 +196,14 @@ def relay_timeline(world: World, batches: set[int]) -> str:
 
 
 async def broker_evidence(world: World, locations: list[tuple[int, int]]) -> str:
-    """Kafka's own dump of the batches, transaction markers and aborted ranges near each
-    (partition, offset), and the broker's transaction log lines: which producer epoch
-    wrote the record, and which marker (COMMIT or ABORT, at which epoch) closed its range."""
-    tools = CACHE_DIR / f"kafka-tools-{KAFKA_VERSION}" / "libs"
-    lines: list[str] = []
-    for partition, offset in locations:
-        folder = world.broker.data_dir / f"{world.topic}-{partition}"
-        files = sorted(str(f) for f in folder.glob("*") if f.suffix in (".log", ".txnindex"))
-        dump = await asyncio.create_subprocess_exec(
-            *("java", "-cp", f"{tools}/*", "org.apache.kafka.tools.DumpLogSegments", "--deep-iteration"),
-            *("--files", ",".join(files)),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await dump.communicate()
-        near = range(offset - 12, offset + 13)
-        for line in out.decode(errors="replace").splitlines():
-            batch = re.match(r"baseOffset: (\d+) lastOffset: (\d+)", line)
-            marker = re.match(r"\| offset: (\d+) .*endTxnMarker", line)
-            aborted = re.search(r"firstOffset: (\d+) lastOffset: (\d+)", line)
-            if line.startswith("Dumping") or line.startswith("Error") or "Exception" in line:
-                lines.append(line[:300])
-            elif batch and int(batch.group(1)) <= near.stop and int(batch.group(2)) >= near.start:
-                lines.append(line[:300])
-            elif marker and int(marker.group(1)) in near:
-                lines.append(line[:300])
-            elif aborted and int(aborted.group(1)) <= near.stop and int(aborted.group(2)) >= near.start:
-                lines.append("aborted range: " + line[:300])
-    server_log = world.broker.log_dir / "server.log"
-    if server_log.exists():
-        prefix = world.settings.topic_prefix  # this test's transactional id and topics; not the config dump
-        lines += [
-            line[:300]
-            for line in server_log.read_text().splitlines()
-            if line.startswith("[") and (" WARN " in line or " ERROR " in line or prefix in line)
-        ][-40:]
-    return "\n".join(lines)
+    """Kafka's own account of the records at these (partition, offset)s of the test's topic."""
+    return await kafka_log_evidence(
+        await asyncio.to_thread(ensure_tool_jars, CACHE_DIR, KAFKA_VERSION),
+        world.broker.data_dir,
+        world.broker.log_dir / "server.log",
+        [(world.topic, partition, offset) for partition, offset in locations],
+        mention=(world.settings.topic_prefix,),
+    )
 
 
 def new_event(world: World, n: int) -> NewEvent:

@@ -50,7 +50,6 @@ from typing import Any, Literal
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import NewTopic
-from aiokafka.partitioner import murmur2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
@@ -63,7 +62,7 @@ from router.seed import load_seed
 from runtime.access import Principal
 from runtime.database import migrate, open_pool
 from runtime.garbage import fewer_collections
-from runtime.kafka import Topics, admin
+from runtime.kafka import Topics, admin, partition_of
 from runtime.logging import configure_logging
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
@@ -190,7 +189,7 @@ async def _bare_pipe(
             futures = []
             for row in rows:
                 key = row["message_key"]
-                partition = (murmur2(key) & 0x7FFFFFFF) % partitions
+                partition = partition_of(key, partitions)
                 headers = [(k, v.encode()) for k, v in json.loads(row["headers"])]
                 builder = builders.setdefault(partition, producer.create_batch())
                 if (

@@ -47,7 +47,6 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import NewTopic
-from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from bench import producer_performance
@@ -59,7 +58,7 @@ from router.store import agencies, load_subscriptions
 from runtime.access import Principal
 from runtime.database import migrate, open_pool
 from runtime.garbage import fewer_collections
-from runtime.kafka import Topics, admin, ensure_topics, offsets_after_writes
+from runtime.kafka import Topics, admin, ensure_topics, offsets_after_writes, partition_of
 from runtime.logging import configure_logging
 from runtime.settings import Settings
 from tests.golden.make_vectors import EXAMPLES
@@ -288,7 +287,7 @@ async def _bare_pipe(
                 out.setdefault((f"{settings.topic_prefix}.bare.agency.{agency}", 0), []).append(
                     (record.key, value, _as_for(headers, identity, record.key))
                 )
-            partition = (murmur2(record.key or b"") & 0x7FFFFFFF) % settings.life_events_partitions
+            partition = partition_of(record.key or b"", settings.life_events_partitions)
             for agency, (value, headers) in templates.decisions.items():
                 out.setdefault((decisions_topic, partition), []).append(
                     (record.key, value, _as_for(headers, f"{identity}/{agency}", record.key))

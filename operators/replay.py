@@ -53,7 +53,6 @@ from typing import Any
 import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 
 from router import facts as routing_facts
@@ -72,7 +71,7 @@ from router.store import OriginalEvent
 from runtime import kafka
 from runtime.access import AGENCY_NAME, Principal
 from runtime.garbage import fewer_collections
-from runtime.kafka import Topics
+from runtime.kafka import Topics, partition_of
 from runtime.keyring import KeyRing
 from runtime.pseudonyms import subject_id_for
 from runtime.sealing import CannotOpen, PayloadSealer
@@ -410,6 +409,7 @@ class _Stored:
     reads it or as its routing facts keep it (with its bytes, to splice copies from)."""
 
     event_id: str
+    uuid: uuid.UUID  # the same, as the database gives it (made once, not per copy)
     selected: bool  # in the replay's selection (counted), or brought along (a later correction)
     incoming: Incoming | RoutingFacts | None
     value: bytes = b""  # the event's bytes, for routing facts
@@ -597,9 +597,13 @@ class Replayer:
                 ):
                     self.facts_used += 1
                     return _Stored(
-                        event_id, selected, kept, self._open(row["message_value"], row["event_id"])
+                        event_id,
+                        row["event_id"],
+                        selected,
+                        kept,
+                        self._open(row["message_value"], row["event_id"]),
                     )
-        return _Stored(event_id, selected, self._read(row))
+        return _Stored(event_id, row["event_id"], selected, self._read(row))
 
     def _read(self, row: asyncpg.Record) -> Incoming | None:
         """The stored event as the router reads it, or ``None`` when the router could not
@@ -630,7 +634,7 @@ class Replayer:
         checked = []
         for item in stored:
             if isinstance(item.incoming, Incoming) and next(failures) is not None:
-                item = _Stored(item.event_id, item.selected, None)
+                item = _Stored(item.event_id, item.uuid, item.selected, None)
             checked.append(item)
         return checked
 
@@ -670,7 +674,7 @@ class Replayer:
             batch.copies.append(self._copy(item, decision))
             batch.delivered.append(
                 (
-                    uuid.UUID(item.event_id),
+                    item.uuid,
                     agency,
                     decision.legal_basis or "",
                     sorted(decision.fields_delivered),
@@ -779,7 +783,7 @@ class Replayer:
         builders: dict[int, Any] = {}
         sent: list[asyncio.Future[Any]] = []
         for copy in copies:
-            partition = 0 if copy.key is None else (murmur2(copy.key) & 0x7FFFFFFF) % self.partitions
+            partition = 0 if copy.key is None else partition_of(copy.key, self.partitions)
             builder = builders.get(partition)
             if builder is None:
                 builder = builders[partition] = producer.create_batch()

@@ -238,6 +238,29 @@ class _Splice:
     people: Mapping[int, tuple[str, tuple[bytes | None, ...]]]  # field index → (name, per part)
     withheld: bytes  # the copy's withheld_fields, encoded
 
+    @functools.cached_property
+    def steps(self) -> tuple[_Step, ...]:
+        """The changes in the order of the bytes, leaving out the parts kept as they are
+        (``None``): what ``splice`` does for each event, worked out once per grant."""
+        steps: list[_Step] = []
+        for index, change in enumerate(self.fields):
+            if index == self.envelope_at:
+                steps += ((_MEMBER, n, c, "", ()) for n, c in enumerate(self.envelope) if c is not None)
+            elif index in self.people:
+                name, per_part = self.people[index]
+                parts = tuple((n, c) for n, c in enumerate(per_part) if c is not None)
+                steps.append((_PEOPLE, index, b"" if change is None else change, name, parts))
+            elif change is not None:
+                steps.append((_FIELD, index, change, "", ()))
+        return tuple(steps)
+
+
+_FIELD, _MEMBER, _PEOPLE = 0, 1, 2
+# (kind, index of the field or envelope member, its change (b"": a related person's field
+# itself kept as it is), a related person's field name, (part index, change) of each
+# person's parts that change)
+_Step = tuple[int, int, bytes, str, tuple[tuple[int, bytes], ...]]
+
 
 @functools.lru_cache(maxsize=64)
 def _optional(event_type: str) -> tuple[tuple[bool, ...], tuple[bool, ...], tuple[bool, ...]]:
@@ -321,31 +344,31 @@ def splice(event_type: str, value: bytes, spans: Spans, delivered: frozenset[str
     plan = _splice(event_type, delivered)
     pieces = [plan.framing]
     pos = HEADER.size
-
-    def at(start: int, end: int, change: bytes | None) -> None:
-        nonlocal pos
-        if change is not None:
-            pieces.append(value[pos:start])
-            pieces.append(change)
-            pos = start if change is _VALUE else end
-
-    fields = spans.fields
-    for index, change in enumerate(plan.fields):
-        start, end = fields[2 * index], fields[2 * index + 1]
-        if index == plan.envelope_at:
-            members = spans.envelope
-            for n, member_change in enumerate(plan.envelope):
-                at(members[2 * n], members[2 * n + 1], member_change)
-        elif index in plan.people:
-            name, per_part = plan.people[index]
-            persons = spans.people[name]
-            if persons:  # else null or an empty list, whose byte is the null's already
-                at(start, end, change)
-                for person in persons:
-                    for n, part_change in enumerate(per_part):
-                        at(person[2 * n], person[2 * n + 1], part_change)
+    # Each change: the bytes since the last one, then the change; a union index goes before
+    # the kept bytes (which follow from ``start``), a null replaces them (up to ``end``).
+    fields, members = spans.fields, spans.envelope
+    for kind, index, change, name, parts in plan.steps:
+        if kind == _FIELD:
+            start = fields[2 * index]
+            pieces += (value[pos:start], change)
+            pos = start if change is _VALUE else fields[2 * index + 1]
+        elif kind == _MEMBER:
+            start = members[2 * index]
+            pieces += (value[pos:start], change)
+            pos = start if change is _VALUE else members[2 * index + 1]
         else:
-            at(start, end, change)
+            persons = spans.people[name]
+            if not persons:  # null or an empty list, whose byte is the null's already
+                continue
+            if change:
+                start = fields[2 * index]
+                pieces += (value[pos:start], change)
+                pos = start if change is _VALUE else fields[2 * index + 1]
+            for person in persons:
+                for n, part_change in parts:
+                    start = person[2 * n]
+                    pieces += (value[pos:start], part_change)
+                    pos = start if part_change is _VALUE else person[2 * n + 1]
     pieces.append(value[pos:])
     pieces.append(plan.withheld)
     return b"".join(pieces)

@@ -10,6 +10,7 @@ can see what was withheld, and why, as well as what was sent.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -204,7 +205,7 @@ def decide(
         elif covering.legal_basis == "consent" and consent.get(agency) != "given":
             decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_CONSENT, "consent"))
         else:
-            allowed = event.fields if covering.fields is None else event.fields & covering.fields
+            allowed, withheld = _granted(event.fields, covering.fields)
             decisions.append(
                 RoutingDecision(
                     event.event_id,
@@ -213,10 +214,19 @@ def decide(
                     Outcome.DELIVERED,
                     covering.basis_text(),
                     fields_delivered=allowed,
-                    fields_withheld=event.fields - allowed,
+                    fields_withheld=withheld,
                 )
             )
     return decisions
+
+
+@functools.lru_cache(maxsize=1024)
+def _granted(fields: frozenset[str], granted: frozenset[str] | None) -> tuple[frozenset[str], frozenset[str]]:
+    """The event's fields a grant delivers and those it withholds: the same two sets for
+    every event of a type to an agency, so one pair of them (and what is cached on them
+    downstream, the copy's cut and disclosure, finds them by identity)."""
+    allowed = fields if granted is None else fields & granted
+    return allowed, fields - allowed
 
 
 def _withheld(event: RoutableEvent, agency: str, outcome: Outcome, basis: str | None) -> RoutingDecision:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
-from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 
 from runtime.settings import Settings
@@ -206,7 +206,40 @@ def consumer(
 
 
 Message = tuple[bytes | None, bytes | None, Sequence[tuple[str, bytes]]]  # key, value, headers
-_partitioner = DefaultPartitioner()
+_MASK = 0xFFFFFFFF
+_M = 0x5BD1E995  # murmur2's mixing constant
+_WORDS: dict[int, struct.Struct] = {}  # a key's length in 4-byte words → their little-endian reader
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of a key (``Utils.murmur2`` in the Java client), the same
+    number as aiokafka's ``partitioner.murmur2`` but a word at a time rather than a byte
+    at a time: about a quarter of the Python steps, for a hash made for every message."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    whole = length >> 2
+    words = _WORDS.get(whole)
+    if words is None:
+        words = _WORDS[whole] = struct.Struct(f"<{whole}I")
+    for k in words.unpack_from(data):
+        k = (k * _M) & _MASK
+        k = ((k ^ (k >> 24)) * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    rest = length & 3
+    if rest:
+        tail = length - rest
+        if rest == 3:
+            h ^= data[tail + 2] << 16
+        if rest >= 2:
+            h ^= data[tail + 1] << 8
+        h = ((h ^ data[tail]) * _M) & _MASK
+    h = ((h ^ (h >> 13)) * _M) & _MASK
+    return h ^ (h >> 15)
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition of ``partitions`` that Kafka's default partitioner gives ``key``."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 async def send_many(
@@ -227,7 +260,7 @@ async def send_many(
         elif key in hashed:
             partition = hashed[key]
         else:
-            partition = hashed[key] = _partitioner(key, spread, spread)
+            partition = hashed[key] = spread[partition_of(key, len(spread))]
         by_partition.setdefault(partition, []).append(message)
     sent: list[asyncio.Future[Any]] = []
     for partition, queued in by_partition.items():

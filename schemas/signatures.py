@@ -438,19 +438,46 @@ def disclosing(
     """An event's signature headers (``signature`` as its header carries it, base64url),
     with the salts of ``disclose`` only (default: all)."""
     names = sorted(salts) if disclose is None else sorted(set(disclose) & set(salts))
-    return [(SIG_HEADER, signature), (MANIFEST_HEADER, manifest), (SALTS_HEADER, _salts_json(names, salts))]
+    return disclosing_these(signature, manifest, names, [salts[name] for name in names])
+
+
+def disclosing_these(
+    signature: bytes, manifest: bytes, names: Sequence[str], salts: Sequence[str]
+) -> KafkaHeaders:
+    """``disclosing``, given the disclosed items' ``names`` already sorted and their
+    ``salts`` in the same order."""
+    return three_headers(signature, manifest, _salts_json(names, salts))
+
+
+def three_headers(signature: bytes, manifest: bytes, salts_json: bytes) -> KafkaHeaders:
+    """The three headers, given the salts header's ``canonical_json`` already made."""
+    return [(SIG_HEADER, signature), (MANIFEST_HEADER, manifest), (SALTS_HEADER, salts_json)]
+
+
+def salts_template(names: Sequence[str]) -> str | None:
+    """A ``%``-template of the salts header for ``names`` (sorted), to be filled with their
+    salts, each one ``plain``: for a caller that works the names out once per grant and
+    fills it for every event. ``None`` when a name needs escaping in JSON."""
+    if not plain("".join(names)):
+        return None
+    return "{" + ",".join(f'"{name}":"%s"' for name in names) + "}"
+
+
+def plain(text: str) -> bool:
+    """Whether ``text`` needs no escaping in JSON (nor in a ``%``-template): what item
+    names and base64url salts are made of."""
+    return _PLAIN.fullmatch(text) is not None
 
 
 # Characters that need no escaping in JSON: item names and base64url salts are made of them.
 _PLAIN = re.compile(r"[A-Za-z0-9_./\-]*")
 
 
-def _salts_json(names: list[str], salts: Mapping[str, str]) -> bytes:
-    """``canonical_json`` of ``{name: salts[name]}`` for ``names`` (sorted), written
-    directly when no name or salt needs escaping: a copy's salts header is made for
-    every agency of every event."""
-    values = [salts[name] for name in names]
-    if not _PLAIN.fullmatch("".join(names) + "".join(values)):
+def _salts_json(names: Sequence[str], values: Sequence[str]) -> bytes:
+    """``canonical_json`` of ``{name: value}`` for ``names`` (sorted) and their salts'
+    ``values``, written directly when no name or salt needs escaping: a copy's salts
+    header is made for every agency of every event."""
+    if not plain("".join(names) + "".join(values)):
         return canonical_json(dict(zip(names, values, strict=True)))
     return ("{" + ",".join(f'"{n}":"{v}"' for n, v in zip(names, values, strict=True)) + "}").encode()
 

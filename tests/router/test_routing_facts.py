@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -108,3 +109,29 @@ def test_an_event_the_router_could_not_route_keeps_no_facts() -> None:
     assert facts.seal(SEALER, event_id, key, value, unsigned) is None
     assert facts.seal(SEALER, event_id, b"someone-else", value, headers) is None
     assert facts.seal(SEALER, event_id, key, value[:-2], headers) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda d: {**d, "salts": [*d["salts"][:-1], 'x"}']}, "not base64url"),
+        (lambda d: {**d, "salts": d["salts"][:-1]}, "salts for"),
+        (lambda d: {**d, "v": 99}, "version 99"),
+    ],
+)
+def test_routing_facts_that_do_not_read_are_refused_so_replay_reads_the_event_instead(
+    change: Any, why: str
+) -> None:
+    """Sealed with the right key, yet not as intake writes them (a bug, or an older bus):
+    ``ValueError``, on which replay reads and verifies the event the router's way. A salt
+    that would need escaping never reaches the salts header's fast path."""
+    event_id, key, value, headers = _death()
+    sealed = facts.seal(SEALER, event_id, key, value, headers)
+    assert sealed is not None
+    binding = b"routing-facts:" + event_id.bytes
+    written, _, manifest = SEALER.open(sealed, binding).partition(b"\n")
+    altered = json.dumps(change(json.loads(written))).encode() + b"\n" + manifest
+    with pytest.raises(ValueError, match=why):
+        facts.opened(SEALER, event_id, SEALER.seal(altered, binding))
+    with pytest.raises(ValueError, match="not JSON"):
+        facts.opened(SEALER, event_id, SEALER.seal(b"{not json\n" + manifest, binding))

@@ -18,6 +18,7 @@ import pytest
 from fastapi import FastAPI
 
 from citizens.informants import MAX_WRONG_ANSWERS, install_informant_journey
+from operators.replay import REPLAY_ID_HEADER
 from producers.accept import Intake
 from producers.accounts import issue_token
 from router.consent_receipts import ConsentReceiptIssuer, consent_signer_within
@@ -424,6 +425,33 @@ async def test_the_informant_asks_the_passport_office_which_alone_is_sent_the_pa
         assert "HM Passport Office You asked them to be told on" in page
         form = text_of((await client.get(f"{stack.base_url}/tell-us-once/services")).text)
         assert "Driver and Vehicle Licensing Agency" in form and "HM Passport Office" not in form
+
+    # An operator replays the request to the Passport Office (it lost a day): the same copy
+    # again, the passport number and nothing more; DVLA, which was not asked, gets nothing.
+    replays = {}
+    for agency, sent_line, withheld_line in [
+        ("hmpo", "1 of 1 events sent", None),
+        ("dvla", "0 of 1 events sent", "1 no consent today"),
+    ]:
+        code, output = await asyncio.to_thread(
+            tuo_cli,
+            services,
+            *("replay", "run", agency, "--reference", request_reference.group(0)),
+            *("--reason", "the agency restored a backup"),
+        )
+        assert code == 0, output
+        assert sent_line in output, output
+        assert withheld_line is None or withheld_line in output, output
+        replays[agency] = next(line for line in output.splitlines() if line.startswith("Replay "))
+    replayed = [
+        record
+        for record in await read_topic(services, topics.agency("hmpo"))
+        if header(record, "ce_id") == str(request["event_id"]) and header(record, REPLAY_ID_HEADER)
+    ]
+    assert len(replayed) == 1
+    assert f"Replay {header(replayed[0], REPLAY_ID_HEADER)}" in replays["hmpo"]
+    assert decode(replayed[0].value or b"")[1] == sent_to_hmpo
+    assert await copy_for("dvla") is None
 
 
 async def follow_ups(pool: asyncpg.Pool, reference: str) -> int:

@@ -220,7 +220,9 @@ def murmur2(data: bytes) -> int:
     whole = length >> 2
     words = _WORDS.get(whole)
     if words is None:
-        words = _WORDS[whole] = struct.Struct(f"<{whole}I")
+        words = struct.Struct(f"<{whole}I")
+        if whole < 256:  # keys are short (a subject id is 34 bytes): keep a reader for each length
+            _WORDS[whole] = words
     for k in words.unpack_from(data):
         k = (k * _M) & _MASK
         k = ((k ^ (k >> 24)) * _M) & _MASK

@@ -469,7 +469,10 @@ def warnings_of(world: FaultWorld, components: tuple[str, ...] = ("router", "rel
                 continue
             if not line.startswith("{"):
                 continue
-            entry = json.loads(line)
+            try:
+                entry = json.loads(line)
+            except ValueError:  # the last line of a process killed while writing it
+                continue
             if entry.get("level") not in ("warning", "error", "critical"):
                 continue
             raised = str(entry.get("exception", "")).strip().splitlines()[-1:]  # log.exception's last line

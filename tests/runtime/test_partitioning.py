@@ -44,3 +44,9 @@ def test_the_partition_the_default_partitioner_chooses() -> None:
         for count in (1, 3, 12):
             partitions = list(range(count))
             assert partition_of(key, count) == default(key, partitions, partitions)
+
+
+def test_a_long_key_hashes_as_a_short_one_does() -> None:
+    key = bytes(range(256)) * 8 + b"xyz"  # beyond the readers kept for each length
+    assert murmur2(key) == aiokafka_murmur2(key)
+    assert murmur2(key) == aiokafka_murmur2(key)

@@ -71,6 +71,7 @@ from runtime.web.rate_limit import INFORMANT_SIGN_IN_PATH
 from runtime.web.sessions import (
     PHONE_JOURNEY_PATH,
     REGISTRAR_SESSIONS,
+    STAFF_SIGN_OUT_PATH,
     CookiePolicy,
     Expired,
     Session,
@@ -201,6 +202,7 @@ INFORMANT_SESSIONS = SessionStore("informant_session", ("reference", "agent"), _
 class Agent:
     username: str
     display_name: str
+    csrf_token: str  # of their own session: the telephone pages offer its sign-out
 
 
 async def agent_signed_in(request: Request, service: JourneyService) -> Agent | Response:
@@ -225,7 +227,7 @@ async def agent_signed_in(request: Request, service: JourneyService) -> Agent | 
             _("Informants use the reference themselves at Tell Us Once online."),
             link=(START_PATH, _("Go to the informant's start page")),
         )
-    return Agent(found.username, row["display_name"])
+    return Agent(found.username, row["display_name"], found.csrf_token)
 
 
 # The form: what the informant typed, checked.
@@ -356,6 +358,8 @@ def _reference_form(
         values=values,
         action=PHONE_JOURNEY_PATH if agent else INFORMANT_SIGN_IN_PATH,
         agent=agent,
+        # Between calls, the agent's own sign-out: it ends their session, as a registrar's does.
+        signOut={"action": STAFF_SIGN_OUT_PATH, "csrfToken": agent.csrf_token} if agent else None,
     )
 
 
@@ -774,7 +778,12 @@ async def sign_out(request: Request, service: Journey) -> Response:
         if not same_secret(found.csrf_token, given if isinstance(given, str) else None):
             return message(403, _("Sign-out not confirmed"), _("Try again."))
         await INFORMANT_SESSIONS.end(service.pool, found.token_hash)
-    response = message(200, _("You have signed out"), link=(START_PATH, _("Start again")))
+    if isinstance(found, InformantSession) and found.agent is not None:  # a call has ended
+        response = message(
+            200, _("The call's journey has ended"), link=(PHONE_JOURNEY_PATH, _("Take the next call"))
+        )
+    else:
+        response = message(200, _("You have signed out"), link=(START_PATH, _("Start again")))
     service.cookies.clear(response, service.cookies.informant)
     return response
 

@@ -24,7 +24,7 @@ from producers.dependencies import running_intake
 from producers.web.routes import AgentsTakeCalls, FormNotTrusted, SignInRequired, cookie_policy, pages
 from runtime.settings import Settings
 from runtime.web.pages import add_templates, redirect, render
-from runtime.web.sessions import PHONE_JOURNEY_PATH
+from runtime.web.sessions import PHONE_JOURNEY_PATH, STAFF_SIGN_OUT_PATH
 
 __all__ = ["GOVUK_FRONTEND", "install_web", "too_many_requests_page", "wants_html"]
 
@@ -34,7 +34,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 GOVUK_FRONTEND = PROJECT_ROOT / "node_modules" / "govuk-frontend" / "dist" / "govuk"
 STATIC = Path(__file__).parent / "static"
 add_templates(Path(__file__).parent / "templates")
-WEB_PATHS = ("/sign-in", "/sign-out", "/start", "/register", "/registrations", "/assets")
+WEB_PATHS = ("/sign-in", STAFF_SIGN_OUT_PATH, "/start", "/register", "/registrations", "/assets")
 
 
 def install_web(app: FastAPI, settings: Settings) -> None:

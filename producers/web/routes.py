@@ -37,7 +37,7 @@ from runtime.local_authorities import local_authority
 from runtime.web import sessions
 from runtime.web.pages import redirect, render
 from runtime.web.rate_limit import identify
-from runtime.web.sessions import PHONE_JOURNEY_PATH, CookiePolicy, Expired, Session
+from runtime.web.sessions import PHONE_JOURNEY_PATH, STAFF_SIGN_OUT_PATH, CookiePolicy, Expired, Session
 from schemas.validation import as_printed, is_reference
 
 log = structlog.get_logger(__name__)
@@ -271,7 +271,7 @@ async def sign_in(request: Request, intake: RunningIntake, cookies: Cookies) -> 
     return response
 
 
-@pages.post("/sign-out")
+@pages.post(STAFF_SIGN_OUT_PATH)
 async def sign_out(request: Request, intake: RunningIntake, cookies: Cookies) -> Response:
     token = request.cookies.get(cookies.session)
     found = await sessions.find_session(intake.pool, intake.sealer, token, intake.settings) if token else None

@@ -140,6 +140,7 @@ REGISTRAR_SESSIONS = SessionStore("web_session", ("username",), _registrar_sessi
 # Where a contact-centre agent's session leads: the informant's journey by telephone
 # (citizens.informants); an agent records nothing at the desk.
 PHONE_JOURNEY_PATH = "/tell-us-once/phone"
+STAFF_SIGN_OUT_PATH = "/sign-out"  # ends a registrar's or an agent's session (producers.web)
 
 
 async def start_session(pool: asyncpg.Pool, username: str) -> tuple[str, Session]:

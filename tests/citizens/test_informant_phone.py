@@ -48,6 +48,14 @@ async def agent_signed_in(client: httpx.AsyncClient, pool: asyncpg.Pool) -> str:
     return username
 
 
+async def call_opened(agent: httpx.AsyncClient, pool: asyncpg.Pool, intake: httpx.AsyncClient) -> str:
+    """A new agent signed in, with a call's journey opened on a new registration."""
+    reference = await registered(intake)
+    username = await agent_signed_in(agent, pool)
+    assert (await agent.post(PHONE, data={"reference": reference, **BORN})).status_code == 303
+    return username
+
+
 async def test_an_agent_takes_the_call_and_the_request_is_recorded_as_by_telephone_through_them(
     web: str, services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
 ) -> None:
@@ -129,10 +137,8 @@ async def test_only_a_signed_in_agent_opens_the_telephone_journey(
 async def test_the_calls_journey_closes_when_the_agent_is_no_longer_signed_in(
     web: str, pool: asyncpg.Pool, intake: httpx.AsyncClient
 ) -> None:
-    reference = await registered(intake)
     async with client_of(web) as agent:
-        username = await agent_signed_in(agent, pool)
-        assert (await agent.post(PHONE, data={"reference": reference, **BORN})).status_code == 303
+        username = await call_opened(agent, pool, intake)
         assert (await agent.get("/tell-us-once/registration")).status_code == 200
         await pool.execute("DELETE FROM web_session WHERE username = $1", username)  # signed out, or expired
         closed = await agent.get("/tell-us-once/registration")
@@ -187,3 +193,30 @@ async def test_the_office_that_gave_a_locked_reference_unlocks_it_on_its_page(
     async with client_of(web) as informant:
         opened = await informant.post("/tell-us-once/reference", data={"reference": reference, **BORN})
         assert opened.status_code == 303
+
+
+async def test_a_call_ends_with_the_next_call_and_the_agent_signs_out_between_calls(
+    web: str, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    async with client_of(web) as agent:
+        username = await call_opened(agent, pool, intake)
+        # Ending the call's journey (the layout's sign-out) leads to the next call, and
+        # leaves the agent signed in.
+        overview = await agent.get("/tell-us-once/registration")
+        ended = await agent.post("/tell-us-once/sign-out", data={"csrf_token": csrf(overview)})
+        assert ended.status_code == 200 and "The call's journey has ended" in text_of(ended.text)
+        assert f'href="{PHONE}"' in ended.text and "Take the next call" in ended.text
+        assert await pool.fetchval("SELECT count(*) FROM informant_session WHERE agent = $1", username) == 0
+        form = await agent.get(PHONE)
+        assert form.status_code == 200
+        # Between calls, the page offers the agent's own sign-out: it needs their token.
+        assert '<form method="post" action="/sign-out"' in form.text
+        refused = await agent.post("/sign-out", data={"csrf_token": "guess"})
+        assert refused.status_code in (400, 403)
+        assert (await agent.get(PHONE)).status_code == 200, "a guessed token signs no one out"
+        signed_out = await agent.post("/sign-out", data={"csrf_token": csrf(form)})
+        assert signed_out.status_code == 303
+        assert signed_out.headers["location"] == "/sign-in?reason=signed-out"
+        after = await agent.get(PHONE)
+        assert after.status_code == 303 and after.headers["location"].startswith("/sign-in")
+    assert await pool.fetchval("SELECT count(*) FROM web_session WHERE username = $1", username) == 0

@@ -66,23 +66,25 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def terminate(pid: int, grace_seconds: float) -> None:
-    """SIGTERM the process group, then SIGKILL it if it has not gone in time."""
+def terminate(pid: int, grace_seconds: float) -> bool:
+    """SIGTERM the process group, then SIGKILL it if it has not gone in time. True if
+    it went by itself (or had gone already)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        return True
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
         if not pid_alive(pid):
-            return
+            return True
         time.sleep(0.1)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
-        return
+        return True
     while pid_alive(pid):
         time.sleep(0.05)
+    return False
 
 
 def kill(pid: int) -> None:

@@ -123,19 +123,22 @@ async def append_many(conn: asyncpg.Connection, decisions: Sequence[Decision]) -
 
 async def seal_unsealed(conn: asyncpg.Connection) -> int:
     """Chain rows that predate the chain (migration 0002 numbered them but could not
-    hash them in SQL). Runs before the tracker appends; returns how many were sealed."""
+    hash them in SQL). Runs before the tracker appends; returns how many were sealed.
+    The hashes are chained in memory and written in one pipelined statement, so sealing
+    takes a read and a write, not two round trips per row."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _CHAIN_LOCK)
         rows = await conn.fetch("SELECT * FROM routing_decision WHERE hash IS NULL ORDER BY seq")
+        hashes: dict[int, str] = {0: GENESIS}  # seq → hash, of the rows sealed here
+        sealed: list[tuple[int, str, str]] = []
         for row in rows:
-            before = await conn.fetchval("SELECT hash FROM routing_decision WHERE seq = $1", row["seq"] - 1)
-            prev_hash = GENESIS if row["seq"] == 1 else before
-            await conn.execute(
-                "UPDATE routing_decision SET prev_hash = $2, hash = $3 WHERE seq = $1",
-                row["seq"],
-                prev_hash,
-                row_hash(row["seq"], Decision.of(row), prev_hash),
-            )
+            seq = row["seq"]
+            prev_hash = hashes.get(seq - 1)
+            if prev_hash is None:  # the row before was sealed already (or is missing)
+                prev_hash = await conn.fetchval("SELECT hash FROM routing_decision WHERE seq = $1", seq - 1)
+            hashes[seq] = row_hash(seq, Decision.of(row), prev_hash)
+            sealed.append((seq, prev_hash, hashes[seq]))
+        await conn.executemany("UPDATE routing_decision SET prev_hash = $2, hash = $3 WHERE seq = $1", sealed)
     return len(rows)
 
 

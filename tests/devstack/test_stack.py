@@ -54,9 +54,15 @@ async def test_stopping_and_starting_keeps_data_and_purging_wipes_it() -> None:
         await asyncio.to_thread(stack.down)
         assert not stack.status().kafka_running and not stack.status().postgres_running
         assert processes_mentioning(str(state_dir)) == []
+        archive = ensure_jars(CACHE_DIR, KAFKA_VERSION).parent / "classes.jsa"
+        assert archive.exists(), "a broker that stopped by itself leaves its classes' archive"
 
         await asyncio.to_thread(stack.up)
         assert _env(stack) == env, "the same ports and credentials after a restart"
+        broker = stack.status().kafka_pid
+        assert broker is not None
+        maps = Path(f"/proc/{broker}/maps").read_text()
+        assert str(archive) in maps, "the broker started again maps the archive (class-data sharing)"
         conn = await asyncpg.connect(env["TUO_DATABASE_URL"])
         assert await conn.fetchval("SELECT note FROM kept") == "still here"
         await conn.close()

@@ -58,7 +58,7 @@ pytestmark = pytest.mark.integration
 ENTITLED = ("hmrc", "dwp", "dvla", "council-leeds")
 NOT_ENTITLED = ("hmpo", "council-bradford")  # consent refused / outside the area
 PER_SECOND = 12.0
-OUTAGE_SECONDS = 20.0
+OUTAGE_SECONDS = 12.0
 
 
 @dataclass
@@ -286,7 +286,7 @@ async def test_a_broker_killed_under_load_loses_and_duplicates_nothing_and_the_b
         restarting_at = time.time()
         await asyncio.to_thread(cluster.stack.start_broker, victim, 180)
         back_at = time.time()
-        await asyncio.sleep(5)  # and some more with all three
+        await asyncio.sleep(3)  # and some more with all three
     finally:
         stop_load.set()
         await submitting

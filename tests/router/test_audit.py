@@ -31,6 +31,17 @@ async def _some_decisions(intake: httpx.AsyncClient, pool: asyncpg.Pool, at_leas
     await eventually(enough, what=f"{at_least} decisions in PostgreSQL")
 
 
+async def _copy_of_the_chain(pool: asyncpg.Pool, prefix: str) -> str:
+    """A schema holding a copy of routing_decision, indexed on seq like the real one (but
+    not unique, so that a test can insert a row twice)."""
+    copy = prefix + uuid.uuid4().hex[:8]
+    await pool.execute(
+        f"CREATE SCHEMA {copy}; CREATE TABLE {copy}.routing_decision AS SELECT * FROM routing_decision;"
+        f" CREATE INDEX ON {copy}.routing_decision (seq)"
+    )
+    return copy
+
+
 async def test_decisions_are_chained_and_verify(
     intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
 ) -> None:
@@ -46,10 +57,7 @@ async def test_altered_removed_and_inserted_rows_are_each_named(
     intake: httpx.AsyncClient, pool: asyncpg.Pool, services: Settings
 ) -> None:
     await _some_decisions(intake, pool, at_least=12)
-    copy = "tamper_" + uuid.uuid4().hex[:8]  # tamper with a copy, not the suite's real chain
-    await pool.execute(
-        f"CREATE SCHEMA {copy}; CREATE TABLE {copy}.routing_decision AS SELECT * FROM routing_decision"
-    )
+    copy = await _copy_of_the_chain(pool, "tamper_")  # tamper with a copy, not the suite's real chain
     try:
         last = await pool.fetchval(f"SELECT max(seq) FROM {copy}.routing_decision")
         code, output = await asyncio.to_thread(_verify, services, copy)
@@ -83,10 +91,7 @@ async def test_rows_from_before_the_chain_are_sealed_and_then_verify(
     from router.audit import seal_unsealed
 
     await _some_decisions(intake, pool, at_least=12)
-    copy = "legacy_" + uuid.uuid4().hex[:8]
-    await pool.execute(
-        f"CREATE SCHEMA {copy}; CREATE TABLE {copy}.routing_decision AS SELECT * FROM routing_decision"
-    )
+    copy = await _copy_of_the_chain(pool, "legacy_")
     try:
         await pool.execute(f"UPDATE {copy}.routing_decision SET hash = NULL, prev_hash = NULL")  # as migrated
         code, output = await asyncio.to_thread(_verify, services, copy)

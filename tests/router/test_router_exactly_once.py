@@ -191,7 +191,7 @@ async def test_a_router_stuck_on_a_batch_restarts_and_then_delivers_it_exactly_o
     routed by the new router: late, but once."""
     settings = await _isolated(services)
     await ensure_topics(settings, [*ENTITLED, *NOT_ENTITLED], principal=Principal.OPERATOR)
-    monkeypatch.setattr(service, "STUCK_SECONDS", 15.0)
+    monkeypatch.setattr(service, "STUCK_SECONDS", 10.0)
     commit = service.Router._commit
     stuck: list[int] = []
 

@@ -29,9 +29,11 @@ the next step; it is not built yet.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -89,6 +91,11 @@ add_catalogue(Path(__file__).parent / "locale")  # its Welsh
 START_PATH = "/tell-us-once"
 OVERVIEW_PATH = "/tell-us-once/registration"
 MAX_WRONG_ANSWERS = 5
+# Every answer to a reference and date of birth goes out no sooner than this after the
+# question came in. A reference nobody registered is answered after one look-up, a real
+# one with a wrong date after opening the registration and counting the attempt: without
+# a common floor the time taken would tell which references exist.
+ANSWER_NO_SOONER_SECONDS = 0.25
 SERVICES_PATH = "/tell-us-once/services"
 CONFIRM_PATH = "/tell-us-once/services/confirm"
 REGISTERED_TITLES = {
@@ -399,7 +406,9 @@ async def _enter(request: Request, service: JourneyService, agent: Agent | None)
     reference, born, errors = read_answer(form)
     if errors or born is None:
         return _reference_form(400, errors, form, agent)
+    asked_at = time.monotonic()
     outcome, found = await check_answer(service.pool, service.sealer, service.settings, reference, born)
+    await asyncio.sleep(max(0.0, asked_at + ANSWER_NO_SOONER_SECONDS - time.monotonic()))
     # The event id, never the reference: a log line must not say which reference was guessed.
     event_id = str(found.event.event_id) if found else None
     log.info(

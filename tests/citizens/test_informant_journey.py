@@ -17,7 +17,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from citizens.informants import MAX_WRONG_ANSWERS, install_informant_journey
+from citizens.informants import ANSWER_NO_SOONER_SECONDS, MAX_WRONG_ANSWERS, install_informant_journey
 from operators.replay import REPLAY_ID_HEADER
 from producers.accept import Intake
 from producers.accounts import issue_token
@@ -185,6 +185,10 @@ async def test_an_unknown_reference_gets_the_same_answer_as_a_wrong_date_of_birt
         wrong_birth = await enter(client, stack, reference, WRONG_BORN)
         wrong_reference = await enter(client, stack, unknown, BORN)
     assert wrong_birth.status_code == wrong_reference.status_code == 400
+    # Nor does the time taken tell them apart: neither comes back before the common floor
+    # (without it, an unknown reference was answered in about 0.09 s here).
+    for answer in (wrong_birth, wrong_reference):
+        assert answer.elapsed.total_seconds() >= ANSWER_NO_SOONER_SECONDS, answer.elapsed
     assert error_links(wrong_birth.text) == error_links(wrong_reference.text)
     assert (
         await pool.fetchval("SELECT count(*) FROM informant_reference_lock WHERE reference = $1", unknown)

@@ -41,8 +41,14 @@ MIN_PASSWORD_LENGTH = 12
 log = structlog.get_logger(__name__)
 
 _hasher = PasswordHasher()
-# Verified against when the username is unknown, so a wrong username takes as long as a wrong password.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def dummy_password_hash() -> str:
+    """Verified against when the username is unknown, so a wrong username takes as long as
+    a wrong password. Made on first use, not on import: an argon2 hash costs ~0.2 s, which
+    every `tuo` command would otherwise pay. Intake makes it as it starts."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ async def authenticate(pool: asyncpg.Pool, username: str, password: str) -> Subm
         username.strip().lower(),
     )
     try:
-        _hasher.verify(row["password_hash"] if row else _DUMMY_HASH, password)
+        _hasher.verify(row["password_hash"] if row else dummy_password_hash(), password)
     except (VerificationError, InvalidHashError):
         return None
     if row is None:

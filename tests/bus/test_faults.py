@@ -65,7 +65,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 TUO = str(Path(sys.executable).parent / "tuo")
 KILLED = ("relay", "router", "agencies", "tracker")  # each SIGKILLed at random moments
 KILLS_EACH = 2
-LOAD_SECONDS = 75.0
+LOAD_SECONDS = 60.0
 EVENTS_PER_SECOND = 12.0
 # The bus drains until every delivery has its final receipt; it is stuck if no receipt
 # arrives for STALLED_SECONDS (a loaded machine is slow, not stuck), and at most DRAIN_SECONDS.

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,55 +27,17 @@ from bench.proof import TimeLimitExceeded, WorkNotDone, prove, prove_figures, ti
 PROJECT = Path(__file__).resolve().parents[2]
 
 
-class Bench:
-    """`python -m bench --smoke --out OUT ARGS`, as an operator runs it (PYTHONPATH passed on),
-    started at once; ``result`` waits for it. Its output goes to files, so that runs started
-    together never wait for a reader."""
-
-    def __init__(self, out: Path, *args: str) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        self.out, self.args = out, [sys.executable, "-m", "bench", "--smoke", "--out", str(out), *args]
-        with (out / "stdout").open("w") as stdout, (out / "stderr").open("w") as stderr:
-            self.process = subprocess.Popen(
-                self.args,
-                cwd=PROJECT,
-                env={**os.environ, "TUO_LOG_LEVEL": "WARNING"},
-                stdout=stdout,
-                stderr=stderr,
-                text=True,
-            )
-
-    def result(self, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
-        stdout, stderr = ((self.out / name).read_text() for name in ("stdout", "stderr"))
-        return subprocess.CompletedProcess(self.args, code, stdout, stderr)
-
-
-# Each run has a scratch stack of its own; started together, they share the machine's
-# cores instead of taking turns (about a minute of the suite's time).
-TOGETHER = {
-    "replay": ("--only", "replay"),
-    "unsigned replay": ("--only", "replay", "--replay-fixture", "unsigned"),
-    "agencies": ("--only", "agencies"),
-}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Bench]]:
-    started = {
-        name: Bench(tmp_path_factory.mktemp(name.replace(" ", "-")), *args) for name, args in TOGETHER.items()
-    }
-    try:
-        yield started
-    finally:
-        for run in started.values():
-            if run.process.poll() is None:
-                run.process.kill()
-                run.process.wait()
+def bench(out: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+    """`python -m bench --smoke --out OUT ARGS`, as an operator runs it (PYTHONPATH passed on)."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out), *args],
+        cwd=PROJECT,
+        env={**os.environ, "TUO_LOG_LEVEL": "WARNING"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def recorded(out: Path, name: str) -> dict[str, Any]:
@@ -95,8 +56,8 @@ def assert_every_key(figures: dict[str, Any]) -> None:
 
 
 @pytest.mark.integration
-def test_replay_sends_every_stored_signed_event(runs: dict[str, Bench]) -> None:
-    run, tmp_path = runs["replay"].result(), runs["replay"].out
+def test_replay_sends_every_stored_signed_event(tmp_path: Path) -> None:
+    run = bench(tmp_path, "--only", "replay")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = recorded(tmp_path, "replay")
     events = SMOKE["replay"]["events"]
@@ -120,8 +81,8 @@ def test_replay_sends_every_stored_signed_event(runs: dict[str, Bench]) -> None:
 
 
 @pytest.mark.integration
-def test_unsigned_replay_rows_fail_the_run_with_the_counts_and_no_rate(runs: dict[str, Bench]) -> None:
-    run, tmp_path = runs["unsigned replay"].result(), runs["unsigned replay"].out
+def test_unsigned_replay_rows_fail_the_run_with_the_counts_and_no_rate(tmp_path: Path) -> None:
+    run = bench(tmp_path, "--only", "replay", "--replay-fixture", "unsigned")
     events = SMOKE["replay"]["events"]
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"replay: sent {events}, arrived 0" in run.stderr
@@ -137,8 +98,8 @@ def test_unsigned_replay_rows_fail_the_run_with_the_counts_and_no_rate(runs: dic
 
 
 @pytest.mark.integration
-def test_agencies_receipt_every_event_in_both_parts(runs: dict[str, Bench]) -> None:
-    run, tmp_path = runs["agencies"].result(), runs["agencies"].out
+def test_agencies_receipt_every_event_in_both_parts(tmp_path: Path) -> None:
+    run = bench(tmp_path, "--only", "agencies")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = recorded(tmp_path, "agencies")
     size = SMOKE["agencies"]

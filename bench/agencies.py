@@ -241,9 +241,15 @@ def _client(env: dict[str, str], token: str, connections: int) -> httpx.AsyncCli
 
 
 async def _submit(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
-    """Register one death; return the event id."""
-    response = await client.post("/v1/death-registrations", json=body)
-    if response.status_code != 201:
+    """Register one death; return the event id. A connection lost on the way (a kept-alive
+    one the server closed just as it was reused, say) is tried once more with the same
+    Idempotency-Key, so the death is recorded once either way (200: already recorded)."""
+    headers = {"Idempotency-Key": str(uuid.uuid4())}
+    try:
+        response = await client.post("/v1/death-registrations", json=body, headers=headers)
+    except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+        response = await client.post("/v1/death-registrations", json=body, headers=headers)
+    if response.status_code not in (200, 201):
         raise RuntimeError(f"intake refused: {response.status_code} {response.text[:300]}")
     event_id: str = response.json()["event_id"]
     return event_id

@@ -17,5 +17,7 @@ echo "test: layers (import-linter)"
 echo "test: schema evolution"
 .venv/bin/tuo schemas check
 echo "test: pytest"
-.venv/bin/pytest "$@"
+# Two workers: the tests on the session's stack in one, the tests that start worlds of
+# their own in the other (tests/conftest.py groups them).
+.venv/bin/pytest --numprocesses=2 --dist=loadgroup "$@"
 echo "test: whole suite took $(( $(date +%s) - started ))s"

@@ -10,6 +10,7 @@ instead. If neither can be had, the integration tests fail; they never skip.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import tempfile
@@ -41,9 +42,27 @@ from tests.support import (
     test_backend,
 )
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # An xdist worker inherits COLUMNS=80 and LINES=24 from its controller (readline puts
+    # them in the environment). Rich reads COLUMNS once, when `tuo`'s module-level
+    # consoles are made, so the CLI tests' own COLUMNS would no longer widen its tables.
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+
 PROJECT = Path(__file__).resolve().parent.parent
 CACHE_DIR = PROJECT / ".tuo" / "cache"
 KAFKA_VERSION = Settings().kafka_version
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """scripts/test.sh runs the suite in two pytest-xdist workers (``--dist loadgroup``).
+    Every test on the session's stack (the ``services`` fixture, directly or through
+    ``pool``, ``bus`` …) is one group, so that stack starts once, in one worker. The
+    tests with worlds of their own (the three brokers, the fault suite, the benchmarks'
+    scratch stacks) and the pure unit tests run beside them in the other."""
+    for item in items:
+        if "services" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("session-stack"))
 
 
 def new_state_dir(prefix: str) -> Path:

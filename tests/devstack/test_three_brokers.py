@@ -58,7 +58,7 @@ pytestmark = pytest.mark.integration
 ENTITLED = ("hmrc", "dwp", "dvla", "council-leeds")
 NOT_ENTITLED = ("hmpo", "council-bradford")  # consent refused / outside the area
 PER_SECOND = 12.0
-OUTAGE_SECONDS = 12.0
+OUTAGE_SECONDS = 15.0
 
 
 @dataclass

@@ -52,55 +52,57 @@ async def _dead_letter(
     return await eventually(found, timeout=30, what=f"dead letter {marker}")
 
 
+UNROUTABLE = [
+    ("no CloudEvents headers", b"\x00\x00\x00\x00\x02garbage", [], "no ce_id, ce_type, ce_source"),
+    (
+        "JSON instead of Avro",
+        b'{"deceased": "x"}',
+        CloudEvent(id="x", type="DeathRegistered", source="/evil").headers(),
+        "magic byte is 123",
+    ),
+    (
+        "garbage bytes",
+        bytes(range(256)) * 4,
+        CloudEvent(id="g", type="DeathRegistered", source="/evil").headers(),
+        "no schema with id 16909060",
+    ),
+    (
+        "wrong magic byte",
+        b"\x07" + encode_death()[1:],
+        CloudEvent(id="m", type="DeathRegistered", source="/evil").headers(),
+        "magic byte is 7, expected 0",
+    ),
+    (
+        "unknown schema id",
+        b"\x00\x00\x00\x30\x39" + encode_death()[5:],
+        CloudEvent(id="u", type="DeathRegistered", source="/evil").headers(),
+        "no schema with id 12345",
+    ),
+    (
+        "truncated payload",
+        encode_death()[:60],
+        CloudEvent(id="t", type="DeathRegistered", source="/evil").headers(),
+        "DeathRegistered body does not decode",
+    ),
+    (
+        "a receipt posing as a life event",
+        encode(
+            "DeliveryReceipt",
+            {
+                "event_id": str(uuid.uuid4()),
+                "agency": "dwp",
+                "outcome": "APPLIED",
+                "issued_at": datetime.now(UTC),
+            },
+        ),
+        CloudEvent(id="y", type="DeliveryReceipt", source="/evil").headers(),
+        "not a life event",
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    ("case", "value", "headers", "reason"),
-    [
-        ("no CloudEvents headers", b"\x00\x00\x00\x00\x02garbage", [], "no ce_id, ce_type, ce_source"),
-        (
-            "JSON instead of Avro",
-            b'{"deceased": "x"}',
-            CloudEvent(id="x", type="DeathRegistered", source="/evil").headers(),
-            "magic byte is 123",
-        ),
-        (
-            "garbage bytes",
-            bytes(range(256)) * 4,
-            CloudEvent(id="g", type="DeathRegistered", source="/evil").headers(),
-            "no schema with id 16909060",
-        ),
-        (
-            "wrong magic byte",
-            b"\x07" + encode_death()[1:],
-            CloudEvent(id="m", type="DeathRegistered", source="/evil").headers(),
-            "magic byte is 7, expected 0",
-        ),
-        (
-            "unknown schema id",
-            b"\x00\x00\x00\x30\x39" + encode_death()[5:],
-            CloudEvent(id="u", type="DeathRegistered", source="/evil").headers(),
-            "no schema with id 12345",
-        ),
-        (
-            "truncated payload",
-            encode_death()[:60],
-            CloudEvent(id="t", type="DeathRegistered", source="/evil").headers(),
-            "DeathRegistered body does not decode",
-        ),
-        (
-            "a receipt posing as a life event",
-            encode(
-                "DeliveryReceipt",
-                {
-                    "event_id": str(uuid.uuid4()),
-                    "agency": "dwp",
-                    "outcome": "APPLIED",
-                    "issued_at": datetime.now(UTC),
-                },
-            ),
-            CloudEvent(id="y", type="DeliveryReceipt", source="/evil").headers(),
-            "not a life event",
-        ),
-    ],
+    ("case", "value", "headers", "reason"), UNROUTABLE, ids=[case[0] for case in UNROUTABLE]
 )
 async def test_router_dead_letters_what_it_cannot_route_and_keeps_routing(
     services: Settings,

@@ -462,6 +462,7 @@ async def test_bad_replay_requests_are_refused_clearly_and_record_nothing(
 @pytest.mark.parametrize(
     ("replay_id", "message"),
     [("not-a-uuid", "is not a replay id"), (str(uuid.uuid4()), "no replay"), ("", "is not a replay id")],
+    ids=["not a uuid", "unknown", "empty"],
 )
 async def test_resuming_an_unknown_replay_is_refused(
     services: Settings, pool: asyncpg.Pool, replay_id: str, message: str

@@ -56,7 +56,9 @@ def test_a_payload_that_is_not_sealed_is_refused() -> None:
         PayloadSealer(new_data_key()).open(AVRO, EVENT)
 
 
-@pytest.mark.parametrize("key", ["", "short", "!" * 44, new_data_key()[:-4]])
+@pytest.mark.parametrize(
+    "key", ["", "short", "!" * 44, new_data_key()[:-4]], ids=["empty", "short", "not base64", "truncated"]
+)
 def test_a_malformed_data_key_is_refused(key: str) -> None:
     with pytest.raises(ValueError, match="32 random bytes"):
         PayloadSealer(key)

@@ -43,8 +43,8 @@ from tests.support import (
 )
 
 if "PYTEST_XDIST_WORKER" in os.environ:
-    # An xdist worker inherits COLUMNS=80 and LINES=24 from its controller (readline puts
-    # them in the environment). Rich reads COLUMNS once, when `tuo`'s module-level
+    # An xdist worker starts with COLUMNS=80 and LINES=24 in its environment (a plain
+    # pytest run here has neither). Rich reads COLUMNS once, when `tuo`'s module-level
     # consoles are made, so the CLI tests' own COLUMNS would no longer widen its tables.
     os.environ.pop("COLUMNS", None)
     os.environ.pop("LINES", None)
@@ -57,9 +57,10 @@ KAFKA_VERSION = Settings().kafka_version
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """scripts/test.sh runs the suite in two pytest-xdist workers (``--dist loadgroup``).
     Every test on the session's stack (the ``services`` fixture, directly or through
-    ``pool``, ``bus`` …) is one group, so that stack starts once, in one worker. The
-    tests with worlds of their own (the three brokers, the fault suite, the benchmarks'
-    scratch stacks) and the pure unit tests run beside them in the other."""
+    ``pool``, ``bus`` …) is one group, so that stack starts once, in one worker, and
+    those tests never run side by side. The tests with worlds of their own (the three
+    brokers, the fault suite, the benchmarks' scratch stacks) and the pure unit tests go
+    to whichever worker is free: the other one, until the group is nearly done."""
     for item in items:
         if "services" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("session-stack"))

@@ -35,6 +35,7 @@ async def test_status_prints_each_agencys_decision_and_receipt(
     assert "not subscribed" in rows["council-bradford"], "a Leeds address is outside Bradford's area"
 
 
+@pytest.mark.usefixtures("pool")  # a migrated database, whichever test runs first
 async def test_status_of_unknown_reference_fails_with_a_message(services: Settings) -> None:
     code, output = await asyncio.to_thread(tuo_cli, services, "status", "TUO-2026-0000-0000")
     assert code == 1

@@ -365,6 +365,65 @@ class Outgoing:
     dead_letters: int = 0
 
 
+def _consent_change(agency: str, read: Read, keys: Mapping[str, OfficeKey]) -> DeliveredEvent:
+    assert read.cloud_event is not None
+    subject, body = decode(read.record.value or b"")
+    if subject != CONSENT_CHANGED:
+        raise UndecodableMessage(f"ce_type says {CONSENT_CHANGED} but the value is {subject}")
+    try:
+        change_id = str(uuid.UUID(read.cloud_event.id))
+    except ValueError:
+        raise UndecodableMessage("ce_id is not a UUID") from None
+    signed = read.signature()
+    verify_consent_change(
+        signed,
+        keys.get(signed.manifest.key_id),
+        event_id=read.cloud_event.id,
+        source=read.cloud_event.source,
+        body=body,
+    )
+    if body.get("agency") != agency:
+        raise NotForThisAgency(f"a consent change for {body.get('agency')!r} reached {agency!r}")
+    return DeliveredEvent(event_id=change_id, event_type=CONSENT_CHANGED, record=body)
+
+
+def checked_event(
+    agency: str, read: Read, keys: Mapping[str, OfficeKey], consent_keys: Mapping[str, OfficeKey]
+) -> DeliveredEvent:
+    """The event (or consent change) a message carries for ``agency``, decoded and with its
+    signature checked against ``keys`` (a consent change's against ``consent_keys``).
+    Raises ``UndecodableMessage``, ``SignatureRejected`` or ``ValueError`` with why not."""
+    if read.is_consent_change:
+        return _consent_change(agency, read, consent_keys)
+    cloud_event = read.cloud_event
+    assert cloud_event is not None
+    subject, body = decode(read.record.value or b"")
+    forms = (
+        cloud_event.type,
+        f"{cloud_event.type}{DISCLOSURE_SUFFIX}",
+        f"{cloud_event.type}{DELIVERY_SUFFIX}",
+    )
+    if subject not in forms:
+        raise UndecodableMessage(f"ce_type says {cloud_event.type} but the value is {subject}")
+    envelope = body.get("envelope")
+    if not isinstance(envelope, dict) or str(envelope.get("event_id")) != cloud_event.id:
+        raise UndecodableMessage("ce_id does not match the envelope's event_id")
+    try:
+        event_id = str(uuid.UUID(cloud_event.id))
+    except ValueError:
+        raise UndecodableMessage("ce_id is not a UUID") from None
+    signed = read.signature()
+    verify(
+        signed,
+        keys.get(signed.manifest.key_id),
+        event_type=cloud_event.type,
+        event_id=cloud_event.id,
+        source=cloud_event.source,
+        body=body,
+    )
+    return DeliveredEvent(event_id=event_id, event_type=cloud_event.type, record=body)
+
+
 class AgencyConsumer:
     """``keys`` gives the offices' public keys: by default read from ``pool``'s database
     (an agency running beside the bus); an agency elsewhere passes
@@ -394,59 +453,10 @@ class AgencyConsumer:
         self.consumer_options = consumer_options
         self.receipts = ReceiptWriter(agency, settings.schema_base_url())
 
-    def _consent_change(self, read: Read, keys: Mapping[str, OfficeKey]) -> DeliveredEvent:
-        assert read.cloud_event is not None
-        subject, body = decode(read.record.value or b"")
-        if subject != CONSENT_CHANGED:
-            raise UndecodableMessage(f"ce_type says {CONSENT_CHANGED} but the value is {subject}")
-        try:
-            change_id = str(uuid.UUID(read.cloud_event.id))
-        except ValueError:
-            raise UndecodableMessage("ce_id is not a UUID") from None
-        signed = read.signature()
-        verify_consent_change(
-            signed,
-            keys.get(signed.manifest.key_id),
-            event_id=read.cloud_event.id,
-            source=read.cloud_event.source,
-            body=body,
-        )
-        if body.get("agency") != self.agency:
-            raise NotForThisAgency(f"a consent change for {body.get('agency')!r} reached {self.agency!r}")
-        return DeliveredEvent(event_id=change_id, event_type=CONSENT_CHANGED, record=body)
-
     def _event(
         self, read: Read, keys: Mapping[str, OfficeKey], consent_keys: Mapping[str, OfficeKey]
     ) -> DeliveredEvent:
-        if read.is_consent_change:
-            return self._consent_change(read, consent_keys)
-        cloud_event = read.cloud_event
-        assert cloud_event is not None
-        subject, body = decode(read.record.value or b"")
-        forms = (
-            cloud_event.type,
-            f"{cloud_event.type}{DISCLOSURE_SUFFIX}",
-            f"{cloud_event.type}{DELIVERY_SUFFIX}",
-        )
-        if subject not in forms:
-            raise UndecodableMessage(f"ce_type says {cloud_event.type} but the value is {subject}")
-        envelope = body.get("envelope")
-        if not isinstance(envelope, dict) or str(envelope.get("event_id")) != cloud_event.id:
-            raise UndecodableMessage("ce_id does not match the envelope's event_id")
-        try:
-            event_id = str(uuid.UUID(cloud_event.id))
-        except ValueError:
-            raise UndecodableMessage("ce_id is not a UUID") from None
-        signed = read.signature()
-        verify(
-            signed,
-            keys.get(signed.manifest.key_id),
-            event_type=cloud_event.type,
-            event_id=cloud_event.id,
-            source=cloud_event.source,
-            body=body,
-        )
-        return DeliveredEvent(event_id=event_id, event_type=cloud_event.type, record=body)
+        return checked_event(self.agency, read, keys, consent_keys)
 
     async def run(self, stop: asyncio.Event) -> None:
         group_id = f"{self.settings.topic_prefix}.agency.{self.agency}"

@@ -24,6 +24,7 @@ from citizens.emails import run_informant_emails
 from citizens.signin import RelyingParty
 from consumers.agencies import handler_for
 from consumers.sdk import AgencyConsumer
+from consumers.webhooks import WebhookBridge, webhook_agencies
 from devstack.dev_idp import DevIdentityProvider, RegisteredClient, bind_loopback, serve_dev_idp
 from operators.metrics_endpoint import metrics_app
 from operators.web import create_app
@@ -308,7 +309,11 @@ async def start_bus(
     if "router" in components:
         add("router", lambda s: run_router(settings, pool, s))
     if "agencies" in components:
+        by_webhook = set(await webhook_agencies(pool))
         for agency in await _reference_agencies(settings, pool, agencies):
+            if agency in by_webhook:  # the bus is its consumer, and POSTs to its endpoint
+                add(f"webhooks:{agency}", WebhookBridge(settings, pool, agency).run)
+                continue
             consumer = AgencyConsumer(settings, pool, agency, handler_for(agency))
             add(f"agency:{agency}", consumer.run)
     if "tracker" in components:

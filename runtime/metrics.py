@@ -126,6 +126,13 @@ RECEIPTS_SENT = Counter(
     ["agency", "outcome"],
     registry=REGISTRY,
 )
+WEBHOOK_ATTEMPTS = Counter(
+    "tuo_webhook_attempts",
+    "Attempts to POST an event to an agency's webhook endpoint, by outcome "
+    "(delivered, failed, given_up).",
+    ["agency", "outcome"],
+    registry=REGISTRY,
+)
 RECEIPTS_STORED = Counter(
     "tuo_receipts_stored",
     "Delivery receipts the receipt tracker stored (a repeated receipt is not counted), by outcome.",

@@ -172,6 +172,14 @@ class Settings(BaseSettings):
     receipt_deadline_minutes: int = Field(default=2 * 24 * 60, ge=1, le=30 * 24 * 60)
     overdue_check_seconds: float = Field(default=30.0, gt=0, le=3600)
 
+    # Webhook delivery (consumers.webhooks): how long one attempt may take, which CAs to
+    # trust for agencies' endpoints (unset: the system's), and the first retry's delay.
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    webhook_cafile: Path | None = Field(
+        default=None, description="CAs for agencies' webhook endpoints; unset: the system's CAs."
+    )
+    webhook_first_retry_seconds: float = Field(default=1.0, gt=0, le=3600)
+
     # Citizens' sign-in (OpenID Connect)
     oidc_issuer: str | None = Field(
         default=None,

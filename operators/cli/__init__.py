@@ -20,6 +20,7 @@ from operators.cli.replay import replay_app
 from operators.cli.schemas import schemas_app
 from operators.cli.stack import stack_app
 from operators.cli.subscriptions import subscriptions_app
+from operators.cli.webhooks import webhooks_app
 
 __all__ = ["app", "main"]
 
@@ -44,6 +45,7 @@ app.add_typer(access_app, name="access")
 app.add_typer(replay_app, name="replay")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(informants_app, name="informants")
+app.add_typer(webhooks_app, name="webhooks")
 
 
 def main() -> None:

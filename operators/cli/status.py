@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
+from consumers.webhooks import endpoints as webhooks
 from operators.cli.shared import clear_errors, command_settings, console, fail, when
 from router.store import event_status
 from runtime.database import open_pool
@@ -15,18 +16,33 @@ from runtime.database import open_pool
 def status_command(reference: str) -> None:
     """Show, per agency, whether an event was delivered and what the agency's receipt says."""
 
-    async def lookup() -> dict[str, Any] | None:
+    async def lookup() -> tuple[dict[str, Any] | None, list[Any]]:
         pool = await open_pool(command_settings())
         try:
-            return await event_status(pool, reference.strip().upper())
+            found = await event_status(pool, reference.strip().upper())
+            hooks = [] if found is None else await webhooks.deliveries_of(pool, found["event_id"])
+            return found, hooks
         finally:
             await pool.close()
 
     with clear_errors():
-        found = asyncio.run(lookup())
+        found, hooks = asyncio.run(lookup())
     if found is None:
         raise fail(f"no event has reference {reference}")
     print_event_status(found)
+    for hook in hooks:
+        console.print(f"Webhook to {hook['agency']}: {_webhook_label(hook)}")
+
+
+def _webhook_label(hook: Any) -> str:
+    """Where one webhook delivery has got to: delivered, retrying (when next), or given up."""
+    tries = f"{hook['attempts']} attempt{'s' if hook['attempts'] != 1 else ''}"
+    last = f", last answer {hook['last_answer']}" if hook["last_answer"] else ""
+    if hook["status"] == "delivered":
+        return f"delivered {when(hook['finished_at'].isoformat())} after {tries}"
+    if hook["status"] == "dead":
+        return f"given up {when(hook['finished_at'].isoformat())} after {tries}{last} (see `tuo dlq`)"
+    return f"retrying, next attempt {when(hook['next_attempt_at'].isoformat())} ({tries}{last})"
 
 
 DECISION_LABELS = {

@@ -128,8 +128,7 @@ RECEIPTS_SENT = Counter(
 )
 WEBHOOK_ATTEMPTS = Counter(
     "tuo_webhook_attempts",
-    "Attempts to POST an event to an agency's webhook endpoint, by outcome "
-    "(delivered, failed, given_up).",
+    "Attempts to POST an event to an agency's webhook endpoint, by outcome (delivered, failed, given_up).",
     ["agency", "outcome"],
     registry=REGISTRY,
 )

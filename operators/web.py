@@ -13,6 +13,7 @@ from citizens.informants import RequestServices, install_informant_journey
 from citizens.pages import install_citizen_pages
 from citizens.privacy import install_privacy_notice
 from citizens.signin import install_citizen_sign_in
+from consumers.agency_api import install_agency_api
 from producers import intake
 from producers.accept import Intake
 from producers.store import Recorded
@@ -34,6 +35,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         install_privacy_notice(app, lambda: app.state.intake.pool)
         if pool is not None:
             install_informant_journey(app, settings, pool, _through_intake(app))
+            install_agency_api(app, pool)  # agencies on HTTPS: receipts and their feed
         if settings.oidc_issuer and pool is not None:
             install_citizen_sign_in(app, settings, pool)
             install_citizen_pages(app, settings, pool)

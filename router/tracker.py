@@ -330,6 +330,30 @@ async def _store_all(
     return batch.refused, tally
 
 
+async def store_receipt(
+    pool: asyncpg.Pool,
+    *,
+    event_id: uuid.UUID,
+    agency: str,
+    outcome: str,
+    reason: str | None,
+    issued_at: datetime,
+    received_at: datetime | None,
+) -> bool:
+    """Store a receipt that came over HTTPS (``consumers.agency_api``) exactly as one from
+    the agency's receipt topic is stored: the same row, the same de-duplication, the overdue
+    flag cleared and the latency observed. False: the agency had sent this receipt before."""
+    batch = ArrivedBatch(
+        receipts=[(event_id, agency, outcome, _clean_reason(reason), issued_at, received_at)]
+    )
+    tally = StoredTally()
+    async with pool.acquire() as conn, conn.transaction():
+        await _store_rows(conn, batch, tally)
+        tally.latencies = await _receipt_latencies(conn, tally.settled)
+    tally.count()
+    return bool(tally.receipts)
+
+
 async def _store_one_by_one(
     conn: asyncpg.Connection, topics: Topics, records: list[ConsumerRecord[bytes, bytes]]
 ) -> tuple[list[tuple[ConsumerRecord[bytes, bytes], str]], StoredTally]:

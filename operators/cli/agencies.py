@@ -1,4 +1,5 @@
-"""`tuo agencies`: agencies' Kafka accounts (principal, ACLs, topics); onboarding and suspension."""
+"""`tuo agencies`: agencies' Kafka accounts (principal, ACLs, topics), onboarding and suspension,
+and their OAuth2 clients for the HTTPS API."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncpg
 import typer
 from rich.table import Table
 
+from consumers import agency_api
 from operators.cli.shared import command_settings, console, fail, with_pool
 from runtime import access
 from runtime.kafka_admin import KafkaAdminError
@@ -121,3 +123,36 @@ def agencies_list() -> None:
             row["suspended_reason"] or "-",
         )
     console.print(table)
+
+
+@agencies_app.command("client")
+def agencies_client(
+    agency: Annotated[str, typer.Argument(help="Agency code")],
+    by: Annotated[str, typer.Option(help="Who makes it (recorded).")] = "",
+) -> None:
+    """An OAuth2 client for an agency's systems on HTTPS (receipts, its delivery feed):
+    prints its id and secret, the secret once."""
+
+    try:
+        made = with_pool(
+            lambda pool: agency_api.create_client(pool, agency, by=by.strip() or getpass.getuser())
+        )
+    except agency_api.NoSuchAgency as exc:
+        raise fail(str(exc)) from exc
+    console.print(f"Client id: {made.client_id}")
+    # Shown once, never logged: hand it to the agency over a secure channel.
+    console.print(f"Client secret (shown once; give it to the agency securely): {made.client_secret}")
+    console.print("Tokens: POST /oauth/token with grant_type=client_credentials (HTTP Basic with these).")
+
+
+@agencies_app.command("revoke-client")
+def agencies_revoke_client(
+    client_id: Annotated[str, typer.Argument(help="The client id `tuo agencies client` printed")],
+    by: Annotated[str, typer.Option(help="Who revokes it (recorded).")] = "",
+) -> None:
+    """Stop an agency's OAuth2 client at once: its tokens stop working, it gets no new ones."""
+    if not with_pool(
+        lambda pool: agency_api.revoke_client(pool, client_id, by=by.strip() or getpass.getuser())
+    ):
+        raise fail(f"no live client {client_id!r}")
+    console.print(f"Revoked {client_id}; its tokens no longer work.")

@@ -24,7 +24,8 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 
 from consumers import DeliveredEvent, KeyRing
-from consumers.webhook_agency import MAX_BODY, create_receiver
+from consumers.agency_api import create_client
+from consumers.webhook_agency import MAX_BODY, ReceiptClient, create_receiver
 from consumers.webhooks import WebhookBridge, set_endpoint
 from consumers.webhooks.requests import AVRO, CircuitBreaker, forwarded_headers, http_headers
 from devstack.certificates import issue_certificate, new_certificate_authority
@@ -137,10 +138,16 @@ async def _https(app: Any, cert: Path, key: Path) -> AsyncIterator[int]:
 
 @contextlib.asynccontextmanager
 async def webhook_agency(
-    services: Settings, pool: asyncpg.Pool, tmp_path: Path, *, retry_window: timedelta = timedelta(hours=24)
+    services: Settings,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+    bus_url: str,
+    *,
+    retry_window: timedelta = timedelta(hours=24),
 ) -> AsyncIterator[Agency]:
     """A newly onboarded agency told of deaths (statutory) by webhook, its reference
-    receiver on HTTPS, and the bus's bridge for it. Its subscription is suspended after."""
+    receiver on HTTPS posting receipts to the bus at ``bus_url`` with its own OAuth2
+    client, and the bus's bridge for it. Its subscription is suspended after."""
     name = f"whk-{uuid.uuid4().hex[:8]}"
     await onboard_agency(services, pool, name, ["DeathRegistered"], by="tests")
     await upsert_subscription(
@@ -164,6 +171,8 @@ async def webhook_agency(
     faults, applied = Faults(), Applied()
     # The port is known only once it listens; the secret only once the endpoint is set.
     secrets: list[str] = []
+    client = await create_client(pool, name, by="tests")
+    receipts = ReceiptClient(bus_url, client.client_id, client.client_secret)
     receiver = create_receiver(
         pool,
         name,
@@ -171,6 +180,7 @@ async def webhook_agency(
         applied,
         keys=KeyRing.from_database(pool),
         consent_keys=KeyRing.consent_from_database(pool),
+        receipts=receipts,
     )
     stop = asyncio.Event()
     async with _https(_faulty(receiver, faults), cert, key) as port:
@@ -186,6 +196,7 @@ async def webhook_agency(
         finally:
             stop.set()
             await bridge
+            await receipts.aclose()
             await pool.execute("UPDATE subscription SET status = 'suspended' WHERE agency = $1", name)
 
 
@@ -233,20 +244,23 @@ async def _until_all(
 async def test_a_death_reaches_a_webhook_agency_and_its_receipt_shows_in_status(
     services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    async with webhook_agency(services, pool, tmp_path) as agency:
+    async with webhook_agency(services, pool, tmp_path, str(intake.base_url)) as agency:
         accepted = await _register_death(intake)
         event_id = accepted["event_id"]
         await _until_all(pool, agency.name, [event_id], "delivered", timeout=60)
         assert agency.applied.times == {event_id: 1}
 
-        async def receipt() -> str | None:
-            return await pool.fetchval(  # type: ignore[no-any-return]
+        async def receipts() -> set[str] | None:
+            rows = await pool.fetch(
                 "SELECT outcome FROM delivery_receipt WHERE event_id = $1 AND agency = $2",
                 uuid.UUID(event_id),
                 agency.name,
             )
+            found = {r["outcome"] for r in rows}
+            return found if "APPLIED" in found else None
 
-        assert await eventually(receipt, timeout=30, what="the RECEIVED receipt stored") == "RECEIVED"
+        # RECEIVED from the bridge (the endpoint took it), APPLIED posted by the agency over HTTPS.
+        assert await eventually(receipts, timeout=30, what="the receipts stored") == {"RECEIVED", "APPLIED"}
         # The sealed copy of the event is gone once delivered; the log keeps the attempt.
         assert (
             await pool.fetchval(
@@ -260,7 +274,7 @@ async def test_a_death_reaches_a_webhook_agency_and_its_receipt_shows_in_status(
         code, out = await asyncio.to_thread(tuo_cli, services, "status", accepted["reference"])
         assert code == 0, out
         row = next(line for line in out.splitlines() if agency.name in line and "delivered" in line)
-        assert "received" in row, out
+        assert "applied" in row, out
         assert f"Webhook to {agency.name}: delivered" in out and "after 1 attempt" in out, out
 
         code, out = await asyncio.to_thread(tuo_cli, services, "webhooks", "log", agency.name)
@@ -274,7 +288,7 @@ async def test_a_death_reaches_a_webhook_agency_and_its_receipt_shows_in_status(
 async def test_an_endpoint_down_then_back_gets_every_event_once_and_every_attempt_is_logged(
     services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    async with webhook_agency(services, pool, tmp_path) as agency:
+    async with webhook_agency(services, pool, tmp_path, str(intake.base_url)) as agency:
         agency.faults.mode = "500"
         event_ids = [(await _register_death(intake))["event_id"] for _ in range(3)]
 
@@ -328,7 +342,9 @@ async def test_an_endpoint_down_then_back_gets_every_event_once_and_every_attemp
 async def test_an_endpoint_down_past_the_retry_window_leaves_a_dead_letter_and_an_overdue_flag(
     services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    async with webhook_agency(services, pool, tmp_path, retry_window=timedelta(seconds=3)) as agency:
+    async with webhook_agency(
+        services, pool, tmp_path, str(intake.base_url), retry_window=timedelta(seconds=3)
+    ) as agency:
         agency.faults.mode = "500"
         accepted = await _register_death(intake)
         await _until_all(pool, agency.name, [accepted["event_id"]], "dead", timeout=60)

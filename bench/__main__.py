@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import agencies, codec, intake, replay, router
+from bench import agencies, codec, intake, replay, router, webhooks
 from bench.proof import (
     CpuMeter,
     TimeLimitExceeded,
@@ -57,6 +57,7 @@ FULL: dict[str, dict[str, Any]] = {
     "router": {"events": 20_000},
     "agencies": {"events": 5_000, "rate": 100.0, "seconds": 60.0, "warm_up": 20.0},
     "replay": {"events": 1_000_000},
+    "webhooks": {"events": 2_000, "in_flight": 8},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "codec": {"records": 10_000, "rounds": 3},
@@ -64,6 +65,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "router": {"events": 5_000},
     "agencies": {"events": 1_000, "rate": 20.0, "seconds": 30.0, "warm_up": 10.0},
     "replay": {"events": 100_000},
+    "webhooks": {"events": 500, "in_flight": 8},
 }
 # A few hundred events at most: proves each benchmark does its work, measures nothing.
 SMOKE: dict[str, dict[str, Any]] = {
@@ -72,12 +74,13 @@ SMOKE: dict[str, dict[str, Any]] = {
     "router": {"events": 200},
     "agencies": {"events": 100, "rate": 20.0, "seconds": 5.0, "warm_up": 0.0},
     "replay": {"events": 300},
+    "webhooks": {"events": 50, "in_flight": 4},
 }
 # Seconds each benchmark may run (its stack's start and stop included) before it fails.
 TIME_LIMITS: dict[str, dict[str, float]] = {
-    "full": {"codec": 900, "intake": 1800, "router": 1800, "agencies": 1800, "replay": 3600},
-    "quick": {"codec": 300, "intake": 600, "router": 600, "agencies": 900, "replay": 900},
-    "smoke": {"codec": 120, "intake": 240, "router": 240, "agencies": 300, "replay": 180},
+    "full": {"codec": 900, "intake": 1800, "router": 1800, "agencies": 1800, "replay": 3600, "webhooks": 900},
+    "quick": {"codec": 300, "intake": 600, "router": 600, "agencies": 900, "replay": 900, "webhooks": 300},
+    "smoke": {"codec": 120, "intake": 240, "router": 240, "agencies": 300, "replay": 180, "webhooks": 180},
 }
 # What results.json keeps of every benchmark that ran (the smoke test checks them all).
 RECORDED = ("sent", "arrived", "stages", "cpu", "machine", "commit", "time_limit_s", "took_s")
@@ -86,7 +89,9 @@ RECORDED = ("sent", "arrived", "stages", "cpu", "machine", "commit", "time_limit
 def _runs(
     sizes: dict[str, dict[str, Any]], fixture: replay.Fixture
 ) -> dict[str, Callable[[], dict[str, Any]]]:
-    c, i, r, a, p = (sizes[name] for name in ("codec", "intake", "router", "agencies", "replay"))
+    c, i, r, a, p, w = (
+        sizes[name] for name in ("codec", "intake", "router", "agencies", "replay", "webhooks")
+    )
     return {
         "codec": lambda: codec.run(c["records"], c["rounds"]),
         "intake": lambda: intake.main(i["events"], i["concurrency"]),
@@ -95,6 +100,7 @@ def _runs(
             a["events"], a["rate"], a["seconds"], None, True, warm_up=a["warm_up"]
         ),
         "replay": lambda: replay.measure(p["events"], fixture),
+        "webhooks": lambda: webhooks.main(w["events"], w["in_flight"]),
     }
 
 
@@ -205,6 +211,15 @@ def table(results: dict[str, Any]) -> str:
             f"replay of {f['events']:,} stored events to {f['agency']}",
             f"{_n(f['replay_per_s'])} events/s",
             f"stored bytes → Kafka, undecided: {_n(f['bare_per_s'])} events/s",
+            f"{f['ratio']:.2f}",
+        ),
+    )
+    row(
+        "webhooks",
+        lambda f: (
+            f"webhook bridge to the reference receiver over HTTPS ({f['in_flight']} in flight)",
+            f"{_n(f['bridge_per_s'])} deliveries/s",
+            f"bare httpx POST loop, the same signed requests: {_n(f['bare_per_s'])} deliveries/s",
             f"{f['ratio']:.2f}",
         ),
     )

@@ -24,11 +24,13 @@ survive a restart, as Open Notificaties keeps them):
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import ssl
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -53,7 +55,10 @@ log = structlog.get_logger(__name__)
 
 MAX_BATCH = 1000
 IDLE_POLL_SECONDS = 1.0  # how often the dispatcher looks for retries fallen due
+READY_AHEAD = 200  # due deliveries read at a time
+ENDPOINT_REFRESH_SECONDS = 5.0  # a changed endpoint, limit or secret is used within this
 MAX_ERROR = 200
+MAX_ANSWER = 64 * 1024  # bytes of an endpoint's answer read, at most; none are kept
 
 _QUEUE = (
     "INSERT INTO webhook_delivery"
@@ -77,11 +82,46 @@ _DUE = (
     " WHERE h.next_attempt_at <= now() AND NOT (h.subject = ANY($2::text[]))"
     " ORDER BY h.seq LIMIT $3"
 )
-_LOG_ATTEMPT = (
+_LOG_ATTEMPTS = (
     "INSERT INTO webhook_attempt"
     " (agency, event_id, attempt, started_at, latency_ms, status_code, error, succeeded)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    " SELECT $1, * FROM unnest($2::uuid[], $3::int[], $4::timestamptz[], $5::int[], $6::int[],"
+    "                          $7::text[], $8::bool[])"
 )
+# Delivered or given up: the sealed copy of the event is dropped either way.
+_FINISH = (
+    "UPDATE webhook_delivery d SET status = f.status, attempts = f.attempts, finished_at = now(),"
+    "       value = NULL"
+    "  FROM unnest($2::uuid[], $3::int[], $4::text[]) AS f(event_id, attempts, status)"
+    " WHERE d.agency = $1 AND d.event_id = f.event_id"
+)
+_RETRY = (
+    "UPDATE webhook_delivery d SET attempts = r.attempts, next_attempt_at = r.at"
+    "  FROM unnest($2::uuid[], $3::int[], $4::timestamptz[]) AS r(event_id, attempts, at)"
+    " WHERE d.agency = $1 AND d.event_id = r.event_id"
+)
+
+
+@dataclass(frozen=True)
+class Attempted:
+    """One attempt that has ended, before it is recorded."""
+
+    row: asyncpg.Record  # the delivery as it was due
+    value: bytes  # the message's value, opened
+    started_at: datetime
+    latency_ms: int
+    status_code: int | None
+    error: str | None  # None: the endpoint took it
+    final: bool = False  # no point trying again: the message cannot be a request
+
+    @property
+    def event_id(self) -> uuid.UUID:
+        event_id: uuid.UUID = self.row["event_id"]
+        return event_id
+
+    @property
+    def number(self) -> int:
+        return int(self.row["attempts"]) + 1
 
 
 def _sealed_for(agency: str, event_id: uuid.UUID) -> bytes:
@@ -224,210 +264,215 @@ class WebhookBridge:
     async def _deliver(
         self, client: httpx.AsyncClient, producer: kafka.AIOKafkaProducer, stop: asyncio.Event
     ) -> None:
-        in_flight: dict[str, asyncio.Task[None]] = {}  # subject → its delivery being attempted
+        """Keep up to the endpoint's limit of POSTs in flight. Attempts that end are settled
+        together (one batch of receipts, one transaction), one settlement at a time, while
+        the next POSTs go out. A subject stays out of the queue until its delivery is
+        settled, so its next event waits for it."""
+        posting: dict[str, asyncio.Task[Attempted]] = {}  # subject → its delivery being POSTed
+        ended: dict[str, Attempted] = {}  # subject → its attempt, ended, waiting to be settled
+        settling: tuple[set[str], asyncio.Task[None]] | None = None  # the settlement under way
+        # Due deliveries read ahead, each the first of its subject: one query per READY_AHEAD.
+        ready: collections.deque[asyncpg.Record] = collections.deque()
+        endpoint: Endpoint | None = None
+        read_at = 0.0
         try:
             while not stop.is_set():
-                endpoint = await endpoint_of(self.pool, self.sealer, self.agency)
-                if endpoint is None:
-                    raise NoWebhookEndpoint(self.agency)
-                room = endpoint.max_in_flight - len(in_flight)
+                if endpoint is None or time.monotonic() - read_at > ENDPOINT_REFRESH_SECONDS:
+                    endpoint = await endpoint_of(self.pool, self.sealer, self.agency)
+                    if endpoint is None:
+                        raise NoWebhookEndpoint(self.agency)
+                    read_at = time.monotonic()
+                room = endpoint.max_in_flight - len(posting)
                 allowed = self.breaker.allows(time.monotonic())
                 if allowed is not None:
-                    room = min(room, allowed - len(in_flight))
-                if room > 0:
-                    for row in await self.pool.fetch(_DUE, self.agency, list(in_flight), room):
-                        task = asyncio.create_task(self._attempt(client, producer, endpoint, row))
-                        in_flight[row["subject"]] = task
+                    room = min(room, allowed - len(posting))
+                if room > 0 and not ready:
+                    busy = [*posting, *ended, *(settling[0] if settling else ())]
+                    ready.extend(await self.pool.fetch(_DUE, self.agency, busy, READY_AHEAD))
+                while room > 0 and ready:
+                    row = ready.popleft()
+                    posting[row["subject"]] = asyncio.create_task(self._attempt(client, endpoint, row))
+                    room -= 1
                 self._queued.clear()
                 woken = asyncio.create_task(self._queued.wait())
                 stopping = asyncio.create_task(stop.wait())
                 try:
                     await asyncio.wait(
-                        [woken, stopping, *in_flight.values()],
+                        [woken, stopping, *posting.values(), *([settling[1]] if settling else [])],
                         timeout=IDLE_POLL_SECONDS,
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                 finally:
                     woken.cancel()
                     stopping.cancel()
-                for subject, task in list(in_flight.items()):
-                    if task.done():
-                        del in_flight[subject]
-                        task.result()  # an attempt that could not even be recorded stops the bridge
+                for subject in [subject for subject, task in posting.items() if task.done()]:
+                    ended[subject] = posting.pop(subject).result()
+                if settling is not None and settling[1].done():
+                    # A settlement that failed (Kafka or PostgreSQL away) stops the bridge, and it
+                    # restarts: those deliveries are still pending and are attempted again.
+                    settling[1].result()
+                    settling = None
+                if settling is None and ended:
+                    settling = (
+                        set(ended),
+                        asyncio.create_task(self._settle(producer, endpoint, list(ended.values()))),
+                    )
+                    ended = {}
         finally:
-            if in_flight:  # each ends within the attempt's timeout
-                await asyncio.gather(*in_flight.values(), return_exceptions=True)
+            # Each ends within the attempt's timeout; one not settled is attempted again.
+            await asyncio.gather(
+                *posting.values(), *([settling[1]] if settling else []), return_exceptions=True
+            )
 
-    async def _attempt(
-        self,
-        client: httpx.AsyncClient,
-        producer: kafka.AIOKafkaProducer,
-        endpoint: Endpoint,
-        row: asyncpg.Record,
-    ) -> None:
+    async def _attempt(self, client: httpx.AsyncClient, endpoint: Endpoint, row: asyncpg.Record) -> Attempted:
+        """POST one delivery; what happened (nothing is written here)."""
         event_id: uuid.UUID = row["event_id"]
-        attempt = row["attempts"] + 1
         value = self.sealer.open(row["value"], _sealed_for(self.agency, event_id))
-        forwarded = [(name, text) for name, text in json.loads(row["headers"])]
         started_at = datetime.now(UTC)
         began = time.monotonic()
-        status_code: int | None = None
         try:
             body, content_type = requests.body(value, endpoint.payload_format)
         except NotDeliverable as exc:
-            await self._give_up(producer, row, value, attempt, started_at, 0, None, str(exc))
-            return
+            return Attempted(row, value, started_at, 0, None, str(exc), final=True)
         headers = requests.http_headers(
-            forwarded,
+            [(name, text) for name, text in json.loads(row["headers"])],
             content_type=content_type,
             webhook_id=str(event_id),
             body=body,
             secrets=endpoint.secrets,
             now=started_at,
         )
+        status_code: int | None = None
         try:
             async with client.stream("POST", endpoint.url, content=body, headers=headers) as answer:
-                status_code = answer.status_code  # the body is never read: it could be anything
+                status_code = answer.status_code
+                # Read (and drop) a short answer, so its connection is kept for the next request;
+                # stop at a long one (its connection is then closed).
+                read = 0
+                async for chunk in answer.aiter_raw():
+                    read += len(chunk)
+                    if read > MAX_ANSWER:
+                        break
             error = None if 200 <= status_code < 300 else f"answered HTTP {status_code}"
         except httpx.TimeoutException:
             error = f"no answer within {self.settings.webhook_timeout_seconds:g} s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {str(exc)[:MAX_ERROR]}" if str(exc) else type(exc).__name__
         latency_ms = round((time.monotonic() - began) * 1000)
-        if error is None:
-            self.breaker.succeeded()
-            await self._delivered(producer, row, attempt, started_at, latency_ms, status_code)
-            return
-        self.breaker.failed(time.monotonic())
+        return Attempted(row, value, started_at, latency_ms, status_code, error)
+
+    async def _settle(
+        self, producer: kafka.AIOKafkaProducer, endpoint: Endpoint, ended: list[Attempted]
+    ) -> None:
+        """Record attempts that ended: for those the endpoint took, their RECEIVED receipts
+        first (should that fail, they are POSTed again, and the endpoint knows them by their
+        webhook-id), then, in one transaction, every attempt and where each delivery is now."""
         now = datetime.now(UTC)
-        if now - row["queued_at"] >= endpoint.retry_window:
-            await self._give_up(producer, row, value, attempt, started_at, latency_ms, status_code, error)
-            return
-        retry_at = now + timedelta(seconds=self.policy.delay(attempt))
+        delivered = [a for a in ended if a.error is None]
+        failed = [a for a in ended if a.error is not None]
+        for attempt in failed:
+            if attempt.error is not None and not attempt.final:
+                self.breaker.failed(time.monotonic())
+        if delivered:
+            self.breaker.succeeded()
+            issued_at = datetime.now(UTC)
+            template = self.receipts.headers(issued_at)
+            messages = [
+                self.receipts.message(
+                    Receipt(str(a.event_id), "RECEIVED", None),
+                    key=a.row["subject"].encode(),
+                    repeat_at=None,
+                    issued_at=issued_at,
+                    received_at=a.started_at,
+                    headers=template,
+                )
+                for a in delivered
+            ]
+            await asyncio.gather(
+                *await kafka.send_many(producer, self.topics.receipts(self.agency), messages)
+            )
+        given_up = [a for a in failed if a.final or now - a.row["queued_at"] >= endpoint.retry_window]
+        gone = {id(a) for a in given_up}
+        retried = [a for a in failed if id(a) not in gone]
+        if given_up:
+            await self._dead_letters(producer, [(self._as_read(a), self._why(a)) for a in given_up])
+        retry_at = [now + timedelta(seconds=self.policy.delay(a.number)) for a in retried]
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
-                _LOG_ATTEMPT,
+                _LOG_ATTEMPTS,
                 self.agency,
-                event_id,
-                attempt,
-                started_at,
-                latency_ms,
-                status_code,
-                error,
-                False,
+                [a.event_id for a in ended],
+                [a.number for a in ended],
+                [a.started_at for a in ended],
+                [a.latency_ms for a in ended],
+                [a.status_code for a in ended],
+                [None if a.error is None else a.error[:500] for a in ended],
+                [a.error is None for a in ended],
             )
-            await conn.execute(
-                "UPDATE webhook_delivery SET attempts = $3, next_attempt_at = $4"
-                " WHERE agency = $1 AND event_id = $2",
-                self.agency,
-                event_id,
-                attempt,
-                retry_at,
+            if delivered or given_up:
+                await conn.execute(
+                    _FINISH,
+                    self.agency,
+                    [a.event_id for a in delivered + given_up],
+                    [a.number for a in delivered + given_up],
+                    ["delivered"] * len(delivered) + ["dead"] * len(given_up),
+                )
+            if retried:
+                await conn.execute(
+                    _RETRY, self.agency, [a.event_id for a in retried], [a.number for a in retried], retry_at
+                )
+            if given_up:  # flagged overdue now rather than at the receipt deadline
+                await conn.execute(
+                    "INSERT INTO receipt_overdue (event_id, agency, delivered_at, due_at)"
+                    " SELECT e, $1, q, now() FROM unnest($2::uuid[], $3::timestamptz[]) AS g(e, q)"
+                    " ON CONFLICT DO NOTHING",
+                    self.agency,
+                    [a.event_id for a in given_up],
+                    [a.row["queued_at"] for a in given_up],
+                )
+        for outcome, group in (("delivered", delivered), ("failed", retried), ("given_up", given_up)):
+            if group:
+                WEBHOOK_ATTEMPTS.labels(agency=self.agency, outcome=outcome).inc(len(group))
+        if delivered:
+            log.debug("webhooks_delivered", agency=self.agency, deliveries=len(delivered))
+        for a, when in zip(retried, retry_at, strict=True):
+            log.warning(
+                "webhook_attempt_failed",
+                agency=self.agency,
+                event_id=str(a.event_id),
+                attempt=a.number,
+                error=a.error,
+                retry_in_seconds=round((when - now).total_seconds(), 1),
+                circuit=self.breaker.state,
             )
-        WEBHOOK_ATTEMPTS.labels(agency=self.agency, outcome="failed").inc()
-        log.warning(
-            "webhook_attempt_failed",
-            agency=self.agency,
-            event_id=str(event_id),
-            attempt=attempt,
-            error=error,
-            retry_in_seconds=round((retry_at - now).total_seconds(), 1),
-            circuit=self.breaker.state,
-        )
+        for a in given_up:
+            log.warning(
+                "webhook_given_up",
+                agency=self.agency,
+                event_id=str(a.event_id),
+                attempts=a.number,
+                error=a.error,
+            )
 
-    async def _delivered(
-        self,
-        producer: kafka.AIOKafkaProducer,
-        row: asyncpg.Record,
-        attempt: int,
-        started_at: datetime,
-        latency_ms: int,
-        status_code: int | None,
-    ) -> None:
-        """The endpoint has the event: its RECEIVED receipt first (should that fail, the
-        event is POSTed again, and the endpoint knows it by its webhook-id), then the log."""
-        event_id: uuid.UUID = row["event_id"]
-        issued_at = datetime.now(UTC)
-        message = self.receipts.message(
-            Receipt(str(event_id), "RECEIVED", None),
-            key=row["subject"].encode(),
-            repeat_at=None,
-            issued_at=issued_at,
-            received_at=started_at,
-            headers=self.receipts.headers(issued_at),
-        )
-        await asyncio.gather(*await kafka.send_many(producer, self.topics.receipts(self.agency), [message]))
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                _LOG_ATTEMPT, self.agency, event_id, attempt, started_at, latency_ms, status_code, None, True
-            )
-            await conn.execute(
-                "UPDATE webhook_delivery SET status = 'delivered', attempts = $3, finished_at = now(),"
-                " value = NULL WHERE agency = $1 AND event_id = $2",
-                self.agency,
-                event_id,
-                attempt,
-            )
-        WEBHOOK_ATTEMPTS.labels(agency=self.agency, outcome="delivered").inc()
-        log.info("webhook_delivered", agency=self.agency, event_id=str(event_id), attempt=attempt)
+    @staticmethod
+    def _why(attempt: Attempted) -> str:
+        if attempt.final:
+            return f"it cannot be sent as a webhook: {attempt.error}"
+        return f"the webhook endpoint did not take it after {attempt.number} attempts (last: {attempt.error})"
 
-    async def _give_up(
-        self,
-        producer: kafka.AIOKafkaProducer,
-        row: asyncpg.Record,
-        value: bytes,
-        attempt: int,
-        started_at: datetime,
-        latency_ms: int,
-        status_code: int | None,
-        error: str,
-    ) -> None:
-        """No more attempts: the message to the agency's dead letters, as it was read, and
-        its receipt flagged overdue now rather than at its deadline."""
-        event_id: uuid.UUID = row["event_id"]
-        record: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+    def _as_read(self, attempt: Attempted) -> ConsumerRecord[bytes, bytes]:
+        """The message as it was read from the agency's topic (for its dead letter)."""
+        row = attempt.row
+        return ConsumerRecord(
             topic=self.topics.agency(self.agency),
             partition=row["source_partition"],
             offset=row["source_offset"],
             timestamp=0,
             timestamp_type=0,
             key=row["subject"].encode(),
-            value=value,
+            value=attempt.value,
             checksum=None,
             serialized_key_size=-1,
             serialized_value_size=-1,
             headers=[(name, text.encode()) for name, text in json.loads(row["headers"])],
-        )
-        reason = f"the webhook endpoint did not take it after {attempt} attempts (last: {error})"
-        await self._dead_letters(producer, [(record, reason)])
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                _LOG_ATTEMPT,
-                self.agency,
-                event_id,
-                attempt,
-                started_at,
-                latency_ms,
-                status_code,
-                error[:500],
-                False,
-            )
-            await conn.execute(
-                "UPDATE webhook_delivery SET status = 'dead', attempts = $3, finished_at = now(),"
-                " value = NULL"
-                " WHERE agency = $1 AND event_id = $2",
-                self.agency,
-                event_id,
-                attempt,
-            )
-            await conn.execute(
-                "INSERT INTO receipt_overdue (event_id, agency, delivered_at, due_at)"
-                " VALUES ($1, $2, $3, now()) ON CONFLICT DO NOTHING",
-                event_id,
-                self.agency,
-                row["queued_at"],
-            )
-        WEBHOOK_ATTEMPTS.labels(agency=self.agency, outcome="given_up").inc()
-        log.warning(
-            "webhook_given_up", agency=self.agency, event_id=str(event_id), attempts=attempt, error=error
         )

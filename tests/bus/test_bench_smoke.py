@@ -117,6 +117,19 @@ def test_agencies_receipt_every_event_in_both_parts(tmp_path: Path) -> None:
     assert "tuo run" in " ".join(figures["cpu"]["processes"])  # the bus's own process, measured
 
 
+@pytest.mark.integration
+def test_webhooks_deliver_every_event_both_ways(tmp_path: Path) -> None:
+    run = bench(tmp_path, "--only", "webhooks")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    figures = recorded(tmp_path, "webhooks")
+    events = SMOKE["webhooks"]["events"]
+    assert figures["sent"] == figures["arrived"] == events
+    assert figures["bare"] == {"sent": events, "arrived": events}
+    assert figures["attempts"] >= events
+    assert_every_key(figures)
+    assert "webhook bridge" in (tmp_path / "results.md").read_text()
+
+
 # The checks themselves, without a stack.
 
 

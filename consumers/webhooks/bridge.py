@@ -9,7 +9,8 @@ survive a restart, as Open Notificaties keeps them):
   in one statement (one row per event id: a copy already queued is not queued again,
   one given up on is queued afresh), and only then commits the offsets.
 - **Delivering.** It POSTs the first pending delivery of each subject, at most the
-  endpoint's ``max_in_flight`` at once, so one person's events arrive in order. Every
+  endpoint's ``max_in_flight`` at once, so one person's events arrive in order. One
+  bridge per agency delivers (an advisory lock); another waits to take over. Every
   attempt is logged (time, latency, status code or error). A 2xx answer is the agency's
   receipt that it has the event: a ``RECEIVED`` receipt goes to the agency's receipt
   topic, and the sealed copy of the event is dropped. Any other answer, a timeout or a
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import ssl
 import time
@@ -57,6 +59,7 @@ MAX_BATCH = 1000
 IDLE_POLL_SECONDS = 1.0  # how often the dispatcher looks for retries fallen due
 READY_AHEAD = 200  # due deliveries read at a time
 ENDPOINT_REFRESH_SECONDS = 5.0  # a changed endpoint, limit or secret is used within this
+STANDBY_POLL_SECONDS = 2.0  # how often a second bridge for an agency tries to take over
 MAX_ERROR = 200
 MAX_ANSWER = 64 * 1024  # bytes of an endpoint's answer read, at most; none are kept
 
@@ -262,6 +265,26 @@ class WebhookBridge:
     # --- delivering ----------------------------------------------------------------------------
 
     async def _deliver(
+        self, client: httpx.AsyncClient, producer: kafka.AIOKafkaProducer, stop: asyncio.Event
+    ) -> None:
+        """Deliver, while this bridge is the agency's only one delivering: it holds an
+        advisory lock on a connection of its own (a second bridge queues, and waits to take
+        over; the lock goes with the connection, as the relay's does)."""
+        async with self.pool.acquire() as conn:
+            waiting = False
+            while not await conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtext($1))", f"webhooks:{self.agency}"
+            ):
+                if not waiting:
+                    log.info("webhook_delivery_standby", agency=self.agency, reason="another bridge delivers")
+                    waiting = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), STANDBY_POLL_SECONDS)
+                if stop.is_set():
+                    return
+            await self._deliver_while_locked(client, producer, stop)
+
+    async def _deliver_while_locked(
         self, client: httpx.AsyncClient, producer: kafka.AIOKafkaProducer, stop: asyncio.Event
     ) -> None:
         """Keep up to the endpoint's limit of POSTs in flight. Attempts that end are settled

@@ -12,7 +12,7 @@ import contextlib
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,9 +52,11 @@ TIMEOUT_SECONDS = 1.0  # the bridge's per-attempt timeout here; a hanging endpoi
 
 @dataclass
 class Faults:
-    """What the endpoint does instead of answering: 'ok', '500' or 'hang'."""
+    """What the endpoint does instead of answering: 'ok', '500' or 'hang'; and the
+    requests it was sent, by webhook-id."""
 
     mode: str = "ok"
+    requests: Counter[str] = field(default_factory=Counter)
 
 
 class Applied:
@@ -69,6 +71,8 @@ class Applied:
 
 def _faulty(app: Any, faults: Faults) -> Any:
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            faults.requests[dict(scope["headers"]).get(b"webhook-id", b"").decode()] += 1
         if scope["type"] == "http" and faults.mode == "500":
             await send({"type": "http.response.start", "status": 500, "headers": []})
             await send({"type": "http.response.body", "body": b"down for maintenance"})
@@ -337,6 +341,22 @@ async def test_an_endpoint_down_then_back_gets_every_event_once_and_every_attemp
             uuid.UUID(event_ids[0]),
         )
         assert count == len([r for r in rows if str(r["event_id"]) == event_ids[0]])
+
+
+async def test_a_second_bridge_for_the_agency_waits_and_no_event_is_posted_twice(
+    services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    async with webhook_agency(services, pool, tmp_path, str(intake.base_url)) as agency:
+        stop = asyncio.Event()
+        second = asyncio.create_task(WebhookBridge(agency.settings, pool, agency.name).run(stop))
+        try:
+            event_ids = [(await _register_death(intake))["event_id"] for _ in range(4)]
+            await _until_all(pool, agency.name, event_ids, "delivered", timeout=60)
+        finally:
+            stop.set()
+            await second
+        assert {e: agency.faults.requests[e] for e in event_ids} == dict.fromkeys(event_ids, 1)
+        assert agency.applied.times == dict.fromkeys(event_ids, 1)
 
 
 async def test_an_endpoint_down_past_the_retry_window_leaves_a_dead_letter_and_an_overdue_flag(

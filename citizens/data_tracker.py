@@ -287,7 +287,8 @@ class Delivery:
 
     agency: str
     agency_name: str
-    # delivered | withheld_no_consent | withheld_no_subscription | withheld_area_unknown | blocked
+    # delivered | withheld_no_consent | withheld_no_subscription | withheld_area_unknown
+    # | withheld_not_of_interest | blocked
     decision: str
     told: bool
     why: str
@@ -327,6 +328,9 @@ WHY_WORDS = {
     "withheld_no_consent": N_("Not told: they may only be told with consent, and consent was not given."),
     "withheld_no_subscription": N_("Not told: they do not receive this kind of information."),
     "withheld_area_unknown": N_("Not told: we could not work out which council the address is in."),
+    "withheld_not_of_interest": N_(
+        "Not told: they hear only about people they hold records for, and you are not one."
+    ),
     "blocked": N_("Not told: the rules forbid sharing this with them, whatever anyone agrees."),
 }
 

@@ -11,6 +11,9 @@ feed of what was delivered to them, behind OAuth2 client credentials.
 ``GET /v1/agency/events``  what was delivered to the caller's agency since a time, in
                            order, with the receipt it has sent for each: to reconcile
                            after an outage.
+``POST /v1/agency/interest``  register (or withdraw) the people the agency holds records
+                           for, by NINO (``router.interest``): a subscription scoped to
+                           registered subjects tells it only of them.
 
 Every endpoint acts for the agency the token was issued to and no other: a receipt is
 always the caller's own, and only for an event delivered to it; the feed is only its
@@ -24,6 +27,7 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
@@ -38,10 +42,12 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from router.interest import MAX_PER_REQUEST, NotANino, change_interest, interest_count, subject_ids
 from router.tracker import store_receipt
 from runtime.access import AGENCY_NAME
+from runtime.settings import Settings
 
-SCOPES = ("receipts:write", "events:read")
+SCOPES = ("receipts:write", "events:read", "interest:write")
 TOKEN_SECONDS = 3600
 MAX_FORM = 4096
 FEED_PAGE = 500
@@ -252,6 +258,25 @@ def _printable(reason: str | None) -> str | None:
     return reason
 
 
+class InterestIn(BaseModel):
+    """People to register an interest in, and to withdraw, by National Insurance number."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    registering: list[Annotated[str, Field(max_length=20)]] = Field(
+        default_factory=list, max_length=MAX_PER_REQUEST, alias="register"
+    )
+    withdrawing: list[Annotated[str, Field(max_length=20)]] = Field(
+        default_factory=list, max_length=MAX_PER_REQUEST, alias="withdraw"
+    )
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> InterestIn:
+        if not self.registering and not self.withdrawing:
+            raise ValueError("give NINOs to register or to withdraw")
+        return self
+
+
 class ReceiptIn(BaseModel):
     """A delivery receipt: what the agency did with one event delivered to it."""
 
@@ -273,7 +298,7 @@ class ReceiptIn(BaseModel):
         return self
 
 
-def agency_api(pool: asyncpg.Pool) -> APIRouter:
+def agency_api(pool: asyncpg.Pool, pseudonym_key: Callable[[], bytes]) -> APIRouter:
     router = APIRouter(tags=["agencies"])
 
     @router.post("/oauth/token", include_in_schema=False)
@@ -325,8 +350,10 @@ def agency_api(pool: asyncpg.Pool) -> APIRouter:
             agency = await _caller(pool, request, "receipts:write")
         except Refused as refused:
             return refused.response
+        # The router's decision, or (stored sooner, before the POST) the webhook bridge's queue.
         delivered = await pool.fetchval(
-            "SELECT 1 FROM routing_decision WHERE event_id = $1 AND agency = $2 AND outcome = 'DELIVERED'",
+            "SELECT 1 FROM routing_decision WHERE event_id = $1 AND agency = $2 AND outcome = 'DELIVERED'"
+            " UNION ALL SELECT 1 FROM webhook_delivery WHERE event_id = $1 AND agency = $2 LIMIT 1",
             receipt.event_id,
             agency,
         )
@@ -397,8 +424,35 @@ def agency_api(pool: asyncpg.Pool) -> APIRouter:
             body["next"] = {"since": last["decided_at"].isoformat(), "after": str(last["event_id"])}
         return JSONResponse(body)
 
+    @router.post("/v1/agency/interest")
+    async def change_interest_in_people(change: InterestIn, request: Request) -> JSONResponse:
+        """Register or withdraw the people the caller's agency wants to hear about."""
+        try:
+            agency = await _caller(pool, request, "interest:write")
+        except Refused as refused:
+            return refused.response
+        try:
+            key = pseudonym_key()
+            register, withdraw = subject_ids(change.registering, key), subject_ids(change.withdrawing, key)
+        except NotANino as exc:
+            return _problem(422, "Not National Insurance numbers", str(exc))
+        if set(register) & set(withdraw):
+            return _problem(
+                422, "Both at once", "A person cannot be registered and withdrawn in one request."
+            )
+        done = await change_interest(pool, agency, register=register, withdraw=withdraw, by=f"api:{agency}")
+        return JSONResponse(
+            {
+                "agency": agency,
+                "registered": done.registered,
+                "withdrawn": done.withdrawn,
+                "unchanged": done.unchanged,
+                "registered_now": await interest_count(pool, agency),
+            }
+        )
+
     return router
 
 
-def install_agency_api(app: FastAPI, pool: asyncpg.Pool) -> None:
-    app.include_router(agency_api(pool))
+def install_agency_api(app: FastAPI, pool: asyncpg.Pool, settings: Settings) -> None:
+    app.include_router(agency_api(pool, settings.require_pseudonym_key))

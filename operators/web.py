@@ -35,7 +35,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
         install_privacy_notice(app, lambda: app.state.intake.pool)
         if pool is not None:
             install_informant_journey(app, settings, pool, _through_intake(app))
-            install_agency_api(app, pool)  # agencies on HTTPS: receipts and their feed
+            install_agency_api(app, pool, settings)  # agencies on HTTPS: receipts and their feed
         if settings.oidc_issuer and pool is not None:
             install_citizen_sign_in(app, settings, pool)
             install_citizen_pages(app, settings, pool)

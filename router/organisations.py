@@ -163,6 +163,10 @@ def _in_words(
         )
     if decision == "blocked":
         return AgencyStatus(agency, name, "Not told", "grey", "The law does not allow telling them.", True)
+    if decision == "withheld_not_of_interest":
+        return AgencyStatus(
+            agency, name, "Not told", "grey", "They hear only about people they hold records for.", True
+        )
     if decision == "withheld_area_unknown":
         return AgencyStatus(
             agency,

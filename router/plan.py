@@ -60,7 +60,13 @@ from router.rules import (
     decide,
     decide_follow_up,
 )
-from router.store import OriginalEvent, current_consent, load_subscriptions, original_deliveries
+from router.store import (
+    OriginalEvent,
+    current_consent,
+    load_subscriptions,
+    original_deliveries,
+    registered_interest,
+)
 from runtime.dead_letters import dead_letter
 from runtime.kafka import Topics
 from runtime.keyring import KeyRing
@@ -101,9 +107,15 @@ class DecisionInputs:
     subscriptions: list[Subscription]
     originals: dict[str, OriginalEvent]  # by event id, for corrections, voids and redeliveries
     consent: dict[tuple[str, str], dict[str, ConsentState]]  # (subject, type) → agency → choice
+    # subject → the agencies that registered an interest in it (read only when a
+    # subscription is scoped to registered subjects)
+    interest: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def consent_for(self, subject_id: str, event_type: str) -> Mapping[str, ConsentState]:
         return self.consent.get((subject_id, event_type), {})
+
+    def interested_in(self, subject_id: str) -> frozenset[str]:
+        return self.interest.get(subject_id, frozenset())
 
 
 async def verify_signatures(keys: KeyRing, incoming: Sequence[Incoming]) -> list[UnroutableEvent | None]:
@@ -148,7 +160,10 @@ async def read_inputs(
     ]
     originals = await originals_of(conn, wanted) if wanted else {}
     consent = await current_consent(conn, [(i.event.subject_id, _judged_as(i, originals)) for i in incoming])
-    return DecisionInputs(now, subscriptions, originals, consent)
+    interest: dict[str, frozenset[str]] = {}
+    if any(s.condition.registered_subjects for s in subscriptions):
+        interest = await registered_interest(conn, {i.event.subject_id for i in incoming})
+    return DecisionInputs(now, subscriptions, originals, consent, interest)
 
 
 def decide_on(incoming: Decidable, inputs: DecisionInputs) -> list[RoutingDecision]:
@@ -160,6 +175,7 @@ def decide_on(incoming: Decidable, inputs: DecisionInputs) -> list[RoutingDecisi
         inputs.consent_for(event.subject_id, event.event_type),
         inputs.now,
         POLICY,
+        inputs.interested_in(event.subject_id),
     )
 
 

@@ -28,6 +28,9 @@ class Outcome(StrEnum):
     # A council's condition could not be decided: an address's postcode is not in the
     # ONS Postcode Directory, so its local authority is unknown.
     WITHHELD_AREA_UNKNOWN = "WITHHELD_AREA_UNKNOWN"
+    # The subscription covers only the people the agency registered an interest in (its
+    # afnemersindicatie, as the Dutch BRP calls it), and this subject is not one of them.
+    WITHHELD_NOT_OF_INTEREST = "WITHHELD_NOT_OF_INTEREST"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Condition:
 
     local_authorities: frozenset[str] = frozenset()  # GSS codes, e.g. "E08000032" (Bradford)
     postcode_areas: frozenset[str] = frozenset()  # outward-code prefixes, e.g. "LS", "BD1"
+    # Only the subjects the agency registered an interest in (``agency_interest``).
+    registered_subjects: bool = False
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> Condition:
@@ -52,10 +57,11 @@ class Condition:
         return cls(
             local_authorities=frozenset(str(c).strip().upper() for c in data.get("local_authorities", [])),
             postcode_areas=frozenset(str(p).upper().replace(" ", "") for p in data.get("postcode_areas", [])),
+            registered_subjects=data.get("registered_subjects") is True,
         )
 
-    def to_json(self) -> dict[str, list[str]] | None:
-        found = {
+    def to_json(self) -> dict[str, Any] | None:
+        found: dict[str, Any] = {
             name: sorted(values)
             for name, values in (
                 ("local_authorities", self.local_authorities),
@@ -63,6 +69,8 @@ class Condition:
             )
             if values
         }
+        if self.registered_subjects:
+            found["registered_subjects"] = True
         return found or None
 
     def holds_for(self, event: RoutableEvent) -> bool:
@@ -92,6 +100,8 @@ class Condition:
             parts.append("local authority " + ", ".join(sorted(self.local_authorities)))
         if self.postcode_areas:
             parts.append("postcode area " + ", ".join(sorted(self.postcode_areas)))
+        if self.registered_subjects:
+            parts.append("registered subjects only")
         return "; ".join(parts) or "always"
 
 
@@ -180,9 +190,11 @@ def decide(
     consent: Mapping[str, ConsentState],
     at: datetime,
     policy: Iterable[PolicyBlock] = (),
+    interested: frozenset[str] = frozenset(),
 ) -> list[RoutingDecision]:
     """One decision per agency that has any subscription; ``consent`` maps agency
-    to the subject's current choice for this event type."""
+    to the subject's current choice for this event type; ``interested`` names the
+    agencies that registered an interest in the subject."""
     blocks = list(policy)
     by_agency: dict[str, Subscription | None] = {}
     area_unknown: set[str] = set()
@@ -202,6 +214,8 @@ def decide(
             decisions.append(_withheld(event, agency, Outcome.WITHHELD_AREA_UNKNOWN, None))
         elif covering is None:
             decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_SUBSCRIPTION, None))
+        elif covering.condition.registered_subjects and agency not in interested:
+            decisions.append(_withheld(event, agency, Outcome.WITHHELD_NOT_OF_INTEREST, None))
         elif covering.legal_basis == "consent" and consent.get(agency) != "given":
             decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_CONSENT, "consent"))
         else:

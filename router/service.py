@@ -86,6 +86,7 @@ _REASONS = {
     Outcome.WITHHELD_NO_CONSENT: "no_consent",
     Outcome.WITHHELD_NO_SUBSCRIPTION: "no_subscription",
     Outcome.WITHHELD_AREA_UNKNOWN: "area_unknown",
+    Outcome.WITHHELD_NOT_OF_INTEREST: "not_of_interest",
     Outcome.BLOCKED: "blocked",
 }
 

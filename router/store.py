@@ -35,6 +35,18 @@ async def load_subscriptions(conn: asyncpg.Pool | asyncpg.Connection) -> list[Su
     ]
 
 
+async def registered_interest(
+    conn: asyncpg.Pool | asyncpg.Connection, subjects: Iterable[str]
+) -> dict[str, frozenset[str]]:
+    """subject → the agencies with a live registration of interest in it."""
+    rows = await conn.fetch(
+        "SELECT subject_id, array_agg(agency) AS agencies FROM agency_interest"
+        " WHERE subject_id = ANY($1::text[]) AND withdrawn_at IS NULL GROUP BY subject_id",
+        sorted(set(subjects)),
+    )
+    return {r["subject_id"]: frozenset(r["agencies"]) for r in rows}
+
+
 async def current_consent(
     conn: asyncpg.Pool | asyncpg.Connection, pairs: Iterable[tuple[str, str]]
 ) -> dict[tuple[str, str], dict[str, ConsentState]]:

@@ -47,6 +47,8 @@ class SubscriptionRequest(BaseModel):
     # A council's: the GSS codes of its local authorities. (Postcode areas, the older kind of
     # condition, cannot be added any more: they cross council boundaries.)
     local_authorities: list[LocalAuthorityCode] = Field(default_factory=list, max_length=50)
+    # Only the people the agency registered an interest in (`tuo agencies interest`).
+    registered_subjects: bool = False
 
     @field_validator("event_type")
     @classmethod
@@ -74,5 +76,8 @@ class SubscriptionRequest(BaseModel):
             "legal_basis": self.basis,
             "statute": self.statute,
             "fields": sorted(set(self.fields)),
-            "condition": Condition(local_authorities=frozenset(self.local_authorities)).to_json(),
+            "condition": Condition(
+                local_authorities=frozenset(self.local_authorities),
+                registered_subjects=self.registered_subjects,
+            ).to_json(),
         }

@@ -33,6 +33,7 @@ DecisionOutcome = Literal[
     "BLOCKED",
     "UNKNOWN",
     "WITHHELD_AREA_UNKNOWN",
+    "WITHHELD_NOT_OF_INTEREST",
 ]
 ConsentChoice = Literal["GIVEN", "REFUSED", "WITHDRAWN", "UNKNOWN"]
 ConsentRecorder = Literal["INFORMANT", "CITIZEN", "PROXY", "UNKNOWN"]

@@ -4,6 +4,7 @@ and their OAuth2 clients for the HTTPS API."""
 from __future__ import annotations
 
 import getpass
+from pathlib import Path
 from typing import Annotated
 
 import asyncpg
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from consumers import agency_api
 from operators.cli.shared import command_settings, console, fail, with_pool
+from router import interest
 from runtime import access
 from runtime.kafka_admin import KafkaAdminError
 
@@ -156,3 +158,54 @@ def agencies_revoke_client(
     ):
         raise fail(f"no live client {client_id!r}")
     console.print(f"Revoked {client_id}; its tokens no longer work.")
+
+
+@agencies_app.command("interest")
+def agencies_interest(
+    agency: Annotated[str, typer.Argument(help="Agency code")],
+    file: Annotated[
+        Path,
+        typer.Option(
+            "--file",
+            exists=True,
+            dir_okay=False,
+            help="A NINO per line (blank lines and # comments skipped).",
+        ),
+    ],
+    withdraw: Annotated[bool, typer.Option("--withdraw", help="Withdraw these people instead.")] = False,
+    by: Annotated[str, typer.Option(help="Who asks (recorded).")] = "",
+) -> None:
+    """Register the people an agency holds records for (or withdraw them): a subscription
+    added with --registered-only then tells it only of them. The NINOs are turned into
+    pseudonymous subject ids and not kept."""
+    settings = command_settings()
+    lines = [line.split("#", 1)[0].strip() for line in file.read_text(errors="replace").splitlines()]
+    ninos = [line for line in lines if line]
+    if not ninos:
+        raise fail(f"{file} holds no NINOs")
+    if len(ninos) > interest.MAX_PER_REQUEST * 10:
+        raise fail(
+            f"{file} holds {len(ninos):,} NINOs; give at most {interest.MAX_PER_REQUEST * 10:,} at a time"
+        )
+    try:
+        subjects = interest.subject_ids(ninos, settings.require_pseudonym_key())
+    except interest.NotANino as exc:
+        raise fail(f"{file}: {exc}") from exc
+
+    async def change(pool: asyncpg.Pool) -> tuple[interest.InterestChange, int]:
+        if await pool.fetchval("SELECT status FROM agency_account WHERE agency = $1", agency) is None:
+            raise fail(f"no agency {agency!r} is onboarded; see `tuo agencies add`")
+        done = await interest.change_interest(
+            pool,
+            agency,
+            register=[] if withdraw else subjects,
+            withdraw=subjects if withdraw else [],
+            by=by.strip() or getpass.getuser(),
+        )
+        return done, await interest.interest_count(pool, agency)
+
+    done, now = with_pool(change)
+    console.print(
+        f"{agency}: {done.registered} registered, {done.withdrawn} withdrawn, {done.unchanged} unchanged;"
+        f" {now} registered now."
+    )

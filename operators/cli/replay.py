@@ -39,6 +39,7 @@ WITHHELD_LABELS = {
     "WITHHELD_NO_CONSENT": "no consent today",
     "WITHHELD_NO_SUBSCRIPTION": "not subscribed today",
     "WITHHELD_AREA_UNKNOWN": "area unknown (postcode not in the directory)",
+    "WITHHELD_NOT_OF_INTEREST": "not of interest (not registered by the agency)",
     "BLOCKED": "blocked by policy",
     replay.UNROUTABLE: "not routable (see `tuo dlq list`)",
     replay.VOIDED: "voided (never replayed)",

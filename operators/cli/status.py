@@ -50,6 +50,7 @@ DECISION_LABELS = {
     "withheld_no_consent": "withheld: no consent",
     "withheld_no_subscription": "not subscribed",
     "withheld_area_unknown": "withheld: area unknown",
+    "withheld_not_of_interest": "withheld: not of interest",
     "blocked": "blocked by policy",
 }
 

@@ -64,6 +64,14 @@ def subscriptions_add(
             " e.g. E06000014 for York"
         ),
     ] = None,
+    registered_only: Annotated[
+        bool,
+        typer.Option(
+            "--registered-only",
+            help="Only the people the agency registered an interest in (`tuo agencies interest`);"
+            " everyone else is withheld as not of interest",
+        ),
+    ] = False,
 ) -> None:
     """Add or replace an agency's subscription to an event type (active at once)."""
     try:
@@ -74,6 +82,7 @@ def subscriptions_add(
             statute=statute,
             fields=field,
             local_authorities=local_authority or [],
+            registered_subjects=registered_only,
         )
     except ValidationError as exc:
         raise fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc

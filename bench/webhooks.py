@@ -35,7 +35,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-from cryptography.hazmat.primitives import serialization
 
 from bench.proof import prove
 from bench.scratch import BENCH_USER, ScratchStack, deploy_bus, scratch_stack
@@ -43,7 +42,7 @@ from consumers import DeliveredEvent, KeyRing
 from consumers.webhook_agency import create_receiver
 from consumers.webhooks import WebhookBridge, set_endpoint
 from consumers.webhooks.requests import AVRO, forwarded_headers, http_headers
-from devstack.certificates import issue_certificate, new_certificate_authority
+from devstack.certificates import loopback_server_tls
 from devstack.processes import free_port
 from producers.office_keys import SigningKey
 from runtime import kafka
@@ -64,20 +63,6 @@ def _death(key: SigningKey) -> Message:
     subject = f"n-{uuid.uuid4().hex}"
     event_id, value, headers = death_message(subject, key=key)
     return event_id, subject, value, headers
-
-
-def _tls(directory: Path) -> tuple[Path, Path, Path]:
-    ca_key, ca = new_certificate_authority(datetime.now(UTC))
-    key, certificate = issue_certificate(ca_key, ca, "webhook-bench")
-    paths = directory / "webhook-ca.pem", directory / "webhook-cert.pem", directory / "webhook-key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return paths
 
 
 async def _applies(event: DeliveredEvent, conn: asyncpg.Connection) -> None:
@@ -173,7 +158,8 @@ async def measure(stack: ScratchStack, events: int, in_flight: int) -> dict[str,
         sealer = PayloadSealer.from_settings(settings)
         key = await office_key(pool, settings, OFFICE)
         await deploy_bus(settings, pool, [AGENCY])
-        ca, cert, tls_key = _tls(stack.state_dir)
+        tls = loopback_server_tls(stack.state_dir, "webhook-bench")
+        ca, cert, tls_key = tls.ca_file, tls.certificate_file, tls.key_file
         port = free_port()
         url = f"https://127.0.0.1:{port}/events"
         secret = await set_endpoint(pool, sealer, AGENCY, url, by="bench", max_in_flight=in_flight)

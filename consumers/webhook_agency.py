@@ -86,14 +86,16 @@ async def _body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _verified(secrets: Sequence[str], body: bytes, headers: dict[str, str]) -> bool:
+def _refusal(secrets: Sequence[str], body: bytes, headers: dict[str, str]) -> str | None:
+    """Why the Standard Webhooks signature does not hold with any of ``secrets`` (None: it holds)."""
+    why = "no secret"
     for secret in secrets:
         try:
             Webhook(secret).verify(body, headers, json_parse=False)
-            return True
-        except WebhookVerificationError:
-            continue
-    return False
+            return None
+        except WebhookVerificationError as exc:
+            why = str(exc)  # the library's words: missing headers, too old or new, no match
+    return why
 
 
 class ReceiptNotSent(RuntimeError):
@@ -176,8 +178,9 @@ def create_receiver(
         except _TooLarge:
             return _problem(413, "Too large", f"a webhook body is at most {MAX_BODY} bytes")
         headers = dict(request.headers)
-        if not _verified(secrets, body, headers):
-            return _problem(401, "Not signed", "the Standard Webhooks signature is missing, wrong or stale")
+        refused = _refusal(secrets, body, headers)
+        if refused is not None:
+            return _problem(401, "Not signed", f"the Standard Webhooks signature does not hold: {refused}")
         if headers.get("content-type", "").split(";")[0].strip() != AVRO:
             return _problem(415, "Not Avro", f"this receiver takes {AVRO} bodies")
         read = Read.of(

@@ -168,3 +168,35 @@ def ensure_broker_tls(directory: Path, keystore_password: str) -> BrokerTls:
     tls.ca_file.write_bytes(ca_certificate.public_bytes(serialization.Encoding.PEM))
     tls.ca_file.chmod(0o644)
     return tls
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """PEM files for an HTTPS server on loopback, and the CA its clients trust."""
+
+    ca_file: Path
+    certificate_file: Path
+    key_file: Path
+
+
+def loopback_server_tls(directory: Path, common_name: str) -> ServerTls:
+    """A fresh CA and a certificate it issued for localhost and 127.0.0.1, as PEM files in
+    ``directory`` (the key readable by its owner only): for a local HTTPS server, such as
+    a webhook receiver in the tests and benchmarks."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, ca_certificate = new_certificate_authority(now)
+    key, certificate = issue_certificate(ca_key, ca_certificate, common_name, now)
+    tls = ServerTls(
+        directory / f"{common_name}-ca.pem",
+        directory / f"{common_name}-cert.pem",
+        directory / f"{common_name}-key.pem",
+    )
+    tls.ca_file.write_bytes(ca_certificate.public_bytes(serialization.Encoding.PEM))
+    tls.certificate_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    _write_private(
+        tls.key_file,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
+    return tls

@@ -1,10 +1,11 @@
 """Agencies' registrations of interest in people (the Dutch BRP's afnemersindicatie).
 
 An agency registers the people it holds records for, by National Insurance number, and
-can withdraw them. Each NINO is turned into the pseudonymous subject id the bus keys
-that person's events by (``runtime.pseudonyms``) and only that id is kept. A
-subscription scoped to registered subjects (``Condition.registered_subjects``) tells the
-agency only of them; everyone else's events are withheld from it as not of interest.
+can withdraw them (a withdrawal deletes the registration). Each NINO is turned into the
+pseudonymous subject id the bus keys that person's events by (``runtime.pseudonyms``)
+and only that id is kept. A subscription scoped to registered subjects
+(``Condition.registered_subjects``) tells the agency only of them; everyone else's events
+are withheld from it as not of interest.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import asyncpg
+import structlog
 
 from runtime.pseudonyms import subject_id_for
 from schemas.validation import normalise_nino
+
+log = structlog.get_logger(__name__)
 
 MAX_PER_REQUEST = 10_000
 
@@ -31,7 +35,7 @@ class NotANino(ValueError):
 
 @dataclass(frozen=True)
 class InterestChange:
-    registered: int  # newly registered (or registered again after a withdrawal)
+    registered: int  # newly registered
     withdrawn: int  # registrations withdrawn now
     unchanged: int  # already as asked
 
@@ -58,28 +62,24 @@ async def change_interest(
         registered = await conn.fetchval(
             "WITH added AS ("
             " INSERT INTO agency_interest (agency, subject_id, registered_by) SELECT $1, s, $3"
-            "   FROM unnest($2::text[]) AS s"
-            " ON CONFLICT (agency, subject_id) DO UPDATE SET registered_at = now(), registered_by = $3,"
-            "   withdrawn_at = NULL, withdrawn_by = NULL WHERE agency_interest.withdrawn_at IS NOT NULL"
-            " RETURNING 1) SELECT count(*) FROM added",
+            "   FROM unnest($2::text[]) AS s ON CONFLICT DO NOTHING RETURNING 1)"
+            " SELECT count(*) FROM added",
             agency,
             register,
             by,
         )
+        # Withdrawn means forgotten: the agency no longer holds the record, so the bus no
+        # longer keeps that it did (how many, and by whom, go to the log).
         withdrawn = await conn.fetchval(
-            "WITH gone AS ("
-            " UPDATE agency_interest SET withdrawn_at = now(), withdrawn_by = $3"
-            "  WHERE agency = $1 AND subject_id = ANY($2::text[]) AND withdrawn_at IS NULL RETURNING 1)"
-            " SELECT count(*) FROM gone",
+            "WITH gone AS (DELETE FROM agency_interest WHERE agency = $1 AND subject_id = ANY($2::text[])"
+            " RETURNING 1) SELECT count(*) FROM gone",
             agency,
             withdraw,
-            by,
         )
+    log.info("interest_changed", agency=agency, registered=registered, withdrawn=withdrawn, by=by)
     return InterestChange(registered, withdrawn, len(register) + len(withdraw) - registered - withdrawn)
 
 
 async def interest_count(pool: asyncpg.Pool, agency: str) -> int:
-    count: int = await pool.fetchval(
-        "SELECT count(*) FROM agency_interest WHERE agency = $1 AND withdrawn_at IS NULL", agency
-    )
+    count: int = await pool.fetchval("SELECT count(*) FROM agency_interest WHERE agency = $1", agency)
     return count

@@ -41,7 +41,7 @@ async def registered_interest(
     """subject → the agencies with a live registration of interest in it."""
     rows = await conn.fetch(
         "SELECT subject_id, array_agg(agency) AS agencies FROM agency_interest"
-        " WHERE subject_id = ANY($1::text[]) AND withdrawn_at IS NULL GROUP BY subject_id",
+        " WHERE subject_id = ANY($1::text[]) GROUP BY subject_id",
         sorted(set(subjects)),
     )
     return {r["subject_id"]: frozenset(r["agencies"]) for r in rows}

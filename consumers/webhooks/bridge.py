@@ -6,8 +6,10 @@ survive a restart, as Open Notificaties keeps them):
 
 - **Queueing.** It reads the agency's topic (read_committed, in the agency's own
   consumer group, as the agency's principal) a poll batch at a time, queues the batch
-  in one statement (one row per event id: a copy already queued is not queued again,
-  one given up on is queued afresh), and only then commits the offsets.
+  in one statement, and only then commits the offsets. One row per event id: the same
+  message read again (after a restart) is not queued again; a new copy of an event
+  delivered or given up on (an operator's redelivery, a replay, a redrive) is queued
+  afresh. The value and the headers are kept sealed, and dropped once it is settled.
 - **Delivering.** It POSTs the first pending delivery of each subject, at most the
   endpoint's ``max_in_flight`` at once, so one person's events arrive in order. One
   bridge per agency delivers (an advisory lock); another waits to take over. Every
@@ -16,8 +18,9 @@ survive a restart, as Open Notificaties keeps them):
   topic, and the sealed copy of the event is dropped. Any other answer, a timeout or a
   refused connection is tried again after an exponential backoff with jitter, until
   the endpoint's retry window (24 hours by default) has passed since the event was
-  queued; then it is given up on: the message goes to the agency's dead letters
-  (``tuo dlq``, ``tuo receipts redeliver``) and its receipt is flagged overdue at once.
+  queued; then it is given up on, tried again or not (an endpoint down for long is
+  tried only now and then): the message goes to the agency's dead letters (``tuo dlq``,
+  ``tuo receipts redeliver``) and its receipt is flagged overdue at once.
   An endpoint that keeps failing trips a circuit breaker: it is left alone for a
   while, then tried with one delivery.
 """
@@ -39,6 +42,7 @@ from typing import Any
 import asyncpg
 import httpx
 import structlog
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 
 from consumers.receipts import Receipt, ReceiptWriter
@@ -67,14 +71,17 @@ _QUEUE = (
     "INSERT INTO webhook_delivery"
     " (agency, event_id, event_type, subject, headers, value, source_partition, source_offset)"
     " SELECT $1, q.event_id, q.event_type, q.subject, q.headers, q.value, q.part, q.off"
-    "   FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::bytea[], $7::int[], $8::bigint[])"
+    "   FROM unnest($2::uuid[], $3::text[], $4::text[], $5::bytea[], $6::bytea[], $7::int[], $8::bigint[])"
     "     AS q(event_id, event_type, subject, headers, value, part, off)"
-    " ON CONFLICT (agency, event_id) DO UPDATE SET status = 'pending', attempts = 0,"
-    "   next_attempt_at = now(), finished_at = NULL, queued_at = now(), value = EXCLUDED.value,"
-    "   headers = EXCLUDED.headers, source_partition = EXCLUDED.source_partition,"
-    "   source_offset = EXCLUDED.source_offset,"
+    # A new copy of an event delivered or given up (not the same message read again after a
+    # restart): queued afresh, its attempts numbered on from the earlier ones.
+    " ON CONFLICT (agency, event_id) DO UPDATE SET status = 'pending', next_attempt_at = now(),"
+    "   finished_at = NULL, queued_at = now(), value = EXCLUDED.value, headers = EXCLUDED.headers,"
+    "   source_partition = EXCLUDED.source_partition, source_offset = EXCLUDED.source_offset,"
     "   seq = nextval(pg_get_serial_sequence('webhook_delivery', 'seq'))"
-    " WHERE webhook_delivery.status = 'dead'"
+    " WHERE webhook_delivery.status <> 'pending'"
+    "   AND (webhook_delivery.source_partition, webhook_delivery.source_offset)"
+    "       IS DISTINCT FROM (EXCLUDED.source_partition, EXCLUDED.source_offset)"
 )
 # The first pending delivery of each subject that is due and not being attempted already.
 _DUE = (
@@ -90,18 +97,38 @@ _LOG_ATTEMPTS = (
     " (agency, event_id, attempt, started_at, latency_ms, status_code, error, succeeded)"
     " SELECT $1, * FROM unnest($2::uuid[], $3::int[], $4::timestamptz[], $5::int[], $6::int[],"
     "                          $7::text[], $8::bool[])"
+    " ON CONFLICT DO NOTHING"
 )
-# Delivered or given up: the sealed copy of the event is dropped either way.
+# Delivered or given up: the sealed copy of the event and its headers are dropped either
+# way. Each update applies only to the delivery as it was when attempted.
 _FINISH = (
     "UPDATE webhook_delivery d SET status = f.status, attempts = f.attempts, finished_at = now(),"
-    "       value = NULL"
+    "       value = NULL, headers = NULL"
     "  FROM unnest($2::uuid[], $3::int[], $4::text[]) AS f(event_id, attempts, status)"
-    " WHERE d.agency = $1 AND d.event_id = f.event_id"
+    " WHERE d.agency = $1 AND d.event_id = f.event_id AND d.status = 'pending'"
+    "   AND d.attempts = f.attempts - 1"
 )
 _RETRY = (
     "UPDATE webhook_delivery d SET attempts = r.attempts, next_attempt_at = r.at"
     "  FROM unnest($2::uuid[], $3::int[], $4::timestamptz[]) AS r(event_id, attempts, at)"
-    " WHERE d.agency = $1 AND d.event_id = r.event_id"
+    " WHERE d.agency = $1 AND d.event_id = r.event_id AND d.status = 'pending'"
+    "   AND d.attempts = r.attempts - 1"
+)
+# Pending past the endpoint's retry window: given up on without another attempt (an
+# endpoint down for long is tried only now and then, by the circuit breaker).
+_EXPIRED = (
+    "SELECT event_id, subject, headers, value, attempts, queued_at, source_partition, source_offset"
+    "  FROM webhook_delivery WHERE agency = $1 AND status = 'pending' AND queued_at < now() - $2::interval"
+    "   AND NOT (subject = ANY($3::text[])) ORDER BY seq LIMIT $4"
+)
+_EXPIRE = (
+    "UPDATE webhook_delivery SET status = 'dead', finished_at = now(), value = NULL, headers = NULL"
+    " WHERE agency = $1 AND event_id = ANY($2::uuid[]) AND status = 'pending'"
+)
+_FLAG_OVERDUE = (
+    "INSERT INTO receipt_overdue (event_id, agency, delivered_at, due_at)"
+    " SELECT e, $1, q, now() FROM unnest($2::uuid[], $3::timestamptz[]) AS g(e, q)"
+    " ON CONFLICT DO NOTHING"
 )
 
 
@@ -111,6 +138,7 @@ class Attempted:
 
     row: asyncpg.Record  # the delivery as it was due
     value: bytes  # the message's value, opened
+    headers: list[tuple[str, str]]  # its forwarded headers, opened
     started_at: datetime
     latency_ms: int
     status_code: int | None
@@ -129,6 +157,14 @@ class Attempted:
 
 def _sealed_for(agency: str, event_id: uuid.UUID) -> bytes:
     return f"webhook:{agency}:{event_id}".encode()
+
+
+def _headers_sealed_for(agency: str, event_id: uuid.UUID) -> bytes:
+    return f"webhook-headers:{agency}:{event_id}".encode()
+
+
+class LockLost(RuntimeError):
+    """The connection holding the bridge's delivery lock is gone: another bridge may deliver."""
 
 
 def _http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
@@ -184,9 +220,10 @@ class WebhookBridge:
                 await producer.start()
                 await consumer.start()
                 log.info("webhook_bridge_started", agency=self.agency)
-                await asyncio.gather(
-                    self._queue_from(consumer, producer, stop), self._deliver(client, producer, stop)
-                )
+                # Either half failing stops the other (and the bridge, which is then restarted).
+                async with asyncio.TaskGroup() as halves:
+                    halves.create_task(self._queue_from(consumer, producer, stop))
+                    halves.create_task(self._deliver(client, producer, stop))
             finally:
                 await consumer.stop()
                 await producer.stop()
@@ -204,8 +241,13 @@ class WebhookBridge:
             refused = await self.queue(records)
             if refused:
                 await self._dead_letters(producer, refused)
-            await consumer.commit({tp: batch[-1].offset + 1 for tp, batch in polled.items() if batch})
             self._queued.set()
+            try:
+                await consumer.commit({tp: batch[-1].offset + 1 for tp, batch in polled.items() if batch})
+            except (CommitFailedError, IllegalStateError):
+                # The partitions moved to another bridge meanwhile: it reads these again, and
+                # the queue already holds them (one row per event id).
+                log.warning("webhook_commit_failed", agency=self.agency, partitions=len(polled))
 
     async def queue(
         self, records: Sequence[ConsumerRecord[bytes, bytes]]
@@ -230,7 +272,9 @@ class WebhookBridge:
                     event_id,
                     found["ce_type"].removeprefix(f"{NAMESPACE}."),
                     subject,
-                    json.dumps(headers),
+                    self.sealer.seal(
+                        json.dumps(headers).encode(), _headers_sealed_for(self.agency, event_id)
+                    ),
                     self.sealer.seal(record.value, _sealed_for(self.agency, event_id)),
                     record.partition,
                     record.offset,
@@ -268,8 +312,8 @@ class WebhookBridge:
         self, client: httpx.AsyncClient, producer: kafka.AIOKafkaProducer, stop: asyncio.Event
     ) -> None:
         """Deliver, while this bridge is the agency's only one delivering: it holds an
-        advisory lock on a connection of its own (a second bridge queues, and waits to take
-        over; the lock goes with the connection, as the relay's does)."""
+        advisory lock on a connection of its own, and stops (to be restarted) as soon as
+        that connection is gone. A second bridge queues, and waits to take over."""
         async with self.pool.acquire() as conn:
             waiting = False
             while not await conn.fetchval(
@@ -282,10 +326,14 @@ class WebhookBridge:
                     await asyncio.wait_for(stop.wait(), STANDBY_POLL_SECONDS)
                 if stop.is_set():
                     return
-            await self._deliver_while_locked(client, producer, stop)
+            await self._deliver_while_locked(client, producer, stop, conn)
 
     async def _deliver_while_locked(
-        self, client: httpx.AsyncClient, producer: kafka.AIOKafkaProducer, stop: asyncio.Event
+        self,
+        client: httpx.AsyncClient,
+        producer: kafka.AIOKafkaProducer,
+        stop: asyncio.Event,
+        lock: asyncpg.Connection,
     ) -> None:
         """Keep up to the endpoint's limit of POSTs in flight. Attempts that end are settled
         together (one batch of receipts, one transaction), one settlement at a time, while
@@ -300,11 +348,19 @@ class WebhookBridge:
         read_at = 0.0
         try:
             while not stop.is_set():
+                if lock.is_closed():
+                    raise LockLost(
+                        f"the delivery lock of {self.agency}'s webhooks was lost with its connection"
+                    )
                 if endpoint is None or time.monotonic() - read_at > ENDPOINT_REFRESH_SECONDS:
                     endpoint = await endpoint_of(self.pool, self.sealer, self.agency)
                     if endpoint is None:
                         raise NoWebhookEndpoint(self.agency)
                     read_at = time.monotonic()
+                    # As often: give up on what waited past the retry window, tried or not.
+                    busy = [*posting, *ended, *(settling[0] if settling else ())]
+                    await self._expire(producer, endpoint, busy)
+                    ready.clear()  # read again: some may have been given up on
                 room = endpoint.max_in_flight - len(posting)
                 allowed = self.breaker.allows(time.monotonic())
                 if allowed is not None:
@@ -347,18 +403,54 @@ class WebhookBridge:
                 *posting.values(), *([settling[1]] if settling else []), return_exceptions=True
             )
 
+    async def _expire(self, producer: kafka.AIOKafkaProducer, endpoint: Endpoint, busy: list[str]) -> None:
+        """Give up on deliveries pending past the retry window that are not being attempted:
+        to dead letters, flagged overdue, no attempt logged (none was made now)."""
+        rows = await self.pool.fetch(_EXPIRED, self.agency, endpoint.retry_window, busy, READY_AHEAD)
+        if not rows:
+            return
+        now = datetime.now(UTC)
+        expired = []
+        for row in rows:
+            value, headers = self._opened(row)
+            expired.append(
+                Attempted(row, value, headers, now, 0, None, "the retry window passed", final=True)
+            )
+        letters = [
+            (
+                self._as_read(a),
+                f"the webhook endpoint did not take it within {endpoint.retry_window}"
+                f" ({a.row['attempts']} attempts)",
+            )
+            for a in expired
+        ]
+        await self._dead_letters(producer, letters)
+        async with self.pool.acquire() as conn, conn.transaction():
+            gone = [a.event_id for a in expired]
+            await conn.execute(_EXPIRE, self.agency, gone)
+            await conn.execute(_FLAG_OVERDUE, self.agency, gone, [a.row["queued_at"] for a in expired])
+        WEBHOOK_ATTEMPTS.labels(agency=self.agency, outcome="given_up").inc(len(expired))
+        log.warning("webhooks_expired", agency=self.agency, deliveries=len(expired))
+
+    def _opened(self, row: asyncpg.Record) -> tuple[bytes, list[tuple[str, str]]]:
+        """A delivery's value and forwarded headers, unsealed."""
+        event_id: uuid.UUID = row["event_id"]
+        value = self.sealer.open(row["value"], _sealed_for(self.agency, event_id))
+        headers = json.loads(self.sealer.open(row["headers"], _headers_sealed_for(self.agency, event_id)))
+        return value, [(name, text) for name, text in headers]
+
     async def _attempt(self, client: httpx.AsyncClient, endpoint: Endpoint, row: asyncpg.Record) -> Attempted:
         """POST one delivery; what happened (nothing is written here)."""
         event_id: uuid.UUID = row["event_id"]
-        value = self.sealer.open(row["value"], _sealed_for(self.agency, event_id))
+        value, forwarded = self._opened(row)
         started_at = datetime.now(UTC)
         began = time.monotonic()
         try:
             body, content_type = requests.body(value, endpoint.payload_format)
         except NotDeliverable as exc:
-            return Attempted(row, value, started_at, 0, None, str(exc), final=True)
+            return Attempted(row, value, forwarded, started_at, 0, None, str(exc), final=True)
         headers = requests.http_headers(
-            [(name, text) for name, text in json.loads(row["headers"])],
+            forwarded,
             content_type=content_type,
             webhook_id=str(event_id),
             body=body,
@@ -381,8 +473,10 @@ class WebhookBridge:
             error = f"no answer within {self.settings.webhook_timeout_seconds:g} s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {str(exc)[:MAX_ERROR]}" if str(exc) else type(exc).__name__
+        except Exception as exc:  # noqa: BLE001 - whatever failed this attempt, it is logged and retried
+            error = f"could not send: {type(exc).__name__}"
         latency_ms = round((time.monotonic() - began) * 1000)
-        return Attempted(row, value, started_at, latency_ms, status_code, error)
+        return Attempted(row, value, forwarded, started_at, latency_ms, status_code, error)
 
     async def _settle(
         self, producer: kafka.AIOKafkaProducer, endpoint: Endpoint, ended: list[Attempted]
@@ -446,9 +540,7 @@ class WebhookBridge:
                 )
             if given_up:  # flagged overdue now rather than at the receipt deadline
                 await conn.execute(
-                    "INSERT INTO receipt_overdue (event_id, agency, delivered_at, due_at)"
-                    " SELECT e, $1, q, now() FROM unnest($2::uuid[], $3::timestamptz[]) AS g(e, q)"
-                    " ON CONFLICT DO NOTHING",
+                    _FLAG_OVERDUE,
                     self.agency,
                     [a.event_id for a in given_up],
                     [a.row["queued_at"] for a in given_up],
@@ -497,5 +589,5 @@ class WebhookBridge:
             checksum=None,
             serialized_key_size=-1,
             serialized_value_size=-1,
-            headers=[(name, text.encode()) for name, text in json.loads(row["headers"])],
+            headers=[(name, text.encode()) for name, text in attempt.headers],
         )

@@ -22,6 +22,7 @@ An agency chooses the body's format:
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +39,7 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of every secret, not one
 
 # Kafka headers that travel with the request, by prefix; any other header stays on the bus.
 _FORWARDED = ("ce_", "tuo_sig")
+_HEADER_NAME = re.compile(r"[a-z0-9_]{1,64}")  # ce_* and tuo_sig* as the bus writes them
 MAX_HEADER_VALUE = 64 * 1024  # far above a real signature manifest; an HTTP server refuses more
 
 
@@ -52,6 +54,8 @@ def forwarded_headers(kafka_headers: Sequence[tuple[str, bytes]]) -> list[tuple[
     for name, raw in kafka_headers:
         if not name.startswith(_FORWARDED):
             continue
+        if not _HEADER_NAME.fullmatch(name):
+            raise NotDeliverable("a header's name cannot be an HTTP header name")
         try:
             text = bytes(raw).decode("ascii")
         except UnicodeDecodeError:

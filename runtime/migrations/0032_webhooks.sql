@@ -30,16 +30,19 @@ CREATE INDEX webhook_secret_of ON webhook_secret (agency, id DESC);
 
 -- An event (or consent change) read from the agency's topic, to be POSTed. One row per
 -- event id: the endpoint gets each once (webhook-id is the event id), in order per
--- subject (seq is the order read). The message's value is kept sealed (it holds the
--- fields delivered) only until the endpoint takes it or it is given up on.
+-- subject (seq is the order read). The message's value and its headers are kept sealed
+-- (the value holds the fields delivered; the signature's salts, with its digests, would
+-- let a NINO or a date of birth be guessed) only until the endpoint takes it or it is
+-- given up on. A copy read again at the same place is the same delivery; a new copy of a
+-- delivered or given-up event (a redelivery, a replay, a redrive) is queued afresh.
 CREATE TABLE webhook_delivery (
     agency          text NOT NULL,
     event_id        uuid NOT NULL,
     seq             bigserial,
     event_type      text NOT NULL,
     subject         text NOT NULL,  -- the message key: the pseudonymous subject id
-    headers         jsonb NOT NULL,  -- [[name, value], …]: the message's CloudEvents and signature headers
-    value           bytea,  -- sealed; NULL once delivered or dead
+    headers         bytea,  -- sealed JSON [[name, value], …]: CloudEvents and signature headers
+    value           bytea,  -- sealed; both NULL once delivered or dead
     source_partition integer NOT NULL,
     source_offset   bigint NOT NULL,
     queued_at       timestamptz NOT NULL DEFAULT now(),
@@ -49,7 +52,8 @@ CREATE TABLE webhook_delivery (
     finished_at     timestamptz,
     PRIMARY KEY (agency, event_id),
     CHECK ((status = 'pending') = (finished_at IS NULL)),
-    CHECK ((status = 'pending') = (value IS NOT NULL))
+    CHECK ((status = 'pending') = (value IS NOT NULL)),
+    CHECK ((status = 'pending') = (headers IS NOT NULL))
 );
 CREATE INDEX webhook_delivery_pending ON webhook_delivery (agency, subject, seq) WHERE status = 'pending';
 CREATE INDEX webhook_delivery_recent ON webhook_delivery (agency, seq DESC);

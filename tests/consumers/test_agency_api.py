@@ -218,9 +218,11 @@ async def test_one_agency_cannot_receipt_or_read_what_was_delivered_to_another(
         headers=_bearer(token_b),
     )
     assert named.status_code == 422, named.text
+    # Nothing was stored for anyone by those two requests.
+    assert not await pool.fetchval("SELECT count(*) FROM delivery_receipt WHERE agency = $1", world.b)
     assert not await pool.fetchval(
         "SELECT count(*) FROM delivery_receipt WHERE event_id = $1 AND agency = $2 AND outcome = 'APPLIED'",
-        uuid.UUID(world.only_a),
+        uuid.UUID(world.both),
         world.a,
     )
     # … and its feed holds only what b was given.

@@ -211,7 +211,10 @@ def test_interest_from_the_command_line_refuses_bad_files_clearly(
     wrong.write_text("AB123456C\nZZ999999Z\n")
     code, out = tuo_cli(services, "agencies", "interest", "hmrc", "--file", str(wrong))
     assert code == 1 and "item(s) 2; nothing was changed" in out and "ZZ999999Z" not in out, out
-    code, out = tuo_cli(
-        services, "agencies", "interest", "no-such-agency", "--file", str(wrong).replace("wrong", "none")
-    )
+    missing = tmp_path / "none.txt"
+    code, out = tuo_cli(services, "agencies", "interest", "hmrc", "--file", str(missing))
     assert code != 0 and "does not exist" in out.replace("\n", " "), out
+    right = tmp_path / "right.txt"
+    right.write_text("AB123456C\n")
+    code, out = tuo_cli(services, "agencies", "interest", "no-such-agency", "--file", str(right))
+    assert code == 1 and "no agency 'no-such-agency'" in out, out

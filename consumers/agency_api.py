@@ -69,8 +69,13 @@ class NewClient:
     client_secret: str  # shown once
 
 
-async def create_client(pool: asyncpg.Pool, agency: str, *, by: str) -> NewClient:
-    """A new OAuth2 client for ``agency``'s systems; its secret is returned once."""
+async def create_client(
+    pool: asyncpg.Pool, agency: str, *, by: str, scopes: tuple[str, ...] = SCOPES
+) -> NewClient:
+    """A new OAuth2 client for ``agency``'s systems, whose tokens may do ``scopes`` and no
+    more; its secret is returned once."""
+    if not scopes or not set(scopes) <= set(SCOPES):
+        raise ValueError(f"scopes are some of {', '.join(SCOPES)}")
     if (
         not AGENCY_NAME.match(agency)
         or await pool.fetchval("SELECT status FROM agency_account WHERE agency = $1", agency) != "active"
@@ -78,11 +83,13 @@ async def create_client(pool: asyncpg.Pool, agency: str, *, by: str) -> NewClien
         raise NoSuchAgency(agency)
     client = NewClient(f"{agency}.{secrets.token_hex(8)}", secrets.token_urlsafe(32))
     await pool.execute(
-        "INSERT INTO agency_api_client (client_id, agency, secret_hash, created_by) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO agency_api_client (client_id, agency, secret_hash, created_by, scopes)"
+        " VALUES ($1, $2, $3, $4, $5)",
         client.client_id,
         agency,
         _hash(client.client_secret),
         by,
+        sorted(set(scopes)),
     )
     return client
 
@@ -108,6 +115,7 @@ class AgencyClient(ClientMixin):  # type: ignore[misc]
     client_id: str
     agency: str
     secret_hash: bytes
+    scopes: frozenset[str]  # what it was made for
 
     def get_client_id(self) -> str:
         return self.client_id
@@ -115,10 +123,12 @@ class AgencyClient(ClientMixin):  # type: ignore[misc]
     def get_default_redirect_uri(self) -> None:
         return None
 
-    def get_allowed_scope(self, scope: str | None) -> str:
-        if not scope:
-            return str(list_to_scope(list(SCOPES)))
-        return str(list_to_scope([s for s in SCOPES if s in scope_to_list(scope)]))
+    def get_allowed_scope(self, scope: str | None) -> str | None:
+        """What was asked for (all it may do, if nothing was), within what it may do;
+        None (invalid_scope) when that leaves nothing."""
+        asked = set(scope_to_list(scope)) if scope else set(SCOPES)
+        allowed = [s for s in SCOPES if s in asked and s in self.scopes]
+        return str(list_to_scope(allowed)) if allowed else None
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
         return False
@@ -317,13 +327,17 @@ def agency_api(pool: asyncpg.Pool, pseudonym_key: Callable[[], bytes]) -> APIRou
         client = None
         if client_id:
             row = await pool.fetchrow(
-                "SELECT c.client_id, c.agency, c.secret_hash FROM agency_api_client c"
+                "SELECT c.client_id, c.agency, c.secret_hash, c.scopes FROM agency_api_client c"
                 "  JOIN agency_account a USING (agency)"
                 " WHERE c.client_id = $1 AND c.revoked_at IS NULL AND a.status = 'active'",
                 client_id,
             )
             client = (
-                None if row is None else AgencyClient(row["client_id"], row["agency"], row["secret_hash"])
+                None
+                if row is None
+                else AgencyClient(
+                    row["client_id"], row["agency"], row["secret_hash"], frozenset(row["scopes"])
+                )
             )
         server = _TokenServer(client)
         response: JSONResponse = server.create_token_response(

@@ -130,18 +130,27 @@ def agencies_list() -> None:
 @agencies_app.command("client")
 def agencies_client(
     agency: Annotated[str, typer.Argument(help="Agency code")],
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(help=f"What its tokens may do (repeat): {', '.join(agency_api.SCOPES)}; default all."),
+    ] = None,
     by: Annotated[str, typer.Option(help="Who makes it (recorded).")] = "",
 ) -> None:
-    """An OAuth2 client for an agency's systems on HTTPS (receipts, its delivery feed):
-    prints its id and secret, the secret once."""
-
+    """An OAuth2 client for an agency's systems on HTTPS (receipts, its delivery feed, the
+    people it registers): prints its id and secret, the secret once."""
+    unknown = sorted(set(scope or []) - set(agency_api.SCOPES))
+    if unknown:
+        raise fail(f"not a scope: {', '.join(unknown)}; the scopes are {', '.join(agency_api.SCOPES)}")
+    scopes = tuple(scope) if scope else agency_api.SCOPES
     try:
         made = with_pool(
-            lambda pool: agency_api.create_client(pool, agency, by=by.strip() or getpass.getuser())
+            lambda pool: agency_api.create_client(
+                pool, agency, by=by.strip() or getpass.getuser(), scopes=scopes
+            )
         )
     except agency_api.NoSuchAgency as exc:
         raise fail(str(exc)) from exc
-    console.print(f"Client id: {made.client_id}")
+    console.print(f"Client id: {made.client_id} (scopes: {' '.join(sorted(scopes))})")
     # Shown once, never logged: hand it to the agency over a secure channel.
     console.print(f"Client secret (shown once; give it to the agency securely): {made.client_secret}")
     console.print("Tokens: POST /oauth/token with grant_type=client_credentials (HTTP Basic with these).")

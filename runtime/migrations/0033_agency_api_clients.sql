@@ -5,6 +5,9 @@ CREATE TABLE agency_api_client (
     client_id   text PRIMARY KEY CHECK (client_id ~ '^[a-z][a-z0-9-]{1,39}\.[0-9a-f]{16}$'),
     agency      text NOT NULL REFERENCES agency_account (agency),
     secret_hash bytea NOT NULL CHECK (length(secret_hash) = 32),
+    -- What its tokens may do: no more than it was made for.
+    scopes      text[] NOT NULL CHECK (scopes <@ ARRAY['receipts:write', 'events:read', 'interest:write']
+                                       AND cardinality(scopes) > 0),
     created_by  text NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
     revoked_at  timestamptz,

@@ -321,6 +321,27 @@ async def test_tokens_that_are_missing_expired_revoked_or_narrow_are_refused(
     assert again.status_code == 401
 
 
+async def test_a_client_made_for_receipts_only_gets_tokens_for_receipts_only(
+    api: httpx.AsyncClient, pool: asyncpg.Pool, world: World
+) -> None:
+    made = await create_client(pool, world.a, by="tests", scopes=("receipts:write",))
+    credentials = (made.client_id, made.client_secret)
+    answer = await api.post("/oauth/token", data={"grant_type": "client_credentials"}, auth=credentials)
+    assert answer.status_code == 200 and answer.json()["scope"] == "receipts:write", answer.text
+    feed = await api.get(
+        "/v1/agency/events",
+        params={"since": "2026-01-01T00:00:00Z"},
+        headers=_bearer(answer.json()["access_token"]),
+    )
+    assert feed.status_code == 403, feed.text
+    wider = await api.post(
+        "/oauth/token", data={"grant_type": "client_credentials", "scope": "events:read"}, auth=credentials
+    )
+    assert wider.status_code == 400 and wider.json()["error"] == "invalid_scope", wider.text
+    with pytest.raises(ValueError, match="scopes are some of"):
+        await create_client(pool, world.a, by="tests", scopes=("admin",))
+
+
 def test_agency_clients_are_made_and_revoked_from_the_command_line(
     services: Settings, pool: asyncpg.Pool
 ) -> None:
@@ -333,3 +354,7 @@ def test_agency_clients_are_made_and_revoked_from_the_command_line(
     assert code == 1 and "no live client" in out, out
     code, out = tuo_cli(services, "agencies", "client", "no-such-agency")
     assert code == 1 and "no agency 'no-such-agency'" in out, out
+    code, out = tuo_cli(services, "agencies", "client", "hmrc", "--scope", "admin")
+    assert code == 1 and "not a scope: admin" in out, out
+    code, out = tuo_cli(services, "agencies", "client", "hmrc", "--scope", "events:read")
+    assert code == 0 and "(scopes: events:read)" in out, out

@@ -22,6 +22,7 @@ import httpx
 import pytest
 import uvicorn
 
+from citizens.data_tracker import received
 from consumers import DeliveredEvent, KeyRing
 from consumers.agency_api import create_client
 from consumers.webhook_agency import MAX_BODY, ReceiptClient, create_receiver
@@ -266,6 +267,19 @@ async def test_a_death_reaches_a_webhook_agency_and_its_receipt_shows_in_status(
         row = next(line for line in out.splitlines() if agency.name in line and "delivered" in line)
         assert "applied" in row, out
         assert f"Webhook to {agency.name}: delivered" in out and "after 1 attempt" in out, out
+
+        # The citizen's "who was told" page reads the same: told, and what the agency said.
+        subject = await pool.fetchval(
+            "SELECT subject_id FROM intake_record WHERE event_id = $1", uuid.UUID(event_id)
+        )
+        [reported] = [
+            e
+            for e in await received(pool, subject, None)
+            if any(d.agency == agency.name for d in e.deliveries)
+        ]
+        [told] = [d for d in reported.deliveries if d.agency == agency.name]
+        assert told.told and told.receipt == "applied", told
+        assert told.receipt_words == "They confirmed they have updated their records."
 
         code, out = await asyncio.to_thread(tuo_cli, services, "webhooks", "log", agency.name)
         assert code == 0, out

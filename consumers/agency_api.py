@@ -23,7 +23,6 @@ bits, so a hash cannot be guessed back); a secret is shown once, when it is made
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import uuid
@@ -46,16 +45,14 @@ from router.interest import MAX_PER_REQUEST, NotANino, change_interest, interest
 from router.tracker import store_receipt
 from runtime.access import AGENCY_NAME
 from runtime.settings import Settings
+from runtime.web.problems import problem
+from runtime.web.sessions import token_hash  # SHA-256: secrets and tokens are 256 random bits
 
 SCOPES = ("receipts:write", "events:read", "interest:write")
 TOKEN_SECONDS = 3600
 MAX_FORM = 4096
 FEED_PAGE = 500
 _LAST_UUID = uuid.UUID(int=(1 << 128) - 1)
-
-
-def _hash(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode()).digest()
 
 
 class NoSuchAgency(LookupError):
@@ -87,7 +84,7 @@ async def create_client(
         " VALUES ($1, $2, $3, $4, $5)",
         client.client_id,
         agency,
-        _hash(client.client_secret),
+        token_hash(client.client_secret),
         by,
         sorted(set(scopes)),
     )
@@ -134,7 +131,7 @@ class AgencyClient(ClientMixin):  # type: ignore[misc]
         return False
 
     def check_client_secret(self, client_secret: str) -> bool:
-        return hmac.compare_digest(_hash(client_secret), self.secret_hash)
+        return hmac.compare_digest(token_hash(client_secret), self.secret_hash)
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
         return endpoint == "token" and method in ("client_secret_basic", "client_secret_post")
@@ -205,15 +202,6 @@ def _named_client(request: Request, form: dict[str, str]) -> str | None:
 # --- who is calling ---------------------------------------------------------------------------
 
 
-def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
-        status_code=status,
-        media_type="application/problem+json",
-        headers=headers,
-    )
-
-
 class Refused(Exception):
     def __init__(self, response: JSONResponse) -> None:
         self.response = response
@@ -224,35 +212,35 @@ async def _caller(pool: asyncpg.Pool, request: Request, scope: str) -> str:
     kind, _, token = request.headers.get("authorization", "").partition(" ")
     if kind.lower() != "bearer" or not token.strip():
         raise Refused(
-            _problem(
+            problem(
                 401,
                 "Not signed in",
                 "Send an access token from /oauth/token.",
-                {"WWW-Authenticate": "Bearer"},
+                headers={"WWW-Authenticate": "Bearer"},
             )
         )
     row = await pool.fetchrow(
         "SELECT t.agency, t.scope FROM agency_api_token t JOIN agency_api_client c USING (client_id)"
         "  JOIN agency_account a ON a.agency = t.agency"
         " WHERE t.token_hash = $1 AND t.expires_at > now() AND c.revoked_at IS NULL AND a.status = 'active'",
-        _hash(token.strip()),
+        token_hash(token.strip()),
     )
     if row is None:
         raise Refused(
-            _problem(
+            problem(
                 401,
                 "Token not accepted",
                 "The access token is unknown, expired or revoked; get a new one from /oauth/token.",
-                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         )
     if scope not in row["scope"]:
         raise Refused(
-            _problem(
+            problem(
                 403,
                 "Not allowed",
                 f"This token does not have the {scope} scope.",
-                {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
+                headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}"'},
             )
         )
     agency: str = row["agency"]
@@ -348,7 +336,7 @@ def agency_api(pool: asyncpg.Pool, pseudonym_key: Callable[[], bytes]) -> APIRou
             await pool.execute(
                 "INSERT INTO agency_api_token (token_hash, client_id, agency, scope, expires_at)"
                 " VALUES ($1, $2, $3, $4, now() + $5::interval)",
-                _hash(token["access_token"]),
+                token_hash(token["access_token"]),
                 client.client_id,
                 client.agency,
                 scope_to_list(token.get("scope") or ""),
@@ -372,7 +360,7 @@ def agency_api(pool: asyncpg.Pool, pseudonym_key: Callable[[], bytes]) -> APIRou
             agency,
         )
         if delivered is None:
-            return _problem(
+            return problem(
                 404, "Not delivered to you", f"No event {receipt.event_id} was delivered to {agency}."
             )
         stored = await store_receipt(
@@ -449,11 +437,9 @@ def agency_api(pool: asyncpg.Pool, pseudonym_key: Callable[[], bytes]) -> APIRou
             key = pseudonym_key()
             register, withdraw = subject_ids(change.registering, key), subject_ids(change.withdrawing, key)
         except NotANino as exc:
-            return _problem(422, "Not National Insurance numbers", str(exc))
+            return problem(422, "Not National Insurance numbers", str(exc))
         if set(register) & set(withdraw):
-            return _problem(
-                422, "Both at once", "A person cannot be registered and withdrawn in one request."
-            )
+            return problem(422, "Both at once", "A person cannot be registered and withdrawn in one request.")
         done = await change_interest(pool, agency, register=register, withdraw=withdraw, by=f"api:{agency}")
         return JSONResponse(
             {

@@ -52,38 +52,13 @@ from consumers.sdk import (
 )
 from consumers.webhooks.requests import AVRO, kafka_headers
 from runtime.keyring import KeyRing
+from runtime.web.problems import BodySizeLimit, problem
 from schemas import UndecodableMessage
 from schemas.signatures import SignatureRejected
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY = 1024 * 1024
-
-
-def _problem(status: int, title: str, detail: str) -> JSONResponse:
-    return JSONResponse(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
-        status_code=status,
-        media_type="application/problem+json",
-    )
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        raise _TooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _refusal(secrets: Sequence[str], body: bytes, headers: dict[str, str]) -> str | None:
@@ -170,24 +145,22 @@ def create_receiver(
     ``receipts``: where its receipts go (None: the 200 answer is all the bus hears)."""
     apply = as_batch_handler(handler)
     app = FastAPI(title=f"{agency} webhook receiver", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodySizeLimit, limit=MAX_BODY)
 
     @app.post("/events")
     async def receive_event(request: Request) -> JSONResponse:
-        try:
-            body = await _body(request)
-        except _TooLarge:
-            return _problem(413, "Too large", f"a webhook body is at most {MAX_BODY} bytes")
+        body = await request.body()  # BodySizeLimit refused anything over MAX_BODY before this
         headers = dict(request.headers)
         refused = _refusal(secrets, body, headers)
         if refused is not None:
-            return _problem(401, "Not signed", f"the Standard Webhooks signature does not hold: {refused}")
+            return problem(401, "Not signed", f"the Standard Webhooks signature does not hold: {refused}")
         if headers.get("content-type", "").split(";")[0].strip() != AVRO:
-            return _problem(415, "Not Avro", f"this receiver takes {AVRO} bodies")
+            return problem(415, "Not Avro", f"this receiver takes {AVRO} bodies")
         read = Read.of(
             _as_record(kafka_headers(headers), headers.get("ce-subject"), body)  # what the SDK checks
         )
         if read.problem is not None:
-            return _problem(422, "Not a CloudEvent", read.problem)
+            return problem(422, "Not a CloudEvent", read.problem)
         try:
             office_keys = await keys.resolve(
                 [read.key_id] if read.key_id and not read.is_consent_change else []
@@ -197,9 +170,9 @@ def create_receiver(
             )
             event = checked_event(agency, read, office_keys, service_keys)
         except (UndecodableMessage, SignatureRejected, ValueError) as exc:
-            return _problem(422, "Not verified", str(exc))
+            return problem(422, "Not verified", str(exc))
         if event.event_id != headers.get("webhook-id"):
-            return _problem(422, "Not verified", "webhook-id is not the event's id")
+            return problem(422, "Not verified", "webhook-id is not the event's id")
         received_at = datetime.now(UTC)
         receipt = (await apply_batch(pool, agency, [event], apply))[event.event_id]
         if receipts is not None and not receipt.duplicate:
@@ -207,7 +180,7 @@ def create_receiver(
                 await receipts.send(receipt, received_at)
             except (ReceiptNotSent, httpx.HTTPError) as exc:
                 log.warning("receipt_not_sent", agency=agency, event_id=event.event_id, error=str(exc)[:200])
-                return _problem(
+                return problem(
                     503, "Receipt not sent", "Applied, but the receipt did not reach the bus; send it again."
                 )
         await mark_receipted(pool, agency, [event.event_id])  # a repeat from now on is a duplicate

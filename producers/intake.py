@@ -60,6 +60,7 @@ from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from runtime.metrics import receipt_metrics
 from runtime.sealing import PayloadSealer
 from runtime.settings import Settings
+from runtime.web.problems import PROBLEM, BodySizeLimit, problem
 from runtime.web.rate_limit import KnownClients, RateLimiter, Throttle, identify
 from runtime.web.security_headers import SecurityHeaders
 from runtime.web.sessions import CookiePolicy
@@ -67,13 +68,6 @@ from schemas.registry_api import registry_router
 from schemas.validation import is_reference
 
 log = structlog.get_logger(__name__)
-
-PROBLEM = "application/problem+json"
-
-
-def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
 def invalid(errors: list[dict[str, str]]) -> JSONResponse:
@@ -118,61 +112,6 @@ def _http_problem(exc: StarletteHTTPException) -> JSONResponse:
         response = problem(exc.status_code, title, str(exc.detail))
     response.headers.update(exc.headers or {})  # 405's Allow, say
     return response
-
-
-class BodySizeLimit:
-    """Refuse request bodies over the limit with 413 before the app reads them."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]], limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
-            return
-        # Read the whole (bounded) body first, so a chunked upload cannot slip past the limit.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, receive, send)  # a disconnect: let the app see it
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._refuse(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        delivered = False
-
-        async def replay() -> MutableMapping[str, Any]:
-            nonlocal delivered
-            if delivered:
-                return await receive()
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: Any, receive: Any, send: Any) -> None:
-        response = problem(
-            413, "The submission is too large", f"Request bodies are limited to {self.limit} bytes."
-        )
-        await response(scope, receive, send)
 
 
 class JsonOnly:

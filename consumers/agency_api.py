@@ -14,6 +14,11 @@ feed of what was delivered to them, behind OAuth2 client credentials.
 ``POST /v1/agency/interest``  register (or withdraw) the people the agency holds records
                            for, by NINO (``router.interest``): a subscription scoped to
                            registered subjects tells it only of them.
+``GET /v1/agency/subscriptions``  the agency's subscriptions in force, every earlier
+                           version, and its requests to change them.
+``POST /v1/agency/subscriptions/changes``  ask for new terms for one event type
+                           (``router.subscription_versions``): a narrowing is in force at
+                           once (201); anything wider waits for an operator (202).
 
 Every endpoint acts for the agency the token was issued to and no other: a receipt is
 always the caller's own, and only for an event delivered to it; the feed is only its
@@ -39,16 +44,26 @@ from authlib.oauth2.rfc6749.util import extract_basic_authorization, list_to_sco
 from authlib.oauth2.rfc6750 import BearerTokenGenerator  # type: ignore[import-untyped]
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
+from router import subscription_versions as versions
 from router.interest import MAX_PER_REQUEST, NotANino, change_interest, interest_count, subject_ids
+from router.subscription_request import SubscriptionRequest
 from router.tracker import store_receipt
 from runtime.access import AGENCY_NAME
 from runtime.settings import Settings
 from runtime.web.problems import problem
 from runtime.web.sessions import token_hash  # SHA-256: secrets and tokens are 256 random bits
 
-SCOPES = ("receipts:write", "events:read", "interest:write")
+SCOPES = ("receipts:write", "events:read", "interest:write", "subscriptions:manage")
 TOKEN_SECONDS = 3600
 MAX_FORM = 4096
 FEED_PAGE = 500
@@ -296,6 +311,24 @@ class ReceiptIn(BaseModel):
         return self
 
 
+class SubscriptionChangeIn(BaseModel):
+    """The whole terms an agency asks for, for one event type: what it would receive, on
+    what basis, under what condition, for how long; and why it asks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_type: str = Field(max_length=40)
+    basis: Literal["statutory", "consent"]
+    statute: str | None = Field(default=None, max_length=300)
+    fields: list[Annotated[str, Field(max_length=100)]] = Field(min_length=1, max_length=100)
+    local_authorities: list[Annotated[str, Field(max_length=9)]] = Field(default_factory=list, max_length=50)
+    registered_subjects: bool = False
+    valid_from: AwareDatetime | None = None
+    valid_to: AwareDatetime | None = None
+    active: bool = Field(default=True, description="false: stop receiving this event type (a narrowing).")
+    reason: Annotated[str, Field(min_length=3, max_length=500), AfterValidator(_printable)]
+
+
 def agency_api(pool: asyncpg.Pool, pseudonym_key: Callable[[], bytes]) -> APIRouter:
     router = APIRouter(tags=["agencies"])
 
@@ -450,6 +483,45 @@ def agency_api(pool: asyncpg.Pool, pseudonym_key: Callable[[], bytes]) -> APIRou
                 "registered_now": await interest_count(pool, agency),
             }
         )
+
+    @router.get("/v1/agency/subscriptions")
+    async def own_subscriptions(request: Request) -> JSONResponse:
+        """The caller's subscriptions: every version (the one in force last, with no
+        ``in_force_to``), and its requests to change them, newest first."""
+        try:
+            agency = await _caller(pool, request, "subscriptions:manage")
+        except Refused as refused:
+            return refused.response
+        found = await versions.history(pool, agency)
+        asked = await versions.changes(pool, agency=agency, pending_only=False)
+        return JSONResponse(
+            {
+                "agency": agency,
+                "in_force": [v.to_json() for v in found if v.in_force_to is None],
+                "versions": [v.to_json() for v in found],
+                "changes": [c.to_json() for c in reversed(asked)],
+            }
+        )
+
+    @router.post("/v1/agency/subscriptions/changes")
+    async def request_subscription_change(change: SubscriptionChangeIn, request: Request) -> JSONResponse:
+        """Ask for new terms: in force at once if they narrow, else waiting for approval."""
+        try:
+            agency = await _caller(pool, request, "subscriptions:manage")
+        except Refused as refused:
+            return refused.response
+        try:
+            terms = SubscriptionRequest(agency=agency, **change.model_dump(exclude={"reason"})).terms()
+        except ValidationError as exc:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'terms'}: {e['msg']}" for e in exc.errors())
+            return problem(422, "These terms cannot be granted", detail)
+        try:
+            made = await versions.request_change(
+                pool, agency, change.event_type, terms, requested_by=f"api:{agency}", reason=change.reason
+            )
+        except versions.ChangeRefused as exc:
+            return problem(409, "Not changed", str(exc))
+        return JSONResponse(made.to_json(), status_code=201 if made.state == "applied" else 202)
 
     return router
 

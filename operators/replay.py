@@ -392,7 +392,8 @@ async def recent(pool: asyncpg.Pool, limit: int = 20) -> list[asyncpg.Record]:
 class _Batch:
     position: int
     copies: list[Outgoing]
-    delivered: list[tuple[uuid.UUID, str, str, list[str]]]  # event id, agency, basis, fields
+    # event id, agency, basis, fields, subscription version
+    delivered: list[tuple[uuid.UUID, str, str, list[str], int | None]]
     sent: int  # selected events among ``delivered``
     corrections_sent: int  # corrections outside the selection among ``delivered``
     withheld: Counter[str]
@@ -678,6 +679,7 @@ class Replayer:
                     agency,
                     decision.legal_basis or "",
                     sorted(decision.fields_delivered),
+                    decision.subscription_version,
                 )
             )
             if selected:
@@ -704,7 +706,11 @@ class Replayer:
                     continue
                 send(entry, decision, selected=True)
                 # Its corrections, in recorded order, right behind it on the same partition.
-                sent_now = [OriginalDelivery(agency, decision.legal_basis, decision.fields_delivered)]
+                sent_now = [
+                    OriginalDelivery(
+                        agency, decision.legal_basis, decision.fields_delivered, decision.subscription_version
+                    )
+                ]
                 for fix in fixes_of:
                     if fix.incoming is None:
                         outcome = UNROUTABLE
@@ -809,8 +815,16 @@ class Replayer:
                 sent_at = await conn.fetchval("SELECT clock_timestamp()")
                 await conn.copy_records_to_table(
                     "replay_delivery",
-                    records=[(replay_id, e, a, b, f, sent_at) for e, a, b, f in batch.delivered],
-                    columns=["replay_id", "event_id", "agency", "legal_basis", "fields_delivered", "sent_at"],
+                    records=[(replay_id, e, a, b, f, sent_at, v) for e, a, b, f, v in batch.delivered],
+                    columns=[
+                        "replay_id",
+                        "event_id",
+                        "agency",
+                        "legal_basis",
+                        "fields_delivered",
+                        "sent_at",
+                        "subscription_version",
+                    ],
                 )
             await conn.execute(
                 "UPDATE replay SET position = $2, examined = examined + $3, sent = sent + $4,"
@@ -855,13 +869,15 @@ async def _originals(conn: asyncpg.Connection, event_ids: list[str], agency: str
     if not event_ids:
         return {}
     rows = await conn.fetch(
-        "SELECT i.event_id::text AS event_id, i.event_type, d.legal_basis, d.fields_delivered"
+        "SELECT i.event_id::text AS event_id, i.event_type, d.legal_basis, d.fields_delivered,"
+        "       d.subscription_version"
         "  FROM intake_record i LEFT JOIN LATERAL ("
         # The router's delivery if there was one, else the earliest replay's.
-        "    SELECT 0 AS source, legal_basis, fields_delivered, decided_at AS at FROM routing_decision"
+        "    SELECT 0 AS source, legal_basis, fields_delivered, decided_at AS at, subscription_version"
+        "      FROM routing_decision"
         "     WHERE event_id = i.event_id AND agency = $2 AND outcome = 'DELIVERED'"
         "    UNION ALL"
-        "    SELECT 1, legal_basis, fields_delivered, sent_at FROM replay_delivery"
+        "    SELECT 1, legal_basis, fields_delivered, sent_at, subscription_version FROM replay_delivery"
         "     WHERE event_id = i.event_id AND agency = $2"
         "    ORDER BY source, at LIMIT 1) d ON true"
         " WHERE i.event_id = ANY($1::uuid[])",
@@ -871,7 +887,11 @@ async def _originals(conn: asyncpg.Connection, event_ids: list[str], agency: str
     found: dict[str, OriginalEvent] = {}
     for r in rows:
         deliveries = (
-            [OriginalDelivery(agency, r["legal_basis"], frozenset(r["fields_delivered"]))]
+            [
+                OriginalDelivery(
+                    agency, r["legal_basis"], frozenset(r["fields_delivered"]), r["subscription_version"]
+                )
+            ]
             if r["fields_delivered"] is not None
             else []
         )

@@ -34,6 +34,7 @@ class Decision:
     decided_at: datetime
     fields_delivered: Sequence[str]
     fields_withheld: Sequence[str]
+    subscription_version: int | None = None
 
     @classmethod
     def of(cls, source: Mapping[str, Any]) -> Decision:
@@ -47,6 +48,7 @@ class Decision:
             decided_at=source["decided_at"],
             fields_delivered=source["fields_delivered"],
             fields_withheld=source["fields_withheld"],
+            subscription_version=source.get("subscription_version"),
         )
 
 
@@ -64,6 +66,8 @@ def row_hash(seq: int, decision: Decision, prev_hash: str) -> str:
             ",".join(sorted(decision.fields_withheld)),
             prev_hash,
         ]
+        # Since migration 0035; a row without a version hashes as it always did.
+        + ([] if decision.subscription_version is None else [f"v{decision.subscription_version}"])
     )
     return hashlib.sha256(content.encode()).hexdigest()
 
@@ -109,13 +113,14 @@ async def append_many(conn: asyncpg.Connection, decisions: Sequence[Decision]) -
                 seq,
                 prev_hash,
                 hashed,
+                decision.subscription_version,
             )
         )
         prev_hash = hashed
     await conn.executemany(
         "INSERT INTO routing_decision (event_id, agency, event_type, outcome, legal_basis, decided_at,"
-        " fields_delivered, fields_withheld, seq, prev_hash, hash)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        " fields_delivered, fields_withheld, seq, prev_hash, hash, subscription_version)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         rows,
     )
     return len(rows)

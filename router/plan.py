@@ -334,6 +334,7 @@ class DecisionWriter:
             decision.legal_basis,
             decision.fields_delivered,
             decision.fields_withheld,
+            decision.subscription_version,
         )
         rest = self._rest.get(shared)
         if rest is None:
@@ -345,6 +346,7 @@ class DecisionWriter:
                 "decided_at": self.at,
                 "fields_delivered": sorted(decision.fields_delivered),
                 "fields_withheld": sorted(decision.fields_withheld),
+                "subscription_version": decision.subscription_version,
             }
             rest = self._rest[shared] = b"".join(
                 self._writer.field(n, values[n]) for n in self._writer.names[1:]

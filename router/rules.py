@@ -136,6 +136,7 @@ class Subscription:
     status: Literal["active", "suspended"]
     fields: frozenset[str] | None = None  # None: every field of the event
     condition: Condition = field(default_factory=Condition)
+    version: int | None = None  # its row in subscription_version (router.subscription_versions)
 
     def in_force(self, at: datetime) -> bool:
         started = self.valid_from is None or self.valid_from <= at
@@ -178,6 +179,8 @@ class RoutingDecision:
     legal_basis: str | None
     fields_delivered: frozenset[str] = frozenset()
     fields_withheld: frozenset[str] = frozenset()
+    # The version of the subscription the decision was made on; None where none covered it.
+    subscription_version: int | None = None
 
     @property
     def delivers(self) -> bool:
@@ -215,9 +218,13 @@ def decide(
         elif covering is None:
             decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_SUBSCRIPTION, None))
         elif covering.condition.registered_subjects and agency not in interested:
-            decisions.append(_withheld(event, agency, Outcome.WITHHELD_NOT_OF_INTEREST, None))
+            decisions.append(
+                _withheld(event, agency, Outcome.WITHHELD_NOT_OF_INTEREST, None, covering.version)
+            )
         elif covering.legal_basis == "consent" and consent.get(agency) != "given":
-            decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_CONSENT, "consent"))
+            decisions.append(
+                _withheld(event, agency, Outcome.WITHHELD_NO_CONSENT, "consent", covering.version)
+            )
         else:
             allowed, withheld = _granted(event.fields, covering.fields)
             decisions.append(
@@ -229,6 +236,7 @@ def decide(
                     covering.basis_text(),
                     fields_delivered=allowed,
                     fields_withheld=withheld,
+                    subscription_version=covering.version,
                 )
             )
     return decisions
@@ -243,9 +251,17 @@ def _granted(fields: frozenset[str], granted: frozenset[str] | None) -> tuple[fr
     return allowed, fields - allowed
 
 
-def _withheld(event: RoutableEvent, agency: str, outcome: Outcome, basis: str | None) -> RoutingDecision:
+def _withheld(
+    event: RoutableEvent, agency: str, outcome: Outcome, basis: str | None, version: int | None = None
+) -> RoutingDecision:
     return RoutingDecision(
-        event.event_id, event.event_type, agency, outcome, basis, fields_withheld=event.fields
+        event.event_id,
+        event.event_type,
+        agency,
+        outcome,
+        basis,
+        fields_withheld=event.fields,
+        subscription_version=version,
     )
 
 
@@ -256,6 +272,7 @@ class OriginalDelivery:
     agency: str
     legal_basis: str | None
     fields_delivered: frozenset[str]
+    subscription_version: int | None = None
 
 
 def decide_follow_up(
@@ -279,7 +296,11 @@ def decide_follow_up(
         elif original is None:
             decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_SUBSCRIPTION, None))
         elif original.legal_basis == "consent" and consent.get(agency) != "given":
-            decisions.append(_withheld(event, agency, Outcome.WITHHELD_NO_CONSENT, "consent"))
+            decisions.append(
+                _withheld(
+                    event, agency, Outcome.WITHHELD_NO_CONSENT, "consent", original.subscription_version
+                )
+            )
         else:
             decisions.append(
                 RoutingDecision(
@@ -289,6 +310,7 @@ def decide_follow_up(
                     Outcome.DELIVERED,
                     original.legal_basis,
                     fields_delivered=original.fields_delivered,
+                    subscription_version=original.subscription_version,
                 )
             )
     return decisions

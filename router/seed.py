@@ -49,5 +49,7 @@ async def load_seed(pool: asyncpg.Pool, items: list[dict[str, Any]] | None = Non
                 statute=item.get("statute"),
                 fields=None if item.get("fields") is None else sorted(item["fields"]),
                 condition=item.get("condition"),
+                by="seed",
+                reason="the demo seed (router/subscriptions.seed.json)",
             )
     return len(items)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,12 +13,13 @@ from uuid import UUID
 import asyncpg
 
 from router.rules import Condition, ConsentState, OriginalDelivery, Subscription
+from router.subscription_versions import Terms, say_who, write_terms
 
 
 async def load_subscriptions(conn: asyncpg.Pool | asyncpg.Connection) -> list[Subscription]:
     rows = await conn.fetch(
         "SELECT agency, event_type, legal_basis, statute, valid_from, valid_to, status, fields,"
-        "       condition::text AS condition FROM subscription"
+        "       condition::text AS condition, version FROM subscription"
     )
     return [
         Subscription(
@@ -30,6 +32,7 @@ async def load_subscriptions(conn: asyncpg.Pool | asyncpg.Connection) -> list[Su
             status=r["status"],
             fields=None if r["fields"] is None else frozenset(r["fields"]),
             condition=Condition.from_json(json.loads(r["condition"]) if r["condition"] else None),
+            version=r["version"],
         )
         for r in rows
     ]
@@ -78,8 +81,19 @@ async def agencies(conn: asyncpg.Pool | asyncpg.Connection) -> list[str]:
     return [r["agency"] for r in rows]
 
 
+@contextlib.asynccontextmanager
+async def _transaction(db: asyncpg.Pool | asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction on a pooled connection, or within the caller's (a savepoint)."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, conn.transaction():
+            yield conn
+    else:
+        async with db.transaction():
+            yield db
+
+
 async def upsert_subscription(
-    conn: asyncpg.Pool | asyncpg.Connection,
+    db: asyncpg.Pool | asyncpg.Connection,
     *,
     agency: str,
     event_type: str,
@@ -88,39 +102,51 @@ async def upsert_subscription(
     fields: list[str] | None,
     condition: dict[str, object] | None,
     status: str = "active",
-) -> None:
-    await conn.execute(
-        "INSERT INTO subscription (agency, event_type, legal_basis, statute, fields, condition, status)"
-        " VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7)"
-        " ON CONFLICT (agency, event_type) DO UPDATE SET legal_basis = EXCLUDED.legal_basis,"
-        "   statute = EXCLUDED.statute, fields = EXCLUDED.fields, condition = EXCLUDED.condition,"
-        "   status = EXCLUDED.status",
-        agency,
-        event_type,
-        legal_basis,
-        statute,
-        fields,
-        json.dumps(condition) if condition else None,
-        status,
+    by: str = "",
+    reason: str = "",
+) -> int:
+    """Put these terms in force at once (an operator's or the seed's change; an agency's
+    goes through ``router.subscription_versions.request_change``); returns the version,
+    which records ``by`` and ``reason``."""
+    terms = Terms(
+        legal_basis="statutory" if legal_basis == "statutory" else "consent",
+        statute=statute,
+        fields=None if fields is None else frozenset(fields),
+        condition=Condition.from_json(condition),
+        status="suspended" if status == "suspended" else "active",
     )
+    if legal_basis not in ("statutory", "consent") or status not in ("active", "suspended"):
+        raise ValueError(f"no legal basis {legal_basis!r} or status {status!r}")
+    async with _transaction(db) as conn:
+        return await write_terms(
+            conn, agency, event_type, terms, changed_by=by or "operator", reason=reason or "not given"
+        )
 
 
 async def set_subscription_status(
-    conn: asyncpg.Pool | asyncpg.Connection, agency: str, event_type: str | None, status: str
+    db: asyncpg.Pool | asyncpg.Connection,
+    agency: str,
+    event_type: str | None,
+    status: str,
+    *,
+    by: str = "",
+    reason: str = "",
 ) -> int:
-    result: str = await conn.execute(
-        "UPDATE subscription SET status = $3 WHERE agency = $1 AND ($2::text IS NULL OR event_type = $2)",
-        agency,
-        event_type,
-        status,
-    )
+    async with _transaction(db) as conn:
+        await say_who(conn, by or "operator", reason or "not given")
+        result: str = await conn.execute(
+            "UPDATE subscription SET status = $3 WHERE agency = $1 AND ($2::text IS NULL OR event_type = $2)",
+            agency,
+            event_type,
+            status,
+        )
     return int(result.rsplit(" ", 1)[-1])
 
 
 async def list_subscriptions(conn: asyncpg.Pool | asyncpg.Connection) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(
         "SELECT agency, event_type, legal_basis, statute, fields, condition::text AS condition,"
-        "       valid_from, valid_to, status FROM subscription ORDER BY agency, event_type"
+        "       valid_from, valid_to, status, version FROM subscription ORDER BY agency, event_type"
     )
     return rows
 
@@ -168,13 +194,14 @@ async def original_deliveries(
     if not event_ids:
         return {}
     rows = await conn.fetch(
-        "SELECT event_id::text AS event_id, event_type, agency, outcome, legal_basis, fields_delivered"
+        "SELECT event_id::text AS event_id, event_type, agency, outcome, legal_basis, fields_delivered,"
+        "       subscription_version"
         "  FROM routing_decision WHERE event_id = ANY($1::uuid[])"
         # An agency that got the original only from an operator's replay received it too:
         # its corrections and voids follow it there.
         " UNION ALL"
         " SELECT DISTINCT ON (r.event_id, r.agency) r.event_id::text, i.event_type, r.agency, 'DELIVERED',"
-        "        r.legal_basis, r.fields_delivered"
+        "        r.legal_basis, r.fields_delivered, r.subscription_version"
         "   FROM replay_delivery r JOIN intake_record i USING (event_id)"
         "  WHERE r.event_id = ANY($1::uuid[])"
         "    AND EXISTS (SELECT 1 FROM routing_decision d WHERE d.event_id = r.event_id)"
@@ -187,7 +214,9 @@ async def original_deliveries(
         original = found.setdefault(r["event_id"], OriginalEvent(r["event_type"], []))
         if r["outcome"] == "DELIVERED":
             original.deliveries.append(
-                OriginalDelivery(r["agency"], r["legal_basis"], frozenset(r["fields_delivered"]))
+                OriginalDelivery(
+                    r["agency"], r["legal_basis"], frozenset(r["fields_delivered"]), r["subscription_version"]
+                )
             )
     return found
 
@@ -278,11 +307,13 @@ async def event_status(
         # agency the router did not deliver it to (a new agency, consent given later), the
         # replay's delivery stands in for it, so the citizen sees every agency that was told.
         "WITH decided AS ("
-        "  SELECT event_id, agency, outcome, legal_basis, decided_at, fields_delivered, fields_withheld"
+        "  SELECT event_id, agency, outcome, legal_basis, decided_at, fields_delivered, fields_withheld,"
+        "         subscription_version"
         "    FROM routing_decision WHERE event_id = $1),"
         " replayed AS ("
         "  SELECT DISTINCT ON (agency) event_id, agency, 'DELIVERED'::text AS outcome, legal_basis,"
-        "         sent_at AS decided_at, fields_delivered, '{}'::text[] AS fields_withheld"
+        "         sent_at AS decided_at, fields_delivered, '{}'::text[] AS fields_withheld,"
+        "         subscription_version"
         "    FROM replay_delivery WHERE event_id = $1 ORDER BY agency, sent_at),"
         " d AS ("
         "  SELECT * FROM decided"
@@ -291,7 +322,7 @@ async def event_status(
         "  SELECT * FROM replayed"
         "   WHERE agency NOT IN (SELECT agency FROM decided WHERE outcome = 'DELIVERED'))"
         "SELECT d.agency, d.outcome AS decision, d.legal_basis, d.decided_at,"
-        "       d.fields_delivered, d.fields_withheld,"
+        "       d.fields_delivered, d.fields_withheld, d.subscription_version,"
         "       r.outcome AS receipt, r.reason, r.issued_at,"
         "       (SELECT min(x.received_at) FROM delivery_receipt x"
         "         WHERE x.event_id = d.event_id AND x.agency = d.agency) AS received_at,"
@@ -323,6 +354,7 @@ async def event_status(
                 "agency": r["agency"],
                 "decision": r["decision"].lower(),
                 "legal_basis": r["legal_basis"],
+                "subscription_version": r["subscription_version"],
                 "decided_at": r["decided_at"].isoformat(),
                 "delivered_at": r["decided_at"].isoformat() if r["decision"] == "DELIVERED" else None,
                 "received_at": _iso(r["received_at"]),

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from router.rules import Condition
+from router.subscription_versions import Terms
 from schemas.catalogue import MINIMISED
 from schemas.fieldpaths import grantable_paths, split_fields
 from schemas.validation import AgencyCode, LocalAuthorityCode
@@ -49,6 +50,10 @@ class SubscriptionRequest(BaseModel):
     local_authorities: list[LocalAuthorityCode] = Field(default_factory=list, max_length=50)
     # Only the people the agency registered an interest in (`tuo agencies interest`).
     registered_subjects: bool = False
+    # The agreement's validity: events decided before or after it are withheld.
+    valid_from: AwareDatetime | None = None
+    valid_to: AwareDatetime | None = None
+    active: bool = True
 
     @field_validator("event_type")
     @classmethod
@@ -67,7 +72,25 @@ class SubscriptionRequest(BaseModel):
         check_paths(self.event_type, self.fields)
         if self.basis == "statutory" and not self.statute:
             raise ValueError("a statutory subscription must cite its statute (--statute)")
+        if self.basis == "consent" and self.statute:
+            raise ValueError("a statute is cited only for a statutory basis")
+        if self.valid_from and self.valid_to and self.valid_to <= self.valid_from:
+            raise ValueError("the validity must end after it starts")
         return self
+
+    def terms(self) -> Terms:
+        return Terms(
+            legal_basis=self.basis,
+            statute=self.statute,
+            fields=frozenset(self.fields),
+            condition=Condition(
+                local_authorities=frozenset(self.local_authorities),
+                registered_subjects=self.registered_subjects,
+            ),
+            valid_from=self.valid_from,
+            valid_to=self.valid_to,
+            status="active" if self.active else "suspended",
+        )
 
     def as_row(self) -> dict[str, Any]:
         return {

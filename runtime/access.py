@@ -381,6 +381,7 @@ async def onboard_agency(
             principal,
             by,
         )
+        await _say_who(conn, by, "onboarded: a suspended subscription to fill in")
         for event_type in event_types:
             added = await conn.fetchval(
                 "INSERT INTO subscription (agency, event_type, fields, legal_basis, status)"
@@ -451,11 +452,20 @@ async def suspend_agency(
             by,
             reason,
         )
+        await _say_who(conn, by, f"the agency was suspended: {reason}")
         status = await conn.execute(
             "UPDATE subscription SET status = 'suspended' WHERE agency = $1 AND status = 'active'", agency
         )
     log.warning("agency_suspended", agency=agency, acls_removed=removed, by=by)
     return Suspended(agency, removed, credential, int(status.split()[-1]))
+
+
+async def _say_who(conn: asyncpg.Connection, by: str, reason: str) -> None:
+    """Who changes subscriptions in this transaction, and why: for the version that
+    migration 0035's trigger records (as router.subscription_versions.say_who does)."""
+    await conn.execute(
+        "SELECT set_config('tuo.changed_by', $1, true), set_config('tuo.change_reason', $2, true)", by, reason
+    )
 
 
 async def agency_acls(settings: Settings, agency: str) -> list[AclBinding]:

@@ -193,6 +193,7 @@ class RoutingDecision(Record):
     decided_at: AwareDatetime
     fields_delivered: list[str] = Field(default_factory=list)
     fields_withheld: list[str] = Field(default_factory=list)
+    subscription_version: int | None = None
 
 
 class ConsentChanged(Record):

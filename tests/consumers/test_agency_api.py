@@ -118,7 +118,12 @@ async def test_a_client_gets_a_token_and_only_hashes_are_stored(
     assert answer.status_code == 200, answer.text
     issued = answer.json()
     assert issued["token_type"] == "Bearer" and issued["expires_in"] == 3600
-    assert set(issued["scope"].split()) == {"receipts:write", "events:read", "interest:write"}
+    assert set(issued["scope"].split()) == {
+        "receipts:write",
+        "events:read",
+        "interest:write",
+        "subscriptions:manage",
+    }
     assert answer.headers["cache-control"] == "no-store"
     # The secret in the form body works too (client_secret_post).
     posted = await api.post(

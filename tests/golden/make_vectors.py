@@ -127,6 +127,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "decided_at": WHEN,
         "fields_delivered": ["date_of_death", "deceased", "executor", "last_address", "nino"],
         "fields_withheld": ["next_of_kin", "place_of_death", "surviving_partner"],
+        "subscription_version": 17,
     },
     "ConsentChanged": {
         "change_id": "9d2c4f7a-2222-4b1e-9c3d-7a9d2c4f7a22",

@@ -17,7 +17,7 @@ import asyncpg
 
 from router.organisations import agency_name
 from router.rules import Condition
-from router.store import event_status
+from router.store import event_status, registered_interest
 from runtime.web.i18n import N_
 from runtime.web.i18n import gettext as _
 
@@ -129,8 +129,12 @@ async def consent_settings(
     """Every active subscription in force (within ``agencies``) that concerns the subject, with
     their current choice. A council's concerns them when one of their addresses is in its
     local authority (``local_authorities_of``), or when they made a choice about it before
-    (so that they can always withdraw it); the other councils are not theirs to choose."""
+    (so that they can always withdraw it); the other councils are not theirs to choose. A
+    subscription only about the people an agency registered (DWP's for pensioners' moves)
+    concerns only those it registered."""
     theirs = await local_authorities_of(pool, subject_id)
+    # A subscription only about the people an agency registered: theirs only if it registered them.
+    registered_by = (await registered_interest(pool, [subject_id])).get(subject_id, frozenset())
     rows = await pool.fetch(
         "SELECT s.agency, s.event_type, s.legal_basis, s.statute, s.fields,"
         "       c.choice, c.recorded_by, c.recorded_at, s.condition::text AS condition"
@@ -159,10 +163,16 @@ async def consent_settings(
             fields=None if r["fields"] is None else field_words(list(r["fields"])),
         )
         for r in rows
-        if r["choice"] is not None
-        or Condition.from_json(json.loads(r["condition"]) if r["condition"] else None).concerns(theirs)
+        if r["choice"] is not None or _concerns(r["agency"], r["condition"], theirs, registered_by)
     ]
     return sorted(settings, key=lambda s: (s.event_name, s.legal_basis != "statutory", s.agency_name))
+
+
+def _concerns(
+    agency: str, condition: str | None, theirs: frozenset[str], registered_by: frozenset[str]
+) -> bool:
+    parsed = Condition.from_json(json.loads(condition) if condition else None)
+    return parsed.concerns(theirs) and (not parsed.registered_subjects or agency in registered_by)
 
 
 async def local_authorities_of(pool: asyncpg.Pool, subject_id: str) -> frozenset[str]:

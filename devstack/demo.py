@@ -15,6 +15,7 @@ import asyncpg
 from consumers.agencies import records
 from producers.accounts import add_registrar, ensure_office
 from producers.requests import AddressChange, DeathRegistration
+from router.interest import change_interest, subject_ids
 from runtime.sealing import PayloadSealer
 
 DEMO_OFFICES = {
@@ -150,3 +151,15 @@ async def seed_agency_records(pool: asyncpg.Pool, today: date) -> None:
         if move.person.nino is not None:
             await records.open_tax_record(conn, move.person.nino, mover, move.old_address.contract())
         await records.issue_driving_licence(conn, mover, move.old_address.contract())
+
+
+async def register_demo_interest(pool: asyncpg.Pool, pseudonym_key: bytes, today: date) -> None:
+    """DWP's registration of the people it pays a pension to (router.interest): the demo's
+    deceased, whose award ``seed_agency_records`` makes. DWP hears of a move only of the
+    people it registered, so the demo's move (of someone DWP pays nothing) is withheld from
+    it as not of interest. Registering again changes nothing."""
+    submitted = {path: body for path, body in demo_submissions(today)}
+    death = DeathRegistration.model_validate(submitted["/v1/death-registrations"])
+    if death.deceased.nino is not None:
+        register = subject_ids([death.deceased.nino], pseudonym_key)
+        await change_interest(pool, "dwp", register=register, withdraw=[], by="demo")

@@ -139,7 +139,7 @@ async def _serve_http(
         proxy_headers=bool(settings.http_forwarded_allow_ips),
         forwarded_allow_ips=settings.http_forwarded_allow_ips or None,
     )
-    await _serve(config, "intake", stop, ready, sockets)
+    await serve(config, "intake", stop, ready, sockets)
 
 
 def _reusable_socket(host: str, port: int, *, first: bool) -> socket.socket:
@@ -180,16 +180,18 @@ async def _serve_metrics(
         access_log=False,
         lifespan="off",
     )
-    await _serve(config, "metrics", stop, ready)
+    await serve(config, "metrics", stop, ready)
 
 
-async def _serve(
+async def serve(
     config: uvicorn.Config,
     what: str,
     stop: asyncio.Event,
     ready: asyncio.Future[int],
     sockets: list[socket.socket] | None = None,
 ) -> None:
+    """Serve ``config``'s app (on ``sockets``, else its host and port) until ``stop`` is set;
+    ``ready`` gets the port once it listens."""
     structlog.contextvars.bind_contextvars(component=what)  # its requests' log lines too
     server = _EmbeddedServer(config)
     serving = asyncio.create_task(server.serve(sockets))

@@ -15,11 +15,12 @@ import httpx
 import typer
 
 from devstack import StackError
-from devstack.demo import demo_submissions, seed_agency_records, seed_demo_registrar
+from devstack.demo import demo_submissions, register_demo_interest, seed_agency_records, seed_demo_registrar
 from operators.cli.database import prepare
 from operators.cli.shared import clear_errors, command_settings, console, fail
 from operators.cli.stack import local_stack
 from operators.cli.status import print_event_status
+from operators.demo_webhook import delivered_by_webhook, start_demo_webhook_agency, stop_demo_webhook_agency
 from operators.processes import child_process, die_with_parent
 from operators.services import COMPONENTS, RunningBus, at_startup, start_bus, supervise
 from producers import accounts
@@ -89,6 +90,9 @@ async def _run(
     try:
         await at_startup("database migrations", lambda: migrate(pool, settings))
         here, apart = placement(components) if settings.process_per_component else (components, [])
+        webhook = await start_demo_webhook_agency(settings, pool) if demo else None
+        if webhook is not None:
+            settings = settings.model_copy(update={"webhook_cafile": webhook.ca_file})
         bus = await start_bus(settings, pool, here)
         _start_children(settings, bus, here, apart, log_file=settings.state_dir / "bus.log" if demo else None)
         try:
@@ -98,8 +102,17 @@ async def _run(
             if demo:
                 sign_in = await seed_demo_registrar(pool, settings.state_dir)
                 await seed_agency_records(pool, today_in_the_uk())
+                await register_demo_interest(pool, settings.require_pseudonym_key(), today_in_the_uk())
                 token = await accounts.issue_token(pool, "leeds", "registrar", "demo", timedelta(hours=1))
+                if webhook is not None:
+                    webhook.receipts_to(base)
                 await _submit_demo(base, token)
+                if webhook is not None:
+                    delivered = await delivered_by_webhook(pool, webhook.agency)
+                    console.print(
+                        f"{webhook.agency} is told by webhook, at {webhook.url} (its reference receiver):"
+                        f" {delivered} event(s) delivered; see `tuo webhooks log {webhook.agency}`"
+                    )
                 console.print(
                     f"Registrars' forms: {base}/sign-in — user [bold]{sign_in.username}[/],"
                     f" password in {sign_in.credentials_file}"
@@ -115,6 +128,10 @@ async def _run(
         finally:
             with console.status("Stopping the bus…"):
                 await bus.shutdown()
+                if webhook is not None and not await stop_demo_webhook_agency(pool, webhook):
+                    console.print(
+                        f"{webhook.agency} keeps its webhook endpoint: events are still to deliver."
+                    )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -135,6 +135,12 @@ def test_demo_serves_until_ctrl_c_and_then_leaves_nothing_running() -> None:
             assert agency in text
         assert text.count("applied") >= 7, "receipts for death (4), birth (1), address change (2)"
         assert "awaiting" not in text
+        # Leeds City Council is told by webhook (the reference receiver, over HTTPS): the
+        # death and the move, each applied and receipted over HTTPS like the others.
+        assert re.search(r"council-leeds is told by webhook, at https://127\.0\.0\.1:\d+/events", text), text
+        assert "2 event(s) delivered" in text, text
+        # DWP hears of moves only of the people it pays (it registered the deceased): not the mover.
+        assert "not of interest" in text, text
         assert processes_mentioning(str(state_dir)), "the stack runs while the demo serves"
         # The informant's journey, with what the demo printed for it, opens the death.
         printed = r"Informant's journey: (\S+) — reference (\S+), date of birth (\d+) (\d+) (\d+)"

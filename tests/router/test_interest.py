@@ -14,8 +14,9 @@ import asyncpg
 import httpx
 import pytest
 
+from citizens.data_tracker import consent_settings
 from consumers.agency_api import create_client
-from router.interest import NotANino, subject_ids
+from router.interest import NotANino, change_interest, subject_ids
 from router.rules import Condition, Outcome, RoutableEvent, Subscription, decide
 from runtime.access import onboard_agency
 from runtime.pseudonyms import subject_id_for
@@ -218,3 +219,37 @@ def test_interest_from_the_command_line_refuses_bad_files_clearly(
     right.write_text("AB123456C\n")
     code, out = tuo_cli(services, "agencies", "interest", "no-such-agency", "--file", str(right))
     assert code == 1 and "no agency 'no-such-agency'" in out, out
+
+
+@pytest.mark.integration
+async def test_a_citizen_is_offered_a_registered_only_choice_only_if_the_agency_registered_them(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    agency = f"int-{uuid.uuid4().hex[:8]}"
+    await onboard_agency(services, pool, agency, ["AddressChanged"], by="tests")
+    code, out = await asyncio.to_thread(
+        tuo_cli,
+        services,
+        "subscriptions",
+        "add",
+        agency,
+        "AddressChanged",
+        "--basis",
+        "consent",
+        "--field",
+        "new_address",
+        "--registered-only",
+    )
+    assert code == 0, out
+    theirs, someone_else = random_nino(), random_nino()
+    key = services.require_pseudonym_key()
+    try:
+        await change_interest(pool, agency, register=subject_ids([theirs], key), withdraw=[], by="tests")
+        offered = {s.agency for s in await consent_settings(pool, subject_id_for(theirs, key), None)}
+        not_offered = {
+            s.agency for s in await consent_settings(pool, subject_id_for(someone_else, key), None)
+        }
+        assert agency in offered and agency not in not_offered
+        assert "hmrc" in offered and "hmrc" in not_offered  # an unscoped choice is everyone's
+    finally:
+        await pool.execute("UPDATE subscription SET status = 'suspended' WHERE agency = $1", agency)

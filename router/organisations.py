@@ -81,7 +81,10 @@ async def organisations_to_tell(
     pool: asyncpg.Pool, event_type: str, postcodes: frozenset[str] | None = None
 ) -> list[Organisation]:
     """The active, currently valid subscriptions for this event type, statutory first;
-    with ``postcodes``, only those whose condition holds for those addresses."""
+    with ``postcodes``, only those whose condition holds for those addresses. A
+    subscription only about the people its agency registered (DWP's for pensioners'
+    moves) is not listed: the desk cannot know whether the agency holds the person's
+    record, and the person can choose online if it does (``citizens.data_tracker``)."""
     rows = await pool.fetch(
         "SELECT agency, legal_basis, statute, condition::text AS condition FROM subscription"
         " WHERE event_type = $1 AND status = 'active'"
@@ -97,6 +100,7 @@ async def organisations_to_tell(
         )
         for r in rows
     ]
+    organisations = [o for o in organisations if not o.condition.registered_subjects]
     if postcodes is not None:
         organisations = [o for o in organisations if o.concerned_with(event_type, postcodes)]
     return sorted(organisations, key=lambda o: (not o.statutory, o.name))

@@ -29,6 +29,7 @@ from starlette.responses import HTMLResponse, Response
 from citizens import data_tracker, proxies
 from citizens.proxies import Appointment, NotAppointed
 from citizens.signin import Citizen, CurrentCitizen
+from router import looks
 from router.consent_changes import record_consent_change
 from router.consent_receipts import (
     JWKS_PATH,
@@ -352,7 +353,20 @@ async def consent_receipt_download(receipt_id: str, scope: RequestedScope, pool:
 @router.get("/citizen/received")
 async def received(scope: RequestedScope, pool: Pool) -> Response:
     events = await data_tracker.received(pool, scope.subject_id, scope.agencies)
-    return render("citizen_received.html", scope, title="Who received your information", events=events)
+    # Who looked at their records is theirs to see, not a proxy's (an appointment covers agencies).
+    seen = await looks.looks_at(pool, scope.subject_id) if scope.recorded_by == "citizen" else None
+    return render(
+        "citizen_received.html",
+        scope,
+        title="Who received your information",
+        events=events,
+        looks=seen,
+        look_role=_look_role,
+    )
+
+
+def _look_role(look: looks.Look) -> str:
+    return "A Tell Us Once operator" if look.role == "operator" else "A registrar at another register office"
 
 
 @router.get("/citizen/download")

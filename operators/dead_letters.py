@@ -69,6 +69,7 @@ _ID = re.compile(
     re.ASCII,
 )
 _AGENCY = re.compile(r"[a-z][a-z0-9-]{1,39}", re.ASCII)  # as runtime.access.AGENCY_NAME
+_SUBJECT = re.compile(r"[ns]-[0-9a-f]{32}", re.ASCII)  # a pseudonymous subject id
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -389,6 +390,20 @@ async def list_dead_letters(
         topics = [await reader.topic_of(agency)] if agency else list((await reader.sources()).values())
         letters = await reader.read(topics, latest=limit)
     return await _with_redrives(pool, letters[:limit] if limit is not None else letters)
+
+
+async def subjects_of(pool: asyncpg.Pool, letter: StoredDeadLetter) -> list[str]:
+    """Whose records a dead letter holds: the subject intake recorded for its event, else
+    the pseudonymous subject its CloudEvents header names (none for a message that is not
+    a recorded event and names no subject)."""
+    if letter.event_id is not None:
+        recorded = await pool.fetchval(
+            "SELECT subject_id FROM intake_record WHERE event_id = $1", letter.event_id
+        )
+        if recorded is not None:
+            return [recorded]
+    named = letter.headers.get("ce_subject", "")
+    return [named] if _SUBJECT.fullmatch(named) else []
 
 
 async def show_dead_letter(settings: Settings, pool: asyncpg.Pool, letter_id: str) -> StoredDeadLetter:

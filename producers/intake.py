@@ -54,6 +54,7 @@ from producers.store import (
 )
 from producers.web import install_web, too_many_requests_page, unavailable_page, wants_html
 from router.consent_receipts import ConsentReceiptIssuer, consent_receipt_keys_router, consent_signer_within
+from router.looks import refused_other_office
 from router.store import event_status
 from runtime.database import open_pool
 from runtime.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -444,6 +445,7 @@ async def status(reference: str, client: Client, intake: RunningIntake) -> JSONR
     """Where an event your office recorded has got to, agency by agency."""
     found = await event_status(intake.pool, _reference(reference), office=client.office)
     if found is None:
+        await refused_other_office(intake.pool, _reference(reference), client.office, client.recorded_by)
         return _no_such_event()
     found["duplicate_override"] = await duplicate_override(intake.pool, found["reference"])
     return JSONResponse(found)

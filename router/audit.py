@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -159,26 +159,50 @@ class Finding:
 
 async def verify(conn: asyncpg.Connection, batch: int = 10_000) -> tuple[int, list[Finding]]:
     """Recompute the chain. Returns (rows checked, findings in chain order)."""
+    return await verify_chain(
+        conn,
+        "routing_decision",
+        lambda row: row_hash(row["seq"], Decision.of(row), row["prev_hash"] or ""),
+        lambda row: f"event {row['event_id']}, agency {row['agency']}",
+        batch,
+    )
+
+
+async def verify_chain(
+    conn: asyncpg.Connection,
+    table: str,
+    hash_of: Callable[[Any], str],
+    where: Callable[[Any], str],
+    batch: int = 10_000,
+) -> tuple[int, list[Finding]]:
+    """Walk a chain of rows numbered by ``seq`` (1, 2, …), each holding ``prev_hash`` and
+    ``hash``: (rows checked, every row removed, inserted or altered, in chain order)."""
     findings: list[Finding] = []
     expected_seq, previous_hash, checked = 1, GENESIS, 0
     last_seq = 0
     while True:
         rows = await conn.fetch(
-            "SELECT * FROM routing_decision WHERE seq > $1 ORDER BY seq LIMIT $2", last_seq, batch
+            f"SELECT * FROM {table} WHERE seq > $1 ORDER BY seq LIMIT $2", last_seq, batch
         )
         if not rows:
             break
         for row in rows:
-            findings += _check(row, expected_seq, previous_hash)
+            findings += _check(row, expected_seq, previous_hash, hash_of, where)
             checked += 1
             expected_seq, previous_hash, last_seq = row["seq"] + 1, row["hash"], row["seq"]
     return checked, findings
 
 
-def _check(row: Any, expected_seq: int, previous_hash: str) -> list[Finding]:
+def _check(
+    row: Any,
+    expected_seq: int,
+    previous_hash: str,
+    hash_of: Callable[[Any], str],
+    where_of: Callable[[Any], str],
+) -> list[Finding]:
     found = []
     seq = row["seq"]
-    where = f"event {row['event_id']}, agency {row['agency']}"
+    where = where_of(row)
     if seq > expected_seq:
         missing = (
             f"row {expected_seq} is" if seq == expected_seq + 1 else f"rows {expected_seq}-{seq - 1} are"
@@ -186,6 +210,6 @@ def _check(row: Any, expected_seq: int, previous_hash: str) -> list[Finding]:
         found.append(Finding(expected_seq, "removed", f"{missing} missing before row {seq}"))
     elif row["prev_hash"] != previous_hash:
         found.append(Finding(seq, "inserted", f"{where}: does not follow the row before it"))
-    if row["hash"] != row_hash(seq, Decision.of(row), row["prev_hash"] or ""):
+    if row["hash"] != hash_of(row):
         found.append(Finding(seq, "altered", f"{where}: its content no longer matches its hash"))
     return found

@@ -1,4 +1,4 @@
-"""`tuo audit`: check the tamper-evident hash chain of routing decisions."""
+"""`tuo audit`: check the tamper-evident hash chains, of routing decisions and of looks at personal data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncpg
 import typer
 
 from operators.cli.shared import console, err, fail, with_pool
-from router import audit
+from router import audit, looks
 
 audit_app = typer.Typer(help="The tamper-evident record of routing decisions.", no_args_is_help=True)
 
@@ -17,20 +17,28 @@ audit_app = typer.Typer(help="The tamper-evident record of routing decisions.", 
 def audit_verify(
     schema: Annotated[str, typer.Option(help="PostgreSQL schema holding the chain.", hidden=True)] = "public",
 ) -> None:
-    """Recompute the hash chain of routing decisions; name every row altered, removed or inserted."""
+    """Recompute the hash chains of routing decisions and of staff's looks at personal
+    data; name every row altered, removed or inserted."""
 
-    async def run(pool: asyncpg.Pool) -> tuple[int, list[audit.Finding]]:
+    async def run(pool: asyncpg.Pool) -> list[tuple[str, int, list[audit.Finding]]]:
         async with pool.acquire() as conn:
             await conn.execute(f"SET search_path TO {_identifier(schema)}")
-            return await audit.verify(conn)
+            return [
+                ("routing decisions", *await audit.verify(conn)),
+                ("looks at personal data", *await looks.verify(conn)),
+            ]
 
-    checked, findings = with_pool(run)
-    if findings:
+    broken = False
+    for what, checked, findings in with_pool(run):
         for finding in findings:
-            err.print(f"[red]✗[/] {finding}")
-        err.print(f"{len(findings)} problem(s) in {checked} decisions.")
+            err.print(f"[red]✗[/] {what}: {finding}")
+        if findings:
+            err.print(f"{len(findings)} problem(s) in {checked} {what}.")
+            broken = True
+        else:
+            console.print(f"[green]✓[/] {checked} {what}; the chain is intact.")
+    if broken:
         raise typer.Exit(code=1)
-    console.print(f"[green]✓[/] {checked} routing decisions; the chain is intact.")
 
 
 def _identifier(name: str) -> str:

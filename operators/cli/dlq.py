@@ -15,6 +15,7 @@ from rich.text import Text
 from operators import dead_letters as dlq
 from operators import lag as consumer_lag
 from operators.cli.shared import command_settings, console, fail, with_pool
+from router import looks
 from runtime import kafka
 
 T = TypeVar("T")
@@ -87,7 +88,7 @@ def dlq_list(
         )
     console.print(table)
     console.print(
-        f"{len(letters)} dead letter(s). `tuo dlq show ID` for one; once its cause is fixed, "
+        f"{len(letters)} dead letter(s). `tuo dlq show ID --reason …` for one; once its cause is fixed, "
         '`tuo dlq redrive ID --reason "…"`.'
     )
 
@@ -95,11 +96,33 @@ def dlq_list(
 @dlq_app.command("show")
 def dlq_show(
     letter_id: Annotated[str, typer.Argument(help="As `tuo dlq list` shows it, e.g. bus:0:17.")],
+    reason: Annotated[
+        str, typer.Option(help="Why you look (3-500 characters): recorded, and shown to the person.")
+    ],
+    by: Annotated[str, typer.Option(help="Who looks (recorded).")] = "",
 ) -> None:
     """One dead letter: where it came from, why, and what it holds (field names and
-    sizes only: the values are personal data)."""
+    sizes only: the values are personal data). The look is recorded first, with who and
+    why, and the person whose event it is sees it (router.looks)."""
     settings = command_settings()
-    letter = dlq_call(lambda pool: dlq.show_dead_letter(settings, pool, letter_id))
+
+    async def look(pool: asyncpg.Pool) -> dlq.StoredDeadLetter:
+        letter = await dlq.show_dead_letter(settings, pool, letter_id)
+        await looks.record_look(
+            pool,
+            who=by.strip() or getpass.getuser(),
+            role="operator",
+            action=looks.Action.DEAD_LETTER,
+            reason=reason,
+            subject_ids=await dlq.subjects_of(pool, letter),
+            event_ids=[letter.event_id] if letter.event_id is not None else [],
+        )
+        return letter
+
+    try:
+        letter = dlq_call(look)
+    except looks.LookRefused as exc:
+        raise fail(str(exc)) from exc
     try:
         plan = dlq.plan_redrive(settings.topic_prefix, letter)
         redrive = (

@@ -26,6 +26,7 @@ from rich.text import Text
 
 from operators import replay
 from operators.cli.shared import AgencyArg, clear_errors, command_settings, console, fail, when, with_pool
+from router import looks
 from runtime.database import open_pool
 from runtime.settings import Settings
 
@@ -100,6 +101,15 @@ def replay_run(
         raise fail(str(exc)) from exc
 
     async def begin(pool: asyncpg.Pool) -> replay.Replay:
+        if selection.subject_id is not None:  # one person's events chosen: a look at their records
+            await looks.record_look(
+                pool,
+                who=by.strip() or getpass.getuser(),
+                role="operator",
+                action=looks.Action.REPLAY,
+                reason=reason,
+                subject_ids=[selection.subject_id],
+            )
         return await replay.start(
             pool,
             settings,
@@ -208,7 +218,7 @@ def _run_replay(settings: Settings, prepare: Callable[[asyncpg.Pool], Awaitable[
     try:
         with clear_errors():
             done = asyncio.run(run())
-    except replay.ReplayRefused as exc:
+    except (replay.ReplayRefused, looks.LookRefused) as exc:
         raise fail(str(exc)) from exc
     tally = done.tally
     verb = "would be sent" if done.dry_run else "sent"

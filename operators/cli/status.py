@@ -3,30 +3,58 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import getpass
+import uuid
+from typing import Annotated, Any
 
+import typer
 from rich.table import Table
 
 from consumers.webhooks import endpoints as webhooks
 from operators.cli.shared import clear_errors, command_settings, console, fail, when
+from router import looks
 from router.store import event_status
 from runtime.database import open_pool
 
 
-def status_command(reference: str) -> None:
-    """Show, per agency, whether an event was delivered and what the agency's receipt says."""
+def status_command(
+    reference: str,
+    reason: Annotated[
+        str, typer.Option(help="Why you look (3-500 characters): recorded, and shown to the person.")
+    ],
+    by: Annotated[str, typer.Option(help="Who looks (recorded).")] = "",
+) -> None:
+    """Show, per agency, whether an event was delivered and what the agency's receipt says.
+    The look is recorded first, with who and why, and the person sees it (router.looks)."""
 
     async def lookup() -> tuple[dict[str, Any] | None, list[Any]]:
         pool = await open_pool(command_settings())
         try:
             found = await event_status(pool, reference.strip().upper())
-            hooks = [] if found is None else await webhooks.deliveries_of(pool, found["event_id"])
+            if found is None:
+                return None, []
+            subject = await pool.fetchval(
+                "SELECT subject_id FROM intake_record WHERE event_id = $1", uuid.UUID(found["event_id"])
+            )
+            await looks.record_look(
+                pool,
+                who=by.strip() or getpass.getuser(),
+                role="operator",
+                action=looks.Action.STATUS,
+                reason=reason,
+                subject_ids=[subject],
+                event_ids=[found["event_id"]],
+            )
+            hooks = await webhooks.deliveries_of(pool, found["event_id"])
             return found, hooks
         finally:
             await pool.close()
 
     with clear_errors():
-        found, hooks = asyncio.run(lookup())
+        try:
+            found, hooks = asyncio.run(lookup())
+        except looks.LookRefused as exc:
+            raise fail(str(exc)) from exc
     if found is None:
         raise fail(f"no event has reference {reference}")
     print_event_status(found)

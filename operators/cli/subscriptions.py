@@ -155,7 +155,7 @@ def subscriptions_area_unknown(
     for r in rows:
         table.add_row(r.reference, r.event_type, when(r.decided_at.isoformat()), ", ".join(r.agencies))
     console.print(table)
-    console.print(f"{len(rows)} event(s). See one with `tuo status REFERENCE`.")
+    console.print(f"{len(rows)} event(s). See one with `tuo status REFERENCE --reason …`.")
 
 
 ReasonOption = Annotated[str, typer.Option(help="Why (kept with the new version).")]

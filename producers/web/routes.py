@@ -29,6 +29,7 @@ from producers.duplicates import DuplicateRegistration
 from producers.requests import DuplicateOverride
 from producers.store import IdempotencyConflict, consent_receipts_for_event
 from producers.web.forms import FORMS, FieldError, RegistrationForm
+from router.looks import refused_other_office
 from router.organisations import Organisation, agency_name, agency_statuses, organisations_to_tell
 from router.registrations import requests_following, unlock_reference
 from router.store import agencies as subscribing_agencies
@@ -582,6 +583,7 @@ async def statuses(intake: Intake, who: SignedIn, reference: str) -> dict[str, A
         return None
     status = await event_status(intake.pool, reference, office=who.submitter.office)
     if status is None:
+        await refused_other_office(intake.pool, reference, who.submitter.office, who.submitter.recorded_by)
         return None
     agencies = agency_statuses(status)
     # The router decides for every agency with any subscription; until all those

@@ -202,7 +202,9 @@ async def test_receipts_posted_over_https_are_stored_once_and_shown_in_status(
     reference = await pool.fetchval(
         "SELECT reference FROM intake_record WHERE event_id = $1", uuid.UUID(world.only_a)
     )
-    code, out = await asyncio.to_thread(tuo_cli, services, "status", reference)
+    code, out = await asyncio.to_thread(
+        tuo_cli, services, "status", reference, "--reason", "checking a test event"
+    )
     [row] = [line for line in out.splitlines() if world.a in line]
     assert code == 0 and "rejected" in row and "no record of this person here" in row, out
 

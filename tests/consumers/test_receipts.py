@@ -301,7 +301,9 @@ async def test_redelivered_event_is_applied_once_and_receipted_as_a_duplicate(
         "requested_by": "operator.one",
         "reason": "agency restored last night's backup",
     }
-    code, output = await asyncio.to_thread(tuo_cli, services, "status", accepted["reference"])
+    code, output = await asyncio.to_thread(
+        tuo_cli, services, "status", accepted["reference"], "--reason", "checking a test event"
+    )
     assert code == 0, output
     line = next(line for line in output.splitlines() if "t-replay" in line)
     assert "applied" in line and "[1 redelivered, 1 duplicate]" in line
@@ -543,7 +545,9 @@ async def test_agency_that_never_answers_is_flagged_overdue_after_its_deadline_a
     assert 'tuo_receipts_overdue_flagged_total{agency="t-silent"} 1.0' in metrics
     code, output = await asyncio.to_thread(tuo_cli, services, "receipts", "overdue", "--agency", "t-silent")
     assert code == 0 and accepted["reference"] in output and "1 overdue" in output
-    code, output = await asyncio.to_thread(tuo_cli, services, "status", accepted["reference"])
+    code, output = await asyncio.to_thread(
+        tuo_cli, services, "status", accepted["reference"], "--reason", "checking a test event"
+    )
     assert "OVERDUE" in next(line for line in output.splitlines() if "t-silent" in line)
 
     # The agency comes back; its overdue deliveries are sent again (and answered once).
@@ -598,7 +602,9 @@ async def test_a_death_registered_at_intake_is_applied_by_every_entitled_agency_
     for agency in entitled:
         assert await _final_receipt(pool, agency, event_id) == "APPLIED", agency
 
-    code, output = await asyncio.to_thread(tuo_cli, services, "status", accepted["reference"])
+    code, output = await asyncio.to_thread(
+        tuo_cli, services, "status", accepted["reference"], "--reason", "checking a test event"
+    )
     assert code == 0, output
     rows = {line.split()[1]: line for line in output.splitlines() if line.startswith("│")}
     for agency in entitled:

@@ -262,7 +262,9 @@ async def test_a_death_reaches_a_webhook_agency_and_its_receipt_shows_in_status(
             is None
         )
 
-        code, out = await asyncio.to_thread(tuo_cli, services, "status", accepted["reference"])
+        code, out = await asyncio.to_thread(
+            tuo_cli, services, "status", accepted["reference"], "--reason", "checking a test event"
+        )
         assert code == 0, out
         row = next(line for line in out.splitlines() if agency.name in line and "delivered" in line)
         assert "applied" in row, out
@@ -385,7 +387,9 @@ async def test_an_endpoint_down_past_the_retry_window_leaves_a_dead_letter_and_a
         [letter] = [r for r in letters if header(r, "ce_id") == accepted["event_id"]]
         reason = header(letter, "tuo_dlq_reason") or ""
         assert "did not take it" in reason and "HTTP 500" in reason, reason
-        code, out = await asyncio.to_thread(tuo_cli, services, "status", accepted["reference"])
+        code, out = await asyncio.to_thread(
+            tuo_cli, services, "status", accepted["reference"], "--reason", "checking a test event"
+        )
         assert code == 0 and f"Webhook to {agency.name}: given up" in out, out
 
         # Once it is back, an operator sends it again: a new copy is queued afresh, its

@@ -25,7 +25,9 @@ async def test_status_prints_each_agencys_decision_and_receipt(
         return sum(1 for a in status["agencies"] if a["receipt"]) == 4
 
     await eventually(receipts_in, what="four receipts")
-    code, output = await asyncio.to_thread(tuo_cli, services, "status", accepted["reference"].lower())
+    code, output = await asyncio.to_thread(
+        tuo_cli, services, "status", accepted["reference"].lower(), "--reason", "checking a test event"
+    )
     assert code == 0, output
     assert accepted["reference"] in output
     rows = {line.split("│")[1].strip(): line for line in output.splitlines() if line.count("│") > 3}
@@ -37,7 +39,9 @@ async def test_status_prints_each_agencys_decision_and_receipt(
 
 @pytest.mark.usefixtures("pool")  # a migrated database, whichever test runs first
 async def test_status_of_unknown_reference_fails_with_a_message(services: Settings) -> None:
-    code, output = await asyncio.to_thread(tuo_cli, services, "status", "TUO-2026-0000-0000")
+    code, output = await asyncio.to_thread(
+        tuo_cli, services, "status", "TUO-2026-0000-0000", "--reason", "checking a test event"
+    )
     assert code == 1
     assert "no event has reference TUO-2026-0000-0000" in output
 

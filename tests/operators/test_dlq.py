@@ -106,11 +106,13 @@ async def _register(pool: asyncpg.Pool, key: SigningKey, sealer: PayloadSealer) 
         )
 
 
-async def _record(settings: Settings, pool: asyncpg.Pool, key: SigningKey) -> str:
+async def _record(
+    settings: Settings, pool: asyncpg.Pool, key: SigningKey, subject_id: str = "", nino: str = "AB123456C"
+) -> str:
     """A death recorded as intake records one (intake record and sealed outbox original),
     signed with ``key``; the relay publishes it. Its event id."""
-    subject_id = f"s-{uuid.uuid4().hex}"
-    event_id, value, headers = death_message(subject_id, nino="AB123456C", key=key)
+    subject_id = subject_id or f"s-{uuid.uuid4().hex}"
+    event_id, value, headers = death_message(subject_id, nino=nino, key=key)
     now = datetime.now(UTC)
     await record_event(
         pool,
@@ -156,7 +158,7 @@ async def test_a_dead_letter_redriven_after_its_cause_is_fixed_reaches_its_agenc
     assert code == 0, listed
     line = next(line for line in listed.splitlines() if str(letter.id) in line)
     assert event_id in line and "DeathRegistered" in line and "router" in line and "republished" not in line
-    code, shown = await _tuo(services, "dlq", "show", str(letter.id))
+    code, shown = await _tuo(services, "dlq", "show", str(letter.id), "--reason", "why it failed")
     assert code == 0, shown
     assert "not in the key registry" in shown and "republish the stored original" in shown
     assert "deceased" in shown, "the field names are shown"
@@ -320,10 +322,10 @@ async def test_hostile_dead_letters_are_refused_and_left_in_place(
         ],
     )
 
-    code, shown = await _tuo(services, "dlq", "show", forged)
+    code, shown = await _tuo(services, "dlq", "show", forged, "--reason", "a hostile letter")
     assert code == 0, shown
     assert "[bold red]pay here[/] \\x1b[2J" in shown, "markup and escape codes are shown, not obeyed"
-    code, shown = await _tuo(services, "dlq", "show", garbage)
+    code, shown = await _tuo(services, "dlq", "show", garbage, "--reason", "a hostile letter")
     assert code == 0 and "(no ce_id)" in shown and "does not decode" in shown, shown
 
     before = await _written(pool)
@@ -341,7 +343,7 @@ async def test_hostile_dead_letters_are_refused_and_left_in_place(
     assert code == 1 and "0 redriven, 0 redriven before (skipped), 4 refused and left in place" in out, out
     assert await _written(pool) == before, "nothing written"
     for letter_id in expected:
-        code, shown = await _tuo(services, "dlq", "show", letter_id)
+        code, shown = await _tuo(services, "dlq", "show", letter_id, "--reason", "a hostile id")
         assert code == 0 and letter_id in shown and "republished" not in shown, "still there, as it was"
 
     # --all is safe to run twice: the second run redrives nothing that the first did.
@@ -390,7 +392,10 @@ async def test_bad_dead_letter_ids_are_refused_clearly(
     bus: RunningBus, services: Settings, pool: asyncpg.Pool, letter_id: str, message: str
 ) -> None:
     before = await _written(pool)
-    for args in (("show", letter_id), ("redrive", letter_id, "--reason", "a good reason")):
+    for args in (
+        ("show", letter_id, "--reason", "a good reason"),
+        ("redrive", letter_id, "--reason", "a good reason"),
+    ):
         code, out = await _tuo(services, "dlq", *args)
         assert code == 1, out
         assert any(line.startswith("Error:") and message in line for line in out.splitlines()), out

@@ -28,6 +28,7 @@ from operators.replay import REPLAY_ID_HEADER, ReplayRefused, Selection
 from operators.services import RunningBus
 from producers.accept import new_reference
 from producers.accounts import issue_token
+from router import looks
 from router.store import agencies, event_status, record_consent, upsert_subscription
 from runtime.access import onboard_agency, suspend_agency
 from runtime.kafka import Topics
@@ -936,3 +937,27 @@ async def test_a_replay_from_routing_facts_sends_what_reading_each_event_the_rou
 
         await eventually(all_applied, timeout=60, what="every copy applied by the agency's consumer")
     assert set(applied) == set(spliced)
+
+
+@pytest.mark.integration
+async def test_choosing_one_persons_events_to_replay_is_a_look_recorded_for_them(
+    services: Settings, pool: asyncpg.Pool
+) -> None:
+    subject = f"n-{uuid.uuid4().hex}"
+    code, output = await _tuo(
+        services, "replay", "run", "hmrc", "--subject", subject, "--dry-run", "--reason", "x"
+    )
+    assert code == 1 and "say why you look" in output, output
+    assert await looks.looks_at(pool, subject) == []
+    why = "the person asked us to send their records again"
+    code, output = await _tuo(
+        services, "replay", "run", "hmrc", "--subject", subject, "--dry-run", "--reason", why, "--by", "sam"
+    )
+    assert code == 0, output
+    [look] = await looks.looks_at(pool, subject)
+    assert (look.who, look.action, look.reason, look.subject_ids) == (
+        "sam",
+        looks.Action.REPLAY,
+        why,
+        [subject],
+    )

@@ -32,12 +32,13 @@ async def _some_decisions(intake: httpx.AsyncClient, pool: asyncpg.Pool, at_leas
 
 
 async def _copy_of_the_chain(pool: asyncpg.Pool, prefix: str) -> str:
-    """A schema holding a copy of routing_decision, indexed on seq like the real one (but
-    not unique, so that a test can insert a row twice)."""
+    """A schema holding a copy of each chain (routing_decision, data_look), indexed on seq
+    like the real ones (but not unique, so that a test can insert a row twice)."""
     copy = prefix + uuid.uuid4().hex[:8]
     await pool.execute(
         f"CREATE SCHEMA {copy}; CREATE TABLE {copy}.routing_decision AS SELECT * FROM routing_decision;"
-        f" CREATE INDEX ON {copy}.routing_decision (seq)"
+        f" CREATE INDEX ON {copy}.routing_decision (seq);"
+        f" CREATE TABLE {copy}.data_look AS SELECT * FROM data_look; CREATE INDEX ON {copy}.data_look (seq)"
     )
     return copy
 

@@ -173,7 +173,9 @@ async def test_an_agency_hears_only_of_the_people_it_registered_until_it_withdra
             deaths[nino] = response.json()
         assert await _outcome(pool, deaths[registered]["event_id"], agency) == "DELIVERED"
         assert await _outcome(pool, deaths[other]["event_id"], agency) == "WITHHELD_NOT_OF_INTEREST"
-        code, out = await asyncio.to_thread(tuo_cli, services, "status", deaths[other]["reference"])
+        code, out = await asyncio.to_thread(
+            tuo_cli, services, "status", deaths[other]["reference"], "--reason", "checking a test event"
+        )
         assert code == 0 and "withheld: not of interest" in next(
             line for line in out.splitlines() if agency in line
         ), out

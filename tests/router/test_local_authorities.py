@@ -285,7 +285,9 @@ async def test_intake_stores_the_authority_in_the_event_and_the_router_decides_f
     assert "council-bradford, council-leeds" in row and "DeathRegistered" in row
     assert accepted[ILKLEY]["reference"] not in listing
     assert UNKNOWN not in listing, "no postcode on the operator's screen"
-    code, status = await asyncio.to_thread(tuo_cli, services, "status", accepted[UNKNOWN]["reference"])
+    code, status = await asyncio.to_thread(
+        tuo_cli, services, "status", accepted[UNKNOWN]["reference"], "--reason", "checking a test event"
+    )
     assert code == 0 and "withheld: area unknown" in status
 
 

@@ -14,7 +14,8 @@ from tests.support import death_registration, today
 
 pytestmark = pytest.mark.integration
 
-TOMORROW = (today() + timedelta(days=1)).isoformat()
+# Two days ahead: still in the future if the run crosses midnight after collecting the cases.
+FUTURE = (today() + timedelta(days=2)).isoformat()
 ADDRESS = {"lines": ["2 Sample Road"], "town": "Leeds", "postcode": "LS2 7AB"}
 
 
@@ -109,14 +110,14 @@ RULES: list[tuple[str, str, dict[str, Any], str, str]] = [
     (
         "date of death not in the future",
         "death-registrations",
-        death_registration(date_of_death=TOMORROW),
+        death_registration(date_of_death=FUTURE),
         "date_of_death",
         "future",
     ),
     (
         "date of birth not in the future",
         "death-registrations",
-        death_registration(deceased={"given_names": "A", "family_name": "B", "date_of_birth": TOMORROW}),
+        death_registration(deceased={"given_names": "A", "family_name": "B", "date_of_birth": FUTURE}),
         "deceased.date_of_birth",
         "future",
     ),
@@ -137,7 +138,7 @@ RULES: list[tuple[str, str, dict[str, Any], str, str]] = [
     (
         "child not born in the future",
         "birth-registrations",
-        birth(child={"given_names": "Robin", "family_name": "Sample", "date_of_birth": TOMORROW}),
+        birth(child={"given_names": "Robin", "family_name": "Sample", "date_of_birth": FUTURE}),
         "child.date_of_birth",
         "future",
     ),
@@ -161,7 +162,7 @@ RULES: list[tuple[str, str, dict[str, Any], str, str]] = [
     (
         "effective date not in the future",
         "address-changes",
-        move(effective_date=TOMORROW),
+        move(effective_date=FUTURE),
         "effective_date",
         "future",
     ),

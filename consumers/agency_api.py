@@ -326,7 +326,9 @@ class SubscriptionChangeIn(BaseModel):
     valid_from: AwareDatetime | None = None
     valid_to: AwareDatetime | None = None
     active: bool = Field(default=True, description="false: stop receiving this event type (a narrowing).")
-    reason: Annotated[str, Field(min_length=3, max_length=500), AfterValidator(_printable)]
+    reason: Annotated[str, Field(min_length=3, max_length=500), AfterValidator(_printable)] = Field(
+        description="Why you ask: kept with the version, and published in the public register (/register)."
+    )
 
 
 def agency_api(pool: asyncpg.Pool, pseudonym_key: Callable[[], bytes]) -> APIRouter:

@@ -108,6 +108,8 @@ async def upsert_subscription(
     """Put these terms in force at once (an operator's or the seed's change; an agency's
     goes through ``router.subscription_versions.request_change``); returns the version,
     which records ``by`` and ``reason``."""
+    if legal_basis not in ("statutory", "consent") or status not in ("active", "suspended"):
+        raise ValueError(f"no legal basis {legal_basis!r} or status {status!r}")
     terms = Terms(
         legal_basis="statutory" if legal_basis == "statutory" else "consent",
         statute=statute,
@@ -115,8 +117,6 @@ async def upsert_subscription(
         condition=Condition.from_json(condition),
         status="suspended" if status == "suspended" else "active",
     )
-    if legal_basis not in ("statutory", "consent") or status not in ("active", "suspended"):
-        raise ValueError(f"no legal basis {legal_basis!r} or status {status!r}")
     async with _transaction(db) as conn:
         return await write_terms(
             conn, agency, event_type, terms, changed_by=by or "operator", reason=reason or "not given"

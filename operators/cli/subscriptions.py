@@ -96,7 +96,9 @@ def subscriptions_add(
     valid_to: Annotated[
         datetime | None, typer.Option(help="The agreement ends then (UTC unless an offset)")
     ] = None,
-    reason: Annotated[str, typer.Option(help="Why (kept with the new version).")] = "",
+    reason: Annotated[
+        str, typer.Option(help="Why (kept with the new version, and published in the register).")
+    ] = "",
     by: Annotated[str, typer.Option(help="Who makes the change (recorded).")] = "",
 ) -> None:
     """Add or replace an agency's subscription to an event type, in force at once as a new
@@ -158,7 +160,9 @@ def subscriptions_area_unknown(
     console.print(f"{len(rows)} event(s). See one with `tuo status REFERENCE --reason …`.")
 
 
-ReasonOption = Annotated[str, typer.Option(help="Why (kept with the new version).")]
+ReasonOption = Annotated[
+    str, typer.Option(help="Why (kept with the new version, and published in the register).")
+]
 ByOption = Annotated[str, typer.Option(help="Who makes the change (recorded).")]
 
 
@@ -262,7 +266,9 @@ def subscriptions_changes(
 @subscriptions_app.command("approve")
 def subscriptions_approve(
     change_id: Annotated[int, typer.Argument(help="The request's id (`tuo subscriptions changes`)")],
-    reason: Annotated[str, typer.Option(help="Why it is approved (kept with the request).")],
+    reason: Annotated[
+        str, typer.Option(help="Why it is approved (kept with the request; the agency sees it).")
+    ],
     by: ByOption = "",
 ) -> None:
     """Put an agency's waiting request in force from now, as a new version."""

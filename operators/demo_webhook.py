@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,9 +113,19 @@ async def stop_demo_webhook_agency(pool: asyncpg.Pool, demo: DemoWebhookAgency) 
     return removed.endswith(" 1")
 
 
-async def delivered_by_webhook(pool: asyncpg.Pool, agency: str) -> int:
-    """How many of the agency's events its endpoint has taken (answered 2xx)."""
-    count: int = await pool.fetchval(
-        "SELECT count(*) FROM webhook_delivery WHERE agency = $1 AND status = 'delivered'", agency
-    )
-    return count
+async def delivered_by_webhook(pool: asyncpg.Pool, agency: str, wait_seconds: float = 15.0) -> int:
+    """How many of the agency's events its endpoint has taken (answered 2xx), once none is
+    pending (or after ``wait_seconds``). The receiver posts its receipt before it answers,
+    so the bridge may record the answer a moment after the receipt is in."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        row = await pool.fetchrow(
+            "SELECT count(*) FILTER (WHERE status = 'delivered') AS delivered,"
+            "       count(*) FILTER (WHERE status = 'pending') AS pending"
+            "  FROM webhook_delivery WHERE agency = $1",
+            agency,
+        )
+        if row["pending"] == 0 or time.monotonic() > deadline:
+            delivered: int = row["delivered"]
+            return delivered
+        await asyncio.sleep(0.2)

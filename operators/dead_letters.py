@@ -50,6 +50,7 @@ from runtime import kafka, outbox
 from runtime.access import Principal
 from runtime.kafka import Topics
 from runtime.outbox import OutboxMessage
+from runtime.reasons import NotPlainWords, checked_name, checked_reason
 from runtime.settings import Settings
 from schemas import UndecodableMessage, decode
 from schemas.cloudevents import REDELIVER_TO
@@ -58,7 +59,6 @@ log = structlog.get_logger(__name__)
 
 BUS = "bus"  # the id's first part for ``<prefix>.dead-letters``; otherwise an agency's name
 READ_TIMEOUT_SECONDS = 30.0
-REASON_LENGTH = (3, 500)
 
 
 # --- Naming a dead letter ---------------------------------------------------------------
@@ -441,18 +441,14 @@ class RedriveOutcome:
 
 
 def check_reason(reason: str, requested_by: str) -> tuple[str, str]:
-    reason, requested_by = reason.strip(), requested_by.strip()
-    low, high = REASON_LENGTH
-    if not low <= len(reason) <= high:
-        raise RedriveRefused(
-            f"give a reason of {low} to {high} characters (yours has {len(reason)}); "
-            "it is kept with the redrive"
-        )
-    if not all(c.isprintable() for c in reason):
-        raise RedriveRefused("the reason has control characters; write it on one line of plain text")
-    if not 1 <= len(requested_by) <= 200 or not all(c.isprintable() for c in requested_by):
-        raise RedriveRefused("--by names who asks: 1 to 200 printable characters")
-    return reason, requested_by
+    try:
+        reason = checked_reason(reason)
+    except NotPlainWords as exc:
+        raise RedriveRefused(f"{exc}; it is kept with the redrive") from exc
+    try:
+        return reason, checked_name(requested_by)
+    except NotPlainWords as exc:
+        raise RedriveRefused(f"--by names who asks: {exc}") from exc
 
 
 def plan_redrive(prefix: str, letter: StoredDeadLetter) -> Republish | Redeliver:

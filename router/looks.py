@@ -26,9 +26,9 @@ from typing import Any
 import asyncpg
 
 from router.audit import GENESIS, Finding, verify_chain
+from runtime.reasons import NotPlainWords, checked_name, checked_reason
 
 _LOOK_CHAIN_LOCK = 0x7475_6F02
-REASON_LENGTH = (3, 500)
 
 
 class Action(StrEnum):
@@ -58,15 +58,10 @@ class Look:
 
 
 def check_reason(reason: str) -> str:
-    reason = reason.strip()
-    low, high = REASON_LENGTH
-    if not low <= len(reason) <= high:
-        raise LookRefused(
-            f"say why you look ({low} to {high} characters, yours has {len(reason)}): the person will see it"
-        )
-    if not all(c.isprintable() for c in reason):
-        raise LookRefused("the reason has control characters; write it on one line of plain text")
-    return reason
+    try:
+        return checked_reason(reason)
+    except NotPlainWords as exc:
+        raise LookRefused(f"say why you look: {exc}; the person will see it") from exc
 
 
 def row_hash(seq: int, look: Look, prev_hash: str) -> str:
@@ -100,9 +95,10 @@ async def record_look(
 ) -> Look:
     """Append one look to the chain, before what was looked at is shown."""
     reason = check_reason(reason)
-    who = who.strip()
-    if not 1 <= len(who) <= 200 or not all(c.isprintable() for c in who):
-        raise LookRefused("who looks must be named in 1 to 200 printable characters")
+    try:
+        who = checked_name(who)
+    except NotPlainWords as exc:
+        raise LookRefused(f"who looks: {exc}") from exc
     events = sorted({uuid.UUID(str(e)) for e in event_ids})
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOOK_CHAIN_LOCK)

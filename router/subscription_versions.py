@@ -23,8 +23,7 @@ from typing import Any, Literal
 import asyncpg
 
 from router.rules import Condition
-
-REASON_LENGTH = (3, 500)
+from runtime.reasons import NotPlainWords, checked_name, checked_reason
 
 
 class ChangeRefused(ValueError):
@@ -218,16 +217,11 @@ class Version:
 
 
 def check_words(reason: str, by: str) -> tuple[str, str]:
-    """A reason and a name, as they will be kept: plain text on one line."""
-    reason, by = reason.strip(), by.strip()
-    low, high = REASON_LENGTH
-    if not low <= len(reason) <= high:
-        raise ChangeRefused(f"give a reason of {low} to {high} characters (yours has {len(reason)})")
-    if not all(c.isprintable() for c in reason):
-        raise ChangeRefused("the reason has control characters; write it on one line of plain text")
-    if not 1 <= len(by) <= 200 or not all(c.isprintable() for c in by):
-        raise ChangeRefused("who changes it must be named in 1 to 200 printable characters")
-    return reason, by
+    """A reason and a name, as they will be kept (and the reason published)."""
+    try:
+        return checked_reason(reason), checked_name(by)
+    except NotPlainWords as exc:
+        raise ChangeRefused(str(exc)) from exc
 
 
 async def write_terms(

@@ -424,9 +424,9 @@ async def final_receipts(pool: asyncpg.Pool, event_ids: list[str]) -> Counter[tu
     return Counter((r["event_id"], r["agency"]) for r in rows)
 
 
-async def drain(world: FaultWorld, expected: set[tuple[str, str]]) -> None:
+async def drain(world: FaultWorld, expected: set[tuple[str, str]]) -> str:
     """Wait until every expected delivery has a final receipt, or the bus has stalled (the
-    assertions then say which deliveries are missing, and how far each got)."""
+    assertions then say which deliveries are missing, and how far each got); say which."""
     event_ids = sorted({e for e, _ in expected})
     started = progressed = time.monotonic()
     best = 0
@@ -436,10 +436,12 @@ async def drain(world: FaultWorld, expected: set[tuple[str, str]]) -> None:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             settled = best  # the test's own connections, broken by the restart, are replaced
         if settled == len(expected):
-            return
+            return f"all {settled} receipted"
         if settled > best:
             best, progressed = settled, time.monotonic()
         await asyncio.sleep(2)
+    how = "stalled" if time.monotonic() - progressed >= STALLED_SECONDS else "gave up"
+    return f"{how} at {best} of {len(expected)} receipted"
 
 
 def log_lines(world: FaultWorld, event_id: str) -> list[str]:
@@ -681,7 +683,7 @@ async def test_every_accepted_event_reaches_each_entitled_agency_once_through_cr
 
         expected = {(a.event_id, agency) for a in load.accepted for agency in a.entitled}
         drain_started = time.monotonic()
-        await drain(world, expected)
+        drained_how = await drain(world, expected)
         drain_seconds = time.monotonic() - drain_started
     finally:
         drained.set()
@@ -698,9 +700,13 @@ async def test_every_accepted_event_reaches_each_entitled_agency_once_through_cr
             + "\n    ".join(p.log.read_text(errors="replace").splitlines()[-25:])[:6000]
             for name, p in world.processes.items()
         )
+        # CI keeps only the end of its output, so the verdict comes last: what failed (with the
+        # first pairs' evidence), the seed and the timeline, after the full evidence and the tails.
+        verdict = "\n".join(line[:700] for line in str(failed).splitlines()[:4])
         raise AssertionError(
-            f"{failed}\nseed {seed}; timeline: {'; '.join(faults.timeline)};"
-            f" drain {drain_seconds:.0f}s{tails}"
+            f"{failed}{tails}\n\nFault suite failed: {verdict}\nseed {seed}; timeline:"
+            f" {'; '.join(faults.timeline)}; load {load_seconds:.0f}s,"
+            f" drain {drain_seconds:.0f}s ({drained_how})"
         ) from None
 
     crashed = {n: p.exited_by_itself for n, p in world.processes.items() if p.exited_by_itself}

@@ -18,6 +18,7 @@ from citizens.data_tracker import consent_settings
 from consumers.agency_api import create_client
 from router.interest import NotANino, change_interest, subject_ids
 from router.rules import Condition, Outcome, RoutableEvent, Subscription, decide
+from router.subscription_versions import current_terms, write_terms
 from runtime.access import onboard_agency
 from runtime.pseudonyms import subject_id_for
 from runtime.settings import Settings
@@ -255,3 +256,115 @@ async def test_a_citizen_is_offered_a_registered_only_choice_only_if_the_agency_
         assert "hmrc" in offered and "hmrc" in not_offered  # an unscoped choice is everyone's
     finally:
         await pool.execute("UPDATE subscription SET status = 'suspended' WHERE agency = $1", agency)
+
+
+@pytest.mark.integration
+async def test_dwp_narrowed_to_the_people_it_registered_hears_only_of_their_deaths(
+    services: Settings, pool: asyncpg.Pool, intake: httpx.AsyncClient
+) -> None:
+    """The seeded DWP, not a test agency: it narrows its own death subscription to the people
+    it registered (a narrowing, so in force at once), hears of their deaths and no one
+    else's, and no more of someone it withdrew. Widening back waits for an operator."""
+    async with pool.acquire() as conn:
+        seeded = await current_terms(conn, "dwp", "DeathRegistered")
+    assert seeded is not None and seeded.fields and not seeded.condition.registered_subjects
+    made = await create_client(pool, "dwp", by="tests")
+    token = (
+        await intake.post(
+            "/oauth/token",
+            data={"grant_type": "client_credentials"},
+            auth=(made.client_id, made.client_secret),
+        )
+    ).json()["access_token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    terms = {
+        "event_type": "DeathRegistered",
+        "basis": seeded.legal_basis,
+        "statute": seeded.statute,
+        "fields": sorted(seeded.fields),
+    }
+    try:
+        narrowed = await intake.post(
+            "/v1/agency/subscriptions/changes",
+            json={**terms, "registered_subjects": True, "reason": "we hold claims for few of the deceased"},
+            headers=bearer,
+        )
+        assert narrowed.status_code == 201, narrowed.text
+        version = narrowed.json()["version"]
+        claimant, withdrawn, stranger = random_nino(), random_nino(), random_nino()
+        answer = await intake.post(
+            "/v1/agency/interest", json={"register": [claimant, withdrawn]}, headers=bearer
+        )
+        assert answer.status_code == 200 and answer.json()["registered"] == 2, answer.text
+        answer = await intake.post("/v1/agency/interest", json={"withdraw": [withdrawn]}, headers=bearer)
+        assert answer.status_code == 200 and answer.json()["withdrawn"] == 1, answer.text
+
+        deaths = {}
+        for nino in (claimant, withdrawn, stranger):
+            response = await intake.post(
+                "/v1/death-registrations",
+                json=death_registration(
+                    deceased={
+                        "given_names": "Interest",
+                        "family_name": "Tested",
+                        "date_of_birth": "1941-03-02",
+                        "nino": nino,
+                    }
+                ),
+            )
+            assert response.status_code == 201, response.text
+            deaths[nino] = response.json()["event_id"]
+        assert await _outcome(pool, deaths[claimant], "dwp") == "DELIVERED"
+        assert await _outcome(pool, deaths[withdrawn], "dwp") == "WITHHELD_NOT_OF_INTEREST"
+        assert await _outcome(pool, deaths[stranger], "dwp") == "WITHHELD_NOT_OF_INTEREST"
+        assert await _outcome(pool, deaths[stranger], "hmrc") == "DELIVERED"  # others unchanged
+        assert (
+            await pool.fetchval(
+                "SELECT subscription_version FROM routing_decision WHERE event_id = $1 AND agency = 'dwp'",
+                uuid.UUID(deaths[claimant]),
+            )
+            == version
+        )
+
+        # DWP's own consumer took the claimant's death into its inbox and receipted it; the
+        # others never reached it.
+        async def receipted() -> bool:
+            return bool(
+                await pool.fetchval(
+                    "SELECT count(*) FROM delivery_receipt WHERE event_id = $1 AND agency = 'dwp'"
+                    " AND outcome IN ('APPLIED', 'REJECTED')",
+                    uuid.UUID(deaths[claimant]),
+                )
+            )
+
+        await eventually(receipted, timeout=60, what="DWP's receipt for the claimant's death")
+        in_inbox = await pool.fetch(
+            "SELECT event_id::text FROM agency.inbox WHERE agency = 'dwp' AND event_id = ANY($1::uuid[])",
+            list(deaths.values()),
+        )
+        assert [r["event_id"] for r in in_inbox] == [deaths[claimant]]
+
+        widened = await intake.post(
+            "/v1/agency/subscriptions/changes",
+            json={**terms, "reason": "back to every death, as before"},
+            headers=bearer,
+        )
+        assert widened.status_code == 202, widened.text
+        assert widened.json()["state"] == "pending", widened.text
+        code, out = await asyncio.to_thread(
+            tuo_cli,
+            services,
+            "subscriptions",
+            "approve",
+            str(widened.json()["id"]),
+            "--reason",
+            "restoring the seeded terms after the test",
+            "--by",
+            "tests",
+        )
+        assert code == 0, out
+    finally:
+        async with pool.acquire() as conn, conn.transaction():
+            await write_terms(
+                conn, "dwp", "DeathRegistered", seeded, changed_by="tests", reason="the seeded terms again"
+            )

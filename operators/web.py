@@ -1,10 +1,11 @@
 """The one web service, composed: the registrars' intake (API and pages) and the
 citizens' sign-in, consent pages, privacy notice, the public register of sharing
-agreements and the informants' journey, on one origin. Producers and citizens never
-import each other; this is where they meet."""
+agreements, the public performance dashboard and the informants' journey, on one
+origin. Producers and citizens never import each other; this is where they meet."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 
 from citizens.informants import RequestServices, install_informant_journey
 from citizens.pages import install_citizen_pages
+from citizens.performance import install_performance
 from citizens.privacy import install_privacy_notice
 from citizens.register import install_register
 from citizens.signin import install_citizen_sign_in
@@ -36,6 +38,9 @@ def create_app(settings: Settings, pool: asyncpg.Pool | None = None) -> FastAPI:
     def citizens(app: FastAPI) -> None:
         install_privacy_notice(app, lambda: app.state.intake.pool)
         install_register(app, lambda: app.state.intake.pool)  # every sharing agreement, public
+        install_performance(  # the public dashboard
+            app, lambda: app.state.intake.pool, timedelta(minutes=settings.receipt_deadline_minutes)
+        )
         if pool is not None:
             install_informant_journey(app, settings, pool, _through_intake(app))
             install_agency_api(app, pool, settings)  # agencies on HTTPS: receipts and their feed

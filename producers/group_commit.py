@@ -239,15 +239,15 @@ async def _insert_records(conn: asyncpg.Connection, events: list[NewEvent]) -> s
     rows = await conn.fetch(
         "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
         " registration_office, recorded_by, idempotency_key, request_fingerprint,"
-        " recorded_at, local_authorities)"
+        " recorded_at, local_authorities, channel)"
         " SELECT reference, event_id, event_type, subject_id, office, recorded_by, idempotency_key,"
         "        fingerprint, recorded_at,"
         "        CASE WHEN authorities IS NULL THEN NULL"
-        "             ELSE ARRAY(SELECT jsonb_array_elements_text(authorities::jsonb)) END"
+        "             ELSE ARRAY(SELECT jsonb_array_elements_text(authorities::jsonb)) END, channel"
         "   FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],"
-        "               $7::text[], $8::text[], $9::timestamptz[], $10::text[]) WITH ORDINALITY"
+        "               $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[]) WITH ORDINALITY"
         "        AS r(reference, event_id, event_type, subject_id, office, recorded_by, idempotency_key,"
-        "             fingerprint, recorded_at, authorities, n)"
+        "             fingerprint, recorded_at, authorities, channel, n)"
         "  ORDER BY n"
         " ON CONFLICT DO NOTHING"
         " RETURNING event_id",
@@ -261,6 +261,7 @@ async def _insert_records(conn: asyncpg.Connection, events: list[NewEvent]) -> s
         [e.request_fingerprint for e in events],
         [e.recorded_at for e in events],
         [None if e.local_authorities is None else json.dumps(e.local_authorities) for e in events],
+        [e.channel for e in events],
     )
     return {r["event_id"] for r in rows}
 

@@ -223,8 +223,8 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
     await conn.execute(
         "INSERT INTO intake_record (reference, event_id, event_type, subject_id,"
         " registration_office, recorded_by, idempotency_key, request_fingerprint,"
-        " recorded_at, follows_event_id, local_authorities)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        " recorded_at, follows_event_id, local_authorities, channel)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         event.reference,
         event.event_id,
         event.event_type,
@@ -236,6 +236,7 @@ async def _insert(conn: asyncpg.Connection, event: NewEvent, receipts: ConsentRe
         event.recorded_at,
         event.follows_event_id,
         event.local_authorities,
+        event.channel,
     )
     if event.subject_link is not None:
         await _link_subject(conn, event.event_id, event.subject_link)

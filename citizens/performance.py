@@ -50,7 +50,7 @@ OUTCOME_WORDS = {
     "DELIVERED": "Delivered",
     "WITHHELD_NO_CONSENT": "Withheld: no consent",
     "WITHHELD_NO_SUBSCRIPTION": "Withheld: no agreement in force",
-    "WITHHELD_NOT_OF_INTEREST": "Withheld: not a person the organisation holds records for",
+    "WITHHELD_NOT_OF_INTEREST": "Withheld: not a person it registered",
     "WITHHELD_AREA_UNKNOWN": "Withheld: local authority not known",
     "BLOCKED": "Withheld: blocked by an operator",
 }
@@ -95,8 +95,10 @@ def share_text(fraction: float | None) -> str:
 def duration_text(seconds: float | None) -> str:
     if seconds is None:
         return "not published"
+    if seconds < 10:
+        return f"{seconds:.1f} seconds"
     if seconds < 90:
-        return f"{seconds:.0f} seconds" if round(seconds) != 1 else "1 second"
+        return f"{seconds:.0f} seconds"
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} minutes"
     if seconds < 48 * 3600:
@@ -146,7 +148,7 @@ def bar_chart(chart_id: str, title: str, bars: Sequence[Bar], *, scale_to: float
     ]
     for i, bar in enumerate(bars):
         middle = PAD + i * ROW + ROW / 2
-        label = bar.label if len(bar.label) <= 42 else bar.label[:41] + "…"
+        label = bar.label if len(bar.label) <= 36 else bar.label[:35] + "…"
         parts.append(
             f'<text x="{LABEL_WIDTH - 10}" y="{middle:.0f}" text-anchor="end" dominant-baseline="middle"'
             f' font-family="Arial, sans-serif" font-size="15" fill="{INK}">{escape(label)}</text>'

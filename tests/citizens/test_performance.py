@@ -188,3 +188,14 @@ async def test_the_dashboard_draws_every_chart_from_a_seeded_run_and_hides_small
             await Audit(tab, axe_source).check("performance dashboard")
         finally:
             await browser.close()
+
+
+def test_times_read_as_a_person_would_say_them() -> None:
+    assert [performance.duration_text(s) for s in (0.32, 42, 600, 7200, 3 * 86400, None)] == [
+        "0.3 seconds",
+        "42 seconds",
+        "10 minutes",
+        "2.0 hours",
+        "3.0 days",
+        "not published",
+    ]

@@ -99,7 +99,23 @@ def test_the_csv_has_a_row_per_version_and_nothing_when_there_is_nothing() -> No
     assert register_csv([]).splitlines() == [",".join(CSV_COLUMNS)]
 
 
-async def test_the_register_is_accessible_and_refuses_what_is_not_a_read(bus: RunningBus) -> None:
+async def test_the_register_is_accessible_and_refuses_what_is_not_a_read(
+    services: Settings, bus: RunningBus, pool: asyncpg.Pool
+) -> None:
+    # An agreement with an earlier version, whichever tests ran before this one.
+    agency = f"reg-{uuid.uuid4().hex[:8]}"
+    await onboard_agency(services, pool, agency, ["DeathRegistered"], by="tests")
+    await upsert_subscription(
+        pool,
+        agency=agency,
+        event_type="DeathRegistered",
+        legal_basis="statutory",
+        statute="Register Test Act 2026 s.2",
+        fields=["date_of_death"],
+        condition=None,
+        by="tests",
+        reason="an agreement with a history",
+    )
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bus.http_port}", timeout=10) as anyone:
         assert (await anyone.post("/register", data={"x": "y" * 10_000})).status_code == 405
         assert (await anyone.delete("/register.csv")).status_code == 405
@@ -121,3 +137,4 @@ async def test_the_register_is_accessible_and_refuses_what_is_not_a_read(bus: Ru
             await audit.check("register with a version history open")
         finally:
             await browser.close()
+            await pool.execute("UPDATE subscription SET status = 'suspended' WHERE agency = $1", agency)

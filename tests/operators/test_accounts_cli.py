@@ -13,7 +13,7 @@ import pytest
 from operators.services import RunningBus
 from producers.accounts import authenticate
 from runtime.settings import Settings
-from tests.support import death_registration, tuo_cli
+from tests.support import death_registration, eventually, tuo_cli
 
 pytestmark = pytest.mark.integration
 
@@ -146,5 +146,11 @@ async def test_an_issued_token_submits_for_its_office_until_revoked(
         assert office == "bradford"
         code, output = await _cli(services, "tokens", "revoke", label)
         assert code == 0, output
+        reference = accepted.json()["reference"]
+
+        async def turned_away() -> bool:  # intake hears of it by NOTIFY: "within a second"
+            return (await client.get(f"/v1/events/{reference}")).status_code == 401
+
+        await eventually(turned_away, timeout=2, what="the revoked token to be refused")
         refused = await client.post("/v1/death-registrations", json=death_registration())
         assert refused.status_code == 401

@@ -75,6 +75,10 @@ FIELD_WORDS = {
     "driving_licence_number": N_("driving licence number"),
     "passport_number": N_("passport number"),
     "blue_badge_number": N_("Blue Badge number"),
+    # Derived facts (schemas/derived.py): what is told instead of the value itself.
+    "deceased_age_band": N_("age band at death (not the date of birth)"),
+    "deceased_over_18": N_("whether the person who died was 18 or over"),
+    "last_address_local_authority": N_("council area of the last address (not the address)"),
 }
 # The parts of a related person (``surviving_partner.nino``), see schemas/fieldpaths.py.
 PART_WORDS = {

@@ -69,6 +69,7 @@ from runtime.settings import Settings
 from schemas import decode, encode, models
 from schemas.cloudevents import headers_for
 from schemas.consent_signatures import ConsentSigner
+from schemas.derived import DERIVED_FIELDS, derive
 from schemas.fieldpaths import NINO
 from schemas.signatures import value_signature_headers
 from schemas.validation import REFERENCE_ALPHABET, Nino, PastDate, Postcode, Text, Uprn
@@ -101,7 +102,7 @@ class Change(Strict):
     field: str = Field(
         min_length=1,
         max_length=200,
-        pattern=r"^[a-z_]+(\.([a-z_]+|[0-9]{1,2}))*$",
+        pattern=r"^[a-z_][a-z0-9_]*(\.([a-z_][a-z0-9_]*|[0-9]{1,2}))*$",
         description="Dotted path into the original event, for example `deceased.date_of_birth`;"
         " `nino` is the subject's own National Insurance number.",
     )
@@ -127,7 +128,9 @@ _LEAF_RULES: dict[str, TypeAdapter[Any]] = {
     "effective_date": TypeAdapter(PastDate),
 }
 _TEXT = TypeAdapter(Text)
-_UNCORRECTABLE = ("envelope",)
+# The envelope, and the derived facts (schemas/derived.py), which follow the fields they
+# come from and are never corrected on their own.
+_UNCORRECTABLE = ("envelope", *(name for names in DERIVED_FIELDS.values() for name in names))
 # Looked up from the postcode by intake, so corrected with it, never on its own.
 _DERIVED = ("local_authority",)
 REGISTRATIONS = ("BirthRegistered", "DeathRegistered", "AddressChanged")
@@ -302,6 +305,8 @@ class Intake:
             # is looked up again (whatever a replaced address said), and a change is a change.
             for path, authority in _relocated(patched, original.body):
                 changes.append(models.FieldChange(field=path, new_value_json=json.dumps(authority)))
+            for name, value in _rederived(original.event_type, patched, original.body):
+                changes.append(models.FieldChange(field=name, new_value_json=json.dumps(value)))
             try:
                 models.TOP_LEVEL_MODELS[original.event_type].model_validate(patched)
             except ValidationError as exc:
@@ -635,7 +640,10 @@ def _message(exc: Exception) -> str:
 def _checked_value(path: str, value: Any) -> Any:
     parts = path.split(".")
     if parts[0] in _UNCORRECTABLE:
-        raise ValueError(f"{parts[0]} cannot be corrected")
+        raise ValueError(
+            f"{parts[0]} cannot be corrected"
+            + ("" if parts[0] == "envelope" else ": it follows the fields it is derived from")
+        )
     if parts[-1] in _DERIVED or _names_derived(value):
         raise ValueError("local_authority is looked up from the postcode: correct the postcode instead")
     rule = _LEAF_RULES.get(parts[-1])
@@ -665,6 +673,18 @@ def _subject_authorities(event_type: str, record: dict[str, Any]) -> list[str]:
     """The GSS codes intake found for the subject's addresses in ``record`` (None left out)."""
     found = (record.get(name) or {} for name in SUBJECT_ADDRESSES.get(event_type, ()))
     return sorted({code for address in found if isinstance(code := address.get("local_authority"), str)})
+
+
+def _rederived(event_type: str, patched: dict[str, Any], original: Any) -> Iterator[tuple[str, Any]]:
+    """Set the derived facts in ``patched`` from its corrected fields; yield each that changed.
+    A registration recorded before derived facts existed keeps none."""
+    derived = derive(event_type, patched)
+    if not any(original.get(name) is not None for name in derived):
+        return
+    for name, value in derived.items():
+        if original.get(name) != value:
+            patched[name] = value
+            yield name, value
 
 
 def _relocated(patched: Any, original: Any) -> Iterator[tuple[str, str | None]]:

@@ -186,7 +186,7 @@ class DeathRegistration(Submission):
             surviving_partner=self.surviving_partner.contract() if self.surviving_partner else None,
             next_of_kin=[p.contract() for p in self.next_of_kin],
             executor=self.executor.contract() if self.executor else None,
-        )
+        ).with_derived_facts()
 
 
 class BirthRegistration(Submission):

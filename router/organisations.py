@@ -31,6 +31,7 @@ AGENCY_NAMES = {
     "hmpo": N_("HM Passport Office"),
     "council-leeds": N_("Leeds City Council"),
     "council-bradford": N_("City of Bradford Metropolitan District Council"),
+    "ons": N_("Office for National Statistics"),
 }
 
 

@@ -14,6 +14,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.derived import derive
 from schemas.validation import (
     AgencyCode,
     AwareDatetime,
@@ -119,6 +120,11 @@ class DeathRegistered(Record):
     surviving_partner: RelatedPerson | None = None
     next_of_kin: list[RelatedPerson] = Field(default_factory=list)
     executor: RelatedPerson | None = None
+    # Derived facts (schemas/derived.py): told to an organisation instead of the values
+    # they come from. All None in a death recorded before they existed.
+    deceased_age_band: str | None = None
+    deceased_over_18: bool | None = None
+    last_address_local_authority: str | None = None
 
     @model_validator(mode="after")
     def death_not_before_birth(self) -> DeathRegistered:
@@ -126,6 +132,18 @@ class DeathRegistered(Record):
         if born is not None and self.date_of_death < born:
             raise ValueError("date_of_death must not be before deceased.date_of_birth")
         return self
+
+    @model_validator(mode="after")
+    def derived_facts_agree(self) -> DeathRegistered:
+        expected = derive("DeathRegistered", self.model_dump())
+        given = {name: getattr(self, name) for name in expected}
+        if any(v is not None for v in given.values()) and given != expected:
+            wrong = sorted(name for name in expected if given[name] != expected[name])
+            raise ValueError(f"derived facts disagree with the fields they come from: {', '.join(wrong)}")
+        return self
+
+    def with_derived_facts(self) -> DeathRegistered:
+        return self.model_copy(update=derive("DeathRegistered", self.model_dump()))
 
 
 class AddressChanged(Record):

@@ -81,6 +81,8 @@ def locate(event_type: str, value: bytes) -> Spans:
             fields.append(pos)
     except IndexError:
         raise NotSpliceable(f"the {event_type} ends early") from None
+    if pos > len(value):  # a string, bytes or fixed value at the end that is cut short
+        raise NotSpliceable(f"the {event_type} ends early")
     if pos != len(value):
         raise NotSpliceable(f"the {event_type} has {len(value) - pos} bytes after its last field")
     return Spans(layout.schema_id, fields, envelope, people)

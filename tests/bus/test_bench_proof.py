@@ -217,7 +217,8 @@ async def test_router_benchmark_proves_every_delivery(
     limit = figures["producer_performance"]
     assert limit["sent"] == limit["arrived"] == 2_000
     assert limit["record_size"] == figures["record_bytes_mean"] > 500
-    assert Counter(figures["entitled_agencies"]) == Counter(["dvla", "dwp", "hmpo", "hmrc", "council-leeds"])
+    entitled = ["dvla", "dwp", "hmpo", "hmrc", "council-leeds", "ons"]
+    assert Counter(figures["entitled_agencies"]) == Counter(entitled)
     assert "events/s" in capsys.readouterr().out
 
 

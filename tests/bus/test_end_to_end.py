@@ -21,7 +21,7 @@ from tests.support import death_registration, eventually, header, random_nino, r
 pytestmark = pytest.mark.integration
 
 # hmrc, dwp statutory; dvla by the informant's consent; council-leeds statutory for a Leeds address
-ENTITLED_TO_DEATH = {"hmrc", "dwp", "dvla", "council-leeds"}
+ENTITLED_TO_DEATH = {"hmrc", "dwp", "dvla", "council-leeds", "ons"}
 
 
 async def _status_when_settled(intake: httpx.AsyncClient, reference: str) -> dict[str, Any]:

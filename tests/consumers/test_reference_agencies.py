@@ -1013,7 +1013,7 @@ DEMO_EVENT_TYPES = {
 }
 # Who the demo's events reach: by statute, or by the consent given in the demo submissions.
 DEMO_RECIPIENTS = {
-    "DeathRegistered": ("hmrc", "dwp", "dvla", "council-leeds"),
+    "DeathRegistered": ("hmrc", "dwp", "dvla", "council-leeds", "ons"),
     "BirthRegistered": ("dwp",),
     "AddressChanged": ("dvla", "council-leeds"),
 }

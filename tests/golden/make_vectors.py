@@ -68,6 +68,10 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "surviving_partner": RELATED,
         "next_of_kin": [RELATED],
         "executor": None,
+        # Derived facts (schemas/derived.py), written out: born 2 March 1941, died 18 November 2026.
+        "deceased_age_band": "85 and over",
+        "deceased_over_18": True,
+        "last_address_local_authority": "E08000035",
     },
     "AddressChanged": {
         "envelope": {**ENVELOPE, "channel": "ONLINE"},

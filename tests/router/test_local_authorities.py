@@ -352,6 +352,7 @@ async def test_a_corrected_postcode_carries_its_new_authority_and_the_authority_
     assert [(c["field"], c["new_value_json"]) for c in correction["changes"]] == [
         ("last_address.postcode", f'"{ILKLEY}"'),
         ("last_address.local_authority", f'"{BRADFORD}"'),
+        ("last_address_local_authority", f'"{BRADFORD}"'),  # the derived fact follows (schemas/derived.py)
     ]
     stored = await pool.fetchval(
         "SELECT local_authorities FROM intake_record WHERE event_id = $1::uuid", response.json()["event_id"]

@@ -327,7 +327,7 @@ async def test_every_agency_message_carries_only_its_granted_paths(
         return found
 
     messages = await eventually(delivered, timeout=90, what="every delivery of the three events")
-    assert {"hmrc", "dwp", "dvla", "hmpo", "council-leeds"} <= set(messages), "the test reaches many agencies"
+    assert {"hmrc", "dwp", "dvla", "hmpo", "council-leeds", "ons"} <= set(messages), "many agencies"
     checked = 0
     for agency, records in messages.items():
         for message in records:
@@ -348,6 +348,16 @@ async def test_every_agency_message_carries_only_its_granted_paths(
     assert partner["person"]["family_name"] == "Ative-wife", "the partner's name, which the council needs"
     assert partner["nino"] is None and partner["address"] is None, "not the partner's NINO or address"
     assert council_death["envelope"]["informant"]["name"] is None, "not the informant"
+    # The statistics office is told derived facts only: an age band, not a date of birth.
+    [ons_death] = [decode(m.value or b"")[1] for m in messages["ons"]]
+    born, died = date(1941, 3, 2), today() - timedelta(days=2)
+    age = died.year - 1941 - ((died.month, died.day) < (3, 2))  # written out, not derived.age_on
+    assert age >= 85 and ons_death["deceased_age_band"] == "85 and over"
+    assert ons_death["last_address_local_authority"] == "E08000035"  # Leeds, for LS1 1AA
+    assert ons_death["deceased"] is None and ons_death["last_address"] is None
+    assert not [leaf for leaf in leaves(ons_death) if "date_of_birth" in leaf or "nino" in leaf]
+    assert born.isoformat() not in json.dumps(ons_death, default=str), "no date of birth, in any form"
+    assert "deceased" in ons_death["withheld_fields"] and "deceased_over_18" in ons_death["withheld_fields"]
     dwp_birth = next(
         decode(m.value or b"")[1]
         for m in messages["dwp"]

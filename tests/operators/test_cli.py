@@ -22,16 +22,16 @@ async def test_status_prints_each_agencys_decision_and_receipt(
 
     async def receipts_in() -> bool:
         status = (await intake.get(f"/v1/events/{accepted['reference']}")).json()
-        return sum(1 for a in status["agencies"] if a["receipt"]) == 4
+        return sum(1 for a in status["agencies"] if a["receipt"]) == 5
 
-    await eventually(receipts_in, what="four receipts")
+    await eventually(receipts_in, what="five receipts")
     code, output = await asyncio.to_thread(
         tuo_cli, services, "status", accepted["reference"].lower(), "--reason", "checking a test event"
     )
     assert code == 0, output
     assert accepted["reference"] in output
     rows = {line.split("│")[1].strip(): line for line in output.splitlines() if line.count("│") > 3}
-    for agency in ("hmrc", "dwp", "dvla", "council-leeds"):
+    for agency in ("hmrc", "dwp", "dvla", "council-leeds", "ons"):
         assert "delivered" in rows[agency] and "applied" in rows[agency], rows.get(agency)
     assert "withheld: no consent" in rows["hmpo"]
     assert "not subscribed" in rows["council-bradford"], "a Leeds address is outside Bradford's area"

@@ -15,7 +15,7 @@ from producers.requests import DeathRegistration
 from runtime.kafka import Topics
 from runtime.settings import Settings
 from schemas import decode, models
-from schemas.derived import age_band, age_on, derive, over_18
+from schemas.derived import DERIVED_FIELDS, age_band, age_on, derive, over_18
 from tests.golden.make_vectors import EXAMPLES
 from tests.support import death_registration, eventually, header, read_topic, today
 
@@ -54,6 +54,7 @@ def test_facts_that_cannot_be_known_are_null() -> None:
         "last_address_local_authority": None,
     }
     assert derive("BirthRegistered", {"child": {}}) == {}
+    assert tuple(derive("DeathRegistered", record)) == DERIVED_FIELDS["DeathRegistered"]
 
 
 def test_intake_fills_in_a_deaths_derived_facts() -> None:

@@ -35,7 +35,7 @@ from starlette.responses import Response
 
 from citizens.data_tracker import event_name
 from citizens.pages import render
-from citizens.register import LICENCE
+from citizens.register import LICENCE, public
 from router.organisations import agency_name
 from router.tracker import FINAL_OUTCOMES
 
@@ -561,21 +561,17 @@ async def performance_page(request: Request) -> Response:
         paths=PATHS,
         smallest=SMALLEST_SHOWN,
     )
-    return _public(response)
+    return public(response, f"public, max-age={CACHE_SECONDS:.0f}")
 
 
 @router.get(PATHS["json"])
 async def performance_json(request: Request) -> Response:
     found = await request.app.state.performance.figures()
     body = {"title": "Tell Us Once: performance", "licence": LICENCE, "url": PATHS["json"], **found.to_json()}
-    return _public(Response(json.dumps(body, indent=1), media_type="application/json"))
-
-
-def _public(response: Response) -> Response:
-    response.headers["Cache-Control"] = f"public, max-age={CACHE_SECONDS:.0f}"
-    response.headers["Access-Control-Allow-Origin"] = "*"
-    response.headers["Link"] = f'<{LICENCE["url"]}>; rel="license"'
-    return response
+    return public(
+        Response(json.dumps(body, indent=1), media_type="application/json"),
+        f"public, max-age={CACHE_SECONDS:.0f}",
+    )
 
 
 def install_performance(app: FastAPI, pool: Callable[[], asyncpg.Pool], default_deadline: timedelta) -> None:

@@ -243,7 +243,7 @@ async def register_page(request: Request) -> Response:
         licence=LICENCE,
         paths=PATHS,
     )
-    return _public(response)
+    return public(response)
 
 
 @router.get(PATHS["json"])
@@ -255,7 +255,7 @@ async def register_json(request: Request) -> Response:
         "url": PATHS["json"],
         "agreements": [a.to_json() for a in found],
     }
-    return _public(Response(json.dumps(body, indent=1), media_type="application/json"))
+    return public(Response(json.dumps(body, indent=1), media_type="application/json"))
 
 
 @router.get(PATHS["csv"])
@@ -263,12 +263,13 @@ async def register_csv_file(request: Request) -> Response:
     found = await agreements(request.app.state.register_pool())
     response = Response(register_csv(found), media_type="text/csv; charset=utf-8")
     response.headers["Content-Disposition"] = 'inline; filename="tell-us-once-register.csv"'
-    return _public(response)
+    return public(response)
 
 
-def _public(response: Response) -> Response:
-    # Anyone may read it; a change shows at once, so caches must ask again each time.
-    response.headers["Cache-Control"] = "public, no-cache"
+def public(response: Response, cache_control: str = "public, no-cache") -> Response:
+    """Open data: anyone may read it, from any origin, under the licence. By default a
+    change shows at once, so caches must ask again each time."""
+    response.headers["Cache-Control"] = cache_control
     response.headers["Access-Control-Allow-Origin"] = "*"
     response.headers["Link"] = f'<{LICENCE["url"]}>; rel="license"'
     return response

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import httpx
 import pytest
-from playwright.async_api import async_playwright
 
 from citizens import performance
 from citizens.performance import (
@@ -25,7 +24,7 @@ from citizens.performance import (
 )
 from operators.services import RunningBus
 from runtime.settings import Settings
-from tests.producers.test_browser import AXE, CHROMIUM, HEADLESS_ARGS, Audit, _need
+from tests.producers.test_browser import Audit, audited_browser
 from tests.support import death_registration, eventually, tuo_cli
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -159,35 +158,27 @@ async def test_the_dashboard_draws_every_chart_from_a_seeded_run_and_hides_small
         for week in opened["events_registered"]
         for cell in [*week["by_channel"].values(), week["total"]]
     )
-    chromium = _need(
-        CHROMIUM, "install Debian's chromium (`bash scripts/setup.sh`, or apt-get install chromium)"
-    )
-    axe_source = _need(AXE, "run `npm ci` in the project (scripts/setup.sh does)").read_text()
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(chromium), args=HEADLESS_ARGS)
-        try:
-            context = await browser.new_context(base_url=base_url, java_script_enabled=False)
-            tab = await context.new_page()
-            await tab.goto("/performance")
-            titles = [await t.text_content() for t in await tab.locator("svg > title").all()]
-            for chart in (
-                "Death registrations, by week beginning",
-                "Share of routing decisions by outcome",
-                "Share of due deliveries receipted within the deadline, by organisation",
-                "Median time from delivery to the organisation's receipt",
-                "Deliveries without a receipt past their deadline now, by organisation",
-                "Events sent again by replays, and redeliveries, by week beginning",
-            ):
-                assert chart in titles, titles
-            captions = await tab.locator("table caption").all_inner_texts()
-            assert len(captions) == 4, captions
-            assert await tab.get_by_role("cell", name=HIDDEN).count() > 0
-            await context.close()
-            tab = await browser.new_page(base_url=base_url)
-            await tab.goto("/performance")
-            await Audit(tab, axe_source).check("performance dashboard")
-        finally:
-            await browser.close()
+    async with audited_browser() as (browser, axe_source):
+        context = await browser.new_context(base_url=base_url, java_script_enabled=False)
+        tab = await context.new_page()
+        await tab.goto("/performance")
+        titles = [await t.text_content() for t in await tab.locator("svg > title").all()]
+        for chart in (
+            "Death registrations, by week beginning",
+            "Share of routing decisions by outcome",
+            "Share of due deliveries receipted within the deadline, by organisation",
+            "Median time from delivery to the organisation's receipt",
+            "Deliveries without a receipt past their deadline now, by organisation",
+            "Events sent again by replays, and redeliveries, by week beginning",
+        ):
+            assert chart in titles, titles
+        captions = await tab.locator("table caption").all_inner_texts()
+        assert len(captions) == 4, captions
+        assert await tab.get_by_role("cell", name=HIDDEN).count() > 0
+        await context.close()
+        tab = await browser.new_page(base_url=base_url)
+        await tab.goto("/performance")
+        await Audit(tab, axe_source).check("performance dashboard")
 
 
 def test_times_read_as_a_person_would_say_them() -> None:

@@ -12,11 +12,10 @@ import re
 import asyncpg
 import httpx
 import pytest
-from playwright.async_api import async_playwright
 
 from citizens.privacy import RETENTION
 from operators.services import RunningBus
-from tests.producers.test_browser import AXE, CHROMIUM, HEADLESS_ARGS, Audit, _need
+from tests.producers.test_browser import Audit, audited_browser
 
 pytestmark = pytest.mark.integration
 
@@ -71,19 +70,11 @@ async def test_the_privacy_notice_says_who_controls_the_data_why_each_body_is_to
 
 
 async def test_the_privacy_notice_is_accessible(bus: RunningBus) -> None:
-    chromium = _need(
-        CHROMIUM, "install Debian's chromium (`bash scripts/setup.sh`, or apt-get install chromium)"
-    )
-    axe_source = _need(AXE, "run `npm ci` in the project (scripts/setup.sh does)").read_text()
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(chromium), args=HEADLESS_ARGS)
-        try:
-            page = await browser.new_page(base_url=f"http://127.0.0.1:{bus.http_port}")
-            audit = Audit(page, axe_source)
-            await page.goto("/privacy")
-            await audit.check("privacy notice")
-            assert await page.get_by_role("heading", level=1).inner_text() == "Privacy notice"
-            await page.get_by_role("link", name="How to withdraw your consent").click()
-            assert page.url.endswith("#withdraw")
-        finally:
-            await browser.close()
+    async with audited_browser() as (browser, axe_source):
+        page = await browser.new_page(base_url=f"http://127.0.0.1:{bus.http_port}")
+        audit = Audit(page, axe_source)
+        await page.goto("/privacy")
+        await audit.check("privacy notice")
+        assert await page.get_by_role("heading", level=1).inner_text() == "Privacy notice"
+        await page.get_by_role("link", name="How to withdraw your consent").click()
+        assert page.url.endswith("#withdraw")

@@ -11,14 +11,13 @@ import uuid
 import asyncpg
 import httpx
 import pytest
-from playwright.async_api import async_playwright
 
 from citizens.register import CSV_COLUMNS, LICENCE, register_csv
 from operators.services import RunningBus
 from router.store import upsert_subscription
 from runtime.access import onboard_agency
 from runtime.settings import Settings
-from tests.producers.test_browser import AXE, CHROMIUM, HEADLESS_ARGS, Audit, _need
+from tests.producers.test_browser import Audit, audited_browser
 
 pytestmark = pytest.mark.integration
 
@@ -121,13 +120,8 @@ async def test_the_register_is_accessible_and_refuses_what_is_not_a_read(
         assert (await anyone.delete("/register.csv")).status_code == 405
         junk = await anyone.get("/register.json?agency=../../etc&%00=%27")
         assert junk.status_code == 200 and junk.json()["agreements"]
-    chromium = _need(
-        CHROMIUM, "install Debian's chromium (`bash scripts/setup.sh`, or apt-get install chromium)"
-    )
-    axe_source = _need(AXE, "run `npm ci` in the project (scripts/setup.sh does)").read_text()
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(chromium), args=HEADLESS_ARGS)
-        try:
+    try:
+        async with audited_browser() as (browser, axe_source):
             page = await browser.new_page(base_url=f"http://127.0.0.1:{bus.http_port}")
             audit = Audit(page, axe_source)
             await page.goto("/register")
@@ -135,6 +129,5 @@ async def test_the_register_is_accessible_and_refuses_what_is_not_a_read(
             assert await page.get_by_role("heading", level=1).inner_text() == "Register of sharing agreements"
             await page.get_by_text("Earlier versions").first.click()
             await audit.check("register with a version history open")
-        finally:
-            await browser.close()
-            await pool.execute("UPDATE subscription SET status = 'suspended' WHERE agency = $1", agency)
+    finally:
+        await pool.execute("UPDATE subscription SET status = 'suspended' WHERE agency = $1", agency)

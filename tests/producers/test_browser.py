@@ -9,6 +9,7 @@ missing, the test fails and says how to get it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from playwright.async_api import Page, Route, async_playwright
+from playwright.async_api import Browser, Page, Route, async_playwright
 
 from operators.services import RunningBus
 from producers.accounts import add_registrar
@@ -48,6 +49,22 @@ def _need(path: Path, how: str) -> Path:
     if not path.is_file():
         pytest.fail(f"{path} is missing: {how}")
     return path
+
+
+@contextlib.asynccontextmanager
+async def audited_browser() -> AsyncIterator[tuple[Browser, str]]:
+    """Headless Chromium and axe-core's source, for a test that checks pages; either one
+    missing fails the test (it never skips)."""
+    chromium = _need(
+        CHROMIUM, "install Debian's chromium (`bash scripts/setup.sh`, or apt-get install chromium)"
+    )
+    axe_source = _need(AXE, "run `npm ci` in the project (scripts/setup.sh does)").read_text()
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(chromium), args=HEADLESS_ARGS)
+        try:
+            yield browser, axe_source
+        finally:
+            await browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,26 @@ def _move(nino: str) -> dict[str, Any]:
     }
 
 
+async def _bearer(pool: asyncpg.Pool, intake: httpx.AsyncClient, agency: str) -> dict[str, str]:
+    """The Authorization header of a new OAuth2 client of ``agency``, with every scope."""
+    made = await create_client(pool, agency, by="tests")
+    answer = await intake.post(
+        "/oauth/token", data={"grant_type": "client_credentials"}, auth=(made.client_id, made.client_secret)
+    )
+    assert answer.status_code == 200, answer.text
+    return {"Authorization": f"Bearer {answer.json()['access_token']}"}
+
+
+async def _death_of(intake: httpx.AsyncClient, nino: str) -> dict[str, Any]:
+    """Register the death of the person with ``nino``; intake's answer."""
+    deceased = {"given_names": "Interest", "family_name": "Tested", "date_of_birth": "1941-03-02"}
+    body = death_registration(deceased={**deceased, "nino": nino})
+    response = await intake.post("/v1/death-registrations", json=body)
+    assert response.status_code == 201, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
 async def _outcome(pool: asyncpg.Pool, event_id: str, agency: str) -> str:
     async def decided() -> str | None:
         outcome: str | None = await pool.fetchval(
@@ -130,15 +150,7 @@ async def test_an_agency_hears_only_of_the_people_it_registered_until_it_withdra
             )
             assert code == 0, out
         registered, other = random_nino(), random_nino()
-        made = await create_client(pool, agency, by="tests")
-        token = (
-            await intake.post(
-                "/oauth/token",
-                data={"grant_type": "client_credentials"},
-                auth=(made.client_id, made.client_secret),
-            )
-        ).json()["access_token"]
-        bearer = {"Authorization": f"Bearer {token}"}
+        bearer = await _bearer(pool, intake, agency)
         bad = await intake.post(
             "/v1/agency/interest", json={"register": [registered, "nonsense"]}, headers=bearer
         )
@@ -157,21 +169,7 @@ async def test_an_agency_hears_only_of_the_people_it_registered_until_it_withdra
             "SELECT subject_id FROM agency_interest WHERE agency = $1", agency
         ) == subject_id_for(registered, services.require_pseudonym_key())
 
-        deaths = {}
-        for nino in (registered, other):
-            response = await intake.post(
-                "/v1/death-registrations",
-                json=death_registration(
-                    deceased={
-                        "given_names": "Interest",
-                        "family_name": "Tested",
-                        "date_of_birth": "1941-03-02",
-                        "nino": nino,
-                    }
-                ),
-            )
-            assert response.status_code == 201, response.text
-            deaths[nino] = response.json()
+        deaths = {nino: await _death_of(intake, nino) for nino in (registered, other)}
         assert await _outcome(pool, deaths[registered]["event_id"], agency) == "DELIVERED"
         assert await _outcome(pool, deaths[other]["event_id"], agency) == "WITHHELD_NOT_OF_INTEREST"
         code, out = await asyncio.to_thread(
@@ -268,15 +266,7 @@ async def test_dwp_narrowed_to_the_people_it_registered_hears_only_of_their_deat
     async with pool.acquire() as conn:
         seeded = await current_terms(conn, "dwp", "DeathRegistered")
     assert seeded is not None and seeded.fields and not seeded.condition.registered_subjects
-    made = await create_client(pool, "dwp", by="tests")
-    token = (
-        await intake.post(
-            "/oauth/token",
-            data={"grant_type": "client_credentials"},
-            auth=(made.client_id, made.client_secret),
-        )
-    ).json()["access_token"]
-    bearer = {"Authorization": f"Bearer {token}"}
+    bearer = await _bearer(pool, intake, "dwp")
     terms = {
         "event_type": "DeathRegistered",
         "basis": seeded.legal_basis,
@@ -299,21 +289,7 @@ async def test_dwp_narrowed_to_the_people_it_registered_hears_only_of_their_deat
         answer = await intake.post("/v1/agency/interest", json={"withdraw": [withdrawn]}, headers=bearer)
         assert answer.status_code == 200 and answer.json()["withdrawn"] == 1, answer.text
 
-        deaths = {}
-        for nino in (claimant, withdrawn, stranger):
-            response = await intake.post(
-                "/v1/death-registrations",
-                json=death_registration(
-                    deceased={
-                        "given_names": "Interest",
-                        "family_name": "Tested",
-                        "date_of_birth": "1941-03-02",
-                        "nino": nino,
-                    }
-                ),
-            )
-            assert response.status_code == 201, response.text
-            deaths[nino] = response.json()["event_id"]
+        deaths = {n: (await _death_of(intake, n))["event_id"] for n in (claimant, withdrawn, stranger)}
         assert await _outcome(pool, deaths[claimant], "dwp") == "DELIVERED"
         assert await _outcome(pool, deaths[withdrawn], "dwp") == "WITHHELD_NOT_OF_INTEREST"
         assert await _outcome(pool, deaths[stranger], "dwp") == "WITHHELD_NOT_OF_INTEREST"
